@@ -1,0 +1,177 @@
+"""Stage outputs: content-addressed prefixes committed by writing `_MANIFEST.json` last.
+
+A prefix without a manifest is incomplete: it is never read as an input and is cleared and rewritten on rerun.
+A stage whose output manifest exists is a cache hit and returns at once. The key of an output hashes the stage
+name, its config, the manifests of its inputs and the package version, so a changed object behind an unchanged
+path changes the key (KFP's own cache only sees parameter values).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import platform
+import socket
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from blueprint import __version__, storage
+
+MANIFEST_NAME = "_MANIFEST.json"
+MANIFEST_FORMAT = 1
+
+
+class ArtifactError(RuntimeError):
+    """An input artifact is missing, incomplete, tampered with, or of the wrong kind."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutput:
+    """Where a stage's committed output lives, its manifest, and whether it came from the cache."""
+
+    uri: str
+    manifest: dict[str, Any]
+    cached: bool
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide what a stage produces (recorded in every manifest)."""
+    import importlib.metadata as md
+
+    found = {"blueprint": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "pyarrow", "datasets"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def manifest_uri(uri: str) -> str:
+    return storage.join(uri, MANIFEST_NAME)
+
+
+def read_manifest(uri: str, *, verify: str = "full") -> dict[str, Any]:
+    """The manifest of a committed artifact at `uri`, checked against the files actually there.
+
+    verify: "full" (sizes and sha256 of every file), "sizes", or "none". Raises ArtifactError naming the URI when
+    the prefix was never committed or a file is missing, resized or altered.
+    """
+    muri = manifest_uri(uri)
+    if not storage.exists(muri):
+        what = "holds partial output (no manifest)" if storage.list_files(uri) else "does not exist"
+        raise ArtifactError(f"input {uri} {what}: run the stage that produces it first")
+    manifest = storage.read_json(muri)
+    if verify == "none":
+        return manifest
+    present = storage.list_files(uri)
+    for rel, meta in manifest["files"].items():
+        if rel not in present:
+            raise ArtifactError(f"input {uri} is damaged: {rel} listed in its manifest is missing")
+        if present[rel] != meta["size"]:
+            raise ArtifactError(f"input {uri} is damaged: {rel} has {present[rel]} bytes, manifest says {meta['size']}")
+    if verify == "full":
+        for rel, meta in manifest["files"].items():
+            if hashlib.sha256(storage.read_bytes(storage.join(uri, rel))).hexdigest() != meta["sha256"]:
+                raise ArtifactError(f"input {uri} is damaged: {rel} does not match its sha256 in the manifest")
+    return manifest
+
+
+def manifest_digest(uri: str) -> str:
+    """sha256 of the manifest bytes: what an input contributes to a consumer's cache key."""
+    return hashlib.sha256(storage.read_bytes(manifest_uri(uri))).hexdigest()
+
+
+def stage_key(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """Content address of a stage output: stage, config, input manifests, package version."""
+    material = {
+        "stage": stage,
+        "config": dict(config),
+        "inputs": {name: manifest_digest(uri) for name, uri in sorted(inputs.items())},
+        "version": __version__,
+    }
+    return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:16]
+
+
+def stage_uri(artifact_root: str, stage: str, key: str) -> str:
+    return storage.join(artifact_root, stage, key)
+
+
+def download_artifact(uri: str, local_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Copy a committed artifact to `local_dir`, verifying every file against its manifest sha256."""
+    manifest = read_manifest(uri, verify="sizes")
+    storage.download_dir(uri, local_dir, files=list(manifest["files"]))
+    for rel, meta in manifest["files"].items():
+        if sha256_file(local_dir / rel) != meta["sha256"]:
+            raise ArtifactError(f"input {uri} is damaged: {rel} does not match its sha256 in the manifest")
+    return local_dir, manifest
+
+
+def commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str],
+           metrics: Mapping[str, Any], key: str | None = None) -> dict[str, Any]:
+    """Upload `local_dir` to `out_uri`, then write the manifest last. Anything already there is replaced."""
+    files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
+    if MANIFEST_NAME in files:
+        raise ArtifactError(f"stage {stage} wrote its own {MANIFEST_NAME}; only commit() may")
+    storage.delete_prefix(out_uri)
+    storage.upload_dir(local_dir, out_uri)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "stage": stage,
+        "key": key,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "producer": {"host": socket.gethostname(), "versions": versions()},
+        "config": dict(config),
+        "inputs": dict(inputs),
+        "input_manifests": {name: manifest_digest(uri) for name, uri in sorted(inputs.items())},
+        "metrics": dict(metrics),
+        "files": {rel: {"size": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in files.items()},
+    }
+    storage.write_text(manifest_uri(out_uri), json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return manifest
+
+
+def run_stage(stage: str, config: Any, inputs: Mapping[str, str], build: Callable[[Path], Mapping[str, Any]], *,
+              artifact_root: str | None = None, out_uri: str | None = None, force: bool = False) -> StageOutput:
+    """Run one stage under the commit protocol.
+
+    `build(local_dir)` writes the stage's files into a fresh local directory and returns its metrics. The output
+    goes to `out_uri`, or to the content-addressed `{artifact_root}/{stage}/{key}`. An existing manifest there is a
+    cache hit (unless `force`); a prefix without one is partial and is cleared and rewritten.
+    """
+    if (artifact_root is None) == (out_uri is None):
+        raise ValueError("give exactly one of artifact_root or out_uri")
+    cfg = config_dict(config)
+    for name, uri in inputs.items():
+        read_manifest(uri, verify="sizes")  # fail before any work when an input is incomplete
+    key = stage_key(stage, cfg, inputs)
+    uri = storage.normalize(out_uri if out_uri is not None else stage_uri(artifact_root, stage, key))
+    if not force and storage.exists(manifest_uri(uri)):
+        return StageOutput(uri, read_manifest(uri, verify="sizes"), cached=True)
+    with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
+        metrics = build(Path(tmp))
+        manifest = commit(Path(tmp), uri, stage=stage, config=cfg, inputs=inputs, metrics=metrics or {}, key=key)
+    return StageOutput(uri, manifest, cached=False)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a micro tokenizer and Llama (tens of thousands of parameters) and a loopback S3 server."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from blueprint.tiny import tiny_llama_config, train_bpe_tokenizer
+
+TEST_ACCESS_KEY = "AKIATESTBLUEPRINT0001"
+TEST_SECRET_KEY = "blueprint-test-secret-do-not-log-0123456789"
+
+
+def stdlib_texts(limit: int = 40) -> list[str]:
+    """A deterministic sample of real Python source from the running interpreter's standard library."""
+    root = Path(os.__file__).parent
+    files = sorted(p for p in root.glob("*.py"))[:limit]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+@pytest.fixture(scope="session")
+def micro_tokenizer():
+    return train_bpe_tokenizer(stdlib_texts(), vocab_size=512)
+
+
+@pytest.fixture()
+def micro_model(micro_tokenizer):
+    """A fresh micro Llama, seeded, in eval mode (dropout off)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(micro_tokenizer, "micro"))
+    return model.eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint on loopback (moto), talked to by the real boto3 and pyarrow clients."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch):
+    """Point the standard AWS environment at the loopback server with test credentials."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return s3_server
+
+
+@pytest.fixture()
+def s3_bucket(s3_env):
+    """A fresh bucket on the loopback server; returns its s3:// root."""
+    import uuid
+
+    import boto3
+
+    name = f"bp-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
+    return f"s3://{name}"
