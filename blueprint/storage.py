@@ -103,14 +103,19 @@ def _boto_client():
     return boto3.client("s3", endpoint_url=endpoint_url(), region_name=_region(), config=cfg)
 
 
-@functools.lru_cache(maxsize=64)
+_HEALTHY_BUCKETS: set[tuple[str, str | None]] = set()
+
+
 def _diagnose_bucket(bucket: str, endpoint: str | None) -> str | None:
-    """Why `bucket` cannot be used, in one sentence, or None when it looks fine."""
+    """Why `bucket` cannot be used, in one sentence, or None when it looks fine (only successes are remembered)."""
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
     where = endpoint or "AWS S3"
+    if (bucket, endpoint) in _HEALTHY_BUCKETS:
+        return None
     try:
         _boto_client().head_bucket(Bucket=bucket)
+        _HEALTHY_BUCKETS.add((bucket, endpoint))
         return None
     except EndpointConnectionError:
         return f"S3 endpoint {where} is unreachable"
@@ -133,15 +138,14 @@ def _call(uri: str, what: str, fn: Callable[[], T]) -> T:
     for attempt in range(attempts):
         try:
             return fn()
-        except FileNotFoundError as exc:
-            raise StorageError(f"cannot {what} {uri}: it does not exist") from exc
         except (OSError, ValueError) as exc:
-            if not is_s3(uri):
-                raise StorageError(f"cannot {what} {uri}: {exc}") from exc
-            reason = _diagnose_bucket(split_s3(uri)[0], endpoint_url())
-            if reason is not None:
-                raise StorageError(f"cannot {what} {uri}: {reason}") from None
-            if any(m in str(exc) for m in _PERMANENT_MARKERS) or attempt == attempts - 1:
+            if is_s3(uri):
+                reason = _diagnose_bucket(split_s3(uri)[0], endpoint_url())
+                if reason is not None:
+                    raise StorageError(f"cannot {what} {uri}: {reason}") from None
+            if isinstance(exc, FileNotFoundError):
+                raise StorageError(f"cannot {what} {uri}: it does not exist") from None
+            if not is_s3(uri) or any(m in str(exc) for m in _PERMANENT_MARKERS) or attempt == attempts - 1:
                 raise StorageError(f"cannot {what} {uri}: {exc}") from exc
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")

@@ -1,0 +1,103 @@
+"""The commit protocol: manifest last, partial prefixes never read, tampering detected, content-addressed keys."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blueprint import artifacts, storage
+from blueprint.artifacts import ArtifactError
+
+
+@pytest.fixture(params=["file", "s3"])
+def root(request, tmp_path):
+    if request.param == "file":
+        return f"file://{tmp_path}/arts"
+    return request.getfixturevalue("s3_bucket") + "/arts"
+
+
+def _writer(text: str, calls: list[int] | None = None):
+    def build(local: Path) -> dict:
+        if calls is not None:
+            calls.append(1)
+        (local / "data").mkdir()
+        (local / "data" / "x.txt").write_text(text)
+        return {"rows": len(text)}
+    return build
+
+
+def test_commit_writes_manifest_with_sizes_hashes_and_metrics(root):
+    out = artifacts.run_stage("demo", {"a": 1}, {}, _writer("hello"), artifact_root=root)
+    assert not out.cached
+    assert out.uri.endswith(f"/demo/{out.manifest['key']}")
+    manifest = artifacts.read_manifest(out.uri)
+    assert manifest["files"]["data/x.txt"]["size"] == 5
+    assert manifest["metrics"] == {"rows": 5}
+    assert manifest["config"] == {"a": 1}
+
+
+def test_existing_manifest_is_a_cache_hit_and_force_recomputes(root):
+    calls: list[int] = []
+    first = artifacts.run_stage("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root)
+    again = artifacts.run_stage("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root)
+    assert again.cached and again.uri == first.uri and len(calls) == 1
+    forced = artifacts.run_stage("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root, force=True)
+    assert not forced.cached and len(calls) == 2
+
+
+def test_partial_prefix_is_never_read_and_is_rewritten(root):
+    out_uri = storage.join(root, "explicit")
+    storage.write_text(storage.join(out_uri, "stale.txt"), "half")
+    with pytest.raises(ArtifactError, match="partial output"):
+        artifacts.read_manifest(out_uri)
+    out = artifacts.run_stage("demo", {}, {}, _writer("fresh"), out_uri=out_uri)
+    assert set(storage.list_files(out.uri)) == {"data/x.txt", artifacts.MANIFEST_NAME}
+
+
+def test_failed_build_leaves_no_manifest(root):
+    def broken(local: Path) -> dict:
+        (local / "f").write_text("x")
+        raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"):
+        artifacts.run_stage("demo", {}, {}, broken, out_uri=storage.join(root, "o"))
+    assert not storage.exists(storage.join(root, "o", artifacts.MANIFEST_NAME))
+
+
+def test_missing_or_tampered_file_is_detected(root):
+    out = artifacts.run_stage("demo", {}, {}, _writer("hello"), artifact_root=root)
+    storage.write_text(storage.join(out.uri, "data/x.txt"), "HELLO")  # same size, other bytes
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        artifacts.read_manifest(out.uri)
+    storage.write_text(storage.join(out.uri, "data/x.txt"), "hello!")
+    with pytest.raises(ArtifactError, match="6 bytes"):
+        artifacts.read_manifest(out.uri, verify="sizes")
+    storage.delete_prefix(storage.join(out.uri, "data"))
+    with pytest.raises(ArtifactError, match="missing"):
+        artifacts.read_manifest(out.uri, verify="sizes")
+
+
+def test_key_changes_with_config_and_with_input_content_not_with_input_path(tmp_path):
+    root = f"file://{tmp_path}"
+    up = artifacts.run_stage("up", {}, {}, _writer("v1"), out_uri=f"{root}/same-path")
+    k1 = artifacts.run_stage("down", {"n": 1}, {"up": up.uri}, _writer("d"), artifact_root=root)
+    k2 = artifacts.run_stage("down", {"n": 2}, {"up": up.uri}, _writer("d"), artifact_root=root)
+    assert k1.uri != k2.uri
+    up2 = artifacts.run_stage("up", {}, {}, _writer("v2"), out_uri=f"{root}/same-path", force=True)
+    k3 = artifacts.run_stage("down", {"n": 1}, {"up": up2.uri}, _writer("d"), artifact_root=root)
+    assert k3.uri != k1.uri and not k3.cached
+
+
+def test_stage_refuses_an_incomplete_input_before_any_work(tmp_path):
+    calls: list[int] = []
+    storage.write_text(f"{tmp_path}/half/file.txt", "x")
+    with pytest.raises(ArtifactError, match="half"):
+        artifacts.run_stage("down", {}, {"up": f"file://{tmp_path}/half"}, _writer("d", calls),
+                            artifact_root=f"file://{tmp_path}")
+    assert calls == []
+
+
+def test_download_artifact_verifies_hashes(tmp_path):
+    out = artifacts.run_stage("demo", {}, {}, _writer("hello"), out_uri=f"file://{tmp_path}/a")
+    local, manifest = artifacts.download_artifact(out.uri, tmp_path / "dl")
+    assert (local / "data" / "x.txt").read_text() == "hello"
+    assert manifest["key"] == out.manifest["key"]
