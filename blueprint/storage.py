@@ -47,7 +47,7 @@ def local_path(uri: str) -> Path:
     """The filesystem path of a plain path or `file://` URI."""
     uri = str(uri)
     if uri.startswith("file://"):
-        return Path(urlparse(uri).path)
+        return Path(uri[len("file://"):])  # file:///abs and file://./rel both work
     if "://" in uri:
         raise StorageError(f"unsupported URI scheme in {uri!r}: use a path, file:// or s3://")
     return Path(uri)

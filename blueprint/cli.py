@@ -1,0 +1,151 @@
+"""The `blueprint` command: shard, run single stages from cached artifacts, list the cache, run the pipeline.
+
+Errors a user can fix (bad settings, missing inputs, unreachable storage) print one line naming the input and
+exit 2; nothing half-written is left behind because every stage commits through the manifest protocol.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from blueprint import __version__, artifacts, storage
+from blueprint.config import ConfigError, build, load_file, parse_assignments
+from blueprint.stages import registry
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, storage.StorageError, artifacts.ArtifactError,
+                                                ValueError, FileNotFoundError, PermissionError)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = load_file(args.config) if getattr(args, "config", None) else {}
+    values.update(parse_assignments(getattr(args, "set", None)))
+    return values
+
+
+def _print_output(out: artifacts.StageOutput, stage: str) -> None:
+    status = "cache hit" if out.cached else "done"
+    print(f"{stage}: {status} -> {out.uri}")
+    print(json.dumps(out.metrics, sort_keys=True, default=str))
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from blueprint.stages import shard
+
+    values = _settings(args)
+    for flag in ("source", "num_shards", "eval_fraction", "max_pairs", "workers"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    cfg = build(shard.ShardConfig, values)
+    out = shard.run(cfg, out_uri=args.out, artifact_root=None if args.out else args.artifact_root,
+                    force=args.force, progress=not args.quiet)
+    print(shard.summary_line(out))
+    print(f"shards: {out.uri}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    spec = registry.get(args.name)
+    module = spec.load()
+    cfg = build(spec.config_type(), _settings(args))
+    inputs = parse_assignments(args.input)
+    missing = [name for name in spec.inputs if name not in inputs]
+    unknown = sorted(set(inputs) - set(spec.inputs) - set(getattr(module, "OPTIONAL_INPUTS", ())))
+    if missing or unknown:
+        raise ConfigError(f"stage {spec.name} takes inputs {', '.join(spec.inputs) or '(none)'}: "
+                          f"missing {missing or 'none'}, unknown {unknown or 'none'}")
+    if args.out is None and args.artifact_root is None:
+        raise ConfigError("give --artifact-root (content-addressed output) or --out URI")
+    out = module.run(cfg, **inputs, artifact_root=None if args.out else args.artifact_root, out_uri=args.out,
+                     force=args.force, progress=not args.quiet)
+    _print_output(out, spec.name)
+    return 0
+
+
+def cached_outputs(root: str) -> list[dict[str, Any]]:
+    """Every committed stage output under `root`: stage, key, created, bytes, metrics."""
+    rows = []
+    files = storage.list_files(root)
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[2] == artifacts.MANIFEST_NAME:
+            uri = storage.join(root, parts[0], parts[1])
+            manifest = storage.read_json(artifacts.manifest_uri(uri))
+            size = sum(f["size"] for f in manifest.get("files", {}).values())
+            rows.append({"stage": parts[0], "key": parts[1], "created": manifest.get("created", "?"),
+                         "bytes": size, "metrics": manifest.get("metrics", {}), "uri": uri})
+    return sorted(rows, key=lambda r: (r["created"], r["stage"]))
+
+
+def _key_metrics(metrics: dict[str, Any], limit: int = 3) -> str:
+    picked = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in picked[:limit])
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = cached_outputs(args.artifact_root)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"nothing committed under {args.artifact_root}")
+        return 0
+    print(f"{'stage':<10} {'key':<16} {'created':<25} {'size':>10}  metrics")
+    for r in rows:
+        print(f"{r['stage']:<10} {r['key']:<16} {r['created']:<25} {r['bytes'] / 1e6:>8.2f}MB  {_key_metrics(r['metrics'])}")
+    return 0
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact-root", default="./artifacts",
+                   help="root of the content-addressed stage cache (file:// path or s3://bucket/prefix)")
+    p.add_argument("--out", default=None, help="explicit output URI instead of the content-addressed one")
+    p.add_argument("--force", action="store_true", help="recompute even when a committed output exists")
+    p.add_argument("--config", default=None, help="YAML/JSON file of settings")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="one setting (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blueprint", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"blueprint {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("shard", help="extract (code, summary) pairs into Parquet shards")
+    s.add_argument("--source", default=None, help="stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH")
+    s.add_argument("--num-shards", type=int, default=None)
+    s.add_argument("--eval-fraction", type=float, default=None)
+    s.add_argument("--max-pairs", type=int, default=None)
+    s.add_argument("--workers", type=int, default=None)
+    _add_output_flags(s)
+    s.set_defaults(func=cmd_shard)
+
+    st = sub.add_parser("stage", help="run one stage from input URIs (cache hit when its output exists)")
+    st.add_argument("name", choices=sorted(registry.STAGES), help="stage to run")
+    st.add_argument("--input", action="append", metavar="NAME=URI", help="an input, e.g. shards=s3://b/shard/KEY")
+    _add_output_flags(st)
+    st.set_defaults(func=cmd_stage)
+
+    ls = sub.add_parser("ls", help="list committed stage outputs under an artifact root")
+    ls.add_argument("artifact_root", nargs="?", default="./artifacts")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"blueprint {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blueprint {args.command}: interrupted; committed outputs are intact, partial ones will be redone",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Prompt templates, in one place: what the summarizer and the coder see, and how prompt + target are tokenized.
+
+Every component that builds a prompt (PPO rollouts, coder SFT, the reward, evaluation) goes through here, so a
+template change cannot make training and scoring disagree. Two styles:
+
+- `plain`: a bare instruction-free format that a small model trained from scratch picks up quickly.
+- `structured`: the seed's format; the summary is asked for under four headings (`SECTIONS`), which gives an
+  instruction-tuned hub model something concrete to fill in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any
+
+STYLES = ("plain", "structured")
+SECTIONS = ("Task description", "Data sources", "Desired features", "Constraints and requirements")
+
+_TEMPLATES: dict[str, dict[str, str]] = {
+    "plain": {
+        "code_to_summary": "### Code:\n{code}\n### Summary:\n",
+        "summary_to_code": "### Summary:\n{summary}\n### Code:\n",
+    },
+    "structured": {
+        "code_to_summary": "### Code:\n{code}\n### Summary, under the headings " + ", ".join(SECTIONS) + ":\n",
+        "summary_to_code": "### Specification:\n{summary}\n### Code:\n",
+    },
+}
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """Which templates to use. Leave a template as None to take the style's default; a custom one must hold its
+    single placeholder exactly once (`{code}` resp. `{summary}`) and escape other braces as `{{ }}`."""
+
+    style: str = "plain"
+    code_to_summary: str | None = None
+    summary_to_code: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"PromptConfig.style={self.style!r}: choose one of {STYLES}")
+        for attr, field in (("code_to_summary", "code"), ("summary_to_code", "summary")):
+            template = getattr(self, attr)
+            if template is None:
+                object.__setattr__(self, attr, _TEMPLATES[self.style][attr])
+                continue
+            try:
+                names = _fields(template)
+            except ValueError as exc:
+                raise ValueError(f"PromptConfig.{attr}={template!r} is not a valid template: {exc}") from None
+            if names != [field]:
+                raise ValueError(f"PromptConfig.{attr}={template!r} must contain the placeholder {{{field}}} exactly "
+                                 f"once and no other fields (found {names})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def summary_prompt(code: str, cfg: PromptConfig) -> str:
+    """The summarizer's prompt for `code`; its completion is the summary."""
+    return cfg.code_to_summary.format(code=code)
+
+
+def code_prompt(summary: str, cfg: PromptConfig) -> str:
+    """The coder's prompt for `summary`; its completion is the code."""
+    return cfg.summary_to_code.format(summary=summary)
+
+
+def encode_prompt_target(tokenizer: Any, prompt: str, target: str, *, max_target_tokens: int | None = None,
+                         add_eos: bool = True) -> tuple[list[int], list[int], bool]:
+    """Token ids of (prompt, target, target_was_truncated), tokenized separately and concatenated by the caller.
+
+    Separate tokenization keeps the target's tokens independent of the prompt, so the set of scored positions is
+    exact and identical between SFT and the reward. The tokenizer's BOS (if it has one) starts the prompt. EOS ends
+    the target only when the target was not truncated: a cut-off target must not teach "the code ends here".
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    truncated = max_target_tokens is not None and len(target_ids) > max_target_tokens
+    if truncated:
+        target_ids = target_ids[:max_target_tokens]
+    elif add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; cannot end the target")
+        target_ids = target_ids + [tokenizer.eos_token_id]
+    return prompt_ids, target_ids, truncated
+

@@ -1,0 +1,140 @@
+"""Bootstrap stage: the embedded `tiny` base, built here so no hub is needed.
+
+A byte-level BPE tokenizer is trained on the train shards, a small Llama is built from config, and the whole
+model is pre-trained as a causal LM for a bounded token budget on the shards' code AND on both prompt formats
+(summary -> code, code -> summary). A random base with LoRA on top learns almost nothing, and a base pre-trained on
+code alone leaves the summary -> code prompt blind to the summary (pairwise reward accuracy at chance).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
+
+from blueprint import artifacts
+from blueprint.config import require
+from blueprint.data import read_pairs
+from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
+from blueprint.tiny import PRESETS, tiny_llama_config, train_bpe_tokenizer
+
+STAGE = "bootstrap"
+
+
+@dataclasses.dataclass
+class BootstrapConfig:
+    preset: str = "tiny"
+    vocab_size: int = 4096
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    max_tokens: int = 400_000          # pre-training budget: fixed tokens, so reruns are reproducible
+    max_pairs: int = 20_000            # pairs read from the train shards
+    prompt_format_share: float = 0.67  # share of documents in the two prompt formats (the rest: plain code)
+    prompt_style: str = "plain"
+    seed: int = 0
+    threads: int = 0                   # torch threads; 0 = all cores
+
+    def __post_init__(self) -> None:
+        require(self.preset in PRESETS, "preset", f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        require(self.vocab_size >= 300, "vocab_size", "must be at least 300 (256 bytes + specials + merges)")
+        require(self.seq_len >= 16, "seq_len", "must be at least 16")
+        require(self.batch_size >= 1, "batch_size", "must be positive")
+        require(self.lr > 0, "lr", "must be positive")
+        require(self.max_tokens >= self.seq_len * self.batch_size, "max_tokens", "must cover at least one batch")
+        require(self.max_pairs >= 1, "max_pairs", "must be positive")
+        require(0.0 <= self.prompt_format_share <= 1.0, "prompt_format_share", "must be in [0, 1]")
+
+
+def _documents(pairs: list[dict[str, Any]], cfg: BootstrapConfig, rng: random.Random) -> list[str]:
+    """One training document per pair: plain code, or one of the two round-trip prompt formats with its answer."""
+    prompts = PromptConfig(style=cfg.prompt_style)
+    docs = []
+    for pair in pairs:
+        r = rng.random()
+        if r < cfg.prompt_format_share / 2:
+            docs.append(code_prompt(pair["summary"], prompts) + pair["code"])
+        elif r < cfg.prompt_format_share:
+            docs.append(summary_prompt(pair["code"], prompts) + pair["summary"])
+        else:
+            docs.append(f'"""{pair["summary"]}"""\n{pair["code"]}')
+    return docs
+
+
+def _packed_blocks(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Concatenate EOS-separated documents and cut them into [n, seq_len + 1] blocks."""
+    ids: list[int] = []
+    for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // (seq_len + 1)
+    return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
+
+
+def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, cfg: BootstrapConfig, progress: bool = True) -> dict:
+    """Causal-LM pre-training over shuffled packed blocks with AdamW and a warmup + cosine schedule."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = max(1, cfg.max_tokens // (cfg.batch_size * cfg.seq_len))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    order = torch.randperm(len(blocks), generator=gen)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="bootstrap pre-train", disable=not progress)
+    for step in bar:
+        idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)]
+        batch = blocks[idx]
+        out = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone())
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"bootstrap pre-training loss became {loss.item()} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
+    return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len,
+            "loss_start": sum(head) / len(head), "loss_end": sum(tail) / len(tail)}
+
+
+def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Train the tokenizer and pre-train the model from `shards`; save both to `out_dir`."""
+    start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
+    if not pairs:
+        raise ValueError(f"shards {shards} hold no train pairs: cannot bootstrap a tokenizer and model from nothing")
+    rng = random.Random(cfg.seed)
+    docs = _documents(pairs, cfg, rng)
+    tokenizer = train_bpe_tokenizer(docs, vocab_size=cfg.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, cfg.preset))
+    blocks = _packed_blocks(docs, tokenizer, cfg.seq_len)
+    if len(blocks) == 0:
+        raise ValueError(f"shards {shards} hold too little text for one block of {cfg.seq_len} tokens")
+    metrics = pretrain(model, blocks, cfg, progress=progress)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    metrics.update(pairs=len(pairs), corpus_tokens=int(blocks.numel()), vocab_size=len(tokenizer),
+                   parameters=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - start, 1))
+    return metrics
+
+
+def run(config: BootstrapConfig, *, shards: str, artifact_root: str | None = None, out_uri: str | None = None,
+        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+    """Committed, content-addressed `tiny` base model folder (loadable with `from_pretrained`)."""
+    return artifacts.run_stage(STAGE, config, {"shards": shards}, lambda d: build(config, shards, d, progress),
+                               artifact_root=artifact_root, out_uri=out_uri, force=force)
