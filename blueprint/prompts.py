@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from collections.abc import Sequence
 from typing import Any
 
 STYLES = ("plain", "structured")
@@ -71,23 +72,25 @@ def code_prompt(summary: str, cfg: PromptConfig) -> str:
     return cfg.summary_to_code.format(summary=summary)
 
 
-def encode_prompt_target(tokenizer: Any, prompt: str, target: str, *, max_target_tokens: int | None = None,
-                         add_eos: bool = True) -> tuple[list[int], list[int], bool]:
-    """Token ids of (prompt, target, target_was_truncated), tokenized separately and concatenated by the caller.
-
-    Separate tokenization keeps the target's tokens independent of the prompt, so the set of scored positions is
-    exact and identical between SFT and the reward. The tokenizer's BOS (if it has one) starts the prompt. EOS ends
-    the target only when the target was not truncated: a cut-off target must not teach "the code ends here".
-    """
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt: the tokenizer's BOS (if it has one), then the text without other special tokens."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    truncated = max_target_tokens is not None and len(target_ids) > max_target_tokens
-    if truncated:
-        target_ids = target_ids[:max_target_tokens]
-    elif add_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; cannot end the target")
-        target_ids = target_ids + [tokenizer.eos_token_id]
-    return prompt_ids, target_ids, truncated
+    return [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
 
+
+def encode_targets(tokenizer: Any, targets: Sequence[str], *, max_tokens: int | None = None,
+                   add_eos: bool = True) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of each target (completion) and whether it was cut to `max_tokens`.
+
+    Targets are tokenized apart from their prompt and appended to it, so a target's tokens never depend on the
+    prompt and the scored positions are exact; SFT and the reward both go through here. EOS ends a target only
+    when it was not cut: a truncated target must not teach "the code ends here".
+    """
+    if add_eos and tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; cannot end the targets")
+    out, cut = [], []
+    for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]:
+        truncated = max_tokens is not None and len(ids) > max_tokens
+        out.append(ids[:max_tokens] if truncated else ids + ([tokenizer.eos_token_id] if add_eos else []))
+        cut.append(truncated)
+    return out, cut

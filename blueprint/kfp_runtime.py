@@ -1,0 +1,55 @@
+"""What a KFP component does inside its container: run one stage and report it to the Kubeflow UI.
+
+Components stay thin wrappers (their source is shipped inside the compiled YAML); everything they do lives here,
+in the package installed in the image, so it is tested without KFP.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from blueprint import artifacts, storage
+from blueprint.config import build
+from blueprint.stages import registry
+
+
+def numeric_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested metrics to `a.b` keys, keeping only finite numbers (what KFP Metrics can show)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(numeric_metrics(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+            flat[name] = float(value)
+    return flat
+
+
+def markdown_report(stage: str, out: artifacts.StageOutput) -> str:
+    """The stage's own report.md when it wrote one, else a table of its metrics."""
+    if "report.md" in out.manifest.get("files", {}):
+        return storage.read_text(storage.join(out.uri, "report.md"))
+    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in numeric_metrics(out.metrics).items())
+    status = "cache hit" if out.cached else "computed"
+    return f"# {stage}\n\nOutput: `{out.uri}` ({status})\n\n| metric | value |\n|---|---|\n{rows}\n"
+
+
+def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str], artifact_root: str,
+                   force: bool = False, metrics_path: Any = None, report_path: str | None = None) -> tuple[str, str]:
+    """Run `stage` with `settings` on `inputs` under `artifact_root`; return (output URI, content key).
+
+    `metrics_path` is a KFP `Metrics` artifact (anything with log_metric) and `report_path` the path of a
+    `Markdown` artifact; both are optional so the function is usable outside KFP.
+    """
+    spec = registry.get(stage)
+    cfg = build(spec.config_type(), settings)
+    out = spec.load().run(cfg, **inputs, artifact_root=artifact_root, force=force, progress=False)
+    print(json.dumps({"stage": stage, "uri": out.uri, "cached": out.cached, "metrics": out.metrics}, default=str))
+    if metrics_path is not None:
+        for key, value in numeric_metrics(out.metrics).items():
+            metrics_path.log_metric(key, value)
+        metrics_path.log_metric("cache_hit", float(out.cached))
+    if report_path is not None:
+        with open(report_path, "w", encoding="utf-8") as f:
+            f.write(markdown_report(stage, out))
+    return out.uri, out.manifest.get("key") or ""

@@ -1,0 +1,467 @@
+"""PPO for the summarizer adapter (trl 1.x has no PPOTrainer, so it is ours).
+
+One causal LM base wrapped as ONE peft `PeftModel`: the policy is the `summarizer` LoRA adapter, the KL anchor is the
+frozen `reference` adapter (or the bare base when `reference_adapter=None`), and a `ValueHead` reads the policy's last
+hidden states. Roles are switched with `set_adapter`, never copied. One `ppo_step`:
+
+1. rollout: sample responses with `model.generate` (left-padded queries, temperature T), cut each at its first EOS
+   (the EOS is kept as the last action; tokens after it are masked);
+2. score: `score_fn(query_ids, response_ids)` → scalar scores, minus `copy_penalty·copy_rate` (copy guard) and minus
+   `missing_eos_penalty` for responses that never ended (Huang et al., "The N+ implementation details of RLHF");
+3. log π, log π_ref (at temperature T, dropout off) and values in one no-grad forward each;
+4. per-token rewards −β·(log π − log π_ref), score on the last valid token; GAE; whitened advantages;
+5. `ppo_epochs` passes over shuffled minibatches of the clipped policy + value loss; only the policy LoRA and the
+   value head receive updates (an explicit optimizer parameter list, so the base, reference and coder cannot move).
+
+Failure contract: a batch whose score is NaN/inf is skipped (`stats["skipped"] == 1`, nothing updated); more than
+`max_bad_batches` consecutive skipped batches raise `PPOError`. A rollout whose KL exceeds `max_kl` raises
+`KLExplodedError` *after* the trainer has rolled the policy adapter, value head and optimizer back to their state
+before the previous update (the last state whose KL passed the check), so the caller can catch it, save, and stop.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from blueprint.copying import copy_rates
+from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, logprobs_and_entropy,
+                                masked_mean, masked_whiten, per_token_rewards, ppo_losses, whiten)
+
+__all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExplodedError", "ScoreFn",
+           "AdaptiveKLController", "FixedKLController", "eos_cut"]
+
+# score_fn(query_ids, response_ids) -> (scores [B], components {name: [B]}); response_ids are EOS-cut token lists.
+ScoreFn = Callable[[list[list[int]], list[list[int]]], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+class PPOError(RuntimeError):
+    """PPO cannot go on (too many bad batches, non-finite loss)."""
+
+
+class KLExplodedError(PPOError):
+    """The policy drifted past `max_kl` from the reference; the trainer already rolled back to the last good state."""
+
+    def __init__(self, kl: float, max_kl: float, rolled_back: bool, stats: dict[str, float]):
+        super().__init__(f"KL {kl:.3f} > max_kl {max_kl}; rolled back to the last good state: {rolled_back}")
+        self.kl, self.max_kl, self.rolled_back, self.stats = kl, max_kl, rolled_back, stats
+
+
+@dataclass
+class PPOConfig:
+    lr: float = 5e-5
+    batch_size: int = 16            # queries per ppo_step
+    mini_batch_size: int = 4        # sequences per gradient step
+    ppo_epochs: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    temperature: float = 0.7        # sampling AND log-prob temperature
+    top_k: int = 0                  # 0 = off (sampling then differs from the π used for log-probs: keep off)
+    top_p: float = 1.0              # 1.0 = off (same caveat)
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0         # >0 suppresses EOS while sampling (benchmarks only: biases the behaviour policy)
+    init_kl_coef: float = 0.05
+    adaptive_kl: bool = True
+    kl_target: float = 6.0          # per-sequence KL (sum over tokens) the adaptive controller steers to
+    kl_horizon: int = 10000
+    missing_eos_penalty: float = 1.0  # subtracted from the score of responses without EOS (0 = off)
+    whiten_rewards: bool = False    # standardise the scalar scores across the batch before adding them
+    copy_penalty: float = 1.0       # subtracted per unit of copy_rate (0 = off)
+    copy_ngram: int = 4
+    max_kl: float = 50.0            # per-sequence KL above which the step aborts (KLExplodedError)
+    max_bad_batches: int = 3        # consecutive non-finite-score batches tolerated before PPOError
+    forward_batch_size: int | None = None  # chunk size of the no-grad rollout forwards (None = whole batch)
+    weight_decay: float = 0.0
+    policy_adapter: str = "summarizer"
+    reference_adapter: str | None = "reference"  # None = the bare base (adapters disabled) is the reference
+
+    def __post_init__(self) -> None:
+        positive = ["lr", "batch_size", "mini_batch_size", "ppo_epochs", "temperature", "max_new_tokens",
+                    "kl_target", "kl_horizon", "copy_ngram", "max_kl", "max_grad_norm"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        nonneg = ["init_kl_coef", "missing_eos_penalty", "copy_penalty", "vf_coef", "cliprange", "cliprange_value",
+                  "top_k", "min_new_tokens", "max_bad_batches", "weight_decay"]
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ["gamma", "lam"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
+                             f"{self.mini_batch_size}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must be <= max_new_tokens")
+        if self.forward_batch_size is not None and self.forward_batch_size <= 0:
+            raise ValueError("forward_batch_size must be > 0 or None")
+        if self.reference_adapter == self.policy_adapter:
+            raise ValueError("reference_adapter must differ from policy_adapter")
+
+
+class ValueHead(nn.Module):
+    """V(s_t) = w·h_t + b on the policy's last hidden state (no dropout: PPO's values must be deterministic)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        # Small init (lm-human-preferences): early value errors should not swamp the shared LoRA with gradients.
+        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> ValueHead:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        head = cls(state["linear.weight"].shape[1])
+        head.load_state_dict(state)
+        return head.to(device) if device is not None else head
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. Tensors over response tokens are [B, R]; `input_ids` is [B, Q+R] (query left-padded)."""
+
+    query_ids: list[list[int]]
+    response_ids: list[list[int]]    # EOS-cut (what score_fn saw)
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response: torch.Tensor           # sampled tokens, trimmed to the longest valid response
+    mask: torch.Tensor               # 1.0 up to and including the first EOS
+    has_eos: torch.Tensor            # bool [B]
+    raw_scores: torch.Tensor         # what score_fn returned
+    copy_rate: torch.Tensor
+    scores: torch.Tensor             # raw − copy_penalty·copy_rate − missing_eos_penalty·(no EOS)
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.raw_scores).all())
+
+    @property
+    def query_len(self) -> int:
+        return self.input_ids.shape[1] - self.response.shape[1]
+
+
+def eos_cut(response: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Locate each row's first EOS. Returns (mask [B, R] float: 1 up to and including it, lengths [B]: tokens before
+    it (= R when absent), has_eos [B] bool). The EOS stays a valid action so the policy can learn when to stop."""
+    is_eos = response == eos_token_id
+    has_eos = is_eos.any(1)
+    R = response.shape[1]
+    lengths = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, R, dtype=torch.long))
+    positions = torch.arange(R, device=response.device)
+    mask = (positions[None, :] <= lengths[:, None]).float()
+    return mask, lengths, has_eos
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, exactly as `generate` builds them, so log-probs match the sampler."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PPOTrainer:
+    """Owns the value head, the optimizer, the KL controller and the PPO loop for one policy adapter of `model`."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: PPOConfig, value_head: ValueHead | None = None):
+        self.model, self.config = model, config
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        adapters = set(getattr(model, "peft_config", {}))
+        for name in [config.policy_adapter, config.reference_adapter]:
+            if name is not None and name not in adapters:
+                raise ValueError(f"adapter {name!r} not in the model (has {sorted(adapters)})")
+        self.causal_lm = model.get_base_model()
+        self.device = next(model.parameters()).device
+        hidden = self.causal_lm.config.get_text_config().hidden_size
+        self.value_head = (value_head or ValueHead(hidden)).to(self.device)
+        # Trained parameters, selected by name: the policy adapter's own weights (lora_A/B.<policy>...) and the head.
+        self.policy_params = [p for n, p in model.named_parameters() if config.policy_adapter in n.split(".")]
+        if not self.policy_params:
+            raise ValueError(f"no parameters belong to adapter {config.policy_adapter!r}")
+        self.params = self.policy_params + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
+                       if config.adaptive_kl else FixedKLController(config.init_kl_coef))
+        self.generation_config = GenerationConfig(
+            do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
+            repetition_penalty=1.0, no_repeat_ngram_size=0,  # override any hub defaults that would distort π
+        )
+        self.step = 0            # completed updates
+        self.bad_batches = 0     # consecutive skipped batches
+        self.skipped_total = 0
+        self._last_good: dict | None = None
+
+    # ---------------------------------------------------------------- forwards
+
+    def _activate(self, adapter: str | None) -> None:
+        if adapter is not None:  # requires_grad only on the policy adapter, never on the anchor
+            self.model.set_adapter(adapter, inference_mode=adapter != self.config.policy_adapter)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
+                 with_values: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (and values) at the positions that predict the response tokens, for the active adapter.
+
+        Runs the decoder once and applies the LM head only to the response positions: on long code prompts most of
+        the LM head's cost (and memory) would otherwise go to query positions nobody needs.
+        """
+        out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=_position_ids(attention_mask), use_cache=False)
+        hidden = out.last_hidden_state[:, -n_response - 1:-1]
+        logits = self.causal_lm.get_output_embeddings()(hidden)
+        cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits, (self.value_head(hidden) if with_values else None)
+
+    @torch.inference_mode()
+    def _score_forwards(self, r: Rollout) -> None:
+        """log π, log π_ref, values and entropy for the whole rollout, without grad, in eval mode (no dropout)."""
+        chunk = self.config.forward_batch_size or len(r.query_ids)
+        T, R = self.config.temperature, r.response.shape[1]
+        parts: dict[str, list[torch.Tensor]] = {"logp": [], "ref_logp": [], "values": [], "entropy": []}
+        for s in range(0, len(r.query_ids), chunk):
+            ids, am, resp = r.input_ids[s:s + chunk], r.attention_mask[s:s + chunk], r.response[s:s + chunk]
+            self._activate(self.config.policy_adapter)
+            logits, values = self._forward(ids, am, R, with_values=True)
+            logp, entropy = logprobs_and_entropy(logits, resp, T)
+            del logits
+            if self.config.reference_adapter is None:
+                with self.model.disable_adapter():
+                    ref_logits, _ = self._forward(ids, am, R, with_values=False)
+            else:
+                self._activate(self.config.reference_adapter)
+                ref_logits, _ = self._forward(ids, am, R, with_values=False)
+            ref_logp, _ = logprobs_and_entropy(ref_logits, resp, T, with_entropy=False)
+            for k, v in zip(parts, [logp, ref_logp, values, entropy]):
+                parts[k].append(v.float())
+        self._activate(self.config.policy_adapter)
+        for k, v in parts.items():  # clone out of inference mode: these become constants inside the PPO loss
+            setattr(r, k, torch.cat(v).clone())
+
+    # ---------------------------------------------------------------- rollout
+
+    def make_rollout(self, queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor, score_fn: ScoreFn,
+                     code_ids: Sequence[Sequence[int]] | None = None, timings: dict | None = None) -> Rollout:
+        """Generate, EOS-cut, score (and penalise); then the no-grad forwards unless a score is NaN/inf."""
+        timings = {} if timings is None else timings
+        cfg = self.config
+        query_ids = self._as_lists(queries)
+        B, Q = len(query_ids), max(len(q) for q in query_ids)
+        input_ids = torch.full((B, Q), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, Q), dtype=torch.long)
+        for i, q in enumerate(query_ids):  # left padding: every response starts at column Q
+            input_ids[i, Q - len(q):] = torch.tensor(q, dtype=torch.long)
+            attention_mask[i, Q - len(q):] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+
+        t0 = time.perf_counter()
+        self.model.eval()
+        self._activate(cfg.policy_adapter)
+        with torch.inference_mode():
+            sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                            generation_config=self.generation_config)
+        response = sequences[:, Q:].clone()
+        mask, lengths, has_eos = eos_cut(response, self.eos_token_id)
+        R = int(mask.sum(1).max())  # drop columns that are padding in every row
+        response, mask = response[:, :R], mask[:, :R]
+        response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_token_id))
+        response_ids = [response[i, :lengths[i]].tolist() for i in range(B)]
+        timings["generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        out = score_fn(query_ids, response_ids)
+        raw, components = out if isinstance(out, tuple) else (out, {})
+        raw = torch.as_tensor(raw, dtype=torch.float32).detach().flatten().cpu()
+        if raw.numel() != B:
+            raise ValueError(f"score_fn returned {raw.numel()} scores for {B} responses")
+        components = {k: torch.as_tensor(v, dtype=torch.float32).detach().flatten().cpu()
+                      for k, v in components.items()}
+        codes = query_ids if code_ids is None else [list(c) for c in code_ids]
+        rate = copy_rates(response_ids, codes, cfg.copy_ngram)
+        scores = raw - cfg.copy_penalty * rate - cfg.missing_eos_penalty * (~has_eos.cpu()).float()
+        timings["score"] = time.perf_counter() - t0
+
+        r = Rollout(query_ids, response_ids, torch.cat([input_ids, response], 1),
+                    torch.cat([attention_mask, torch.ones_like(response)], 1), response, mask, has_eos.cpu(),
+                    raw, rate, scores, components)
+        if r.finite:
+            t0 = time.perf_counter()
+            self._score_forwards(r)
+            timings["forward"] = time.perf_counter() - t0
+        return r
+
+    # ---------------------------------------------------------------- step
+
+    def ppo_step(self, queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor, score_fn: ScoreFn,
+                 code_ids: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+        """One PPO iteration on `batch_size` queries; returns flat float stats (see module doc for failures).
+
+        `code_ids` are the code tokens the copy guard compares against (default: the query tokens themselves).
+        """
+        cfg = self.config
+        if len(queries) != cfg.batch_size:
+            raise ValueError(f"ppo_step got {len(queries)} queries, config.batch_size is {cfg.batch_size}")
+        was_training, prev_adapter = self.model.training, getattr(self.model, "active_adapter", None)
+        timings: dict[str, float] = {}
+        try:
+            r = self.make_rollout(queries, score_fn, code_ids, timings)
+            if not r.finite:
+                return self._skip(r)
+            self.bad_batches = 0
+            return self._learn(r, timings)
+        finally:
+            self.model.train(was_training)
+            if prev_adapter is not None:
+                self._activate(prev_adapter if isinstance(prev_adapter, str) else prev_adapter[0])
+
+    def _skip(self, r: Rollout) -> dict[str, float]:
+        self.bad_batches += 1
+        self.skipped_total += 1
+        if self.bad_batches > self.config.max_bad_batches:
+            raise PPOError(f"{self.bad_batches} consecutive batches with non-finite scores "
+                           f"(max_bad_batches={self.config.max_bad_batches})")
+        return {"skipped": 1.0, "bad_batches": float(self.bad_batches), "skipped_total": float(self.skipped_total),
+                "step": float(self.step), "kl_coef": self.kl_ctl.value}
+
+    def _learn(self, r: Rollout, timings: dict[str, float]) -> dict[str, float]:
+        cfg, B = self.config, len(r.query_ids)
+        beta = self.kl_ctl.value
+        scores = whiten(r.scores) if cfg.whiten_rewards else r.scores
+        rewards, kl = per_token_rewards(scores.to(self.device), r.logp, r.ref_logp, r.mask, beta)
+        kl_seq = kl.sum(1)
+        advantages, returns = compute_gae(rewards, r.values, r.mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, r.mask)
+
+        stats: dict[str, float] = {
+            "skipped": 0.0, "score/mean": r.scores.mean().item(), "score/std": _std(r.scores),
+            "score/raw_mean": r.raw_scores.mean().item(), "score/raw_std": _std(r.raw_scores),
+            "copy_rate": r.copy_rate.mean().item(), "no_eos_rate": (~r.has_eos).float().mean().item(),
+            "kl": kl_seq.mean().item(), "kl_coef": beta, "non_score_reward": (-beta * kl_seq).mean().item(),
+            "entropy": masked_mean(r.entropy, r.mask).item(),
+            "response_length": float(sum(map(len, r.response_ids))) / B,
+            "values/mean": masked_mean(r.values, r.mask).item(), "returns/mean": masked_mean(returns, r.mask).item(),
+        }
+        stats.update({f"score/{k}": v.mean().item() for k, v in r.components.items()})
+        if not math.isfinite(stats["kl"]) or stats["kl"] > cfg.max_kl:
+            rolled_back = self._rollback()
+            raise KLExplodedError(stats["kl"], cfg.max_kl, rolled_back, stats)
+
+        self._last_good = self._snapshot()
+        t0 = time.perf_counter()
+        stats.update(self._update(r, advantages, returns))
+        timings["update"] = time.perf_counter() - t0
+        self.kl_ctl.update(stats["kl"], B)
+        self.step += 1
+        stats["step"] = float(self.step)
+        stats.update({f"time/{k}": v for k, v in timings.items()})
+        return stats
+
+    def _update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        cfg, B, R = self.config, len(r.query_ids), r.response.shape[1]
+        self.model.eval()  # dropout off even while training (Huang et al.): ratios must be 1 before the first step
+        self._activate(cfg.policy_adapter)
+        totals: dict[str, float] = {}
+        n = 0
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(B).split(cfg.mini_batch_size):
+                idx = idx.to(self.device)
+                logits, values = self._forward(r.input_ids[idx], r.attention_mask[idx], R, with_values=True)
+                logp, _ = logprobs_and_entropy(logits, r.response[idx], cfg.temperature, with_entropy=False)
+                pg_loss, vf_loss, st = ppo_losses(logp, r.logp[idx], advantages[idx], values.float(), r.values[idx],
+                                                  returns[idx], r.mask[idx], cfg.cliprange, cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise PPOError(f"non-finite PPO loss at step {self.step} (policy {pg_loss.item()}, "
+                                   f"value {vf_loss.item()})")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                st.update({"loss/policy": pg_loss, "loss/value": vf_loss, "grad_norm": grad_norm})
+                for k, v in st.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                n += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: v / n for k, v in totals.items()}
+
+    # ---------------------------------------------------------------- state
+
+    def _snapshot(self) -> dict:
+        return {"params": [p.detach().clone() for p in self.params],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def _rollback(self) -> bool:
+        """Restore policy LoRA, value head and optimizer to just before the last update (False if none yet)."""
+        if self._last_good is None:
+            return False
+        with torch.no_grad():
+            for p, saved in zip(self.params, self._last_good["params"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(self._last_good["optimizer"])
+        return True
+
+    def state_dict(self) -> dict:
+        """Everything besides the adapter weights needed to resume a round (save those with peft)."""
+        return {
+            "step": self.step, "bad_batches": self.bad_batches, "skipped_total": self.skipped_total,
+            "kl_ctl": self.kl_ctl.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "value_head": self.value_head.state_dict(), "config": asdict(self.config),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.bad_batches = int(state["step"]), int(state["bad_batches"])
+        self.skipped_total = int(state["skipped_total"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self._last_good = None
+
+    @staticmethod
+    def _as_lists(queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor) -> list[list[int]]:
+        if isinstance(queries, torch.Tensor):
+            if queries.dim() != 2:
+                raise ValueError("a query tensor must be [B, Q] (unpadded rows); pass a list for ragged queries")
+            queries = list(queries)
+        lists = [q.tolist() if isinstance(q, torch.Tensor) else list(q) for q in queries]
+        if not lists or any(len(q) == 0 for q in lists):
+            raise ValueError("queries must be a non-empty batch of non-empty token sequences")
+        return lists
+
+
+def _std(x: torch.Tensor) -> float:
+    return x.std().item() if x.numel() > 1 else 0.0

@@ -1,0 +1,91 @@
+"""One lightweight Python component per stage, on the project image (no `from __future__ import annotations`:
+KFP reads the annotations as types).
+
+Each component is a thin wrapper: its body only imports `blueprint` (installed in the image) and calls the stage.
+Inputs and outputs are URIs; each also emits KFP `Metrics` and `Markdown` so the Kubeflow UI shows its figures.
+The same definitions run on Kubeflow and under `kfp.local` (SubprocessRunner runs lightweight components only).
+"""
+
+import dataclasses
+import os
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Markdown, Metrics, Output
+
+from blueprint import __version__
+
+DEFAULT_IMAGE = os.environ.get("BLUEPRINT_IMAGE", f"ghcr.io/blueprint-rt/blueprint:{__version__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageComponents:
+    shard: object
+    bootstrap: object
+    warmup: object
+    ppo_round: object
+    evaluate: object
+    merge: object
+
+
+def build_components(image: str = DEFAULT_IMAGE) -> StageComponents:
+    """The six stage components bound to container `image` (an empty tag is refused)."""
+    if not image or image.endswith(":") or image.strip() != image:
+        raise ValueError(f"component image {image!r} is not a valid image reference")
+    component = dsl.component(base_image=image, install_kfp_package=False)
+
+    @component
+    def shard(artifact_root: str, source: str, settings: dict, force: bool, metrics: Output[Metrics],
+              report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+        from blueprint.kfp_runtime import run_stage_task
+        return run_stage_task("shard", {**settings, "source": source}, {}, artifact_root, force, metrics,
+                              report.path)
+
+    @component
+    def bootstrap(artifact_root: str, base: str, shards: str, settings: dict, force: bool,
+                  metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+        """Builds the `tiny` base when base == "tiny"; any other base (hub id, dir, s3://) passes through."""
+        from blueprint.kfp_runtime import run_stage_task
+        if base != "tiny":
+            with open(report.path, "w") as f:
+                f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
+            return base, ""
+        return run_stage_task("bootstrap", settings, {"shards": shards}, artifact_root, force, metrics, report.path)
+
+    @component
+    def warmup(artifact_root: str, shards: str, base: str, settings: dict, force: bool,
+               metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+        from blueprint.kfp_runtime import run_stage_task
+        return run_stage_task("warmup", settings, {"shards": shards, "base": base}, artifact_root, force,
+                              metrics, report.path)
+
+    @component
+    def ppo_round(artifact_root: str, shards: str, base: str, adapters: str, round_index: int, ppo_steps: int,
+                  supervised_steps: int, settings: dict, force: bool, metrics: Output[Metrics],
+                  report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+        from blueprint.kfp_runtime import run_stage_task
+        settings = {**settings, "round_index": round_index, "ppo_steps": ppo_steps,
+                    "supervised_steps": supervised_steps}
+        return run_stage_task("ppo-round", settings,
+                              {"shards": shards, "base": base, "adapters": adapters}, artifact_root, force,
+                              metrics, report.path)
+
+    @component
+    def evaluate(artifact_root: str, shards: str, base: str, adapters: str, previous: str, epoch: int,
+                 settings: dict, force: bool, metrics: Output[Metrics],
+                 report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+        from blueprint.kfp_runtime import run_stage_task
+        inputs = {"shards": shards, "base": base, "adapters": adapters}
+        if previous:
+            inputs["previous"] = previous
+        return run_stage_task("evaluate", {**settings, "epoch": epoch}, inputs, artifact_root, force,
+                              metrics, report.path)
+
+    @component
+    def merge(artifact_root: str, base: str, adapters: str, evaluation: str, settings: dict, force: bool,
+              metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+        from blueprint.kfp_runtime import run_stage_task
+        return run_stage_task("merge", settings, {"base": base, "adapters": adapters, "evaluation": evaluation},
+                              artifact_root, force, metrics, report.path)
+
+    return StageComponents(shard, bootstrap, warmup, ppo_round, evaluate, merge)

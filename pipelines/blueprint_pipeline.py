@@ -1,0 +1,85 @@
+"""The DAG: shard -> bootstrap (tiny only) -> warmup -> ppo_round(1..N) -> merge, evaluate(e) beside round e+1.
+
+Epochs are unrolled at compile time. Every stage's settings are a pipeline parameter (a dict with the profile's
+defaults) and the common knobs are flat parameters. Every task output is a content-addressed URI, so KFP's own
+cache (which keys on parameter values) can only hit when the upstream content is the same; the shard task, whose
+input is a source outside the store, is never KFP-cached and relies on its own manifest cache instead.
+"""
+from collections.abc import Callable
+from typing import NamedTuple
+
+from kfp import compiler, dsl
+
+from blueprint import profiles
+from components import DEFAULT_IMAGE, build_components
+
+PIPELINE_NAME = "blueprint"
+
+
+def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAULT_IMAGE,
+                   artifact_root: str = "./artifacts", configure_task: Callable | None = None) -> Callable:
+    """The pipeline function for `epochs` PPO rounds with `profile` defaults, on container `image`.
+
+    `configure_task(stage_name, task)` may add cluster settings (resources, secrets, node selectors) to each task.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    comps = build_components(image)
+    d = {stage: profiles.stage_settings(profile, stage) for stage in profiles.PROFILES[profile]}
+    configure = configure_task or (lambda stage, task: task)
+
+    def task(stage: str, t, label: str | None = None):
+        t.set_display_name(label or stage)
+        return configure(stage, t) or t
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Round-trip PPO: a code summarizer and a code generator trained "
+                                                  "against each other as LoRA adapters on one base model.")
+    def blueprint_pipeline(
+        artifact_root: str = artifact_root,
+        source: str = d["shard"].get("source", "stdlib"),
+        base: str = "tiny",
+        ppo_steps: int = d["ppo-round"].get("ppo_steps", 10),
+        supervised_steps: int = d["ppo-round"].get("supervised_steps", 10),
+        shard_settings: dict = d["shard"],
+        bootstrap_settings: dict = d["bootstrap"],
+        warmup_settings: dict = d["warmup"],
+        ppo_settings: dict = d["ppo-round"],
+        evaluate_settings: dict = d["evaluate"],
+        merge_settings: dict = d["merge"],
+        force: bool = False,
+    ) -> NamedTuple("Outputs", models=str, evaluation=str):
+        shard = task("shard", comps.shard(artifact_root=artifact_root, source=source, settings=shard_settings,
+                                          force=force))
+        shard.set_caching_options(False)  # its input lives outside the store; its own manifest cache applies
+        boot = task("bootstrap", comps.bootstrap(artifact_root=artifact_root, base=base,
+                                                 shards=shard.outputs["uri"], settings=bootstrap_settings,
+                                                 force=force))
+        warm = task("warmup", comps.warmup(artifact_root=artifact_root, shards=shard.outputs["uri"],
+                                           base=boot.outputs["uri"], settings=warmup_settings, force=force))
+        adapters = warm.outputs["uri"]
+        evaluation = task("evaluate", comps.evaluate(
+            artifact_root=artifact_root, shards=shard.outputs["uri"], base=boot.outputs["uri"], adapters=adapters,
+            previous="", epoch=0, settings=evaluate_settings, force=force), "evaluate-0")
+        for epoch in range(1, epochs + 1):
+            rnd = task("ppo-round", comps.ppo_round(
+                artifact_root=artifact_root, shards=shard.outputs["uri"], base=boot.outputs["uri"],
+                adapters=adapters, round_index=epoch, ppo_steps=ppo_steps, supervised_steps=supervised_steps,
+                settings=ppo_settings, force=force), f"ppo-round-{epoch}")
+            adapters = rnd.outputs["uri"]
+            evaluation = task("evaluate", comps.evaluate(
+                artifact_root=artifact_root, shards=shard.outputs["uri"], base=boot.outputs["uri"],
+                adapters=adapters, previous=evaluation.outputs["uri"], epoch=epoch, settings=evaluate_settings,
+                force=force), f"evaluate-{epoch}")
+        merged = task("merge", comps.merge(artifact_root=artifact_root, base=boot.outputs["uri"], adapters=adapters,
+                                           evaluation=evaluation.outputs["uri"], settings=merge_settings,
+                                           force=force))
+        Outputs = NamedTuple("Outputs", models=str, evaluation=str)
+        return Outputs(models=merged.outputs["uri"], evaluation=evaluation.outputs["uri"])
+
+    return blueprint_pipeline
+
+
+def compile_pipeline(path: str, **kwargs) -> str:
+    """Write the KFP IR YAML of `build_pipeline(**kwargs)` to `path`."""
+    compiler.Compiler().compile(pipeline_func=build_pipeline(**kwargs), package_path=path)
+    return path
