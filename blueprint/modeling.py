@@ -268,19 +268,20 @@ def attach_adapters(base: PreTrainedModel, names: Sequence[str] = ROLES,
     """Wrap `base` in ONE PeftModel holding a fresh LoRA adapter per name; the first one is active.
 
     Base weights are frozen and shared by every adapter. Only the active adapter's weights require grad at first
-    (peft's rule); use `trainable_only` to choose explicitly.
+    (peft's rule); use `trainable_only` to choose explicitly. The wrapper keeps the base's train/eval mode.
     """
     if isinstance(base, PeftModel):
         raise TypeError("base already is a PeftModel; add adapters to it with add_adapter/load_adapters")
     names = tuple(names)
     _check_names(names)
+    was_training = base.training
     lora = lora or LoraSettings()
     config = lora.peft_config(base.config.model_type)
     model = get_peft_model(base, copy.deepcopy(config), adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, copy.deepcopy(config))
     model.set_adapter(names[0])
-    return model
+    return model.train(was_training)  # new LoRA dropout modules start in train mode: follow the base
 
 
 def add_reference_adapter(model: PeftModel, source: str = "summarizer", name: str = REFERENCE) -> None:

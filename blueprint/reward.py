@@ -127,14 +127,17 @@ class RewardModel:
 
     @contextlib.contextmanager
     def _scoring_mode(self):
-        was_training = self.model.training
+        """Coder active, dropout off, no autograd; afterwards every module's train/eval flag is put back as it was
+        (not `model.train(flag)`, which would also flip submodules that were deliberately left in eval)."""
+        modes = [(m, m.training) for m in self.model.modules()]
         adapter = use_adapter(self.model, self.coder_adapter) if self.coder_adapter else contextlib.nullcontext()
         self.model.eval()
         try:
             with adapter, torch.no_grad():
                 yield
         finally:
-            self.model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
 
     def _head_matches_full_forward(self) -> bool:
         """The fast path assumes logits = lm_head(last hidden state); archs that scale or cap logits

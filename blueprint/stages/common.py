@@ -1,0 +1,68 @@
+"""What the model stages share: resolving the base, and reading/writing a set of adapters tied to that base.
+
+A base that is a committed artifact (the bootstrap output, or any folder committed with a manifest) is a stage
+*input*, so its manifest enters the cache key; a hub id or a plain directory is a *setting* named by itself.
+An adapter set records the identity of its base, so adapters are never silently applied to another base.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blueprint import artifacts, modeling, storage
+
+ADAPTERS_DIR = "adapters"
+BASE_FILE = "base.json"
+
+
+def is_artifact(uri: str) -> bool:
+    return (storage.is_s3(uri) or uri.startswith("file://") or "/" in uri) and \
+        storage.exists(artifacts.manifest_uri(uri))
+
+
+def base_identity(base: str) -> str:
+    """Stable identity of a base: the manifest digest of a committed artifact, else its name as given."""
+    return f"sha256:{artifacts.manifest_digest(base)}" if is_artifact(base) else base
+
+
+def split_base(base: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(inputs, settings) contribution of `base` to a stage's cache key."""
+    return ({"base": base}, {}) if is_artifact(base) else ({}, {"base_name": base})
+
+
+def open_base(base: str, threads: int = 0) -> tuple[torch.nn.Module, Any]:
+    """Load the base model and tokenizer: a committed artifact (verified) or anything `load_base` accepts."""
+    if threads:
+        torch.set_num_threads(threads)
+    if is_artifact(base) and not storage.is_s3(base):
+        artifacts.read_manifest(base, verify="full")
+        return modeling.load_base(str(storage.local_path(base)))
+    return modeling.load_base(base)
+
+
+def save_adapter_set(model, tokenizer, out_dir: Path, base: str, names: list[str], extra: dict | None = None) -> None:
+    """Adapters (peft safetensors), tokenizer and the base identity, under `out_dir`."""
+    modeling.save_adapters(model, out_dir / ADAPTERS_DIR, names)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    meta = {"base": base, "base_identity": base_identity(base), "adapters": names, **(extra or {})}
+    (out_dir / BASE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def fetch_adapter_set(uri: str, base: str, local_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Download a committed adapter set, refusing one that was trained on another base."""
+    local, _ = artifacts.download_artifact(uri, local_dir)
+    meta = json.loads((local / BASE_FILE).read_text())
+    if meta["base_identity"] != base_identity(base):
+        raise artifacts.ArtifactError(
+            f"adapters {uri} were trained on base {meta['base']!r} ({meta['base_identity']}), "
+            f"not on {base!r} ({base_identity(base)}): pass the base they were trained on")
+    return local / ADAPTERS_DIR, meta
+
+
+def stage_settings(config: Any, base: str) -> dict[str, Any]:
+    """The config as a dict plus the base's settings contribution (for the cache key)."""
+    return {**dataclasses.asdict(config), **split_base(base)[1]}

@@ -1,0 +1,242 @@
+"""PPO round stage: the seed's `ppo_steps` on the summarizer, then `supervised_steps` on the coder.
+
+The summarizer writes summaries of this round's code; the reward is how much those summaries help the coder
+rebuild the code (information gain, minus length and copy penalties). Then the coder learns to rebuild the code
+from the summaries the summarizer actually wrote (back-translation), mixed with ground-truth docstrings so it
+does not drift. A killed round resumes from its last checkpoint (every `checkpoint_every` PPO steps).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from blueprint import artifacts, modeling, storage
+from blueprint.config import require
+from blueprint.data import read_pairs
+from blueprint.ppo import KLExplodedError, PPOConfig, PPOTrainer, ValueHead
+from blueprint.prompts import PromptConfig, encode_prompts, summary_prompt
+from blueprint.reward import RewardConfig, RewardModel
+from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_set, split_base, stage_settings
+from blueprint.stages.warmup import WarmupConfig, clip_tokens, sft_datasets, train_adapter
+
+STAGE = "ppo-round"
+CHECKPOINT = "_checkpoint"
+VALUE_HEAD_FILE = "value_head.safetensors"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclasses.dataclass
+class PPORoundConfig:
+    round_index: int = 1
+    ppo_steps: int = 10
+    supervised_steps: int = 10
+    batch_size: int = 8
+    mini_batch_size: int = 4
+    ppo_epochs: int = 2
+    lr: float = 1e-3
+    temperature: float = 0.7
+    max_new_tokens: int = 32
+    init_kl_coef: float = 0.05
+    adaptive_kl: bool = True
+    kl_target: float = 6.0
+    max_kl: float = 50.0
+    copy_penalty: float = 1.0
+    missing_eos_penalty: float = 1.0
+    length_coef: float = 0.01
+    reward: str = "gain"                # "gain" (default, low variance) or "neg_ce" (the seed's −CE)
+    coder_lr: float = 1e-3
+    coder_batch_size: int = 8
+    ground_truth_fraction: float = 0.5  # share of the coder's pairs that use the true docstring
+    max_code_tokens: int = 256
+    max_summary_tokens: int = 64
+    probe_size: int = 16                # fixed codes whose greedy-summary reward is measured before/after
+    checkpoint_every: int = 5
+    prompt_style: str = "plain"
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.round_index >= 1, "round_index", "must be >= 1")
+        require(self.ppo_steps >= 0, "ppo_steps", "must be >= 0")
+        require(self.supervised_steps >= 0, "supervised_steps", "must be >= 0")
+        require(self.reward in ("gain", "neg_ce"), "reward", "must be 'gain' or 'neg_ce'")
+        require(0.0 <= self.ground_truth_fraction <= 1.0, "ground_truth_fraction", "must be in [0, 1]")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        require(self.probe_size >= 1, "probe_size", "must be >= 1")
+        require(self.coder_lr > 0 and self.coder_batch_size >= 1, "coder_lr", "coder_lr > 0 and coder_batch_size >= 1")
+        self.ppo_config()  # validates the PPO hyper-parameters
+
+    def ppo_config(self) -> PPOConfig:
+        return PPOConfig(lr=self.lr, batch_size=self.batch_size, mini_batch_size=self.mini_batch_size,
+                         ppo_epochs=self.ppo_epochs, temperature=self.temperature,
+                         max_new_tokens=self.max_new_tokens, init_kl_coef=self.init_kl_coef,
+                         adaptive_kl=self.adaptive_kl, kl_target=self.kl_target, max_kl=self.max_kl,
+                         copy_penalty=self.copy_penalty, missing_eos_penalty=self.missing_eos_penalty)
+
+
+def round_batch(pairs: list[dict], cfg: PPORoundConfig) -> list[dict]:
+    """This round's codes: a deterministic draw from (seed, round), `ppo_steps * batch_size` of them."""
+    rng = random.Random(cfg.seed * 100_003 + cfg.round_index)
+    need = max(cfg.ppo_steps * cfg.batch_size, cfg.probe_size)
+    return rng.sample(pairs, need) if need <= len(pairs) else [rng.choice(pairs) for _ in range(need)]
+
+
+class RoundScorer:
+    """score_fn for PPO: decode the summaries, score them with the coder, keep them for back-translation."""
+
+    def __init__(self, reward: RewardModel, tokenizer, use_gain: bool):
+        self.reward, self.tokenizer, self.use_gain = reward, tokenizer, use_gain
+        self.codes: list[str] = []
+        self.written: list[tuple[str, str]] = []  # (generated summary, code)
+
+    def __call__(self, query_ids, response_ids):
+        summaries = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        out = self.reward(self.codes, summaries)
+        self.written.extend(zip(summaries, self.codes))
+        score = out.reward if self.use_gain else -out.ce - (out.length_term)
+        return score, {"ce": out.ce, "gain": out.gain, "length_term": out.length_term}
+
+
+def probe_reward(model, tokenizer, reward: RewardModel, codes: list[str], cfg: PPORoundConfig) -> float:
+    """Mean reward of greedy summaries of `codes`: a low-noise before/after measure of the round."""
+    prompts = PromptConfig(style=cfg.prompt_style)
+    ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
+    width = max(map(len, ids))
+    batch = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with modeling.use_adapter(model, "summarizer"), torch.no_grad():
+        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    summaries = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return float(reward(codes, summaries).reward.mean())
+
+
+def _save(model, tokenizer, trainer: PPOTrainer, out_dir: Path, base: str, extra: dict) -> None:
+    save_adapter_set(model, tokenizer, out_dir, base, ["summarizer", "coder", "reference"], extra)
+    trainer.value_head.save(out_dir / VALUE_HEAD_FILE)
+    state = trainer.state_dict()
+    state.pop("value_head")
+    torch.save(state, out_dir / STATE_FILE)
+
+
+def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
+          progress: bool = True) -> dict[str, Any]:
+    start = time.time()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
+    model, tokenizer = open_base(base, cfg.threads)
+    ckpt_uri = storage.join(out_uri, CHECKPOINT)
+    resumed = storage.exists(artifacts.manifest_uri(ckpt_uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = ckpt_uri if resumed else adapters
+        adapter_dir, meta = fetch_adapter_set(source, base, Path(tmp) / "in")
+        model = modeling.load_adapters(model, adapter_dir)
+        if "reference" not in model.peft_config:
+            modeling.add_reference_adapter(model, "summarizer")
+        head_path = adapter_dir.parent / VALUE_HEAD_FILE
+        value_head = ValueHead.load(head_path) if head_path.exists() else None
+        trainer = PPOTrainer(model, tokenizer, cfg.ppo_config(), value_head)
+        state_path = adapter_dir.parent / STATE_FILE
+        if state_path.exists():
+            state = torch.load(state_path, weights_only=False)
+            state["value_head"] = trainer.value_head.state_dict()
+            trainer.load_state_dict(state)
+    done = int(meta.get("ppo_steps_done", 0)) if resumed else 0
+    stats_rows: list[dict] = list(meta.get("stats", [])) if resumed else []
+    written: list[tuple[str, str]] = [tuple(w) for w in meta.get("written", [])] if resumed else []
+
+    prompts = PromptConfig(style=cfg.prompt_style)
+    batch = round_batch(read_pairs(shards, "train"), cfg)
+    codes = clip_tokens(tokenizer, [p["code"] for p in batch], cfg.max_code_tokens)
+    reward = RewardModel(model, tokenizer, prompts, RewardConfig(
+        length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
+        max_summary_tokens=cfg.max_summary_tokens))
+    probe = codes[: cfg.probe_size]
+    metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done,
+                               "probe_reward_before": meta.get("probe_reward_before") if resumed
+                               else probe_reward(model, tokenizer, reward, probe, cfg)}
+    scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
+    scorer.written = written
+    stopped = None
+    bar = tqdm(range(done, cfg.ppo_steps), desc=f"ppo round {cfg.round_index}", disable=not progress)
+    for step in bar:
+        chunk = codes[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        scorer.codes = chunk
+        queries = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in chunk])
+        code_ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        try:
+            stats = trainer.ppo_step(queries, scorer, code_ids=code_ids)
+        except KLExplodedError as exc:
+            stopped = f"kl_exploded at step {step}: {exc}"
+            break
+        stats_rows.append({"step": step, **stats})
+        bar.set_postfix(reward=f"{stats.get('score/mean', float('nan')):.3f}", kl=f"{stats.get('kl', 0):.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
+            with tempfile.TemporaryDirectory() as ck:
+                _save(model, tokenizer, trainer, Path(ck), base, {
+                    "ppo_steps_done": step + 1, "stats": stats_rows, "written": scorer.written,
+                    "probe_reward_before": metrics["probe_reward_before"]})
+                artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
+                                 metrics={"ppo_steps_done": step + 1})
+
+    if stopped is None and cfg.supervised_steps > 0:
+        metrics.update(train_coder(model, tokenizer, batch, scorer.written, cfg, progress))
+    metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
+    _save(model, tokenizer, trainer, out_dir, base, {"round": cfg.round_index})
+    with open(out_dir / "steps.jsonl", "w") as f:
+        for row in stats_rows:
+            f.write(json.dumps(row, default=float) + "\n")
+    if stats_rows:
+        for key in ("score/mean", "score/gain", "kl", "kl_coef", "copy_rate", "response_length", "entropy",
+                    "clipfrac"):
+            values = [r[key] for r in stats_rows if key in r and not r.get("skipped")]
+            if values:
+                name = key.replace("/", "_")
+                metrics[f"{name}_first"], metrics[f"{name}_last"] = values[0], values[-1]
+                metrics[f"{name}_mean"] = sum(values) / len(values)
+    metrics.update(ppo_steps_done=len(stats_rows), skipped_batches=trainer.skipped_total, stopped=stopped or "",
+                   seconds=round(time.time() - start, 1))
+    return metrics
+
+
+def train_coder(model, tokenizer, batch: list[dict], written: list[tuple[str, str]], cfg: PPORoundConfig,
+                progress: bool) -> dict[str, float]:
+    """Back-translation: the coder learns (written summary -> code), mixed with (docstring -> code)."""
+    rng = random.Random(cfg.seed * 7919 + cfg.round_index)
+    n = max(cfg.supervised_steps * cfg.coder_batch_size, 2)
+    n_true = round(n * cfg.ground_truth_fraction) if written else n
+    generated = [{"summary": s, "code": c} for s, c in written if s.strip()]
+    pairs = [rng.choice(batch) for _ in range(n_true)] + \
+            ([rng.choice(generated) for _ in range(n - n_true)] if generated else [])
+    rng.shuffle(pairs)
+    held_out = generated[-16:] or batch[:16]
+    wcfg = WarmupConfig(batch_size=cfg.coder_batch_size, lr=cfg.coder_lr, max_code_tokens=cfg.max_code_tokens,
+                        max_summary_tokens=cfg.max_summary_tokens, prompt_style=cfg.prompt_style, seed=cfg.seed)
+    train, evals = sft_datasets(pairs, tokenizer, wcfg)["coder"], sft_datasets(held_out, tokenizer, wcfg)["coder"]
+    out = train_adapter(model, tokenizer, "coder", train, evals, cfg.supervised_steps, wcfg, progress)
+    model.set_adapter("summarizer")
+    return out
+
+
+def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, artifact_root: str | None = None,
+        out_uri: str | None = None, force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+    """Committed adapter set after one round (summarizer, coder, reference, value head, optimizer state)."""
+    inputs = {"shards": shards, "adapters": adapters, **split_base(base)[0]}
+    settings = stage_settings(config, base)
+    if out_uri is None:
+        out_uri = artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, settings, inputs))
+    out_uri = storage.normalize(out_uri)
+    if force:
+        storage.delete_prefix(storage.join(out_uri, CHECKPOINT))
+    return artifacts.run_stage(STAGE, settings, inputs,
+                               lambda d: build(config, shards, base, adapters, d, out_uri, progress),
+                               out_uri=out_uri, force=force)
