@@ -97,6 +97,58 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """`--set warmup.steps=20` and config-file mappings {stage: {key: value}} -> {stage: {key: value}}."""
+    from blueprint.local_run import PIPELINE_STAGES
+
+    nested: dict[str, dict[str, Any]] = {}
+    if args.config:
+        for stage, values in load_file(args.config).items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {args.config}: {stage!r} must map settings, e.g. {stage}: {{steps: 10}}")
+            nested.setdefault(stage.replace("_", "-"), {}).update(values)
+    for key, value in parse_assignments(args.set).items():
+        stage, dot, name = key.partition(".")
+        if not dot:
+            raise ConfigError(f"--set {key}=...: name the stage, e.g. --set warmup.steps=20 "
+                              f"(stages: {', '.join(PIPELINE_STAGES)})")
+        nested.setdefault(stage.replace("_", "-"), {})[name] = value
+    return nested
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from blueprint import local_run
+
+    plan = local_run.plan(profile=args.profile, epochs=args.epochs, artifact_root=args.artifact_root,
+                          source=args.source, base=args.base, overrides=_stage_overrides(args), force=args.force)
+    print(f"blueprint run: profile {plan.profile}, {plan.epochs} epoch(s), artifacts in {plan.arguments['artifact_root']}")
+    result = local_run.run(plan, runner=args.runner, image=args.image)
+    models, evaluation = result["outputs"]["models"], result["outputs"]["evaluation"]
+    print(f"merged models: {storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}")
+    print(f"report:        {storage.join(evaluation, 'report.md')}")
+    print(f"metrics:       {json.dumps(storage.read_json(storage.join(evaluation, 'metrics.json')), default=str)}")
+    print(f"wall time:     {result['seconds']} s")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from components import DEFAULT_IMAGE
+    from pipelines import compile_pipeline
+
+    args.image = DEFAULT_IMAGE if args.image is None else args.image
+    compile_pipeline(args.out, epochs=args.epochs, profile=args.profile, image=args.image,
+                     artifact_root=args.artifact_root)
+    print(f"compiled {args.epochs}-epoch pipeline ({args.profile} profile, image {args.image}) -> {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from blueprint.stages.evaluate import compare
+
+    print(compare(args.uris))
+    return 0
+
+
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact-root", default="./artifacts",
                    help="root of the content-addressed stage cache (file:// path or s3://bucket/prefix)")
@@ -126,6 +178,31 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--input", action="append", metavar="NAME=URI", help="an input, e.g. shards=s3://b/shard/KEY")
     _add_output_flags(st)
     st.set_defaults(func=cmd_stage)
+
+    r = sub.add_parser("run", help="run the whole pipeline locally through kfp.local (the embedded default)")
+    r.add_argument("--profile", default="default", help="settings bundle: default | smoke")
+    r.add_argument("--epochs", type=int, default=2)
+    r.add_argument("--source", default=None, help="corpus (default: the profile's, stdlib)")
+    r.add_argument("--base", default="tiny", help="tiny | hub id | local dir | s3:// dir")
+    r.add_argument("--artifact-root", default="./artifacts")
+    r.add_argument("--runner", default="subprocess", choices=["subprocess", "docker"])
+    r.add_argument("--image", default=None, help="component image (docker runner)")
+    r.add_argument("--config", default=None, help="YAML/JSON file: {stage: {setting: value}}")
+    r.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="one stage setting (repeatable)")
+    r.add_argument("--force", action="store_true", help="recompute every stage")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compile", help="write the pipeline's KFP IR YAML")
+    c.add_argument("--out", default="pipeline.yaml")
+    c.add_argument("--epochs", type=int, default=2)
+    c.add_argument("--profile", default="default")
+    c.add_argument("--image", default=None, help="component image (default: $BLUEPRINT_IMAGE or the release tag)")
+    c.add_argument("--artifact-root", default="s3://blueprint/artifacts", help="default of the artifact_root parameter")
+    c.set_defaults(func=cmd_compile)
+
+    cmp = sub.add_parser("compare", help="compare the metrics of several evaluate outputs")
+    cmp.add_argument("uris", nargs="+")
+    cmp.set_defaults(func=cmd_compare)
 
     ls = sub.add_parser("ls", help="list committed stage outputs under an artifact root")
     ls.add_argument("artifact_root", nargs="?", default="./artifacts")

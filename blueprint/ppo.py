@@ -119,8 +119,9 @@ class ValueHead(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1)
-        # Small init (lm-human-preferences): early value errors should not swamp the shared LoRA with gradients.
-        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        # Zero init (lm-human-preferences' value head, std=0): the first advantages are then the plain returns, not
+        # returns minus random value noise that advantage whitening would blow up to unit scale.
+        nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""The seed's Python API, run in-process over the same stage functions as the pipeline (no KFP needed).
+
+    bp = BluePrint("tiny", "tiny")
+    bp.train(num_epochs=3, ppo_steps=10, supervised_steps=10)
+    bp.save_models("./summarizer", "./coder")
+
+Both roles are LoRA adapters on ONE base, so both names must name the same model; it is loaded once per stage.
+Every stage output is committed under `artifact_root`, so a second `train` with the same settings is a cache hit.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from blueprint import artifacts, profiles, storage
+from blueprint.config import build
+from blueprint.stages import registry
+
+
+class BluePrint:
+    """Round-trip training of a code summarizer and a code generator that share one base model."""
+
+    def __init__(self, code_to_summary_model: str = "tiny", summary_to_code_model: str | None = None, *,
+                 dataset: str = "stdlib", artifact_root: str = "./artifacts", profile: str = "default",
+                 settings: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> None:
+        summary_to_code_model = summary_to_code_model or code_to_summary_model
+        if summary_to_code_model != code_to_summary_model:
+            raise ValueError(
+                f"code_to_summary_model {code_to_summary_model!r} and summary_to_code_model "
+                f"{summary_to_code_model!r} differ: both roles are LoRA adapters on one base, so name one model")
+        self.base_name = code_to_summary_model
+        self.dataset, self.progress = dataset, progress
+        self.artifact_root = artifact_root if storage.is_s3(artifact_root) else storage.normalize(artifact_root)
+        self.profile = profile
+        self.settings = {s: {**profiles.stage_settings(profile, s), **(settings or {}).get(s, {})}
+                         for s in registry.STAGES}
+        self.settings["shard"]["source"] = dataset
+        for stage, values in self.settings.items():  # fail now, not after an hour
+            build(registry.get(stage).config_type(), {"round_index": 1, **values} if stage == "ppo-round" else values)
+        self.shards: str | None = None
+        self.base: str | None = None
+        self.adapters: str | None = None
+        self.evaluation: str | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def _stage(self, name: str, extra: dict[str, Any] | None = None, **inputs: str) -> artifacts.StageOutput:
+        spec = registry.get(name)
+        cfg = build(spec.config_type(), {**self.settings[name], **(extra or {})})
+        return spec.load().run(cfg, **inputs, artifact_root=self.artifact_root, progress=self.progress)
+
+    def prepare(self) -> None:
+        """Shard the dataset, build the `tiny` base when asked for, and warm both adapters up (cached)."""
+        self.shards = self._stage("shard").uri
+        self.base = self._stage("bootstrap", shards=self.shards).uri if self.base_name == "tiny" else self.base_name
+        self.adapters = self._stage("warmup", shards=self.shards, base=self.base).uri
+        self._evaluate(0)
+
+    def _evaluate(self, epoch: int) -> None:
+        inputs = {"shards": self.shards, "base": self.base, "adapters": self.adapters}
+        if self.evaluation:
+            inputs["previous"] = self.evaluation
+        out = self._stage("evaluate", {"epoch": epoch}, **inputs)
+        self.evaluation = out.uri
+        self.history.append(out.metrics)
+
+    def train(self, num_epochs: int = 3, ppo_steps: int = 10, supervised_steps: int = 10) -> list[dict[str, Any]]:
+        """Warmup, then per epoch `ppo_steps` PPO steps on the summarizer and `supervised_steps` on the coder,
+        with an evaluation after each; returns the evaluation metrics, warmup first."""
+        for name, value in (("num_epochs", num_epochs), ("ppo_steps", ppo_steps), ("supervised_steps", supervised_steps)):
+            if not isinstance(value, int) or value < (1 if name == "num_epochs" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'num_epochs' else 0}, got {value!r}")
+        self.history, self.evaluation = [], None
+        self.prepare()
+        for epoch in range(1, num_epochs + 1):
+            self.adapters = self._stage("ppo-round", {"round_index": epoch, "ppo_steps": ppo_steps,
+                                                      "supervised_steps": supervised_steps},
+                                        shards=self.shards, base=self.base, adapters=self.adapters).uri
+            self._evaluate(epoch)
+        return self.history
+
+    def save_models(self, code_to_summary_path: str, summary_to_code_path: str, overwrite: bool = False) -> None:
+        """Write the two merged models (standalone Hugging Face folders) to local paths or s3:// URIs.
+
+        A target that already holds a different model is refused unless `overwrite=True`.
+        """
+        if self.adapters is None:
+            raise RuntimeError("nothing trained yet: call train() first")
+        merged = self._stage("merge", base=self.base, adapters=self.adapters, evaluation=self.evaluation)
+        for role, target in (("summarizer", code_to_summary_path), ("coder", summary_to_code_path)):
+            _publish(storage.join(merged.uri, role), merged.manifest, role, str(target), overwrite)
+
+
+def _publish(source: str, manifest: dict[str, Any], role: str, target: str, overwrite: bool) -> None:
+    """Copy one merged model folder to `target`, refusing to replace a different model silently."""
+    files = {rel[len(role) + 1:]: meta for rel, meta in manifest["files"].items() if rel.startswith(f"{role}/")}
+    existing = storage.list_files(target) if storage.is_s3(target) or Path(storage.local_path(target)).exists() \
+        else {}
+    if existing and not overwrite:
+        same = set(existing) == set(files) and all(existing[r] == files[r]["size"] for r in files)
+        if not same:
+            raise FileExistsError(f"{target} already holds another model ({len(existing)} files); "
+                                  "pass overwrite=True to replace it")
+        return
+    if not storage.is_s3(target):
+        storage.check_writable(storage.local_path(target).parent.as_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.download_dir(source, Path(tmp), files=list(files))
+        if existing:
+            storage.delete_prefix(target)
+        storage.upload_dir(local, target)
