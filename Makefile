@@ -3,7 +3,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test run bench clean
+.PHONY: install test run compile bench clean
 
 install: $(VENV)/.installed
 
@@ -19,3 +19,14 @@ test: install
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
+
+run: install
+	$(VENV)/bin/blueprint run --profile default
+
+compile: install
+	$(VENV)/bin/blueprint compile --out pipeline.yaml
+
+bench: install
+	$(PY) benchmarks/shard_throughput.py
+	$(PY) benchmarks/reward_throughput.py
+	$(PY) benchmarks/ppo_throughput.py

@@ -108,6 +108,21 @@ def _char_col(line: str, byte_col: int) -> int:
     return len(line.encode("utf-8")[:byte_col].decode("utf-8", errors="ignore"))
 
 
+def _dedent(lines: list[str]) -> str:
+    """textwrap.dedent by the first line's indentation. Plain dedent is a no-op when a multi-line string inside the
+    function has lines at column 0, which would leave the `def` indented (IndentationError)."""
+    margin = lines[0][: len(lines[0]) - len(lines[0].lstrip())] if lines else ""
+    out = []
+    for line in lines:
+        if not line.strip():
+            out.append("")
+        elif line.startswith(margin):
+            out.append(line[len(margin):])
+        else:  # a continuation line of a string literal: leave it alone
+            out.append(line)
+    return "\n".join(out)
+
+
 def function_source(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
     """Source of `fn` (decorators included) without its docstring, dedented; None for a stub.
 
@@ -118,7 +133,7 @@ def function_source(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef
     start = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
     end = fn.end_lineno or fn.lineno
     if doc is None:
-        return textwrap.dedent("\n".join(lines[start - 1:end]))
+        return _dedent(lines[start - 1:end])
     if _is_stub(fn):
         return None
     d0, d1 = doc.lineno, doc.end_lineno or doc.lineno
@@ -132,7 +147,7 @@ def function_source(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef
     elif after.strip():
         keep.append(before + after)
     out = lines[start - 1:d0 - 1] + keep + lines[d1:end]
-    return textwrap.dedent("\n".join(out))
+    return _dedent(out)
 
 
 def _qualified_functions(tree: ast.Module):

@@ -1,0 +1,247 @@
+"""Corpus sources, named by one spec string, streamed as units of work for the parsing workers.
+
+    stdlib                  the running interpreter's standard library (real code, on every machine)
+    dir:PATH                a local source tree
+    hf:DATASET_ID[:CONFIG]  a Hugging Face dataset, streamed (e.g. hf:codeparrot/github-code)
+    jsonl:PATH | parquet:PATH | csv:PATH   local data files (a path or a glob)
+
+File trees (stdlib, dir) skip hidden directories, `__pycache__`, `site-packages`/`dist-packages`, `node_modules`
+and, unless `skip_tests=False`, test directories (`test`, `tests`, `idle_test`) and `test_*.py` files: test code
+has few docstrings and many near-copies, so it adds noise, not pairs.
+
+Every source has a fingerprint (what goes into the cache key besides the config) that is cheap and offline:
+stdlib = Python version + path; dir = hash of sorted (relpath, size, mtime_ns); data files = (path, size,
+mtime_ns); hf = id + config + revision (pin `hf_revision` for a reproducible cache, `main` moves).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import platform
+import sysconfig
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+FILE_KINDS = ("jsonl", "parquet", "csv")
+KINDS = ("stdlib", "dir", "hf") + FILE_KINDS
+SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules"})
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+STDLIB_LICENSE = "PSF-2.0"
+SCRIPT_FALLBACK_FILES = "data/*.parquet"  # where script-era hub datasets (codeparrot/github-code) keep their rows
+
+
+class SourceError(ValueError):
+    """The source cannot give any input (missing, empty, unreachable); the message names the source."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    kind: str
+    target: str = ""        # path, glob or dataset id
+    config: str | None = None  # hf dataset config name
+
+    def __str__(self) -> str:
+        if self.kind == "stdlib":
+            return "stdlib"
+        return f"{self.kind}:{self.target}" + (f":{self.config}" if self.config else "")
+
+
+def parse_source(spec: str) -> SourceSpec:
+    """`"hf:codeparrot/github-code:all-all"` -> SourceSpec("hf", "codeparrot/github-code", "all-all")."""
+    spec = (spec or "").strip()
+    if spec == "stdlib":
+        return SourceSpec("stdlib")
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in KINDS or not rest:
+        raise ValueError(f"unknown source {spec!r}: use stdlib, dir:PATH, hf:DATASET_ID[:CONFIG], jsonl:PATH, "
+                         "parquet:PATH or csv:PATH")
+    if kind == "hf":
+        dataset_id, _, config = rest.partition(":")
+        return SourceSpec("hf", dataset_id, config or None)
+    return SourceSpec(kind, rest)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    abs_path: str
+    rel_path: str
+    size: int
+    mtime_ns: int
+
+
+def list_python_files(root: Path, skip_tests: bool = True) -> list[SourceFile]:
+    """Every .py file below `root` in sorted relative-path order (the order decides the output bytes)."""
+    found: list[SourceFile] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS
+                             and not (skip_tests and d in TEST_DIRS))
+        for name in sorted(filenames):
+            if not name.endswith(".py") or (skip_tests and name.startswith("test_")):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError:  # a dangling symlink: not part of the corpus
+                continue
+            found.append(SourceFile(path, Path(path).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return sorted(found, key=lambda f: f.rel_path)
+
+
+class Source:
+    """A parsed spec plus the column/filter settings: lists its fingerprint and streams units of work.
+
+    Units are tuples understood by `blueprint.extract.process`. Rows a source drops itself (another language)
+    are counted in `self.skipped`, so the stage can report them with the workers' drops.
+    """
+
+    def __init__(self, spec: str, *, skip_tests: bool = True, max_file_bytes: int = 1_000_000,
+                 max_source_mb: float | None = None, code_column: str = "code", summary_column: str | None = "summary",
+                 language_column: str = "language", languages: tuple[str, ...] = ("python",),
+                 path_column: str = "path", license_column: str = "license", hf_revision: str | None = None,
+                 hf_data_files: str | None = None) -> None:
+        self.spec = parse_source(spec)
+        self.name = str(self.spec)
+        self.skip_tests, self.max_file_bytes, self.max_source_mb = skip_tests, max_file_bytes, max_source_mb
+        self.code_column, self.summary_column = code_column, summary_column
+        self.language_column, self.languages = language_column, {lang.lower() for lang in languages}
+        self.path_column, self.license_column = path_column, license_column
+        self.hf_revision, self.hf_data_files = hf_revision, hf_data_files
+        self.skipped: Counter = Counter()
+        self._files: list[SourceFile] | None = None
+
+    # ---------------------------------------------------------------- file trees
+    def root(self) -> Path:
+        if self.spec.kind == "stdlib":
+            return stdlib_root()
+        root = Path(self.spec.target).expanduser().resolve()
+        if not root.is_dir():
+            raise SourceError(f"source {self.name}: {root} is not a directory")
+        return root
+
+    def files(self) -> list[SourceFile]:
+        """The .py files of a tree source (cut at `max_source_mb`); SourceError when there are none."""
+        if self._files is None:
+            files = list_python_files(self.root(), self.skip_tests)
+            if not files:
+                raise SourceError(f"source {self.name} has no Python files (hidden, site-packages"
+                                  f"{' and test' if self.skip_tests else ''} directories skipped)")
+            if self.max_source_mb is not None:
+                budget, kept = self.max_source_mb * 1e6, []
+                for f in files:
+                    if f.size <= self.max_file_bytes:
+                        budget -= f.size
+                    if budget < 0:
+                        break
+                    kept.append(f)
+                files = kept or files[:1]
+            self._files = files
+        return self._files
+
+    def data_files(self) -> list[str]:
+        target = os.path.expanduser(self.spec.target)
+        paths = sorted(glob.glob(target, recursive=True)) if glob.has_magic(target) else [target]
+        paths = [str(Path(p).resolve()) for p in paths if os.path.isfile(p)]
+        if not paths:
+            raise SourceError(f"source {self.name}: no {self.spec.kind} file matches {target}")
+        return paths
+
+    @property
+    def total(self) -> int | None:
+        """Units to expect (for the progress bar), when known without reading the data."""
+        return len(self.files()) if self.spec.kind in ("stdlib", "dir") else None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Cheap, offline identity of the source's content (part of the cache key)."""
+        kind = self.spec.kind
+        if kind == "stdlib":
+            return {"kind": kind, "python": platform.python_version(), "path": str(stdlib_root()),
+                    "files": len(self.files())}
+        if kind == "dir":
+            digest = hashlib.sha256()
+            for f in self.files():
+                digest.update(f"{f.rel_path}\0{f.size}\0{f.mtime_ns}\n".encode())
+            return {"kind": kind, "path": str(self.root()), "files": len(self.files()), "sha256": digest.hexdigest()}
+        if kind in FILE_KINDS:
+            return {"kind": kind, "files": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.data_files()]}
+        return {"kind": kind, "id": self.spec.target, "config": self.spec.config,
+                "revision": self.hf_revision or "main", "data_files": self.hf_data_files}
+
+    # ---------------------------------------------------------------- units
+    def units(self) -> Iterator[tuple]:
+        if self.spec.kind in ("stdlib", "dir"):
+            license = STDLIB_LICENSE if self.spec.kind == "stdlib" else None
+            for f in self.files():
+                yield ("file", f.abs_path, f.rel_path, license)
+            return
+        budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None
+        for i, row in enumerate(self._rows()):
+            code = row.get(self.code_column)
+            path = str(row.get(self.path_column) or f"{self.spec.target}#{i}")
+            if not isinstance(code, str):
+                raise SourceError(f"source {self.name}: column {self.code_column!r} is missing or not text "
+                                  f"(columns: {', '.join(sorted(row))}); set code_column")
+            lang = row.get(self.language_column)
+            if self.languages and isinstance(lang, str) and lang.lower() not in self.languages:
+                self.skipped["other_language"] += 1
+                continue
+            license = row.get(self.license_column)
+            license = str(license) if license is not None else None
+            if self.summary_column and self.summary_column in row:
+                yield ("pair", code, row[self.summary_column] or "", path, license)
+            else:
+                yield ("text", code, path, license)
+            if budget is not None:
+                budget -= len(code)
+                if budget < 0:
+                    return
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        """Rows of a datasets-backed source, streamed (never the whole table in memory)."""
+        import datasets
+
+        if self.spec.kind in FILE_KINDS:
+            builder = "json" if self.spec.kind == "jsonl" else self.spec.kind
+            ds = datasets.load_dataset(builder, data_files=self.data_files(), streaming=True, split="train")
+            yield from ds
+            return
+        yield from self._hf_rows(datasets)
+
+    def _hf_rows(self, datasets) -> Iterator[dict[str, Any]]:
+        dataset_id, revision = self.spec.target, self.hf_revision
+        try:
+            if self.hf_data_files:
+                ds = self._hf_files(datasets, self.hf_data_files)
+            else:
+                try:
+                    ds = datasets.load_dataset(dataset_id, self.spec.config, revision=revision, streaming=True,
+                                               split="train")
+                except RuntimeError as exc:
+                    if "scripts are no longer supported" not in str(exc):
+                        raise
+                    # datasets >= 4 runs no loading scripts; read the repo's data files directly instead
+                    ds = self._hf_files(datasets, SCRIPT_FALLBACK_FILES)
+            yield from ds
+        except (ConnectionError, OSError) as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+            hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+            raise SourceError(f"source {self.name}: cannot stream Hugging Face dataset {dataset_id!r}{hint}: {exc}. "
+                              "Check the network, or use a local copy via jsonl:/parquet:/csv:PATH") from None
+        except Exception as exc:
+            if type(exc).__name__ in ("DatasetNotFoundError", "FileNotFoundError", "DataFilesNotFoundError"):
+                raise SourceError(f"source {self.name}: Hugging Face dataset {dataset_id!r} was not found "
+                                  f"or is not accessible: {exc}") from None
+            raise
+
+    def _hf_files(self, datasets, pattern: str):
+        rev = f"@{self.hf_revision}" if self.hf_revision else ""
+        url = f"hf://datasets/{self.spec.target}{rev}/{pattern}"
+        builder = "json" if pattern.endswith((".jsonl", ".json")) else "csv" if pattern.endswith(".csv") else "parquet"
+        return datasets.load_dataset(builder, data_files=url, streaming=True, split="train")
