@@ -21,6 +21,7 @@ import os
 import re
 import textwrap
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 # Comment lines near the top of a file that mark it as machine-made (only the first HEAD_BYTES are looked at,
@@ -150,23 +151,30 @@ def function_source(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef
     return _dedent(out)
 
 
-def _qualified_functions(tree: ast.Module):
-    """(qualified name, node) for every function in the module, outermost first, in source order."""
+def _child_statements(node: ast.AST) -> list[ast.stmt]:
+    """Statements directly inside `node`: defs only live in statement lists, so expressions are never walked."""
+    out: list[ast.stmt] = []
+    for field in ("body", "orelse", "finalbody"):
+        value = getattr(node, field, None)
+        if isinstance(value, list):
+            out.extend(value)
+    for holder in getattr(node, "handlers", None) or getattr(node, "cases", None) or ():
+        out.extend(holder.body)
+    return out
+
+
+def _qualified_functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """(qualified name, node) for every function in the module, in source order (outer before inner)."""
     stack: list[tuple[str, ast.AST]] = [("", tree)]
     while stack:
         prefix, node = stack.pop()
-        children = list(ast.iter_child_nodes(node))
-        for child in reversed(children):
-            name = getattr(child, "name", None)
-            qual = f"{prefix}.{name}" if prefix and name else (name or prefix)
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                stack.append((qual, child))
-            elif isinstance(child, ast.ClassDef):
-                stack.append((qual, child))
-            else:
-                stack.append((prefix, child))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             yield prefix, node
+        for child in reversed(_child_statements(node)):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                stack.append((f"{prefix}.{child.name}" if prefix else child.name, child))
+            else:
+                stack.append((prefix, child))
 
 
 def check_pair(code: str, summary: str, limits: Limits) -> str | None:
@@ -291,3 +299,8 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
         result.file_drop = "not_utf8"
         return result
     return extract_pairs(text, path, limits, license, result=result)
+
+
+def process_many(units: list[tuple[Any, ...]], limits: Limits) -> list[Result]:
+    """A batch of units (one inter-process message each way instead of one per file)."""
+    return [process(unit, limits) for unit in units]

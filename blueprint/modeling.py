@@ -153,7 +153,10 @@ def fetch_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     final = target / digest[:32]
     if final.is_dir():
         return final
-    files = json.loads(raw).get("files") or {}
+    try:
+        files = json.loads(raw).get("files") or {}
+    except (ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"base model {uri!r}: its {MANIFEST_NAME} is not a JSON object: {exc}") from None
     tmp = target / f".partial-{digest[:32]}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

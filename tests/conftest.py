@@ -76,3 +76,26 @@ def s3_bucket(s3_env):
     name = f"bp-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+SMOKE_SHARD = {"source": "stdlib", "num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600}
+SMOKE_BOOTSTRAP = {"preset": "micro", "vocab_size": 512, "seq_len": 128, "batch_size": 8, "max_tokens": 16_384,
+                   "max_pairs": 600}
+SMOKE_WARMUP = {"steps": 4, "batch_size": 4, "max_code_tokens": 128, "max_summary_tokens": 32, "eval_pairs": 16}
+SMOKE_PPO = {"ppo_steps": 2, "supervised_steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
+             "max_new_tokens": 16, "max_code_tokens": 128, "probe_size": 4}
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(tmp_path_factory):
+    """shard -> bootstrap (micro) -> warmup on real stdlib code, committed once for the whole session."""
+    from blueprint.config import build
+    from blueprint.stages import bootstrap, shard, warmup
+
+    root = f"file://{tmp_path_factory.mktemp('chain')}"
+    shards = shard.run(build(shard.ShardConfig, SMOKE_SHARD), artifact_root=root, progress=False).uri
+    base = bootstrap.run(build(bootstrap.BootstrapConfig, SMOKE_BOOTSTRAP), shards=shards, artifact_root=root,
+                         progress=False).uri
+    adapters = warmup.run(build(warmup.WarmupConfig, SMOKE_WARMUP), shards=shards, base=base, artifact_root=root,
+                          progress=False).uri
+    return {"root": root, "shards": shards, "base": base, "adapters": adapters}

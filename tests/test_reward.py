@@ -159,3 +159,18 @@ def test_prompt_templates():
     for bad in (dict(style="fancy"), dict(summary_to_code="{code}"), dict(code_to_summary="{code} {code}")):
         with pytest.raises(ValueError, match="PromptConfig"):
             PromptConfig(**bad)
+
+
+def test_batches_respect_row_and_token_budgets(coder_model, micro_tokenizer):
+    rm = RewardModel(coder_model, micro_tokenizer, config=RewardConfig(batch_size=3, max_batch_tokens=100))
+    shapes = []
+    hook = rm._decoder.register_forward_hook(lambda mod, args, kwargs, out: shapes.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        codes = [LONG_CODE] + [f"x{i} = {i}\n" for i in range(7)]
+        rm(codes, [f"Set x{i}." for i in range(8)])
+    finally:
+        hook.remove()
+    assert sum(b for b, _ in shapes) == 16  # 8 summary rows + 8 empty-summary rows
+    assert all(b <= 3 and (b * t <= 100 or b == 1) for b, t in shapes)
+    assert shapes == sorted(shapes, key=lambda s: -s[1])  # longest first

@@ -19,6 +19,20 @@ ADAPTERS_DIR = "adapters"
 BASE_FILE = "base.json"
 
 
+def quiet_libraries(progress: bool) -> None:
+    """Keep a stage's log to its own progress bar and summary: no per-map bars, deprecation notes or log dicts."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    if not progress:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def is_artifact(uri: str) -> bool:
     return (storage.is_s3(uri) or uri.startswith("file://") or "/" in uri) and \
         storage.exists(artifacts.manifest_uri(uri))
@@ -34,8 +48,9 @@ def split_base(base: str) -> tuple[dict[str, str], dict[str, str]]:
     return ({"base": base}, {}) if is_artifact(base) else ({}, {"base_name": base})
 
 
-def open_base(base: str, threads: int = 0) -> tuple[torch.nn.Module, Any]:
+def open_base(base: str, threads: int = 0, progress: bool = True) -> tuple[torch.nn.Module, Any]:
     """Load the base model and tokenizer: a committed artifact (verified) or anything `load_base` accepts."""
+    quiet_libraries(progress)
     if threads:
         torch.set_num_threads(threads)
     if is_artifact(base) and not storage.is_s3(base):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import random
 import tempfile
 import time
@@ -131,9 +130,8 @@ def _save(model, tokenizer, trainer: PPOTrainer, out_dir: Path, base: str, extra
 def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
           progress: bool = True) -> dict[str, Any]:
     start = time.time()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
-    model, tokenizer = open_base(base, cfg.threads)
+    model, tokenizer = open_base(base, cfg.threads, progress)
     ckpt_uri = storage.join(out_uri, CHECKPOINT)
     resumed = storage.exists(artifacts.manifest_uri(ckpt_uri))
     with tempfile.TemporaryDirectory() as tmp:

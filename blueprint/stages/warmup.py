@@ -7,7 +7,6 @@ bit-identical. Afterwards PPO has a policy that already writes summaries and a r
 from __future__ import annotations
 
 import dataclasses
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +77,7 @@ def sft_datasets(pairs: list[dict], tokenizer: Any, cfg: WarmupConfig) -> dict[s
 def train_adapter(model, tokenizer, adapter: str, train: Dataset, evals: Dataset, steps: int, cfg: WarmupConfig,
                   progress: bool) -> dict[str, float]:
     """SFT of one adapter (only its weights train); held-out and train loss before and after."""
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     model.set_adapter(adapter)
@@ -93,6 +93,8 @@ def train_adapter(model, tokenizer, adapter: str, train: Dataset, evals: Dataset
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                              processing_class=tokenizer)
+        if not progress:
+            trainer.remove_callback(PrinterCallback)
         probe = train.select(range(min(len(train), len(evals))))
         before = {"eval_loss": trainer.evaluate()["eval_loss"],
                   "train_loss": trainer.evaluate(probe, metric_key_prefix="train")["train_loss"]}
@@ -106,8 +108,7 @@ def train_adapter(model, tokenizer, adapter: str, train: Dataset, evals: Dataset
 
 def build(cfg: WarmupConfig, shards: str, base: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     start = time.time()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    model, tokenizer = open_base(base, cfg.threads)
+    model, tokenizer = open_base(base, cfg.threads, progress)
     pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
     held_out = read_pairs(shards, "eval", limit=cfg.eval_pairs)
     if not pairs or not held_out:

@@ -1,0 +1,277 @@
+"""Evaluate stage: how good are the summarizer and the coder after an epoch, on held-out functions.
+
+Everything is measured with GREEDY decoding on the eval split, so two evaluations of the same adapters agree and
+two epochs differ only by what training changed:
+
+- the round-trip reward of the generated summaries, next to that of the true docstrings (the target to reach);
+- pairwise accuracy: does the coder find a function's own docstring more informative than another function's?
+  This tells whether the reward can rank summaries at all; at 0.5 PPO optimises noise;
+- summary quality against the docstring (BLEU, ROUGE-L), and the coder alone: code rebuilt from the docstring
+  (parses? BLEU, exact match);
+- lengths, EOS share and copy rate, the usual ways a policy games the reward (rambling, pasting code).
+
+Outputs: metrics.json (all numbers), samples.jsonl (every generation), report.md, history.json (this epoch
+appended to the `previous` evaluation's history) and metrics.png (key metrics across the epochs in history).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blueprint import artifacts, metrics as text_metrics, modeling, report, storage
+from blueprint.config import require
+from blueprint.copying import copy_rate
+from blueprint.data import read_pairs
+from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
+from blueprint.reward import RewardConfig, RewardModel, RewardOutput
+from blueprint.stages.common import fetch_adapter_set, open_base, split_base, stage_settings
+from blueprint.stages.warmup import clip_tokens
+
+STAGE = "evaluate"
+OPTIONAL_INPUTS = ("previous",)
+COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    max_examples: int = 64          # held-out functions evaluated (the first ones of the eval split)
+    max_new_tokens: int = 48        # summary generation budget; code generation gets max_code_tokens
+    max_code_tokens: int = 256
+    max_summary_tokens: int = 64
+    batch_size: int = 8             # prompts per generate() call
+    length_coef: float = 0.01
+    prompt_style: str = "plain"
+    report_examples: int = 3        # example rows shown in report.md
+    epoch: int = 0                  # PPO rounds done (0 = after warmup): the x axis of the history
+    seed: int = 0                   # fixes the docstring pairing of pairwise accuracy
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.max_examples >= 1, "max_examples", "must be >= 1")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        require(self.max_code_tokens >= 8 and self.max_summary_tokens >= 4, "max_code_tokens",
+                "max_code_tokens >= 8 and max_summary_tokens >= 4")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.length_coef >= 0, "length_coef", "must be >= 0")
+        require(self.report_examples >= 0, "report_examples", "must be >= 0")
+        require(self.epoch >= 0, "epoch", "must be >= 0")
+        require(self.threads >= 0, "threads", "must be >= 0")
+        PromptConfig(style=self.prompt_style)
+
+
+def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
+             batch_size: int) -> list[list[int]]:
+    """Greedy completion ids of each prompt with `adapter` active, cut after the first EOS (kept when emitted).
+
+    Prompts are sorted by length before batching (little left padding), results come back in prompt order.
+    """
+    ids = encode_prompts(tokenizer, prompts)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[list[int]] = [[] for _ in ids]
+    with modeling.use_adapter(model, adapter), torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=device)
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            for row, i in enumerate(batch):
+                tokens = gen[row, width:].tolist()
+                out[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+    return out
+
+
+def partners(n: int, seed: int) -> list[int]:
+    """A fixed derangement: shuffle 0..n-1 with `seed`, then pair each index with the next one in that order.
+
+    Deterministic (same pairs every epoch, so accuracies compare) and never pairs a function with itself.
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    partner = [0] * n
+    for k, i in enumerate(order):
+        partner[i] = order[(k + 1) % n]
+    return partner
+
+
+def pairwise_accuracy(ce_true: torch.Tensor, ce_other: torch.Tensor) -> float:
+    """Share of codes whose own docstring gives the lower coder CE (a tie, e.g. two identical docstrings, = 1/2).
+
+    For a fixed code, -CE and the gain order summaries identically (CE(code | empty) is shared)."""
+    wins = (ce_true < ce_other).float() + 0.5 * (ce_true == ce_other).float()
+    return float(wins.mean())
+
+
+def reward_stats(out: RewardOutput, tag: str) -> dict[str, float]:
+    """Mean and std of every reward component, e.g. reward_gen_mean, ce_true_std."""
+    stats = {}
+    for name in COMPONENTS:
+        values = getattr(out, name).tolist()
+        stats[f"{name}_{tag}_mean"] = text_metrics.mean(values)
+        stats[f"{name}_{tag}_std"] = text_metrics.std(values)
+    return stats
+
+
+def evaluate_pairs(model, tokenizer, pairs: list[dict], cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict]]:
+    """All metrics of the summarizer/coder in `model` on `pairs`, and one sample row per pair."""
+    prompts = PromptConfig(style=cfg.prompt_style)
+    eos = tokenizer.eos_token_id
+    codes = [p["code"] for p in pairs]
+    truths = [p["summary"] for p in pairs]
+    shown_codes = clip_tokens(tokenizer, codes, cfg.max_code_tokens)  # what the models see (as in training)
+    shown_truths = clip_tokens(tokenizer, truths, cfg.max_summary_tokens)
+
+    # The summarizer writes a summary of each code.
+    gen_ids = generate(model, tokenizer, "summarizer", [summary_prompt(c, prompts) for c in shown_codes],
+                       cfg.max_new_tokens, cfg.batch_size)
+    ended = [bool(ids) and ids[-1] == eos for ids in gen_ids]
+    summary_ids = [ids[:-1] if e else ids for ids, e in zip(gen_ids, ended)]
+    summaries = tokenizer.batch_decode(summary_ids, skip_special_tokens=True)
+
+    # The coder scores summaries (the reward PPO optimises, copy penalty off: copy rate is reported on its own).
+    reward = RewardModel(model, tokenizer, prompts, RewardConfig(
+        length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
+        max_summary_tokens=cfg.max_summary_tokens))
+    gen_out, true_out = reward(codes, summaries), reward(codes, truths)
+    other = partners(len(pairs), cfg.seed)
+    pairwise = None
+    if len(pairs) >= 2:
+        other_out = reward(codes, [truths[j] for j in other])
+        pairwise = pairwise_accuracy(true_out.ce, other_out.ce)
+
+    # The coder rebuilds each code from its true docstring.
+    rebuilt_ids = generate(model, tokenizer, "coder", [code_prompt(s, prompts) for s in shown_truths],
+                           cfg.max_code_tokens, cfg.batch_size)
+    rebuilt = tokenizer.batch_decode([ids[:-1] if ids and ids[-1] == eos else ids for ids in rebuilt_ids],
+                                     skip_special_tokens=True)
+
+    code_tokens = [len(ids) for ids in tokenizer(codes, add_special_tokens=False)["input_ids"]]
+    shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
+    truth_tokens = [len(ids) for ids in tokenizer(truths, add_special_tokens=False)["input_ids"]]
+    copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
+    parsed = [text_metrics.parses(c) for c in rebuilt]
+    stripped = [s.strip() for s in summaries]
+
+    values: dict[str, Any] = {
+        "epoch": cfg.epoch, "examples": len(pairs),
+        **reward_stats(gen_out, "gen"), **reward_stats(true_out, "true"),
+        "pairwise_accuracy": pairwise,
+        "bleu_summary": text_metrics.bleu(stripped, truths),
+        "rougeL_summary": text_metrics.rouge_l(stripped, truths),
+        "code_parse_rate": text_metrics.mean(parsed),
+        "code_bleu": text_metrics.bleu(rebuilt, shown_codes),
+        "code_exact_match": text_metrics.exact_match(rebuilt, shown_codes),
+        "copy_rate": text_metrics.mean(copies),
+        "eos_rate": text_metrics.mean(ended),
+        "summary_tokens_mean": text_metrics.mean([len(s) for s in summary_ids]),
+        "summary_true_tokens_mean": text_metrics.mean(truth_tokens),
+        "code_tokens_mean": text_metrics.mean(code_tokens),
+        "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens)]),
+        "rebuilt_tokens_mean": text_metrics.mean([len(ids) for ids in rebuilt_ids]),
+        "code_truncated": int(gen_out.code_truncated.sum()),
+        "summary_true_truncated": int(true_out.summary_truncated.sum()),
+    }
+    values["ce_empty_mean"] = values["ce_empty_gen_mean"]
+    samples = [{
+        "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": shown_codes[i],
+        "summary": truths[i], "generated_summary": summaries[i], "rebuilt_code": rebuilt[i],
+        "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
+        "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": ended[i],
+        "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": pairs[other[i]].get("id"),
+    } for i, p in enumerate(pairs)]
+    return values, samples
+
+
+def headline(values: dict[str, Any]) -> dict[str, Any]:
+    """The numbers that go into the manifest (and so into KFP metrics, `blueprint ls` and `compare`)."""
+    return {k: values[k] for k in report.DESCRIPTIONS if k in values}
+
+
+def previous_history(previous: str | None) -> list[dict[str, Any]]:
+    """history.json of an earlier evaluate output ([] when there is none); refuses another stage's output."""
+    if not previous:
+        return []
+    manifest = artifacts.read_manifest(previous, verify="sizes")
+    if manifest.get("stage") != STAGE or "history.json" not in manifest.get("files", {}):
+        raise artifacts.ArtifactError(f"previous {previous} is a {manifest.get('stage')!r} output, not an "
+                                      f"{STAGE} output with a history.json")
+    return list(storage.read_json(storage.join(previous, "history.json")))
+
+
+def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: str | None, out_dir: Path,
+          progress: bool = True) -> dict[str, Any]:
+    start = time.time()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    pairs = read_pairs(shards, "eval", limit=cfg.max_examples)
+    if not pairs:
+        raise ValueError(f"shards {shards} hold no eval pairs: nothing to evaluate (shard with eval_fraction > 0)")
+    history = previous_history(previous)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = open_base(base, cfg.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "adapters")
+        model = modeling.load_adapters(model, adapter_dir, names=list(modeling.ROLES), frozen=modeling.ROLES)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    values, samples = evaluate_pairs(model, tokenizer, pairs, cfg)
+    values["seconds"] = round(time.time() - start, 1)
+    top = headline(values)
+
+    # One history row per epoch: a rerun of an epoch replaces its row, so the plot never doubles back.
+    history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": adapters}]
+    history.sort(key=lambda h: h.get("epoch", 0))
+    context = {"adapters": adapters, "adapter round": str(meta.get("round", "?")), "base": base,
+               "shards": shards, "previous": previous or "-"}
+    (out_dir / "metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2, sort_keys=True) + "\n")
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out_dir / "report.md").write_text(report.markdown_report(top, history, samples[:cfg.report_examples],
+                                                              context), encoding="utf-8")
+    report.plot_history(history, out_dir / "metrics.png")
+    return top
+
+
+def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previous: str | None = None,
+        artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
+        progress: bool = True) -> artifacts.StageOutput:
+    """Committed evaluation of the adapter set `adapters` on the eval split of `shards`.
+
+    `previous` (an earlier evaluate output) carries the history: this epoch's row is appended to its history.json.
+    """
+    previous = previous or None  # pipelines pass "" for "none"
+    inputs = {"shards": shards, "adapters": adapters, **split_base(base)[0]}
+    if previous:
+        inputs["previous"] = previous
+    return artifacts.run_stage(STAGE, stage_settings(config, base), inputs,
+                               lambda d: build(config, shards, base, adapters, previous, d, progress),
+                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+
+
+def compare(uris: list[str]) -> str:
+    """A Markdown table of the headline metrics of several evaluate outputs, side by side."""
+    if not uris:
+        raise ValueError("compare needs at least one evaluate output URI")
+    runs = []
+    for uri in uris:
+        manifest = artifacts.read_manifest(uri, verify="sizes")
+        if manifest.get("stage") != STAGE:
+            raise artifacts.ArtifactError(f"{uri} is a {manifest.get('stage')!r} output, not an {STAGE} output")
+        metrics = manifest.get("metrics", {})
+        label = f"epoch {metrics.get('epoch', '?')} ({manifest.get('key') or uri.rstrip('/').rsplit('/', 1)[-1]})"
+        runs.append((label, metrics))
+    legend = "\n".join(f"- {label}: `{uri}`" for (label, _), uri in zip(runs, uris))
+    return report.comparison_table(runs) + "\n\n" + legend + "\n"

@@ -1,0 +1,202 @@
+"""Merge stage: each role's LoRA adapter folded into its own copy of the base, as a standalone Hugging Face model.
+
+Training keeps ONE base with switchable adapters; users want two ordinary models that load with
+`AutoModelForCausalLM.from_pretrained` and need neither peft nor BluePrint. So each role (summarizer, coder) is
+loaded onto a fresh base, `merge_and_unload`ed and saved with its tokenizer and a model card.
+
+A merge that silently changed the model would ship a different model than the one evaluated, so before anything
+is committed the merged model is checked against the adapter model: logits on a fixed batch of prompts, in fp32,
+both in memory and after reloading the saved folder from disk. Above `check_tolerance` the stage raises, and
+since run_stage commits only when build returns, nothing is committed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from blueprint import artifacts, modeling, storage
+from blueprint.config import require
+from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
+from blueprint.report import DESCRIPTIONS, table
+from blueprint.stages.common import BASE_FILE, fetch_adapter_set, is_artifact, open_base, split_base, stage_settings
+
+STAGE = "merge"
+OPTIONAL_INPUTS = ("evaluation",)
+
+# Fixed check inputs: real-looking prompts of the role's own format, so the adapted attention paths are exercised.
+CHECK_CODES = (
+    "def add(a, b):\n    return a + b\n",
+    "def read_lines(path):\n    with open(path) as f:\n        return [line.rstrip() for line in f]\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
+    "        self.items.append(x)\n",
+    "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+)
+CHECK_SUMMARIES = ("Return the sum of two numbers.", "Read a file and return its lines without trailing whitespace.",
+                   "A last-in first-out stack.", "Return the n-th Fibonacci number.")
+
+
+class MergeCheckError(RuntimeError):
+    """The merged model's logits differ from the adapter model's: the merge must not be shipped."""
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    keep_adapters: bool = True       # also commit the adapter-only folders under adapters/
+    check_tolerance: float = 1e-4    # max |logit(merged) - logit(base + adapter)| accepted, fp32
+    check_batch: int = 4             # prompts in the check batch
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.check_tolerance >= 0, "check_tolerance", "must be >= 0")
+        require(self.check_batch >= 1, "check_batch", "must be >= 1")
+        require(self.threads >= 0, "threads", "must be >= 0")
+
+
+def check_batch(tokenizer, role: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `size` fixed prompts in `role`'s format, right-padded."""
+    prompts = PromptConfig()
+    texts = [summary_prompt(CHECK_CODES[i % len(CHECK_CODES)], prompts) if role == "summarizer"
+             else code_prompt(CHECK_SUMMARIES[i % len(CHECK_SUMMARIES)], prompts) for i in range(size)]
+    ids = encode_prompts(tokenizer, texts)
+    width = max(map(len, ids))
+    input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    return input_ids, mask
+
+
+@torch.no_grad()
+def logits(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """fp32 logits at the real (unpadded) positions of the batch, flattened to [positions, vocab]."""
+    input_ids, mask = batch
+    out = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+    return out[mask.bool()]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    diff = (a - b).abs().max()
+    return float("inf") if not torch.isfinite(diff) else float(diff)
+
+
+def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: MergeConfig) -> dict[str, Any]:
+    """Merge `role` into a fresh base, save it to `out_dir`, and verify it; returns the role's metrics."""
+    model, tokenizer = open_base(base, cfg.threads)
+    model = modeling.load_adapters(model, adapter_dir, names=[role], frozen=[role]).eval()
+    batch = check_batch(tokenizer, role, cfg.check_batch)
+    expected = logits(model, batch)
+    merged = model.merge_and_unload().eval()
+    in_memory = max_diff(logits(merged, batch), expected)
+    if not in_memory <= cfg.check_tolerance:
+        raise MergeCheckError(f"{role}: merged logits differ from the adapter model's by {in_memory:.3g} "
+                              f"(> check_tolerance {cfg.check_tolerance:g}); nothing was committed")
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    parameters = sum(p.numel() for p in merged.parameters())
+    del model, merged
+    gc.collect()
+    # What is committed is the folder, so check the folder: a save that drops or unties weights shows up here.
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, local_files_only=True).eval()
+    on_disk = max_diff(logits(reloaded, batch), expected)
+    del reloaded
+    if not on_disk <= cfg.check_tolerance:
+        raise MergeCheckError(f"{role}: the saved merged model's logits differ from the adapter model's by "
+                              f"{on_disk:.3g} (> check_tolerance {cfg.check_tolerance:g}); nothing was committed")
+    return {f"max_abs_logit_diff_{role}": max(in_memory, on_disk), f"parameters_{role}": parameters}
+
+
+def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
+    """Headline metrics of the evaluate output `evaluation`, which must have evaluated these very adapters."""
+    if not evaluation:
+        return {}
+    manifest = artifacts.read_manifest(evaluation, verify="sizes")
+    if manifest.get("stage") != "evaluate":
+        raise artifacts.ArtifactError(f"evaluation {evaluation} is a {manifest.get('stage')!r} output, "
+                                      "not an evaluate output")
+    evaluated = manifest.get("input_manifests", {}).get("adapters")
+    if evaluated != artifacts.manifest_digest(adapters):
+        raise ValueError(f"evaluation {evaluation} evaluated adapters {manifest['inputs'].get('adapters')}, not "
+                         f"{adapters}: its metrics would describe another model")
+    return dict(manifest.get("metrics", {}))
+
+
+def model_card(role: str, base: str, adapters: str, adapter_run: dict[str, Any], evaluation: str | None,
+               scores: dict[str, Any], check: float) -> str:
+    """README.md of a merged folder: what it is, where it came from, how it scored, how to load it."""
+    task = {"summarizer": "writes a one-paragraph summary (docstring) of a Python function",
+            "coder": "writes a Python function from its summary (docstring)"}[role]
+    prompt = PromptConfig()
+    template = prompt.code_to_summary if role == "summarizer" else prompt.summary_to_code
+    hub_base = not (is_artifact(base) or storage.is_s3(base) or modeling._is_local(base))  # a hub id
+    front = ["---", "library_name: transformers", "tags: [blueprint, code, lora-merged]"]
+    front += [f"base_model: {base}"] if hub_base else []
+    lines = front + ["---", "", f"# BluePrint {role}", "",
+                     f"A causal LM that {task}: the `{role}` LoRA adapter of a BluePrint run merged into its base.",
+                     "", f"- base model: `{base}`",
+                     f"- adapters: `{adapters}` (stage `{adapter_run.get('stage')}`, key `{adapter_run.get('key')}`, "
+                     f"round {adapter_run.get('round', '?')}, created {adapter_run.get('created')})",
+                     f"- merge check: max |logit difference| vs base + adapter = {check:.3g} (fp32)",
+                     "", "Prompt format (the completion follows it):", "", "```", template, "```", ""]
+    if scores:
+        lines += [f"## Evaluation (`{evaluation}`)", "",
+                  table(["metric", "value", "meaning"],
+                        [(k, scores[k], DESCRIPTIONS.get(k, "")) for k in DESCRIPTIONS if k in scores]), ""]
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def build(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, out_dir: Path,
+          progress: bool = True) -> dict[str, Any]:
+    start = time.time()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(cfg.seed)
+    scores = evaluation_metrics(evaluation, adapters)
+    manifest = artifacts.read_manifest(adapters, verify="none")
+    metrics: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "in")
+        run_info = {"stage": manifest.get("stage"), "key": manifest.get("key"), "created": manifest.get("created"),
+                    "round": meta.get("round", "?")}
+        for role in modeling.ROLES:
+            role_metrics = merge_role(role, base, adapter_dir, out_dir / role, cfg)
+            metrics.update(role_metrics)
+            (out_dir / role / "README.md").write_text(model_card(
+                role, base, adapters, run_info, evaluation, scores, role_metrics[f"max_abs_logit_diff_{role}"]))
+            metrics[f"bytes_{role}"] = folder_bytes(out_dir / role)
+        if cfg.keep_adapters:
+            for role in modeling.ROLES:
+                shutil.copytree(adapter_dir / role, out_dir / "adapters" / role)
+            shutil.copy(adapter_dir.parent / BASE_FILE, out_dir / "adapters" / BASE_FILE)
+    metrics.update({f"eval_{k}": v for k, v in scores.items() if k in ("reward_gen_mean", "pairwise_accuracy")})
+    metrics["seconds"] = round(time.time() - start, 1)
+    return metrics
+
+
+def run(config: MergeConfig, *, base: str, adapters: str, evaluation: str | None = None,
+        artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
+        progress: bool = True) -> artifacts.StageOutput:
+    """Committed `summarizer/` and `coder/` standalone model folders (plus `adapters/` when kept)."""
+    evaluation = evaluation or None  # pipelines pass "" for "none"
+    inputs = {"adapters": adapters, **split_base(base)[0]}
+    if evaluation:
+        inputs["evaluation"] = evaluation
+    return artifacts.run_stage(STAGE, stage_settings(config, base), inputs,
+                               lambda d: build(config, base, adapters, evaluation, d, progress),
+                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+

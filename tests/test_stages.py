@@ -1,0 +1,127 @@
+"""The model stages end to end on stdlib shards with a micro base: bootstrap, warmup, ppo-round."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from blueprint import artifacts, modeling, storage
+from blueprint.artifacts import ArtifactError
+from blueprint.config import build
+from blueprint.stages import ppo_round, warmup
+from blueprint.stages.common import open_base
+from conftest import SMOKE_PPO, SMOKE_WARMUP
+
+
+def test_bootstrap_base_loads_with_plain_from_pretrained(smoke_chain):
+    path = storage.local_path(smoke_chain["base"])
+    model = AutoModelForCausalLM.from_pretrained(path)
+    manifest = artifacts.read_manifest(smoke_chain["base"])
+    assert manifest["metrics"]["tokens"] == 16_384
+    assert model.config.model_type == "llama" and "model.safetensors" in manifest["files"]
+
+
+def test_warmup_adapters_load_back_with_plain_peft(smoke_chain):
+    base, _ = open_base(smoke_chain["base"])
+    adapters = storage.local_path(smoke_chain["adapters"]) / "adapters"
+    model = PeftModel.from_pretrained(base, adapters / "summarizer", adapter_name="summarizer")
+    model.load_adapter(adapters / "coder", adapter_name="coder")
+    assert set(model.peft_config) == {"summarizer", "coder"}
+    meta = json.loads((storage.local_path(smoke_chain["adapters"]) / "base.json").read_text())
+    assert meta["base_identity"].startswith("sha256:")
+
+
+def test_warmup_trains_only_the_adapter_in_training(smoke_chain):
+    model, tokenizer = open_base(smoke_chain["base"])
+    peft_model = modeling.attach_adapters(model, modeling.ROLES, modeling.LoraSettings(r=4, alpha=8, dropout=0.0))
+    frozen = {k: v.detach().clone() for k, v in peft_model.named_parameters() if ".summarizer." not in k}
+    from blueprint.data import read_pairs
+
+    cfg = build(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 0.05})
+    pairs = read_pairs(smoke_chain["shards"], "train", limit=16)
+    data = warmup.sft_datasets(pairs, tokenizer, cfg)["summarizer"]
+    before = {k: v.detach().clone() for k, v in peft_model.named_parameters() if ".summarizer." in k}
+    warmup.train_adapter(peft_model, tokenizer, "summarizer", data, data, 3, cfg, progress=False)
+    after = dict(peft_model.named_parameters())
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items()), "base or coder moved"
+    assert any(not torch.equal(v, after[k]) for k, v in before.items()), "summarizer did not train"
+
+
+def test_warmup_to_s3_round_trips(smoke_chain, s3_bucket):
+    from blueprint.stages import shard
+    from conftest import SMOKE_SHARD
+
+    shards = shard.run(build(shard.ShardConfig, {**SMOKE_SHARD, "max_pairs": 200}), artifact_root=s3_bucket,
+                       progress=False).uri
+    base_uri = storage.join(s3_bucket, "base")
+    storage.upload_dir(storage.local_path(smoke_chain["base"]), base_uri)  # a committed copy on S3
+    storage.write_bytes(artifacts.manifest_uri(base_uri),
+                        storage.read_bytes(artifacts.manifest_uri(smoke_chain["base"])))
+    out = warmup.run(build(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 1}), shards=shards, base=base_uri,
+                     artifact_root=s3_bucket, progress=False)
+    assert out.uri.startswith("s3://") and "adapters/coder/adapter_model.safetensors" in out.manifest["files"]
+
+
+def _round(chain, **extra):
+    cfg = build(ppo_round.PPORoundConfig, {**SMOKE_PPO, **extra})
+    return ppo_round.run(cfg, shards=chain["shards"], base=chain["base"], adapters=chain["adapters"],
+                         artifact_root=chain["root"], progress=False)
+
+
+def test_ppo_round_commits_adapters_value_head_state_and_steps(smoke_chain):
+    out = _round(smoke_chain)
+    files = out.manifest["files"]
+    for rel in ("adapters/summarizer/adapter_model.safetensors", "adapters/reference/adapter_model.safetensors",
+                "value_head.safetensors", "trainer_state.pt", "steps.jsonl"):
+        assert rel in files
+    assert out.metrics["ppo_steps_done"] == 2 and out.metrics["kl_first"] == 0.0
+    assert "coder_eval_loss_after" in out.metrics
+
+
+def test_ppo_round_is_deterministic_on_cpu(smoke_chain, tmp_path):
+    cfg = build(ppo_round.PPORoundConfig, SMOKE_PPO)
+    outs = [ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"],
+                          adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/r{i}", progress=False)
+            for i in range(2)]
+    sha = [{k: v["sha256"] for k, v in o.manifest["files"].items() if k.endswith(".safetensors")} for o in outs]
+    assert sha[0] == sha[1]
+
+
+def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_chain, tmp_path, monkeypatch):
+    cfg = build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 3, "checkpoint_every": 1})
+    args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
+                progress=False)
+    straight = ppo_round.run(cfg, out_uri=f"file://{tmp_path}/straight", **args)
+
+    real_step = ppo_round.PPOTrainer.ppo_step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(ppo_round.PPOTrainer, "ppo_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        ppo_round.run(cfg, out_uri=f"file://{tmp_path}/resumed", **args)
+    assert not storage.exists(f"file://{tmp_path}/resumed/{artifacts.MANIFEST_NAME}")
+    monkeypatch.setattr(ppo_round.PPOTrainer, "ppo_step", real_step)
+    resumed = ppo_round.run(cfg, out_uri=f"file://{tmp_path}/resumed", **args)
+    assert resumed.metrics["resumed_at_step"] == 2
+    pick = lambda o: {k: v["sha256"] for k, v in o.manifest["files"].items() if k.startswith("adapters/summarizer")}
+    assert pick(resumed) == pick(straight)
+
+
+def test_adapters_from_another_base_are_refused(smoke_chain, tmp_path):
+    other = f"file://{tmp_path}/other-base"
+    model, tokenizer = open_base(smoke_chain["base"])
+    torch.nn.init.normal_(model.lm_head.weight)
+    out = artifacts.run_stage("bootstrap", {"other": 1}, {},
+                              lambda d: model.save_pretrained(d) or tokenizer.save_pretrained(d) and {},
+                              out_uri=other)
+    with pytest.raises(ArtifactError, match="trained on base"):
+        ppo_round.run(build(ppo_round.PPORoundConfig, SMOKE_PPO), shards=smoke_chain["shards"], base=out.uri,
+                      adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/x", progress=False)
