@@ -81,7 +81,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--max-code-tokens", type=int, default=384)
     ap.add_argument("--files", type=int, default=60, help="stdlib files for the tokenizer and the pairs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); 1 gives "
+                    "steadier numbers on a CPU that other jobs share")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     sources = stdlib_sources(args.files)
@@ -131,7 +135,7 @@ def main() -> None:
         "speedup": round(loop_s / batched_s, 2),
         "peak_rss_mib": round(peak_mib, 1),
         "loop_ce_only_samples_per_s": round(n / loop_ce_only_s, 2),
-        "samples": n, "repeats": args.repeats, "max_abs_diff": float(f"{diff:.2e}"),
+        "samples": n, "repeats": args.repeats, "threads": torch.get_num_threads(), "max_abs_diff": float(f"{diff:.2e}"),
     }
     print(f"batched RewardModel: {n / batched_s:7.2f} samples/s ({batched_s:.2f} s, ce and ce_empty)")
     print(f"per-sample loop:     {n / loop_s:7.2f} samples/s ({loop_s:.2f} s, ce and ce_empty; "

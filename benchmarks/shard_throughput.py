@@ -41,8 +41,10 @@ def child(workers: int, limit_mb: float, num_shards: int) -> dict:
 def measure(workers: int, limit_mb: float, num_shards: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--workers", str(workers), "--limit-mb", str(limit_mb),
            "--num-shards", str(num_shards)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark run {' '.join(cmd[2:])} failed:\n{proc.stderr}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
     # all processes at once, bounded above: the main process plus every worker at its own peak
     r["peak_rss_mib"] = r["rss_main_mib"] + (r["rss_worker_mib"] * workers if workers > 1 else 0)
     r["mb_per_s"], r["functions_per_s"] = r["mb"] / r["seconds"], r["functions"] / r["seconds"]

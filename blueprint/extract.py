@@ -279,7 +279,7 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
         n_bytes = len(text.encode("utf-8", errors="replace"))
         if n_bytes > limits.max_file_bytes:
             return Result(path=path, n_bytes=n_bytes, file_drop="too_large")
-        return extract_pairs(text, path, limits, license)
+        return extract_pairs(text, path, limits, license, result=Result(path=path, n_bytes=n_bytes))
     _, abs_path, path, license = unit
     try:
         size = os.stat(abs_path).st_size

@@ -48,9 +48,14 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
             build(registry.get(stage).config_type(), probe)
         except ConfigError as exc:
             raise ConfigError(f"parameter {PARAM_OF_STAGE[stage]}: {exc}") from None
-    from blueprint.sources import check_source
+    from blueprint.sources import Source, parse_source
 
-    check_source(settings["shard"].get("source", "stdlib"))
+    source_spec = settings["shard"].get("source", "stdlib")
+    try:
+        if parse_source(source_spec).kind == "dir":
+            Source(source_spec).root()
+    except ValueError as exc:
+        raise ConfigError(f"parameter source: {exc}") from None
     if not storage.is_s3(artifact_root):
         artifact_root = storage.normalize(artifact_root)
     storage.check_writable(artifact_root)

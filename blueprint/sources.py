@@ -183,11 +183,14 @@ class Source:
             return
         budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None
         for i, row in enumerate(self._rows()):
-            code = row.get(self.code_column)
-            path = str(row.get(self.path_column) or f"{self.spec.target}#{i}")
-            if not isinstance(code, str):
-                raise SourceError(f"source {self.name}: column {self.code_column!r} is missing or not text "
+            if self.code_column not in row:
+                raise SourceError(f"source {self.name}: no column {self.code_column!r} "
                                   f"(columns: {', '.join(sorted(row))}); set code_column")
+            code = row[self.code_column]
+            path = str(row.get(self.path_column) or f"{self.spec.target}#{i}")
+            if not isinstance(code, str) or not code.strip():
+                self.skipped["empty_code"] += 1
+                continue
             lang = row.get(self.language_column)
             if self.languages and isinstance(lang, str) and lang.lower() not in self.languages:
                 self.skipped["other_language"] += 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from blueprint import extract
+from blueprint import extract, storage
 from blueprint.data import StreamingCodeDataset, read_pairs, reader_slot
 from blueprint.sources import SourceError, parse_source
 from blueprint.stages import shard
@@ -214,6 +214,18 @@ def test_jsonl_source_without_summary_column_extracts_functions(tmp_path):
                             min_code_chars=10, min_code_lines=1)
     out = shard.run(cfg, out_uri=str(tmp_path / "out"), progress=False)
     assert out.metrics["pairs"] == 6
+
+
+def test_parquet_source_reshards_our_own_output(shards, tmp_path):
+    files = sorted(str(p) for p in (storage.local_path(shards.uri) / "train").glob("*.parquet"))
+    spec = f"parquet:{storage.local_path(shards.uri)}/train/*.parquet"
+    out = shard.run(shard.ShardConfig(source=spec, num_shards=1, eval_fraction=0.0, workers=1),
+                    out_uri=str(tmp_path / "again"), progress=False)
+    assert len(files) == 3 and out.metrics["pairs"] == shards.metrics["rows"]["train"]
+    key = lambda r: r["id"]  # noqa: E731
+    again = sorted(read_pairs(out.uri, "train"), key=key)
+    before = sorted(read_pairs(shards.uri, "train"), key=key)
+    assert [(r["id"], r["code"], r["summary"]) for r in again] == [(r["id"], r["code"], r["summary"]) for r in before]
 
 
 def test_hf_source_offline_fails_clearly_and_commits_nothing(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 
 from blueprint import artifacts, storage
 from blueprint.config import ConfigError, build
-from blueprint.data import read_pairs
+from blueprint.data import StreamingCodeDataset, read_pairs
 from blueprint.sources import SourceError
 from blueprint.stages import shard
 
@@ -171,7 +171,10 @@ def test_s3_output_readable_with_pyarrow(tmp_path, s3_bucket):
         n = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
         assert n == out.metrics["rows_per_shard"][rel]
         total += n
-    assert total == 40 == len(read_pairs(out.uri, "train")) + len(read_pairs(out.uri, "eval"))
+    train = read_pairs(out.uri, "train")
+    assert total == 40 == len(train) + len(read_pairs(out.uri, "eval"))
+    streamed = StreamingCodeDataset(out.uri, "train", columns=["id"])
+    assert sorted(r["id"] for r in streamed) == sorted(r["id"] for r in train)
     again = shard.run(cfg(src, num_shards=2), artifact_root=f"{s3_bucket}/artifacts", progress=False)
     assert again.cached and again.uri == out.uri
 

@@ -149,7 +149,8 @@ class ShardConfig:
         require(bool(self.code_column), "code_column", "must name a column")
         require(self.row_group_rows >= 1, "row_group_rows", "must be positive")
         require(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
-        self.languages = tuple(lang.strip().lower() for lang in self.languages if lang.strip())
+        langs = self.languages.split(",") if isinstance(self.languages, str) else self.languages
+        self.languages = tuple(lang.strip().lower() for lang in langs if lang.strip())
 
     def limits(self) -> Limits:
         return Limits(self.min_summary_chars, self.max_summary_chars, self.min_code_chars, self.max_code_chars,
@@ -218,7 +219,7 @@ def build(config: ShardConfig, out_dir: Path, source: Source | None = None, prog
     workers = config.resolved_workers()
     writer = ShardWriter(out_dir, config.num_shards, config.row_group_rows)
     salt = config.split_salt.encode("utf-8")
-    seen: set[bytes] = set()
+    seen: set[bytes] = set()  # 16-byte prefixes of code hashes: the only per-pair state kept for the whole run
     files_dropped: collections.Counter = collections.Counter()
     pairs_dropped: collections.Counter = collections.Counter()
     files = functions = source_bytes = kept = 0
@@ -238,10 +239,10 @@ def build(config: ShardConfig, out_dir: Path, source: Source | None = None, prog
             functions += result.functions
             pairs_dropped.update(result.dropped)
             for digest, name, code, summary, path, license in result.pairs:
-                if digest in seen:
+                if digest[:16] in seen:
                     pairs_dropped["duplicate"] += 1
                     continue
-                seen.add(digest)
+                seen.add(digest[:16])
                 split = "eval" if _eval_draw(salt, digest) < config.eval_fraction else "train"
                 shard = int.from_bytes(digest[:8], "big") % config.num_shards
                 writer.add(split, shard, (digest.hex()[:32], code, summary, name, LANGUAGE, source.name, path,

@@ -1,0 +1,111 @@
+"""Merge stage on the micro Llama: merged logits equal base + adapter, folders load with plain transformers, a
+merge that fails its check commits nothing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft.tuners.lora import LoraModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from blueprint import artifacts, modeling, storage
+from blueprint.stages import merge
+from blueprint.stages.common import open_base, save_adapter_set
+from blueprint.tiny import tiny_llama_config
+
+
+def commit(local: Path, uri: str, stage: str) -> str:
+    artifacts.commit(local, uri, stage=stage, config={}, inputs={}, metrics={})
+    return storage.normalize(uri)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, micro_tokenizer):
+    """A committed micro base and an adapter set whose two roles differ from the base and from each other."""
+    root = tmp_path_factory.mktemp("merge")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(micro_tokenizer, "micro")).save_pretrained(root / "base-src")
+    micro_tokenizer.save_pretrained(root / "base-src")
+    base = commit(root / "base-src", str(root / "base"), "bootstrap")
+    model, tokenizer = open_base(base)
+    model = modeling.attach_adapters(model, modeling.ROLES, modeling.LoraSettings(r=4, alpha=8.0, dropout=0.0))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # fresh LoRA is a no-op (B = 0): give both roles real, different deltas
+        for role in modeling.ROLES:
+            for p in modeling.adapter_parameters(model, role).values():
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    save_adapter_set(model, tokenizer, root / "adapters-src", base, list(modeling.ROLES), {"round": 2})
+    adapters = commit(root / "adapters-src", str(root / "adapters"), "ppo-round")
+    return dict(root=root, base=base, adapters=adapters, model=model, tokenizer=tokenizer)
+
+
+def test_merged_models_match_adapters_and_load_with_plain_transformers(trained, tmp_path):
+    out = merge.run(merge.MergeConfig(), base=trained["base"], adapters=trained["adapters"],
+                    artifact_root=str(tmp_path), progress=False)
+    files = out.manifest["files"]
+    model, tok = trained["model"], trained["tokenizer"]
+    ids = torch.tensor([tok("def add(a, b):\n    return a + b\n")["input_ids"]])
+    weights = {}
+    for role in modeling.ROLES:
+        assert out.metrics[f"max_abs_logit_diff_{role}"] <= 1e-4
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+            assert f"{role}/{name}" in files, name
+        assert f"adapters/{role}/adapter_config.json" in files
+        assert out.metrics[f"bytes_{role}"] == sum(f["size"] for rel, f in files.items() if rel.startswith(f"{role}/"))
+        # a user's view: plain transformers, no peft, no blueprint
+        folder = storage.local_path(storage.join(out.uri, role))
+        merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+        merged_tok = AutoTokenizer.from_pretrained(folder)
+        assert not any("lora" in k for k in merged.state_dict())
+        assert out.metrics[f"parameters_{role}"] == sum(p.numel() for p in merged.parameters())
+        with torch.no_grad(), modeling.use_adapter(model, role):
+            expected = model(input_ids=ids).logits
+        with torch.no_grad():
+            assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+        generated = merged.generate(**merged_tok("def f(x):", return_tensors="pt"), max_new_tokens=5,
+                                    do_sample=False, pad_token_id=merged_tok.pad_token_id)
+        assert generated.shape[1] > len(merged_tok("def f(x):")["input_ids"])
+        weights[role] = merged.model.layers[0].self_attn.q_proj.weight.detach().clone()
+        card = (folder / "README.md").read_text()
+        assert trained["base"] in card and trained["adapters"] in card and "round 2" in card
+    assert not torch.equal(weights["summarizer"], weights["coder"])  # each role merged into its own base copy
+    base_q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(weights["coder"], base_q)  # and the shared training base was left untouched by merging
+    assert json.loads((storage.local_path(out.uri) / "adapters" / "base.json").read_text())["base"] == trained["base"]
+
+
+def test_failed_logit_check_commits_nothing(trained, tmp_path, monkeypatch):
+    """A merge that changes the function (here: peft's merge followed by a corrupted weight) must not ship."""
+    real_merge = LoraModel.merge_and_unload
+
+    def corrupted_merge(self, *args, **kwargs):
+        merged = real_merge(self, *args, **kwargs)
+        with torch.no_grad():
+            merged.model.layers[0].self_attn.q_proj.weight[0, 0] += 0.5
+        return merged
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", corrupted_merge)
+    with pytest.raises(merge.MergeCheckError, match="nothing was committed"):
+        merge.run(merge.MergeConfig(), base=trained["base"], adapters=trained["adapters"],
+                  artifact_root=str(tmp_path), progress=False)
+    assert not list(tmp_path.rglob(artifacts.MANIFEST_NAME))
+
+
+def test_adapters_from_another_base_are_refused(trained, micro_tokenizer, tmp_path):
+    torch.manual_seed(3)
+    LlamaForCausalLM(tiny_llama_config(micro_tokenizer, "micro")).save_pretrained(tmp_path / "other-src")
+    micro_tokenizer.save_pretrained(tmp_path / "other-src")
+    other = commit(tmp_path / "other-src", str(tmp_path / "other"), "bootstrap")
+    with pytest.raises(artifacts.ArtifactError, match="were trained on base"):
+        merge.run(merge.MergeConfig(), base=other, adapters=trained["adapters"], artifact_root=str(tmp_path / "a"),
+                  progress=False)
+    assert not list((tmp_path / "a").rglob(artifacts.MANIFEST_NAME))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="check_tolerance"):
+        merge.MergeConfig(check_tolerance=-1.0)
+    with pytest.raises(ValueError, match="check_batch"):
+        merge.MergeConfig(check_batch=0)
