@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 
 def child(workers: int, limit_mb: float, num_shards: int) -> dict:
     """One build in this process; its numbers (RSS in MiB: this process, and the largest worker)."""
@@ -30,11 +32,12 @@ def child(workers: int, limit_mb: float, num_shards: int) -> dict:
         start = time.perf_counter()
         m = shard.build(cfg, Path(tmp), progress=False)
         seconds = time.perf_counter() - start
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
+        "cpu_main_s": me.ru_utime + me.ru_stime, "cpu_workers_s": kids.ru_utime + kids.ru_stime,
         "workers": workers, "limit_mb": limit_mb, "seconds": seconds, "mb": m["source_bytes"] / 1e6,
         "files": m["files_seen"], "functions": m["functions_seen"], "pairs": m["pairs"],
-        "rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "rss_main_mib": me.ru_maxrss / 1024, "rss_worker_mib": kids.ru_maxrss / 1024,
     }
 
 
@@ -50,7 +53,8 @@ def measure(workers: int, limit_mb: float, num_shards: int) -> dict:
     r["mb_per_s"], r["functions_per_s"] = r["mb"] / r["seconds"], r["functions"] / r["seconds"]
     print(f"workers={workers:<2} {r['mb']:6.2f} MB  {r['files']:5d} files  {r['seconds']:6.2f} s  "
           f"{r['mb_per_s']:5.2f} MB/s  {r['functions_per_s']:7.0f} functions/s  {r['pairs']:6d} pairs  "
-          f"peak RSS {r['peak_rss_mib']:.0f} MiB (main {r['rss_main_mib']:.0f}, worker {r['rss_worker_mib']:.0f})",
+          f"peak RSS {r['peak_rss_mib']:.0f} MiB (main {r['rss_main_mib']:.0f}, worker {r['rss_worker_mib']:.0f})  "
+          f"CPU s main {r['cpu_main_s']:.2f} workers {r['cpu_workers_s']:.2f}",
           flush=True)
     return r
 

@@ -204,6 +204,10 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("uris", nargs="+")
     cmp.set_defaults(func=cmd_compare)
 
+    from blueprint import kubeflow  # submit / schedule (and cluster flags of compile) live beside the KFP client code
+
+    kubeflow.add_commands(sub, c)
+
     ls = sub.add_parser("ls", help="list committed stage outputs under an artifact root")
     ls.add_argument("artifact_root", nargs="?", default="./artifacts")
     ls.add_argument("--json", action="store_true")

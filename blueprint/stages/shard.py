@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from blueprint import artifacts
 from blueprint.config import require
-from blueprint.extract import Limits, Result, process_many
+from blueprint.extract import Limits, process_many
 from blueprint.sources import Source, SourceError, parse_source
 
 STAGE = "shard"
@@ -216,7 +216,10 @@ def build(config: ShardConfig, out_dir: Path, source: Source | None = None, prog
     start = time.time()
     source = source or config.make_source()
     fingerprint = source.fingerprint()
+    batch = 8 if source.total else 16  # files, or streamed rows (each up to max_file_bytes: bounds memory in flight)
     workers = config.resolved_workers()
+    if source.total:  # no more processes than batches (a small tree is done before a big pool has started)
+        workers = max(1, min(workers, -(-source.total // batch)))
     writer = ShardWriter(out_dir, config.num_shards, config.row_group_rows)
     salt = config.split_salt.encode("utf-8")
     seen: set[bytes] = set()  # 16-byte prefixes of code hashes: the only per-pair state kept for the whole run
@@ -226,10 +229,9 @@ def build(config: ShardConfig, out_dir: Path, source: Source | None = None, prog
     stopped = False
     fn = functools.partial(process_many, limits=config.limits())
     bar = tqdm(total=source.total, unit="file", desc=f"shard {source.name}", disable=not progress, smoothing=0.1)
-    results = ordered_map(fn, source.units(), workers, batch=8 if source.total else 64)
+    results = ordered_map(fn, source.units(), workers, batch=batch)
     try:
         for result in results:
-            result: Result
             bar.update(1)
             files += 1
             source_bytes += result.n_bytes

@@ -1,0 +1,132 @@
+"""The KFP pipeline: golden compiled YAML, the unrolled DAG, validation before any stage, and end-to-end runs
+through kfp.local (the very same definition Kubeflow runs) to file:// and to a loopback S3 endpoint."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from blueprint import artifacts, local_run, storage
+from blueprint.config import ConfigError
+from pipelines import golden
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(golden.CASES))
+def test_compiled_pipeline_matches_golden_snapshot(name, tmp_path):
+    # Compared as parsed documents: the SDK's header comments list dict defaults in hash order.
+    fresh = yaml.safe_load(golden.compile_case(name, tmp_path).read_text())
+    expected = yaml.safe_load((golden.GOLDEN_DIR / name).read_text())
+    assert fresh == expected, f"compiled pipeline differs from tests/golden/{name}: review the diff, then " \
+                              "regenerate with `python -m pipelines.golden`"
+
+
+def _dag(name: str) -> dict[str, list[str]]:
+    spec = pipeline_spec_pb2.PipelineSpec()
+    json_format.ParseDict(yaml.safe_load((golden.GOLDEN_DIR / name).read_text()), spec)
+    return {task: sorted(t.dependent_tasks) for task, t in spec.root.dag.tasks.items()}
+
+
+def test_dag_for_one_epoch():
+    assert _dag("pipeline_epochs1.yaml") == {
+        "shard": [], "bootstrap": ["shard"], "warmup": ["bootstrap", "shard"],
+        "evaluate": ["bootstrap", "shard", "warmup"], "ppo-round": ["bootstrap", "shard", "warmup"],
+        "evaluate-2": ["bootstrap", "evaluate", "ppo-round", "shard"],
+        "merge": ["bootstrap", "evaluate-2", "ppo-round"],
+    }
+
+
+def test_dag_for_three_epochs_chains_rounds_and_runs_each_evaluation_beside_the_next_round():
+    dag = _dag("pipeline_epochs3.yaml")
+    assert sorted(dag) == sorted(["shard", "bootstrap", "warmup", "evaluate", "evaluate-2", "evaluate-3",
+                                  "evaluate-4", "ppo-round", "ppo-round-2", "ppo-round-3", "merge"])
+    assert "ppo-round" in dag["ppo-round-2"] and "ppo-round-2" in dag["ppo-round-3"]
+    assert "ppo-round-2" in dag["evaluate-3"] and "evaluate-3" not in dag["ppo-round-3"]
+    assert dag["merge"] == ["bootstrap", "evaluate-4", "ppo-round-3"]
+
+
+@pytest.mark.parametrize("kwargs, parameter", [
+    ({"epochs": 0}, "epochs"),
+    ({"overrides": {"ppo-round": {"ppo_steps": -1}}}, "ppo_settings"),
+    ({"overrides": {"warmup": {"stepz": 3}}}, "warmup_settings"),
+    ({"source": "svn:nowhere"}, "source"),
+    ({"source": "dir:/no/such/dir"}, "source"),
+])
+def test_invalid_parameters_are_rejected_before_any_stage_runs(kwargs, parameter, tmp_path):
+    with pytest.raises(ConfigError, match=parameter):
+        local_run.plan(profile="smoke", artifact_root=str(tmp_path / "a"), **kwargs)
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+def test_unwritable_artifact_root_fails_at_start(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user who can write anywhere (root): permissions cannot be tested")
+    with pytest.raises(storage.StorageError, match="locked"):
+        local_run.plan(profile="smoke", artifact_root=str(locked / "art"))
+
+
+def _manifests(root: str) -> dict[str, bytes]:
+    return {rel: storage.read_bytes(storage.join(root, rel)) for rel in storage.list_files(root)
+            if rel.endswith(artifacts.MANIFEST_NAME)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache_hit(store, tmp_path, request,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = f"file://{tmp_path}/art" if store == "file" else request.getfixturevalue("s3_bucket") + "/art"
+    plan = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
+    result = local_run.run(plan, local_root=tmp_path / "kfp")
+    models = result["outputs"]["models"]
+    from transformers import AutoModelForCausalLM
+
+    local = storage.download_dir(storage.join(models, "coder"), tmp_path / "coder")
+    assert AutoModelForCausalLM.from_pretrained(local).config.model_type == "llama"
+    metrics = storage.read_json(storage.join(result["outputs"]["evaluation"], "metrics.json"))
+    assert {"pairwise_accuracy", "reward_gen_mean", "code_parse_rate"} <= set(metrics)
+    before = _manifests(root)
+    assert sorted({rel.split("/")[0] for rel in before}) == ["bootstrap", "evaluate", "merge", "ppo-round",
+                                                              "shard", "warmup"]
+    local_run.run(plan, local_root=tmp_path / "kfp2")
+    assert _manifests(root) == before, "a rerun with nothing changed recomputed a stage"
+
+
+def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke_chain, tmp_path):
+    blueprint = [sys.executable, "-m", "blueprint.cli", "stage", "ppo-round", "--quiet",
+                 "--input", f"shards={smoke_chain['shards']}", "--input", f"base={smoke_chain['base']}",
+                 "--input", f"adapters={smoke_chain['adapters']}"]
+    settings = ["--set", "ppo_steps=4", "--set", "checkpoint_every=1", "--set", "supervised_steps=1",
+                "--set", "batch_size=4", "--set", "mini_batch_size=2", "--set", "ppo_epochs=1",
+                "--set", "max_new_tokens=16", "--set", "max_code_tokens=128", "--set", "probe_size=4"]
+    straight = subprocess.run(blueprint + settings + ["--out", f"file://{tmp_path}/straight"], capture_output=True,
+                              text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    victim_uri = f"file://{tmp_path}/victim"
+    proc = subprocess.Popen(blueprint + settings + ["--out", victim_uri], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = Path(storage.local_path(victim_uri)) / "_checkpoint" / artifacts.MANIFEST_NAME
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "the round never wrote a checkpoint before it was killed"
+    assert not (Path(storage.local_path(victim_uri)) / artifacts.MANIFEST_NAME).exists()
+    rerun = subprocess.run(blueprint + settings + ["--out", victim_uri], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    pick = lambda uri: {k: v["sha256"] for k, v in artifacts.read_manifest(uri)["files"].items()
+                        if k.endswith(".safetensors")}
+    assert pick(victim_uri) == pick(f"file://{tmp_path}/straight")
