@@ -196,8 +196,10 @@ def ordered_map(fn: Callable[[list[Any]], list[Any]], items: Iterable[Any], work
         for chunk in _batched(items, batch):
             yield from fn(chunk)
         return
-    # spawn: workers import only blueprint.extract (stdlib), and no parent thread state is forked
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # fork where the OS has it: a user's plain script (the seed's usage, no `if __name__ == "__main__"` guard)
+    # must work, and spawn re-imports __main__. Workers only run blueprint.extract (stdlib, no threads of its own).
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
         pending: collections.deque = collections.deque()
         for chunk in _batched(items, batch):
             pending.append(pool.apply_async(fn, (chunk,)))
