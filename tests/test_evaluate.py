@@ -101,15 +101,20 @@ def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0) -> str
 def world(tmp_path_factory, micro_tokenizer):
     """Shards, a base, untrained and coder-trained adapters, and two chained evaluations (epoch 0 and 1)."""
     root = tmp_path_factory.mktemp("evaluate")
-    shards = make_shards(root, PAIRS, PAIRS)  # same pairs held out: the test is about the metric, not generalisation
-    base = make_base(root, micro_tokenizer, seed=0)
-    untrained = make_adapters(root, base, "untrained")
-    trained = make_adapters(root, base, "trained", coder_steps=60)
-    art = str(root / "artifacts")
-    first = evaluate.run(evaluate.EvaluateConfig(**CFG, epoch=0), shards=shards, base=base, adapters=untrained,
-                         artifact_root=art, progress=False)
-    second = evaluate.run(evaluate.EvaluateConfig(**CFG, epoch=1), shards=shards, base=base, adapters=trained,
-                          previous=first.uri, artifact_root=art, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # micro-model ops are too small to split; on a busy shared CPU, threads only thrash
+    try:
+        shards = make_shards(root, PAIRS, PAIRS)  # same pairs held out: the test is about the metric
+        base = make_base(root, micro_tokenizer, seed=0)
+        untrained = make_adapters(root, base, "untrained")
+        trained = make_adapters(root, base, "trained", coder_steps=60)
+        art = str(root / "artifacts")
+        first = evaluate.run(evaluate.EvaluateConfig(**CFG, epoch=0), shards=shards, base=base,
+                             adapters=untrained, artifact_root=art, progress=False)
+        second = evaluate.run(evaluate.EvaluateConfig(**CFG, epoch=1), shards=shards, base=base, adapters=trained,
+                              previous=first.uri, artifact_root=art, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return dict(root=root, shards=shards, base=base, untrained=untrained, trained=trained, art=art, first=first,
                 second=second)
 

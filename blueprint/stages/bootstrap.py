@@ -14,15 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM
-
 from blueprint import artifacts
 from blueprint.config import require
-from blueprint.data import read_pairs
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
-from blueprint.tiny import PRESETS, tiny_llama_config, train_bpe_tokenizer
+
+PRESETS = ("micro", "tiny")  # sizes in blueprint.tiny.PRESETS
 
 STAGE = "bootstrap"
 
@@ -68,8 +64,10 @@ def _documents(pairs: list[dict[str, Any]], cfg: BootstrapConfig, rng: random.Ra
     return docs
 
 
-def _packed_blocks(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+def _packed_blocks(docs: list[str], tokenizer, seq_len: int):
     """Concatenate EOS-separated documents and cut them into [n, seq_len + 1] blocks."""
+    import torch
+
     ids: list[int] = []
     for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         ids.extend(encoded)
@@ -78,8 +76,11 @@ def _packed_blocks(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
 
 
-def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, cfg: BootstrapConfig, progress: bool = True) -> dict:
+def pretrain(model, blocks, cfg: BootstrapConfig, progress: bool = True) -> dict:
     """Causal-LM pre-training over shuffled packed blocks with AdamW and a warmup + cosine schedule."""
+    import torch
+    from tqdm.auto import tqdm
+
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = max(1, cfg.max_tokens // (cfg.batch_size * cfg.seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -111,6 +112,12 @@ def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, cfg: BootstrapConfig
 
 def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Train the tokenizer and pre-train the model from `shards`; save both to `out_dir`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from blueprint.data import read_pairs
+    from blueprint.tiny import tiny_llama_config, train_bpe_tokenizer
+
     start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

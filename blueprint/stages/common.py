@@ -1,5 +1,8 @@
 """What the model stages share: resolving the base, and reading/writing a set of adapters tied to that base.
 
+Heavy libraries (torch, transformers, peft) are imported inside the functions that use them, here and in every
+stage module, so that a cache hit (the common case on a rerun) answers without loading them.
+
 A base that is a committed artifact (the bootstrap output, or any folder committed with a manifest) is a stage
 *input*, so its manifest enters the cache key; a hub id or a plain directory is a *setting* named by itself.
 An adapter set records the identity of its base, so adapters are never silently applied to another base.
@@ -11,9 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from blueprint import artifacts, modeling, storage
+from blueprint import artifacts, storage
 
 ADAPTERS_DIR = "adapters"
 BASE_FILE = "base.json"
@@ -48,8 +49,12 @@ def split_base(base: str) -> tuple[dict[str, str], dict[str, str]]:
     return ({"base": base}, {}) if is_artifact(base) else ({}, {"base_name": base})
 
 
-def open_base(base: str, threads: int = 0, progress: bool = True) -> tuple[torch.nn.Module, Any]:
+def open_base(base: str, threads: int = 0, progress: bool = True) -> tuple[Any, Any]:
     """Load the base model and tokenizer: a committed artifact (verified) or anything `load_base` accepts."""
+    import torch
+
+    from blueprint import modeling
+
     quiet_libraries(progress)
     if threads:
         torch.set_num_threads(threads)
@@ -61,6 +66,8 @@ def open_base(base: str, threads: int = 0, progress: bool = True) -> tuple[torch
 
 def save_adapter_set(model, tokenizer, out_dir: Path, base: str, names: list[str], extra: dict | None = None) -> None:
     """Adapters (peft safetensors), tokenizer and the base identity, under `out_dir`."""
+    from blueprint import modeling
+
     modeling.save_adapters(model, out_dir / ADAPTERS_DIR, names)
     tokenizer.save_pretrained(out_dir / "tokenizer")
     meta = {"base": base, "base_identity": base_identity(base), "adapters": names, **(extra or {})}

@@ -22,18 +22,16 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from blueprint import artifacts, metrics as text_metrics, modeling, report, storage
+from blueprint import artifacts, metrics as text_metrics, report, storage
 from blueprint.config import require
-from blueprint.copying import copy_rate
-from blueprint.data import read_pairs
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
-from blueprint.reward import RewardConfig, RewardModel, RewardOutput
 from blueprint.stages.common import fetch_adapter_set, open_base, split_base, stage_settings
 from blueprint.stages.warmup import clip_tokens
+
+if TYPE_CHECKING:
+    import torch
 
 STAGE = "evaluate"
 OPTIONAL_INPUTS = ("previous",)
@@ -73,6 +71,10 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
 
     Prompts are sorted by length before batching (little left padding), results come back in prompt order.
     """
+    import torch
+
+    from blueprint import modeling
+
     ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -113,7 +115,7 @@ def pairwise_accuracy(ce_true: torch.Tensor, ce_other: torch.Tensor) -> float:
     return float(wins.mean())
 
 
-def reward_stats(out: RewardOutput, tag: str) -> dict[str, float]:
+def reward_stats(out, tag: str) -> dict[str, float]:
     """Mean and std of every reward component, e.g. reward_gen_mean, ce_true_std."""
     stats = {}
     for name in COMPONENTS:
@@ -124,6 +126,9 @@ def reward_stats(out: RewardOutput, tag: str) -> dict[str, float]:
 
 
 def evaluate_pairs(model, tokenizer, pairs: list[dict], cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict]]:
+    from blueprint.copying import copy_rate
+    from blueprint.reward import RewardConfig, RewardModel
+
     """All metrics of the summarizer/coder in `model` on `pairs`, and one sample row per pair."""
     prompts = PromptConfig(style=cfg.prompt_style)
     eos = tokenizer.eos_token_id
@@ -211,6 +216,11 @@ def previous_history(previous: str | None) -> list[dict[str, Any]]:
 
 def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: str | None, out_dir: Path,
           progress: bool = True) -> dict[str, Any]:
+    import torch
+
+    from blueprint import modeling
+    from blueprint.data import read_pairs
+
     start = time.time()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     pairs = read_pairs(shards, "eval", limit=cfg.max_examples)

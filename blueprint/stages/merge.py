@@ -20,10 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM
-
-from blueprint import artifacts, modeling, storage
+from blueprint import artifacts, storage
 from blueprint.config import require
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.report import DESCRIPTIONS, table
@@ -62,8 +59,10 @@ class MergeConfig:
         require(self.threads >= 0, "threads", "must be >= 0")
 
 
-def check_batch(tokenizer, role: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_batch(tokenizer, role: str, size: int):
     """(input_ids, attention_mask) of `size` fixed prompts in `role`'s format, right-padded."""
+    import torch
+
     prompts = PromptConfig()
     texts = [summary_prompt(CHECK_CODES[i % len(CHECK_CODES)], prompts) if role == "summarizer"
              else code_prompt(CHECK_SUMMARIES[i % len(CHECK_SUMMARIES)], prompts) for i in range(size)]
@@ -74,15 +73,19 @@ def check_batch(tokenizer, role: str, size: int) -> tuple[torch.Tensor, torch.Te
     return input_ids, mask
 
 
-@torch.no_grad()
-def logits(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def logits(model, batch):
     """fp32 logits at the real (unpadded) positions of the batch, flattened to [positions, vocab]."""
+    import torch
+
     input_ids, mask = batch
-    out = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
     return out[mask.bool()]
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_diff(a, b) -> float:
+    import torch
+
     if a.shape != b.shape:
         return float("inf")
     diff = (a - b).abs().max()
@@ -91,6 +94,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: MergeConfig) -> dict[str, Any]:
     """Merge `role` into a fresh base, save it to `out_dir`, and verify it; returns the role's metrics."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from blueprint import modeling
+
     model, tokenizer = open_base(base, cfg.threads)
     model = modeling.load_adapters(model, adapter_dir, names=[role], frozen=[role]).eval()
     batch = check_batch(tokenizer, role, cfg.check_batch)
@@ -133,6 +141,8 @@ def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
 def model_card(role: str, base: str, adapters: str, adapter_run: dict[str, Any], evaluation: str | None,
                scores: dict[str, Any], check: float) -> str:
     """README.md of a merged folder: what it is, where it came from, how it scored, how to load it."""
+    from blueprint import modeling
+
     task = {"summarizer": "writes a one-paragraph summary (docstring) of a Python function",
             "coder": "writes a Python function from its summary (docstring)"}[role]
     prompt = PromptConfig()
@@ -163,6 +173,10 @@ def folder_bytes(path: Path) -> int:
 
 def build(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, out_dir: Path,
           progress: bool = True) -> dict[str, Any]:
+    import torch
+
+    from blueprint import modeling
+
     start = time.time()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.manual_seed(cfg.seed)

@@ -15,15 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
-from blueprint import artifacts, modeling, storage
+from blueprint import artifacts, storage
 from blueprint.config import require
-from blueprint.data import read_pairs
-from blueprint.ppo import KLExplodedError, PPOConfig, PPOTrainer, ValueHead
 from blueprint.prompts import PromptConfig, encode_prompts, summary_prompt
-from blueprint.reward import RewardConfig, RewardModel
 from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_set, split_base, stage_settings
 from blueprint.stages.warmup import WarmupConfig, clip_tokens, sft_datasets, train_adapter
 
@@ -74,7 +68,9 @@ class PPORoundConfig:
         require(self.coder_lr > 0 and self.coder_batch_size >= 1, "coder_lr", "coder_lr > 0 and coder_batch_size >= 1")
         self.ppo_config()  # validates the PPO hyper-parameters
 
-    def ppo_config(self) -> PPOConfig:
+    def ppo_config(self):
+        from blueprint.ppo_config import PPOConfig
+
         return PPOConfig(lr=self.lr, batch_size=self.batch_size, mini_batch_size=self.mini_batch_size,
                          ppo_epochs=self.ppo_epochs, temperature=self.temperature,
                          max_new_tokens=self.max_new_tokens, init_kl_coef=self.init_kl_coef,
@@ -92,7 +88,7 @@ def round_batch(pairs: list[dict], cfg: PPORoundConfig) -> list[dict]:
 class RoundScorer:
     """score_fn for PPO: decode the summaries, score them with the coder, keep them for back-translation."""
 
-    def __init__(self, reward: RewardModel, tokenizer, use_gain: bool):
+    def __init__(self, reward, tokenizer, use_gain: bool):
         self.reward, self.tokenizer, self.use_gain = reward, tokenizer, use_gain
         self.codes: list[str] = []
         self.written: list[tuple[str, str]] = []  # (generated summary, code)
@@ -105,8 +101,12 @@ class RoundScorer:
         return score, {"ce": out.ce, "gain": out.gain, "length_term": out.length_term}
 
 
-def probe_reward(model, tokenizer, reward: RewardModel, codes: list[str], cfg: PPORoundConfig) -> float:
+def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig) -> float:
     """Mean reward of greedy summaries of `codes`: a low-noise before/after measure of the round."""
+    import torch
+
+    from blueprint import modeling
+
     prompts = PromptConfig(style=cfg.prompt_style)
     ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
     width = max(map(len, ids))
@@ -119,7 +119,9 @@ def probe_reward(model, tokenizer, reward: RewardModel, codes: list[str], cfg: P
     return float(reward(codes, summaries).reward.mean())
 
 
-def _save(model, tokenizer, trainer: PPOTrainer, out_dir: Path, base: str, extra: dict) -> None:
+def _save(model, tokenizer, trainer, out_dir: Path, base: str, extra: dict) -> None:
+    import torch
+
     save_adapter_set(model, tokenizer, out_dir, base, ["summarizer", "coder", "reference"], extra)
     trainer.value_head.save(out_dir / VALUE_HEAD_FILE)
     state = trainer.state_dict()
@@ -129,6 +131,14 @@ def _save(model, tokenizer, trainer: PPOTrainer, out_dir: Path, base: str, extra
 
 def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
           progress: bool = True) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from blueprint import modeling
+    from blueprint.data import read_pairs
+    from blueprint.ppo import KLExplodedError, PPOTrainer, ValueHead
+    from blueprint.reward import RewardConfig, RewardModel
+
     start = time.time()
     torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
     model, tokenizer = open_base(base, cfg.threads, progress)

@@ -12,11 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
-
-from blueprint import artifacts, modeling
+from blueprint import artifacts
 from blueprint.config import require
-from blueprint.data import read_pairs
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
 from blueprint.stages.common import open_base, save_adapter_set, split_base, stage_settings
 
@@ -51,7 +48,9 @@ class WarmupConfig:
         require(self.max_pairs >= 1 and self.eval_pairs >= 1, "max_pairs", "max_pairs and eval_pairs must be >= 1")
         PromptConfig(style=self.prompt_style)
 
-    def lora(self) -> modeling.LoraSettings:
+    def lora(self):
+        from blueprint import modeling
+
         targets = tuple(self.target_modules) if self.target_modules else None
         return modeling.LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                                      target_modules=targets)
@@ -63,8 +62,10 @@ def clip_tokens(tokenizer: Any, texts: list[str], max_tokens: int) -> list[str]:
     return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids)]
 
 
-def sft_datasets(pairs: list[dict], tokenizer: Any, cfg: WarmupConfig) -> dict[str, Dataset]:
+def sft_datasets(pairs: list[dict], tokenizer: Any, cfg: WarmupConfig) -> dict[str, Any]:
     """Prompt-completion datasets for both roles (clipped consistently with the reward's limits)."""
+    from datasets import Dataset
+
     prompts = PromptConfig(style=cfg.prompt_style)
     codes = clip_tokens(tokenizer, [p["code"] for p in pairs], cfg.max_code_tokens)
     sums = clip_tokens(tokenizer, [p["summary"] for p in pairs], cfg.max_summary_tokens)
@@ -74,9 +75,10 @@ def sft_datasets(pairs: list[dict], tokenizer: Any, cfg: WarmupConfig) -> dict[s
     }
 
 
-def train_adapter(model, tokenizer, adapter: str, train: Dataset, evals: Dataset, steps: int, cfg: WarmupConfig,
+def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, cfg: WarmupConfig,
                   progress: bool) -> dict[str, float]:
     """SFT of one adapter (only its weights train); held-out and train loss before and after."""
+    from blueprint import modeling
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -107,6 +109,9 @@ def train_adapter(model, tokenizer, adapter: str, train: Dataset, evals: Dataset
 
 
 def build(cfg: WarmupConfig, shards: str, base: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    from blueprint import modeling
+    from blueprint.data import read_pairs
+
     start = time.time()
     model, tokenizer = open_base(base, cfg.threads, progress)
     pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
