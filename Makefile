@@ -24,9 +24,71 @@ run: install
 	$(VENV)/bin/blueprint run --profile default
 
 compile: install
-	$(VENV)/bin/blueprint compile --out pipeline.yaml
+	BLUEPRINT_IMAGE=$(IMAGE) $(VENV)/bin/blueprint compile --out pipeline.yaml --image $(IMAGE) $(CLUSTER_FLAGS)
 
 bench: install
 	$(PY) benchmarks/shard_throughput.py
 	$(PY) benchmarks/reward_throughput.py
 	$(PY) benchmarks/ppo_throughput.py
+
+# ---- Images and Kubeflow delivery (docker/KUBEFLOW.md) -------------------------------------------------------
+# IMAGE is the one image reference: `make push` pushes it, `make compile/submit/schedule` put it in the pipeline.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+REGISTRY ?= ghcr.io/blueprint-rt
+IMAGE ?= $(REGISTRY)/blueprint:$(VERSION)
+CUDA_IMAGE ?= $(IMAGE)-cuda
+LOCAL_IMAGE := blueprint:$(VERSION)
+LOCAL_CUDA_IMAGE := blueprint:$(VERSION)-cuda
+BASE_IMAGE ?=
+CUDA_BASE_IMAGE ?=
+CA_BUNDLE ?=
+CLUSTER ?=
+KFP_HOST ?= $(KF_PIPELINES_ENDPOINT)
+CRON ?= 0 3 * * 1
+# docker when its daemon answers, else podman; empty when neither works
+ENGINE ?= $(shell if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then echo docker; \
+                  elif command -v podman >/dev/null 2>&1; then echo podman; fi)
+CLUSTER_FLAGS = $(if $(CLUSTER),--cluster-config $(CLUSTER))
+SOURCE ?= $(shell git remote get-url origin 2>/dev/null)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+# OCI labels as build args (for the Dockerfile's LABEL) and as --label: buildah's layer cache ignores a changed
+# ARG in LABEL and would keep the previous revision.
+OCI = org.opencontainers.image
+BUILD_FLAGS = --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) \
+	--label $(OCI).version=$(VERSION) --label $(OCI).revision=$(REVISION) \
+	$(if $(SOURCE),--build-arg SOURCE=$(SOURCE) --label $(OCI).source=$(SOURCE)) \
+	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
+comma := ,
+
+.PHONY: lock images image-cpu image-cuda push submit schedule check-engine
+
+lock: install
+	$(PY) docker/lock.py
+
+check-engine:
+	@test -n "$(ENGINE)" || { echo "make: no container engine: neither a running docker daemon nor podman was" \
+	  "found. Install Docker (with BuildKit) or Podman, or build on CI; see docker/KUBEFLOW.md." >&2; exit 1; }
+
+images: image-cpu image-cuda
+
+image-cpu: check-engine
+	$(if $(filter docker,$(ENGINE)),DOCKER_BUILDKIT=1) $(ENGINE) build -f docker/Dockerfile \
+	  $(if $(filter podman,$(ENGINE)),--ignorefile docker/Dockerfile.dockerignore) \
+	  $(BUILD_FLAGS) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(LOCAL_IMAGE) .
+
+image-cuda: check-engine
+	$(if $(filter docker,$(ENGINE)),DOCKER_BUILDKIT=1) $(ENGINE) build -f docker/Dockerfile.cuda \
+	  $(if $(filter podman,$(ENGINE)),--ignorefile docker/Dockerfile.cuda.dockerignore) \
+	  $(BUILD_FLAGS) $(if $(CUDA_BASE_IMAGE),--build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE)) -t $(LOCAL_CUDA_IMAGE) .
+
+push: check-engine
+	$(ENGINE) tag $(LOCAL_IMAGE) $(IMAGE)
+	$(ENGINE) push $(IMAGE)
+	@if $(ENGINE) image inspect $(LOCAL_CUDA_IMAGE) >/dev/null 2>&1; then \
+	  $(ENGINE) tag $(LOCAL_CUDA_IMAGE) $(CUDA_IMAGE) && $(ENGINE) push $(CUDA_IMAGE); fi
+
+submit: install
+	$(VENV)/bin/blueprint submit --host "$(KFP_HOST)" --image $(IMAGE) $(CLUSTER_FLAGS)
+
+schedule: install
+	$(VENV)/bin/blueprint schedule --host "$(KFP_HOST)" --cron "$(CRON)" --image $(IMAGE) $(CLUSTER_FLAGS)

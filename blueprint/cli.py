@@ -132,12 +132,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from blueprint import kubeflow
     from components import DEFAULT_IMAGE
-    from pipelines import compile_pipeline
 
     args.image = DEFAULT_IMAGE if args.image is None else args.image
-    compile_pipeline(args.out, epochs=args.epochs, profile=args.profile, image=args.image,
-                     artifact_root=args.artifact_root)
+    # cluster flags / --cluster-config -> validated ClusterSettings -> the pipeline's configure_task hook
+    kubeflow.compile_package(args.out, epochs=args.epochs, profile=args.profile, image=args.image,
+                             artifact_root=args.artifact_root, settings=kubeflow.cluster_settings(args))
     print(f"compiled {args.epochs}-epoch pipeline ({args.profile} profile, image {args.image}) -> {args.out}")
     return 0
 

@@ -1,8 +1,501 @@
-"""Kubeflow delivery: `blueprint submit` and `blueprint schedule` (filled in by the Kubeflow-delivery work)."""
+"""Kubeflow delivery: compile with cluster settings, `blueprint submit` one run, `blueprint schedule` retraining.
+
+Everything that can be checked without the cluster is checked before the first request (cron expression,
+parameter names and types, every stage's settings, cluster settings), so a typo costs a second, not a failed
+run. Network failures become one line naming the host (exit 2), never a traceback.
+
+Warm start: a recurring retraining can continue from the adapters of the newest committed `ppo-round` under
+the same artifact root (trained on the same base) instead of starting again from warmup; `warmup_task` is what
+the warmup component calls for that, and `latest_adapters` is the lookup behind it.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blueprint import cluster
+from blueprint.config import ConfigError
+
+TOKEN_ENV = "KF_PIPELINES_TOKEN"
+HOST_ENV = "KF_PIPELINES_ENDPOINT"
+DEFAULT_ARTIFACT_ROOT = "s3://blueprint/artifacts"
+
+
+class KubeflowError(ValueError):
+    """Kubeflow Pipelines cannot be reached or refused a request; the message names the host."""
+
+
+# ---------------------------------------------------------------------------------------------- cluster flags
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """Cluster settings on the command line; a `--cluster-config` file gives the rest (flags win)."""
+    g = p.add_argument_group("cluster settings (see docker/KUBEFLOW.md)")
+    g.add_argument("--cluster-config", default=None, help="YAML/JSON file of ClusterSettings fields")
+    g.add_argument("--s3-secret", default=None, help="Kubernetes secret holding the S3 keys (its NAME only)")
+    g.add_argument("--s3-secret-keys", default=None, metavar="ACCESS_FIELD,SECRET_FIELD",
+                   help="data keys in that secret (default AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY; "
+                        "KFP's MinIO secret: accesskey,secretkey)")
+    g.add_argument("--s3-endpoint", default=None, help="AWS_ENDPOINT_URL for the pods, e.g. "
+                                                       "http://minio-service.kubeflow:9000")
+    g.add_argument("--gpu", action="store_true", default=None, help="request an accelerator for "
+                                                                    "warmup/ppo-round/evaluate/merge")
+    g.add_argument("--accelerator", default=None, help="accelerator resource, default nvidia.com/gpu")
+    g.add_argument("--gpu-count", type=int, default=None, help="accelerators per GPU stage (default 1)")
+    g.add_argument("--retries", type=int, default=None, help="retries per stage, exponential backoff")
+
+
+def cluster_settings(args: argparse.Namespace) -> cluster.ClusterSettings:
+    """Validated ClusterSettings from `--cluster-config` and the cluster flags of `args`."""
+    keys = {}
+    if getattr(args, "s3_secret_keys", None):
+        fields = [f.strip() for f in args.s3_secret_keys.split(",")]
+        if len(fields) != 2 or not all(fields):
+            raise ConfigError(f"--s3-secret-keys {args.s3_secret_keys!r}: give ACCESS_FIELD,SECRET_FIELD")
+        keys = {"s3_access_key_field": fields[0], "s3_secret_key_field": fields[1]}
+    return cluster.load(getattr(args, "cluster_config", None), s3_secret=getattr(args, "s3_secret", None),
+                        s3_endpoint=getattr(args, "s3_endpoint", None), gpu=getattr(args, "gpu", None),
+                        accelerator=getattr(args, "accelerator", None), gpu_count=getattr(args, "gpu_count", None),
+                        retries=getattr(args, "retries", None), **keys)
+
+
+def compile_package(path: str, *, epochs: int, profile: str, image: str, artifact_root: str,
+                    settings: cluster.ClusterSettings) -> str:
+    """Compile the pipeline with `settings` applied to every task; warn when S3 has no credentials secret."""
+    from blueprint import profiles
+    from pipelines import compile_pipeline
+
+    profiles.stage_settings(profile, "shard")  # unknown profile -> ValueError naming it
+    compile_pipeline(path, epochs=epochs, profile=profile, image=image, artifact_root=artifact_root,
+                     configure_task=cluster.configure_task(settings))
+    # after compiling, so that a compile that fails says only why
+    warning = cluster.s3_credentials_warning(artifact_root, settings.s3_secret)
+    if warning:
+        print(warning, file=sys.stderr)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+def read_package(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pipeline spec, platform spec) documents of a compiled pipeline YAML."""
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d]
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"pipeline package {path} cannot be read: {exc}") from None
+    if not docs or "root" not in docs[0]:
+        raise ConfigError(f"pipeline package {path} is not a compiled KFP pipeline (no root)")
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def pipeline_parameters(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{name: {"parameterType": ..., "defaultValue": ...}} of the pipeline's own inputs."""
+    return dict(spec["root"].get("inputDefinitions", {}).get("parameters", {}))
+
+
+def _typed(name: str, text: str, kind: str) -> Any:
+    """`text` read as the KFP parameter type `kind`; a mismatch names the parameter."""
+    try:
+        if kind == "NUMBER_INTEGER":
+            return int(text)
+        if kind == "NUMBER_DOUBLE":
+            return float(text)
+        if kind == "BOOLEAN":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "STRUCT":
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        if kind == "LIST":
+            value = json.loads(text)
+            if not isinstance(value, list):
+                raise ValueError
+            return value
+        return text
+    except ValueError:
+        example = {"STRUCT": '{"steps": 40}', "LIST": "[1, 2]", "BOOLEAN": "true"}.get(kind, "")
+        raise ConfigError(f"--param {name}: {text!r} is not a {kind.lower()}"
+                          + (f" (e.g. {example})" if example else "")) from None
+
+
+def parse_params(items: list[str] | None, spec: dict[str, Any]) -> dict[str, Any]:
+    """`--param k=v` strings -> typed run arguments, checked against the compiled pipeline's parameters.
+
+    A dict parameter (`warmup_settings`) takes JSON merged onto its compiled default, or one key at a time:
+    `--param warmup_settings.steps=40`. Passing a partial dict that replaced the default would silently drop
+    the profile's other settings, hence the merge.
+    """
+    params = pipeline_parameters(spec)
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        name, dot, sub = key.partition(".")
+        if not sep or not name:
+            raise ConfigError(f"--param expects NAME=VALUE or NAME.KEY=VALUE, got {item!r}")
+        if name not in params:
+            raise ConfigError(f"--param {name}: the pipeline has no such parameter; it has {', '.join(sorted(params))}")
+        kind = params[name].get("parameterType", "STRING")
+        if dot:
+            if kind != "STRUCT":
+                raise ConfigError(f"--param {key}: only dict parameters take NAME.KEY=VALUE")
+            try:
+                value: Any = json.loads(text)
+            except ValueError:
+                value = text
+            out.setdefault(name, dict(params[name].get("defaultValue") or {}))[sub] = value
+        elif kind == "STRUCT":
+            out.setdefault(name, dict(params[name].get("defaultValue") or {})).update(_typed(name, text, kind))
+        else:
+            out[name] = _typed(name, text, kind)
+    _check_stage_settings(out, spec)
+    return out
+
+
+def _check_stage_settings(arguments: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Build every stage config the run will get, so a bad setting fails here, naming its parameter."""
+    from blueprint.config import build
+    from blueprint.local_run import PARAM_OF_STAGE
+    from blueprint.stages import registry
+
+    params = pipeline_parameters(spec)
+    for stage, param in PARAM_OF_STAGE.items():
+        if param not in arguments:
+            continue
+        probe = dict(arguments[param])
+        if stage == "ppo-round":
+            probe.setdefault("round_index", 1)
+        if stage == "shard":
+            probe.setdefault("source", arguments.get("source", params.get("source", {}).get("defaultValue")))
+        try:
+            build(registry.get(stage).config_type(), probe)
+        except ConfigError as exc:
+            raise ConfigError(f"--param {param}: {exc}") from None
+
+
+def s3_secret_names(platform: dict[str, Any]) -> set[str]:
+    """Names of the secrets a compiled pipeline maps into its pods' environment."""
+    names = set()
+    for cfg in platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}) \
+            .get("executors", {}).values():
+        for entry in cfg.get("secretAsEnv", []):
+            names.add(entry.get("secretName") or
+                      entry.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant", ""))
+    return names - {""}
+
+
+# ------------------------------------------------------------------------------------------------------ cron
+
+_CRON_FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12),
+                ("day-of-week", 0, 6))
+_CRON_NAMES = {"month": {m: i + 1 for i, m in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split())},
+               "day-of-week": {d: i for i, d in enumerate("SUN MON TUE WED THU FRI SAT".split())}}
+_CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def _cron_value(expr: str, field: str, token: str, lo: int, hi: int) -> int:
+    names = _CRON_NAMES.get(field, {})
+    if token.upper() in names:
+        return names[token.upper()]
+    if not token.isdigit():
+        raise KubeflowError(f"invalid cron expression {expr!r}: {field} {token!r} is not a number"
+                            + (f" or one of {', '.join(names)}" if names else ""))
+    value = int(token)
+    if not lo <= value <= hi:
+        raise KubeflowError(f"invalid cron expression {expr!r}: {field} {value} is outside {lo}-{hi}")
+    return value
+
+
+def kfp_cron(expr: str) -> str:
+    """`expr` as the 6-field cron KFP's scheduler parses (seconds first), or KubeflowError naming it.
+
+    KFP's ScheduledWorkflow controller uses robfig/cron v1, whose parser reads FIVE fields as
+    `second minute hour day-of-month month` (day-of-week optional), not as standard cron: "0 3 * * 1" would
+    run at minute 3 of every hour in January. A 5-field expression is therefore read as standard cron and
+    given "0" seconds: "0 3 * * 1" -> "0 0 3 * * 1" (03:00 every Monday). Descriptors (@daily, ...) pass as is.
+    """
+    text = " ".join(str(expr).split())
+    if text in _CRON_DESCRIPTORS:
+        return text
+    if text.startswith("@every "):
+        if not re.fullmatch(r"@every (\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", text):
+            raise KubeflowError(f"invalid cron expression {expr!r}: @every needs a duration like 6h or 90m")
+        return text
+    fields = text.split(" ") if text else []
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    if len(fields) != 6:
+        raise KubeflowError(f"invalid cron expression {expr!r}: expected 5 fields (minute hour day-of-month "
+                            f"month day-of-week) or 6 (seconds first), got {len(fields)}")
+    for (field, lo, hi), value in zip(_CRON_FIELDS, fields):
+        for item in value.split(","):
+            if item == "?" and field in ("day-of-month", "day-of-week"):
+                continue
+            span, slash, step = item.partition("/")
+            if slash and (not step.isdigit() or int(step) < 1):
+                raise KubeflowError(f"invalid cron expression {expr!r}: {field} step {step!r} must be >= 1")
+            if span == "*":
+                continue
+            first, dash, last = span.partition("-")
+            start = _cron_value(expr, field, first, lo, hi)
+            if dash and _cron_value(expr, field, last, lo, hi) < start:
+                raise KubeflowError(f"invalid cron expression {expr!r}: {field} range {span!r} runs backwards")
+    return " ".join(fields)
+
+
+# ---------------------------------------------------------------------------------------------------- client
+
+def _reason(exc: BaseException) -> str:
+    """A one-line cause out of urllib3's nested connection errors (object reprs dropped)."""
+    inner = getattr(exc, "reason", None)
+    text = str(inner if isinstance(inner, BaseException) else exc)
+    return re.sub(r"<[^>]*>:?\s*", "", text).strip() or type(exc).__name__
+
+
+@contextlib.contextmanager
+def talking_to(host: str) -> Iterator[None]:
+    """Turn whatever the KFP client raises on the wire into one KubeflowError line naming `host`."""
+    import kfp_server_api
+    import urllib3
+
+    try:
+        yield
+    except kfp_server_api.ApiException as exc:
+        if not exc.status:
+            raise KubeflowError(f"cannot reach Kubeflow Pipelines at {host}: {exc.reason}") from None
+        body = re.sub(r"\s+", " ", str(exc.body or ""))[:300]
+        hint = f" (set {TOKEN_ENV} to a valid token)" if exc.status in (401, 403) else ""
+        raise KubeflowError(f"Kubeflow Pipelines at {host} answered {exc.status} {exc.reason}{hint}: {body}") \
+            from None
+    except (urllib3.exceptions.HTTPError, OSError, TimeoutError) as exc:
+        raise KubeflowError(f"cannot reach Kubeflow Pipelines at {host}: {_reason(exc)}") from None
+
+
+def connect(host: str, namespace: str | None = None):
+    """A kfp.Client for `host`, after one quick health probe so a dead host fails in seconds, not retries.
+
+    The token comes from $KF_PIPELINES_TOKEN (never a flag: it would land in shell history).
+    """
+    import kfp
+    import kfp_server_api
+    import urllib3
+
+    token = os.environ.get(TOKEN_ENV) or None
+    config = kfp_server_api.Configuration(host=host.rstrip("/"))
+    config.retries = urllib3.Retry(total=1, backoff_factor=0.2)
+    if token:
+        config.api_key["authorization"], config.api_key_prefix["authorization"] = token, "Bearer"
+    with talking_to(host):
+        kfp_server_api.HealthzServiceApi(kfp_server_api.ApiClient(config)) \
+            .healthz_service_get_healthz(_request_timeout=(5, 20))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP v2": we target v2
+            return kfp.Client(host=host.rstrip("/"), namespace=namespace or "kubeflow", existing_token=token)
+
+
+# -------------------------------------------------------------------------------------------------- commands
+
+def _host(args: argparse.Namespace) -> str:
+    host = args.host or os.environ.get(HOST_ENV)
+    if not host:
+        raise ConfigError(f"give --host URL (or set {HOST_ENV}), e.g. http://localhost:8080 after "
+                          "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`")
+    if not re.match(r"^https?://[^\s/]+", host):
+        raise ConfigError(f"--host {host!r} must start with http:// or https://")
+    return host
+
+
+@contextlib.contextmanager
+def _package(args: argparse.Namespace, warm_start: bool = False) -> Iterator[str]:
+    """The pipeline YAML to send: `--package` as given, or compiled now from the compile flags."""
+    compile_flags = ("epochs", "profile", "image", "artifact_root", "cluster_config", "s3_secret", "s3_secret_keys",
+                     "s3_endpoint", "gpu", "accelerator", "gpu_count", "retries")
+    if args.package:
+        given = [f"--{f.replace('_', '-')}" for f in compile_flags if getattr(args, f, None) is not None]
+        if given:
+            raise ConfigError(f"--package is compiled already; {', '.join(given)} would be ignored: drop them "
+                              "or drop --package")
+        if warm_start:
+            raise ConfigError("--warm-start needs the warmup task's KFP cache off, decided at compile time: "
+                              "drop --package and let schedule compile")
+        yield args.package
+        return
+    from components import DEFAULT_IMAGE
+
+    settings = cluster_settings(args)
+    if warm_start:  # same parameters every run: a KFP cache hit would hand back last run's warmup forever
+        settings = dataclasses.replace(settings, caching={**settings.caching, "warmup": False})
+    with tempfile.TemporaryDirectory(prefix="blueprint-kfp-") as tmp:
+        yield compile_package(str(Path(tmp) / "pipeline.yaml"), epochs=args.epochs or 2,
+                              profile=args.profile or "default",
+                              image=DEFAULT_IMAGE if args.image is None else args.image,
+                              artifact_root=args.artifact_root or DEFAULT_ARTIFACT_ROOT, settings=settings)
+
+
+def _prepare(args: argparse.Namespace, package: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Typed run arguments for `package`, plus a warning when S3 artifacts have no credentials secret."""
+    spec, platform = read_package(package)
+    arguments = parse_params(args.param, spec)
+    arguments.update(extra or {})
+    if args.package:  # a compiled package: read the effective root and the secrets from the YAML itself
+        root = arguments.get("artifact_root", pipeline_parameters(spec).get("artifact_root", {}).get("defaultValue"))
+        warning = cluster.s3_credentials_warning(str(root), ",".join(s3_secret_names(platform)) or None)
+        if warning:
+            print(warning, file=sys.stderr)
+    return arguments
+
+
+def _service_account(args: argparse.Namespace) -> str | None:
+    if args.service_account:
+        return args.service_account
+    return cluster.load(args.cluster_config).service_account if args.cluster_config else None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    host = _host(args)
+    with _package(args) as package:
+        arguments = _prepare(args, package)
+        service_account = _service_account(args)
+        run_name = args.run_name or f"blueprint {dt.datetime.now():%Y-%m-%d %H:%M:%S}"
+        client = connect(host, args.namespace)
+        with talking_to(host):
+            result = client.create_run_from_pipeline_package(
+                package, arguments=arguments, run_name=run_name, experiment_name=args.experiment,
+                namespace=args.namespace, service_account=service_account)
+    print(f"submitted run {result.run_id} ({run_name!r}) to {host}, experiment {args.experiment!r}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    cron = kfp_cron(args.cron)  # before anything else: a bad expression never reaches the server
+    if not 1 <= args.max_concurrency <= 10:
+        raise ConfigError(f"--max-concurrency {args.max_concurrency}: KFP accepts 1 to 10")
+    host = _host(args)
+    with _package(args, warm_start=args.warm_start) as package:
+        spec, _ = read_package(package)
+        extra = {}
+        if args.warm_start:
+            if "warm_start" not in pipeline_parameters(spec):
+                raise ConfigError("--warm-start: this pipeline has no warm_start parameter (wire "
+                                  "blueprint.kubeflow.warmup_task into the warmup component)")
+            extra["warm_start"] = True
+        arguments = _prepare(args, package, extra)
+        service_account = _service_account(args)
+        client = connect(host, args.namespace)
+        with talking_to(host):
+            experiment = client.create_experiment(name=args.experiment, namespace=args.namespace)
+            job = client.create_recurring_run(
+                experiment_id=experiment.experiment_id, job_name=args.name,
+                description=f"BluePrint retraining, cron {cron!r}" + (", warm start" if args.warm_start else ""),
+                cron_expression=cron, max_concurrency=args.max_concurrency, no_catchup=args.no_catchup,
+                params=arguments, pipeline_package_path=package, enabled=not args.paused,
+                service_account=service_account)
+    state = "paused" if args.paused else "enabled"
+    print(f"scheduled recurring run {job.recurring_run_id} ({args.name!r}, {state}) on {host}: cron {cron!r}, "
+          f"max concurrency {args.max_concurrency}, catchup {'off' if args.no_catchup else 'on'}"
+          + (", warm start" if args.warm_start else ""))
+    return 0
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=None, help=f"KFP API endpoint (default ${HOST_ENV}); token from ${TOKEN_ENV}")
+    p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    p.add_argument("--experiment", default="blueprint", help="experiment name (created when missing)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="pipeline parameter (repeatable): epochs are compile-time, e.g. ppo_steps=20, "
+                        "warmup_settings.steps=40, warmup_settings='{\"steps\": 40}'")
+    p.add_argument("--service-account", default=None, help="Kubernetes service account of the run's pods (IRSA)")
+    p.add_argument("--package", default=None, help="send this compiled pipeline YAML instead of compiling")
+    p.add_argument("--epochs", type=int, default=None, help="PPO rounds (compile time, default 2)")
+    p.add_argument("--profile", default=None, help="settings bundle: default | smoke")
+    p.add_argument("--image", default=None, help="component image (default: $BLUEPRINT_IMAGE or the release tag)")
+    p.add_argument("--artifact-root", default=None, help=f"default artifact_root (default {DEFAULT_ARTIFACT_ROOT})")
+    add_cluster_flags(p)
 
 
 def add_commands(sub: argparse._SubParsersAction, compile_parser: argparse.ArgumentParser) -> None:
-    """Register the Kubeflow subcommands on the CLI (and cluster flags on `compile`)."""
+    """Register `submit` and `schedule` on the CLI, and the cluster flags on `compile`."""
+    add_cluster_flags(compile_parser)
+
+    s = sub.add_parser("submit", help="compile and start one run on Kubeflow Pipelines")
+    _add_run_flags(s)
+    s.add_argument("--run-name", default=None)
+    s.set_defaults(func=cmd_submit)
+
+    r = sub.add_parser("schedule", help="create a recurring (cron) retraining run on Kubeflow Pipelines")
+    _add_run_flags(r)
+    r.add_argument("--cron", required=True, help='"MIN HOUR DOM MON DOW" (seconds 0 added) or 6 fields, '
+                                                 'e.g. "0 3 * * 1" = Mondays 03:00')
+    r.add_argument("--name", default="blueprint-retrain", help="recurring run name")
+    r.add_argument("--max-concurrency", type=int, default=1, help="runs allowed at once (1-10)")
+    r.add_argument("--no-catchup", action="store_true", help="after a pause, run once instead of backfilling")
+    r.add_argument("--paused", action="store_true", help="create the schedule disabled")
+    r.add_argument("--warm-start", action="store_true",
+                   help="continue from the newest ppo-round adapters under the artifact root")
+    r.set_defaults(func=cmd_schedule)
+
+
+# ------------------------------------------------------------------------------------------------ warm start
+
+def latest_adapters(artifact_root: str, base: str | None = None) -> str | None:
+    """URI of the newest committed `ppo-round` output under `artifact_root` (by manifest `created`), or None.
+
+    With `base`, only adapters trained on that very base count (the identity check the stages make when they
+    load adapters): a new corpus that rebuilt the tiny base starts again from warmup, as it must.
+    """
+    from blueprint import storage
+    from blueprint.cli import cached_outputs
+
+    rows = [r for r in cached_outputs(artifact_root) if r["stage"] == "ppo-round"]
+    if base is not None and rows:
+        from blueprint.stages.common import BASE_FILE, base_identity
+
+        identity = base_identity(base)
+        rows = [r for r in rows if storage.read_json(storage.join(r["uri"], BASE_FILE)).get("base_identity")
+                == identity]
+    if not rows:
+        return None
+    return max(rows, key=lambda r: (r["created"], r["key"]))["uri"]
+
+
+def warmup_task(settings: dict[str, Any], shards: str, base: str, artifact_root: str, force: bool,
+                warm_start: bool, metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
+    """The warmup component's body: on `warm_start`, hand on the newest compatible ppo-round adapters.
+
+    Otherwise (or when no earlier round exists) the warmup stage runs as always. Returns (uri, key) like
+    `blueprint.kfp_runtime.run_stage_task`.
+    """
+    from blueprint import artifacts
+    from blueprint.kfp_runtime import run_stage_task
+
+    previous = latest_adapters(artifact_root, base) if warm_start and not force else None
+    if previous is None:
+        return run_stage_task("warmup", settings, {"shards": shards, "base": base}, artifact_root, force,
+                              metrics, report_path)
+    manifest = artifacts.read_manifest(previous, verify="sizes")
+    print(json.dumps({"stage": "warmup", "warm_start": previous}))
+    if metrics is not None:
+        metrics.log_metric("warm_start", 1.0)
+        metrics.log_metric("cache_hit", 1.0)
+    if report_path is not None:
+        with open(report_path, "w", encoding="utf-8") as f:
+            f.write(f"# warmup (warm start)\n\nContinuing from `{previous}`: the newest committed ppo-round "
+                    f"on this base (created {manifest.get('created', '?')}), instead of training from scratch.\n")
+    return previous, manifest.get("key") or ""

@@ -32,8 +32,9 @@ from torch import nn
 from transformers import GenerationConfig
 
 from blueprint.copying import copy_rates
-from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, logprobs_and_entropy,
-                                masked_mean, masked_whiten, per_token_rewards, ppo_losses, whiten)
+from blueprint.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
+from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
+                                masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses, whiten)
 
 __all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExplodedError", "ScoreFn",
            "AdaptiveKLController", "FixedKLController", "eos_cut"]
@@ -52,65 +53,6 @@ class KLExplodedError(PPOError):
     def __init__(self, kl: float, max_kl: float, rolled_back: bool, stats: dict[str, float]):
         super().__init__(f"KL {kl:.3f} > max_kl {max_kl}; rolled back to the last good state: {rolled_back}")
         self.kl, self.max_kl, self.rolled_back, self.stats = kl, max_kl, rolled_back, stats
-
-
-@dataclass
-class PPOConfig:
-    lr: float = 5e-5
-    batch_size: int = 16            # queries per ppo_step
-    mini_batch_size: int = 4        # sequences per gradient step
-    ppo_epochs: int = 4
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    temperature: float = 0.7        # sampling AND log-prob temperature
-    top_k: int = 0                  # 0 = off (sampling then differs from the π used for log-probs: keep off)
-    top_p: float = 1.0              # 1.0 = off (same caveat)
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0         # >0 suppresses EOS while sampling (benchmarks only: biases the behaviour policy)
-    init_kl_coef: float = 0.05
-    adaptive_kl: bool = True
-    kl_target: float = 6.0          # per-sequence KL (sum over tokens) the adaptive controller steers to
-    kl_horizon: int = 10000
-    missing_eos_penalty: float = 1.0  # subtracted from the score of responses without EOS (0 = off)
-    whiten_rewards: bool = False    # standardise the scalar scores across the batch before adding them
-    copy_penalty: float = 1.0       # subtracted per unit of copy_rate (0 = off)
-    copy_ngram: int = 4
-    max_kl: float = 50.0            # per-sequence KL above which the step aborts (KLExplodedError)
-    max_bad_batches: int = 3        # consecutive non-finite-score batches tolerated before PPOError
-    forward_batch_size: int | None = None  # chunk size of the no-grad rollout forwards (None = whole batch)
-    weight_decay: float = 0.0
-    policy_adapter: str = "summarizer"
-    reference_adapter: str | None = "reference"  # None = the bare base (adapters disabled) is the reference
-
-    def __post_init__(self) -> None:
-        positive = ["lr", "batch_size", "mini_batch_size", "ppo_epochs", "temperature", "max_new_tokens",
-                    "kl_target", "kl_horizon", "copy_ngram", "max_kl", "max_grad_norm"]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        nonneg = ["init_kl_coef", "missing_eos_penalty", "copy_penalty", "vf_coef", "cliprange", "cliprange_value",
-                  "top_k", "min_new_tokens", "max_bad_batches", "weight_decay"]
-        for name in nonneg:
-            if getattr(self, name) < 0:
-                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ["gamma", "lam"]:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p!r}")
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
-                             f"{self.mini_batch_size}")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens must be <= max_new_tokens")
-        if self.forward_batch_size is not None and self.forward_batch_size <= 0:
-            raise ValueError("forward_batch_size must be > 0 or None")
-        if self.reference_adapter == self.policy_adapter:
-            raise ValueError("reference_adapter must differ from policy_adapter")
 
 
 class ValueHead(nn.Module):
@@ -166,27 +108,6 @@ class Rollout:
     def finite(self) -> bool:
         return bool(torch.isfinite(self.raw_scores).all())
 
-    @property
-    def query_len(self) -> int:
-        return self.input_ids.shape[1] - self.response.shape[1]
-
-
-def eos_cut(response: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Locate each row's first EOS. Returns (mask [B, R] float: 1 up to and including it, lengths [B]: tokens before
-    it (= R when absent), has_eos [B] bool). The EOS stays a valid action so the policy can learn when to stop."""
-    is_eos = response == eos_token_id
-    has_eos = is_eos.any(1)
-    R = response.shape[1]
-    lengths = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, R, dtype=torch.long))
-    positions = torch.arange(R, device=response.device)
-    mask = (positions[None, :] <= lengths[:, None]).float()
-    return mask, lengths, has_eos
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, exactly as `generate` builds them, so log-probs match the sampler."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
 
 class PPOTrainer:
     """Owns the value head, the optimizer, the KL controller and the PPO loop for one policy adapter of `model`."""
@@ -202,7 +123,7 @@ class PPOTrainer:
         self.causal_lm = model.get_base_model()
         self.device = next(model.parameters()).device
         hidden = self.causal_lm.config.get_text_config().hidden_size
-        self.value_head = (value_head or ValueHead(hidden)).to(self.device)
+        self.value_head = (value_head if value_head is not None else ValueHead(hidden)).to(self.device)
         # Trained parameters, selected by name: the policy adapter's own weights (lora_A/B.<policy>...) and the head.
         self.policy_params = [p for n, p in model.named_parameters() if config.policy_adapter in n.split(".")]
         if not self.policy_params:
@@ -235,14 +156,19 @@ class PPOTrainer:
         Runs the decoder once and applies the LM head only to the response positions: on long code prompts most of
         the LM head's cost (and memory) would otherwise go to query positions nobody needs.
         """
-        out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                           position_ids=_position_ids(attention_mask), use_cache=False)
-        hidden = out.last_hidden_state[:, -n_response - 1:-1]
-        logits = self.causal_lm.get_output_embeddings()(hidden)
+        with self._autocast():
+            out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                               position_ids=position_ids(attention_mask), use_cache=False)
+            hidden = out.last_hidden_state[:, -n_response - 1:-1]
+            logits = self.causal_lm.get_output_embeddings()(hidden).float()
         cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return logits, (self.value_head(hidden) if with_values else None)
+        return logits, (self.value_head(hidden.float()) if with_values else None)
+
+    def _autocast(self) -> torch.autocast:
+        dtype = self.config.autocast_dtype
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None)
 
     @torch.inference_mode()
     def _score_forwards(self, r: Rollout) -> None:
@@ -288,7 +214,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         self.model.eval()
         self._activate(cfg.policy_adapter)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                             generation_config=self.generation_config)
         response = sequences[:, Q:].clone()
@@ -335,11 +261,7 @@ class PPOTrainer:
         was_training, prev_adapter = self.model.training, getattr(self.model, "active_adapter", None)
         timings: dict[str, float] = {}
         try:
-            r = self.make_rollout(queries, score_fn, code_ids, timings)
-            if not r.finite:
-                return self._skip(r)
-            self.bad_batches = 0
-            return self._learn(r, timings)
+            return self.learn(self.make_rollout(queries, score_fn, code_ids, timings), timings)
         finally:
             self.model.train(was_training)
             if prev_adapter is not None:
@@ -354,7 +276,12 @@ class PPOTrainer:
         return {"skipped": 1.0, "bad_batches": float(self.bad_batches), "skipped_total": float(self.skipped_total),
                 "step": float(self.step), "kl_coef": self.kl_ctl.value}
 
-    def _learn(self, r: Rollout, timings: dict[str, float]) -> dict[str, float]:
+    def learn(self, r: Rollout, timings: dict[str, float] | None = None) -> dict[str, float]:
+        """The PPO update from a rollout (`make_rollout` + `learn` = `ppo_step`); skips batches with bad scores."""
+        if not r.finite:
+            return self._skip(r)
+        self.bad_batches = 0
+        timings = {} if timings is None else timings
         cfg, B = self.config, len(r.query_ids)
         beta = self.kl_ctl.value
         scores = whiten(r.scores) if cfg.whiten_rewards else r.scores
@@ -402,13 +329,14 @@ class PPOTrainer:
                                                   returns[idx], r.mask[idx], cfg.cliprange, cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if not torch.isfinite(loss):
+                    self._rollback()  # minibatches already applied this step are undone too
                     raise PPOError(f"non-finite PPO loss at step {self.step} (policy {pg_loss.item()}, "
                                    f"value {vf_loss.item()})")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
-                st.update({"loss/policy": pg_loss, "loss/value": vf_loss, "grad_norm": grad_norm})
+                st.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "grad_norm": grad_norm})
                 for k, v in st.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 n += 1

@@ -36,6 +36,7 @@ class PPOConfig:
     weight_decay: float = 0.0
     policy_adapter: str = "summarizer"
     reference_adapter: str | None = "reference"  # None = the bare base (adapters disabled) is the reference
+    autocast_dtype: str | None = None  # "bfloat16"/"float16": autocast the model (AMX CPUs, GPUs); None = as loaded
 
     def __post_init__(self) -> None:
         positive = ["lr", "batch_size", "mini_batch_size", "ppo_epochs", "temperature", "max_new_tokens",
@@ -60,5 +61,7 @@ class PPOConfig:
             raise ValueError("min_new_tokens must be <= max_new_tokens")
         if self.forward_batch_size is not None and self.forward_batch_size <= 0:
             raise ValueError("forward_batch_size must be > 0 or None")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
         if self.reference_adapter == self.policy_adapter:
             raise ValueError("reference_adapter must differ from policy_adapter")

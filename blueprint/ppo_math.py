@@ -64,6 +64,23 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return logp, entropy
 
 
+def eos_cut(response: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Locate each row's first EOS. Returns (mask [B, R] float: 1 up to and including it, lengths [B]: tokens before
+    it (= R when absent), has_eos [B] bool). The EOS stays a valid action so the policy can learn when to stop."""
+    is_eos = response == eos_token_id
+    has_eos = is_eos.any(1)
+    R = response.shape[1]
+    lengths = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, R, dtype=torch.long))
+    positions = torch.arange(R, device=response.device)
+    mask = (positions[None, :] <= lengths[:, None]).float()
+    return mask, lengths, has_eos
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, exactly as `generate` builds them, so log-probs match the sampler."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def per_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                       kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [B, T]: −β·(log π − log π_ref) (the k1 KL estimator) on every valid token, score on the last one.

@@ -53,11 +53,11 @@ def build_components(image: str = DEFAULT_IMAGE) -> StageComponents:
         return run_stage_task("bootstrap", settings, {"shards": shards}, artifact_root, force, metrics, report.path)
 
     @component
-    def warmup(artifact_root: str, shards: str, base: str, settings: dict, force: bool,
+    def warmup(artifact_root: str, shards: str, base: str, settings: dict, force: bool, warm_start: bool,
                metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.kfp_runtime import run_stage_task
-        return run_stage_task("warmup", settings, {"shards": shards, "base": base}, artifact_root, force,
-                              metrics, report.path)
+        """warm_start: hand on the newest committed ppo-round on this base instead of training (retraining)."""
+        from blueprint.kubeflow import warmup_task
+        return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path)
 
     @component
     def ppo_round(artifact_root: str, shards: str, base: str, adapters: str, round_index: int, ppo_steps: int,

@@ -47,6 +47,7 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
         evaluate_settings: dict = d["evaluate"],
         merge_settings: dict = d["merge"],
         force: bool = False,
+        warm_start: bool = False,
     ) -> NamedTuple("Outputs", models=str, evaluation=str):
         shard = task("shard", comps.shard(artifact_root=artifact_root, source=source, settings=shard_settings,
                                           force=force))
@@ -55,7 +56,8 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
                                                  shards=shard.outputs["uri"], settings=bootstrap_settings,
                                                  force=force))
         warm = task("warmup", comps.warmup(artifact_root=artifact_root, shards=shard.outputs["uri"],
-                                           base=boot.outputs["uri"], settings=warmup_settings, force=force))
+                                           base=boot.outputs["uri"], settings=warmup_settings, force=force,
+                                           warm_start=warm_start))
         adapters = warm.outputs["uri"]
         evaluation = task("evaluate", comps.evaluate(
             artifact_root=artifact_root, shards=shard.outputs["uri"], base=boot.outputs["uri"], adapters=adapters,

@@ -96,7 +96,9 @@ def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_cha
                 progress=False)
     straight = ppo_round.run(cfg, out_uri=f"file://{tmp_path}/straight", **args)
 
-    real_step = ppo_round.PPOTrainer.ppo_step
+    from blueprint.ppo import PPOTrainer
+
+    real_step = PPOTrainer.ppo_step
     calls = {"n": 0}
 
     def dying_step(self, *a, **k):
@@ -104,11 +106,11 @@ def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_cha
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
         return real_step(self, *a, **k)
-    monkeypatch.setattr(ppo_round.PPOTrainer, "ppo_step", dying_step)
+    monkeypatch.setattr(PPOTrainer, "ppo_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         ppo_round.run(cfg, out_uri=f"file://{tmp_path}/resumed", **args)
     assert not storage.exists(f"file://{tmp_path}/resumed/{artifacts.MANIFEST_NAME}")
-    monkeypatch.setattr(ppo_round.PPOTrainer, "ppo_step", real_step)
+    monkeypatch.setattr(PPOTrainer, "ppo_step", real_step)
     resumed = ppo_round.run(cfg, out_uri=f"file://{tmp_path}/resumed", **args)
     assert resumed.metrics["resumed_at_step"] == 2
     pick = lambda o: {k: v["sha256"] for k, v in o.manifest["files"].items() if k.startswith("adapters/summarizer")}

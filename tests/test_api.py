@@ -1,0 +1,68 @@
+"""The seed's Python API: the usage snippet as written (model names replaced by a local tiny base folder)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from blueprint import BluePrint, storage
+from conftest import SMOKE_PPO, SMOKE_SHARD, SMOKE_WARMUP
+
+SMOKE = {"shard": {k: v for k, v in SMOKE_SHARD.items() if k != "source"}, "warmup": SMOKE_WARMUP,
+         "ppo-round": {k: v for k, v in SMOKE_PPO.items() if k not in ("ppo_steps", "supervised_steps")},
+         "evaluate": {"max_examples": 8, "max_new_tokens": 16, "max_code_tokens": 128}}
+
+
+@pytest.fixture(scope="module")
+def trained(smoke_chain, tmp_path_factory):
+    base_dir = str(storage.local_path(smoke_chain["base"]))  # a local tiny base folder, as a user would pass
+    root = tmp_path_factory.mktemp("api")
+    bp = BluePrint(base_dir, base_dir, artifact_root=str(root / "artifacts"), settings=SMOKE, progress=False)
+    history = bp.train(num_epochs=1, ppo_steps=2, supervised_steps=2)
+    return bp, history, root
+
+
+def test_seed_usage_trains_evaluates_each_epoch_and_saves_two_loadable_models(trained):
+    bp, history, root = trained
+    assert [h["epoch"] for h in history] == [0, 1]
+    a, b = root / "code_to_summary", root / "summary_to_code"
+    bp.save_models(str(a), str(b))
+    for path in (a, b):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        out = model.generate(**tok("### Summary:\nReturn x.\n### Code:\n", return_tensors="pt"), max_new_tokens=4,
+                             do_sample=False)
+        assert out.shape[1] > 0
+
+
+def test_save_models_refuses_a_path_holding_another_model_unless_overwrite(trained, tmp_path):
+    bp, _, _ = trained
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="taken"):
+        bp.save_models(str(target), str(tmp_path / "b"))
+    bp.save_models(str(target), str(tmp_path / "b"), overwrite=True)
+    assert AutoModelForCausalLM.from_pretrained(target) is not None
+
+
+def test_save_models_to_an_unwritable_target_fails_clearly(trained, tmp_path):
+    bp, _, _ = trained
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user who can write anywhere (root): permissions cannot be tested")
+    with pytest.raises(storage.StorageError, match="locked"):
+        bp.save_models(str(locked / "a"), str(tmp_path / "b"))
+
+
+def test_two_different_model_names_are_refused_because_roles_share_one_base():
+    with pytest.raises(ValueError, match="one base"):
+        BluePrint("org/model-a", "org/model-b")
+
+
+def test_bad_settings_fail_at_construction_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="steps"):
+        BluePrint("tiny", artifact_root=str(tmp_path), settings={"warmup": {"steps": -1}})

@@ -1,0 +1,61 @@
+"""The `blueprint` command: bad input gives one line naming it and exit 2; nothing complete-looking is left."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from blueprint import artifacts, storage
+
+
+def blueprint(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blueprint.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_shard_of_an_empty_directory_names_it_and_exits_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = blueprint("shard", "--source", f"dir:{tmp_path / 'empty'}", "--out", f"file://{tmp_path}/o", "--quiet")
+    assert out.returncode == 2
+    assert "empty" in out.stderr and "Traceback" not in out.stderr
+    assert not storage.exists(f"file://{tmp_path}/o/{artifacts.MANIFEST_NAME}")
+
+
+def test_shard_to_a_nonexistent_bucket_names_it_and_exits_2(s3_env, tmp_path):
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "m.py").write_text('def add_one(value):\n    """Return the value plus one, always."""\n'
+                              '    result = value + 1\n    return result\n')
+    out = blueprint("shard", "--source", f"dir:{src}", "--out", "s3://no-such-bucket-cli/x", "--quiet",
+                    env=dict(os.environ))
+    assert out.returncode == 2
+    assert "no-such-bucket-cli" in out.stderr and "does not exist" in out.stderr
+
+
+def test_stage_with_a_missing_input_is_refused_before_any_work(tmp_path):
+    out = blueprint("stage", "warmup", "--input", f"shards=file://{tmp_path}/none", "--artifact-root", str(tmp_path))
+    assert out.returncode == 2 and "base" in out.stderr
+
+
+def test_stage_reading_an_incomplete_input_names_it(tmp_path):
+    storage.write_text(f"{tmp_path}/half/train/part.parquet", "x")
+    out = blueprint("stage", "bootstrap", "--input", f"shards=file://{tmp_path}/half", "--artifact-root",
+                    str(tmp_path / "a"))
+    assert out.returncode == 2 and "half" in out.stderr and "partial" in out.stderr
+
+
+@pytest.mark.parametrize("setting, name", [("steps=-3", "steps"), ("nope=1", "nope"), ("lr=abc", "lr")])
+def test_bad_stage_settings_name_the_setting(setting, name, tmp_path):
+    out = blueprint("stage", "warmup", "--input", "shards=x", "--input", "base=y", "--artifact-root", str(tmp_path),
+                    "--set", setting)
+    assert out.returncode == 2 and name in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ls_lists_committed_outputs_with_key_metrics(smoke_chain):
+    out = blueprint("ls", smoke_chain["root"])
+    assert out.returncode == 0
+    for stage in ("shard", "bootstrap", "warmup"):
+        assert stage in out.stdout

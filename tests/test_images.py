@@ -1,0 +1,162 @@
+"""Component images: the pinned lock matches what the package declares and what the tests run on; a compiled
+component's command line runs with nothing importable beyond the declared dependencies; `make images` says
+clearly when there is no container engine; the Dockerfiles keep the properties the deployment relies on."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import re
+import runpy
+import shutil
+import subprocess
+import venv
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+from packaging.utils import canonicalize_name
+
+from blueprint import artifacts
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKER = REPO / "docker"
+LOCK = runpy.run_path(str(DOCKER / "lock.py"))
+PROJECT_PACKAGES = ("blueprint", "components", "pipelines")  # what the wheel ships (pyproject packages.find)
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and not re.search(r"[<>~!*;\s]", version), f"{path.name}: {line!r} is not a pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_lock_pins_every_declared_dependency_and_nothing_drifts():
+    pins = {**_pins(DOCKER / "requirements.txt"), **_pins(DOCKER / "requirements-torch.txt")}
+    for req in LOCK["declared"]():
+        name = canonicalize_name(req.name)
+        assert name in pins, f"declared dependency {req} is not in docker/requirements*.txt: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
+    installed = LOCK["closure"](LOCK["declared"]())
+    assert {n: v.split("+")[0] for n, v in installed.items()} == pins, \
+        "docker/requirements*.txt differ from the installed closure of pyproject's dependencies: run `make lock`"
+    assert not {"pytest", "moto", "pytest-timeout"} & set(pins), "test-only packages leaked into the image lock"
+
+
+def _fresh_env(tmp_path: Path) -> dict[str, str]:
+    """A virtualenv in which exactly the locked distributions and the project's packages are importable.
+
+    Each locked distribution's files (its RECORD) are linked from this environment's site-packages, at the
+    shallowest directory that no unlocked distribution shares (namespace packages such as google/ are split),
+    so building it takes seconds; the environment has no pip and no system site-packages.
+    """
+    keep = set(LOCK["closure"](LOCK["declared"]()))
+    owners: dict[tuple[str, ...], set[str]] = {}
+    for dist in md.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        for f in dist.files or []:
+            parts = Path(f).parts
+            if parts and parts[0] != "..":
+                for k in range(1, len(parts) + 1):
+                    owners.setdefault(parts[:k], set()).add(name)
+    site = Path(md.distribution("kfp").locate_file(""))
+    deps, linked = tmp_path / "deps", set()
+    for name in keep:
+        for f in md.distribution(name).files or []:
+            parts = Path(f).parts
+            if not parts or parts[0] == "..":
+                continue
+            for k in range(1, len(parts) + 1):
+                prefix = parts[:k]
+                if prefix in linked:
+                    break
+                if owners[prefix] <= keep or k == len(parts):
+                    target = deps.joinpath(*prefix)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.symlink_to(site.joinpath(*prefix))
+                    linked.add(prefix)
+                    break
+    for package in PROJECT_PACKAGES:
+        (deps / package).symlink_to(REPO / package)
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp_path / "venv")
+    (next((tmp_path / "venv" / "lib").glob("python*/site-packages")) / "locked.pth").write_text(f"{deps}\n")
+    return {"PATH": f"{tmp_path / 'venv' / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+            "PYTHONNOUSERSITE": "1"}
+
+
+def _launcher_command(component: str, arguments: dict, task_root: Path) -> list[str]:
+    """The executor's command + args from the compiled YAML, placeholders filled as KFP's launcher would."""
+    from kfp.local import executor_input_utils, placeholder_utils
+
+    from pipelines import compile_pipeline
+
+    path = compile_pipeline(str(task_root.parent / "pipeline.yaml"), epochs=1, image="blueprint:test",
+                            artifact_root="file:///unused")
+    spec = json_format.ParseDict(next(yaml.safe_load_all(Path(path).read_text())), pipeline_spec_pb2.PipelineSpec())
+    comp = spec.components[f"comp-{component}"]
+    container = json_format.MessageToDict(spec.deployment_spec)["executors"][comp.executor_label]["container"]
+    executor_input = executor_input_utils.construct_executor_input(comp, arguments, str(task_root),
+                                                                   block_input_artifact=True)
+    return placeholder_utils.replace_placeholders(container["command"] + container["args"],
+                                                  json_format.MessageToDict(executor_input), "blueprint-test",
+                                                  component, str(task_root.parent / "root"), "job-1")
+
+
+def test_shard_component_runs_with_only_the_declared_dependencies(tmp_path):
+    env = _fresh_env(tmp_path)
+    probe = "import importlib.util as u; print([m for m in ('pytest', 'moto', 'flask') if u.find_spec(m)])"
+    assert subprocess.run(["python3", "-c", probe], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "mod.py").write_text('def add(a, b):\n    """Return the sum of two numbers, a and b."""\n'
+                                   '    total = a + b\n    return total\n\n\n'
+                                   'def greet(name):\n    """Build a friendly greeting for the given name."""\n'
+                                   '    message = "hello " + name\n    return message.upper()\n')
+    task_root = tmp_path / "task"
+    task_root.mkdir()
+    root = f"file://{tmp_path}/art"
+    command = _launcher_command("shard", {"artifact_root": root, "source": f"dir:{corpus}", "force": False,
+                                          "settings": {"num_shards": 1, "eval_fraction": 0.5, "workers": 1}},
+                                task_root)
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = json.loads((task_root / "executor_output.json").read_text())
+    uri = output["parameterValues"]["uri"]
+    manifest = artifacts.read_manifest(uri)
+    assert output["parameterValues"]["key"] == manifest["key"] and manifest["metrics"]["pairs"] == 2
+    assert output["artifacts"]["metrics"]["artifacts"][0]["metadata"]["pairs"] == 2.0
+    assert f"Output: `{uri}` (computed)" in (task_root / "report").read_text()
+
+
+def test_make_images_without_a_container_engine_fails_clearly(tmp_path):
+    bin_dir = tmp_path / "bin"  # the tools the Makefile needs, and no docker or podman
+    bin_dir.mkdir()
+    for tool in ("sh", "sed", "git"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    done = subprocess.run([shutil.which("make"), "-C", str(REPO), "images"], capture_output=True, text=True,
+                          env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, timeout=60)
+    assert done.returncode != 0
+    assert "no container engine" in done.stderr and "docker" in done.stderr and "podman" in done.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_keep_layer_order_non_root_labels_and_no_baked_secrets(dockerfile):
+    text = (DOCKER / dockerfile).read_text()
+    assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M)
+    torch, deps = text.index("-r /tmp/lock/requirements-torch.txt"), text.index("-r /tmp/lock/requirements.txt")
+    assert torch < deps < text.index("COPY blueprint"), "torch, then the lock, then the code (layer caching)"
+    assert "--mount=type=secret,id=ca" in text and "PIP_CERT=/run/secrets/ca" in text
+    assert re.search(r"^USER 1000:1000$", text, re.M)
+    for label in ("version", "source", "revision"):
+        assert f"org.opencontainers.image.{label}=" in text
+    assert not re.search(r"(AWS_SECRET|AWS_ACCESS|PASSWORD|TOKEN)\w*\s*=", text), "no credentials in an image"
+    ignore = (DOCKER / f"{dockerfile}.dockerignore").read_text().split()
+    assert ignore[ignore.index("*") + 1:].count("!docker/requirements.txt") == 1
+    assert "!.venv" not in ignore and "!tests" not in ignore
