@@ -31,7 +31,7 @@ bench: install
 	$(PY) benchmarks/reward_throughput.py
 	$(PY) benchmarks/ppo_throughput.py
 
-# ---- Images and Kubeflow delivery (README.md ("Run on Kubeflow")) -------------------------------------------------------
+# ---- Images and Kubeflow delivery (README.md, section Run on Kubeflow) -------------------------------------------------------
 # IMAGE is the one image reference: `make push` pushes it, `make compile/submit/schedule` put it in the pipeline.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 REGISTRY ?= ghcr.io/blueprint-rt
@@ -67,7 +67,7 @@ lock: install
 
 check-engine:
 	@test -n "$(ENGINE)" || { echo "make: no container engine: neither a running docker daemon nor podman was" \
-	  "found. Install Docker (with BuildKit) or Podman, or build on CI; see README.md ("Run on Kubeflow")." >&2; exit 1; }
+	  "found. Install Docker (with BuildKit) or Podman, or build on CI; see README.md, section Run on Kubeflow." >&2; exit 1; }
 
 images: image-cpu image-cuda
 

@@ -42,7 +42,7 @@ class KubeflowError(ValueError):
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     """Cluster settings on the command line; a `--cluster-config` file gives the rest (flags win)."""
-    g = p.add_argument_group("cluster settings (see README.md ("Run on Kubeflow"))")
+    g = p.add_argument_group("cluster settings (see README.md, section Run on Kubeflow)")
     g.add_argument("--cluster-config", default=None, help="YAML/JSON file of ClusterSettings fields")
     g.add_argument("--s3-secret", default=None, help="Kubernetes secret holding the S3 keys (its NAME only)")
     g.add_argument("--s3-secret-keys", default=None, metavar="ACCESS_FIELD,SECRET_FIELD",
