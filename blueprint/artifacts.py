@@ -100,9 +100,16 @@ def read_manifest(uri: str, *, verify: str = "full") -> dict[str, Any]:
     return manifest
 
 
+IDENTITY_FIELDS = ("stage", "key", "config", "inputs", "input_manifests", "files")
+
+
 def manifest_digest(uri: str) -> str:
-    """sha256 of the manifest bytes: what an input contributes to a consumer's cache key."""
-    return hashlib.sha256(storage.read_bytes(manifest_uri(uri))).hexdigest()
+    """What an input contributes to a consumer's cache key: the content part of its manifest (how it was made and
+    the sha256 of every file), not when, where or how fast. A recomputed output with the same bytes keeps its
+    identity, so its consumers stay cache hits; any changed file changes it."""
+    manifest = storage.read_json(manifest_uri(uri))
+    identity = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 
 def stage_key(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> str:

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from blueprint import artifacts, cli, cluster, kubeflow
+from blueprint import artifacts, cli, cluster, kubeflow, profiles
 from blueprint.config import ConfigError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
@@ -248,7 +248,8 @@ def test_submit_creates_a_run_with_the_compiled_spec_and_typed_parameters(kfp_se
     assert body["service_account"] == "pipeline-runner"
     params = _params(body)
     assert params["ppo_steps"] == 20 and params["force"] is True and params["artifact_root"] == "s3://b/art"
-    assert params["warmup_settings"] == {"steps": 40}
+    # one key overridden, the profile's other warmup defaults kept
+    assert params["warmup_settings"] == {**profiles.stage_settings("default", "warmup"), "steps": 40}
     assert params["evaluate_settings"] == {"max_examples": 8}
     spec = json_format.ParseDict(body["pipeline_spec"]["pipeline_spec"], pipeline_spec_pb2.PipelineSpec())
     assert spec.pipeline_info.name == "blueprint" and "ppo-round" in spec.root.dag.tasks

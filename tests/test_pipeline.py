@@ -130,3 +130,20 @@ def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke
     pick = lambda uri: {k: v["sha256"] for k, v in artifacts.read_manifest(uri)["files"].items()
                         if k.endswith(".safetensors")}
     assert pick(victim_uri) == pick(f"file://{tmp_path}/straight")
+
+
+def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
+    """A recomputed output with the same bytes keeps its identity, so what consumes it stays a cache hit."""
+    from blueprint.config import build
+    from blueprint.stages import evaluate
+
+    cfg = build(evaluate.EvaluateConfig, {"max_examples": 4, "max_new_tokens": 8, "max_code_tokens": 64})
+    args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
+                artifact_root=smoke_chain["root"], progress=False)
+    first = evaluate.run(cfg, **args)
+    second = evaluate.run(build(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=first.uri, **args)
+    storage.delete_prefix(first.uri)
+    redone = evaluate.run(cfg, **args)
+    assert not redone.cached and redone.uri == first.uri
+    again = evaluate.run(build(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=redone.uri, **args)
+    assert again.cached and again.uri == second.uri
