@@ -36,6 +36,14 @@ def micro_model(micro_tokenizer):
     return model.eval()
 
 
+@pytest.fixture()
+def unwritable_dir(tmp_path):
+    """A directory path nobody can create, root included: its parent `locked` is a regular file."""
+    locked = tmp_path / "locked"
+    locked.write_text("a file, not a directory")
+    return locked / "target"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,7 +1,6 @@
 """The seed's Python API: the usage snippet as written (model names replaced by a local tiny base folder)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,15 +46,10 @@ def test_save_models_refuses_a_path_holding_another_model_unless_overwrite(train
     assert AutoModelForCausalLM.from_pretrained(target) is not None
 
 
-def test_save_models_to_an_unwritable_target_fails_clearly(trained, tmp_path):
+def test_save_models_to_an_unwritable_target_fails_clearly(trained, unwritable_dir, tmp_path):
     bp, _, _ = trained
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    if os.access(locked, os.W_OK):
-        pytest.skip("running as a user who can write anywhere (root): permissions cannot be tested")
     with pytest.raises(storage.StorageError, match="locked"):
-        bp.save_models(str(locked / "a"), str(tmp_path / "b"))
+        bp.save_models(str(unwritable_dir / "a"), str(tmp_path / "b"))
 
 
 def test_two_different_model_names_are_refused_because_roles_share_one_base():

@@ -67,14 +67,9 @@ def test_invalid_parameters_are_rejected_before_any_stage_runs(kwargs, parameter
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 
-def test_unwritable_artifact_root_fails_at_start(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    if os.access(locked, os.W_OK):
-        pytest.skip("running as a user who can write anywhere (root): permissions cannot be tested")
+def test_unwritable_artifact_root_fails_at_start(unwritable_dir):
     with pytest.raises(storage.StorageError, match="locked"):
-        local_run.plan(profile="smoke", artifact_root=str(locked / "art"))
+        local_run.plan(profile="smoke", artifact_root=str(unwritable_dir / "art"))
 
 
 def _manifests(root: str) -> dict[str, bytes]:

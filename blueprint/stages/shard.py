@@ -153,8 +153,8 @@ class ShardConfig:
         self.languages = tuple(lang.strip().lower() for lang in langs if lang.strip())
 
     def limits(self) -> Limits:
-        return Limits(self.min_summary_chars, self.max_summary_chars, self.min_code_chars, self.max_code_chars,
-                      self.min_code_lines, self.max_code_lines, self.max_file_bytes)
+        """The pair filters, by field name (the two classes share these names; a new filter needs both)."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def make_source(self) -> Source:
         return Source(self.source, skip_tests=self.skip_tests, max_file_bytes=self.max_file_bytes,
