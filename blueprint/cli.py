@@ -187,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--base", default="tiny", help="tiny | hub id | local dir | s3:// dir")
     r.add_argument("--artifact-root", default="./artifacts")
     r.add_argument("--runner", default="subprocess", choices=["subprocess", "docker"])
-    r.add_argument("--image", default=None, help="component image (docker runner)")
+    r.add_argument("--image", default=None, help="component image for --runner docker (default: blueprint:VERSION, what `make image-cpu` builds)")
     r.add_argument("--config", default=None, help="YAML/JSON file: {stage: {setting: value}}")
     r.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="one stage setting (repeatable)")
     r.add_argument("--force", action="store_true", help="recompute every stage")

@@ -79,7 +79,10 @@ def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
     if runner == "subprocess":
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(local_root))
     elif runner == "docker":
-        local.init(runner=local.DockerRunner(), pipeline_root=str(local_root))
+        from blueprint.docker_runner import docker_runner
+
+        docker, image = docker_runner(image, plan_.arguments["artifact_root"])
+        local.init(runner=docker, pipeline_root=str(local_root))
     else:
         raise ConfigError(f"unknown runner {runner!r}; choose subprocess or docker")
     kwargs = {"image": image} if image else {}

@@ -59,3 +59,14 @@ def test_ls_lists_committed_outputs_with_key_metrics(smoke_chain):
     assert out.returncode == 0
     for stage in ("shard", "bootstrap", "warmup"):
         assert stage in out.stdout
+
+
+def test_run_with_the_docker_runner_and_no_engine_says_how_to_start_one_without_a_traceback(tmp_path):
+    import os
+
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    done = blueprint("run", "--profile", "smoke", "--runner", "docker", "--artifact-root", str(tmp_path / "art"),
+                     env=env)
+    assert done.returncode == 2
+    assert f"no container engine answers at unix://{tmp_path}/no-engine.sock" in done.stderr
+    assert "podman system service" in done.stderr and "Traceback" not in done.stderr

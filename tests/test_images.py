@@ -19,6 +19,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from packaging.utils import canonicalize_name
 
 from blueprint import artifacts
+from kfp_launch import launcher_command
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -89,24 +90,6 @@ def _fresh_env(tmp_path: Path) -> dict[str, str]:
             "PYTHONNOUSERSITE": "1"}
 
 
-def _launcher_command(component: str, arguments: dict, task_root: Path) -> list[str]:
-    """The executor's command + args from the compiled YAML, placeholders filled as KFP's launcher would."""
-    from kfp.local import executor_input_utils, placeholder_utils
-
-    from pipelines import compile_pipeline
-
-    path = compile_pipeline(str(task_root.parent / "pipeline.yaml"), epochs=1, image="blueprint:test",
-                            artifact_root="file:///unused")
-    spec = json_format.ParseDict(next(yaml.safe_load_all(Path(path).read_text())), pipeline_spec_pb2.PipelineSpec())
-    comp = spec.components[f"comp-{component}"]
-    container = json_format.MessageToDict(spec.deployment_spec)["executors"][comp.executor_label]["container"]
-    executor_input = executor_input_utils.construct_executor_input(comp, arguments, str(task_root),
-                                                                   block_input_artifact=True)
-    return placeholder_utils.replace_placeholders(container["command"] + container["args"],
-                                                  json_format.MessageToDict(executor_input), "blueprint-test",
-                                                  component, str(task_root.parent / "root"), "job-1")
-
-
 def test_shard_component_runs_with_only_the_declared_dependencies(tmp_path):
     env = _fresh_env(tmp_path)
     probe = "import importlib.util as u; print([m for m in ('pytest', 'moto', 'flask') if u.find_spec(m)])"
@@ -121,7 +104,7 @@ def test_shard_component_runs_with_only_the_declared_dependencies(tmp_path):
     task_root = tmp_path / "task"
     task_root.mkdir()
     root = f"file://{tmp_path}/art"
-    command = _launcher_command("shard", {"artifact_root": root, "source": f"dir:{corpus}", "force": False,
+    command, _ = launcher_command("shard", {"artifact_root": root, "source": f"dir:{corpus}", "force": False,
                                           "settings": {"num_shards": 1, "eval_fraction": 0.5, "workers": 1}},
                                 task_root)
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -154,9 +137,29 @@ def test_dockerfiles_keep_layer_order_non_root_labels_and_no_baked_secrets(docke
     assert torch < deps < text.index("COPY blueprint"), "torch, then the lock, then the code (layer caching)"
     assert "--mount=type=secret,id=ca" in text and "PIP_CERT=/run/secrets/ca" in text
     assert re.search(r"^USER 1000:1000$", text, re.M)
+    assert text.index("python -m blueprint.envcheck") > text.index("COPY blueprint"), \
+        "the last build step checks every declared dependency of the installed package"
     for label in ("version", "source", "revision"):
         assert f"org.opencontainers.image.{label}=" in text
     assert not re.search(r"(AWS_SECRET|AWS_ACCESS|PASSWORD|TOKEN)\w*\s*=", text), "no credentials in an image"
     ignore = (DOCKER / f"{dockerfile}.dockerignore").read_text().split()
     assert ignore[ignore.index("*") + 1:].count("!docker/requirements.txt") == 1
     assert "!.venv" not in ignore and "!tests" not in ignore
+
+
+def test_envcheck_names_a_declared_dependency_that_is_missing_and_a_module_that_fails_to_import(tmp_path,
+                                                                                                monkeypatch):
+    from blueprint import envcheck
+
+    assert envcheck.problems() == []  # this test environment has everything
+    dist = tmp_path / "fake_component-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-component\nVersion: 1.0\n"
+                                   "Requires-Dist: no-such-package-xyz>=1\nRequires-Dist: pyyaml>=999\n"
+                                   "Requires-Dist: pytest; extra == \"test\"\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = envcheck.problems("fake-component")
+    assert found[0] == "no-such-package-xyz: declared by fake-component (no-such-package-xyz>=1) but not installed"
+    assert found[1].startswith("pyyaml: ") and "needs pyyaml>=999" in found[1] and len(found) == 2
+    assert envcheck.problems(modules=("no_such_module_xyz",)) == [
+        "no_such_module_xyz: import failed: ModuleNotFoundError: No module named 'no_such_module_xyz'"]
