@@ -24,6 +24,26 @@ def test_bootstrap_base_loads_with_plain_from_pretrained(smoke_chain):
     assert model.config.model_type == "llama" and "model.safetensors" in manifest["files"]
 
 
+def test_bootstrap_packing_keeps_every_document_whole_from_its_head(smoke_chain):
+    from blueprint.stages.bootstrap import _packed_blocks
+
+    _, tokenizer = open_base(smoke_chain["base"])
+    docs = [f"### Summary:\nAdd {k} numbers.\n### Code:\n" + f"def add{k}(a, b):\n    return a + b\n" * k
+            for k in (1, 3, 2, 9)]
+    blocks = _packed_blocks(docs, tokenizer, seq_len=64)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = [tokenizer(d, add_special_tokens=False)["input_ids"] + [eos] for d in docs]
+    starts = []  # every block starts with a document's first token; documents come back in order
+    for row in blocks.tolist():
+        row = row[:row.index(pad)] if pad in row else row
+        while row:
+            doc = next(e for e in encoded if row[:len(e)] == e[:len(row)])  # the docs differ early
+            starts.append(encoded.index(doc))
+            row = row[len(doc):]
+    assert starts == [0, 1, 2, 3]
+    assert blocks.shape[1] == 65 and (blocks[-1, :65] == torch.tensor(encoded[3][:65])).all()  # only a tail is cut
+
+
 def test_warmup_adapters_load_back_with_plain_peft(smoke_chain):
     base, _ = open_base(smoke_chain["base"])
     adapters = storage.local_path(smoke_chain["adapters"]) / "adapters"

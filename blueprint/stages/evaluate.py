@@ -40,7 +40,9 @@ COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 @dataclasses.dataclass
 class EvaluateConfig:
-    max_examples: int = 64          # held-out functions evaluated (the first ones of the eval split)
+    max_examples: int = 64          # held-out functions whose summary and code are generated (the first ones)
+    pairwise_examples: int = 256    # held-out functions scored for pairwise accuracy (forward passes only, cheap;
+                                    # at least max_examples): 64 pairs leave it +-0.06 noisy, 256 +-0.03
     max_new_tokens: int = 48        # summary generation budget; code generation gets max_code_tokens
     max_code_tokens: int = 256
     max_summary_tokens: int = 64
@@ -54,6 +56,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         require(self.max_examples >= 1, "max_examples", "must be >= 1")
+        require(self.pairwise_examples >= 0, "pairwise_examples", "must be >= 0")
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         require(self.max_code_tokens >= 8 and self.max_summary_tokens >= 4, "max_code_tokens",
                 "max_code_tokens >= 8 and max_summary_tokens >= 4")
@@ -125,11 +128,15 @@ def reward_stats(out, tag: str) -> dict[str, float]:
     return stats
 
 
-def evaluate_pairs(model, tokenizer, pairs: list[dict], cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict]]:
+def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict]]:
+    """All metrics of the summarizer/coder in `model`: generation on the first `max_examples` of `scored`, pairwise
+    accuracy on all of them; one sample row per generated pair."""
+    import torch
+
     from blueprint.copying import copy_rate
     from blueprint.reward import RewardConfig, RewardModel
 
-    """All metrics of the summarizer/coder in `model` on `pairs`, and one sample row per pair."""
+    pairs = scored[:cfg.max_examples]
     prompts = PromptConfig(style=cfg.prompt_style)
     eos = tokenizer.eos_token_id
     codes = [p["code"] for p in pairs]
@@ -149,11 +156,15 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], cfg: EvaluateConfig) -> 
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
         max_summary_tokens=cfg.max_summary_tokens))
     gen_out, true_out = reward(codes, summaries), reward(codes, truths)
-    other = partners(len(pairs), cfg.seed)
+    # Pairwise: each scored code with its own docstring vs another function's (a fixed derangement).
+    other = partners(len(scored), cfg.seed)
     pairwise = None
-    if len(pairs) >= 2:
-        other_out = reward(codes, [truths[j] for j in other])
-        pairwise = pairwise_accuracy(true_out.ce, other_out.ce)
+    if len(scored) >= 2:
+        all_codes, all_truths = [p["code"] for p in scored], [p["summary"] for p in scored]
+        own = true_out.ce.tolist() + reward(all_codes[len(pairs):], all_truths[len(pairs):]).ce.tolist() \
+            if len(scored) > len(pairs) else true_out.ce.tolist()
+        other_out = reward(all_codes, [all_truths[j] for j in other])
+        pairwise = pairwise_accuracy(torch.tensor(own), other_out.ce)
 
     # The coder rebuilds each code from its true docstring.
     rebuilt_ids = generate(model, tokenizer, "coder", [code_prompt(s, prompts) for s in shown_truths],
@@ -171,7 +182,7 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], cfg: EvaluateConfig) -> 
     values: dict[str, Any] = {
         "epoch": cfg.epoch, "examples": len(pairs),
         **reward_stats(gen_out, "gen"), **reward_stats(true_out, "true"),
-        "pairwise_accuracy": pairwise,
+        "pairwise_accuracy": pairwise, "pairwise_examples": len(scored),
         "bleu_summary": text_metrics.bleu(stripped, truths),
         "rougeL_summary": text_metrics.rouge_l(stripped, truths),
         "code_parse_rate": text_metrics.mean(parsed),
@@ -193,7 +204,7 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], cfg: EvaluateConfig) -> 
         "summary": truths[i], "generated_summary": summaries[i], "rebuilt_code": rebuilt[i],
         "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
         "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": ended[i],
-        "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": pairs[other[i]].get("id"),
+        "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": scored[other[i]].get("id"),
     } for i, p in enumerate(pairs)]
     return values, samples
 
@@ -223,7 +234,7 @@ def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: 
 
     start = time.time()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    pairs = read_pairs(shards, "eval", limit=cfg.max_examples)
+    pairs = read_pairs(shards, "eval", limit=max(cfg.max_examples, cfg.pairwise_examples))
     if not pairs:
         raise ValueError(f"shards {shards} hold no eval pairs: nothing to evaluate (shard with eval_fraction > 0)")
     history = previous_history(previous)

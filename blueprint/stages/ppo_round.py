@@ -51,7 +51,8 @@ class PPORoundConfig:
     ground_truth_fraction: float = 0.5  # share of the coder's pairs that use the true docstring
     max_code_tokens: int = 256
     max_summary_tokens: int = 64
-    probe_size: int = 16                # fixed codes whose greedy-summary reward is measured before/after
+    probe_size: int = 64                # codes of the round's batch whose greedy-summary reward is measured
+                                        # before and after (paired, so small changes show)
     checkpoint_every: int = 5
     prompt_style: str = "plain"
     seed: int = 0
@@ -196,6 +197,9 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
                 artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
                                  metrics={"ppo_steps_done": step + 1})
 
+    # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
+    # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
+    metrics["probe_reward_after_ppo"] = probe_reward(model, tokenizer, reward, probe, cfg)
     if stopped is None and cfg.supervised_steps > 0:
         metrics.update(train_coder(model, tokenizer, batch, scorer.written, cfg, progress))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
