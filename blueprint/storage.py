@@ -31,6 +31,15 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and says why."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -180,6 +189,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file gets the mode a plain write would
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -57,6 +57,14 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["f.txt"]
 
 
+def test_local_write_gives_the_file_the_mode_a_plain_write_would(tmp_path):
+    import os
+
+    storage.write_bytes(str(tmp_path / "atomic"), b"x")
+    (tmp_path / "plain").write_bytes(b"x")  # readable by others under the usual umask: shared artifact roots
+    assert os.stat(tmp_path / "atomic").st_mode == os.stat(tmp_path / "plain").st_mode
+
+
 def test_nonexistent_bucket_gives_one_clear_error(s3_env):
     with pytest.raises(StorageError, match=r"bucket 'no-such-bucket-bp' does not exist"):
         storage.read_bytes("s3://no-such-bucket-bp/x")
