@@ -90,10 +90,13 @@ image-cpu: check-engine wheelhouse
 	  $(if $(filter podman,$(ENGINE)),--ignorefile docker/Dockerfile.dockerignore) \
 	  $(BUILD_FLAGS) --build-arg BASE_IMAGE=$$base -t $(LOCAL_IMAGE) .
 
+# CUDA_BASE_IMAGE empty: nvidia/cuda's base when it can be pulled, else the same local Debian base (the CUDA torch
+# wheels carry their CUDA libraries; the node's driver comes in through the NVIDIA container runtime).
 image-cuda: check-engine
+	base=$$(docker/base-image.sh $(ENGINE) $(or $(CUDA_BASE_IMAGE),nvidia/cuda:12.8.1-base-ubuntu22.04)) && \
 	$(if $(filter docker,$(ENGINE)),DOCKER_BUILDKIT=1) $(ENGINE) build -f docker/Dockerfile.cuda \
 	  $(if $(filter podman,$(ENGINE)),--ignorefile docker/Dockerfile.cuda.dockerignore) \
-	  $(BUILD_FLAGS) $(if $(CUDA_BASE_IMAGE),--build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE)) -t $(LOCAL_CUDA_IMAGE) .
+	  $(BUILD_FLAGS) --build-arg BASE_IMAGE=$$base -t $(LOCAL_CUDA_IMAGE) .
 
 push: check-engine
 	$(ENGINE) tag $(LOCAL_IMAGE) $(IMAGE)

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 ROLES = ("summarizer", "coder")
 REFERENCE = "reference"
@@ -209,9 +209,12 @@ def load_base(name: str, *, dtype: torch.dtype | str = torch.float32,
         path, source = name, _hub_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **source)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **source)
+        config = AutoConfig.from_pretrained(path, **source)
+        published = str(config.dtype or "float32").removeprefix("torch.")  # loading in `dtype` overwrites it
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"base model {name!r} could not be loaded: {exc}") from exc
+    model.published_dtype = published  # what merge saves in by default
     ensure_pad_token(tokenizer, model)
     return model.eval(), tokenizer
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from blueprint.copying import copy_rate
 from blueprint.modeling import use_adapter
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
 
@@ -36,7 +37,8 @@ class RewardConfig:
     """How the reward is computed and batched.
 
     length_coef: weight of len(summary tokens) / len(code tokens) (untruncated counts: what was written).
-    copy_coef: weight of the fraction of the summary's `copy_ngram`-token n-grams that appear verbatim in the code;
+    copy_coef: weight of the copy rate (`blueprint.copying.copy_rate`, the definition PPO and evaluate use too: the
+        share of the summary's `copy_ngram`-token n-grams that appear verbatim in the code);
         without it, pasting the code into the summary maximises the gain.
     max_code_tokens / max_summary_tokens: longer inputs are cut (and flagged); they bound compute and memory.
     batch_size / max_batch_tokens: at most this many sequences and padded tokens per forward (a longer single
@@ -47,7 +49,7 @@ class RewardConfig:
 
     length_coef: float = 0.01
     copy_coef: float = 1.0
-    copy_ngram: int = 8
+    copy_ngram: int = 4
     max_code_tokens: int = 512
     max_summary_tokens: int = 256
     batch_size: int = 32
@@ -93,16 +95,6 @@ class RewardOutput:
                                                              "copy_term")}
         out.update(summary_truncated=int(self.summary_truncated.sum()), code_truncated=int(self.code_truncated.sum()))
         return out
-
-
-def _ngrams(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
-    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
-
-
-def copy_fraction(summary_ids: Sequence[int], code_ids: Sequence[int], n: int) -> float:
-    """Fraction of the summary's n-grams that occur verbatim in the code (0 for summaries shorter than n)."""
-    grams = _ngrams(summary_ids, n)
-    return len(grams & _ngrams(code_ids, n)) / len(grams) if grams else 0.0
 
 
 class RewardModel:
@@ -212,7 +204,7 @@ class RewardModel:
         ce_empty = ce_seq[torch.tensor(empty_seq)][j_of]
         n_code = torch.tensor([max(len(raw_code[j]), 1) for j in j_of.tolist()], dtype=torch.float32)
         length = torch.tensor([len(ids) for ids in summary_ids], dtype=torch.float32) / n_code
-        copy = torch.tensor([copy_fraction(s, raw_code[slot[c]], cfg.copy_ngram) if cfg.copy_coef else 0.0
+        copy = torch.tensor([copy_rate(s, raw_code[slot[c]], cfg.copy_ngram) if cfg.copy_coef else 0.0
                              for s, c in zip(summary_ids, codes)], dtype=torch.float32)
         gain = ce_empty - ce
         length_term, copy_term = cfg.length_coef * length, cfg.copy_coef * copy

@@ -21,13 +21,12 @@ def commit(local: Path, uri: str, stage: str) -> str:
     return storage.normalize(uri)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, micro_tokenizer):
-    """A committed micro base and an adapter set whose two roles differ from the base and from each other."""
-    root = tmp_path_factory.mktemp("merge")
+def build_trained(root: Path, tokenizer, dtype: torch.dtype = torch.float32) -> dict:
+    """A committed micro base (published in `dtype`) and an adapter set whose two roles differ from the base and
+    from each other."""
     torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(micro_tokenizer, "micro")).save_pretrained(root / "base-src")
-    micro_tokenizer.save_pretrained(root / "base-src")
+    LlamaForCausalLM(tiny_llama_config(tokenizer, "micro")).to(dtype).save_pretrained(root / "base-src")
+    tokenizer.save_pretrained(root / "base-src")
     base = commit(root / "base-src", str(root / "base"), "bootstrap")
     model, tokenizer = open_base(base)
     model = modeling.attach_adapters(model, modeling.ROLES, modeling.LoraSettings(r=4, alpha=8.0, dropout=0.0))
@@ -39,6 +38,11 @@ def trained(tmp_path_factory, micro_tokenizer):
     save_adapter_set(model, tokenizer, root / "adapters-src", base, list(modeling.ROLES), {"round": 2})
     adapters = commit(root / "adapters-src", str(root / "adapters"), "ppo-round")
     return dict(root=root, base=base, adapters=adapters, model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, micro_tokenizer):
+    return build_trained(tmp_path_factory.mktemp("merge"), micro_tokenizer)
 
 
 def test_merged_models_match_adapters_and_load_with_plain_transformers(trained, tmp_path):
@@ -109,3 +113,22 @@ def test_config_validation():
         merge.MergeConfig(check_tolerance=-1.0)
     with pytest.raises(ValueError, match="check_batch"):
         merge.MergeConfig(check_batch=0)
+
+
+@pytest.mark.parametrize("save_dtype, expected", [("base", torch.bfloat16), ("float32", torch.float32)])
+def test_merge_saves_in_the_base_models_published_dtype_unless_told_otherwise(save_dtype, expected, tmp_path,
+                                                                              micro_tokenizer):
+    from safetensors import safe_open
+
+    bf16 = build_trained(tmp_path / "bf16", micro_tokenizer, dtype=torch.bfloat16)
+    out = merge.run(merge.MergeConfig(save_dtype=save_dtype), base=bf16["base"], adapters=bf16["adapters"],
+                    artifact_root=str(tmp_path / "art"), progress=False)
+    folder = storage.local_path(storage.join(out.uri, "coder"))
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {expected}
+    assert out.metrics["saved_dtype"] == str(expected).removeprefix("torch.")
+    assert out.metrics["max_abs_logit_diff_coder"] <= 1e-4  # fp32 merge check, and the folder reloads exactly
+    assert (out.metrics["cast_logit_diff_coder"] > 1e-3) == (expected == torch.bfloat16)  # bf16 rounding shows
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == str(expected).removeprefix("torch.")
+    assert reloaded.dtype == expected

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from blueprint.modeling import LoraSettings, adapter_parameters, attach_adapters, use_adapter
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
-from blueprint.reward import RewardConfig, RewardError, RewardModel, copy_fraction
+from blueprint.copying import copy_rate
+from blueprint.reward import RewardConfig, RewardError, RewardModel
 
 CODE = "def add(a, b):\n    return a + b\n"
 SUMMARY = "Return the sum of two numbers."
@@ -134,7 +135,7 @@ def test_copying_the_code_is_penalised(micro_model, micro_tokenizer):
     rm = RewardModel(micro_model, micro_tokenizer, config=RewardConfig(copy_coef=2.0), coder_adapter=None)
     out = rm([LONG_CODE, LONG_CODE], [LONG_CODE, "Twelve small helpers."])
     assert out.copy_term.tolist() == [2.0, 0.0]
-    assert copy_fraction([1, 2, 3], [0, 1, 2, 3], 2) == 1.0 and copy_fraction([1, 2], [1, 2], 3) == 0.0
+    assert copy_rate([1, 2, 3], [0, 1, 2, 3], 2) == 1.0 and copy_rate([1, 2], [1, 2], 3) == 0.0
 
 
 def test_bad_inputs_and_configs_are_named(coder_model, micro_tokenizer):

@@ -27,6 +27,7 @@ from blueprint.report import DESCRIPTIONS, table
 from blueprint.stages.common import BASE_FILE, fetch_adapter_set, is_artifact, open_base, split_base, stage_settings
 
 STAGE = "merge"
+SAVE_DTYPES = ("base", "float32", "bfloat16", "float16")
 OPTIONAL_INPUTS = ("evaluation",)
 
 # Fixed check inputs: real-looking prompts of the role's own format, so the adapted attention paths are exercised.
@@ -50,13 +51,25 @@ class MergeConfig:
     keep_adapters: bool = True       # also commit the adapter-only folders under adapters/
     check_tolerance: float = 1e-4    # max |logit(merged) - logit(base + adapter)| accepted, fp32
     check_batch: int = 4             # prompts in the check batch
+    save_dtype: str = "base"         # dtype of the saved weights: "base" (the base's own, e.g. bf16 for most hub
+                                     # models, fp32 for tiny) or float32 / bfloat16 / float16. Merged in fp32.
     seed: int = 0
     threads: int = 0
 
     def __post_init__(self) -> None:
         require(self.check_tolerance >= 0, "check_tolerance", "must be >= 0")
         require(self.check_batch >= 1, "check_batch", "must be >= 1")
+        require(self.save_dtype in SAVE_DTYPES, "save_dtype", f"choose one of {', '.join(SAVE_DTYPES)}")
         require(self.threads >= 0, "threads", "must be >= 0")
+
+
+def resolve_dtype(save_dtype: str, published: str | None):
+    """The torch dtype to save in: `save_dtype`, or for "base" the dtype the base was published in (fp32 if unknown)."""
+    import torch
+
+    if save_dtype == "base":
+        save_dtype = published if published in SAVE_DTYPES else "float32"
+    return getattr(torch, save_dtype)
 
 
 def check_batch(tokenizer, role: str, size: int):
@@ -100,6 +113,7 @@ def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: Merg
     from blueprint import modeling
 
     model, tokenizer = open_base(base, cfg.threads)
+    dtype = resolve_dtype(cfg.save_dtype, getattr(model, "published_dtype", None))
     model = modeling.load_adapters(model, adapter_dir, names=[role], frozen=[role]).eval()
     batch = check_batch(tokenizer, role, cfg.check_batch)
     expected = logits(model, batch)
@@ -108,6 +122,15 @@ def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: Merg
     if not in_memory <= cfg.check_tolerance:
         raise MergeCheckError(f"{role}: merged logits differ from the adapter model's by {in_memory:.3g} "
                               f"(> check_tolerance {cfg.check_tolerance:g}); nothing was committed")
+    # Saved in `dtype`: round the weights to it in place (fp32 storage, so the reference below is computed exactly as
+    # the reloaded folder will be) and report the rounding's effect (cast_logit_diff) instead of checking it
+    # against the fp32 tolerance.
+    with torch.no_grad():
+        for p in merged.parameters():
+            p.copy_(p.to(dtype))
+    saved = logits(merged, batch)
+    merged = merged.to(dtype)
+    merged.config.dtype = dtype
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     parameters = sum(p.numel() for p in merged.parameters())
@@ -115,12 +138,13 @@ def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: Merg
     gc.collect()
     # What is committed is the folder, so check the folder: a save that drops or unties weights shows up here.
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, local_files_only=True).eval()
-    on_disk = max_diff(logits(reloaded, batch), expected)
+    on_disk = max_diff(logits(reloaded, batch), saved)
     del reloaded
     if not on_disk <= cfg.check_tolerance:
-        raise MergeCheckError(f"{role}: the saved merged model's logits differ from the adapter model's by "
+        raise MergeCheckError(f"{role}: the saved merged model's logits differ from the merged model's by "
                               f"{on_disk:.3g} (> check_tolerance {cfg.check_tolerance:g}); nothing was committed")
-    return {f"max_abs_logit_diff_{role}": max(in_memory, on_disk), f"parameters_{role}": parameters}
+    return {f"max_abs_logit_diff_{role}": max(in_memory, on_disk), f"parameters_{role}": parameters,
+            f"cast_logit_diff_{role}": max_diff(saved, expected), "saved_dtype": str(dtype).removeprefix("torch.")}
 
 
 def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
