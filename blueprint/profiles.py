@@ -24,7 +24,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "bootstrap": {"preset": "tiny", "max_tokens": 3_145_728, "batch_size": 4, "seq_len": 384},
         "warmup": {"steps": 30, "coder_steps": 120, "lr": 5e-3},
         "ppo-round": {"ppo_steps": 12, "supervised_steps": 20, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4,
-                      "lr": 3e-3, "init_kl_coef": 0.1},
+                      "init_kl_coef": 0.1},
         "evaluate": {"max_examples": 64},
         "merge": {},
     },
