@@ -44,6 +44,16 @@ def test_bootstrap_packing_keeps_every_document_whole_from_its_head(smoke_chain)
     assert blocks.shape[1] == 65 and (blocks[-1, :65] == torch.tensor(encoded[3][:65])).all()  # only a tail is cut
 
 
+def test_warmup_gives_the_same_adapters_for_the_same_inputs(smoke_chain, tmp_path):
+    hashes = []
+    for root in ("a", "b"):
+        torch.rand(1000)  # disturb the global RNG: the stage seeds what it draws
+        out = warmup.run(build(warmup.WarmupConfig, SMOKE_WARMUP), shards=smoke_chain["shards"],
+                         base=smoke_chain["base"], artifact_root=f"file://{tmp_path}/{root}", progress=False)
+        hashes.append({k: f["sha256"] for k, f in out.manifest["files"].items() if k.endswith(".safetensors")})
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
+
+
 def test_warmup_adapters_load_back_with_plain_peft(smoke_chain):
     base, _ = open_base(smoke_chain["base"])
     adapters = storage.local_path(smoke_chain["adapters"]) / "adapters"

@@ -45,8 +45,8 @@ class PPORoundConfig:
     copy_penalty: float = 1.0
     whiten_rewards: bool = True         # standardise each batch's scores: the gain (~0.03 nats/token) is otherwise
                                         # small next to the KL penalty (beta x KL ~ 0.2 nats/summary); measured on
-                                        # 4 seeds x 2 rounds, PPO raised the batch's reward in 7 of 8 with it, 4 of
-                                        # 8 without
+                                        # the tiny base, PPO raised the batch's reward in 12 of 16 rounds with it,
+                                        # 4 of 8 without (README, Measured)
     missing_eos_penalty: float = 1.0
     length_coef: float = 0.01
     reward: str = "gain"                # "gain" (default, low variance) or "neg_ce" (the seed's −CE)

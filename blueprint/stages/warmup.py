@@ -109,6 +109,8 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, cfg:
 
 
 def build(cfg: WarmupConfig, shards: str, base: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    import torch
+
     from blueprint import modeling
     from blueprint.data import read_pairs
 
@@ -119,6 +121,7 @@ def build(cfg: WarmupConfig, shards: str, base: str, out_dir: Path, progress: bo
     if not pairs or not held_out:
         raise ValueError(f"shards {shards} need train and eval pairs (found {len(pairs)} train, {len(held_out)} eval)")
     train, evals = sft_datasets(pairs, tokenizer, cfg), sft_datasets(held_out, tokenizer, cfg)
+    torch.manual_seed(cfg.seed)  # LoRA A is drawn at random: same seed -> same adapters, whatever ran before
     peft_model = modeling.attach_adapters(model, modeling.ROLES, cfg.lora())
     metrics: dict[str, Any] = {"train_pairs": len(pairs), "eval_pairs": len(held_out)}
     steps = {"summarizer": cfg.steps, "coder": cfg.steps if cfg.coder_steps is None else cfg.coder_steps}
