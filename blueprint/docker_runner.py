@@ -54,17 +54,18 @@ def resolve_image(client, image: str) -> str:
     return next((tag for tag in found.tags if tag == image or tag.endswith("/" + image)), image)
 
 
-def container_settings(artifact_root: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+def container_settings(artifact_root: str) -> dict[str, Any]:
     """docker-py `containers.run` arguments for every stage container of a run under `artifact_root`."""
-    environ = os.environ if environ is None else environ
-    env = {name: environ[name] for name in PASSED_ENV if environ.get(name)}
+    env = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
     env.update(HOME="/tmp", HF_HOME="/tmp/huggingface")  # any uid can write there
     settings: dict[str, Any] = {"network_mode": "host", "user": f"{os.getuid()}:{os.getgid()}", "environment": env}
     root = storage.normalize(artifact_root)
-    if root.startswith("file://"):
+    if root.startswith("file://"):  # kfp.local passes its own `volumes`, so the root goes in as a Mount
+        from docker.types import Mount
+
         local = storage.local_path(root)
         local.mkdir(parents=True, exist_ok=True)
-        settings["volumes"] = {str(local): {"bind": str(local), "mode": "rw"}}
+        settings["mounts"] = [Mount(target=str(local), source=str(local), type="bind")]
     return settings
 
 
@@ -77,10 +78,4 @@ def docker_runner(image: str | None, artifact_root: str):
         tag = resolve_image(client, image or DEFAULT_LOCAL_IMAGE)
     finally:
         client.close()
-    settings = container_settings(artifact_root)
-    volumes = settings.pop("volumes", None)
-    if volumes:  # kfp.local passes its own `volumes`; a file:// root goes in as a docker-py Mount instead
-        from docker.types import Mount
-
-        settings["mounts"] = [Mount(target=v["bind"], source=src, type="bind") for src, v in volumes.items()]
-    return local.DockerRunner(**settings), tag
+    return local.DockerRunner(**container_settings(artifact_root)), tag

@@ -11,8 +11,8 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,15 +29,6 @@ _PERMANENT_MARKERS = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Sig
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and says why."""
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
 
 
 def is_s3(uri: str) -> bool:
@@ -185,11 +176,13 @@ def write_bytes(uri: str, data: bytes) -> None:
 
     def write_local() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        # A unique temp name opened with mode 0666, so the umask gives the file the mode a plain write would
+        # (mkstemp's 0600 left artifacts in a shared root unreadable to other users and containers).
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file gets the mode a plain write would
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

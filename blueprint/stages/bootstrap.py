@@ -70,7 +70,7 @@ def _packed_blocks(docs: list[str], tokenizer, seq_len: int):
     A document never starts mid-block and is never cut at its head (only a document longer than a block loses its
     tail), so every code token is trained with its summary in view and at the positions the coder is later scored
     at. Cutting a plain concatenation at random (the usual packing) separated most codes from their summaries and
-    left the summary -> code prompt nearly blind (measured: pairwise accuracy 0.536 vs 0.56 with this packing).
+    left the summary -> code prompt nearly blind (measured: pairwise accuracy 0.536 vs 0.577 with this packing).
     """
     import torch
 
@@ -81,7 +81,7 @@ def _packed_blocks(docs: list[str], tokenizer, seq_len: int):
         if current and len(current) + len(doc) > seq_len + 1:
             rows.append(current)
             current = []
-        current = current + doc
+        current.extend(doc)
     if current:
         rows.append(current)
     blocks = torch.full((len(rows), seq_len + 1), tokenizer.pad_token_id, dtype=torch.long)
@@ -151,8 +151,9 @@ def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = Tru
     metrics = pretrain(model, blocks, cfg, tokenizer.pad_token_id, progress=progress)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    metrics.update(pairs=len(pairs), corpus_tokens=int((blocks != tokenizer.pad_token_id).sum()), vocab_size=len(tokenizer),
-                   parameters=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - start, 1))
+    metrics.update(pairs=len(pairs), corpus_tokens=int((blocks != tokenizer.pad_token_id).sum()),
+                   vocab_size=len(tokenizer), parameters=sum(p.numel() for p in model.parameters()),
+                   seconds=round(time.time() - start, 1))
     return metrics
 
 

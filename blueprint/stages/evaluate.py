@@ -161,10 +161,11 @@ def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig) ->
     pairwise = None
     if len(scored) >= 2:
         all_codes, all_truths = [p["code"] for p in scored], [p["summary"] for p in scored]
-        own = true_out.ce.tolist() + reward(all_codes[len(pairs):], all_truths[len(pairs):]).ce.tolist() \
-            if len(scored) > len(pairs) else true_out.ce.tolist()
+        own = true_out.ce  # the generated pairs' own-docstring CE is already computed; score only the rest
+        if len(scored) > len(pairs):
+            own = torch.cat([own, reward(all_codes[len(pairs):], all_truths[len(pairs):]).ce])
         other_out = reward(all_codes, [all_truths[j] for j in other])
-        pairwise = pairwise_accuracy(torch.tensor(own), other_out.ce)
+        pairwise = pairwise_accuracy(own, other_out.ce)
 
     # The coder rebuilds each code from its true docstring.
     rebuilt_ids = generate(model, tokenizer, "coder", [code_prompt(s, prompts) for s in shown_truths],
