@@ -182,3 +182,18 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], build: Callabl
         metrics = build(Path(tmp))
         manifest = commit(Path(tmp), uri, stage=stage, config=cfg, inputs=inputs, metrics=metrics or {}, key=key)
     return StageOutput(uri, manifest, cached=False)
+
+
+def cached_outputs(root: str) -> list[dict[str, Any]]:
+    """Every committed stage output under `root`: stage, key, created, bytes, metrics."""
+    rows = []
+    files = storage.list_files(root)
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[2] == MANIFEST_NAME:
+            uri = storage.join(root, parts[0], parts[1])
+            manifest = storage.read_json(manifest_uri(uri))
+            size = sum(f["size"] for f in manifest.get("files", {}).values())
+            rows.append({"stage": parts[0], "key": parts[1], "created": manifest.get("created", "?"),
+                         "bytes": size, "metrics": manifest.get("metrics", {}), "uri": uri})
+    return sorted(rows, key=lambda r: (r["created"], r["stage"]))

@@ -63,28 +63,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def cached_outputs(root: str) -> list[dict[str, Any]]:
-    """Every committed stage output under `root`: stage, key, created, bytes, metrics."""
-    rows = []
-    files = storage.list_files(root)
-    for rel in files:
-        parts = rel.split("/")
-        if len(parts) == 3 and parts[2] == artifacts.MANIFEST_NAME:
-            uri = storage.join(root, parts[0], parts[1])
-            manifest = storage.read_json(artifacts.manifest_uri(uri))
-            size = sum(f["size"] for f in manifest.get("files", {}).values())
-            rows.append({"stage": parts[0], "key": parts[1], "created": manifest.get("created", "?"),
-                         "bytes": size, "metrics": manifest.get("metrics", {}), "uri": uri})
-    return sorted(rows, key=lambda r: (r["created"], r["stage"]))
-
-
 def _key_metrics(metrics: dict[str, Any], limit: int = 3) -> str:
     picked = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in picked[:limit])
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    rows = cached_outputs(args.artifact_root)
+    rows = artifacts.cached_outputs(args.artifact_root)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0

@@ -86,6 +86,9 @@ def _check_toleration(i: int, tol: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_TOLERATION_FIELDS)}")
     out = {k: tol[k] for k in _TOLERATION_FIELDS if tol.get(k) is not None}
+    for k in ("key", "operator", "value", "effect"):
+        if k in out and not isinstance(out[k], str):  # YAML reads `value: true` as a bool: quote it
+            raise ConfigError(f"{where}.{k}: {out[k]!r} must be a string (quote it in YAML)")
     operator = out.setdefault("operator", "Equal")
     if operator not in ("Equal", "Exists"):
         raise ConfigError(f"{where}.operator: {operator!r} must be Equal or Exists")
@@ -143,6 +146,11 @@ class ClusterSettings:
     service_account: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("s3_secret", "s3_endpoint", "s3_region", "accelerator", "service_account",
+                     "s3_access_key_field", "s3_secret_key_field", "retry_backoff", "retry_backoff_max"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name}: {value!r} must be a string")
         if self.s3_secret is not None and (len(self.s3_secret) > 253 or not _DNS_SUBDOMAIN.match(self.s3_secret)):
             raise ConfigError(f"s3_secret: {self.s3_secret!r} is not a Kubernetes secret name "
                               "(lower-case letters, digits, '-' and '.')")
@@ -175,6 +183,8 @@ class ClusterSettings:
         for stage in STAGES:
             self.resources_for(stage).check(stage)
         for key, value in dict(self.node_selector).items():
+            if not isinstance(value, str):  # YAML `true` would become the label value "True": never matches
+                raise ConfigError(f"node_selector.{key}: {value!r} must be a string (quote it in YAML)")
             if not _LABEL_KEY.match(str(key)) or not _LABEL_VALUE.match(str(value)):
                 raise ConfigError(f"node_selector: {key}={value} is not a valid Kubernetes label")
         object.__setattr__(self, "node_selector", {str(k): str(v) for k, v in dict(self.node_selector).items()})

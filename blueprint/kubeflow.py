@@ -4,9 +4,7 @@ Everything that can be checked without the cluster is checked before the first r
 parameter names and types, every stage's settings, cluster settings), so a typo costs a second, not a failed
 run. Network failures become one line naming the host (exit 2), never a traceback.
 
-Warm start: a recurring retraining can continue from the adapters of the newest committed `ppo-round` under
-the same artifact root (trained on the same base) instead of starting again from warmup; `warmup_task` is what
-the warmup component calls for that, and `latest_adapters` is the lookup behind it.
+Cron normalisation lives in `blueprint.cron`; what a warm-started warmup pod does, in `blueprint.warm_start`.
 """
 from __future__ import annotations
 
@@ -27,6 +25,7 @@ from typing import Any
 import yaml
 
 from blueprint import cluster
+from blueprint.cron import kfp_cron  # noqa: F401  (re-exported: `blueprint.kubeflow.kfp_cron`)
 from blueprint.config import ConfigError
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
@@ -84,6 +83,9 @@ def compile_package(path: str, *, epochs: int, profile: str, image: str, artifac
     warning = cluster.s3_credentials_warning(artifact_root, settings.s3_secret)
     if warning:
         print(warning, file=sys.stderr)
+    if settings.service_account:  # KFP sets it per run, not per task: a package cannot carry it
+        print(f"NOTE: service_account {settings.service_account!r} is not part of the compiled package; "
+              "submit/schedule use it when they compile, or pass --service-account with --package", file=sys.stderr)
     return path
 
 
@@ -91,9 +93,11 @@ def compile_package(path: str, *, epochs: int, profile: str, image: str, artifac
 
 def read_package(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pipeline spec, platform spec) documents of a compiled pipeline YAML."""
+    if not path.endswith((".yaml", ".yml")):
+        raise ConfigError(f"pipeline package {path}: expected the compiled .yaml (`blueprint compile`)")
     try:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d]
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"pipeline package {path} cannot be read: {exc}") from None
     if not docs or "root" not in docs[0]:
         raise ConfigError(f"pipeline package {path} is not a compiled KFP pipeline (no root)")
@@ -201,65 +205,6 @@ def s3_secret_names(platform: dict[str, Any]) -> set[str]:
     return names - {""}
 
 
-# ------------------------------------------------------------------------------------------------------ cron
-
-_CRON_FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12),
-                ("day-of-week", 0, 6))
-_CRON_NAMES = {"month": {m: i + 1 for i, m in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split())},
-               "day-of-week": {d: i for i, d in enumerate("SUN MON TUE WED THU FRI SAT".split())}}
-_CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-
-
-def _cron_value(expr: str, field: str, token: str, lo: int, hi: int) -> int:
-    names = _CRON_NAMES.get(field, {})
-    if token.upper() in names:
-        return names[token.upper()]
-    if not token.isdigit():
-        raise KubeflowError(f"invalid cron expression {expr!r}: {field} {token!r} is not a number"
-                            + (f" or one of {', '.join(names)}" if names else ""))
-    value = int(token)
-    if not lo <= value <= hi:
-        raise KubeflowError(f"invalid cron expression {expr!r}: {field} {value} is outside {lo}-{hi}")
-    return value
-
-
-def kfp_cron(expr: str) -> str:
-    """`expr` as the 6-field cron KFP's scheduler parses (seconds first), or KubeflowError naming it.
-
-    KFP's ScheduledWorkflow controller uses robfig/cron v1, whose parser reads FIVE fields as
-    `second minute hour day-of-month month` (day-of-week optional), not as standard cron: "0 3 * * 1" would
-    run at minute 3 of every hour in January. A 5-field expression is therefore read as standard cron and
-    given "0" seconds: "0 3 * * 1" -> "0 0 3 * * 1" (03:00 every Monday). Descriptors (@daily, ...) pass as is.
-    """
-    text = " ".join(str(expr).split())
-    if text in _CRON_DESCRIPTORS:
-        return text
-    if text.startswith("@every "):
-        if not re.fullmatch(r"@every (\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", text):
-            raise KubeflowError(f"invalid cron expression {expr!r}: @every needs a duration like 6h or 90m")
-        return text
-    fields = text.split(" ") if text else []
-    if len(fields) == 5:
-        fields = ["0", *fields]
-    if len(fields) != 6:
-        raise KubeflowError(f"invalid cron expression {expr!r}: expected 5 fields (minute hour day-of-month "
-                            f"month day-of-week) or 6 (seconds first), got {len(fields)}")
-    for (field, lo, hi), value in zip(_CRON_FIELDS, fields):
-        for item in value.split(","):
-            if item == "?" and field in ("day-of-month", "day-of-week"):
-                continue
-            span, slash, step = item.partition("/")
-            if slash and (not step.isdigit() or int(step) < 1):
-                raise KubeflowError(f"invalid cron expression {expr!r}: {field} step {step!r} must be >= 1")
-            if span == "*":
-                continue
-            first, dash, last = span.partition("-")
-            start = _cron_value(expr, field, first, lo, hi)
-            if dash and _cron_value(expr, field, last, lo, hi) < start:
-                raise KubeflowError(f"invalid cron expression {expr!r}: {field} range {span!r} runs backwards")
-    return " ".join(fields)
-
-
 # ---------------------------------------------------------------------------------------------------- client
 
 def _reason(exc: BaseException) -> str:
@@ -314,11 +259,15 @@ def connect(host: str, namespace: str | None = None):
 
 def _host(args: argparse.Namespace) -> str:
     host = args.host or os.environ.get(HOST_ENV)
+    where = "--host" if args.host else f"${HOST_ENV}"
     if not host:
         raise ConfigError(f"give --host URL (or set {HOST_ENV}), e.g. http://localhost:8080 after "
                           "`kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`")
+    if re.search(r"[@?#]", host):  # never echo it: user:password@ or ?token= would land in logs
+        raise ConfigError(f"{where}: the URL must not carry user:password@, a query or a fragment; the token "
+                          f"goes in ${TOKEN_ENV}")
     if not re.match(r"^https?://[^\s/]+", host):
-        raise ConfigError(f"--host {host!r} must start with http:// or https://")
+        raise ConfigError(f"{where} {host!r} must start with http:// or https://")
     return host
 
 
@@ -343,16 +292,20 @@ def _package(args: argparse.Namespace, warm_start: bool = False) -> Iterator[str
     if warm_start:  # same parameters every run: a KFP cache hit would hand back last run's warmup forever
         settings = dataclasses.replace(settings, caching={**settings.caching, "warmup": False})
     with tempfile.TemporaryDirectory(prefix="blueprint-kfp-") as tmp:
-        yield compile_package(str(Path(tmp) / "pipeline.yaml"), epochs=args.epochs or 2,
-                              profile=args.profile or "default",
+        yield compile_package(str(Path(tmp) / "pipeline.yaml"), epochs=2 if args.epochs is None else args.epochs,
+                              profile="default" if args.profile is None else args.profile,
                               image=DEFAULT_IMAGE if args.image is None else args.image,
-                              artifact_root=args.artifact_root or DEFAULT_ARTIFACT_ROOT, settings=settings)
+                              artifact_root=DEFAULT_ARTIFACT_ROOT if args.artifact_root is None
+                              else args.artifact_root, settings=settings)
 
 
 def _prepare(args: argparse.Namespace, package: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Typed run arguments for `package`, plus a warning when S3 artifacts have no credentials secret."""
     spec, platform = read_package(package)
     arguments = parse_params(args.param, spec)
+    if "warm_start" in arguments:  # as a plain parameter it would leave the warmup task KFP-cached
+        raise ConfigError("--param warm_start: use `schedule --warm-start`, which also turns the warmup task's "
+                          "KFP cache off (a cache hit would hand back the same warmup on every run)")
     arguments.update(extra or {})
     if args.package:  # a compiled package: read the effective root and the secrets from the YAML itself
         root = arguments.get("artifact_root", pipeline_parameters(spec).get("artifact_root", {}).get("defaultValue"))
@@ -394,7 +347,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         if args.warm_start:
             if "warm_start" not in pipeline_parameters(spec):
                 raise ConfigError("--warm-start: this pipeline has no warm_start parameter (wire "
-                                  "blueprint.kubeflow.warmup_task into the warmup component)")
+                                  "blueprint.warm_start.warmup_task into the warmup component)")
             extra["warm_start"] = True
         arguments = _prepare(args, package, extra)
         service_account = _service_account(args)
@@ -450,52 +403,3 @@ def add_commands(sub: argparse._SubParsersAction, compile_parser: argparse.Argum
     r.add_argument("--warm-start", action="store_true",
                    help="continue from the newest ppo-round adapters under the artifact root")
     r.set_defaults(func=cmd_schedule)
-
-
-# ------------------------------------------------------------------------------------------------ warm start
-
-def latest_adapters(artifact_root: str, base: str | None = None) -> str | None:
-    """URI of the newest committed `ppo-round` output under `artifact_root` (by manifest `created`), or None.
-
-    With `base`, only adapters trained on that very base count (the identity check the stages make when they
-    load adapters): a new corpus that rebuilt the tiny base starts again from warmup, as it must.
-    """
-    from blueprint import storage
-    from blueprint.cli import cached_outputs
-
-    rows = [r for r in cached_outputs(artifact_root) if r["stage"] == "ppo-round"]
-    if base is not None and rows:
-        from blueprint.stages.common import BASE_FILE, base_identity
-
-        identity = base_identity(base)
-        rows = [r for r in rows if storage.read_json(storage.join(r["uri"], BASE_FILE)).get("base_identity")
-                == identity]
-    if not rows:
-        return None
-    return max(rows, key=lambda r: (r["created"], r["key"]))["uri"]
-
-
-def warmup_task(settings: dict[str, Any], shards: str, base: str, artifact_root: str, force: bool,
-                warm_start: bool, metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
-    """The warmup component's body: on `warm_start`, hand on the newest compatible ppo-round adapters.
-
-    Otherwise (or when no earlier round exists) the warmup stage runs as always. Returns (uri, key) like
-    `blueprint.kfp_runtime.run_stage_task`.
-    """
-    from blueprint import artifacts
-    from blueprint.kfp_runtime import run_stage_task
-
-    previous = latest_adapters(artifact_root, base) if warm_start and not force else None
-    if previous is None:
-        return run_stage_task("warmup", settings, {"shards": shards, "base": base}, artifact_root, force,
-                              metrics, report_path)
-    manifest = artifacts.read_manifest(previous, verify="sizes")
-    print(json.dumps({"stage": "warmup", "warm_start": previous}))
-    if metrics is not None:
-        metrics.log_metric("warm_start", 1.0)
-        metrics.log_metric("cache_hit", 1.0)
-    if report_path is not None:
-        with open(report_path, "w", encoding="utf-8") as f:
-            f.write(f"# warmup (warm start)\n\nContinuing from `{previous}`: the newest committed ppo-round "
-                    f"on this base (created {manifest.get('created', '?')}), instead of training from scratch.\n")
-    return previous, manifest.get("key") or ""

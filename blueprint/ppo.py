@@ -34,7 +34,7 @@ from transformers import GenerationConfig
 from blueprint.copying import copy_rates
 from blueprint.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
 from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
-                                masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses, whiten)
+                                group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses)
 
 __all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExplodedError", "ScoreFn",
            "AdaptiveKLController", "FixedKLController", "eos_cut"]
@@ -202,7 +202,8 @@ class PPOTrainer:
         """Generate, EOS-cut, score (and penalise); then the no-grad forwards unless a score is NaN/inf."""
         timings = {} if timings is None else timings
         cfg = self.config
-        query_ids = self._as_lists(queries)
+        k = cfg.samples_per_query  # each query's samples sit next to each other: [q0, q0, q1, q1, ...]
+        query_ids = [q for q in self._as_lists(queries) for _ in range(k)]
         B, Q = len(query_ids), max(len(q) for q in query_ids)
         input_ids = torch.full((B, Q), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((B, Q), dtype=torch.long)
@@ -233,7 +234,7 @@ class PPOTrainer:
             raise ValueError(f"score_fn returned {raw.numel()} scores for {B} responses")
         components = {k: torch.as_tensor(v, dtype=torch.float32).detach().flatten().cpu()
                       for k, v in components.items()}
-        codes = query_ids if code_ids is None else [list(c) for c in code_ids]
+        codes = query_ids if code_ids is None else [list(c) for c in code_ids for _ in range(k)]
         rate = copy_rates(response_ids, codes, cfg.copy_ngram)
         scores = raw - cfg.copy_penalty * rate - cfg.missing_eos_penalty * (~has_eos.cpu()).float()
         timings["score"] = time.perf_counter() - t0
@@ -254,10 +255,13 @@ class PPOTrainer:
         """One PPO iteration on `batch_size` queries; returns flat float stats (see module doc for failures).
 
         `code_ids` are the code tokens the copy guard compares against (default: the query tokens themselves).
+        With `samples_per_query` k > 1 it takes batch_size/k queries and samples k responses for each; score_fn
+        then sees every query k times in a row.
         """
         cfg = self.config
-        if len(queries) != cfg.batch_size:
-            raise ValueError(f"ppo_step got {len(queries)} queries, config.batch_size is {cfg.batch_size}")
+        want = cfg.batch_size // cfg.samples_per_query
+        if len(queries) != want:
+            raise ValueError(f"ppo_step got {len(queries)} queries, needs batch_size/samples_per_query = {want}")
         was_training, prev_adapter = self.model.training, getattr(self.model, "active_adapter", None)
         timings: dict[str, float] = {}
         try:
@@ -284,7 +288,8 @@ class PPOTrainer:
         timings = {} if timings is None else timings
         cfg, B = self.config, len(r.query_ids)
         beta = self.kl_ctl.value
-        scores = whiten(r.scores) if cfg.whiten_rewards else r.scores
+        scores = (group_baseline(r.scores, cfg.samples_per_query, scale=cfg.whiten_rewards)
+                  if cfg.whiten_rewards or cfg.samples_per_query > 1 else r.scores)
         rewards, kl = per_token_rewards(scores.to(self.device), r.logp, r.ref_logp, r.mask, beta)
         kl_seq = kl.sum(1)
         advantages, returns = compute_gae(rewards, r.values, r.mask, cfg.gamma, cfg.lam)

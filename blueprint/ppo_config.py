@@ -8,7 +8,9 @@ from dataclasses import dataclass
 @dataclass
 class PPOConfig:
     lr: float = 5e-5
-    batch_size: int = 16            # queries per ppo_step
+    batch_size: int = 16            # rollouts (sampled responses) per ppo_step
+    samples_per_query: int = 1      # responses sampled per query: ppo_step takes batch_size/samples_per_query
+                                    # queries; >1 scores each response against its own query's other samples
     mini_batch_size: int = 4        # sequences per gradient step
     ppo_epochs: int = 4
     gamma: float = 1.0
@@ -27,7 +29,8 @@ class PPOConfig:
     kl_target: float = 6.0          # per-sequence KL (sum over tokens) the adaptive controller steers to
     kl_horizon: int = 10000
     missing_eos_penalty: float = 1.0  # subtracted from the score of responses without EOS (0 = off)
-    whiten_rewards: bool = False    # standardise the scalar scores across the batch before adding them
+    whiten_rewards: bool = False    # standardise the scalar scores across the batch before adding them (with
+                                    # samples_per_query > 1: centre on the query's mean, then scale by batch std)
     copy_penalty: float = 1.0       # subtracted per unit of copy_rate (0 = off)
     copy_ngram: int = 4
     max_kl: float = 50.0            # per-sequence KL above which the step aborts (KLExplodedError)
@@ -39,7 +42,7 @@ class PPOConfig:
     autocast_dtype: str | None = None  # "bfloat16"/"float16": autocast the model (AMX CPUs, GPUs); None = as loaded
 
     def __post_init__(self) -> None:
-        positive = ["lr", "batch_size", "mini_batch_size", "ppo_epochs", "temperature", "max_new_tokens",
+        positive = ["lr", "batch_size", "samples_per_query", "mini_batch_size", "ppo_epochs", "temperature", "max_new_tokens",
                     "kl_target", "kl_horizon", "copy_ngram", "max_kl", "max_grad_norm"]
         for name in positive:
             if not getattr(self, name) > 0:
@@ -57,6 +60,9 @@ class PPOConfig:
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
                              f"{self.mini_batch_size}")
+        if self.batch_size % self.samples_per_query:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of samples_per_query "
+                             f"{self.samples_per_query}")
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("min_new_tokens must be <= max_new_tokens")
         if self.forward_batch_size is not None and self.forward_batch_size <= 0:

@@ -48,6 +48,24 @@ def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (x - x.mean()) / (x.std() + eps)
 
 
+def group_baseline(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Each score minus the mean of its group (consecutive `group_size` samples of one query), then, with `scale`,
+    divided by the batch std of those differences.
+
+    Why: the round-trip gain varies far more between codes (some are predictable without any summary) than between
+    two summaries of one code, so a batch-wide baseline mostly teaches "which code was easy". A per-query mean
+    removes that (the RLOO / GRPO baseline); one batch-wide scale keeps PPO's step size comparable across batches
+    without blowing up groups whose samples happen to agree.
+    """
+    if group_size == 1:
+        return whiten(scores, eps) if scale else scores
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    centred = (groups - groups.mean(1, keepdim=True)).flatten()
+    return centred / (centred.std() + eps) if scale else centred
+
+
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
                          with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(token) and the entropy of π, with π = softmax(logits / temperature), in one log_softmax.

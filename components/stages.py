@@ -56,7 +56,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> StageComponents:
     def warmup(artifact_root: str, shards: str, base: str, settings: dict, force: bool, warm_start: bool,
                metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
         """warm_start: hand on the newest committed ppo-round on this base instead of training (retraining)."""
-        from blueprint.kubeflow import warmup_task
+        from blueprint.warm_start import warmup_task
         return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path)
 
     @component

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from blueprint import artifacts, cli, cluster, kubeflow, profiles
+from blueprint import artifacts, cli, cluster, kubeflow, profiles, warm_start
 from blueprint.config import ConfigError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
@@ -135,6 +135,10 @@ def test_bad_compile_input_is_one_clear_line_and_exit_2(flags, message, tmp_path
     ({"resources": {"warmpu": {"cpu_request": "1"}}}, "unknown stage 'warmpu'"),
     ({"resources": {"merge": {"cpu_request": "two"}}}, "resources.merge.cpu_request"),
     ({"node_selector": {"pool": "not valid!"}}, "node_selector"),
+    ({"node_selector": {"nvidia.com/gpu.present": True}}, "node_selector.nvidia.com/gpu.present: True must be a string"),
+    ({"tolerations": [{"key": "dedicated", "value": True}]}, "tolerations[0].value: True must be a string"),
+    ({"s3_secret": 123}, "s3_secret: 123 must be a string"),
+    ({"accelerator": 5}, "accelerator: 5 must be a string"),
     ({"caching": {"evaluate": "no"}}, "caching.evaluate"),
     ({"retry_backoff": "soon"}, "retry_backoff"),
     ({"gpus": True}, "unknown cluster setting(s) gpus"),
@@ -297,7 +301,8 @@ def test_schedule_warm_start_turns_the_warmup_cache_off_and_sets_the_parameter(k
 
 
 @pytest.mark.parametrize("cron", ["0 3 * *", "61 * * * *", "* 25 * * *", "0 3 * * 8", "0 3 * * MON-FOO",
-                                  "5-1 * * * *", "*/0 * * * *", "0 3 32 * *", "0 0 3 * * * *", "@sometimes", ""])
+                                  "5-1 * * * *", "*/0 * * * *", "0 3 32 * *", "0 0 3 * * * *", "@sometimes", "",
+                                  "@every 500ms", "@every 59s"])
 def test_invalid_cron_is_rejected_before_any_request(cron, kfp_server, capsys):
     server = kfp_server()
     assert cli.main(["schedule", "--host", server.url, "--cron", cron, "--image", IMAGE]) == 2
@@ -309,7 +314,7 @@ def test_invalid_cron_is_rejected_before_any_request(cron, kfp_server, capsys):
 @pytest.mark.parametrize("cron, kfp", [
     ("0 3 * * 1", "0 0 3 * * 1"), ("*/15 9-17 * * MON-FRI", "0 */15 9-17 * * MON-FRI"),
     ("0 0 9 ? * 2-6", "0 0 9 ? * 2-6"), ("30 0 3 1,15 JAN,jul *", "30 0 3 1,15 JAN,jul *"),
-    ("@weekly", "@weekly"), ("@every 6h", "@every 6h"),
+    ("@weekly", "@weekly"), ("@every 6h", "@every 6h"), ("@every 1m", "@every 1m"), ("@every 30s30s", "@every 30s30s"),
 ])
 def test_cron_is_normalised_to_kfps_six_fields(cron, kfp):
     assert kubeflow.kfp_cron(cron) == kfp
@@ -325,6 +330,17 @@ def test_unreachable_host_is_one_line_naming_it_and_exit_2(kfp_server, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("host", ["http://admin:s3cr3t@127.0.0.1:9", "http://127.0.0.1:9/?token=s3cr3t"])
+def test_a_host_url_with_credentials_is_refused_without_echoing_them(host, kfp_server, capsys, monkeypatch):
+    assert cli.main(["submit", "--host", host, "--image", IMAGE, "--artifact-root", "file:///tmp/a"]) == 2
+    err = capsys.readouterr().err
+    assert "--host: the URL must not carry user:password@" in err and "s3cr3t" not in err
+    monkeypatch.setenv("KF_PIPELINES_ENDPOINT", host)
+    assert cli.main(["submit", "--image", IMAGE, "--artifact-root", "file:///tmp/a"]) == 2
+    err = capsys.readouterr().err
+    assert "$KF_PIPELINES_ENDPOINT: the URL" in err and "s3cr3t" not in err
+
+
 def test_refused_request_names_host_and_status(kfp_server, capsys):
     server = kfp_server(fail={"/apis/v2beta1/runs": 403})
     assert cli.main(["submit", "--host", server.url, "--image", IMAGE, "--artifact-root", "file:///tmp/a"]) == 2
@@ -337,6 +353,7 @@ def test_refused_request_names_host_and_status(kfp_server, capsys):
     ("epochs=3", "no such parameter"), ("ppo_steps=many", "not a number_integer"),
     ("warmup_settings.stepz=3", "--param warmup_settings: unknown setting(s) stepz"),
     ("warmup_settings=[1]", "not a struct"), ("source", "expects NAME=VALUE"),
+    ("warm_start=true", "use `schedule --warm-start`"),
 ])
 def test_bad_parameters_fail_before_any_request(param, message, kfp_server, capsys):
     server = kfp_server()
@@ -360,6 +377,26 @@ def test_package_plus_compile_flags_is_refused(tmp_path, kfp_server, capsys):
     server = kfp_server()
     assert cli.main(["submit", "--host", server.url, "--package", str(tmp_path / "p.yaml"), "--gpu"]) == 2
     assert "--gpu would be ignored" in capsys.readouterr().err and server.requests == []
+
+
+def test_a_package_that_is_not_compiled_yaml_is_refused_naming_it(tmp_path, kfp_server, capsys):
+    server = kfp_server()
+    archive = tmp_path / "pipeline.tar.gz"
+    archive.write_bytes(b"\x1f\x8b\x08\x00binary")
+    bad_yaml = tmp_path / "pipeline.yaml"
+    bad_yaml.write_bytes(b"\x1f\x8b\x08\x00binary")
+    for package, message in [(archive, "expected the compiled .yaml"), (bad_yaml, "cannot be read")]:
+        assert cli.main(["submit", "--host", server.url, "--package", str(package)]) == 2
+        err = capsys.readouterr().err
+        assert f"pipeline package {package}" in err and message in err and "Traceback" not in err
+    assert server.requests == []
+
+
+def test_epochs_zero_is_refused_by_submit_not_turned_into_the_default(kfp_server, capsys):
+    server = kfp_server()
+    assert cli.main(["submit", "--host", server.url, "--image", IMAGE, "--artifact-root", "file:///tmp/a",
+                     "--epochs", "0"]) == 2
+    assert "epochs" in capsys.readouterr().err and server.requests == []
 
 
 # ------------------------------------------------------------------------------------------------ warm start
@@ -386,7 +423,7 @@ def test_latest_adapters_is_the_newest_committed_round_on_the_same_base(tmp_path
     from blueprint.stages.common import base_identity
 
     root = f"file://{tmp_path}/art"
-    assert kubeflow.latest_adapters(root) is None
+    assert warm_start.latest_adapters(root) is None
     base = _commit(root, "bootstrap", {"config.json": "{}"}, "2026-01-01T00:00:00+00:00")
     other = _commit(root, "bootstrap", {"config.json": '{"x": 1}'}, "2026-01-01T00:00:01+00:00")
     meta = lambda b: json.dumps({"base": b, "base_identity": base_identity(b)})  # noqa: E731
@@ -396,9 +433,9 @@ def test_latest_adapters_is_the_newest_committed_round_on_the_same_base(tmp_path
     partial = tmp_path / "art" / "ppo-round" / "zzzz-partial"
     partial.mkdir()
     (partial / "base.json").write_text(meta(base))  # no manifest: never a candidate
-    assert kubeflow.latest_adapters(root, base) == new != old
-    assert kubeflow.latest_adapters(root) == f"{root}/ppo-round/20260401000000"
-    assert kubeflow.latest_adapters(root, "tiny-hub/never-used") is None
+    assert warm_start.latest_adapters(root, base) == new != old
+    assert warm_start.latest_adapters(root) == f"{root}/ppo-round/20260401000000"
+    assert warm_start.latest_adapters(root, "tiny-hub/never-used") is None
 
 
 def test_warmup_task_hands_on_the_previous_round_and_reports_it(tmp_path):
@@ -416,6 +453,6 @@ def test_warmup_task_hands_on_the_previous_round_and_reports_it(tmp_path):
             self.logged[key] = value
 
     metrics, report = Metrics(), tmp_path / "report.md"
-    uri, key = kubeflow.warmup_task({}, "unused-shards", base, root, False, True, metrics, str(report))
+    uri, key = warm_start.warmup_task({}, "unused-shards", base, root, False, True, metrics, str(report))
     assert uri == previous and key == "20260201000000"
     assert metrics.logged["warm_start"] == 1.0 and previous in report.read_text()

@@ -15,7 +15,7 @@ from torch import nn
 from blueprint.copying import copy_rate, copy_rates
 from blueprint.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead, eos_cut
 from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, masked_mean, masked_var,
-                                masked_whiten, per_token_rewards, ppo_losses, whiten)
+                                group_baseline, masked_whiten, per_token_rewards, ppo_losses, whiten)
 from conftest import stdlib_texts
 
 ALL_LINEAR = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -134,6 +134,17 @@ def test_whitening_is_over_valid_tokens_only():
     assert whiten(torch.tensor([4.0])).item() == 0.0  # a batch of one is only centred
 
 
+def test_group_baseline_centres_each_query_on_its_own_samples():
+    scores = torch.tensor([10.0, 12.0, 0.0, 4.0])  # query A's samples, then query B's: A is the easy code
+    centred = group_baseline(scores, 2, scale=False)
+    torch.testing.assert_close(centred, torch.tensor([-1.0, 1.0, -2.0, 2.0]))  # the 10-point gap is gone
+    scaled = group_baseline(scores, 2)
+    torch.testing.assert_close(scaled, centred / centred.std())  # one batch-wide scale keeps B's lead over A's
+    torch.testing.assert_close(group_baseline(scores, 1), whiten(scores))
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_baseline(scores, 3)
+
+
 def test_clipped_loss_engages_only_when_the_ratio_leaves_the_range():
     mask = torch.ones(2, 3)
     logp = torch.zeros(2, 3)
@@ -194,7 +205,7 @@ def test_config_is_validated():
     for bad in [dict(lr=0), dict(batch_size=6, mini_batch_size=4), dict(lam=1.5), dict(top_p=0.0),
                 dict(copy_penalty=-1.0), dict(missing_eos_penalty=-0.5), dict(temperature=0),
                 dict(reference_adapter="summarizer"), dict(autocast_dtype="int8"),
-                dict(min_new_tokens=9, max_new_tokens=8)]:
+                dict(min_new_tokens=9, max_new_tokens=8), dict(batch_size=8, samples_per_query=3)]:
         with pytest.raises(ValueError):
             PPOConfig(**bad)
 
@@ -356,6 +367,31 @@ def test_toy_reward_rises_within_a_few_dozen_steps_while_kl_stays_bounded(micro_
     assert late > max(2 * early, early + 0.4), (early, late)  # fixed seed: ~0.4 -> ~3.8 tokens of 8
     assert max(s["kl"] for s in history) < 30.0
     assert history[-1]["kl_coef"] != cfg.init_kl_coef
+
+
+def test_samples_per_query_samples_each_query_k_times_and_ignores_query_difficulty(micro_model, micro_tokenizer):
+    model = peft_roles(sharpen(micro_model), targets=ALL_LINEAR, r=8, random_init=False)
+    torch.manual_seed(0)
+    queries = code_queries(micro_tokenizer, 2)
+    seen: list[list[int]] = []
+
+    def by_query(q, r):  # a score that says only which query it was: nothing a response could change
+        seen.extend(q)
+        return torch.tensor([100.0 * queries.index(x) for x in q]), {}
+
+    grouped = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
+                                                           samples_per_query=4, whiten_rewards=True))
+    before = [p.detach().clone() for p in grouped.policy_params]
+    stats = grouped.ppo_step(queries, by_query)
+    assert seen == [queries[0]] * 4 + [queries[1]] * 4
+    assert stats["score/raw_std"] > 40  # the batch's scores differ a lot ...
+    assert all(torch.equal(a, b) for a, b in zip(before, grouped.policy_params))  # ... but no sample beat its query
+    batchwide = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
+                                                             whiten_rewards=True))
+    batchwide.ppo_step(queries * 4, by_query)  # the same scores against a batch-wide baseline do move the policy
+    assert any(not torch.equal(a, b) for a, b in zip(before, batchwide.policy_params))
+    with pytest.raises(ValueError, match="batch_size/samples_per_query = 2"):
+        grouped.ppo_step(queries * 4, by_query)
 
 
 def _copy_run(micro_model, micro_tokenizer, penalty: float) -> tuple[float, float, float]:

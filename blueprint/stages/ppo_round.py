@@ -32,7 +32,8 @@ class PPORoundConfig:
     round_index: int = 1
     ppo_steps: int = 10
     supervised_steps: int = 10
-    batch_size: int = 8
+    batch_size: int = 8                 # summaries sampled per PPO step
+    samples_per_query: int = 1          # of them, per code (>1: each summary is judged against its siblings)
     mini_batch_size: int = 4
     ppo_epochs: int = 2
     lr: float = 1e-3
@@ -76,7 +77,8 @@ class PPORoundConfig:
     def ppo_config(self):
         from blueprint.ppo_config import PPOConfig
 
-        return PPOConfig(lr=self.lr, batch_size=self.batch_size, mini_batch_size=self.mini_batch_size,
+        return PPOConfig(lr=self.lr, batch_size=self.batch_size, samples_per_query=self.samples_per_query,
+                         mini_batch_size=self.mini_batch_size,
                          ppo_epochs=self.ppo_epochs, temperature=self.temperature,
                          max_new_tokens=self.max_new_tokens, init_kl_coef=self.init_kl_coef,
                          adaptive_kl=self.adaptive_kl, kl_target=self.kl_target, max_kl=self.max_kl,
@@ -84,10 +86,14 @@ class PPORoundConfig:
                          whiten_rewards=self.whiten_rewards)
 
 
+def queries_per_step(cfg: PPORoundConfig) -> int:
+    return cfg.batch_size // cfg.samples_per_query
+
+
 def round_batch(pairs: list[dict], cfg: PPORoundConfig) -> list[dict]:
-    """This round's codes: a deterministic draw from (seed, round), `ppo_steps * batch_size` of them."""
+    """This round's codes: a deterministic draw from (seed, round), one per PPO query and at least `probe_size`."""
     rng = random.Random(cfg.seed * 100_003 + cfg.round_index)
-    need = max(cfg.ppo_steps * cfg.batch_size, cfg.probe_size)
+    need = max(cfg.ppo_steps * queries_per_step(cfg), cfg.probe_size)
     return rng.sample(pairs, need) if need <= len(pairs) else [rng.choice(pairs) for _ in range(need)]
 
 
@@ -183,8 +189,9 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
     stopped = None
     bar = tqdm(range(done, cfg.ppo_steps), desc=f"ppo round {cfg.round_index}", disable=not progress)
     for step in bar:
-        chunk = codes[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        scorer.codes = chunk
+        q = queries_per_step(cfg)
+        chunk = codes[step * q:(step + 1) * q]
+        scorer.codes = [c for c in chunk for _ in range(cfg.samples_per_query)]  # the trainer's rollout order
         queries = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in chunk])
         code_ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
         try:
