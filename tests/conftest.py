@@ -90,8 +90,8 @@ SMOKE_SHARD = {"source": "stdlib", "num_shards": 2, "eval_fraction": 0.1, "max_p
 SMOKE_BOOTSTRAP = {"preset": "micro", "vocab_size": 512, "seq_len": 128, "batch_size": 8, "max_tokens": 16_384,
                    "max_pairs": 600}
 SMOKE_WARMUP = {"steps": 4, "batch_size": 4, "max_code_tokens": 128, "max_summary_tokens": 32, "eval_pairs": 16}
-SMOKE_PPO = {"ppo_steps": 2, "supervised_steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
-             "max_new_tokens": 16, "max_code_tokens": 128, "probe_size": 4}
+SMOKE_PPO = {"ppo_steps": 2, "supervised_steps": 2, "batch_size": 4, "samples_per_query": 2, "mini_batch_size": 2,
+             "ppo_epochs": 1, "max_new_tokens": 16, "max_code_tokens": 128, "probe_size": 4}
 
 
 @pytest.fixture(scope="session")
