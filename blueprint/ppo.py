@@ -4,12 +4,13 @@ One causal LM base wrapped as ONE peft `PeftModel`: the policy is the `summarize
 frozen `reference` adapter (or the bare base when `reference_adapter=None`), and a `ValueHead` reads the policy's last
 hidden states. Roles are switched with `set_adapter`, never copied. One `ppo_step`:
 
-1. rollout: sample responses with `model.generate` (left-padded queries, temperature T), cut each at its first EOS
-   (the EOS is kept as the last action; tokens after it are masked);
+1. rollout: sample `samples_per_query` responses per query with `model.generate` (left-padded queries, temperature
+   T), cut each at its first EOS (the EOS is kept as the last action; tokens after it are masked);
 2. score: `score_fn(query_ids, response_ids)` → scalar scores, minus `copy_penalty·copy_rate` (copy guard) and minus
    `missing_eos_penalty` for responses that never ended (Huang et al., "The N+ implementation details of RLHF");
 3. log π, log π_ref (at temperature T, dropout off) and values in one no-grad forward each;
-4. per-token rewards −β·(log π − log π_ref), score on the last valid token; GAE; whitened advantages;
+4. scores centred on their query's mean when k > 1 (`group_baseline`) and/or whitened; per-token rewards
+   −β·(log π − log π_ref), score on the last valid token; GAE; whitened advantages;
 5. `ppo_epochs` passes over shuffled minibatches of the clipped policy + value loss; only the policy LoRA and the
    value head receive updates (an explicit optimizer parameter list, so the base, reference and coder cannot move).
 
