@@ -29,7 +29,7 @@ def _cron_value(expr: str, field: str, token: str, lo: int, hi: int) -> int:
         return names[token.upper()]
     if not token.isdigit():
         raise CronError(f"invalid cron expression {expr!r}: {field} {token!r} is not a number"
-                            + (f" or one of {', '.join(names)}" if names else ""))
+                        + (f" or one of {', '.join(names)}" if names else ""))
     value = int(token)
     if not lo <= value <= hi:
         raise CronError(f"invalid cron expression {expr!r}: {field} {value} is outside {lo}-{hi}")
@@ -48,9 +48,9 @@ def kfp_cron(expr: str) -> str:
     if text in _CRON_DESCRIPTORS:
         return text
     if text.startswith("@every "):
-        parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text[len("@every "):])
         if not re.fullmatch(r"@every (\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", text):
             raise CronError(f"invalid cron expression {expr!r}: @every needs a duration like 6h or 90m")
+        parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text[len("@every "):])
         if sum(float(n) * _SECONDS[unit] for n, unit in parts) < 60:  # the controller would start a run each second
             raise CronError(f"invalid cron expression {expr!r}: @every needs at least 1m between runs")
         return text
@@ -59,7 +59,7 @@ def kfp_cron(expr: str) -> str:
         fields = ["0", *fields]
     if len(fields) != 6:
         raise CronError(f"invalid cron expression {expr!r}: expected 5 fields (minute hour day-of-month "
-                            f"month day-of-week) or 6 (seconds first), got {len(fields)}")
+                        f"month day-of-week) or 6 (seconds first), got {len(fields)}")
     for (field, lo, hi), value in zip(_CRON_FIELDS, fields):
         for item in value.split(","):
             if item == "?" and field in ("day-of-month", "day-of-week"):

@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 
 from blueprint import cluster
-from blueprint.cron import kfp_cron  # noqa: F401  (re-exported: `blueprint.kubeflow.kfp_cron`)
 from blueprint.config import ConfigError
+from blueprint.cron import kfp_cron
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"

@@ -253,7 +253,7 @@ class PPOTrainer:
 
     def ppo_step(self, queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor, score_fn: ScoreFn,
                  code_ids: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
-        """One PPO iteration on `batch_size` queries; returns flat float stats (see module doc for failures).
+        """One PPO iteration of `batch_size` rollouts; returns flat float stats (see module doc for failures).
 
         `code_ids` are the code tokens the copy guard compares against (default: the query tokens themselves).
         With `samples_per_query` k > 1 it takes batch_size/k queries and samples k responses for each; score_fn
@@ -289,8 +289,7 @@ class PPOTrainer:
         timings = {} if timings is None else timings
         cfg, B = self.config, len(r.query_ids)
         beta = self.kl_ctl.value
-        scores = (group_baseline(r.scores, cfg.samples_per_query, scale=cfg.whiten_rewards)
-                  if cfg.whiten_rewards or cfg.samples_per_query > 1 else r.scores)
+        scores = group_baseline(r.scores, cfg.samples_per_query, scale=cfg.whiten_rewards)
         rewards, kl = per_token_rewards(scores.to(self.device), r.logp, r.ref_logp, r.mask, beta)
         kl_seq = kl.sum(1)
         advantages, returns = compute_gae(rewards, r.values, r.mask, cfg.gamma, cfg.lam)

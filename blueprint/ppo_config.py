@@ -42,8 +42,8 @@ class PPOConfig:
     autocast_dtype: str | None = None  # "bfloat16"/"float16": autocast the model (AMX CPUs, GPUs); None = as loaded
 
     def __post_init__(self) -> None:
-        positive = ["lr", "batch_size", "samples_per_query", "mini_batch_size", "ppo_epochs", "temperature", "max_new_tokens",
-                    "kl_target", "kl_horizon", "copy_ngram", "max_kl", "max_grad_norm"]
+        positive = ["lr", "batch_size", "samples_per_query", "mini_batch_size", "ppo_epochs", "temperature",
+                    "max_new_tokens", "kl_target", "kl_horizon", "copy_ngram", "max_kl", "max_grad_norm"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")

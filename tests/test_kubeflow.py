@@ -16,6 +16,7 @@ from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from blueprint import artifacts, cli, cluster, kubeflow, profiles, warm_start
+from blueprint import cron as cron_module
 from blueprint.config import ConfigError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
@@ -317,7 +318,7 @@ def test_invalid_cron_is_rejected_before_any_request(cron, kfp_server, capsys):
     ("@weekly", "@weekly"), ("@every 6h", "@every 6h"), ("@every 1m", "@every 1m"), ("@every 30s30s", "@every 30s30s"),
 ])
 def test_cron_is_normalised_to_kfps_six_fields(cron, kfp):
-    assert kubeflow.kfp_cron(cron) == kfp
+    assert cron_module.kfp_cron(cron) == kfp
 
 
 def test_unreachable_host_is_one_line_naming_it_and_exit_2(kfp_server, capsys):

@@ -45,10 +45,10 @@ class PPORoundConfig:
     kl_target: float = 6.0
     max_kl: float = 50.0
     copy_penalty: float = 1.0
-    whiten_rewards: bool = True         # standardise each batch's scores: the gain (~0.03 nats/token) is otherwise
-                                        # small next to the KL penalty (beta x KL ~ 0.2 nats/summary); measured on
-                                        # the tiny base, PPO raised the batch's reward in 12 of 16 rounds with it,
-                                        # 4 of 8 without (README, Measured)
+    whiten_rewards: bool = True         # scale the (per-code centred) scores by the batch std: the gain (~0.03
+                                        # nats/token) is otherwise small next to the KL penalty (beta x KL ~ 0.2
+                                        # nats/summary); with one summary per code, PPO raised the batch's reward
+                                        # in 12 of 16 rounds with it, 4 of 8 without (README, Measured)
     missing_eos_penalty: float = 0.1    # on the gain's scale (~0.05 nats/token): at 1.0 one unfinished summary
                                         # in 32 dominated the whitened batch and PPO learned little else
     length_coef: float = 0.01
@@ -80,8 +80,7 @@ class PPORoundConfig:
         from blueprint.ppo_config import PPOConfig
 
         return PPOConfig(lr=self.lr, batch_size=self.batch_size, samples_per_query=self.samples_per_query,
-                         mini_batch_size=self.mini_batch_size,
-                         ppo_epochs=self.ppo_epochs, temperature=self.temperature,
+                         mini_batch_size=self.mini_batch_size, ppo_epochs=self.ppo_epochs, temperature=self.temperature,
                          max_new_tokens=self.max_new_tokens, init_kl_coef=self.init_kl_coef,
                          adaptive_kl=self.adaptive_kl, kl_target=self.kl_target, max_kl=self.max_kl,
                          copy_penalty=self.copy_penalty, missing_eos_penalty=self.missing_eos_penalty,
@@ -190,8 +189,8 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
     scorer.written = written
     stopped = None
     bar = tqdm(range(done, cfg.ppo_steps), desc=f"ppo round {cfg.round_index}", disable=not progress)
+    q = queries_per_step(cfg)
     for step in bar:
-        q = queries_per_step(cfg)
         chunk = codes[step * q:(step + 1) * q]
         scorer.codes = [c for c in chunk for _ in range(cfg.samples_per_query)]  # the trainer's rollout order
         queries = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in chunk])
