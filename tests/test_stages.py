@@ -120,6 +120,33 @@ def test_ppo_round_is_deterministic_on_cpu(smoke_chain, tmp_path):
     assert sha[0] == sha[1]
 
 
+def _adapter_sha(out, name):
+    return out.manifest["files"][f"adapters/{name}/adapter_model.safetensors"]["sha256"]
+
+
+def test_second_round_keeps_the_warmup_reference_or_takes_its_own_start_as_reference(smoke_chain, tmp_path):
+    first = _round(smoke_chain)
+    args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=first.uri, progress=False)
+    kept, reset = (ppo_round.run(build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "round_index": 2, "reference": ref}),
+                                 out_uri=f"file://{tmp_path}/{ref}", **args) for ref in ("warmup", "round"))
+    assert _adapter_sha(kept, "reference") == _adapter_sha(first, "reference")
+    assert _adapter_sha(reset, "reference") == _adapter_sha(first, "summarizer") != _adapter_sha(first, "reference")
+    assert reset.metrics["kl_first"] == 0.0 != kept.metrics["kl_first"]
+
+
+def test_sampled_probe_is_paired_and_leaves_training_unchanged(smoke_chain, tmp_path):
+    args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
+                progress=False)
+    plain = ppo_round.run(build(ppo_round.PPORoundConfig, SMOKE_PPO), out_uri=f"file://{tmp_path}/a", **args)
+    probed = ppo_round.run(build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 0, "probe_samples": 3}),
+                           out_uri=f"file://{tmp_path}/b", **args)
+    # no PPO step: the same summarizer, the same seeded draws, so before == after exactly
+    assert probed.metrics["probe_sampled_before"] == probed.metrics["probe_sampled_after_ppo"]
+    again = ppo_round.run(build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "probe_samples": 3}),
+                          out_uri=f"file://{tmp_path}/c", **args)
+    assert _adapter_sha(again, "summarizer") == _adapter_sha(plain, "summarizer")
+
+
 def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_chain, tmp_path, monkeypatch):
     cfg = build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 3, "checkpoint_every": 1})
     args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],

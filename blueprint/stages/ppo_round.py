@@ -38,7 +38,8 @@ class PPORoundConfig:
     mini_batch_size: int = 4
     ppo_epochs: int = 2
     lr: float = 1e-3
-    temperature: float = 0.7
+    temperature: float = 0.5            # sampling and log-prob temperature: nearer greedy than 0.7, so what PPO
+                                        # learns from shows in greedy summaries (README, Measured)
     max_new_tokens: int = 32
     init_kl_coef: float = 0.05
     adaptive_kl: bool = True
@@ -60,6 +61,10 @@ class PPORoundConfig:
     max_summary_tokens: int = 64
     probe_size: int = 128               # codes of the round's batch whose greedy-summary reward is measured
                                         # before and after (paired, so small changes show)
+    probe_samples: int = 0              # >0: also the expected reward, this many sampled summaries per probe code
+    reference: str = "round"            # KL anchor: "round" (the summarizer as this round starts: KL is a per-round
+                                        # trust region, so a recurring retraining never drifts into max_kl) or
+                                        # "warmup" (the summarizer after warmup, kept for every round)
     checkpoint_every: int = 5
     prompt_style: str = "plain"
     seed: int = 0
@@ -73,6 +78,8 @@ class PPORoundConfig:
         require(0.0 <= self.ground_truth_fraction <= 1.0, "ground_truth_fraction", "must be in [0, 1]")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         require(self.probe_size >= 1, "probe_size", "must be >= 1")
+        require(self.probe_samples >= 0, "probe_samples", "must be >= 0")
+        require(self.reference in ("warmup", "round"), "reference", "must be 'warmup' or 'round'")
         require(self.coder_lr > 0 and self.coder_batch_size >= 1, "coder_lr", "coder_lr > 0 and coder_batch_size >= 1")
         self.ppo_config()  # validates the PPO hyper-parameters
 
@@ -114,20 +121,26 @@ class RoundScorer:
         return score, {"ce": out.ce, "gain": out.gain, "length_term": out.length_term}
 
 
-def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig) -> float:
-    """Mean reward of greedy summaries of `codes`: a low-noise before/after measure of the round."""
+def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig, samples: int = 0) -> float:
+    """Mean reward of summaries of `codes`: greedy (samples=0), or `samples` draws per code at the PPO temperature
+    (the expected reward PPO maximises), from a fixed seed so before/after are paired and training RNG is untouched.
+    """
     import torch
 
     from blueprint import modeling
 
     prompts = PromptConfig(style=cfg.prompt_style)
+    codes = [c for c in codes for _ in range(max(samples, 1))]
     ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
     width = max(map(len, ids))
     batch = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-    with modeling.use_adapter(model, "summarizer"), torch.no_grad():
-        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if samples else \
+        dict(do_sample=False)
+    with modeling.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
+        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, **sampling,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     summaries = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return float(reward(codes, summaries).reward.mean())
 
@@ -161,6 +174,8 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
         source = ckpt_uri if resumed else adapters
         adapter_dir, meta = fetch_adapter_set(source, base, Path(tmp) / "in")
         model = modeling.load_adapters(model, adapter_dir)
+        if not resumed and cfg.reference == "round" and "reference" in model.peft_config:
+            model.delete_adapter("reference")
         if "reference" not in model.peft_config:
             modeling.add_reference_adapter(model, "summarizer")
         head_path = adapter_dir.parent / VALUE_HEAD_FILE
@@ -185,6 +200,9 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done,
                                "probe_reward_before": meta.get("probe_reward_before") if resumed
                                else probe_reward(model, tokenizer, reward, probe, cfg)}
+    if cfg.probe_samples:
+        metrics["probe_sampled_before"] = meta.get("probe_sampled_before") if resumed else \
+            probe_reward(model, tokenizer, reward, probe, cfg, cfg.probe_samples)
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = written
     stopped = None
@@ -206,13 +224,16 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
             with tempfile.TemporaryDirectory() as ck:
                 _save(model, tokenizer, trainer, Path(ck), base, {
                     "ppo_steps_done": step + 1, "stats": stats_rows, "written": scorer.written,
-                    "probe_reward_before": metrics["probe_reward_before"]})
+                    "probe_reward_before": metrics["probe_reward_before"],
+                    "probe_sampled_before": metrics.get("probe_sampled_before")})
                 artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
                                  metrics={"ppo_steps_done": step + 1})
 
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics["probe_reward_after_ppo"] = probe_reward(model, tokenizer, reward, probe, cfg)
+    if cfg.probe_samples:
+        metrics["probe_sampled_after_ppo"] = probe_reward(model, tokenizer, reward, probe, cfg, cfg.probe_samples)
     if stopped is None and cfg.supervised_steps > 0:
         metrics.update(train_coder(model, tokenizer, batch, scorer.written, cfg, progress))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
