@@ -19,7 +19,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "evaluate": {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128},
         "merge": {},
     },
-    "default": {  # calibrated on a 2-core CPU: about 8 minutes for 2 epochs (README, "Measured")
+    "default": {  # calibrated on a 2-core CPU: under 10 minutes for 2 epochs (README, "Measured")
         "shard": {"source": "stdlib", "num_shards": 4, "eval_fraction": 0.05},
         "bootstrap": {"preset": "tiny", "max_tokens": 3_145_728, "batch_size": 4, "seq_len": 384},
         "warmup": {"steps": 30, "coder_steps": 120, "lr": 5e-3},
