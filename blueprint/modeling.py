@@ -297,7 +297,7 @@ def add_reference_adapter(model: PeftModel, source: str = "summarizer", name: st
     """
     _require_adapter(model, source)
     if name in model.peft_config:
-        raise ValueError(f"adapter {name!r} already exists; the reference is taken once, after warmup")
+        raise ValueError(f"adapter {name!r} already exists; delete it first to take a new reference")
     _check_names([name])
     config = copy.deepcopy(model.peft_config[source])
     config.inference_mode = True

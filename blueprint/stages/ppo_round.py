@@ -145,6 +145,14 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig
     return float(reward(codes, summaries).reward.mean())
 
 
+def probe_metrics(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig, when: str) -> dict[str, float]:
+    """`probe_reward_<when>` (greedy) and, with `probe_samples`, `probe_sampled_<when>` (expected reward)."""
+    out = {f"probe_reward_{when}": probe_reward(model, tokenizer, reward, codes, cfg)}
+    if cfg.probe_samples:
+        out[f"probe_sampled_{when}"] = probe_reward(model, tokenizer, reward, codes, cfg, cfg.probe_samples)
+    return out
+
+
 def _save(model, tokenizer, trainer, out_dir: Path, base: str, extra: dict) -> None:
     import torch
 
@@ -197,12 +205,9 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
         max_summary_tokens=cfg.max_summary_tokens))
     probe = codes[: cfg.probe_size]
-    metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done,
-                               "probe_reward_before": meta.get("probe_reward_before") if resumed
-                               else probe_reward(model, tokenizer, reward, probe, cfg)}
-    if cfg.probe_samples:
-        metrics["probe_sampled_before"] = meta.get("probe_sampled_before") if resumed else \
-            probe_reward(model, tokenizer, reward, probe, cfg, cfg.probe_samples)
+    before = {k: v for k, v in meta.items() if k.startswith("probe_")} if resumed else \
+        probe_metrics(model, tokenizer, reward, probe, cfg, "before")
+    metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = written
     stopped = None
@@ -223,17 +228,13 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
             with tempfile.TemporaryDirectory() as ck:
                 _save(model, tokenizer, trainer, Path(ck), base, {
-                    "ppo_steps_done": step + 1, "stats": stats_rows, "written": scorer.written,
-                    "probe_reward_before": metrics["probe_reward_before"],
-                    "probe_sampled_before": metrics.get("probe_sampled_before")})
+                    "ppo_steps_done": step + 1, "stats": stats_rows, "written": scorer.written, **before})
                 artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
                                  metrics={"ppo_steps_done": step + 1})
 
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
-    metrics["probe_reward_after_ppo"] = probe_reward(model, tokenizer, reward, probe, cfg)
-    if cfg.probe_samples:
-        metrics["probe_sampled_after_ppo"] = probe_reward(model, tokenizer, reward, probe, cfg, cfg.probe_samples)
+    metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
     if stopped is None and cfg.supervised_steps > 0:
         metrics.update(train_coder(model, tokenizer, batch, scorer.written, cfg, progress))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
