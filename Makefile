@@ -1,17 +1,21 @@
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= $(shell sed -n 's/^torch==/torch==/p' docker/requirements-torch.txt)
 PY := $(VENV)/bin/python
 
 .PHONY: install test test-containers run compile bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the lock (docker/requirements*.txt, written by `make lock`): torch first (TORCH_SPEC overrides it, e.g.
+# for a CUDA build), its own dependencies held to the lock, then every other pin, then the package without deps.
+LOCKS := docker/requirements.txt docker/requirements-test.txt docker/requirements-torch.txt
+$(VENV)/.installed: pyproject.toml $(LOCKS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c docker/requirements.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r docker/requirements.txt -r docker/requirements-test.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 test: install
@@ -68,8 +72,15 @@ comma := ,
 
 .PHONY: lock wheelhouse images image-cpu image-cuda push submit schedule check-engine
 
-lock: install
-	$(PY) docker/lock.py
+# The one way to move versions: resolve pyproject.toml afresh in a throwaway venv and pin what it installed.
+# Then `make install` (the venv is rebuilt from the new lock) and `make test`.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/python -m pip install -q ".[test]"
+	$(LOCK_VENV)/bin/python docker/lock.py
+	rm -rf $(LOCK_VENV)
 
 # torch for the CPU image from a local wheelhouse (pip resolves TORCH_SPEC as it does for `make install`): no
 # CUDA wheels pulled into a CPU image, and the same recipe serves air-gapped builds (fill it where pip can reach).

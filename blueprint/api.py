@@ -15,7 +15,9 @@ from typing import Any
 
 from blueprint import artifacts, profiles, storage
 from blueprint.config import build
+from blueprint.sources import resolve_source
 from blueprint.stages import registry
+from blueprint.stages.common import resolve_base
 
 
 class BluePrint:
@@ -29,13 +31,14 @@ class BluePrint:
             raise ValueError(
                 f"code_to_summary_model {code_to_summary_model!r} and summary_to_code_model "
                 f"{summary_to_code_model!r} differ: both roles are LoRA adapters on one base, so name one model")
-        self.base_name = code_to_summary_model
-        self.dataset, self.progress = dataset, progress
-        self.artifact_root = artifact_root if storage.is_s3(artifact_root) else storage.normalize(artifact_root)
+        # paths as the user typed them (relative ones included) are resolved here, once
+        self.base_name = resolve_base(code_to_summary_model)
+        self.dataset, self.progress = resolve_source(dataset), progress
+        self.artifact_root = storage.normalize(artifact_root)
         self.profile = profile
         self.settings = {s: {**profiles.stage_settings(profile, s), **(settings or {}).get(s, {})}
                          for s in registry.STAGES}
-        self.settings["shard"]["source"] = dataset
+        self.settings["shard"]["source"] = self.dataset
         for stage, values in self.settings.items():  # fail now, not after an hour
             build(registry.get(stage).config_type(), {"round_index": 1, **values} if stage == "ppo-round" else values)
         self.shards: str | None = None
@@ -88,7 +91,8 @@ class BluePrint:
             raise RuntimeError("nothing trained yet: call train() first")
         merged = self._stage("merge", base=self.base, adapters=self.adapters, evaluation=self.evaluation)
         for role, target in (("summarizer", code_to_summary_path), ("coder", summary_to_code_path)):
-            _publish(storage.join(merged.uri, role), merged.manifest, role, str(target), overwrite)
+            _publish(storage.join(merged.uri, role), merged.manifest, role, storage.normalize(str(target)),
+                     overwrite)
 
 
 def _publish(source: str, manifest: dict[str, Any], role: str, target: str, overwrite: bool) -> None:

@@ -12,16 +12,22 @@ from typing import Any
 
 from blueprint import __version__, artifacts, storage
 from blueprint.config import ConfigError, build, load_file, parse_assignments
+from blueprint.errors import USER_ERRORS, TaskFailed
+from blueprint.sources import resolve_source
 from blueprint.stages import registry
+from blueprint.stages.common import resolve_input
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, storage.StorageError, artifacts.ArtifactError,
-                                                ValueError, FileNotFoundError, PermissionError)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = load_file(args.config) if getattr(args, "config", None) else {}
     values.update(parse_assignments(getattr(args, "set", None)))
     return values
+
+
+def _resolved(uri: str | None) -> str | None:
+    """A path or URI flag as typed (./art, ~/x, file://, s3://) -> absolute, once, here at the edge."""
+    return None if uri is None else storage.normalize(uri)
 
 
 def _print_output(out: artifacts.StageOutput, stage: str) -> None:
@@ -37,9 +43,12 @@ def cmd_shard(args: argparse.Namespace) -> int:
     for flag in ("source", "num_shards", "eval_fraction", "max_pairs", "workers"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
+    if "source" in values:
+        values["source"] = resolve_source(str(values["source"]))
     cfg = build(shard.ShardConfig, values)
-    out = shard.run(cfg, out_uri=args.out, artifact_root=None if args.out else args.artifact_root,
-                    force=args.force, progress=not args.quiet)
+    out = shard.run(cfg, out_uri=_resolved(args.out),
+                    artifact_root=None if args.out else _resolved(args.artifact_root), force=args.force,
+                    progress=not args.quiet)
     print(shard.summary_line(out))
     print(f"shards: {out.uri}")
     return 0
@@ -49,7 +58,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     spec = registry.get(args.name)
     module = spec.load()
     cfg = build(spec.config_type(), _settings(args))
-    inputs = parse_assignments(args.input)
+    inputs = {name: resolve_input(name, str(uri)) for name, uri in parse_assignments(args.input).items()}
     missing = [name for name in spec.inputs if name not in inputs]
     unknown = sorted(set(inputs) - set(spec.inputs) - set(getattr(module, "OPTIONAL_INPUTS", ())))
     if missing or unknown:
@@ -57,7 +66,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
                           f"missing {missing or 'none'}, unknown {unknown or 'none'}")
     if args.out is None and args.artifact_root is None:
         raise ConfigError("give --artifact-root (content-addressed output) or --out URI")
-    out = module.run(cfg, **inputs, artifact_root=None if args.out else args.artifact_root, out_uri=args.out,
+    out = module.run(cfg, **inputs, artifact_root=None if args.out else _resolved(args.artifact_root),
+                     out_uri=_resolved(args.out),
                      force=args.force, progress=not args.quiet)
     _print_output(out, spec.name)
     return 0
@@ -107,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = local_run.plan(profile=args.profile, epochs=args.epochs, artifact_root=args.artifact_root,
                           source=args.source, base=args.base, overrides=_stage_overrides(args), force=args.force)
     print(f"blueprint run: profile {plan.profile}, {plan.epochs} epoch(s), artifacts in {plan.arguments['artifact_root']}")
-    result = local_run.run(plan, runner=args.runner, image=args.image)
+    result = local_run.run(plan, runner=args.runner, image=args.image, verbose=args.verbose)
     models, evaluation = result["outputs"]["models"], result["outputs"]["evaluation"]
     print(f"merged models: {storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}")
     print(f"report:        {storage.join(evaluation, 'report.md')}")
@@ -176,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="YAML/JSON file: {stage: {setting: value}}")
     r.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="one stage setting (repeatable)")
     r.add_argument("--force", action="store_true", help="recompute every stage")
+    r.add_argument("--verbose", action="store_true",
+                   help="show kfp.local's own output (executor input, task outputs) instead of a line per task")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compile", help="write the pipeline's KFP IR YAML")
@@ -208,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"blueprint {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TaskFailed as exc:
+        print(f"blueprint {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if exc.user else 1
     except KeyboardInterrupt:
         print(f"blueprint {args.command}: interrupted; committed outputs are intact, partial ones will be redone",
               file=sys.stderr)

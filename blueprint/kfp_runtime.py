@@ -10,6 +10,7 @@ from typing import Any
 
 from blueprint import artifacts, storage
 from blueprint.config import build
+from blueprint.errors import TASK_ERROR_PREFIX, USER_ERRORS
 from blueprint.stages import registry
 
 
@@ -42,8 +43,13 @@ def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str],
     `Markdown` artifact; both are optional so the function is usable outside KFP.
     """
     spec = registry.get(stage)
-    cfg = build(spec.config_type(), settings)
-    out = spec.load().run(cfg, **inputs, artifact_root=artifact_root, force=force, progress=False)
+    try:
+        cfg = build(spec.config_type(), settings)
+        # progress lines (not bars: no terminal here), which kfp.local streams and `kubectl logs` shows
+        out = spec.load().run(cfg, **inputs, artifact_root=artifact_root, force=force, progress=True)
+    except USER_ERRORS as exc:  # the one line `blueprint stage` would print, then exit 2 (no traceback)
+        print(f"{TASK_ERROR_PREFIX}{stage}: {exc}", flush=True)
+        raise SystemExit(2) from None
     print(json.dumps({"stage": stage, "uri": out.uri, "cached": out.cached, "metrics": out.metrics}, default=str))
     if metrics_path is not None:
         for key, value in numeric_metrics(out.metrics).items():

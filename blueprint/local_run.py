@@ -5,14 +5,18 @@ a writable artifact root), so a typo fails in a second, naming the parameter, no
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from blueprint import profiles, storage
 from blueprint.config import ConfigError, build
 from blueprint.stages import registry
+from blueprint.stages.common import resolve_base
 
 PIPELINE_STAGES = ("shard", "bootstrap", "warmup", "ppo-round", "evaluate", "merge")
 PARAM_OF_STAGE = {"shard": "shard_settings", "bootstrap": "bootstrap_settings", "warmup": "warmup_settings",
@@ -40,6 +44,7 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     settings = {s: {**profiles.stage_settings(profile, s), **overrides.get(s, {})} for s in PIPELINE_STAGES}
     if source is not None:
         settings["shard"]["source"] = source
+    base = resolve_base(base)
     for stage, values in settings.items():
         probe = dict(values)
         if stage == "ppo-round":
@@ -48,10 +53,10 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
             build(registry.get(stage).config_type(), probe)
         except ConfigError as exc:
             raise ConfigError(f"parameter {PARAM_OF_STAGE[stage]}: {exc}") from None
-    from blueprint.sources import Source, parse_source
+    from blueprint.sources import Source, parse_source, resolve_source
 
-    source_spec = settings["shard"].get("source", "stdlib")
     try:
+        source_spec = settings["shard"]["source"] = resolve_source(settings["shard"].get("source", "stdlib"))
         if parse_source(source_spec).kind == "dir":
             Source(source_spec).root()
     except ValueError as exc:
@@ -67,8 +72,37 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     return RunPlan(profile, epochs, args)
 
 
+@contextlib.contextmanager
+def condensed_output(verbose: bool, labels: dict[str, str], log_path: Path):
+    """kfp.local's output as one line per task plus the stages' own lines (all of it when `verbose`), all of it
+    in `log_path`; a failed task raises TaskFailed with its own error line instead of kfp's RuntimeError."""
+    from blueprint.run_log import TaskLogFilter
+
+    log = TaskLogFilter(sys.stdout, labels, verbose=verbose, log_path=log_path)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.closing(log):
+        if not verbose:
+            # Per task, kfp warns that the image is not a python:* image (ours is a Python image,
+            # docker/Dockerfile) and that display names do nothing locally (the filter shows them instead).
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner",
+                                    category=UserWarning)
+        try:
+            yield log
+        except RuntimeError:
+            failed = log.task_failed()
+            if failed is None:
+                raise
+            raise failed from None
+
+
+def display_names(pipeline: Any) -> dict[str, str]:
+    """{kfp task name: the display name the pipeline gave it} from the compiled pipeline spec."""
+    tasks = pipeline.pipeline_spec.root.dag.tasks
+    return {name: task.task_info.name for name, task in tasks.items() if task.task_info.name}
+
+
 def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
-        local_root: str | Path | None = None) -> dict[str, Any]:
+        local_root: str | Path | None = None, verbose: bool = False) -> dict[str, Any]:
     """Execute the pipeline through kfp.local; returns its outputs and wall time."""
     from kfp import local
 
@@ -88,6 +122,8 @@ def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
     kwargs = {"image": image} if image else {}
     pipeline = build_pipeline(epochs=plan_.epochs, profile=plan_.profile, **kwargs)
     start = time.time()
-    task = pipeline(**plan_.arguments)
+    log_path = local_root / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with condensed_output(verbose, display_names(pipeline), log_path):
+        task = pipeline(**plan_.arguments)
     outputs = {name: value for name, value in task.outputs.items()}
     return {"outputs": outputs, "seconds": round(time.time() - start, 1)}

@@ -65,6 +65,15 @@ def parse_source(spec: str) -> SourceSpec:
     return SourceSpec(kind, rest)
 
 
+def resolve_source(spec: str) -> str:
+    """`dir:./src` as typed -> `dir:/abs/src`: a local path is resolved once, against the working directory, so the
+    stage that reads it (another process, another directory) sees the same files."""
+    parsed = parse_source(spec)
+    if parsed.kind in ("stdlib", "hf") or "://" in parsed.target:
+        return str(parsed)
+    return str(dataclasses.replace(parsed, target=str(Path(parsed.target).expanduser().absolute())))
+
+
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"]).resolve()
 

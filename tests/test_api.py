@@ -60,3 +60,19 @@ def test_two_different_model_names_are_refused_because_roles_share_one_base():
 def test_bad_settings_fail_at_construction_naming_them(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         BluePrint("tiny", artifact_root=str(tmp_path), settings={"warmup": {"steps": -1}})
+
+
+def test_seed_snippet_runs_verbatim_in_a_folder_holding_a_model_named_base(smoke_chain, tmp_path, monkeypatch):
+    """The seed's own lines, relative paths and all, next to a local model folder `base`."""
+    import shutil
+
+    shutil.copytree(storage.local_path(smoke_chain["base"]), tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    bp = BluePrint("base", "base", profile="smoke", progress=False)
+    bp.train(num_epochs=3, ppo_steps=10, supervised_steps=10)
+    bp.save_models("out/code_to_summary", "out/summary_to_code")
+    assert [h["epoch"] for h in bp.history] == [0, 1, 2, 3]
+    assert bp.artifact_root == storage.normalize(str(tmp_path / "artifacts"))
+    for path in ("out/code_to_summary", "out/summary_to_code"):
+        assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "llama"
+        assert AutoTokenizer.from_pretrained(path).eos_token is not None

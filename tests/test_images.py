@@ -9,6 +9,7 @@ import re
 import runpy
 import shutil
 import subprocess
+import sys
 import venv
 from pathlib import Path
 
@@ -37,16 +38,41 @@ def _pins(path: Path) -> dict[str, str]:
     return pins
 
 
-def test_lock_pins_every_declared_dependency_and_nothing_drifts():
-    pins = {**_pins(DOCKER / "requirements.txt"), **_pins(DOCKER / "requirements-torch.txt")}
-    for req in LOCK["declared"]():
+def _locked() -> tuple[dict[str, str], dict[str, str]]:
+    """(runtime pins incl. torch, test-only pins) as docker/requirements*.txt state them."""
+    return ({**_pins(DOCKER / "requirements.txt"), **_pins(DOCKER / "requirements-torch.txt")},
+            _pins(DOCKER / "requirements-test.txt"))
+
+
+def test_lock_pins_every_declared_dependency_within_its_range():
+    runtime, test = _locked()
+    for req, pins in [(r, runtime) for r in LOCK["declared"]()] + [(r, test | runtime) for r in LOCK["declared_test"]()]:
         name = canonicalize_name(req.name)
         assert name in pins, f"declared dependency {req} is not in docker/requirements*.txt: run `make lock`"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
-    installed = LOCK["closure"](LOCK["declared"]())
-    assert {n: v.split("+")[0] for n, v in installed.items()} == pins, \
-        "docker/requirements*.txt differ from the installed closure of pyproject's dependencies: run `make lock`"
-    assert not {"pytest", "moto", "pytest-timeout"} & set(pins), "test-only packages leaked into the image lock"
+    assert not {"pytest", "moto", "pytest-timeout"} & set(runtime), "test-only packages leaked into the image lock"
+    assert not set(runtime) & set(test), "a package is pinned twice"
+
+
+def test_lock_is_a_consistent_closure_of_what_pyproject_declares():
+    """Every locked package's own requirements are met by the lock and nothing unneeded is pinned (read from the
+    installed metadata of exactly the locked versions: see the next test)."""
+    runtime, test = LOCK["locked_closures"]()
+    strip = lambda d: {n: v.split("+")[0] for n, v in d.items()}  # noqa: E731 - torch's local build tag
+    assert (strip(runtime), strip(test)) == _locked(), "the lock is not the closure of pyproject.toml: run `make lock`"
+
+
+def test_the_venv_holds_exactly_the_lock():
+    """`make install` installs the lock, not whatever the index serves today (torch's build tag aside)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True,
+                         text=True, check=True).stdout
+    frozen = {}
+    for line in out.splitlines():
+        name, _, version = line.partition("==")
+        if version and canonicalize_name(name) != "blueprint-rt":
+            frozen[canonicalize_name(name)] = version.split("+")[0]
+    runtime, test = _locked()
+    assert frozen == {n: v for n, v in (runtime | test).items() if n != "setuptools"}
 
 
 def _fresh_env(tmp_path: Path) -> dict[str, str]:

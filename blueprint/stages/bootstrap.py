@@ -16,6 +16,8 @@ from typing import Any
 
 from blueprint import artifacts
 from blueprint.config import require
+from blueprint.progress import note
+from blueprint.stages.common import quiet_libraries
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
 
 PRESETS = ("micro", "tiny")  # sizes in blueprint.tiny.PRESETS
@@ -93,7 +95,8 @@ def _packed_blocks(docs: list[str], tokenizer, seq_len: int):
 def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, progress: bool = True) -> dict:
     """Causal-LM pre-training over shuffled packed blocks with AdamW and a warmup + cosine schedule."""
     import torch
-    from tqdm.auto import tqdm
+
+    from blueprint.progress import Progress
 
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = max(1, cfg.max_tokens // (cfg.batch_size * cfg.seq_len))
@@ -103,8 +106,8 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, progress: bool = 
     model.train()
     order = torch.randperm(len(blocks), generator=gen)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc="bootstrap pre-train", disable=not progress)
-    for step in bar:
+    bar = Progress("bootstrap", steps, progress)
+    for step in range(steps):
         idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)]
         batch = blocks[idx]
         labels = batch[:, :-1].clone()
@@ -119,7 +122,8 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, progress: bool = 
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(step + 1, loss=loss.item())
+    bar.close()
     model.eval()
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
     return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len,
@@ -135,6 +139,7 @@ def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = Tru
     from blueprint.tiny import tiny_llama_config, train_bpe_tokenizer
 
     start = time.time()
+    quiet_libraries(progress)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
@@ -143,11 +148,14 @@ def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = Tru
     rng = random.Random(cfg.seed)
     docs = _documents(pairs, cfg, rng)
     tokenizer = train_bpe_tokenizer(docs, vocab_size=cfg.vocab_size)
+    note(STAGE, f"tokenizer trained on {len(docs)} documents ({len(tokenizer)} tokens)", progress)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(tiny_llama_config(tokenizer, cfg.preset))
     blocks = _packed_blocks(docs, tokenizer, cfg.seq_len)
     if len(blocks) == 0:
         raise ValueError(f"shards {shards} hold too little text for one block of {cfg.seq_len} tokens")
+    note(STAGE, f"pre-training {sum(p.numel() for p in model.parameters()):,} parameters on {len(blocks)} blocks",
+         progress)
     metrics = pretrain(model, blocks, cfg, tokenizer.pad_token_id, progress=progress)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

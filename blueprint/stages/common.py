@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,38 @@ BASE_FILE = "base.json"
 
 
 def quiet_libraries(progress: bool) -> None:
-    """Keep a stage's log to its own progress bar and summary: no per-map bars, deprecation notes or log dicts."""
+    """Keep a stage's log to its own progress and summary: no per-map or loading bars, deprecation notes or log
+    dicts (library bars only in a terminal, where they redraw in place)."""
     import warnings
 
     import datasets
+    import huggingface_hub
     import transformers
+
+    from blueprint.progress import interactive
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
-    if not progress:
+    if not (progress and interactive()):
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def resolve_base(base: str) -> str:
+    """A base as typed, made absolute once: a local directory (relative, ~ or file://) becomes its absolute path;
+    `tiny`, hub ids and s3:// URIs stay as they are."""
+    base = str(base)
+    if base == "tiny" or storage.is_s3(base):
+        return base
+    if base.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(base):
+        return str(storage.local_path(base).expanduser().resolve())
+    return base
+
+
+def resolve_input(name: str, uri: str) -> str:
+    """A stage input as typed (relative path, file://, s3://) -> the absolute URI the stage reads."""
+    return resolve_base(uri) if name == "base" else storage.normalize(uri)
 
 
 def is_artifact(uri: str) -> bool:

@@ -105,14 +105,15 @@ def max_diff(a, b) -> float:
     return float("inf") if not torch.isfinite(diff) else float(diff)
 
 
-def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: MergeConfig) -> dict[str, Any]:
+def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: MergeConfig,
+               progress: bool = True) -> dict[str, Any]:
     """Merge `role` into a fresh base, save it to `out_dir`, and verify it; returns the role's metrics."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from blueprint import modeling
 
-    model, tokenizer = open_base(base, cfg.threads)
+    model, tokenizer = open_base(base, cfg.threads, progress)
     dtype = resolve_dtype(cfg.save_dtype, getattr(model, "published_dtype", None))
     model = modeling.load_adapters(model, adapter_dir, names=[role], frozen=[role]).eval()
     batch = check_batch(tokenizer, role, cfg.check_batch)
@@ -212,7 +213,7 @@ def build(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, ou
         run_info = {"stage": manifest.get("stage"), "key": manifest.get("key"), "created": manifest.get("created"),
                     "round": meta.get("round", "?")}
         for role in modeling.ROLES:
-            role_metrics = merge_role(role, base, adapter_dir, out_dir / role, cfg)
+            role_metrics = merge_role(role, base, adapter_dir, out_dir / role, cfg, progress)
             metrics.update(role_metrics)
             (out_dir / role / "README.md").write_text(model_card(
                 role, base, adapters, run_info, evaluation, scores, role_metrics[f"max_abs_logit_diff_{role}"]))

@@ -153,6 +153,11 @@ def probe_metrics(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfi
     return out
 
 
+def task_name(cfg: PPORoundConfig) -> str:
+    """The round's name in progress lines, as in the pipeline's task display names."""
+    return f"{STAGE}-{cfg.round_index}"
+
+
 def _save(model, tokenizer, trainer, out_dir: Path, base: str, extra: dict) -> None:
     import torch
 
@@ -166,9 +171,9 @@ def _save(model, tokenizer, trainer, out_dir: Path, base: str, extra: dict) -> N
 def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
           progress: bool = True) -> dict[str, Any]:
     import torch
-    from tqdm.auto import tqdm
 
     from blueprint import modeling
+    from blueprint.progress import Progress
     from blueprint.data import read_pairs
     from blueprint.ppo import KLExplodedError, PPOTrainer, ValueHead
     from blueprint.reward import RewardConfig, RewardModel
@@ -211,9 +216,9 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = written
     stopped = None
-    bar = tqdm(range(done, cfg.ppo_steps), desc=f"ppo round {cfg.round_index}", disable=not progress)
+    bar = Progress(task_name(cfg), cfg.ppo_steps, progress, start=done)
     q = queries_per_step(cfg)
-    for step in bar:
+    for step in range(done, cfg.ppo_steps):
         chunk = codes[step * q:(step + 1) * q]
         scorer.codes = [c for c in chunk for _ in range(cfg.samples_per_query)]  # the trainer's rollout order
         queries = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in chunk])
@@ -224,7 +229,7 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
             stopped = f"kl_exploded at step {step}: {exc}"
             break
         stats_rows.append({"step": step, **stats})
-        bar.set_postfix(reward=f"{stats.get('score/mean', float('nan')):.3f}", kl=f"{stats.get('kl', 0):.3f}")
+        bar.update(step + 1, reward=stats.get("score/mean", float("nan")), kl=stats.get("kl", 0.0))
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
             with tempfile.TemporaryDirectory() as ck:
                 _save(model, tokenizer, trainer, Path(ck), base, {
@@ -232,6 +237,7 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
                 artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
                                  metrics={"ppo_steps_done": step + 1})
 
+    bar.close()
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
@@ -269,7 +275,8 @@ def train_coder(model, tokenizer, batch: list[dict], written: list[tuple[str, st
     wcfg = WarmupConfig(batch_size=cfg.coder_batch_size, lr=cfg.coder_lr, max_code_tokens=cfg.max_code_tokens,
                         max_summary_tokens=cfg.max_summary_tokens, prompt_style=cfg.prompt_style, seed=cfg.seed)
     train, evals = sft_datasets(pairs, tokenizer, wcfg)["coder"], sft_datasets(held_out, tokenizer, wcfg)["coder"]
-    out = train_adapter(model, tokenizer, "coder", train, evals, cfg.supervised_steps, wcfg, progress)
+    out = train_adapter(model, tokenizer, "coder", train, evals, cfg.supervised_steps, wcfg, progress,
+                        task_name(cfg))
     model.set_adapter("summarizer")
     return out
 

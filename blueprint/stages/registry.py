@@ -12,6 +12,7 @@ class StageSpec:
     module: str
     config_class: str
     inputs: tuple[str, ...]
+    figures: tuple[str, ...] = ()  # metrics a one-line summary of a finished task shows (`blueprint run`)
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -21,12 +22,17 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec("shard", "blueprint.stages.shard", "ShardConfig", ()),
-    StageSpec("bootstrap", "blueprint.stages.bootstrap", "BootstrapConfig", ("shards",)),
-    StageSpec("warmup", "blueprint.stages.warmup", "WarmupConfig", ("shards", "base")),
-    StageSpec("ppo-round", "blueprint.stages.ppo_round", "PPORoundConfig", ("shards", "base", "adapters")),
-    StageSpec("evaluate", "blueprint.stages.evaluate", "EvaluateConfig", ("shards", "base", "adapters")),
-    StageSpec("merge", "blueprint.stages.merge", "MergeConfig", ("base", "adapters")),
+    StageSpec("shard", "blueprint.stages.shard", "ShardConfig", (), ("pairs", "mb_per_s")),
+    StageSpec("bootstrap", "blueprint.stages.bootstrap", "BootstrapConfig", ("shards",),
+              ("parameters", "loss_start", "loss_end")),
+    StageSpec("warmup", "blueprint.stages.warmup", "WarmupConfig", ("shards", "base"),
+              ("summarizer_eval_loss_after", "coder_eval_loss_after")),
+    StageSpec("ppo-round", "blueprint.stages.ppo_round", "PPORoundConfig", ("shards", "base", "adapters"),
+              ("probe_reward_before", "probe_reward_after", "kl_mean")),
+    StageSpec("evaluate", "blueprint.stages.evaluate", "EvaluateConfig", ("shards", "base", "adapters"),
+              ("reward_gen_mean", "gain_gen_mean", "pairwise_accuracy")),
+    StageSpec("merge", "blueprint.stages.merge", "MergeConfig", ("base", "adapters"),
+              ("saved_dtype", "max_abs_logit_diff_summarizer")),
 ]}
 
 

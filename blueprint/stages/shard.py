@@ -25,11 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from blueprint import artifacts
 from blueprint.config import require
 from blueprint.extract import Limits, process_many
+from blueprint.progress import Progress
 from blueprint.sources import Source, SourceError, parse_source
 
 STAGE = "shard"
@@ -230,12 +230,12 @@ def build(config: ShardConfig, out_dir: Path, source: Source | None = None, prog
     files = functions = source_bytes = kept = 0
     stopped = False
     fn = functools.partial(process_many, limits=config.limits())
-    bar = tqdm(total=source.total, unit="file", desc=f"shard {source.name}", disable=not progress, smoothing=0.1)
+    bar = Progress(STAGE, source.total or None, progress, unit="file" if source.total else "row")
     results = ordered_map(fn, source.units(), workers, batch=batch)
     try:
         for result in results:
-            bar.update(1)
             files += 1
+            bar.update(files, pairs=kept)
             source_bytes += result.n_bytes
             if result.file_drop:
                 files_dropped[result.file_drop] += 1

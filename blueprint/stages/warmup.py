@@ -76,11 +76,15 @@ def sft_datasets(pairs: list[dict], tokenizer: Any, cfg: WarmupConfig) -> dict[s
 
 
 def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, cfg: WarmupConfig,
-                  progress: bool) -> dict[str, float]:
+                  progress: bool, task: str = STAGE) -> dict[str, float]:
     """SFT of one adapter (only its weights train); held-out and train loss before and after."""
-    from blueprint import modeling
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
+
+    from blueprint import modeling
+    from blueprint.progress import interactive, trainer_progress_callback
+
+    bar = progress and interactive()
 
     model.set_adapter(adapter)
     modeling.trainable_only(model, adapter)
@@ -89,14 +93,16 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, cfg:
             output_dir=tmp, max_steps=max(steps, 1), per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.lr, lr_scheduler_type="cosine",
             warmup_steps=min(10, max(steps // 10, 0)), logging_steps=max(1, steps // 10), save_strategy="no",
-            report_to="none", use_cpu=True, seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not progress,
+            report_to="none", use_cpu=True, seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not bar,
             max_length=cfg.max_code_tokens + cfg.max_summary_tokens + 32, dataloader_num_workers=0,
             completion_only_loss=True,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                              processing_class=tokenizer)
-        if not progress:
+        if not bar:  # lines instead of a bar (kfp.local, pod logs), or nothing at all
             trainer.remove_callback(PrinterCallback)
+            if progress:
+                trainer.add_callback(trainer_progress_callback(f"{task}[{adapter}]"))
         probe = train.select(range(min(len(train), len(evals))))
         before = {"eval_loss": trainer.evaluate()["eval_loss"],
                   "train_loss": trainer.evaluate(probe, metric_key_prefix="train")["train_loss"]}
