@@ -161,6 +161,8 @@ def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = Tru
     tokenizer.save_pretrained(out_dir)
     metrics.update(pairs=len(pairs), corpus_tokens=int((blocks != tokenizer.pad_token_id).sum()),
                    vocab_size=len(tokenizer), parameters=sum(p.numel() for p in model.parameters()),
+                   # what else decides the weights, beyond the locked versions (README, "Reproducibility")
+                   cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
                    seconds=round(time.time() - start, 1))
     return metrics
 
