@@ -105,7 +105,7 @@ def test_ppo_round_commits_adapters_value_head_state_and_steps(smoke_chain):
     out = _round(smoke_chain)
     files = out.manifest["files"]
     for rel in ("adapters/summarizer/adapter_model.safetensors", "adapters/reference/adapter_model.safetensors",
-                "value_head.safetensors", "trainer_state.pt", "steps.jsonl"):
+                "value_head.safetensors", "trainer_state.safetensors", "trainer_state.json", "steps.jsonl"):
         assert rel in files
     assert out.metrics["ppo_steps_done"] == 2 and out.metrics["kl_first"] == 0.0
     assert "coder_eval_loss_after" in out.metrics

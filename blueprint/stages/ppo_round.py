@@ -20,11 +20,12 @@ from blueprint.config import require
 from blueprint.prompts import PromptConfig, encode_prompts, summary_prompt
 from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_set, split_base, stage_settings
 from blueprint.stages.warmup import WarmupConfig, clip_tokens, sft_datasets, train_adapter
+from blueprint.tensor_state import StateFileError, load_state, save_state
 
 STAGE = "ppo-round"
 CHECKPOINT = "_checkpoint"
 VALUE_HEAD_FILE = "value_head.safetensors"
-STATE_FILE = "trainer_state.pt"
+STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (the rest): never a pickle
 
 
 @dataclasses.dataclass
@@ -159,13 +160,27 @@ def task_name(cfg: PPORoundConfig) -> str:
 
 
 def _save(model, tokenizer, trainer, out_dir: Path, base: str, extra: dict) -> None:
-    import torch
-
     save_adapter_set(model, tokenizer, out_dir, base, ["summarizer", "coder", "reference"], extra)
     trainer.value_head.save(out_dir / VALUE_HEAD_FILE)
     state = trainer.state_dict()
     state.pop("value_head")
-    torch.save(state, out_dir / STATE_FILE)
+    save_state(state, out_dir, STATE_NAME)
+
+
+def _load_trainer_state(trainer, directory: Path, source: str) -> None:
+    """Resume the trainer from `directory` when it holds a state; a pickled one is refused, never loaded."""
+    pickles = sorted(p.name for pattern in ("*.pt", "*.pth", "*.pkl", "*.bin") for p in directory.glob(pattern))
+    if pickles:
+        raise artifacts.ArtifactError(f"{source} holds pickled files ({', '.join(pickles)}): BluePrint never loads "
+                                      "a pickle from the store")
+    if not (directory / f"{STATE_NAME}.safetensors").exists():
+        return
+    try:
+        state = load_state(directory, STATE_NAME)
+    except StateFileError as exc:
+        raise artifacts.ArtifactError(f"{source}: {exc}") from None
+    state["value_head"] = trainer.value_head.state_dict()
+    trainer.load_state_dict(state)
 
 
 def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
@@ -194,11 +209,7 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
         head_path = adapter_dir.parent / VALUE_HEAD_FILE
         value_head = ValueHead.load(head_path) if head_path.exists() else None
         trainer = PPOTrainer(model, tokenizer, cfg.ppo_config(), value_head)
-        state_path = adapter_dir.parent / STATE_FILE
-        if state_path.exists():
-            state = torch.load(state_path, weights_only=False)
-            state["value_head"] = trainer.value_head.state_dict()
-            trainer.load_state_dict(state)
+        _load_trainer_state(trainer, adapter_dir.parent, source)
     done = int(meta.get("ppo_steps_done", 0)) if resumed else 0
     stats_rows: list[dict] = list(meta.get("stats", [])) if resumed else []
     written: list[tuple[str, str]] = [tuple(w) for w in meta.get("written", [])] if resumed else []

@@ -1,0 +1,60 @@
+"""A store you can trust: nothing in a bucket runs code, nothing that is not a stage's own output is replaced,
+inputs are verified as they are read, and settings that cannot be are refused (file:// and loopback S3)."""
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from blueprint import artifacts, storage
+from blueprint.config import build
+from blueprint.stages import ppo_round
+from conftest import SMOKE_PPO
+
+
+class Planted:
+    """A pickle that, if ever loaded, leaves a marker file (what `os.system` would do for an attacker)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pickle code ran"))
+
+
+def _plant_checkpoint(chain, tmp_path: Path, out_uri: str, name: str) -> Path:
+    """Commit, as a bucket writer could, a ppo-round checkpoint whose trainer state is a code-running pickle."""
+    cfg = build(ppo_round.PPORoundConfig, SMOKE_PPO)
+    real = ppo_round.run(cfg, shards=chain["shards"], base=chain["base"], adapters=chain["adapters"],
+                         artifact_root=chain["root"], progress=False)
+    local, _ = artifacts.download_artifact(real.uri, tmp_path / "copy")
+    marker = tmp_path / "marker"
+    for f in local.glob("trainer_state.*"):
+        f.unlink()
+    (local / name).write_bytes(pickle.dumps(Planted(marker)))
+    artifacts.commit(local, storage.join(out_uri, ppo_round.CHECKPOINT), stage="ppo-round-checkpoint", config={},
+                     inputs={}, metrics={})
+    return marker
+
+
+@pytest.mark.parametrize("name", ["trainer_state.safetensors", "trainer_state.pt"])
+def test_a_planted_pickle_in_a_checkpoint_is_refused_not_executed(smoke_chain, tmp_path, name):
+    out_uri = f"file://{tmp_path}/round"
+    marker = _plant_checkpoint(smoke_chain, tmp_path, out_uri, name)
+    cfg = build(ppo_round.PPORoundConfig, SMOKE_PPO)
+    with pytest.raises(artifacts.ArtifactError, match="pickle|not a valid training state"):
+        ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
+                      out_uri=out_uri, progress=False)
+    assert not marker.exists(), "the planted pickle ran"
+    assert not storage.exists(artifacts.manifest_uri(out_uri)), "a round from a planted state was committed"
+
+
+def test_no_pickle_loading_and_no_remote_code_anywhere_in_the_package():
+    root = Path(__file__).resolve().parent.parent
+    for package in ("blueprint", "components", "pipelines"):
+        for path in (root / package).rglob("*.py"):
+            text = path.read_text()
+            for needle in ("weights_only=False", "pickle.load", "torch.load(", "trust_remote_code=True"):
+                assert needle not in text, f"{path.relative_to(root)} uses {needle}"
