@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -49,10 +50,24 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         try:
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return hint(float(value)) if hint is int and isinstance(value, str) and "e" in value.lower() else hint(value)
-        except (TypeError, ValueError):
+            out = hint(float(value)) if hint is int and isinstance(value, str) and "e" in value.lower() else hint(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int("1e9999") is int(inf)
             raise ConfigError(f"setting {name!r}: {value!r} is not a valid {hint.__name__}") from None
+        check_number(name, out)
+        return out
     return value
+
+
+INT_LIMIT = 2**63 - 1  # what a tensor index, a step counter or a seed can hold
+
+
+def check_number(name: str, value: Any) -> None:
+    """Refuse numbers that cannot be: inf/nan floats (a NaN learning rate trains NaN weights) and integers
+    outside int64."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"setting {name!r}: {value!r} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+        raise ConfigError(f"setting {name!r}: {value} is out of range (at most {INT_LIMIT} in size)")
 
 
 def build(cls: type[C], values: dict[str, Any] | None = None, **overrides: Any) -> C:

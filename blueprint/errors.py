@@ -13,6 +13,18 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, storage.StorageErro
 TASK_ERROR_PREFIX = "blueprint task error: "
 
 
+class NonFiniteLoss(ValueError):
+    """Training diverged (a loss became inf or NaN); the message names the setting to look at. Nothing is
+    committed: the stage fails before its output is written."""
+
+
+def check_finite_loss(value: float, where: str, setting: str, current: object) -> None:
+    """Raise NonFiniteLoss when `value` is inf or NaN."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NonFiniteLoss(f"{where}: the loss became {value}: training diverged; lower {setting!r} "
+                            f"(now {current}) or check the data")
+
+
 class TaskFailed(Exception):
     """A pipeline task failed; `user` says whether its cause was a user error (exit 2) or a bug (exit 1)."""
 

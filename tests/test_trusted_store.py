@@ -58,3 +58,25 @@ def test_no_pickle_loading_and_no_remote_code_anywhere_in_the_package():
             text = path.read_text()
             for needle in ("weights_only=False", "pickle.load", "torch.load(", "trust_remote_code=True"):
                 assert needle not in text, f"{path.relative_to(root)} uses {needle}"
+
+
+@pytest.mark.parametrize("setting, value", [("warmup.lr", "inf"), ("warmup.lr", "nan"), ("warmup.steps", "1e9999"),
+                                            ("ppo-round.seed", str(2**64)), ("shard.eval_fraction", "-inf")])
+def test_numbers_that_cannot_be_are_refused_naming_the_setting(setting, value, tmp_path, capsys):
+    from blueprint.cli import main
+
+    assert main(["run", "--profile", "smoke", "--artifact-root", str(tmp_path), "--set", f"{setting}={value}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and repr(setting.split(".")[1]) in error
+
+
+def test_a_diverging_warmup_fails_naming_lr_and_commits_nothing(smoke_chain, tmp_path):
+    from blueprint.errors import NonFiniteLoss
+    from blueprint.stages import warmup
+    from conftest import SMOKE_WARMUP
+
+    cfg = build(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 1e38})
+    with pytest.raises(NonFiniteLoss, match="lower 'lr'"):
+        warmup.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], artifact_root=f"file://{tmp_path}",
+                   progress=False)
+    assert artifacts.cached_outputs(f"file://{tmp_path}") == []

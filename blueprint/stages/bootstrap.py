@@ -16,6 +16,7 @@ from typing import Any
 
 from blueprint import artifacts
 from blueprint.config import require
+from blueprint.errors import check_finite_loss
 from blueprint.progress import note
 from blueprint.stages.common import quiet_libraries
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
@@ -114,8 +115,7 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, progress: bool = 
         labels[labels == pad_id] = -100  # padding is never a target
         out = model(input_ids=batch[:, :-1], labels=labels)
         loss = out.loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"bootstrap pre-training loss became {loss.item()} at step {step}")
+        check_finite_loss(loss.item(), f"bootstrap pre-training step {step}", "lr", cfg.lr)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -287,7 +287,7 @@ def train_coder(model, tokenizer, batch: list[dict], written: list[tuple[str, st
                         max_summary_tokens=cfg.max_summary_tokens, prompt_style=cfg.prompt_style, seed=cfg.seed)
     train, evals = sft_datasets(pairs, tokenizer, wcfg)["coder"], sft_datasets(held_out, tokenizer, wcfg)["coder"]
     out = train_adapter(model, tokenizer, "coder", train, evals, cfg.supervised_steps, wcfg, progress,
-                        task_name(cfg))
+                        task_name(cfg), lr_setting="coder_lr")
     model.set_adapter("summarizer")
     return out
 

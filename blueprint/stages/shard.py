@@ -2,7 +2,7 @@
 
 Flow, with memory bounded whatever the corpus size:
     source units (files in sorted order, or streamed dataset rows)
-      -> parsed on `workers` processes (ordered map over batches, a bounded window in flight)
+      -> parsed on `workers` fresh-interpreter processes (ordered map over batches, a bounded window in flight)
       -> exact de-duplication on whitespace-collapsed code (only 16-byte hashes are kept)
       -> split by hash(split_salt, code) < eval_fraction, shard = hash(code) % num_shards
       -> ShardWriter (row groups of bounded size) -> committed via artifacts.run_stage.
@@ -16,7 +16,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +30,7 @@ from blueprint.config import require
 from blueprint.extract import Limits, process_many
 from blueprint.progress import Progress
 from blueprint.sources import Source, SourceError, parse_source
+from blueprint.workers import WorkerPool
 
 STAGE = "shard"
 LANGUAGE = "python"
@@ -191,22 +191,18 @@ def ordered_map(fn: Callable[[list[Any]], list[Any]], items: Iterable[Any], work
                 window: int = 4) -> Iterator[Any]:
     """fn over batches of `items` on `workers` processes, results in input order, at most workers*window batches
     in flight (Pool.imap would drain a streamed dataset into its task queue). The input is iterated in this thread,
-    so a source error surfaces here. Closing the iterator early terminates the pool."""
+    so a source error surfaces here. Closing the iterator early terminates the workers.
+
+    The workers are fresh interpreters (blueprint.workers), not forks: the caller (the Python API) already runs
+    threads, and a fork can inherit one of their locks held forever; nor multiprocessing spawn, which would re-run
+    a user's unguarded script in each worker. `fn` must be importable by reference (here extract.process_many)."""
     if workers <= 1:
         for chunk in _batched(items, batch):
             yield from fn(chunk)
         return
-    # fork where the OS has it: a user's plain script (the seed's usage, no `if __name__ == "__main__"` guard)
-    # must work, and spawn re-imports __main__. Workers only run blueprint.extract (stdlib, no threads of its own).
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for chunk in _batched(items, batch):
-            pending.append(pool.apply_async(fn, (chunk,)))
-            while len(pending) >= workers * window:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+    with WorkerPool(fn, workers) as pool:
+        for results in pool.map_ordered(_batched(items, batch), window):
+            yield from results
 
 
 def _eval_draw(salt: bytes, digest: bytes) -> float:

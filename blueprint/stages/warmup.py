@@ -14,6 +14,7 @@ from typing import Any
 
 from blueprint import artifacts
 from blueprint.config import require
+from blueprint.errors import check_finite_loss
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
 from blueprint.stages.common import open_base, save_adapter_set, split_base, stage_settings
 
@@ -76,7 +77,7 @@ def sft_datasets(pairs: list[dict], tokenizer: Any, cfg: WarmupConfig) -> dict[s
 
 
 def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, cfg: WarmupConfig,
-                  progress: bool, task: str = STAGE) -> dict[str, float]:
+                  progress: bool, task: str = STAGE, lr_setting: str = "lr") -> dict[str, float]:
     """SFT of one adapter (only its weights train); held-out and train loss before and after."""
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -111,6 +112,8 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, cfg:
         after = {"eval_loss": trainer.evaluate()["eval_loss"],
                  "train_loss": trainer.evaluate(probe, metric_key_prefix="train")["train_loss"]}
     model.eval()
+    for name, value in after.items():
+        check_finite_loss(value, f"{task} ({adapter} {name})", lr_setting, cfg.lr)
     return {f"{adapter}_{k}_before": v for k, v in before.items()} | {f"{adapter}_{k}_after": v for k, v in after.items()}
 
 
