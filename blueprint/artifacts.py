@@ -21,6 +21,7 @@ from typing import Any
 from blueprint import __version__, storage
 
 MANIFEST_NAME = "_MANIFEST.json"
+WRITING_NAME = "_WRITING.json"  # present while a stage writes an explicit output location (not listed in manifests)
 MANIFEST_FORMAT = 1
 
 
@@ -138,14 +139,41 @@ def download_artifact(uri: str, local_dir: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str],
-           metrics: Mapping[str, Any], key: str | None = None) -> dict[str, Any]:
-    """Upload `local_dir` to `out_uri`, then write the manifest last. Anything already there is replaced."""
+           metrics: Mapping[str, Any], key: str | None = None, replace: bool = True) -> dict[str, Any]:
+    """Upload `local_dir` to `out_uri`, then write the manifest last; the manifest that holds when this returns.
+
+    One writer at a time (commit_lock). With `replace` False, an output another writer committed meanwhile is
+    kept and its manifest returned: the work done here is dropped, the caller becomes a cache hit.
+    """
+    return _commit(local_dir, out_uri, stage=stage, config=config, inputs=inputs, metrics=metrics, key=key,
+                   replace=replace)[0]
+
+
+def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str],
+            metrics: Mapping[str, Any], key: str | None, replace: bool) -> tuple[dict[str, Any], bool]:
+    """`commit`, and whether this call wrote the output (False: another writer's is kept)."""
+    from blueprint import commit_lock
+
     files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
     if MANIFEST_NAME in files:
         raise ArtifactError(f"stage {stage} wrote its own {MANIFEST_NAME}; only commit() may")
-    storage.delete_prefix(out_uri)
-    storage.upload_dir(local_dir, out_uri)
-    manifest = {
+    committed = lambda: storage.exists(manifest_uri(out_uri))  # noqa: E731
+    with commit_lock.held(out_uri, done=lambda: not replace and committed()) as refresh:
+        if refresh is None or (not replace and committed()):
+            return read_manifest(out_uri, verify="sizes"), False
+        storage.delete_prefix(out_uri)  # a partial output of ours, or (replace) the stage's own older output
+        storage.write_json(storage.join(out_uri, WRITING_NAME), {"stage": stage, "key": key})
+        storage.upload_dir(local_dir, out_uri)
+        refresh()
+        manifest = _manifest(files, stage=stage, config=config, inputs=inputs, metrics=metrics, key=key)
+        storage.write_text(manifest_uri(out_uri), json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        commit_lock.delete_object(storage.join(out_uri, WRITING_NAME))
+    return manifest, True
+
+
+def _manifest(files: dict[str, Path], *, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str],
+              metrics: Mapping[str, Any], key: str | None) -> dict[str, Any]:
+    return {
         "format": MANIFEST_FORMAT,
         "stage": stage,
         "key": key,
@@ -157,31 +185,70 @@ def commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, An
         "metrics": dict(metrics),
         "files": {rel: {"size": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in files.items()},
     }
-    storage.write_text(manifest_uri(out_uri), json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    return manifest
+
+
+def check_target(uri: str, stage: str, key: str, owned: bool, force: bool) -> dict[str, Any] | None:
+    """The committed manifest at `uri` (a cache hit unless `force`), None when `uri` may be written; refuses a
+    target that holds anything but this stage's own output or partial output.
+
+    `owned`: `uri` is the content-addressed prefix of this key, so what is there is ours by construction.
+    """
+    files = storage.list_files(uri)
+    if not files:
+        return None
+    if MANIFEST_NAME in files:
+        manifest = read_manifest(uri, verify="sizes")
+        if manifest.get("stage") != stage:
+            raise ArtifactError(f"{uri} holds a {manifest.get('stage')!r} output: a {stage} output never replaces "
+                                "it; choose another output location")
+        if not owned and not force and manifest.get("key") != key:
+            raise ArtifactError(f"{uri} holds a {stage} output made from other settings or inputs; pass --force "
+                                "to replace it, or choose another output location")
+        return manifest
+    if owned:
+        return None
+    marker = storage.join(uri, WRITING_NAME)
+    if WRITING_NAME in files and storage.read_json(marker).get("stage") == stage:
+        return None  # this stage's own unfinished output: cleared and rewritten
+    shown = ", ".join(list(files)[:3]) + (", ..." if len(files) > 3 else "")
+    raise ArtifactError(f"{uri} already holds {len(files)} file(s) that are not a {stage} output ({shown}): "
+                        "refusing to replace them; choose an empty or new output location")
+
+
+def mark_writing(uri: str, stage: str, key: str) -> None:
+    """Claim an explicit output location before any work, so a crash's leftovers are known to be ours."""
+    storage.write_json(storage.join(uri, WRITING_NAME), {"stage": stage, "key": key})
 
 
 def run_stage(stage: str, config: Any, inputs: Mapping[str, str], build: Callable[[Path], Mapping[str, Any]], *,
-              artifact_root: str | None = None, out_uri: str | None = None, force: bool = False) -> StageOutput:
+              artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
+              owned: bool | None = None) -> StageOutput:
     """Run one stage under the commit protocol.
 
     `build(local_dir)` writes the stage's files into a fresh local directory and returns its metrics. The output
-    goes to `out_uri`, or to the content-addressed `{artifact_root}/{stage}/{key}`. An existing manifest there is a
-    cache hit (unless `force`); a prefix without one is partial and is cleared and rewritten.
+    goes to `out_uri`, or to the content-addressed `{artifact_root}/{stage}/{key}` (`owned`: `out_uri` is that
+    prefix). A committed output of this key there is a cache hit (unless `force`); a content-addressed prefix
+    without a manifest is partial and is cleared and rewritten; an explicit `out_uri` holding anything else is
+    refused. Two writers of one key: one commits, the other becomes a cache hit.
     """
     if (artifact_root is None) == (out_uri is None):
         raise ValueError("give exactly one of artifact_root or out_uri")
+    owned = out_uri is None if owned is None else owned
     cfg = config_dict(config)
     for name, uri in inputs.items():
         read_manifest(uri, verify="sizes")  # fail before any work when an input is incomplete
     key = stage_key(stage, cfg, inputs)
     uri = storage.normalize(out_uri if out_uri is not None else stage_uri(artifact_root, stage, key))
-    if not force and storage.exists(manifest_uri(uri)):
-        return StageOutput(uri, read_manifest(uri, verify="sizes"), cached=True)
+    existing = check_target(uri, stage, key, owned, force)
+    if existing is not None and not force:
+        return StageOutput(uri, existing, cached=True)
+    if not owned:
+        mark_writing(uri, stage, key)
     with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
         metrics = build(Path(tmp))
-        manifest = commit(Path(tmp), uri, stage=stage, config=cfg, inputs=inputs, metrics=metrics or {}, key=key)
-    return StageOutput(uri, manifest, cached=False)
+        manifest, wrote = _commit(Path(tmp), uri, stage=stage, config=cfg, inputs=inputs, metrics=metrics or {},
+                                  key=key, replace=force)
+    return StageOutput(uri, manifest, cached=not wrote)
 
 
 def cached_outputs(root: str) -> list[dict[str, Any]]:

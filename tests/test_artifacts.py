@@ -47,11 +47,33 @@ def test_existing_manifest_is_a_cache_hit_and_force_recomputes(root):
 
 def test_partial_prefix_is_never_read_and_is_rewritten(root):
     out_uri = storage.join(root, "explicit")
+    artifacts.mark_writing(out_uri, "demo", "k")  # what a run of this stage killed mid-way leaves
     storage.write_text(storage.join(out_uri, "stale.txt"), "half")
     with pytest.raises(ArtifactError, match="partial output"):
         artifacts.read_manifest(out_uri)
     out = artifacts.run_stage("demo", {}, {}, _writer("fresh"), out_uri=out_uri)
     assert set(storage.list_files(out.uri)) == {"data/x.txt", artifacts.MANIFEST_NAME}
+
+
+def test_an_explicit_output_holding_anything_else_is_refused_and_kept(root):
+    out_uri = storage.join(root, "mine")
+    storage.write_text(storage.join(out_uri, "important.txt"), "x")
+    with pytest.raises(ArtifactError, match="important.txt.*refusing to replace"):
+        artifacts.run_stage("demo", {}, {}, _writer("fresh"), out_uri=out_uri, force=True)
+    other = artifacts.run_stage("other", {}, {}, _writer("theirs"), out_uri=storage.join(root, "theirs"))
+    with pytest.raises(ArtifactError, match="'other' output: a demo output never replaces it"):
+        artifacts.run_stage("demo", {}, {}, _writer("fresh"), out_uri=other.uri, force=True)
+    assert storage.read_text(storage.join(out_uri, "important.txt")) == "x"
+    assert artifacts.read_manifest(other.uri)["stage"] == "other"
+
+
+def test_an_explicit_output_of_the_same_stage_with_other_settings_needs_force(root):
+    out_uri = storage.join(root, "o")
+    artifacts.run_stage("demo", {"a": 1}, {}, _writer("one"), out_uri=out_uri)
+    with pytest.raises(ArtifactError, match="other settings or inputs; pass --force"):
+        artifacts.run_stage("demo", {"a": 2}, {}, _writer("two"), out_uri=out_uri)
+    out = artifacts.run_stage("demo", {"a": 2}, {}, _writer("two"), out_uri=out_uri, force=True)
+    assert not out.cached and storage.read_text(storage.join(out_uri, "data/x.txt")) == "two"
 
 
 def test_failed_build_leaves_no_manifest(root):

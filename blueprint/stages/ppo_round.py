@@ -297,6 +297,7 @@ def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, artifa
     """Committed adapter set after one round (summarizer, coder, reference, value head, optimizer state)."""
     inputs = {"shards": shards, "adapters": adapters, **split_base(base)[0]}
     settings = stage_settings(config, base)
+    owned = out_uri is None  # content-addressed: the checkpoint lives under the key, so a rerun resumes it
     if out_uri is None:
         out_uri = artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, settings, inputs))
     out_uri = storage.normalize(out_uri)
@@ -304,4 +305,4 @@ def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, artifa
         storage.delete_prefix(storage.join(out_uri, CHECKPOINT))
     return artifacts.run_stage(STAGE, settings, inputs,
                                lambda d: build(config, shards, base, adapters, d, out_uri, progress),
-                               out_uri=out_uri, force=force)
+                               out_uri=out_uri, force=force, owned=owned)
