@@ -245,7 +245,12 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], build: Callabl
     if not owned:
         mark_writing(uri, stage, key)
     with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
-        metrics = build(Path(tmp))
+        try:
+            metrics = build(Path(tmp))
+        except BaseException:
+            if not owned and set(storage.list_files(uri)) == {WRITING_NAME}:
+                storage.delete_prefix(uri)  # failed before writing anything there: leave no trace
+            raise
         manifest, wrote = _commit(Path(tmp), uri, stage=stage, config=cfg, inputs=inputs, metrics=metrics or {},
                                   key=key, replace=force)
     return StageOutput(uri, manifest, cached=not wrote)

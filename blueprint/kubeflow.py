@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from blueprint import cluster
+from blueprint import cluster, storage
 from blueprint.config import ConfigError
 from blueprint.cron import kfp_cron
 
@@ -77,6 +77,7 @@ def compile_package(path: str, *, epochs: int, profile: str, image: str, artifac
     from pipelines import compile_pipeline
 
     profiles.stage_settings(profile, "shard")  # unknown profile -> ValueError naming it
+    storage.refuse_credentials(artifact_root, setting="--artifact-root")  # it becomes a YAML default
     compile_pipeline(path, epochs=epochs, profile=profile, image=image, artifact_root=artifact_root,
                      configure_task=cluster.configure_task(settings))
     # after compiling, so that a compile that fails says only why
@@ -307,6 +308,13 @@ def _prepare(args: argparse.Namespace, package: str, extra: dict[str, Any] | Non
         raise ConfigError("--param warm_start: use `schedule --warm-start`, which also turns the warmup task's "
                           "KFP cache off (a cache hit would hand back the same warmup on every run)")
     arguments.update(extra or {})
+    for name in ("artifact_root", "base"):  # run arguments are stored by KFP and shown in its UI
+        if isinstance(arguments.get(name), str):
+            storage.refuse_credentials(arguments[name], setting=f"--param {name}")
+    if isinstance(arguments.get("source"), str):
+        from blueprint.sources import parse_source
+
+        storage.refuse_credentials(parse_source(arguments["source"]).target, setting="--param source")
     if args.package:  # a compiled package: read the effective root and the secrets from the YAML itself
         root = arguments.get("artifact_root", pipeline_parameters(spec).get("artifact_root", {}).get("defaultValue"))
         warning = cluster.s3_credentials_warning(str(root), ",".join(s3_secret_names(platform)) or None)

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from blueprint import storage
+
 FILE_KINDS = ("jsonl", "parquet", "csv")
 KINDS = ("stdlib", "dir", "hf") + FILE_KINDS
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules"})
@@ -69,6 +71,7 @@ def resolve_source(spec: str) -> str:
     """`dir:./src` as typed -> `dir:/abs/src`: a local path is resolved once, against the working directory, so the
     stage that reads it (another process, another directory) sees the same files."""
     parsed = parse_source(spec)
+    storage.refuse_credentials(parsed.target, setting="source")
     if parsed.kind in ("stdlib", "hf") or "://" in parsed.target:
         return str(parsed)
     return str(dataclasses.replace(parsed, target=str(Path(parsed.target).expanduser().absolute())))

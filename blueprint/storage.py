@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -22,7 +23,14 @@ import pyarrow.fs as pafs
 
 T = TypeVar("T")
 
-RETRIES = 4  # attempts for transient S3 failures (pyarrow retries inside each attempt too)
+# Time limits on every S3 request. A frozen endpoint (TCP accepted, nothing answers) costs one request
+# CLIENT_ATTEMPTS x READ_TIMEOUT; only the clients retry timeouts, so that is also what it costs one _call.
+CONNECT_TIMEOUT = 5  # s to open a connection
+READ_TIMEOUT = 10  # s a request may go without receiving a byte (a stall limit, not a cap on long transfers)
+CLIENT_ATTEMPTS = 2  # tries per request inside pyarrow and boto3, the only layer that retries a timeout
+ANSWER_LIMIT = CLIENT_ATTEMPTS * READ_TIMEOUT
+CALL_DEADLINE = 30  # s after which _call starts no new attempt
+RETRIES = 3  # _call attempts for transient S3 errors (never timeouts), within CALL_DEADLINE
 _PERMANENT_MARKERS = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
                       "NoSuchKey", "Path does not exist", "not found", "403", "404")
 
@@ -31,13 +39,42 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and says why."""
 
 
+_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)")
+CREDENTIALS_REFUSED = ("credentials in a URI are refused; use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                       "or a Kubernetes secret")
+
+
+def _redacted(uri: str, start: int) -> str:
+    """`uri` with everything from `start` to its last '@' starred (all of it when there is no '@')."""
+    at = uri.rfind("@")
+    return uri[:start] + "***" + (uri[at:] if at >= start else "")
+
+
+def refuse_credentials(uri: str, setting: str | None = None) -> str:
+    """`uri` unchanged, or a StorageError when it carries `user[:password]@`: a URI lands in logs, manifests and
+    compiled pipelines, so a key in it leaks. The message never repeats the userinfo.
+
+    For s3:// a ':' in the bucket is refused too: no bucket name holds one, but KEY:SECRET does when the
+    secret contains a '/' (which AWS secrets may), and then the '@' lands in what looks like the key.
+    """
+    uri = str(uri)
+    m = _AUTHORITY.match(uri)
+    if m is None:
+        return uri
+    scheme, authority = m.groups()
+    if "@" in authority or (scheme.lower() == "s3://" and ":" in authority):
+        where = f"{setting} " if setting else ""
+        raise StorageError(f"{where}{_redacted(uri, len(scheme))}: {CREDENTIALS_REFUSED}")
+    return uri
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
 def split_s3(uri: str) -> tuple[str, str]:
     """`s3://bucket/a/b` -> ("bucket", "a/b")."""
-    parsed = urlparse(uri)
+    parsed = urlparse(refuse_credentials(uri))
     if parsed.scheme != "s3" or not parsed.netloc:
         raise StorageError(f"not an s3:// URI with a bucket: {uri!r}")
     return parsed.netloc, parsed.path.lstrip("/")
@@ -45,7 +82,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 def local_path(uri: str) -> Path:
     """The filesystem path of a plain path or `file://` URI."""
-    uri = str(uri)
+    uri = refuse_credentials(uri)
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])  # file:///abs and file://./rel both work
     if "://" in uri:
@@ -55,7 +92,7 @@ def local_path(uri: str) -> Path:
 
 def normalize(uri: str) -> str:
     """Canonical form: `s3://bucket/key` without trailing slash, or an absolute `file://` URI."""
-    uri = str(uri)
+    uri = refuse_credentials(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         return f"s3://{bucket}/{key.strip('/')}".rstrip("/")
@@ -69,7 +106,11 @@ def join(uri: str, *parts: str) -> str:
 
 
 def endpoint_url() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The S3 endpoint from the environment (None: AWS itself); one with user:password@ is refused."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return refuse_credentials(os.environ[name], setting=name)
+    return None
 
 
 def _region() -> str:
@@ -79,8 +120,8 @@ def _region() -> str:
 @functools.lru_cache(maxsize=8)
 def _s3fs(endpoint: str | None, region: str, pid: int) -> pafs.S3FileSystem:
     """One pyarrow S3 client per endpoint and process (DataLoader workers fork; clients must not be shared)."""
-    kwargs: dict[str, Any] = dict(region=region, connect_timeout=5, request_timeout=60,
-                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+    kwargs: dict[str, Any] = dict(region=region, connect_timeout=CONNECT_TIMEOUT, request_timeout=READ_TIMEOUT,
+                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=CLIENT_ATTEMPTS))
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
@@ -99,7 +140,8 @@ def _boto_client():
     import boto3
     from botocore.config import Config
 
-    cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+    cfg = Config(retries={"total_max_attempts": CLIENT_ATTEMPTS, "mode": "standard"},
+                 connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT)
     return boto3.client("s3", endpoint_url=endpoint_url(), region_name=_region(), config=cfg)
 
 
@@ -108,7 +150,8 @@ _HEALTHY_BUCKETS: set[tuple[str, str | None]] = set()
 
 def _diagnose_bucket(bucket: str, endpoint: str | None) -> str | None:
     """Why `bucket` cannot be used, in one sentence, or None when it looks fine (only successes are remembered)."""
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                     NoCredentialsError, ReadTimeoutError)
 
     where = endpoint or "AWS S3"
     if (bucket, endpoint) in _HEALTHY_BUCKETS:
@@ -117,6 +160,8 @@ def _diagnose_bucket(bucket: str, endpoint: str | None) -> str | None:
         _boto_client().head_bucket(Bucket=bucket)
         _HEALTHY_BUCKETS.add((bucket, endpoint))
         return None
+    except (ConnectTimeoutError, ReadTimeoutError):
+        return _no_answer(endpoint)
     except EndpointConnectionError:
         return f"S3 endpoint {where} is unreachable"
     except NoCredentialsError:
@@ -132,22 +177,51 @@ def _diagnose_bucket(bucket: str, endpoint: str | None) -> str | None:
         return f"S3 endpoint {where} failed: {type(exc).__name__}"
 
 
+def _no_answer(endpoint: str | None) -> str:
+    """The reason for a timeout, naming the endpoint and the limits it ran into."""
+    return (f"S3 endpoint {endpoint or 'AWS S3'} did not answer within {ANSWER_LIMIT} s "
+            f"({CLIENT_ATTEMPTS} tries, {READ_TIMEOUT} s each)")
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether `exc` is a connect or read timeout (pyarrow reports curl's code 28 inside an OSError)."""
+    return isinstance(exc, TimeoutError) or "curlCode: 28" in str(exc) or "Timeout was reached" in str(exc)
+
+
+def _final_error(uri: str, what: str, exc: BaseException) -> StorageError | None:
+    """The StorageError to raise at once for `exc`, or None when it is transient and worth another attempt."""
+    if is_s3(uri):
+        if _is_timeout(exc):  # no diagnosis: asking the same frozen endpoint again would double the wait
+            return StorageError(f"cannot {what} {uri}: {_no_answer(endpoint_url())}")
+        reason = _diagnose_bucket(split_s3(uri)[0], endpoint_url())
+        if reason is not None:
+            return StorageError(f"cannot {what} {uri}: {reason}")
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"cannot {what} {uri}: it does not exist")
+    if not is_s3(uri) or any(m in str(exc) for m in _PERMANENT_MARKERS):
+        return StorageError(f"cannot {what} {uri}: {exc}")
+    return None
+
+
 def _call(uri: str, what: str, fn: Callable[[], T]) -> T:
-    """Run `fn`, retrying transient S3 failures with backoff; raise one clear StorageError naming `uri`."""
+    """Run `fn`, retrying transient S3 failures a bounded number of times; raise one StorageError naming `uri`.
+
+    Timeouts are final here: the clients already tried CLIENT_ATTEMPTS times, and retrying on top multiplied a
+    frozen endpoint into minutes. No new attempt starts after CALL_DEADLINE seconds.
+    """
     attempts = RETRIES if is_s3(uri) else 1
+    deadline = time.monotonic() + CALL_DEADLINE
     for attempt in range(attempts):
         try:
             return fn()
         except (OSError, ValueError) as exc:
-            if is_s3(uri):
-                reason = _diagnose_bucket(split_s3(uri)[0], endpoint_url())
-                if reason is not None:
-                    raise StorageError(f"cannot {what} {uri}: {reason}") from None
-            if isinstance(exc, FileNotFoundError):
-                raise StorageError(f"cannot {what} {uri}: it does not exist") from None
-            if not is_s3(uri) or any(m in str(exc) for m in _PERMANENT_MARKERS) or attempt == attempts - 1:
-                raise StorageError(f"cannot {what} {uri}: {exc}") from exc
-            time.sleep(0.2 * 2**attempt)
+            error = _final_error(uri, what, exc)
+            pause = 0.5 * 2**attempt
+            if error is None and (attempt == attempts - 1 or time.monotonic() + pause > deadline):
+                error = StorageError(f"cannot {what} {uri}: {exc}")
+            if error is not None:
+                raise error from (exc if str(exc) in str(error) else None)  # chain only a cause it quotes
+            time.sleep(pause)
     raise AssertionError("unreachable")
 
 

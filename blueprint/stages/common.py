@@ -43,7 +43,7 @@ def quiet_libraries(progress: bool) -> None:
 def resolve_base(base: str) -> str:
     """A base as typed, made absolute once: a local directory (relative, ~ or file://) becomes its absolute path;
     `tiny`, hub ids and s3:// URIs stay as they are."""
-    base = str(base)
+    base = storage.refuse_credentials(str(base), setting="base")
     if base == "tiny" or storage.is_s3(base):
         return base
     if base.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(base):
