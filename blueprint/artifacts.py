@@ -101,6 +101,18 @@ def read_manifest(uri: str, *, verify: str = "full") -> dict[str, Any]:
     return manifest
 
 
+def read_verified(uri: str, rel: str, manifest: dict[str, Any]) -> bytes:
+    """The bytes of `rel` in the committed artifact `uri`, checked against the manifest's sha256 as they arrive:
+    a same-size bit flip fails here, naming the file and the input, instead of being trained on."""
+    meta = manifest.get("files", {}).get(rel)
+    if meta is None:
+        raise ArtifactError(f"input {uri} has no {rel} in its manifest")
+    data = storage.read_bytes(storage.join(uri, rel))
+    if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise ArtifactError(f"input {uri} is damaged: {rel} does not match its sha256 in the manifest")
+    return data
+
+
 IDENTITY_FIELDS = ("stage", "key", "config", "inputs", "input_manifests", "files")
 
 

@@ -28,6 +28,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -45,9 +46,13 @@ def shard_files(manifest: dict[str, Any], split: str) -> list[str]:
     return sorted(rel for rel in manifest["files"] if rel.startswith(f"{split}/") and rel.endswith(".parquet"))
 
 
-def _open(uri: str, rel: str) -> pq.ParquetFile:
-    fs, path = storage.filesystem(storage.join(uri, rel))
-    return pq.ParquetFile(path, filesystem=fs)
+def _open(uri: str, rel: str, manifest: dict[str, Any]) -> pq.ParquetFile:
+    """One shard file, verified against its manifest sha256 as it is read, then decoded from memory."""
+    data = artifacts.read_verified(uri, rel, manifest)
+    try:
+        return pq.ParquetFile(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise artifacts.ArtifactError(f"input {uri}: {rel} is not a readable Parquet file: {exc}") from None
 
 
 def read_pairs(uri: str, split: str = "train", limit: int | None = None,
@@ -59,7 +64,7 @@ def read_pairs(uri: str, split: str = "train", limit: int | None = None,
     manifest = artifacts.read_manifest(uri, verify="sizes")
     rows: list[dict[str, Any]] = []
     for rel in shard_files(manifest, split):
-        for batch in _open(uri, rel).iter_batches(batch_size=1024, columns=columns, use_threads=False):
+        for batch in _open(uri, rel, manifest).iter_batches(batch_size=1024, columns=columns, use_threads=False):
             rows.extend(batch.to_pylist())
             if limit is not None and len(rows) >= limit:
                 return rows[:limit]
@@ -111,7 +116,7 @@ class StreamingCodeDataset(IterableDataset):
         index, count = reader_slot()
         if len(files) >= count:
             return [(rel, None) for rel in files[index::count]]
-        groups = [(rel, g) for rel in files for g in range(_open(self.uri, rel).num_row_groups)]
+        groups = [(rel, g) for rel in files for g in range(_open(self.uri, rel, self.manifest).num_row_groups)]
         return groups[index::count]
 
     def _tokenize(self, rows: list[dict[str, Any]]) -> None:
@@ -124,7 +129,7 @@ class StreamingCodeDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for rel, group in self._units():
-            pf = _open(self.uri, rel)
+            pf = _open(self.uri, rel, self.manifest)
             groups = None if group is None else [group]
             for batch in pf.iter_batches(batch_size=self.batch_rows, row_groups=groups, columns=self.columns,
                                          use_threads=False):

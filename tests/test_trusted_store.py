@@ -107,3 +107,33 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
     for row in rows:
         artifacts.read_manifest(row["uri"], verify="full")  # nobody's files were replaced under a manifest
     assert not [rel for rel in storage.list_files(root) if rel.endswith(".lock")], "a lock was left behind"
+
+
+def _copy_artifact(uri: str, target: str, tmp_path: Path) -> str:
+    local, _ = artifacts.download_artifact(uri, tmp_path / "dl")
+    storage.upload_dir(local, target)
+    storage.write_bytes(artifacts.manifest_uri(target), storage.read_bytes(artifacts.manifest_uri(uri)))
+    return target
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+@pytest.mark.parametrize("where", ["middle", "footer"])
+def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_trains_on_it(smoke_chain, tmp_path,
+                                                                                         request, store, where):
+    from blueprint.data import read_pairs
+    from blueprint.stages import warmup
+    from conftest import SMOKE_WARMUP
+
+    root = f"file://{tmp_path}/root" if store == "file" else request.getfixturevalue("s3_bucket") + "/root"
+    shards = _copy_artifact(smoke_chain["shards"], storage.join(root, "shard", "copy"), tmp_path)
+    rel = sorted(r for r in artifacts.read_manifest(shards)["files"] if r.startswith("train/"))[0]
+    data = bytearray(storage.read_bytes(storage.join(shards, rel)))
+    at = len(data) // 2 if where == "middle" else len(data) - 12  # the footer's metadata sits just before its length
+    data[at] ^= 0x01
+    storage.write_bytes(storage.join(shards, rel), bytes(data))
+    with pytest.raises(artifacts.ArtifactError, match=f"{shards} is damaged: {rel} does not match its sha256"):
+        read_pairs(shards, "train")
+    cfg = build(warmup.WarmupConfig, SMOKE_WARMUP)
+    with pytest.raises(artifacts.ArtifactError, match=rel):
+        warmup.run(cfg, shards=shards, base=smoke_chain["base"], artifact_root=root, force=True, progress=False)
+    assert [r["stage"] for r in artifacts.cached_outputs(root)] == ["shard"], "a stage committed from damaged input"

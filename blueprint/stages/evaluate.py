@@ -223,7 +223,7 @@ def previous_history(previous: str | None) -> list[dict[str, Any]]:
     if manifest.get("stage") != STAGE or "history.json" not in manifest.get("files", {}):
         raise artifacts.ArtifactError(f"previous {previous} is a {manifest.get('stage')!r} output, not an "
                                       f"{STAGE} output with a history.json")
-    return list(storage.read_json(storage.join(previous, "history.json")))
+    return list(json.loads(artifacts.read_verified(previous, "history.json", manifest)))
 
 
 def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: str | None, out_dir: Path,
