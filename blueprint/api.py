@@ -39,6 +39,10 @@ class BluePrint:
         self.settings = {s: {**profiles.stage_settings(profile, s), **(settings or {}).get(s, {})}
                          for s in registry.STAGES}
         self.settings["shard"]["source"] = self.dataset
+        if self.base_name != "tiny":
+            from blueprint.modeling import check_base
+
+            check_base(self.base_name)
         for stage, values in self.settings.items():  # fail now, not after an hour
             build(registry.get(stage).config_type(), {"round_index": 1, **values} if stage == "ppo-round" else values)
         self.shards: str | None = None

@@ -45,6 +45,13 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     if source is not None:
         settings["shard"]["source"] = source
     base = resolve_base(base)
+    if base != "tiny":
+        from blueprint.modeling import ModelLoadError, check_base
+
+        try:
+            check_base(base)
+        except ModelLoadError as exc:
+            raise ConfigError(f"parameter base: {exc}") from None
     for stage, values in settings.items():
         probe = dict(values)
         if stage == "ppo-round":

@@ -219,6 +219,21 @@ def load_base(name: str, *, dtype: torch.dtype | str = torch.float32,
     return model.eval(), tokenizer
 
 
+def check_base(name: str) -> None:
+    """Refuse, before any stage runs, a base `load_base` would refuse: a missing or incomplete directory, an s3://
+    prefix that is not a committed model, a malformed hub id, or a hub id that cannot be had offline."""
+    name = str(name)
+    if name.startswith("s3://"):
+        from blueprint import storage
+
+        if not storage.exists(storage.join(name, MANIFEST_NAME)):
+            raise ModelLoadError(f"base model {name!r} is not a committed model directory (no {MANIFEST_NAME})")
+    elif _is_local(name):
+        _check_local_dir(Path(urlparse(name).path if name.startswith("file://") else name).expanduser(), name)
+    else:
+        _hub_source(name)
+
+
 def _hub_source(name: str) -> dict[str, Any]:
     """from_pretrained kwargs for hub id `name`: the local HF cache when offline or when the hub is unreachable."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id

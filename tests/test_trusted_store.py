@@ -137,3 +137,20 @@ def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_train
     with pytest.raises(artifacts.ArtifactError, match=rel):
         warmup.run(cfg, shards=shards, base=smoke_chain["base"], artifact_root=root, force=True, progress=False)
     assert [r["stage"] for r in artifacts.cached_outputs(root)] == ["shard"], "a stage committed from damaged input"
+
+
+@pytest.mark.parametrize("base, offline, says", [("/nonexistent/model", False, "no such directory"),
+                                                  ("./not-here", False, "no such directory"),
+                                                  ("org/not-cached-model", True, "HF_HUB_OFFLINE")])
+def test_a_base_that_cannot_load_is_refused_before_the_first_stage(base, offline, says, tmp_path, capsys,
+                                                                   monkeypatch):
+    from blueprint.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["run", "--profile", "smoke", "--artifact-root", "./art", "--base", base]) == 2
+    error = capsys.readouterr().err
+    assert "parameter base" in error and says in error
+    assert not (tmp_path / ".kfp-local").exists() and artifacts.cached_outputs(f"file://{tmp_path}/art") == []
