@@ -113,7 +113,14 @@ def read_verified(uri: str, rel: str, manifest: dict[str, Any]) -> bytes:
     return data
 
 
-IDENTITY_FIELDS = ("stage", "key", "config", "inputs", "input_manifests", "files")
+# Content only: not the input URIs (`inputs`), which change when a root is copied; their manifests' digests do not.
+IDENTITY_FIELDS = ("stage", "key", "config", "input_manifests", "files")
+
+
+def reference(uri: str) -> str:
+    """How an output names another artifact in its own files: `stage/key`, never the root (a root copied to
+    another bucket keeps the same bytes, so every cache hit holds)."""
+    return "/".join(str(uri).rstrip("/").split("/")[-2:])
 
 
 def manifest_digest(uri: str) -> str:

@@ -317,7 +317,7 @@ def add_reference_adapter(model: PeftModel, source: str = "summarizer", name: st
     config = copy.deepcopy(model.peft_config[source])
     config.inference_mode = True
     model.add_adapter(name, config)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=source).items()}
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=source, save_embedding_layers=False).items()}
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     missing = [k for k in result.missing_keys if f".{name}." in k]
     if result.unexpected_keys or missing:
@@ -369,10 +369,12 @@ def use_adapter(model: PeftModel, name: str) -> Iterator[PeftModel]:
             p.requires_grad_(flag)
 
 
-def save_adapters(model: PeftModel, out_dir: str | Path, names: Sequence[str] | None = None) -> list[str]:
+def save_adapters(model: PeftModel, out_dir: str | Path, names: Sequence[str] | None = None,
+                  base_name: str | None = None) -> list[str]:
     """Save adapters as `out_dir/<name>/{adapter_config.json, adapter_model.safetensors}`; returns the names.
 
-    Each subdirectory loads with plain `peft.PeftModel.from_pretrained(base, out_dir/<name>)`.
+    Each subdirectory loads with plain `peft.PeftModel.from_pretrained(base, out_dir/<name>)`. `base_name` is what
+    adapter_config.json records as the base (peft would record the path the base was loaded from).
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"expected a peft.PeftModel, got {type(model).__name__}")
@@ -380,7 +382,12 @@ def save_adapters(model: PeftModel, out_dir: str | Path, names: Sequence[str] | 
     for n in names:
         _require_adapter(model, n)
     _check_names(names)
-    model.save_pretrained(str(out_dir), selected_adapters=names, safe_serialization=True)
+    if base_name is not None:
+        for n in names:
+            model.peft_config[n].base_model_name_or_path = base_name
+    # Embeddings are never LoRA targets here: no lookup of the base's config (a hub call for a non-local name)
+    model.save_pretrained(str(out_dir), selected_adapters=names, safe_serialization=True, save_embedding_layers=False)
+    (Path(out_dir) / "README.md").unlink(missing_ok=True)  # peft's model card: boilerplate naming the base's path
     return names
 
 

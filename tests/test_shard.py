@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from blueprint.config import ConfigError, build
 from blueprint.data import StreamingCodeDataset, read_pairs
 from blueprint.sources import SourceError
 from blueprint.stages import shard
+from blueprint.workers import WorkerError, WorkerPool
 
 
 def write_tree(root: Path, n_files: int = 30, per_file: int = 4) -> Path:
@@ -137,6 +141,7 @@ def test_partial_prefix_is_rewritten(tmp_path):
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)
     (out / "train" / "part-00000-of-00009.parquet").write_bytes(b"half written")
+    artifacts.mark_writing(storage.normalize(str(out)), "shard", "k")  # left by a shard run killed mid-commit
     res = shard.run(cfg(src), out_uri=str(out), progress=False)
     assert not res.cached and not (out / "train" / "part-00000-of-00009.parquet").exists()
     assert artifacts.read_manifest(res.uri)["files"]
@@ -204,3 +209,79 @@ def test_config_validation_names_the_field():
 def test_cpu_count_default(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 7)
     assert shard.ShardConfig().resolved_workers() == 7 and shard.ShardConfig(workers=3).resolved_workers() == 3
+
+
+def test_unguarded_script_shards_with_workers_and_runs_its_code_once(tmp_path):
+    """The seed's usage: top-level code, no __main__ guard. Workers must not re-run the script (spawn would)."""
+    script = tmp_path / "plain.py"
+    script.write_text(textwrap.dedent(f"""\
+        import os
+        from blueprint.stages import shard
+        from blueprint.config import build
+        with open({str(tmp_path / "runs.txt")!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        cfg = build(shard.ShardConfig, {{"source": "stdlib", "max_pairs": 300, "workers": 2}})
+        out = shard.run(cfg, artifact_root="file://{tmp_path}/x", progress=False)
+        assert out.metrics["workers"] == 2, out.metrics["workers"]
+        print(out.uri)
+        """))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"file://{tmp_path}/x/shard/"), proc.stdout
+    assert len((tmp_path / "runs.txt").read_text().splitlines()) == 1  # the top level ran in the parent only
+
+
+def test_ordered_map_keeps_input_order_on_workers():
+    assert list(shard.ordered_map(list, range(200), workers=2, batch=3, window=2)) == list(range(200))
+
+
+def test_ordered_map_bounds_work_in_flight():
+    pulled = []
+
+    def items():
+        for i in range(10_000):
+            pulled.append(i)
+            yield i
+
+    results = shard.ordered_map(list, items(), workers=2, batch=4, window=3)
+    assert next(results) == 0
+    assert len(pulled) <= (2 * 3 + 1) * 4  # a streamed source is not drained ahead of the consumer
+    results.close()
+
+
+def test_closing_ordered_map_early_terminates_the_workers(monkeypatch):
+    pools: list[WorkerPool] = []
+
+    class Spy(WorkerPool):
+        def __init__(self, *args):
+            super().__init__(*args)
+            pools.append(self)
+
+    monkeypatch.setattr(shard, "WorkerPool", Spy)
+    results = shard.ordered_map(list, range(10_000), workers=2)
+    assert next(results) == 0
+    (pool,) = pools
+    assert all(p.poll() is None for p in pool.processes)
+    start = time.time()
+    results.close()
+    assert all(p.poll() is not None for p in pool.processes) and time.time() - start < 10
+
+
+def test_worker_exception_surfaces_in_the_caller():
+    with pytest.raises(TypeError, match="int\\(\\) argument") as err:
+        list(shard.ordered_map(int, range(10), workers=2))
+    assert any("raised in a worker process" in note for note in err.value.__notes__)
+
+
+def test_dead_worker_raises_instead_of_hanging():
+    start = time.time()
+    with pytest.raises(WorkerError, match="exited with code 1"):
+        list(shard.ordered_map(sys.exit, range(10), workers=2))  # SystemExit ends the worker process
+    assert time.time() - start < 30
+
+
+def test_one_worker_runs_in_process():
+    pid = os.getpid()
+    assert list(shard.ordered_map(lambda chunk: [(x, os.getpid()) for x in chunk], range(5), workers=1)) == [
+        (x, pid) for x in range(5)]  # a lambda: nothing is pickled

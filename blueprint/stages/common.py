@@ -90,9 +90,10 @@ def save_adapter_set(model, tokenizer, out_dir: Path, base: str, names: list[str
     """Adapters (peft safetensors), tokenizer and the base identity, under `out_dir`."""
     from blueprint import modeling
 
-    modeling.save_adapters(model, out_dir / ADAPTERS_DIR, names)
+    named = artifacts.reference(base) if is_artifact(base) else base  # no artifact root inside the files
+    modeling.save_adapters(model, out_dir / ADAPTERS_DIR, names, base_name=named)
     tokenizer.save_pretrained(out_dir / "tokenizer")
-    meta = {"base": base, "base_identity": base_identity(base), "adapters": names, **(extra or {})}
+    meta = {"base": named, "base_identity": base_identity(base), "adapters": names, **(extra or {})}
     (out_dir / BASE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from blueprint import artifacts, metrics as text_metrics, report, storage
 from blueprint.config import require
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
-from blueprint.stages.common import fetch_adapter_set, open_base, split_base, stage_settings
+from blueprint.stages.common import fetch_adapter_set, is_artifact, open_base, split_base, stage_settings
 from blueprint.stages.warmup import clip_tokens
 
 if TYPE_CHECKING:
@@ -251,10 +251,12 @@ def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: 
     top = headline(values)  # the files hold no wall time: same inputs -> same bytes -> downstream cache hits
 
     # One history row per epoch: a rerun of an epoch replaces its row, so the plot never doubles back.
-    history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": adapters}]
+    ref = artifacts.reference
+    history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": ref(adapters)}]
     history.sort(key=lambda h: h.get("epoch", 0))
-    context = {"adapters": adapters, "adapter round": str(meta.get("round", "?")), "base": base,
-               "shards": shards, "previous": previous or "-"}
+    context = {"adapters": ref(adapters), "adapter round": str(meta.get("round", "?")),
+               "base": ref(base) if is_artifact(base) else base, "shards": ref(shards),
+               "previous": ref(previous) if previous else "-"}
     (out_dir / "metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history, indent=2, sort_keys=True) + "\n")
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:

@@ -173,13 +173,15 @@ def model_card(role: str, base: str, adapters: str, adapter_run: dict[str, Any],
     prompt = PromptConfig()
     template = prompt.code_to_summary if role == "summarizer" else prompt.summary_to_code
     hub_base = not (is_artifact(base) or storage.is_s3(base) or modeling._is_local(base))  # a hub id
+    base = artifacts.reference(base) if is_artifact(base) else base  # the card is content: no root, no time
+    adapters, evaluation = artifacts.reference(adapters), evaluation and artifacts.reference(evaluation)
     front = ["---", "library_name: transformers", "tags: [blueprint, code, lora-merged]"]
     front += [f"base_model: {base}"] if hub_base else []
     lines = front + ["---", "", f"# BluePrint {role}", "",
                      f"A causal LM that {task}: the `{role}` LoRA adapter of a BluePrint run merged into its base.",
                      "", f"- base model: `{base}`",
                      f"- adapters: `{adapters}` (stage `{adapter_run.get('stage')}`, key `{adapter_run.get('key')}`, "
-                     f"round {adapter_run.get('round', '?')}, created {adapter_run.get('created')})",
+                     f"round {adapter_run.get('round', '?')})",
                      f"- merge check: max |logit difference| vs base + adapter = {check:.3g} (fp32)",
                      "", "Prompt format (the completion follows it):", "", "```", template, "```", ""]
     if scores:
@@ -210,8 +212,7 @@ def build(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, ou
     metrics: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "in")
-        run_info = {"stage": manifest.get("stage"), "key": manifest.get("key"), "created": manifest.get("created"),
-                    "round": meta.get("round", "?")}
+        run_info = {"stage": manifest.get("stage"), "key": manifest.get("key"), "round": meta.get("round", "?")}
         for role in modeling.ROLES:
             role_metrics = merge_role(role, base, adapter_dir, out_dir / role, cfg, progress)
             metrics.update(role_metrics)

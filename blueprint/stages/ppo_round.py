@@ -256,9 +256,13 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
         metrics.update(train_coder(model, tokenizer, batch, scorer.written, cfg, progress))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
     _save(model, tokenizer, trainer, out_dir, base, {"round": cfg.round_index})
-    with open(out_dir / "steps.jsonl", "w") as f:
+    with open(out_dir / "steps.jsonl", "w") as f:  # content only: wall times go to the metrics
         for row in stats_rows:
-            f.write(json.dumps(row, default=float) + "\n")
+            f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("time/")}, default=float) + "\n")
+    for phase in ("generate", "score", "forward", "update"):
+        times = [r[f"time/{phase}"] for r in stats_rows if f"time/{phase}" in r]
+        if times:
+            metrics[f"seconds_{phase}"] = round(sum(times), 3)
     if stats_rows:
         for key in ("score/mean", "score/gain", "kl", "kl_coef", "copy_rate", "response_length", "entropy",
                     "clipfrac"):
