@@ -196,13 +196,15 @@ def test_report_plot_and_history_across_two_runs(world):
     assert [h["epoch"] for h in json.loads(local(first.uri, "history.json").read_text())] == [0]
     history = json.loads(local(second.uri, "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
-    assert [h["adapters"] for h in history] == [world["untrained"], world["trained"]]
+    # references, not URIs: the files stay the same when the root is copied elsewhere
+    assert [h["adapters"] for h in history] == [artifacts.reference(world["untrained"]),
+                                                artifacts.reference(world["trained"])]
     assert history[0]["pairwise_accuracy"] == first.metrics["pairwise_accuracy"]
     png = local(second.uri, "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     text = local(second.uri, "report.md").read_text()
     assert "## Metrics" in text and "## History" in text and "## Examples" in text
-    assert "| pairwise_accuracy |" in text and world["trained"] in text
+    assert "| pairwise_accuracy |" in text and artifacts.reference(world["trained"]) in text
     assert text.count("### ") == CFG["report_examples"]
     assert repr(PAIRS[0][1]) in text and "def add(a, b):" in text
     table = evaluate.compare([first.uri, second.uri])
@@ -248,7 +250,9 @@ def test_merge_card_carries_the_evaluation(world, tmp_path):
     out = merge.run(merge.MergeConfig(keep_adapters=False), base=world["base"], adapters=world["trained"],
                     evaluation=world["second"].uri, artifact_root=str(tmp_path), progress=False)
     card = local(out.uri, "coder", "README.md").read_text()
-    assert world["second"].uri in card and "| pairwise_accuracy |" in card and world["trained"] in card
+    ref = artifacts.reference
+    assert ref(world["second"].uri) in card and "| pairwise_accuracy |" in card and ref(world["trained"]) in card
+    assert str(world["root"]) not in card
     assert out.metrics["eval_pairwise_accuracy"] == world["second"].metrics["pairwise_accuracy"]
     assert not any(rel.startswith("adapters/") for rel in out.manifest["files"])
     with pytest.raises(ValueError, match="its metrics would describe another model"):
