@@ -2,7 +2,8 @@
 
 kfp.local streams a task's output line by line and `kubectl logs` shows a pod's, so outside a terminal a
 `\\r` bar shows nothing until the stage ends. There a stage prints `<task>: step i/N <figures> eta <s>` at a
-bounded rate: whenever another tenth of the work is done or `every_seconds` have passed, and at the last step.
+bounded rate: whenever another tenth of the work is done or `every_seconds` have passed, and at the last step;
+a loop that is over within `quiet_seconds` prints its last step only (a 2-second shard needs no ten lines).
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ class Progress:
     """
 
     def __init__(self, task: str, total: int | None, enabled: bool = True, *, start: int = 0, unit: str = "step",
-                 every_seconds: float = 30.0, bar: bool | None = None, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.task, self.enabled, self.unit = task, enabled, unit
+                 every_seconds: float = 30.0, quiet_seconds: float = 3.0, bar: bool | None = None,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
+        self.task, self.enabled, self.unit, self.quiet_seconds = task, enabled, unit, quiet_seconds
         self.total = None if total is None else max(int(total), 0)
         self.stream, self.clock, self.every_seconds = stream or sys.stdout, clock, every_seconds
         self.start_step, self.started = start, clock()
@@ -70,7 +71,8 @@ class Progress:
             return
         now = self.clock()
         last = self.total is not None and done >= self.total
-        if done >= self.next_milestone or last or now - self.last_time >= self.every_seconds:
+        due = done >= self.next_milestone and now - self.started >= self.quiet_seconds
+        if due or last or now - self.last_time >= self.every_seconds:
             line = progress_line(self.task, done, self.total, figures, self.eta(done, now), self.unit)
             print(line, file=self.stream, flush=True)
             self.last_time, self.next_milestone = now, self._milestone_after(done)

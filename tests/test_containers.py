@@ -181,7 +181,7 @@ def test_smoke_pipeline_runs_every_stage_in_the_image_through_the_docker_runner(
     root = f"{s3_bucket}/docker-runner" if store == "s3" else f"file://{tmp_path}/artifacts"
     env = {**os.environ, **s3_environment(s3_server), "DOCKER_HOST": docker_api}
     cmd = [sys.executable, "-m", "blueprint.cli", "run", "--profile", "smoke", "--epochs", "1", "--runner",
-           "docker", "--image", image, "--artifact-root", root]
+           "docker", "--image", image, "--artifact-root", root, "--verbose"]  # kfp's own lines: "Found image"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]

@@ -29,12 +29,22 @@ def test_progress_line_has_the_task_step_figures_and_eta():
 
 
 def test_lines_come_every_tenth_of_the_work_and_at_the_end():
-    out = io.StringIO()
-    p = Progress("warmup", 100, bar=False, stream=out, clock=FakeClock())
+    out, clock = io.StringIO(), FakeClock()
+    p = Progress("warmup", 100, bar=False, stream=out, clock=clock)
     for i in range(1, 101):
+        clock.now += 0.5
         p.update(i, loss=1.0)
     steps = [int(line.split()[2].split("/")[0]) for line in out.getvalue().splitlines()]
     assert steps == list(range(10, 101, 10))
+
+
+def test_a_loop_over_within_seconds_prints_only_its_last_step():
+    out, clock = io.StringIO(), FakeClock()
+    p = Progress("shard", 734, bar=False, stream=out, clock=clock, unit="file")
+    for i in range(1, 735):
+        clock.now += 0.002
+        p.update(i, pairs=i)
+    assert out.getvalue().splitlines() == ["shard: file 734/734 pairs 734 eta 0s"]
 
 
 def test_a_slow_stage_prints_at_least_every_30_seconds_between_tenths():
@@ -50,7 +60,7 @@ def test_a_slow_stage_prints_at_least_every_30_seconds_between_tenths():
 
 def test_a_resumed_loop_counts_from_where_it_resumed_and_off_means_silent():
     out, clock = io.StringIO(), FakeClock()
-    p = Progress("ppo-round-2", 100, bar=False, start=50, stream=out, clock=clock)
+    p = Progress("ppo-round-2", 100, bar=False, start=50, stream=out, clock=clock, quiet_seconds=0)
     clock.now = 5.0
     p.update(55)
     assert out.getvalue() == ""

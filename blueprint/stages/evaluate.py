@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from blueprint import artifacts, metrics as text_metrics, report, storage
 from blueprint.config import require
+from blueprint.progress import Progress
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.stages.common import fetch_adapter_set, is_artifact, open_base, split_base, stage_settings
 from blueprint.stages.warmup import clip_tokens
@@ -128,7 +129,8 @@ def reward_stats(out, tag: str) -> dict[str, float]:
     return stats
 
 
-def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig) -> tuple[dict[str, Any], list[dict]]:
+def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig,
+                   progress: Any = None) -> tuple[dict[str, Any], list[dict]]:
     """All metrics of the summarizer/coder in `model`: generation on the first `max_examples` of `scored`, pairwise
     accuracy on all of them; one sample row per generated pair."""
     import torch
@@ -150,6 +152,8 @@ def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig) ->
     ended = [bool(ids) and ids[-1] == eos for ids in gen_ids]
     summary_ids = [ids[:-1] if e else ids for ids, e in zip(gen_ids, ended)]
     summaries = tokenizer.batch_decode(summary_ids, skip_special_tokens=True)
+    report_phase = progress.update if progress is not None else (lambda done, **figures: None)
+    report_phase(1, phase="summaries written")
 
     # The coder scores summaries (the reward PPO optimises, copy penalty off: copy rate is reported on its own).
     reward = RewardModel(model, tokenizer, prompts, RewardConfig(
@@ -166,12 +170,14 @@ def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig) ->
             own = torch.cat([own, reward(all_codes[len(pairs):], all_truths[len(pairs):]).ce])
         other_out = reward(all_codes, [all_truths[j] for j in other])
         pairwise = pairwise_accuracy(own, other_out.ce)
+    report_phase(2, phase="coder scored the summaries")
 
     # The coder rebuilds each code from its true docstring.
     rebuilt_ids = generate(model, tokenizer, "coder", [code_prompt(s, prompts) for s in shown_truths],
                            cfg.max_code_tokens, cfg.batch_size)
     rebuilt = tokenizer.batch_decode([ids[:-1] if ids and ids[-1] == eos else ids for ids in rebuilt_ids],
                                      skip_special_tokens=True)
+    report_phase(3, phase="coder rebuilt the codes")
 
     code_tokens = [len(ids) for ids in tokenizer(codes, add_special_tokens=False)["input_ids"]]
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
@@ -247,7 +253,9 @@ def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: 
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
-    values, samples = evaluate_pairs(model, tokenizer, pairs, cfg)
+    phases = Progress(f"{STAGE}-{cfg.epoch}", 3, progress)
+    values, samples = evaluate_pairs(model, tokenizer, pairs, cfg, phases)
+    phases.close()
     top = headline(values)  # the files hold no wall time: same inputs -> same bytes -> downstream cache hits
 
     # One history row per epoch: a rerun of an epoch replaces its row, so the plot never doubles back.

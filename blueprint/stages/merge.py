@@ -22,6 +22,7 @@ from typing import Any
 
 from blueprint import artifacts, storage
 from blueprint.config import require
+from blueprint.progress import Progress
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.report import DESCRIPTIONS, table
 from blueprint.stages.common import BASE_FILE, fetch_adapter_set, is_artifact, open_base, split_base, stage_settings
@@ -213,8 +214,10 @@ def build(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, ou
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "in")
         run_info = {"stage": manifest.get("stage"), "key": manifest.get("key"), "round": meta.get("round", "?")}
-        for role in modeling.ROLES:
+        roles = Progress(STAGE, len(modeling.ROLES), progress, unit="model")
+        for done, role in enumerate(modeling.ROLES, 1):
             role_metrics = merge_role(role, base, adapter_dir, out_dir / role, cfg, progress)
+            roles.update(done, merged=role)
             metrics.update(role_metrics)
             (out_dir / role / "README.md").write_text(model_card(
                 role, base, adapters, run_info, evaluation, scores, role_metrics[f"max_abs_logit_diff_{role}"]))
