@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from blueprint.config import ConfigError, load_file
+from blueprint.stages import registry
 
-STAGES = ("shard", "bootstrap", "warmup", "ppo-round", "evaluate", "merge")
-GPU_STAGES = ("warmup", "ppo-round", "evaluate", "merge")  # shard and bootstrap (tiny base) are CPU work
+STAGES = tuple(registry.STAGES)
+GPU_STAGES = registry.accelerator_stages()  # shard and bootstrap (tiny base) are CPU work
 
 _CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")                       # the patterns kfp's set_cpu_* accept
 _MEMORY = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")  # and set_memory_*

@@ -18,9 +18,8 @@ from blueprint.config import ConfigError, build
 from blueprint.stages import registry
 from blueprint.stages.common import resolve_base
 
-PIPELINE_STAGES = ("shard", "bootstrap", "warmup", "ppo-round", "evaluate", "merge")
-PARAM_OF_STAGE = {"shard": "shard_settings", "bootstrap": "bootstrap_settings", "warmup": "warmup_settings",
-                  "ppo-round": "ppo_settings", "evaluate": "evaluate_settings", "merge": "merge_settings"}
+PIPELINE_STAGES = tuple(registry.STAGES)
+PARAM_OF_STAGE = registry.param_of_stage()
 
 
 @dataclasses.dataclass

@@ -317,7 +317,8 @@ def add_reference_adapter(model: PeftModel, source: str = "summarizer", name: st
     config = copy.deepcopy(model.peft_config[source])
     config.inference_mode = True
     model.add_adapter(name, config)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=source, save_embedding_layers=False).items()}
+    source_state = get_peft_model_state_dict(model, adapter_name=source, save_embedding_layers=False)
+    state = {k: v.detach().clone() for k, v in source_state.items()}
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     missing = [k for k in result.missing_keys if f".{name}." in k]
     if result.unexpected_keys or missing:

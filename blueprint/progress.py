@@ -26,7 +26,8 @@ def format_figure(value: Any) -> str:
 def progress_line(task: str, done: int, total: int | None, figures: dict[str, Any], eta: float | None,
                   unit: str = "step") -> str:
     """`ppo-round-1: step 4/16 reward 0.031 kl 0.020 eta 48s` (figures in the order given; no /N when unknown)."""
-    parts = [f"{task}: {unit} {done}" + (f"/{total}" if total is not None else "")] + [f"{k} {format_figure(v)}" for k, v in figures.items()]
+    parts = [f"{task}: {unit} {done}" + (f"/{total}" if total is not None else "")]
+    parts += [f"{k} {format_figure(v)}" for k, v in figures.items()]
     if eta is not None:
         parts.append(f"eta {eta:.0f}s")
     return " ".join(parts)

@@ -6,30 +6,21 @@ Inputs and outputs are URIs; each also emits KFP `Metrics` and `Markdown` so the
 The same definitions run on Kubeflow and under `kfp.local` (SubprocessRunner runs lightweight components only).
 """
 
-import dataclasses
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Markdown, Metrics, Output
 
 from blueprint import __version__
+from blueprint.stages import registry
 
 DEFAULT_IMAGE = os.environ.get("BLUEPRINT_IMAGE", f"ghcr.io/blueprint-rt/blueprint:{__version__}")
 
 
-@dataclasses.dataclass(frozen=True)
-class StageComponents:
-    shard: object
-    bootstrap: object
-    warmup: object
-    ppo_round: object
-    evaluate: object
-    merge: object
-
-
-def build_components(image: str = DEFAULT_IMAGE) -> StageComponents:
-    """The six stage components bound to container `image` (an empty tag is refused)."""
+def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+    """{stage name: its component} for every stage of the registry, bound to container `image` (an empty tag is
+    refused)."""
     if not image or image.endswith(":") or image.strip() != image:
         raise ValueError(f"component image {image!r} is not a valid image reference")
     component = dsl.component(base_image=image, install_kfp_package=False)
@@ -88,4 +79,8 @@ def build_components(image: str = DEFAULT_IMAGE) -> StageComponents:
         return run_stage_task("merge", settings, {"base": base, "adapters": adapters, "evaluation": evaluation},
                               artifact_root, force, metrics, report.path)
 
-    return StageComponents(shard, bootstrap, warmup, ppo_round, evaluate, merge)
+    comps = {c.name.replace("_", "-"): c for c in (shard, bootstrap, warmup, ppo_round, evaluate, merge)}
+    missing, extra = set(registry.STAGES) - set(comps), set(comps) - set(registry.STAGES)
+    if missing or extra:
+        raise AssertionError(f"components and the stage registry disagree: missing {missing}, extra {extra}")
+    return comps

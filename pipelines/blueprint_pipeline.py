@@ -25,7 +25,7 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     comps = build_components(image)
-    d = {stage: profiles.stage_settings(profile, stage) for stage in profiles.PROFILES[profile]}
+    d = profiles.profile_settings(profile)
     configure = configure_task or (lambda stage, task: task)
 
     def task(stage: str, t, label: str | None = None):
@@ -49,30 +49,30 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
         force: bool = False,
         warm_start: bool = False,
     ) -> NamedTuple("Outputs", models=str, evaluation=str):
-        shard = task("shard", comps.shard(artifact_root=artifact_root, source=source, settings=shard_settings,
+        shard = task("shard", comps["shard"](artifact_root=artifact_root, source=source, settings=shard_settings,
                                           force=force))
         shard.set_caching_options(False)  # its input lives outside the store; its own manifest cache applies
-        boot = task("bootstrap", comps.bootstrap(artifact_root=artifact_root, base=base,
+        boot = task("bootstrap", comps["bootstrap"](artifact_root=artifact_root, base=base,
                                                  shards=shard.outputs["uri"], settings=bootstrap_settings,
                                                  force=force))
-        warm = task("warmup", comps.warmup(artifact_root=artifact_root, shards=shard.outputs["uri"],
+        warm = task("warmup", comps["warmup"](artifact_root=artifact_root, shards=shard.outputs["uri"],
                                            base=boot.outputs["uri"], settings=warmup_settings, force=force,
                                            warm_start=warm_start))
         adapters = warm.outputs["uri"]
-        evaluation = task("evaluate", comps.evaluate(
+        evaluation = task("evaluate", comps["evaluate"](
             artifact_root=artifact_root, shards=shard.outputs["uri"], base=boot.outputs["uri"], adapters=adapters,
             previous="", epoch=0, settings=evaluate_settings, force=force), "evaluate-0")
         for epoch in range(1, epochs + 1):
-            rnd = task("ppo-round", comps.ppo_round(
+            rnd = task("ppo-round", comps["ppo-round"](
                 artifact_root=artifact_root, shards=shard.outputs["uri"], base=boot.outputs["uri"],
                 adapters=adapters, round_index=epoch, ppo_steps=ppo_steps, supervised_steps=supervised_steps,
                 settings=ppo_settings, force=force), f"ppo-round-{epoch}")
             adapters = rnd.outputs["uri"]
-            evaluation = task("evaluate", comps.evaluate(
+            evaluation = task("evaluate", comps["evaluate"](
                 artifact_root=artifact_root, shards=shard.outputs["uri"], base=boot.outputs["uri"],
                 adapters=adapters, previous=evaluation.outputs["uri"], epoch=epoch, settings=evaluate_settings,
                 force=force), f"evaluate-{epoch}")
-        merged = task("merge", comps.merge(artifact_root=artifact_root, base=boot.outputs["uri"], adapters=adapters,
+        merged = task("merge", comps["merge"](artifact_root=artifact_root, base=boot.outputs["uri"], adapters=adapters,
                                            evaluation=evaluation.outputs["uri"], settings=merge_settings,
                                            force=force))
         Outputs = NamedTuple("Outputs", models=str, evaluation=str)

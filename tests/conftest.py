@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from blueprint.profiles import stage_settings
 from blueprint.tiny import tiny_llama_config, train_bpe_tokenizer
 
 TEST_ACCESS_KEY = "AKIATESTBLUEPRINT0001"
@@ -86,12 +87,11 @@ def s3_bucket(s3_env):
     return f"s3://{name}"
 
 
-SMOKE_SHARD = {"source": "stdlib", "num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600}
-SMOKE_BOOTSTRAP = {"preset": "micro", "vocab_size": 512, "seq_len": 128, "batch_size": 8, "max_tokens": 16_384,
-                   "max_pairs": 600}
-SMOKE_WARMUP = {"steps": 4, "batch_size": 4, "max_code_tokens": 128, "max_summary_tokens": 32, "eval_pairs": 16}
-SMOKE_PPO = {"ppo_steps": 2, "supervised_steps": 2, "batch_size": 4, "samples_per_query": 2, "mini_batch_size": 2,
-             "ppo_epochs": 1, "max_new_tokens": 16, "max_code_tokens": 128, "probe_size": 4}
+# The smoke profile as the stage registry states it (written once there), plus a smaller warmup held-out set.
+SMOKE_SHARD = stage_settings("smoke", "shard")
+SMOKE_BOOTSTRAP = stage_settings("smoke", "bootstrap")
+SMOKE_WARMUP = {**stage_settings("smoke", "warmup"), "eval_pairs": 16}
+SMOKE_PPO = stage_settings("smoke", "ppo-round")
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,16 @@
-"""The stages by name: module, config class and named inputs, for the CLI, the components and the API."""
+"""The stages, written once: name, module, config class, inputs, pipeline parameter, accelerator, profile defaults.
+
+Everything else derives from this table: the CLI's stage names, the components, the pipeline's settings
+parameters, the cluster settings (which stages get a GPU), the local runner, the API, the profiles and the tests.
+A new stage is one new module plus one entry here.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from types import ModuleType
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,7 +19,10 @@ class StageSpec:
     module: str
     config_class: str
     inputs: tuple[str, ...]
-    figures: tuple[str, ...] = ()  # metrics a one-line summary of a finished task shows (`blueprint run`)
+    param: str                                  # the pipeline parameter holding its settings (a dict)
+    accelerator: bool = False                   # gets the accelerator when the cluster settings ask for GPUs
+    figures: tuple[str, ...] = ()               # metrics a one-line summary of a finished task shows
+    profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # settings per profile name
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -20,19 +30,41 @@ class StageSpec:
     def config_type(self) -> type:
         return getattr(self.load(), self.config_class)
 
+    def defaults(self, profile: str) -> dict[str, Any]:
+        """A copy of the settings `profile` gives this stage."""
+        return copy.deepcopy(self.profiles.get(profile, {}))
+
+
+PROFILE_NAMES = ("smoke", "default")  # smoke: seconds, for tests; default: shows learning on 2 CPU cores (README)
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec("shard", "blueprint.stages.shard", "ShardConfig", (), ("pairs", "mb_per_s")),
-    StageSpec("bootstrap", "blueprint.stages.bootstrap", "BootstrapConfig", ("shards",),
-              ("parameters", "loss_start", "loss_end")),
-    StageSpec("warmup", "blueprint.stages.warmup", "WarmupConfig", ("shards", "base"),
-              ("summarizer_eval_loss_after", "coder_eval_loss_after")),
+    StageSpec("shard", "blueprint.stages.shard", "ShardConfig", (), "shard_settings",
+              figures=("pairs", "mb_per_s"), profiles={
+                  "smoke": {"source": "stdlib", "num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600},
+                  "default": {"source": "stdlib", "num_shards": 4, "eval_fraction": 0.05}}),
+    StageSpec("bootstrap", "blueprint.stages.bootstrap", "BootstrapConfig", ("shards",), "bootstrap_settings",
+              figures=("parameters", "loss_start", "loss_end"), profiles={
+                  "smoke": {"preset": "micro", "vocab_size": 512, "seq_len": 128, "batch_size": 8,
+                            "max_tokens": 16_384, "max_pairs": 600},
+                  "default": {"preset": "tiny", "max_tokens": 3_145_728, "batch_size": 4, "seq_len": 384}}),
+    StageSpec("warmup", "blueprint.stages.warmup", "WarmupConfig", ("shards", "base"), "warmup_settings",
+              accelerator=True, figures=("summarizer_eval_loss_after", "coder_eval_loss_after"), profiles={
+                  "smoke": {"steps": 4, "batch_size": 4, "max_code_tokens": 128, "max_summary_tokens": 32},
+                  "default": {"steps": 30, "coder_steps": 120, "lr": 5e-3}}),
     StageSpec("ppo-round", "blueprint.stages.ppo_round", "PPORoundConfig", ("shards", "base", "adapters"),
-              ("probe_reward_before", "probe_reward_after", "kl_mean")),
+              "ppo_settings", accelerator=True, figures=("probe_reward_before", "probe_reward_after", "kl_mean"),
+              profiles={
+                  "smoke": {"ppo_steps": 2, "supervised_steps": 2, "batch_size": 4, "mini_batch_size": 2,
+                            "ppo_epochs": 1, "samples_per_query": 2, "max_new_tokens": 16, "max_code_tokens": 128,
+                            "probe_size": 4},
+                  "default": {"ppo_steps": 16, "supervised_steps": 20, "batch_size": 32, "samples_per_query": 4,
+                              "mini_batch_size": 8, "ppo_epochs": 4, "init_kl_coef": 0.1, "probe_samples": 4}}),
     StageSpec("evaluate", "blueprint.stages.evaluate", "EvaluateConfig", ("shards", "base", "adapters"),
-              ("reward_gen_mean", "gain_gen_mean", "pairwise_accuracy")),
-    StageSpec("merge", "blueprint.stages.merge", "MergeConfig", ("base", "adapters"),
-              ("saved_dtype", "max_abs_logit_diff_summarizer")),
+              "evaluate_settings", accelerator=True, figures=("reward_gen_mean", "gain_gen_mean", "pairwise_accuracy"),
+              profiles={"smoke": {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128},
+                        "default": {"max_examples": 64}}),
+    StageSpec("merge", "blueprint.stages.merge", "MergeConfig", ("base", "adapters"), "merge_settings",
+              accelerator=True, figures=("saved_dtype", "max_abs_logit_diff_summarizer")),
 ]}
 
 
@@ -41,3 +73,12 @@ def get(name: str) -> StageSpec:
     if key not in STAGES:
         raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
     return STAGES[key]
+
+
+def accelerator_stages() -> tuple[str, ...]:
+    return tuple(name for name, spec in STAGES.items() if spec.accelerator)
+
+
+def param_of_stage() -> dict[str, str]:
+    """{stage: its pipeline settings parameter}, e.g. {"ppo-round": "ppo_settings"}."""
+    return {name: spec.param for name, spec in STAGES.items()}
