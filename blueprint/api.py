@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from blueprint import artifacts, profiles, storage
-from blueprint.config import build
+from blueprint.config import ConfigError, build
+from blueprint.errors import UserError
 from blueprint.sources import resolve_source
 from blueprint.stages import registry
 from blueprint.stages.common import resolve_base
@@ -28,7 +29,7 @@ class BluePrint:
                  settings: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> None:
         summary_to_code_model = summary_to_code_model or code_to_summary_model
         if summary_to_code_model != code_to_summary_model:
-            raise ValueError(
+            raise ConfigError(
                 f"code_to_summary_model {code_to_summary_model!r} and summary_to_code_model "
                 f"{summary_to_code_model!r} differ: both roles are LoRA adapters on one base, so name one model")
         # paths as the user typed them (relative ones included) are resolved here, once
@@ -76,7 +77,7 @@ class BluePrint:
         with an evaluation after each; returns the evaluation metrics, warmup first."""
         for name, value in (("num_epochs", num_epochs), ("ppo_steps", ppo_steps), ("supervised_steps", supervised_steps)):
             if not isinstance(value, int) or value < (1 if name == "num_epochs" else 0):
-                raise ValueError(f"{name} must be an integer >= {1 if name == 'num_epochs' else 0}, got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= {1 if name == 'num_epochs' else 0}, got {value!r}")
         self.history, self.evaluation = [], None
         self.prepare()
         for epoch in range(1, num_epochs + 1):
@@ -92,7 +93,7 @@ class BluePrint:
         A target that already holds a different model is refused unless `overwrite=True`.
         """
         if self.adapters is None:
-            raise RuntimeError("nothing trained yet: call train() first")
+            raise UserError("nothing trained yet: call train() first")
         merged = self._stage("merge", base=self.base, adapters=self.adapters, evaluation=self.evaluation)
         for role, target in (("summarizer", code_to_summary_path), ("coder", summary_to_code_path)):
             _publish(storage.join(merged.uri, role), merged.manifest, role, storage.normalize(str(target)),

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from blueprint import __version__, storage
+from blueprint.errors import UserError
 
 MANIFEST_NAME = "_MANIFEST.json"
 WRITING_NAME = "_WRITING.json"  # present while a stage writes an explicit output location (not listed in manifests)
 MANIFEST_FORMAT = 1
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """An input artifact is missing, incomplete, tampered with, or of the wrong kind."""
 
 

@@ -13,10 +13,13 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from blueprint.errors import UserError
+
+
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is unknown or has a value of the wrong type; the message names it."""
 
 
@@ -117,6 +120,6 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 
 def require(condition: bool, field: str, message: str) -> None:
-    """Validation helper for `__post_init__`: raise a ValueError naming the field."""
+    """Validation helper for `__post_init__`: raise a ConfigError naming the field."""
     if not condition:
-        raise ValueError(f"{field}: {message}")
+        raise ConfigError(f"{field}: {message}")

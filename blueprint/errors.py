@@ -1,19 +1,31 @@
-"""One error model: a user error prints one line naming the input and exits 2; anything else is a bug.
+"""One error model. `BluePrintError` is the base of every error raised on purpose; `UserError` is the branch a
+user can fix (a setting, an input, storage, a model name): the CLI prints it in one line and exits 2. Anything
+else is a bug and shows its traceback (exit 1).
 
 A stage running inside a pipeline task prints the same one line with `TASK_ERROR_PREFIX` and exits 2, so
 `blueprint run` (and whoever reads the pod's log) finds the cause without reading a traceback.
 """
 from __future__ import annotations
 
-from blueprint import artifacts, storage
-from blueprint.config import ConfigError
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, storage.StorageError, artifacts.ArtifactError,
-                                                ValueError, FileNotFoundError, PermissionError)
 TASK_ERROR_PREFIX = "blueprint task error: "
 
 
-class NonFiniteLoss(ValueError):
+class BluePrintError(Exception):
+    """Raised on purpose by BluePrint."""
+
+
+class UserError(BluePrintError):
+    """Something the user can fix; the message names the setting or input."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+
+
+class InputError(UserError, ValueError):
+    """An input artifact holds too little, or not what this stage needs (no eval pairs, another run's adapters)."""
+
+
+class NonFiniteLoss(UserError, ValueError):
     """Training diverged (a loss became inf or NaN); the message names the setting to look at. Nothing is
     committed: the stage fails before its output is written."""
 
@@ -25,7 +37,7 @@ def check_finite_loss(value: float, where: str, setting: str, current: object) -
                             f"(now {current}) or check the data")
 
 
-class TaskFailed(Exception):
+class TaskFailed(BluePrintError):
     """A pipeline task failed; `user` says whether its cause was a user error (exit 2) or a bug (exit 1)."""
 
     def __init__(self, message: str, user: bool):

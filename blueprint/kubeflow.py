@@ -27,13 +27,14 @@ import yaml
 from blueprint import cluster, storage
 from blueprint.config import ConfigError
 from blueprint.cron import kfp_cron
+from blueprint.errors import UserError
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
 DEFAULT_ARTIFACT_ROOT = "s3://blueprint/artifacts"
 
 
-class KubeflowError(ValueError):
+class KubeflowError(UserError, ValueError):
     """Kubeflow Pipelines cannot be reached or refused a request; the message names the host."""
 
 

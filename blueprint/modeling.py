@@ -23,6 +23,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from blueprint.config import ConfigError
+from blueprint.errors import UserError
+
+
 ROLES = ("summarizer", "coder")
 REFERENCE = "reference"
 MANIFEST_NAME = "_MANIFEST.json"
@@ -40,7 +44,7 @@ EXTRA_ATTENTION_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A base model or adapter could not be loaded; the message names the input and says why."""
 
 
@@ -57,15 +61,15 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraSettings.r={self.r!r}: must be a positive int")
+            raise ConfigError(f"LoraSettings.r={self.r!r}: must be a positive int")
         if not self.alpha > 0:
-            raise ValueError(f"LoraSettings.alpha={self.alpha!r}: must be > 0")
+            raise ConfigError(f"LoraSettings.alpha={self.alpha!r}: must be > 0")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraSettings.dropout={self.dropout!r}: must be in [0, 1)")
+            raise ConfigError(f"LoraSettings.dropout={self.dropout!r}: must be in [0, 1)")
         if self.target_modules is not None:
             mods = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
             if not mods or not all(isinstance(m, str) and m for m in mods):
-                raise ValueError(f"LoraSettings.target_modules={self.target_modules!r}: give non-empty module names")
+                raise ConfigError(f"LoraSettings.target_modules={self.target_modules!r}: give non-empty module names")
             object.__setattr__(self, "target_modules", mods)
 
     def targets_for(self, model_type: str) -> list[str] | None:

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from blueprint.copying import copy_rates
+from blueprint.errors import UserError
 from blueprint.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
 from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
                                 group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses)
@@ -44,7 +45,7 @@ __all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExp
 ScoreFn = Callable[[list[list[int]], list[list[int]]], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
-class PPOError(RuntimeError):
+class PPOError(UserError, RuntimeError):
     """PPO cannot go on (too many bad batches, non-finite loss)."""
 
 

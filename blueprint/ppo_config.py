@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from blueprint.config import ConfigError
+
 
 @dataclass
 class PPOConfig:
@@ -46,28 +48,28 @@ class PPOConfig:
                     "max_new_tokens", "kl_target", "kl_horizon", "copy_ngram", "max_kl", "max_grad_norm"]
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
         nonneg = ["init_kl_coef", "missing_eos_penalty", "copy_penalty", "vf_coef", "cliprange", "cliprange_value",
                   "top_k", "min_new_tokens", "max_bad_batches", "weight_decay"]
         for name in nonneg:
             if getattr(self, name) < 0:
-                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ["gamma", "lam"]:
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+                raise ConfigError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
+            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
                              f"{self.mini_batch_size}")
         if self.batch_size % self.samples_per_query:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of samples_per_query "
+            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of samples_per_query "
                              f"{self.samples_per_query}")
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens must be <= max_new_tokens")
+            raise ConfigError("min_new_tokens must be <= max_new_tokens")
         if self.forward_batch_size is not None and self.forward_batch_size <= 0:
-            raise ValueError("forward_batch_size must be > 0 or None")
+            raise ConfigError("forward_batch_size must be > 0 or None")
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
+            raise ConfigError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
         if self.reference_adapter == self.policy_adapter:
-            raise ValueError("reference_adapter must differ from policy_adapter")
+            raise ConfigError("reference_adapter must differ from policy_adapter")

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from blueprint.config import ConfigError
 from blueprint.stages.registry import PROFILE_NAMES, STAGES
 
 
 def stage_settings(profile: str, stage: str) -> dict[str, Any]:
     """A copy of the settings `profile` gives `stage` (unknown profile -> ValueError naming it)."""
     if profile not in PROFILE_NAMES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILE_NAMES)}")
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILE_NAMES)}")
     return STAGES[stage].defaults(profile) if stage in STAGES else {}
 
 

@@ -14,6 +14,8 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
+from blueprint.config import ConfigError
+
 STYLES = ("plain", "structured")
 SECTIONS = ("Task description", "Data sources", "Desired features", "Constraints and requirements")
 
@@ -44,7 +46,7 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
-            raise ValueError(f"PromptConfig.style={self.style!r}: choose one of {STYLES}")
+            raise ConfigError(f"PromptConfig.style={self.style!r}: choose one of {STYLES}")
         for attr, field in (("code_to_summary", "code"), ("summary_to_code", "summary")):
             template = getattr(self, attr)
             if template is None:
@@ -53,9 +55,9 @@ class PromptConfig:
             try:
                 names = _fields(template)
             except ValueError as exc:
-                raise ValueError(f"PromptConfig.{attr}={template!r} is not a valid template: {exc}") from None
+                raise ConfigError(f"PromptConfig.{attr}={template!r} is not a valid template: {exc}") from None
             if names != [field]:
-                raise ValueError(f"PromptConfig.{attr}={template!r} must contain the placeholder {{{field}}} exactly "
+                raise ConfigError(f"PromptConfig.{attr}={template!r} must contain the placeholder {{{field}}} exactly "
                                  f"once and no other fields (found {names})")
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from blueprint.config import ConfigError
 from blueprint.copying import copy_rate
+from blueprint.errors import UserError
 from blueprint.modeling import use_adapter
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """The reward could not be computed sanely (non-finite loss, bad input); the message names the samples."""
 
 
@@ -61,14 +63,14 @@ class RewardConfig:
         for name in ("length_coef", "copy_coef"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and value == value and value != float("inf")):
-                raise ValueError(f"RewardConfig.{name}={value!r}: must be a finite number >= 0")
+                raise ConfigError(f"RewardConfig.{name}={value!r}: must be a finite number >= 0")
         for name in ("copy_ngram", "max_code_tokens", "max_summary_tokens", "batch_size", "max_batch_tokens",
                      "max_head_rows"):
             value = getattr(self, name)
             if value is None and name == "max_batch_tokens":
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RewardConfig.{name}={value!r}: must be an int >= 1")
+                raise ConfigError(f"RewardConfig.{name}={value!r}: must be an int >= 1")
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from blueprint import storage
+from blueprint.errors import UserError
 
 FILE_KINDS = ("jsonl", "parquet", "csv")
 KINDS = ("stdlib", "dir", "hf") + FILE_KINDS
@@ -36,7 +37,7 @@ STDLIB_LICENSE = "PSF-2.0"
 SCRIPT_FALLBACK_FILES = "data/*.parquet"  # where script-era hub datasets (codeparrot/github-code) keep their rows
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source cannot give any input (missing, empty, unreachable); the message names the source."""
 
 
@@ -59,7 +60,7 @@ def parse_source(spec: str) -> SourceSpec:
         return SourceSpec("stdlib")
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in KINDS or not rest:
-        raise ValueError(f"unknown source {spec!r}: use stdlib, dir:PATH, hf:DATASET_ID[:CONFIG], jsonl:PATH, "
+        raise SourceError(f"unknown source {spec!r}: use stdlib, dir:PATH, hf:DATASET_ID[:CONFIG], jsonl:PATH, "
                          "parquet:PATH or csv:PATH")
     if kind == "hf":
         dataset_id, _, config = rest.partition(":")

@@ -21,6 +21,9 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from blueprint.errors import UserError
+
+
 T = TypeVar("T")
 
 # Time limits on every S3 request. A frozen endpoint (TCP accepted, nothing answers) costs one request
@@ -35,7 +38,7 @@ _PERMANENT_MARKERS = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Sig
                       "NoSuchKey", "Path does not exist", "not found", "403", "404")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A storage operation failed; the message names the URI and says why."""
 
 

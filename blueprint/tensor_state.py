@@ -10,12 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from blueprint.errors import UserError
+
+
 TENSOR = "__tensor__"
 ITEMS = "__items__"  # a dict whose keys are not all strings (optimizer state is keyed by parameter index)
 TUPLE = "__tuple__"
 
 
-class StateFileError(ValueError):
+class StateFileError(UserError, ValueError):
     """A state file is not a valid safetensors + JSON pair (damaged, or planted by someone else)."""
 
 

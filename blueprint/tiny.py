@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from blueprint.config import ConfigError
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -40,7 +42,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrai
 def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, preset: str = "tiny") -> LlamaConfig:
     """A Llama config sized by `preset`, with the tokenizer's vocabulary and special ids."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown tiny preset {preset!r}; choose one of {sorted(PRESETS)}")
     return LlamaConfig(
         vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None, tie_word_embeddings=True, attention_dropout=0.0, **PRESETS[preset],

@@ -13,6 +13,7 @@ from kfp import dsl
 from kfp.dsl import Markdown, Metrics, Output
 
 from blueprint import __version__
+from blueprint.config import ConfigError
 from blueprint.stages import registry
 
 DEFAULT_IMAGE = os.environ.get("BLUEPRINT_IMAGE", f"ghcr.io/blueprint-rt/blueprint:{__version__}")
@@ -22,7 +23,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     """{stage name: its component} for every stage of the registry, bound to container `image` (an empty tag is
     refused)."""
     if not image or image.endswith(":") or image.strip() != image:
-        raise ValueError(f"component image {image!r} is not a valid image reference")
+        raise ConfigError(f"component image {image!r} is not a valid image reference")
     component = dsl.component(base_image=image, install_kfp_package=False)
 
     @component

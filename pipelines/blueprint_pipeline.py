@@ -11,6 +11,7 @@ from typing import NamedTuple
 from kfp import compiler, dsl
 
 from blueprint import profiles
+from blueprint.config import ConfigError
 from components import DEFAULT_IMAGE, build_components
 
 PIPELINE_NAME = "blueprint"
@@ -23,7 +24,7 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
     `configure_task(stage_name, task)` may add cluster settings (resources, secrets, node selectors) to each task.
     """
     if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
+        raise ConfigError(f"epochs must be at least 1, got {epochs}")
     comps = build_components(image)
     d = profiles.profile_settings(profile)
     configure = configure_task or (lambda stage, task: task)

@@ -70,3 +70,20 @@ def test_run_with_the_docker_runner_and_no_engine_says_how_to_start_one_without_
     assert done.returncode == 2
     assert f"no container engine answers at unix://{tmp_path}/no-engine.sock" in done.stderr
     assert "podman system service" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
+    """One error model: only UserError (settings, inputs, storage) is one line and exit 2; a bug keeps its
+    traceback (here a plain ValueError raised inside `blueprint ls`)."""
+    from blueprint import artifacts
+    from blueprint.cli import main
+    from blueprint.errors import UserError
+
+    def broken(root):
+        raise ValueError("a bug, not the user's fault")
+
+    monkeypatch.setattr(artifacts, "cached_outputs", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["ls", str(tmp_path)])
+    monkeypatch.setattr(artifacts, "cached_outputs", lambda root: (_ for _ in ()).throw(UserError("fix it")))
+    assert main(["ls", str(tmp_path)]) == 2

@@ -16,10 +16,10 @@ from typing import Any
 
 from blueprint import artifacts
 from blueprint.config import require
-from blueprint.errors import check_finite_loss
+from blueprint.errors import InputError, check_finite_loss
 from blueprint.progress import note
-from blueprint.stages.common import quiet_libraries
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
+from blueprint.stages.common import quiet_libraries
 
 PRESETS = ("micro", "tiny")  # sizes in blueprint.tiny.PRESETS
 
@@ -144,7 +144,7 @@ def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = Tru
         torch.set_num_threads(cfg.threads)
     pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
     if not pairs:
-        raise ValueError(f"shards {shards} hold no train pairs: cannot bootstrap a tokenizer and model from nothing")
+        raise InputError(f"shards {shards} hold no train pairs: cannot bootstrap a tokenizer and model from nothing")
     rng = random.Random(cfg.seed)
     docs = _documents(pairs, cfg, rng)
     tokenizer = train_bpe_tokenizer(docs, vocab_size=cfg.vocab_size)
@@ -153,7 +153,7 @@ def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = Tru
     model = LlamaForCausalLM(tiny_llama_config(tokenizer, cfg.preset))
     blocks = _packed_blocks(docs, tokenizer, cfg.seq_len)
     if len(blocks) == 0:
-        raise ValueError(f"shards {shards} hold too little text for one block of {cfg.seq_len} tokens")
+        raise InputError(f"shards {shards} hold too little text for one block of {cfg.seq_len} tokens")
     note(STAGE, f"pre-training {sum(p.numel() for p in model.parameters()):,} parameters on {len(blocks)} blocks",
          progress)
     metrics = pretrain(model, blocks, cfg, tokenizer.pad_token_id, progress=progress)

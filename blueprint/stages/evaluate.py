@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blueprint import artifacts, metrics as text_metrics, report, storage
-from blueprint.config import require
+from blueprint.config import ConfigError, require
+from blueprint.errors import InputError
 from blueprint.progress import Progress
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.stages.common import fetch_adapter_set, is_artifact, open_base, split_base, stage_settings
@@ -243,7 +244,7 @@ def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     pairs = read_pairs(shards, "eval", limit=max(cfg.max_examples, cfg.pairwise_examples))
     if not pairs:
-        raise ValueError(f"shards {shards} hold no eval pairs: nothing to evaluate (shard with eval_fraction > 0)")
+        raise InputError(f"shards {shards} hold no eval pairs: nothing to evaluate (shard with eval_fraction > 0)")
     history = previous_history(previous)
     torch.manual_seed(cfg.seed)
     model, tokenizer = open_base(base, cfg.threads, progress)
@@ -295,7 +296,7 @@ def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previo
 def compare(uris: list[str]) -> str:
     """A Markdown table of the headline metrics of several evaluate outputs, side by side."""
     if not uris:
-        raise ValueError("compare needs at least one evaluate output URI")
+        raise ConfigError("compare needs at least one evaluate output URI")
     runs = []
     for uri in uris:
         manifest = artifacts.read_manifest(uri, verify="sizes")

@@ -22,6 +22,7 @@ from typing import Any
 
 from blueprint import artifacts, storage
 from blueprint.config import require
+from blueprint.errors import InputError, UserError
 from blueprint.progress import Progress
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.report import DESCRIPTIONS, table
@@ -43,7 +44,7 @@ CHECK_SUMMARIES = ("Return the sum of two numbers.", "Read a file and return its
                    "A last-in first-out stack.", "Return the n-th Fibonacci number.")
 
 
-class MergeCheckError(RuntimeError):
+class MergeCheckError(UserError, RuntimeError):
     """The merged model's logits differ from the adapter model's: the merge must not be shipped."""
 
 
@@ -159,7 +160,7 @@ def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
                                       "not an evaluate output")
     evaluated = manifest.get("input_manifests", {}).get("adapters")
     if evaluated != artifacts.manifest_digest(adapters):
-        raise ValueError(f"evaluation {evaluation} evaluated adapters {manifest['inputs'].get('adapters')}, not "
+        raise InputError(f"evaluation {evaluation} evaluated adapters {manifest['inputs'].get('adapters')}, not "
                          f"{adapters}: its metrics would describe another model")
     return dict(manifest.get("metrics", {}))
 

@@ -12,6 +12,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+from blueprint.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
@@ -71,7 +73,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
 def get(name: str) -> StageSpec:
     key = name.replace("_", "-")
     if key not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
     return STAGES[key]
 
 

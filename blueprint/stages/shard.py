@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blueprint import artifacts
-from blueprint.config import require
+from blueprint.config import ConfigError, require
 from blueprint.extract import Limits, process_many
 from blueprint.progress import Progress
 from blueprint.sources import Source, SourceError, parse_source
@@ -136,7 +136,7 @@ class ShardConfig:
         try:
             parse_source(self.source)
         except ValueError as exc:
-            raise ValueError(f"source: {exc}") from None
+            raise ConfigError(f"source: {exc}") from None
         require(self.num_shards >= 1, "num_shards", "must be at least 1")
         require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
         require(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", "must be positive (or None)")

@@ -14,7 +14,7 @@ from typing import Any
 
 from blueprint import artifacts
 from blueprint.config import require
-from blueprint.errors import check_finite_loss
+from blueprint.errors import InputError, check_finite_loss
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
 from blueprint.stages.common import open_base, save_adapter_set, split_base, stage_settings
 
@@ -128,7 +128,7 @@ def build(cfg: WarmupConfig, shards: str, base: str, out_dir: Path, progress: bo
     pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
     held_out = read_pairs(shards, "eval", limit=cfg.eval_pairs)
     if not pairs or not held_out:
-        raise ValueError(f"shards {shards} need train and eval pairs (found {len(pairs)} train, {len(held_out)} eval)")
+        raise InputError(f"shards {shards} need train and eval pairs (found {len(pairs)} train, {len(held_out)} eval)")
     train, evals = sft_datasets(pairs, tokenizer, cfg), sft_datasets(held_out, tokenizer, cfg)
     torch.manual_seed(cfg.seed)  # LoRA A is drawn at random: same seed -> same adapters, whatever ran before
     peft_model = modeling.attach_adapters(model, modeling.ROLES, cfg.lora())
