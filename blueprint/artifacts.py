@@ -43,12 +43,10 @@ class StageOutput:
         return self.manifest.get("metrics", {})
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in blocks (one helper for the manifests and the model downloads)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def canonical_json(obj: Any) -> str:

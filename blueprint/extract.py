@@ -62,13 +62,13 @@ class Result:
 PAIR_FIELDS = ("digest", "name", "code", "summary", "path", "license")
 
 
-def normalise_code(code: str) -> str:
+def dedupe_key(code: str) -> str:
     """Whitespace-collapsed code: the key of exact de-duplication (reformatting alone does not make a new pair)."""
     return " ".join(code.split())
 
 
 def code_digest(code: str) -> bytes:
-    return hashlib.sha256(normalise_code(code).encode("utf-8")).digest()
+    return hashlib.sha256(dedupe_key(code).encode("utf-8")).digest()
 
 
 def clean_summary(docstring: str) -> str:

@@ -58,17 +58,17 @@ def parse_rate(codes: Sequence[str]) -> float:
     return sum(parses(c) for c in codes) / len(codes) if codes else 0.0
 
 
-def normalize_code(code: str) -> str:
+def strip_trivia(code: str) -> str:
     """Trailing whitespace per line and surrounding blank lines removed: differences nobody would call a bug."""
     return "\n".join(line.rstrip() for line in code.strip("\n").splitlines()).strip()
 
 
 def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Share of hypotheses equal to their reference after `normalize_code`; 0.0 for an empty corpus."""
+    """Share of hypotheses equal to their reference after `strip_trivia`; 0.0 for an empty corpus."""
     _check(hypotheses, references)
     if not hypotheses:
         return 0.0
-    return sum(normalize_code(h) == normalize_code(r) for h, r in zip(hypotheses, references)) / len(hypotheses)
+    return sum(strip_trivia(h) == strip_trivia(r) for h, r in zip(hypotheses, references)) / len(hypotheses)
 
 
 def mean(values: Sequence[float]) -> float:

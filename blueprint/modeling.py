@@ -145,6 +145,7 @@ def fetch_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     sha256 and the directory appears atomically (rename), so a crashed download is never reused.
     """
     from blueprint import storage  # lazy: only the s3 branch needs it
+    from blueprint.artifacts import sha256_file
 
     root = storage.join(uri, "")
     try:
@@ -167,7 +168,7 @@ def fetch_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
         storage.download_dir(root, tmp, files=sorted(files) or None)
         (tmp / MANIFEST_NAME).unlink(missing_ok=True)
         for rel, meta in files.items():
-            if "sha256" in meta and _sha256(tmp / rel) != meta["sha256"]:
+            if "sha256" in meta and sha256_file(tmp / rel) != meta["sha256"]:
                 raise ModelLoadError(f"base model {uri!r}: {rel} does not match its sha256 in {MANIFEST_NAME}")
         try:
             os.replace(tmp, final)
@@ -179,14 +180,6 @@ def fetch_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_local(name: str) -> bool:
@@ -351,6 +344,22 @@ def trainable_only(model: PeftModel, adapter: str) -> list[torch.nn.Parameter]:
     for p in params.values():
         p.requires_grad_(True)
     return list(params.values())
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, side: str = "left",
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of ragged token lists, padded to the longest on `side`.
+
+    Left padding for generation (every continuation starts at the same column), right padding for scoring.
+    """
+    width = max(len(i) for i in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        cols = slice(width - len(tokens), width) if side == "left" else slice(0, len(tokens))
+        input_ids[row, cols] = torch.tensor(list(tokens), dtype=torch.long)
+        mask[row, cols] = 1
+    return input_ids.to(device), mask.to(device)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from transformers import GenerationConfig
 
 from blueprint.copying import copy_rates
 from blueprint.errors import UserError
+from blueprint.modeling import pad_batch
 from blueprint.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
 from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
                                 group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses)
@@ -206,13 +207,9 @@ class PPOTrainer:
         cfg = self.config
         k = cfg.samples_per_query  # each query's samples sit next to each other: [q0, q0, q1, q1, ...]
         query_ids = [q for q in self._as_lists(queries) for _ in range(k)]
-        B, Q = len(query_ids), max(len(q) for q in query_ids)
-        input_ids = torch.full((B, Q), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, Q), dtype=torch.long)
-        for i, q in enumerate(query_ids):  # left padding: every response starts at column Q
-            input_ids[i, Q - len(q):] = torch.tensor(q, dtype=torch.long)
-            attention_mask[i, Q - len(q):] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        # left padding: every response starts at column Q
+        input_ids, attention_mask = pad_batch(query_ids, self.pad_token_id, "left", self.device)
+        B, Q = input_ids.shape
 
         t0 = time.perf_counter()
         self.model.eval()

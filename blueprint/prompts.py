@@ -60,9 +60,6 @@ class PromptConfig:
                 raise ConfigError(f"PromptConfig.{attr}={template!r} must contain the placeholder {{{field}}} exactly "
                                  f"once and no other fields (found {names})")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def summary_prompt(code: str, cfg: PromptConfig) -> str:
     """The summarizer's prompt for `code`; its completion is the summary."""

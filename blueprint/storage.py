@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -361,6 +361,3 @@ def check_writable(uri: str) -> None:
     else:
         local_path(probe).unlink(missing_ok=True)
 
-
-def iter_lines(uri: str) -> Iterator[str]:
-    yield from read_text(uri).splitlines()

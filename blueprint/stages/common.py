@@ -108,6 +108,6 @@ def fetch_adapter_set(uri: str, base: str, local_dir: Path) -> tuple[Path, dict[
     return local / ADAPTERS_DIR, meta
 
 
-def stage_settings(config: Any, base: str) -> dict[str, Any]:
+def key_settings(config: Any, base: str) -> dict[str, Any]:
     """The config as a dict plus the base's settings contribution (for the cache key)."""
     return {**dataclasses.asdict(config), **split_base(base)[1]}

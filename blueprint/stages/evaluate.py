@@ -29,7 +29,7 @@ from blueprint.config import ConfigError, require
 from blueprint.errors import InputError
 from blueprint.progress import Progress
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
-from blueprint.stages.common import fetch_adapter_set, is_artifact, open_base, split_base, stage_settings
+from blueprint.stages.common import fetch_adapter_set, is_artifact, open_base, split_base, key_settings
 from blueprint.stages.warmup import clip_tokens
 
 if TYPE_CHECKING:
@@ -88,13 +88,11 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
     with modeling.use_adapter(model, adapter), torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in batch)
-            input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=device)
+            input_ids, mask = modeling.pad_batch([ids[i] for i in batch], pad, "left", device)
             gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=eos, pad_token_id=pad)
             for row, i in enumerate(batch):
-                tokens = gen[row, width:].tolist()
+                tokens = gen[row, input_ids.shape[1]:].tolist()
                 out[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
     return out
 
@@ -288,7 +286,7 @@ def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previo
     inputs = {"shards": shards, "adapters": adapters, **split_base(base)[0]}
     if previous:
         inputs["previous"] = previous
-    return artifacts.run_stage(STAGE, stage_settings(config, base), inputs,
+    return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
                                lambda d: build(config, shards, base, adapters, previous, d, progress),
                                artifact_root=artifact_root, out_uri=out_uri, force=force)
 

@@ -26,7 +26,7 @@ from blueprint.errors import InputError, UserError
 from blueprint.progress import Progress
 from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.report import DESCRIPTIONS, table
-from blueprint.stages.common import BASE_FILE, fetch_adapter_set, is_artifact, open_base, split_base, stage_settings
+from blueprint.stages.common import BASE_FILE, fetch_adapter_set, is_artifact, open_base, split_base, key_settings
 
 STAGE = "merge"
 SAVE_DTYPES = ("base", "float32", "bfloat16", "float16")
@@ -76,16 +76,13 @@ def resolve_dtype(save_dtype: str, published: str | None):
 
 def check_batch(tokenizer, role: str, size: int):
     """(input_ids, attention_mask) of `size` fixed prompts in `role`'s format, right-padded."""
-    import torch
+    from blueprint import modeling
 
     prompts = PromptConfig()
     texts = [summary_prompt(CHECK_CODES[i % len(CHECK_CODES)], prompts) if role == "summarizer"
              else code_prompt(CHECK_SUMMARIES[i % len(CHECK_SUMMARIES)], prompts) for i in range(size)]
     ids = encode_prompts(tokenizer, texts)
-    width = max(map(len, ids))
-    input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-    return input_ids, mask
+    return modeling.pad_batch(ids, tokenizer.pad_token_id, "right")
 
 
 def logits(model, batch):
@@ -240,7 +237,7 @@ def run(config: MergeConfig, *, base: str, adapters: str, evaluation: str | None
     inputs = {"adapters": adapters, **split_base(base)[0]}
     if evaluation:
         inputs["evaluation"] = evaluation
-    return artifacts.run_stage(STAGE, stage_settings(config, base), inputs,
+    return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
                                lambda d: build(config, base, adapters, evaluation, d, progress),
                                artifact_root=artifact_root, out_uri=out_uri, force=force)
 

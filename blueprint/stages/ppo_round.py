@@ -18,7 +18,7 @@ from typing import Any
 from blueprint import artifacts, storage
 from blueprint.config import require
 from blueprint.prompts import PromptConfig, encode_prompts, summary_prompt
-from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_set, split_base, stage_settings
+from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_set, split_base, key_settings
 from blueprint.stages.warmup import WarmupConfig, clip_tokens, sft_datasets, train_adapter
 from blueprint.tensor_state import StateFileError, load_state, save_state
 
@@ -133,9 +133,8 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig
     prompts = PromptConfig(style=cfg.prompt_style)
     codes = [c for c in codes for _ in range(max(samples, 1))]
     ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
-    width = max(map(len, ids))
-    batch = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    batch, mask = modeling.pad_batch(ids, tokenizer.pad_token_id, "left")
+    width = batch.shape[1]
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if samples else \
         dict(do_sample=False)
     with modeling.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -300,7 +299,7 @@ def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, artifa
         out_uri: str | None = None, force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed adapter set after one round (summarizer, coder, reference, value head, optimizer state)."""
     inputs = {"shards": shards, "adapters": adapters, **split_base(base)[0]}
-    settings = stage_settings(config, base)
+    settings = key_settings(config, base)
     owned = out_uri is None  # content-addressed: the checkpoint lives under the key, so a rerun resumes it
     if out_uri is None:
         out_uri = artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, settings, inputs))

@@ -16,7 +16,7 @@ from blueprint import artifacts
 from blueprint.config import require
 from blueprint.errors import InputError, check_finite_loss
 from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
-from blueprint.stages.common import open_base, save_adapter_set, split_base, stage_settings
+from blueprint.stages.common import open_base, save_adapter_set, split_base, key_settings
 
 STAGE = "warmup"
 
@@ -146,6 +146,6 @@ def run(config: WarmupConfig, *, shards: str, base: str, artifact_root: str | No
         out_uri: str | None = None, force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed adapter set (summarizer + coder) trained from `base` on `shards`."""
     inputs = {"shards": shards, **split_base(base)[0]}
-    return artifacts.run_stage(STAGE, stage_settings(config, base), inputs,
+    return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
                                lambda d: build(config, shards, base, d, progress),
                                artifact_root=artifact_root, out_uri=out_uri, force=force)
