@@ -10,7 +10,7 @@ from blueprint import artifacts, storage
 
 
 def blueprint(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blueprint.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
                           timeout=300, env=env)
 
 
@@ -76,7 +76,7 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
     """One error model: only UserError (settings, inputs, storage) is one line and exit 2; a bug keeps its
     traceback (here a plain ValueError raised inside `blueprint ls`)."""
     from blueprint import artifacts
-    from blueprint.cli import main
+    from pipelines.cli import main
     from blueprint.errors import UserError
 
     def broken(root):

@@ -180,7 +180,7 @@ def test_smoke_pipeline_runs_every_stage_in_the_image_through_the_docker_runner(
     # s3: a loopback endpoint reached over the host network; file: a local root bind-mounted at the same path
     root = f"{s3_bucket}/docker-runner" if store == "s3" else f"file://{tmp_path}/artifacts"
     env = {**os.environ, **s3_environment(s3_server), "DOCKER_HOST": docker_api}
-    cmd = [sys.executable, "-m", "blueprint.cli", "run", "--profile", "smoke", "--epochs", "1", "--runner",
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke", "--epochs", "1", "--runner",
            "docker", "--image", image, "--artifact-root", root, "--verbose"]  # kfp's own lines: "Found image"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     log = done.stdout + done.stderr
@@ -216,7 +216,7 @@ def test_container_tests_skip_with_a_reason_when_no_engine_is_installed(tmp_path
 @pytest.mark.containers
 def test_docker_runner_refuses_an_image_the_engine_does_not_have(engine, docker_api, tmp_path):
     env = {**os.environ, "DOCKER_HOST": docker_api}
-    done = subprocess.run([sys.executable, "-m", "blueprint.cli", "run", "--profile", "smoke", "--runner", "docker",
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke", "--runner", "docker",
                            "--image", "blueprint:no-such-tag", "--artifact-root", str(tmp_path / "art")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr

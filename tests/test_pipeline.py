@@ -14,7 +14,8 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from blueprint import artifacts, local_run, storage
+from blueprint import artifacts, storage
+from pipelines import local_run
 from blueprint.config import ConfigError
 from pipelines import golden
 
@@ -100,7 +101,7 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
 
 
 def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke_chain, tmp_path):
-    blueprint = [sys.executable, "-m", "blueprint.cli", "stage", "ppo-round", "--quiet",
+    blueprint = [sys.executable, "-m", "pipelines.cli", "stage", "ppo-round", "--quiet",
                  "--input", f"shards={smoke_chain['shards']}", "--input", f"base={smoke_chain['base']}",
                  "--input", f"adapters={smoke_chain['adapters']}"]
     settings = ["--set", "ppo_steps=4", "--set", "checkpoint_every=1", "--set", "supervised_steps=1",

@@ -77,7 +77,7 @@ def frozen_endpoint() -> Iterator[str]:
 
 def test_ls_against_a_frozen_endpoint_fails_within_a_minute_naming_it(frozen_endpoint):
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "blueprint.cli", "ls", "s3://frozen/prefix"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "ls", "s3://frozen/prefix"], cwd=REPO,
                           env=_s3_env(frozen_endpoint), capture_output=True, text=True, timeout=90)
     seconds = time.monotonic() - start
     print(f"blueprint ls against a frozen endpoint failed after {seconds:.1f} s")
@@ -117,7 +117,7 @@ def test_an_endpoint_with_credentials_is_refused_without_repeating_them(name, mo
 
 def test_compile_refuses_an_artifact_root_with_credentials_and_writes_nothing(tmp_path):
     out = tmp_path / "pipeline.yaml"
-    done = subprocess.run([sys.executable, "-m", "blueprint.cli", "compile", "--artifact-root",
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "compile", "--artifact-root",
                            f"s3://AKIAX:{SECRET}@bkt/x", "--out", str(out)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     leaked = out.exists() and SECRET in out.read_text()

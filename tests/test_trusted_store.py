@@ -68,7 +68,7 @@ def test_no_pickle_loading_and_no_remote_code_anywhere_in_the_package():
 @pytest.mark.parametrize("setting, value", [("warmup.lr", "inf"), ("warmup.lr", "nan"), ("warmup.steps", "1e9999"),
                                             ("ppo-round.seed", str(2**64)), ("shard.eval_fraction", "-inf")])
 def test_numbers_that_cannot_be_are_refused_naming_the_setting(setting, value, tmp_path, capsys):
-    from blueprint.cli import main
+    from pipelines.cli import main
 
     assert main(["run", "--profile", "smoke", "--artifact-root", str(tmp_path), "--set", f"{setting}={value}"]) == 2
     error = capsys.readouterr().err.strip()
@@ -98,7 +98,7 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
     runs = []
     for i in range(2):
         (tmp_path / f"run{i}").mkdir()
-        runs.append(subprocess.Popen([sys.executable, "-m", "blueprint.cli", "run", "--profile", "smoke", "--epochs",
+        runs.append(subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke", "--epochs",
                                       "1", "--artifact-root", root], cwd=tmp_path / f"run{i}", env=dict(os.environ),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         time.sleep(0.5)
@@ -149,7 +149,7 @@ def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_train
                                                   ("org/not-cached-model", True, "HF_HUB_OFFLINE")])
 def test_a_base_that_cannot_load_is_refused_before_the_first_stage(base, offline, says, tmp_path, capsys,
                                                                    monkeypatch):
-    from blueprint.cli import main
+    from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
     if offline:

@@ -82,7 +82,7 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
 def condensed_output(verbose: bool, labels: dict[str, str], log_path: Path):
     """kfp.local's output as one line per task plus the stages' own lines (all of it when `verbose`), all of it
     in `log_path`; a failed task raises TaskFailed with its own error line instead of kfp's RuntimeError."""
-    from blueprint.run_log import TaskLogFilter
+    from pipelines.run_log import TaskLogFilter
 
     log = TaskLogFilter(sys.stdout, labels, verbose=verbose, log_path=log_path)
     with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.closing(log):
@@ -119,7 +119,7 @@ def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
     if runner == "subprocess":
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(local_root))
     elif runner == "docker":
-        from blueprint.docker_runner import docker_runner
+        from pipelines.docker_runner import docker_runner
 
         docker, image = docker_runner(image, plan_.arguments["artifact_root"])
         local.init(runner=docker, pipeline_root=str(local_root))

@@ -4,7 +4,7 @@ Everything that can be checked without the cluster is checked before the first r
 parameter names and types, every stage's settings, cluster settings), so a typo costs a second, not a failed
 run. Network failures become one line naming the host (exit 2), never a traceback.
 
-Cron normalisation lives in `blueprint.cron`; what a warm-started warmup pod does, in `blueprint.warm_start`.
+Cron normalisation lives in `pipelines.cron`; what a warm-started warmup pod does, in `blueprint.warm_start`.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ from typing import Any
 
 import yaml
 
-from blueprint import cluster, storage
+from blueprint import storage
+from pipelines import cluster
 from blueprint.config import ConfigError
-from blueprint.cron import kfp_cron
+from pipelines.cron import kfp_cron
 from blueprint.errors import UserError
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
@@ -178,7 +179,7 @@ def parse_params(items: list[str] | None, spec: dict[str, Any]) -> dict[str, Any
 def _check_stage_settings(arguments: dict[str, Any], spec: dict[str, Any]) -> None:
     """Build every stage config the run will get, so a bad setting fails here, naming its parameter."""
     from blueprint.config import build
-    from blueprint.local_run import PARAM_OF_STAGE
+    from pipelines.local_run import PARAM_OF_STAGE
     from blueprint.stages import registry
 
     params = pipeline_parameters(spec)

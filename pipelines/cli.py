@@ -94,7 +94,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _stage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """`--set warmup.steps=20` and config-file mappings {stage: {key: value}} -> {stage: {key: value}}."""
-    from blueprint.local_run import PIPELINE_STAGES
+    from pipelines.local_run import PIPELINE_STAGES
 
     nested: dict[str, dict[str, Any]] = {}
     if args.config:
@@ -112,7 +112,7 @@ def _stage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from blueprint import local_run
+    from pipelines import local_run
 
     plan = local_run.plan(profile=args.profile, epochs=args.epochs, artifact_root=args.artifact_root,
                           source=args.source, base=args.base, overrides=_stage_overrides(args), force=args.force)
@@ -127,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from blueprint import kubeflow
+    from pipelines import kubeflow
     from components import DEFAULT_IMAGE
 
     args.image = DEFAULT_IMAGE if args.image is None else args.image
@@ -202,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("uris", nargs="+")
     cmp.set_defaults(func=cmd_compare)
 
-    from blueprint import kubeflow  # submit / schedule (and cluster flags of compile) live beside the KFP client code
+    from pipelines import kubeflow  # submit / schedule (and cluster flags of compile) live beside the KFP client code
 
     kubeflow.add_commands(sub, c)
 
