@@ -6,6 +6,7 @@ in the package installed in the image, so it is tested without KFP.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from blueprint import artifacts, storage
@@ -48,7 +49,7 @@ def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str],
         # progress lines (not bars: no terminal here), which kfp.local streams and `kubectl logs` shows
         out = spec.load().run(cfg, **inputs, artifact_root=artifact_root, force=force, progress=True)
     except USER_ERRORS as exc:  # the one line `blueprint stage` would print, then exit 2 (no traceback)
-        print(f"{TASK_ERROR_PREFIX}{stage}: {exc}", flush=True)
+        print(f"{TASK_ERROR_PREFIX}{stage}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     print(json.dumps({"stage": stage, "uri": out.uri, "cached": out.cached, "metrics": out.metrics}, default=str))
     if metrics_path is not None:

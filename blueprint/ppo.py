@@ -34,7 +34,7 @@ from transformers import GenerationConfig
 
 from blueprint.copying import copy_rates
 from blueprint.errors import UserError
-from blueprint.modeling import pad_batch
+from blueprint.batching import pad_batch
 from blueprint.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
 from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
                                 group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses)

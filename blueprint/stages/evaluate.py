@@ -79,6 +79,7 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
     import torch
 
     from blueprint import modeling
+    from blueprint.batching import pad_batch
 
     ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -88,7 +89,7 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
     with modeling.use_adapter(model, adapter), torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            input_ids, mask = modeling.pad_batch([ids[i] for i in batch], pad, "left", device)
+            input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
             gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=eos, pad_token_id=pad)
             for row, i in enumerate(batch):

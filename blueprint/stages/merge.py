@@ -76,13 +76,13 @@ def resolve_dtype(save_dtype: str, published: str | None):
 
 def check_batch(tokenizer, role: str, size: int):
     """(input_ids, attention_mask) of `size` fixed prompts in `role`'s format, right-padded."""
-    from blueprint import modeling
+    from blueprint.batching import pad_batch
 
     prompts = PromptConfig()
     texts = [summary_prompt(CHECK_CODES[i % len(CHECK_CODES)], prompts) if role == "summarizer"
              else code_prompt(CHECK_SUMMARIES[i % len(CHECK_SUMMARIES)], prompts) for i in range(size)]
     ids = encode_prompts(tokenizer, texts)
-    return modeling.pad_batch(ids, tokenizer.pad_token_id, "right")
+    return pad_batch(ids, tokenizer.pad_token_id, "right")
 
 
 def logits(model, batch):

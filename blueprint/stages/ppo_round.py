@@ -129,11 +129,12 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig
     import torch
 
     from blueprint import modeling
+    from blueprint.batching import pad_batch
 
     prompts = PromptConfig(style=cfg.prompt_style)
     codes = [c for c in codes for _ in range(max(samples, 1))]
     ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
-    batch, mask = modeling.pad_batch(ids, tokenizer.pad_token_id, "left")
+    batch, mask = pad_batch(ids, tokenizer.pad_token_id, "left")
     width = batch.shape[1]
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if samples else \
         dict(do_sample=False)
