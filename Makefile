@@ -73,7 +73,8 @@ comma := ,
 .PHONY: lock wheelhouse images image-cpu image-cuda push submit schedule check-engine
 
 # The one way to move versions: resolve pyproject.toml afresh in a throwaway venv and pin what it installed.
-# Then `make install` (the venv is rebuilt from the new lock) and `make test`.
+# Then `make install` (the venv is rebuilt from the new lock) and `make test`. torch stays at TORCH_SPEC (the
+# locked one by default): `make lock TORCH_SPEC=torch==X.Y.Z` moves it too.
 LOCK_VENV := .lock-venv
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)

@@ -18,7 +18,7 @@ from blueprint.config import ConfigError, build
 from blueprint.errors import UserError
 from blueprint.sources import resolve_source
 from blueprint.stages import registry
-from blueprint.stages.common import resolve_base
+from blueprint.stages.common import checked_base
 
 
 class BluePrint:
@@ -33,17 +33,13 @@ class BluePrint:
                 f"code_to_summary_model {code_to_summary_model!r} and summary_to_code_model "
                 f"{summary_to_code_model!r} differ: both roles are LoRA adapters on one base, so name one model")
         # paths as the user typed them (relative ones included) are resolved here, once
-        self.base_name = resolve_base(code_to_summary_model)
+        self.base_name = checked_base(code_to_summary_model)
         self.dataset, self.progress = resolve_source(dataset), progress
         self.artifact_root = storage.normalize(artifact_root)
         self.profile = profile
         self.settings = {s: {**profiles.stage_settings(profile, s), **(settings or {}).get(s, {})}
                          for s in registry.STAGES}
         self.settings["shard"]["source"] = self.dataset
-        if self.base_name != "tiny":
-            from blueprint.modeling import check_base
-
-            check_base(self.base_name)
         for stage, values in self.settings.items():  # fail now, not after an hour
             build(registry.get(stage).config_type(), {"round_index": 1, **values} if stage == "ppo-round" else values)
         self.shards: str | None = None

@@ -178,9 +178,14 @@ def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, A
     committed = lambda: storage.exists(manifest_uri(out_uri))  # noqa: E731
     with commit_lock.held(out_uri, done=lambda: not replace and committed()) as refresh:
         if refresh is None or (not replace and committed()):
-            return read_manifest(out_uri, verify="sizes"), False
+            theirs = read_manifest(out_uri, verify="sizes")
+            if theirs.get("key") != key:  # an explicit location another run filled meanwhile, from other settings
+                raise ArtifactError(f"{out_uri} was committed meanwhile by a {theirs.get('stage')} run from other "
+                                    "settings or inputs; pass --force to replace it, or choose another location")
+            return theirs, False
+        refresh()
         storage.delete_prefix(out_uri)  # a partial output of ours, or (replace) the stage's own older output
-        storage.write_json(storage.join(out_uri, WRITING_NAME), {"stage": stage, "key": key})
+        mark_writing(out_uri, stage, key)
         storage.upload_dir(local_dir, out_uri)
         refresh()
         manifest = _manifest(files, stage=stage, config=config, inputs=inputs, metrics=metrics, key=key)
@@ -260,7 +265,7 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], build: Callabl
     existing = check_target(uri, stage, key, owned, force)
     if existing is not None and not force:
         return StageOutput(uri, existing, cached=True)
-    if not owned:
+    if not owned and existing is None:
         mark_writing(uri, stage, key)
     with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
         try:

@@ -16,11 +16,13 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from blueprint import storage
 
 STALE_SECONDS = 15 * 60  # a holder refreshes the lock between uploaded files; silence this long means it is dead
 POLL_SECONDS = 0.5
+T = TypeVar("T")
 
 
 class LockTimeout(storage.StorageError):
@@ -31,8 +33,27 @@ def lock_uri(prefix: str) -> str:
     return storage.normalize(prefix) + ".lock"
 
 
+def _pid_namespace() -> str:
+    """Which pid numbering this process lives in: containers on one host (host network) share its hostname."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def writer_identity() -> dict[str, object]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "writer": uuid.uuid4().hex[:12], "time": time.time()}
+    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
+            "writer": uuid.uuid4().hex[:12], "time": time.time()}
+
+
+def _storage_call(uri: str, what: str, fn: Callable[[], T]) -> T:
+    """Run one lock operation; any failure is one StorageError naming the lock (a user can act on it)."""
+    try:
+        return fn()
+    except storage.StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore and OS errors alike
+        raise storage.StorageError(f"cannot {what} {uri}: {exc}") from None
 
 
 def create_only(uri: str, data: bytes) -> bool:
@@ -41,59 +62,75 @@ def create_only(uri: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
         bucket, key = storage.split_s3(uri)
+
+        def put() -> bool:
+            try:
+                storage._boto_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                                 "ConditionalRequestConflict"):
+                    return False
+                raise
+        return _storage_call(uri, "lock", put)
+
+    def create() -> bool:
+        path = storage.local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        tmp.write_bytes(data)  # whole before it appears: a crash never leaves an empty lock
         try:
-            storage._boto_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            os.link(tmp, path)  # atomic and create-only
             return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
-                                                             "ConditionalRequestConflict"):
-                return False
-            raise storage.StorageError(f"cannot lock {uri}: {exc}") from None
-    path = storage.local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+    return _storage_call(uri, "lock", create)
 
 
 def _holder_is_dead(holder: dict, now: float) -> bool:
     if now - float(holder.get("time", 0)) > STALE_SECONDS:
         return True
-    if holder.get("host") == socket.gethostname():
+    if holder.get("host") == socket.gethostname() and holder.get("pidns") == _pid_namespace():
         try:
             os.kill(int(holder.get("pid", -1)), 0)
         except ProcessLookupError:
             return True
-        except (PermissionError, ValueError):
+        except (PermissionError, ValueError, TypeError):
             return False
     return False
 
 
 def _read_holder(uri: str) -> dict | None:
     try:
-        return json.loads(storage.read_text(uri))
-    except (storage.StorageError, ValueError):
-        return None  # released (or being rewritten) between our two calls
+        holder = json.loads(storage.read_text(uri))
+    except storage.StorageError:
+        return None  # released between our two calls
+    except ValueError:
+        return {"time": 0}  # not a lock any writer wrote whole: stale at once
+    return holder if isinstance(holder, dict) else {"time": 0}
 
 
 def delete_object(uri: str) -> None:
     """Remove one object or file (absent is fine)."""
     if storage.is_s3(uri):
         bucket, key = storage.split_s3(uri)
-        storage._boto_client().delete_object(Bucket=bucket, Key=key)
+        _storage_call(uri, "delete", lambda: storage._boto_client().delete_object(Bucket=bucket, Key=key))
     else:
-        storage.local_path(uri).unlink(missing_ok=True)
+        _storage_call(uri, "delete", lambda: storage.local_path(uri).unlink(missing_ok=True))
+
+
+class LockLost(storage.StorageError):
+    """Another writer took our lock (it judged us dead): stop before touching the prefix again."""
 
 
 @contextlib.contextmanager
 def held(prefix: str, done: Callable[[], bool], wait_seconds: float = 2 * STALE_SECONDS) -> Iterator[Callable | None]:
     """Hold the lock of `prefix` for the block, or yield None once `done()` says another writer committed it.
 
-    Inside the block, call the yielded `refresh()` now and then (between uploads) so nobody takes the lock as dead.
+    Inside the block, call the yielded `refresh()` before each step that changes the prefix: it checks that the
+    lock is still ours (LockLost otherwise) and renews it, so nobody takes a slow writer for a dead one.
     """
     uri = lock_uri(prefix)
     me = writer_identity()
@@ -111,9 +148,15 @@ def held(prefix: str, done: Callable[[], bool], wait_seconds: float = 2 * STALE_
         time.sleep(POLL_SECONDS)
 
     def refresh() -> None:
+        holder = _read_holder(uri)
+        if holder is None or holder.get("writer") != me["writer"]:
+            raise LockLost(f"{prefix}: another writer took the commit lock ({holder}); this commit stops")
         storage.write_text(uri, json.dumps({**me, "time": time.time()}))
 
     try:
         yield refresh
     finally:
-        delete_object(uri)
+        holder = _read_holder(uri)
+        if holder is not None and holder.get("writer") == me["writer"]:
+            with contextlib.suppress(storage.StorageError):  # never hide the block's own error
+                delete_object(uri)

@@ -128,9 +128,12 @@ class StreamingCodeDataset(IterableDataset):
                     r[f"{field}_ids"] = i
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for rel, group in self._units():
+        by_file: dict[str, list[int | None]] = {}
+        for rel, group in self._units():  # each file read (and verified) once, whatever row groups it serves
+            by_file.setdefault(rel, []).append(group)
+        for rel, picked in by_file.items():
             pf = _open(self.uri, rel, self.manifest)
-            groups = None if group is None else [group]
+            groups = None if picked == [None] else [g for g in picked if g is not None]
             for batch in pf.iter_batches(batch_size=self.batch_rows, row_groups=groups, columns=self.columns,
                                          use_threads=False):
                 rows = batch.to_pylist()

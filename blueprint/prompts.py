@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from blueprint.config import ConfigError
+from blueprint.errors import InputError
 
 STYLES = ("plain", "structured")
 SECTIONS = ("Task description", "Data sources", "Desired features", "Constraints and requirements")
@@ -86,7 +87,8 @@ def encode_targets(tokenizer: Any, targets: Sequence[str], *, max_tokens: int | 
     when it was not cut: a truncated target must not teach "the code ends here".
     """
     if add_eos and tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; cannot end the targets")
+        raise InputError(f"tokenizer {type(tokenizer).__name__} has no EOS token; cannot end the targets: "
+                         "use a base whose tokenizer defines one")
     out, cut = [], []
     for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]:
         truncated = max_tokens is not None and len(ids) > max_tokens

@@ -27,8 +27,9 @@ def split_tensors(obj: Any, tensors: dict[str, Any], path: str = "s") -> Any:
     import torch
 
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().cpu().contiguous()
-        return {TENSOR: path}
+        name = f"{len(tensors)}:{path}"  # numbered: {"a.b": t} and {"a": {"b": t}} never share a name
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {TENSOR: name}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
             return {k: split_tensors(v, tensors, f"{path}.{k}") for k, v in obj.items()}
@@ -82,3 +83,5 @@ def load_state(directory: Path, name: str) -> dict[str, Any]:
         return join_tensors(structure, tensors)
     except KeyError as exc:
         raise StateFileError(f"{json_path.name} refers to tensor {exc} that {tensor_path.name} does not hold") from None
+    except (TypeError, ValueError) as exc:  # a JSON that is not what save_state writes
+        raise StateFileError(f"{json_path.name} is not a training state written by BluePrint: {exc}") from None

@@ -15,8 +15,9 @@ from typing import Any
 
 from blueprint import profiles, storage
 from blueprint.config import ConfigError, build
+from blueprint.errors import UserError
 from blueprint.stages import registry
-from blueprint.stages.common import resolve_base
+from blueprint.stages.common import checked_base
 
 PIPELINE_STAGES = tuple(registry.STAGES)
 PARAM_OF_STAGE = registry.param_of_stage()
@@ -43,14 +44,10 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     settings = {s: {**profiles.stage_settings(profile, s), **overrides.get(s, {})} for s in PIPELINE_STAGES}
     if source is not None:
         settings["shard"]["source"] = source
-    base = resolve_base(base)
-    if base != "tiny":
-        from blueprint.modeling import ModelLoadError, check_base
-
-        try:
-            check_base(base)
-        except ModelLoadError as exc:
-            raise ConfigError(f"parameter base: {exc}") from None
+    try:
+        base = checked_base(base)
+    except UserError as exc:
+        raise ConfigError(f"parameter base: {exc}") from None
     for stage, values in settings.items():
         probe = dict(values)
         if stage == "ppo-round":

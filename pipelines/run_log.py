@@ -58,6 +58,7 @@ class TaskLogFilter(io.TextIOBase):
         self.mode = "outside"  # outside | logs | executor_json | traceback
         self.failure: tuple[str, str, bool] | None = None  # (task, cause, user error?)
         self.cause: dict[str, tuple[str, bool]] = {}
+        self.tracebacks: dict[str, list[str]] = {}
 
     def label(self, task: str) -> str:
         """The pipeline's display name of a kfp task (`evaluate-2` runs after round 1: `evaluate-1`)."""
@@ -83,6 +84,9 @@ class TaskLogFilter(io.TextIOBase):
         self.out.flush()
 
     def close(self) -> None:
+        if self.pending:
+            self._line(ANSI.sub("", self.pending))
+            self.pending = ""
         if self.log:
             self.log.close()
             self.log = None
@@ -95,8 +99,9 @@ class TaskLogFilter(io.TextIOBase):
             self.out.flush()
 
     def _line(self, line: str) -> None:
-        if self.mode == "executor_json":  # ends with a closing brace at the task log's indentation
-            if line in ("    }", "}"):
+        line = line.rstrip("\r")
+        if self.mode == "executor_json" and not KFP_RECORD.match(line):
+            if line.rstrip() in ("    }", "}"):  # the JSON ends with a brace at the task log's indentation
                 self.mode = "logs"
         elif m := EXECUTING.search(line):
             self.task, self.result, self.mode = self.label(m["task"]), None, "outside"
@@ -130,7 +135,8 @@ class TaskLogFilter(io.TextIOBase):
             return
         if line == TRACEBACK:
             self.mode = "traceback"
-        if self.mode == "traceback":  # a bug: its last line is the exception; the whole of it is in the log
+        if self.mode == "traceback":  # a bug: shown whole when the run ends (and kept in the log)
+            self.tracebacks.setdefault(self.task or "?", []).append(line)
             if line.strip() and not line.startswith(" "):
                 self.cause[self.task or "?"] = (line.strip(), False)
             return
@@ -141,7 +147,8 @@ class TaskLogFilter(io.TextIOBase):
         seconds = self.clock() - self.started.get(task, self.clock())
         if status != "SUCCESS":
             cause, user = self.cause.get(task, ("the task's log has no error line", False))
-            self.failure = (task, cause, user)
+            if self.failure is None:  # the first failure is the cause; later ones follow from it
+                self.failure = (task, cause, user)
             self._emit(f"{task}: failed after {seconds:.1f}s")
             return
         result = self.result or {}
@@ -157,4 +164,7 @@ class TaskLogFilter(io.TextIOBase):
             return None
         task, cause, user = self.failure
         where = f" (full log: {self.log_path})" if self.log_path else ""
-        return TaskFailed(f"task {task} failed: {cause}{where}", user=user)
+        if user:
+            return TaskFailed(f"task {task} failed: {cause}{where}", user=True)
+        trace = "\n".join(self.tracebacks.get(task, []))  # a bug: its traceback, as `blueprint stage` would show
+        return TaskFailed(f"task {task} failed with a bug{where}:\n{trace}", user=False)

@@ -195,3 +195,76 @@ def test_a_copied_root_keeps_every_cache_hit_even_where_outputs_are_recomputed(t
     again = _chain(f"file://{tmp_path}/b")
     assert {s: o.cached for s, o in again.items()} == {"shard": True, "bootstrap": True, "warmup": False,
                                                        "ppo-round": False, "evaluate": True, "merge": True}
+
+
+def test_training_state_round_trips_without_name_clashes_and_refuses_a_foreign_json(tmp_path):
+    import json
+
+    import torch
+
+    from blueprint.tensor_state import StateFileError, load_state, save_state
+
+    state = {"a.b": torch.ones(2), "a": {"b": torch.zeros(3)}, 7: {"step": torch.tensor(4)}, "betas": (0.9, 0.95)}
+    save_state(state, tmp_path, "s")
+    back = load_state(tmp_path, "s")
+    assert torch.equal(back["a.b"], torch.ones(2)) and torch.equal(back["a"]["b"], torch.zeros(3))
+    assert int(back[7]["step"]) == 4 and back["betas"] == (0.9, 0.95)
+    (tmp_path / "s.json").write_text(json.dumps({"__items__": [1, 2, 3]}))
+    with pytest.raises(StateFileError, match="not a training state"):
+        load_state(tmp_path, "s")
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_a_lock_left_by_a_dead_writer_or_holding_garbage_is_broken_and_a_live_one_is_kept(store, tmp_path, request):
+    import json
+    import os
+
+    from blueprint import commit_lock
+
+    root = f"file://{tmp_path}" if store == "file" else request.getfixturevalue("s3_bucket")
+    prefix = storage.join(root, "stage", "key")
+    lock = commit_lock.lock_uri(prefix)
+    for dead in ({**commit_lock.writer_identity(), "pid": 2**22 + 17},  # same host and pid namespace, pid gone
+                 "{half a lock"):
+        storage.write_text(lock, dead if isinstance(dead, str) else json.dumps(dead))
+        with commit_lock.held(prefix, done=lambda: False, wait_seconds=5) as refresh:
+            assert refresh is not None
+            refresh()
+        assert not storage.exists(lock)
+    live = {**commit_lock.writer_identity(), "pid": os.getpid(), "pidns": "pid:[another namespace]"}
+    storage.write_text(lock, json.dumps(live))  # a container on this host: its pid means nothing here
+    with pytest.raises(commit_lock.LockTimeout):
+        with commit_lock.held(prefix, done=lambda: False, wait_seconds=1):
+            pass
+    assert json.loads(storage.read_text(lock))["writer"] == live["writer"]
+
+
+def test_a_failed_forced_rebuild_leaves_the_committed_output_as_it_was(tmp_path):
+    def writer(local: Path) -> dict:
+        (local / "x.txt").write_text("one")
+        return {}
+
+    def broken(local: Path) -> dict:
+        raise ValueError("boom")
+
+    out = artifacts.run_stage("demo", {}, {}, writer, out_uri=f"file://{tmp_path}/o")
+    with pytest.raises(ValueError, match="boom"):
+        artifacts.run_stage("demo", {}, {}, broken, out_uri=out.uri, force=True)
+    assert set(storage.list_files(out.uri)) == {"x.txt", artifacts.MANIFEST_NAME}
+    artifacts.read_manifest(out.uri, verify="full")
+
+
+def test_a_bug_in_a_task_surfaces_its_traceback_and_counts_as_a_bug():
+    import io
+
+    from pipelines.run_log import TaskLogFilter
+
+    out = io.StringIO()
+    log = TaskLogFilter(out)
+    log.write("12:00:00.000 - INFO - Executing task 'warmup'\n12:00:00.001 - INFO - Streamed logs:\n")
+    log.write("    Traceback (most recent call last):\n      File \"x.py\", line 1, in f\n    KeyError: 'oops'\n")
+    log.write("12:00:01.000 - ERROR - Task 'warmup' finished with status FAILURE\n")
+    failed = log.task_failed()
+    assert failed is not None and not failed.user
+    assert "task warmup failed with a bug" in str(failed) and "KeyError: 'oops'" in str(failed)
+    assert "Traceback" not in out.getvalue() and "warmup: failed after" in out.getvalue()

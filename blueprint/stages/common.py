@@ -51,6 +51,16 @@ def resolve_base(base: str) -> str:
     return base
 
 
+def checked_base(base: str) -> str:
+    """`resolve_base`, then refused now (not after an hour) when `load_base` would refuse it; `tiny` is built."""
+    base = resolve_base(base)
+    if base != "tiny":
+        from blueprint.modeling import check_base
+
+        check_base(base)
+    return base
+
+
 def resolve_input(name: str, uri: str) -> str:
     """A stage input as typed (relative path, file://, s3://) -> the absolute URI the stage reads."""
     return resolve_base(uri) if name == "base" else storage.normalize(uri)
