@@ -30,10 +30,11 @@ def split_tensors(obj: Any, tensors: dict[str, Any], path: str = "s") -> Any:
         name = f"{len(tensors)}:{path}"  # numbered: {"a.b": t} and {"a": {"b": t}} never share a name
         tensors[name] = obj.detach().cpu().contiguous()
         return {TENSOR: name}
-    if isinstance(obj, dict):
+    if isinstance(obj, dict):  # keys in sorted order: the same state gives the same bytes, however it was built
+        items = sorted(obj.items(), key=lambda kv: (type(kv[0]).__name__, kv[0]))
         if all(isinstance(k, str) for k in obj):
-            return {k: split_tensors(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {ITEMS: [[k, split_tensors(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+            return {k: split_tensors(v, tensors, f"{path}.{k}") for k, v in items}
+        return {ITEMS: [[k, split_tensors(v, tensors, f"{path}.{k}")] for k, v in items]}
     if isinstance(obj, tuple):
         return {TUPLE: [split_tensors(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):

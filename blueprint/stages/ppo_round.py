@@ -183,20 +183,12 @@ def _load_trainer_state(trainer, directory: Path, source: str) -> None:
     trainer.load_state_dict(state)
 
 
-def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
-          progress: bool = True) -> dict[str, Any]:
-    import torch
-
+def _open_round(cfg: PPORoundConfig, base: str, adapters: str, ckpt_uri: str, progress: bool):
+    """(model, tokenizer, trainer, meta, resumed): the round's adapters, from its checkpoint when one exists."""
     from blueprint import modeling
-    from blueprint.progress import Progress
-    from blueprint.data import read_pairs
-    from blueprint.ppo import KLExplodedError, PPOTrainer, ValueHead
-    from blueprint.reward import RewardConfig, RewardModel
+    from blueprint.ppo import PPOTrainer, ValueHead
 
-    start = time.time()
-    torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
     model, tokenizer = open_base(base, cfg.threads, progress)
-    ckpt_uri = storage.join(out_uri, CHECKPOINT)
     resumed = storage.exists(artifacts.manifest_uri(ckpt_uri))
     with tempfile.TemporaryDirectory() as tmp:
         source = ckpt_uri if resumed else adapters
@@ -210,14 +202,75 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
         value_head = ValueHead.load(head_path) if head_path.exists() else None
         trainer = PPOTrainer(model, tokenizer, cfg.ppo_config(), value_head)
         _load_trainer_state(trainer, adapter_dir.parent, source)
-    done = int(meta.get("ppo_steps_done", 0)) if resumed else 0
-    stats_rows: list[dict] = list(meta.get("stats", [])) if resumed else []
-    written: list[tuple[str, str]] = [tuple(w) for w in meta.get("written", [])] if resumed else []
+    return model, tokenizer, trainer, (meta if resumed else {}), resumed
+
+
+def _ppo_steps(cfg: PPORoundConfig, model, tokenizer, trainer, scorer, codes: list[str], base: str, ckpt_uri: str,
+               done: int, stats_rows: list[dict], before: dict, progress: bool) -> str | None:
+    """Run the PPO steps from `done` on (appending to `stats_rows`, checkpointing as configured); why it stopped
+    early, or None."""
+    from blueprint.ppo import KLExplodedError
+    from blueprint.progress import Progress
 
     prompts = PromptConfig(style=cfg.prompt_style)
+    bar = Progress(task_name(cfg), cfg.ppo_steps, progress, start=done)
+    q = queries_per_step(cfg)
+    try:
+        for step in range(done, cfg.ppo_steps):
+            chunk = codes[step * q:(step + 1) * q]
+            scorer.codes = [c for c in chunk for _ in range(cfg.samples_per_query)]  # the trainer's rollout order
+            queries = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in chunk])
+            code_ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            try:
+                stats = trainer.ppo_step(queries, scorer, code_ids=code_ids)
+            except KLExplodedError as exc:
+                return f"kl_exploded at step {step}: {exc}"
+            stats_rows.append({"step": step, **stats})
+            bar.update(step + 1, reward=stats.get("score/mean", float("nan")), kl=stats.get("kl", 0.0))
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
+                with tempfile.TemporaryDirectory() as ck:
+                    _save(model, tokenizer, trainer, Path(ck), base, {
+                        "ppo_steps_done": step + 1, "stats": stats_rows, "written": scorer.written, **before})
+                    artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
+                                     metrics={"ppo_steps_done": step + 1})
+    finally:
+        bar.close()
+    return None
+
+
+def step_summary(stats_rows: list[dict]) -> dict[str, float]:
+    """First, last and mean of the per-step figures (skipped batches aside), and the seconds of each phase."""
+    out: dict[str, float] = {}
+    for phase in ("generate", "score", "forward", "update"):
+        times = [r[f"time/{phase}"] for r in stats_rows if f"time/{phase}" in r]
+        if times:
+            out[f"seconds_{phase}"] = round(sum(times), 3)
+    for key in ("score/mean", "score/gain", "kl", "kl_coef", "copy_rate", "response_length", "entropy", "clipfrac"):
+        values = [r[key] for r in stats_rows if key in r and not r.get("skipped")]
+        if values:
+            name = key.replace("/", "_")
+            out[f"{name}_first"], out[f"{name}_last"] = values[0], values[-1]
+            out[f"{name}_mean"] = sum(values) / len(values)
+    return out
+
+
+def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
+          progress: bool = True) -> dict[str, Any]:
+    import torch
+
+    from blueprint.data import read_pairs
+    from blueprint.reward import RewardConfig, RewardModel
+
+    start = time.time()
+    torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
+    ckpt_uri = storage.join(out_uri, CHECKPOINT)
+    model, tokenizer, trainer, meta, resumed = _open_round(cfg, base, adapters, ckpt_uri, progress)
+    done = int(meta.get("ppo_steps_done", 0))
+    stats_rows: list[dict] = list(meta.get("stats", []))
+
     batch = round_batch(read_pairs(shards, "train"), cfg)
     codes = clip_tokens(tokenizer, [p["code"] for p in batch], cfg.max_code_tokens)
-    reward = RewardModel(model, tokenizer, prompts, RewardConfig(
+    reward = RewardModel(model, tokenizer, PromptConfig(style=cfg.prompt_style), RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
         max_summary_tokens=cfg.max_summary_tokens))
     probe = codes[: cfg.probe_size]
@@ -225,30 +278,9 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
         probe_metrics(model, tokenizer, reward, probe, cfg, "before")
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
-    scorer.written = written
-    stopped = None
-    bar = Progress(task_name(cfg), cfg.ppo_steps, progress, start=done)
-    q = queries_per_step(cfg)
-    for step in range(done, cfg.ppo_steps):
-        chunk = codes[step * q:(step + 1) * q]
-        scorer.codes = [c for c in chunk for _ in range(cfg.samples_per_query)]  # the trainer's rollout order
-        queries = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in chunk])
-        code_ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        try:
-            stats = trainer.ppo_step(queries, scorer, code_ids=code_ids)
-        except KLExplodedError as exc:
-            stopped = f"kl_exploded at step {step}: {exc}"
-            break
-        stats_rows.append({"step": step, **stats})
-        bar.update(step + 1, reward=stats.get("score/mean", float("nan")), kl=stats.get("kl", 0.0))
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
-            with tempfile.TemporaryDirectory() as ck:
-                _save(model, tokenizer, trainer, Path(ck), base, {
-                    "ppo_steps_done": step + 1, "stats": stats_rows, "written": scorer.written, **before})
-                artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
-                                 metrics={"ppo_steps_done": step + 1})
-
-    bar.close()
+    scorer.written = [tuple(w) for w in meta.get("written", [])]
+    stopped = _ppo_steps(cfg, model, tokenizer, trainer, scorer, codes, base, ckpt_uri, done, stats_rows, before,
+                         progress)
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
@@ -259,18 +291,7 @@ def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: P
     with open(out_dir / "steps.jsonl", "w") as f:  # content only: wall times go to the metrics
         for row in stats_rows:
             f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("time/")}, default=float) + "\n")
-    for phase in ("generate", "score", "forward", "update"):
-        times = [r[f"time/{phase}"] for r in stats_rows if f"time/{phase}" in r]
-        if times:
-            metrics[f"seconds_{phase}"] = round(sum(times), 3)
-    if stats_rows:
-        for key in ("score/mean", "score/gain", "kl", "kl_coef", "copy_rate", "response_length", "entropy",
-                    "clipfrac"):
-            values = [r[key] for r in stats_rows if key in r and not r.get("skipped")]
-            if values:
-                name = key.replace("/", "_")
-                metrics[f"{name}_first"], metrics[f"{name}_last"] = values[0], values[-1]
-                metrics[f"{name}_mean"] = sum(values) / len(values)
+    metrics.update(step_summary(stats_rows))
     metrics.update(ppo_steps_done=len(stats_rows), skipped_batches=trainer.skipped_total, stopped=stopped or "",
                    seconds=round(time.time() - start, 1))
     return metrics
