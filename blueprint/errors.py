@@ -7,6 +7,8 @@ A stage running inside a pipeline task prints the same one line with `TASK_ERROR
 """
 from __future__ import annotations
 
+import math
+
 TASK_ERROR_PREFIX = "blueprint task error: "
 
 
@@ -32,7 +34,7 @@ class NonFiniteLoss(UserError, ValueError):
 
 def check_finite_loss(value: float, where: str, setting: str, current: object) -> None:
     """Raise NonFiniteLoss when `value` is inf or NaN."""
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise NonFiniteLoss(f"{where}: the loss became {value}: training diverged; lower {setting!r} "
                             f"(now {current}) or check the data")
 

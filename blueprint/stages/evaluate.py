@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blueprint import artifacts, metrics as text_metrics, report, storage
+from blueprint import artifacts, metrics as text_metrics, report
 from blueprint.config import ConfigError, require
 from blueprint.errors import InputError
 from blueprint.progress import Progress
