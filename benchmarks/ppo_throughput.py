@@ -28,13 +28,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from blueprint.ppo import PPOConfig, PPOTrainer
+from blueprint.rl.ppo import PPOConfig, PPOTrainer
 
 VOCAB, EOS, PAD = 8192, 0, 1
 BATCH, QUERY_LEN, RESPONSE_LEN = 16, 128, 48
 
 
-def build() -> tuple[torch.nn.Module, SimpleNamespace]:
+def micro_model() -> tuple[torch.nn.Module, SimpleNamespace]:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -61,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = build()
+    model, tokenizer = micro_model()
     model.to(args.device)
     cfg = PPOConfig(batch_size=BATCH, mini_batch_size=4, ppo_epochs=4, max_new_tokens=RESPONSE_LEN,
                     min_new_tokens=RESPONSE_LEN, lr=1e-4, missing_eos_penalty=0.0,

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from blueprint.modeling import LoraSettings, attach_adapters, use_adapter
-from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
-from blueprint.reward import RewardConfig, RewardModel
-from blueprint.tiny import tiny_llama_config, train_bpe_tokenizer
+from blueprint.models.lora import LoraSettings, attach_adapters, use_adapter
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
+from blueprint.rl.reward import RewardConfig, RewardModel
+from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
 
 
 def stdlib_sources(limit: int) -> list[str]:

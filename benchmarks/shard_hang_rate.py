@@ -102,7 +102,7 @@ def child(pool: str, busy: bool, limit_mb: float, max_pairs: int) -> None:
         busy_thread = keep_busy(Path(tmp), stop) if busy else None
         cfg = shard.ShardConfig(source="stdlib", workers=2, max_source_mb=limit_mb or None,
                                 max_pairs=max_pairs or None)
-        metrics = shard.build(cfg, Path(tmp) / "out", progress=False)
+        metrics = shard.compute(cfg, Path(tmp) / "out", progress=False)
         stop.set()
         if busy_thread:
             busy_thread.join()

@@ -1,7 +1,7 @@
 """Shard-stage throughput on the standard-library corpus: 1 worker vs all cores, and peak memory.
 
 Each measurement runs in a fresh subprocess, so its peak RSS is its own (ru_maxrss never goes down). The full
-build is timed: listing, parsing, de-duplication, Parquet writing, worker start-up. Memory should stay flat in
+compute is timed: listing, parsing, de-duplication, Parquet writing, worker start-up. Memory should stay flat in
 corpus size: the run at a quarter of the corpus is there to compare against.
 
     .venv/bin/python benchmarks/shard_throughput.py --limit-mb 12
@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def child(workers: int, limit_mb: float, num_shards: int) -> dict:
-    """One build in this process; its numbers (RSS in MiB: this process, and the largest worker)."""
+    """One shard compute in this process; its numbers (RSS in MiB: this process, and the largest worker)."""
     from blueprint.stages import shard
 
     cfg = shard.ShardConfig(source="stdlib", workers=workers, max_source_mb=limit_mb, num_shards=num_shards)
     with tempfile.TemporaryDirectory(prefix="bp-bench-") as tmp:
         start = time.perf_counter()
-        m = shard.build(cfg, Path(tmp), progress=False)
+        m = shard.compute(cfg, Path(tmp), progress=False)
         seconds = time.perf_counter() - start
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {

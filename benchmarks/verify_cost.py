@@ -11,9 +11,9 @@ import time
 
 import pyarrow.parquet as pq
 
-from blueprint import artifacts, storage
-from blueprint.config import build
-from blueprint.data import read_pairs, shard_files
+from blueprint.store import artifacts, storage
+from blueprint.config import parse
+from blueprint.data.readers import read_pairs, shard_files
 from blueprint.stages import shard
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     uri = sys.argv[1] if len(sys.argv) > 1 else None
     if uri is None:
         root = tempfile.mkdtemp()
-        uri = shard.run(build(shard.ShardConfig, {"source": "stdlib", "num_shards": 4}), artifact_root=root,
+        uri = shard.run(parse(shard.ShardConfig, {"source": "stdlib", "num_shards": 4}), artifact_root=root,
                         progress=False).uri
     manifest = artifacts.read_manifest(uri, verify="sizes")
     mb = sum(manifest["files"][r]["size"] for r in shard_files(manifest, "train")) / 1e6

@@ -13,10 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from blueprint import artifacts, profiles, storage
-from blueprint.config import ConfigError, build
+from blueprint.store import artifacts, storage
+from blueprint.stages import profiles
+from blueprint.config import ConfigError, parse
 from blueprint.errors import UserError
-from blueprint.sources import resolve_source
+from blueprint.data.sources import resolve_source
 from blueprint.stages import registry
 from blueprint.stages.common import checked_base
 
@@ -40,8 +41,7 @@ class BluePrint:
         self.settings = {s: {**profiles.stage_settings(profile, s), **(settings or {}).get(s, {})}
                          for s in registry.STAGES}
         self.settings["shard"]["source"] = self.dataset
-        for stage, values in self.settings.items():  # fail now, not after an hour
-            build(registry.get(stage).config_type(), {"round_index": 1, **values} if stage == "ppo-round" else values)
+        registry.stage_configs(self.settings)  # fail now, not after an hour
         self.shards: str | None = None
         self.base: str | None = None
         self.adapters: str | None = None
@@ -50,7 +50,7 @@ class BluePrint:
 
     def _stage(self, name: str, extra: dict[str, Any] | None = None, **inputs: str) -> artifacts.StageOutput:
         spec = registry.get(name)
-        cfg = build(spec.config_type(), {**self.settings[name], **(extra or {})})
+        cfg = parse(spec.config_type(), {**self.settings[name], **(extra or {})})
         return spec.load().run(cfg, **inputs, artifact_root=self.artifact_root, progress=self.progress)
 
     def prepare(self) -> None:

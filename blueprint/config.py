@@ -1,67 +1,34 @@
-"""Building the validated config dataclasses from dicts, `key=value` strings and YAML/JSON files.
+"""The one configuration mechanism: pydantic models with a help text per field, built from loose user input.
 
-Every stage has a config dataclass that validates itself in `__post_init__`; this module only turns loose user
-input (CLI flags, pipeline parameters, config files) into those dataclasses, naming the offending key on error.
+Every config (each stage's, PPO's, the reward's, LoRA's, the prompts', the cluster's) derives from `Settings`:
+typed fields with constraints and a description, unknown keys refused by name, strings from the command line
+and pipeline parameters coerced to the field types. Any failure is one `ConfigError` naming the setting.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from blueprint.errors import UserError
 
-
-C = TypeVar("C")
+S = TypeVar("S", bound="Settings")
+INT_LIMIT = 2**63 - 1  # what a tensor index, a step counter or a seed can hold
 
 
 class ConfigError(UserError, ValueError):
     """A setting is unknown or has a value of the wrong type; the message names it."""
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(name, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"setting {name!r}: cannot read {value!r} as {hint}")
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        inner = args[0] if args else str
-        items = [_coerce(name, v, inner) for v in value]
-        return tuple(items) if origin is tuple else items
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"setting {name!r}: {value!r} is not a boolean")
-    if hint in (int, float, str):
-        try:
-            if hint is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            out = hint(float(value)) if hint is int and isinstance(value, str) and "e" in value.lower() else hint(value)
-        except (TypeError, ValueError, OverflowError):  # OverflowError: int("1e9999") is int(inf)
-            raise ConfigError(f"setting {name!r}: {value!r} is not a valid {hint.__name__}") from None
-        check_number(name, out)
-        return out
-    return value
-
-
-INT_LIMIT = 2**63 - 1  # what a tensor index, a step counter or a seed can hold
+def setting(default: Any = ..., help: str = "", **constraints: Any) -> Any:
+    """A field with its help text (shown by `blueprint stage NAME --help`) and pydantic constraints (ge, gt, le)."""
+    return Field(default, description=help, **constraints)
 
 
 def check_number(name: str, value: Any) -> None:
@@ -73,19 +40,103 @@ def check_number(name: str, value: Any) -> None:
         raise ConfigError(f"setting {name!r}: {value} is out of range (at most {INT_LIMIT} in size)")
 
 
-def build(cls: type[C], values: dict[str, Any] | None = None, **overrides: Any) -> C:
-    """`cls(**values)` with strings coerced to the field types and unknown keys rejected by name."""
-    merged = {**(values or {}), **overrides}
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(merged) - fields)
+def _bare(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else hint), len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _from_string(name: str, text: str, hint: Any) -> Any:
+    """What pydantic's own coercion does not read: `none`, `1e6` for an int, `a,b` for a list."""
+    bare, nullable = _bare(hint)
+    if nullable and text.strip().lower() in ("none", "null"):
+        return None
+    if bare is int and "e" in text.lower():
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        check_number(name, number)
+        return int(number) if number.is_integer() else text
+    if typing.get_origin(bare) in (list, tuple):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _message(exc: ValidationError, cls: type[Settings]) -> str:
+    errors = exc.errors(include_url=False)
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(fields))}")
-    kwargs = {k: _coerce(k, v, hints[k]) for k, v in merged.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
+        return (f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
+                f"known: {', '.join(sorted(cls.model_fields))}")
+    parts = []
+    for e in errors:
+        where = cls.error_prefix + ".".join(str(p) for p in e["loc"]) if e["loc"] else ""
+        text = e["msg"].removeprefix("Value error, ")
+        if e["type"] != "value_error":  # our validators say what they saw; never echo a URI with secrets twice
+            text = f"{text[:1].lower()}{text[1:]}, got {e['input']!r}"
+        parts.append(f"{where}: {text}" if where else text)
+    return "; ".join(parts)
+
+
+class Settings(BaseModel):
+    """Base of every config. Construction either succeeds or raises one ConfigError naming the setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    error_prefix: ClassVar[str] = ""  # what an error names before the field: "" for stage settings
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_message(exc, type(self))) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_strings(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        fields = cls.model_fields
+        for name, value in values.items():
+            kind = _bare(fields[name].annotation)[0] if name in fields else None
+            if isinstance(value, bool) and kind is int:
+                raise ConfigError(f"{cls.error_prefix}{name}: {value!r} is not an integer")
+            if kind is float and isinstance(value, (str, float)):  # before range checks, which nan would pass
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue  # pydantic names it
+                check_number(name, number)
+        return {k: _from_string(k, v, fields[k].annotation) if isinstance(v, str) and k in fields else v
+                for k, v in values.items()}
+
+    @model_validator(mode="after")
+    def _numbers_that_can_be(self) -> Settings:
+        for name in type(self).model_fields:
+            check_number(name, getattr(self, name))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data (what a cache key and a manifest record)."""
+        return self.model_dump()
+
+
+def parse(cls: type[S], values: dict[str, Any] | None = None, **overrides: Any) -> S:
+    """`cls` from loose values (strings from the CLI, dicts from pipeline parameters), `overrides` last."""
+    return cls(**{**(values or {}), **overrides})
+
+
+def describe(cls: type[Settings]) -> str:
+    """One line per setting: name, type, default and help (the `--help` of a stage)."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        lines.append(f"  {name} ({kind}, default {field.get_default(call_default_factory=True)!r})")
+        if field.description:
+            lines.append(textwrap.fill(field.description, 110, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
 
 
 def parse_assignments(items: list[str] | None) -> dict[str, str]:
@@ -117,9 +168,3 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
     return data
-
-
-def require(condition: bool, field: str, message: str) -> None:
-    """Validation helper for `__post_init__`: raise a ConfigError naming the field."""
-    if not condition:
-        raise ConfigError(f"{field}: {message}")

@@ -29,7 +29,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     @component
     def shard(artifact_root: str, source: str, settings: dict, force: bool, metrics: Output[Metrics],
               report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.kfp_runtime import run_stage_task
+        from blueprint.stages.task import run_stage_task
         return run_stage_task("shard", {**settings, "source": source}, {}, artifact_root, force, metrics,
                               report.path)
 
@@ -37,7 +37,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     def bootstrap(artifact_root: str, base: str, shards: str, settings: dict, force: bool,
                   metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
         """Builds the `tiny` base when base == "tiny"; any other base (hub id, dir, s3://) passes through."""
-        from blueprint.kfp_runtime import run_stage_task
+        from blueprint.stages.task import run_stage_task
         if base != "tiny":
             with open(report.path, "w") as f:
                 f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
@@ -48,14 +48,14 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     def warmup(artifact_root: str, shards: str, base: str, settings: dict, force: bool, warm_start: bool,
                metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
         """warm_start: hand on the newest committed ppo-round on this base instead of training (retraining)."""
-        from blueprint.warm_start import warmup_task
+        from blueprint.stages.warm_start import warmup_task
         return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path)
 
     @component
     def ppo_round(artifact_root: str, shards: str, base: str, adapters: str, round_index: int, ppo_steps: int,
                   supervised_steps: int, settings: dict, force: bool, metrics: Output[Metrics],
                   report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.kfp_runtime import run_stage_task
+        from blueprint.stages.task import run_stage_task
         settings = {**settings, "round_index": round_index, "ppo_steps": ppo_steps,
                     "supervised_steps": supervised_steps}
         return run_stage_task("ppo-round", settings,
@@ -66,7 +66,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     def evaluate(artifact_root: str, shards: str, base: str, adapters: str, previous: str, epoch: int,
                  settings: dict, force: bool, metrics: Output[Metrics],
                  report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.kfp_runtime import run_stage_task
+        from blueprint.stages.task import run_stage_task
         inputs = {"shards": shards, "base": base, "adapters": adapters}
         if previous:
             inputs["previous"] = previous
@@ -76,7 +76,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     @component
     def merge(artifact_root: str, base: str, adapters: str, evaluation: str, settings: dict, force: bool,
               metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.kfp_runtime import run_stage_task
+        from blueprint.stages.task import run_stage_task
         return run_stage_task("merge", settings, {"base": base, "adapters": adapters, "evaluation": evaluation},
                               artifact_root, force, metrics, report.path)
 

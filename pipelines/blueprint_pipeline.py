@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from kfp import compiler, dsl
 
-from blueprint import profiles
+from blueprint.stages import profiles
 from blueprint.config import ConfigError
 from components import DEFAULT_IMAGE, build_components
 

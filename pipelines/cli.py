@@ -10,10 +10,11 @@ import json
 import sys
 from typing import Any
 
-from blueprint import __version__, artifacts, storage
-from blueprint.config import ConfigError, build, load_file, parse_assignments
+from blueprint import __version__
+from blueprint.store import artifacts, storage
+from blueprint.config import ConfigError, describe, load_file, parse, parse_assignments
 from blueprint.errors import USER_ERRORS, TaskFailed
-from blueprint.sources import resolve_source
+from blueprint.data.sources import resolve_source
 from blueprint.stages import registry
 from blueprint.stages.common import resolve_input
 
@@ -45,7 +46,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
             values[flag] = getattr(args, flag)
     if "source" in values:
         values["source"] = resolve_source(str(values["source"]))
-    cfg = build(shard.ShardConfig, values)
+    cfg = parse(shard.ShardConfig, values)
     out = shard.run(cfg, out_uri=_resolved(args.out),
                     artifact_root=None if args.out else _resolved(args.artifact_root), force=args.force,
                     progress=not args.quiet)
@@ -54,10 +55,21 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StageHelp(argparse.Action):
+    """`blueprint stage NAME --help`: the flags, then every setting of the stage with its type, default and help
+    (read from the stage's config class only when asked, so the command starts without importing every stage)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        spec = registry.get(parser.prog.split()[-1])
+        parser.epilog = f"settings (--set KEY=VALUE, or --config FILE):\n{describe(spec.config_type())}"
+        parser.print_help()
+        parser.exit()
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     spec = registry.get(args.name)
     module = spec.load()
-    cfg = build(spec.config_type(), _settings(args))
+    cfg = parse(spec.config_type(), _settings(args))
     inputs = {name: resolve_input(name, str(uri)) for name, uri in parse_assignments(args.input).items()}
     missing = [name for name in spec.inputs if name not in inputs]
     unknown = sorted(set(inputs) - set(spec.inputs) - set(getattr(module, "OPTIONAL_INPUTS", ())))
@@ -170,10 +182,16 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_shard)
 
     st = sub.add_parser("stage", help="run one stage from input URIs (cache hit when its output exists)")
-    st.add_argument("name", choices=sorted(registry.STAGES), help="stage to run")
-    st.add_argument("--input", action="append", metavar="NAME=URI", help="an input, e.g. shards=s3://b/shard/KEY")
-    _add_output_flags(st)
-    st.set_defaults(func=cmd_stage)
+    names = st.add_subparsers(dest="name", required=True, metavar="STAGE",
+                              help=f"{' | '.join(registry.STAGES)} (blueprint stage STAGE --help: its settings)")
+    for spec in registry.STAGES.values():
+        one = names.add_parser(spec.name, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                               help=f"inputs: {', '.join(spec.inputs) or '(none)'}")
+        one.add_argument("-h", "--help", action=_StageHelp, nargs=0, help="show this stage's settings and exit")
+        one.add_argument("--input", action="append", metavar="NAME=URI",
+                         help=f"an input ({', '.join(spec.inputs) or 'none'}), e.g. shards=s3://b/shard/KEY")
+        _add_output_flags(one)
+        one.set_defaults(func=cmd_stage)
 
     r = sub.add_parser("run", help="run the whole pipeline locally through kfp.local (the embedded default)")
     r.add_argument("--profile", default="default", help="settings bundle: default | smoke")

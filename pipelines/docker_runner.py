@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from blueprint import __version__, storage
+from blueprint import __version__
+from blueprint.store import storage
 from blueprint.config import ConfigError
 
 DEFAULT_LOCAL_IMAGE = f"blueprint:{__version__}"  # what `make image-cpu` tags

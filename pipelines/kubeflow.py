@@ -4,7 +4,7 @@ Everything that can be checked without the cluster is checked before the first r
 parameter names and types, every stage's settings, cluster settings), so a typo costs a second, not a failed
 run. Network failures become one line naming the host (exit 2), never a traceback.
 
-Cron normalisation lives in `pipelines.cron`; what a warm-started warmup pod does, in `blueprint.warm_start`.
+Cron normalisation lives in `pipelines.cron`; what a warm-started warmup pod does, in `blueprint.stages.warm_start`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from blueprint import storage
+from blueprint.store import storage
 from pipelines import cluster
 from blueprint.config import ConfigError
 from pipelines.cron import kfp_cron
@@ -75,7 +75,7 @@ def cluster_settings(args: argparse.Namespace) -> cluster.ClusterSettings:
 def compile_package(path: str, *, epochs: int, profile: str, image: str, artifact_root: str,
                     settings: cluster.ClusterSettings) -> str:
     """Compile the pipeline with `settings` applied to every task; warn when S3 has no credentials secret."""
-    from blueprint import profiles
+    from blueprint.stages import profiles
     from pipelines import compile_pipeline
 
     profiles.stage_settings(profile, "shard")  # unknown profile -> ValueError naming it
@@ -178,23 +178,13 @@ def parse_params(items: list[str] | None, spec: dict[str, Any]) -> dict[str, Any
 
 def _check_stage_settings(arguments: dict[str, Any], spec: dict[str, Any]) -> None:
     """Build every stage config the run will get, so a bad setting fails here, naming its parameter."""
-    from blueprint.config import build
-    from pipelines.local_run import PARAM_OF_STAGE
     from blueprint.stages import registry
 
-    params = pipeline_parameters(spec)
-    for stage, param in PARAM_OF_STAGE.items():
-        if param not in arguments:
-            continue
-        probe = dict(arguments[param])
-        if stage == "ppo-round":
-            probe.setdefault("round_index", 1)
-        if stage == "shard":
-            probe.setdefault("source", arguments.get("source", params.get("source", {}).get("defaultValue")))
-        try:
-            build(registry.get(stage).config_type(), probe)
-        except ConfigError as exc:
-            raise ConfigError(f"--param {param}: {exc}") from None
+    params, param_of = pipeline_parameters(spec), registry.param_of_stage()
+    settings = {stage: dict(arguments[param]) for stage, param in param_of.items() if param in arguments}
+    if "shard" in settings:
+        settings["shard"].setdefault("source", arguments.get("source", params.get("source", {}).get("defaultValue")))
+    registry.stage_configs(settings, lambda stage: f"--param {param_of[stage]}")
 
 
 def s3_secret_names(platform: dict[str, Any]) -> set[str]:
@@ -314,7 +304,7 @@ def _prepare(args: argparse.Namespace, package: str, extra: dict[str, Any] | Non
         if isinstance(arguments.get(name), str):
             storage.refuse_credentials(arguments[name], setting=f"--param {name}")
     if isinstance(arguments.get("source"), str):
-        from blueprint.sources import parse_source
+        from blueprint.data.sources import parse_source
 
         storage.refuse_credentials(parse_source(arguments["source"]).target, setting="--param source")
     if args.package:  # a compiled package: read the effective root and the secrets from the YAML itself
@@ -357,7 +347,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         if args.warm_start:
             if "warm_start" not in pipeline_parameters(spec):
                 raise ConfigError("--warm-start: this pipeline has no warm_start parameter (wire "
-                                  "blueprint.warm_start.warmup_task into the warmup component)")
+                                  "blueprint.stages.warm_start.warmup_task into the warmup component)")
             extra["warm_start"] = True
         arguments = _prepare(args, package, extra)
         service_account = _service_account(args)

@@ -13,8 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from blueprint import profiles, storage
-from blueprint.config import ConfigError, build
+from blueprint.stages import profiles
+from blueprint.store import storage
+from blueprint.config import ConfigError
 from blueprint.errors import UserError
 from blueprint.stages import registry
 from blueprint.stages.common import checked_base
@@ -38,9 +39,7 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     if epochs < 1:
         raise ConfigError(f"parameter 'epochs' must be at least 1, got {epochs}")
     overrides = overrides or {}
-    unknown = sorted(set(overrides) - set(PIPELINE_STAGES))
-    if unknown:
-        raise ConfigError(f"unknown stage(s) in settings: {', '.join(unknown)}; stages: {', '.join(PIPELINE_STAGES)}")
+    registry.stage_configs({s: {} for s in overrides})  # an unknown stage is named before anything else
     settings = {s: {**profiles.stage_settings(profile, s), **overrides.get(s, {})} for s in PIPELINE_STAGES}
     if source is not None:
         settings["shard"]["source"] = source
@@ -48,15 +47,8 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
         base = checked_base(base)
     except UserError as exc:
         raise ConfigError(f"parameter base: {exc}") from None
-    for stage, values in settings.items():
-        probe = dict(values)
-        if stage == "ppo-round":
-            probe.setdefault("round_index", 1)
-        try:
-            build(registry.get(stage).config_type(), probe)
-        except ConfigError as exc:
-            raise ConfigError(f"parameter {PARAM_OF_STAGE[stage]}: {exc}") from None
-    from blueprint.sources import Source, parse_source, resolve_source
+    configs = registry.stage_configs(settings, lambda stage: f"parameter {PARAM_OF_STAGE[stage]}")
+    from blueprint.data.sources import Source, parse_source, resolve_source
 
     try:
         source_spec = settings["shard"]["source"] = resolve_source(settings["shard"].get("source", "stdlib"))
@@ -67,10 +59,10 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     if not storage.is_s3(artifact_root):
         artifact_root = storage.normalize(artifact_root)
     storage.check_writable(artifact_root)
-    ppo = settings["ppo-round"]
-    args = {"artifact_root": artifact_root, "source": settings["shard"].pop("source", "stdlib"), "base": base,
-            "ppo_steps": ppo.pop("ppo_steps", 10), "supervised_steps": ppo.pop("supervised_steps", 10),
-            "force": force}
+    # the seed's knobs and the source are also flat pipeline parameters; the components let those win
+    ppo = configs["ppo-round"]
+    args = {"artifact_root": artifact_root, "source": source_spec, "base": base, "ppo_steps": ppo.ppo_steps,
+            "supervised_steps": ppo.supervised_steps, "force": force}
     args.update({PARAM_OF_STAGE[s]: settings[s] for s in PIPELINE_STAGES})
     return RunPlan(profile, epochs, args)
 

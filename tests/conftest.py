@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from blueprint.profiles import stage_settings
-from blueprint.tiny import tiny_llama_config, train_bpe_tokenizer
+from blueprint.stages.profiles import stage_settings
+from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
 
 TEST_ACCESS_KEY = "AKIATESTBLUEPRINT0001"
 TEST_SECRET_KEY = "blueprint-test-secret-do-not-log-0123456789"
@@ -97,13 +96,13 @@ SMOKE_PPO = stage_settings("smoke", "ppo-round")
 @pytest.fixture(scope="session")
 def smoke_chain(tmp_path_factory):
     """shard -> bootstrap (micro) -> warmup on real stdlib code, committed once for the whole session."""
-    from blueprint.config import build
+    from blueprint.config import parse
     from blueprint.stages import bootstrap, shard, warmup
 
     root = f"file://{tmp_path_factory.mktemp('chain')}"
-    shards = shard.run(build(shard.ShardConfig, SMOKE_SHARD), artifact_root=root, progress=False).uri
-    base = bootstrap.run(build(bootstrap.BootstrapConfig, SMOKE_BOOTSTRAP), shards=shards, artifact_root=root,
+    shards = shard.run(parse(shard.ShardConfig, SMOKE_SHARD), artifact_root=root, progress=False).uri
+    base = bootstrap.run(parse(bootstrap.BootstrapConfig, SMOKE_BOOTSTRAP), shards=shards, artifact_root=root,
                          progress=False).uri
-    adapters = warmup.run(build(warmup.WarmupConfig, SMOKE_WARMUP), shards=shards, base=base, artifact_root=root,
+    adapters = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=shards, base=base, artifact_root=root,
                           progress=False).uri
     return {"root": root, "shards": shards, "base": base, "adapters": adapters}

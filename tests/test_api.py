@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from blueprint import BluePrint, storage
+from blueprint import BluePrint
+from blueprint.store import storage
 from conftest import SMOKE_PPO, SMOKE_SHARD, SMOKE_WARMUP
 
 SMOKE = {"shard": {k: v for k, v in SMOKE_SHARD.items() if k != "source"}, "warmup": SMOKE_WARMUP,

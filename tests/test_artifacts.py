@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from blueprint import artifacts, storage
-from blueprint.artifacts import ArtifactError
+from blueprint.store import artifacts, storage
+from blueprint.store.artifacts import ArtifactError
 
 
 @pytest.fixture(params=["file", "s3"])

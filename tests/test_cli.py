@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from blueprint import artifacts, storage
+from blueprint.store import artifacts, storage
 
 
 def blueprint(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -75,7 +75,7 @@ def test_run_with_the_docker_runner_and_no_engine_says_how_to_start_one_without_
 def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
     """One error model: only UserError (settings, inputs, storage) is one line and exit 2; a bug keeps its
     traceback (here a plain ValueError raised inside `blueprint ls`)."""
-    from blueprint import artifacts
+    from blueprint.store import artifacts
     from pipelines.cli import main
     from blueprint.errors import UserError
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from blueprint import artifacts, storage
+from blueprint.store import artifacts, storage
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from kfp_launch import launcher_command
 

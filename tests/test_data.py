@@ -1,4 +1,4 @@
-"""Extraction rules, sources, and the shard readers (read_pairs, StreamingCodeDataset)."""
+"""Extraction rules, sources, and the shard readers (read_pairs)."""
 from __future__ import annotations
 
 import ast
@@ -6,12 +6,11 @@ import json
 import textwrap
 
 import pytest
-import torch
-from torch.utils.data import DataLoader
 
-from blueprint import extract, storage
-from blueprint.data import StreamingCodeDataset, read_pairs, reader_slot
-from blueprint.sources import SourceError, parse_source
+from blueprint.data import extract
+from blueprint.store import storage
+from blueprint.data.readers import read_pairs
+from blueprint.data.sources import SourceError, parse_source
 from blueprint.stages import shard
 
 MODULE = textwrap.dedent('''
@@ -153,39 +152,11 @@ def test_read_pairs_is_deterministic_and_limited(shards):
     assert len(read_pairs(shards.uri, "eval")) == shards.metrics["rows"]["eval"] > 0
 
 
-@pytest.mark.filterwarnings("ignore:This DataLoader will create")
-def test_streaming_dataset_splits_shards_across_dataloader_workers(shards):
-    all_ids = sorted(r["id"] for r in read_pairs(shards.uri, "train"))
-    ds = StreamingCodeDataset(shards.uri, "train", columns=["id", "code"])
-    assert ds.num_rows == len(all_ids)
-    loader = DataLoader(ds, batch_size=None, num_workers=2)
-    seen = [row["id"] for row in loader]
-    assert sorted(seen) == all_ids  # every row exactly once
-    # more readers than shards: the unit becomes (shard, row group), still exact
-    loader = DataLoader(StreamingCodeDataset(shards.uri, "train", columns=["id"]), batch_size=None, num_workers=4)
-    assert sorted(row["id"] for row in loader) == all_ids
-
-
-def test_streaming_dataset_splits_across_ranks_and_tokenizes(shards, monkeypatch, micro_tokenizer):
-    all_ids = sorted(r["id"] for r in read_pairs(shards.uri, "train"))
-    seen = []
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert reader_slot() == (rank, 2)
-        ds = StreamingCodeDataset(shards.uri, "train", tokenizer=micro_tokenizer, max_length=8,
-                                  shuffle_shards=True, seed=3)
-        rows = list(ds)
-        assert all(0 < len(r["code_ids"]) <= 8 and len(r["summary_ids"]) <= 8 for r in rows)
-        seen += [r["id"] for r in rows]
-    assert sorted(seen) == all_ids
-
-
-def test_streaming_dataset_rejects_partial_output(tmp_path):
+def test_read_pairs_rejects_partial_output(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "part-00000-of-00001.parquet").write_bytes(b"partial")
     with pytest.raises(Exception, match="partial output"):
-        StreamingCodeDataset(str(tmp_path))
+        read_pairs(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ dataset sources
@@ -248,4 +219,3 @@ def test_torch_is_not_needed_to_shard():
 
     code = "import sys, blueprint.stages.shard; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
-    assert torch.utils.data.IterableDataset in StreamingCodeDataset.__mro__

@@ -10,11 +10,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from blueprint import artifacts, metrics, modeling, storage
-from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
+from blueprint.store import artifacts, storage
+from blueprint.eval import metrics
+from blueprint.models import lora
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
 from blueprint.stages import evaluate, merge
 from blueprint.stages.common import open_base, save_adapter_set
-from blueprint.tiny import tiny_llama_config
+from blueprint.models.tiny import tiny_llama_config
 
 PAIRS = [
     ("def add(a, b):\n    return a + b\n", "Return the sum of two numbers."),
@@ -30,7 +32,7 @@ PAIRS = [
     ("def invert(d):\n    return {v: k for k, v in d.items()}\n", "Swap the keys and values of a dictionary."),
     ("def mean(xs):\n    return sum(xs) / len(xs)\n", "Compute the arithmetic mean of a sequence of numbers."),
 ]
-LORA = modeling.LoraSettings(r=8, alpha=16.0, dropout=0.0, target_modules=(
+LORA = lora.LoraSettings(r=8, alpha=16.0, dropout=0.0, target_modules=(
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 CFG = dict(max_examples=len(PAIRS), max_new_tokens=12, max_code_tokens=48, max_summary_tokens=24, batch_size=4,
            report_examples=2)
@@ -75,8 +77,8 @@ def train_coder(model, tokenizer, pairs: list[tuple[str, str]], steps: int) -> N
     for r, (p, t) in enumerate(zip(prompts, targets)):
         ids[r, :len(p) + len(t)] = torch.tensor(p + t)
         labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
-    opt = torch.optim.AdamW(modeling.trainable_only(model, "coder"), lr=2e-2)
-    with modeling.use_adapter(model, "coder"):
+    opt = torch.optim.AdamW(lora.trainable_only(model, "coder"), lr=2e-2)
+    with lora.use_adapter(model, "coder"):
         for _ in range(steps):
             model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
                   labels=labels).loss.backward()
@@ -89,11 +91,11 @@ def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0) -> str
     """A committed adapter set (summarizer + coder) on `base`; the coder trained for `coder_steps` steps."""
     model, tokenizer = open_base(base)
     torch.manual_seed(1)
-    model = modeling.attach_adapters(model, modeling.ROLES, LORA)
+    model = lora.attach_adapters(model, lora.ROLES, LORA)
     if coder_steps:
         train_coder(model, tokenizer, PAIRS, coder_steps)
     local = root / f"{name}-src"
-    save_adapter_set(model, tokenizer, local, base, list(modeling.ROLES), {"round": coder_steps})
+    save_adapter_set(model, tokenizer, local, base, list(lora.ROLES), {"round": coder_steps})
     return commit(local, str(root / name), "warmup")
 
 

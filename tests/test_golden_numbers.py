@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from blueprint.config import build
+from blueprint.config import parse
 from blueprint.stages import ppo_round
 from conftest import SMOKE_PPO
 
@@ -20,7 +20,7 @@ def _pinned(metrics: dict, golden: dict) -> None:
 
 
 def test_smoke_chain_losses_are_the_golden_ones(smoke_chain):
-    from blueprint import artifacts
+    from blueprint.store import artifacts
 
     bootstrap = artifacts.read_manifest(smoke_chain["base"], verify="none")["metrics"]
     warmup = artifacts.read_manifest(smoke_chain["adapters"], verify="none")["metrics"]
@@ -29,7 +29,7 @@ def test_smoke_chain_losses_are_the_golden_ones(smoke_chain):
 
 
 def test_a_smoke_ppo_round_gives_the_golden_rewards_and_kl(smoke_chain, tmp_path):
-    out = ppo_round.run(build(ppo_round.PPORoundConfig, SMOKE_PPO), shards=smoke_chain["shards"],
+    out = ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=smoke_chain["shards"],
                         base=smoke_chain["base"], adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/r",
                         progress=False)
     _pinned(out.metrics, GOLDEN_PPO)

@@ -14,12 +14,9 @@ import venv
 from pathlib import Path
 
 import pytest
-import yaml
-from google.protobuf import json_format
-from kfp.pipeline_spec import pipeline_spec_pb2
 from packaging.utils import canonicalize_name
 
-from blueprint import artifacts
+from blueprint.store import artifacts
 from kfp_launch import launcher_command
 
 REPO = Path(__file__).resolve().parent.parent

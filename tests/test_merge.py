@@ -10,10 +10,11 @@ import torch
 from peft.tuners.lora import LoraModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from blueprint import artifacts, modeling, storage
+from blueprint.store import artifacts, storage
+from blueprint.models import lora
 from blueprint.stages import merge
 from blueprint.stages.common import open_base, save_adapter_set
-from blueprint.tiny import tiny_llama_config
+from blueprint.models.tiny import tiny_llama_config
 
 
 def commit(local: Path, uri: str, stage: str) -> str:
@@ -29,13 +30,13 @@ def build_trained(root: Path, tokenizer, dtype: torch.dtype = torch.float32) -> 
     tokenizer.save_pretrained(root / "base-src")
     base = commit(root / "base-src", str(root / "base"), "bootstrap")
     model, tokenizer = open_base(base)
-    model = modeling.attach_adapters(model, modeling.ROLES, modeling.LoraSettings(r=4, alpha=8.0, dropout=0.0))
+    model = lora.attach_adapters(model, lora.ROLES, lora.LoraSettings(r=4, alpha=8.0, dropout=0.0))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():  # fresh LoRA is a no-op (B = 0): give both roles real, different deltas
-        for role in modeling.ROLES:
-            for p in modeling.adapter_parameters(model, role).values():
+        for role in lora.ROLES:
+            for p in lora.adapter_parameters(model, role).values():
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    save_adapter_set(model, tokenizer, root / "adapters-src", base, list(modeling.ROLES), {"round": 2})
+    save_adapter_set(model, tokenizer, root / "adapters-src", base, list(lora.ROLES), {"round": 2})
     adapters = commit(root / "adapters-src", str(root / "adapters"), "ppo-round")
     return dict(root=root, base=base, adapters=adapters, model=model, tokenizer=tokenizer)
 
@@ -52,7 +53,7 @@ def test_merged_models_match_adapters_and_load_with_plain_transformers(trained, 
     model, tok = trained["model"], trained["tokenizer"]
     ids = torch.tensor([tok("def add(a, b):\n    return a + b\n")["input_ids"]])
     weights = {}
-    for role in modeling.ROLES:
+    for role in lora.ROLES:
         assert out.metrics[f"max_abs_logit_diff_{role}"] <= 1e-4
         for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
             assert f"{role}/{name}" in files, name
@@ -64,7 +65,7 @@ def test_merged_models_match_adapters_and_load_with_plain_transformers(trained, 
         merged_tok = AutoTokenizer.from_pretrained(folder)
         assert not any("lora" in k for k in merged.state_dict())
         assert out.metrics[f"parameters_{role}"] == sum(p.numel() for p in merged.parameters())
-        with torch.no_grad(), modeling.use_adapter(model, role):
+        with torch.no_grad(), lora.use_adapter(model, role):
             expected = model(input_ids=ids).logits
         with torch.no_grad():
             assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)

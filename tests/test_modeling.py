@@ -8,11 +8,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from blueprint.modeling import (
-    REFERENCE, LoraSettings, ModelLoadError, adapter_parameters, add_reference_adapter, attach_adapters,
-    ensure_pad_token, load_adapters, load_base, save_adapters, trainable_only, use_adapter,
-)
-from blueprint.tiny import EOS_TOKEN
+from blueprint.models.loading import ModelLoadError, ensure_pad_token, load_base
+
+from blueprint.models.lora import REFERENCE, LoraSettings, adapter_parameters, add_reference_adapter, attach_adapters, load_adapters, save_adapters, trainable_only, use_adapter
+from blueprint.models.tiny import EOS_TOKEN
 
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)
 
@@ -129,7 +128,7 @@ def test_reference_copies_summarizer_and_stays_frozen(roles, ids):
 def test_saved_adapters_load_with_plain_peft(roles, micro_tokenizer, ids, tmp_path):
     from transformers import LlamaForCausalLM
 
-    from blueprint.tiny import tiny_llama_config
+    from blueprint.models.tiny import tiny_llama_config
 
     add_reference_adapter(roles)
     expected = {}
@@ -225,7 +224,7 @@ def test_pad_token_defaults_to_eos(micro_model, micro_tokenizer, tmp_path):
 
 
 def test_load_base_from_s3_downloads_once(micro_model, micro_tokenizer, ids, s3_bucket, tmp_path):
-    from blueprint import storage
+    from blueprint.store import storage
 
     local = _save_base(micro_model, micro_tokenizer, tmp_path / "base")
     uri = f"{s3_bucket}/bootstrap/base"

@@ -14,7 +14,7 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from blueprint import artifacts, storage
+from blueprint.store import artifacts, storage
 from pipelines import local_run
 from blueprint.config import ConfigError
 from pipelines import golden
@@ -130,16 +130,16 @@ def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke
 
 def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
     """A recomputed output with the same bytes keeps its identity, so what consumes it stays a cache hit."""
-    from blueprint.config import build
+    from blueprint.config import parse
     from blueprint.stages import evaluate
 
-    cfg = build(evaluate.EvaluateConfig, {"max_examples": 4, "max_new_tokens": 8, "max_code_tokens": 64})
+    cfg = parse(evaluate.EvaluateConfig, {"max_examples": 4, "max_new_tokens": 8, "max_code_tokens": 64})
     args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
                 artifact_root=smoke_chain["root"], progress=False)
     first = evaluate.run(cfg, **args)
-    second = evaluate.run(build(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=first.uri, **args)
+    second = evaluate.run(parse(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=first.uri, **args)
     storage.delete_prefix(first.uri)
     redone = evaluate.run(cfg, **args)
     assert not redone.cached and redone.uri == first.uri
-    again = evaluate.run(build(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=redone.uri, **args)
+    again = evaluate.run(parse(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=redone.uri, **args)
     assert again.cached and again.uri == second.uri

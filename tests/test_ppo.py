@@ -12,9 +12,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from blueprint.copying import copy_rate, copy_rates
-from blueprint.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead, eos_cut
-from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, masked_mean, masked_var,
+from blueprint.rl.copying import copy_rate, copy_rates
+from blueprint.rl.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead, eos_cut
+from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, masked_mean, masked_var,
                                 group_baseline, masked_whiten, per_token_rewards, ppo_losses, whiten)
 from conftest import stdlib_texts
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blueprint.modeling import LoraSettings, adapter_parameters, attach_adapters, use_adapter
-from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
-from blueprint.copying import copy_rate
-from blueprint.reward import RewardConfig, RewardError, RewardModel
+from blueprint.models.lora import LoraSettings, adapter_parameters, attach_adapters, use_adapter
+from blueprint.models.prompts import PromptConfig, code_prompt, summary_prompt
+from blueprint.rl.copying import copy_rate
+from blueprint.rl.reward import RewardConfig, RewardError, RewardModel
 
 CODE = "def add(a, b):\n    return a + b\n"
 SUMMARY = "Return the sum of two numbers."

@@ -12,12 +12,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from blueprint import artifacts, storage
-from blueprint.config import ConfigError, build
-from blueprint.data import StreamingCodeDataset, read_pairs
-from blueprint.sources import SourceError
+from blueprint.store import artifacts, storage
+from blueprint.config import ConfigError, parse
+from blueprint.data.readers import read_pairs
+from blueprint.data.sources import SourceError
 from blueprint.stages import shard
-from blueprint.workers import WorkerError, WorkerPool
+from blueprint.data.workers import WorkerError, WorkerPool
 
 
 def write_tree(root: Path, n_files: int = 30, per_file: int = 4) -> Path:
@@ -126,7 +126,7 @@ def test_workers_not_in_key_and_cache_hit(tmp_path, monkeypatch):
     first = shard.run(cfg(src), artifact_root=root, progress=False)
     assert not first.cached
     mtimes = {p: p.stat().st_mtime_ns for p in storage.local_path(first.uri).rglob("*")}
-    monkeypatch.setattr(shard, "build", lambda *a, **k: pytest.fail("cache hit must not rebuild"))
+    monkeypatch.setattr(shard, "compute", lambda *a, **k: pytest.fail("cache hit must not rebuild"))
     hit = shard.run(cfg(src, workers=2), artifact_root=root, progress=False)
     assert hit.cached and hit.uri == first.uri and hit.manifest == first.manifest
     assert {p: p.stat().st_mtime_ns for p in storage.local_path(first.uri).rglob("*")} == mtimes
@@ -178,8 +178,8 @@ def test_s3_output_readable_with_pyarrow(tmp_path, s3_bucket):
         total += n
     train = read_pairs(out.uri, "train")
     assert total == 40 == len(train) + len(read_pairs(out.uri, "eval"))
-    streamed = StreamingCodeDataset(out.uri, "train", columns=["id"])
-    assert sorted(r["id"] for r in streamed) == sorted(r["id"] for r in train)
+    ids = read_pairs(out.uri, "train", columns=["id"])
+    assert sorted(r["id"] for r in ids) == sorted(r["id"] for r in train)
     again = shard.run(cfg(src, num_shards=2), artifact_root=f"{s3_bucket}/artifacts", progress=False)
     assert again.cached and again.uri == out.uri
 
@@ -200,10 +200,10 @@ def test_config_validation_names_the_field():
                        (dict(min_code_lines=5, max_code_lines=2), "max_code_lines")]:
         with pytest.raises(ValueError, match=f"^{field}: "):
             shard.ShardConfig(**bad)
-    cfg_ = build(shard.ShardConfig, {"num_shards": "8", "languages": "Python, Cython", "max_pairs": "none"})
+    cfg_ = parse(shard.ShardConfig, {"num_shards": "8", "languages": "Python, Cython", "max_pairs": "none"})
     assert (cfg_.num_shards, cfg_.languages, cfg_.max_pairs) == (8, ("python", "cython"), None)
     with pytest.raises(ConfigError, match="num_shards"):
-        build(shard.ShardConfig, {"num_shards": "many"})
+        parse(shard.ShardConfig, {"num_shards": "many"})
 
 
 def test_cpu_count_default(monkeypatch):
@@ -217,10 +217,10 @@ def test_unguarded_script_shards_with_workers_and_runs_its_code_once(tmp_path):
     script.write_text(textwrap.dedent(f"""\
         import os
         from blueprint.stages import shard
-        from blueprint.config import build
+        from blueprint.config import parse
         with open({str(tmp_path / "runs.txt")!r}, "a") as f:
             f.write(f"{{os.getpid()}}\\n")
-        cfg = build(shard.ShardConfig, {{"source": "stdlib", "max_pairs": 300, "workers": 2}})
+        cfg = parse(shard.ShardConfig, {{"source": "stdlib", "max_pairs": 300, "workers": 2}})
         out = shard.run(cfg, artifact_root="file://{tmp_path}/x", progress=False)
         assert out.metrics["workers"] == 2, out.metrics["workers"]
         print(out.uri)

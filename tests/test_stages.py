@@ -8,9 +8,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from blueprint import artifacts, modeling, storage
-from blueprint.artifacts import ArtifactError
-from blueprint.config import build
+from blueprint.store import artifacts, storage
+from blueprint.models import lora
+from blueprint.store.artifacts import ArtifactError
+from blueprint.config import parse
 from blueprint.stages import ppo_round, warmup
 from blueprint.stages.common import open_base
 from conftest import SMOKE_PPO, SMOKE_WARMUP
@@ -48,7 +49,7 @@ def test_warmup_gives_the_same_adapters_for_the_same_inputs(smoke_chain, tmp_pat
     hashes = []
     for root in ("a", "b"):
         torch.rand(1000)  # disturb the global RNG: the stage seeds what it draws
-        out = warmup.run(build(warmup.WarmupConfig, SMOKE_WARMUP), shards=smoke_chain["shards"],
+        out = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=smoke_chain["shards"],
                          base=smoke_chain["base"], artifact_root=f"file://{tmp_path}/{root}", progress=False)
         hashes.append({k: f["sha256"] for k, f in out.manifest["files"].items() if k.endswith(".safetensors")})
     assert hashes[0] == hashes[1] and len(hashes[0]) == 2
@@ -66,15 +67,18 @@ def test_warmup_adapters_load_back_with_plain_peft(smoke_chain):
 
 def test_warmup_trains_only_the_adapter_in_training(smoke_chain):
     model, tokenizer = open_base(smoke_chain["base"])
-    peft_model = modeling.attach_adapters(model, modeling.ROLES, modeling.LoraSettings(r=4, alpha=8, dropout=0.0))
+    peft_model = lora.attach_adapters(model, lora.ROLES, lora.LoraSettings(r=4, alpha=8, dropout=0.0))
     frozen = {k: v.detach().clone() for k, v in peft_model.named_parameters() if ".summarizer." not in k}
-    from blueprint.data import read_pairs
+    from blueprint.data.readers import read_pairs
+    from blueprint.models import sft
 
-    cfg = build(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 0.05})
+    cfg = parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 0.05})
     pairs = read_pairs(smoke_chain["shards"], "train", limit=16)
-    data = warmup.sft_datasets(pairs, tokenizer, cfg)["summarizer"]
+    data = sft.sft_datasets(pairs, tokenizer, cfg.prompt_style, cfg.max_code_tokens,
+                            cfg.max_summary_tokens)["summarizer"]
     before = {k: v.detach().clone() for k, v in peft_model.named_parameters() if ".summarizer." in k}
-    warmup.train_adapter(peft_model, tokenizer, "summarizer", data, data, 3, cfg, progress=False)
+    sft.train_adapter(peft_model, tokenizer, "summarizer", data, data, 3, batch_size=cfg.batch_size, lr=cfg.lr,
+                      seed=cfg.seed, max_length=256, progress=False, task="test", lr_setting="lr")
     after = dict(peft_model.named_parameters())
     assert all(torch.equal(v, after[k]) for k, v in frozen.items()), "base or coder moved"
     assert any(not torch.equal(v, after[k]) for k, v in before.items()), "summarizer did not train"
@@ -84,19 +88,19 @@ def test_warmup_to_s3_round_trips(smoke_chain, s3_bucket):
     from blueprint.stages import shard
     from conftest import SMOKE_SHARD
 
-    shards = shard.run(build(shard.ShardConfig, {**SMOKE_SHARD, "max_pairs": 200}), artifact_root=s3_bucket,
+    shards = shard.run(parse(shard.ShardConfig, {**SMOKE_SHARD, "max_pairs": 200}), artifact_root=s3_bucket,
                        progress=False).uri
     base_uri = storage.join(s3_bucket, "base")
     storage.upload_dir(storage.local_path(smoke_chain["base"]), base_uri)  # a committed copy on S3
     storage.write_bytes(artifacts.manifest_uri(base_uri),
                         storage.read_bytes(artifacts.manifest_uri(smoke_chain["base"])))
-    out = warmup.run(build(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 1}), shards=shards, base=base_uri,
+    out = warmup.run(parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 1}), shards=shards, base=base_uri,
                      artifact_root=s3_bucket, progress=False)
     assert out.uri.startswith("s3://") and "adapters/coder/adapter_model.safetensors" in out.manifest["files"]
 
 
 def _round(chain, **extra):
-    cfg = build(ppo_round.PPORoundConfig, {**SMOKE_PPO, **extra})
+    cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, **extra})
     return ppo_round.run(cfg, shards=chain["shards"], base=chain["base"], adapters=chain["adapters"],
                          artifact_root=chain["root"], progress=False)
 
@@ -112,7 +116,7 @@ def test_ppo_round_commits_adapters_value_head_state_and_steps(smoke_chain):
 
 
 def test_ppo_round_is_deterministic_on_cpu(smoke_chain, tmp_path):
-    cfg = build(ppo_round.PPORoundConfig, SMOKE_PPO)
+    cfg = parse(ppo_round.PPORoundConfig, SMOKE_PPO)
     outs = [ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"],
                           adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/r{i}", progress=False)
             for i in range(2)]
@@ -127,7 +131,7 @@ def _adapter_sha(out, name):
 def test_second_round_keeps_the_warmup_reference_or_takes_its_own_start_as_reference(smoke_chain, tmp_path):
     first = _round(smoke_chain)
     args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=first.uri, progress=False)
-    kept, reset = (ppo_round.run(build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "round_index": 2, "reference": ref}),
+    kept, reset = (ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "round_index": 2, "reference": ref}),
                                  out_uri=f"file://{tmp_path}/{ref}", **args) for ref in ("warmup", "round"))
     assert _adapter_sha(kept, "reference") == _adapter_sha(first, "reference")
     assert _adapter_sha(reset, "reference") == _adapter_sha(first, "summarizer") != _adapter_sha(first, "reference")
@@ -137,23 +141,23 @@ def test_second_round_keeps_the_warmup_reference_or_takes_its_own_start_as_refer
 def test_sampled_probe_is_paired_and_leaves_training_unchanged(smoke_chain, tmp_path):
     args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
                 progress=False)
-    plain = ppo_round.run(build(ppo_round.PPORoundConfig, SMOKE_PPO), out_uri=f"file://{tmp_path}/a", **args)
-    probed = ppo_round.run(build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 0, "probe_samples": 3}),
+    plain = ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), out_uri=f"file://{tmp_path}/a", **args)
+    probed = ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 0, "probe_samples": 3}),
                            out_uri=f"file://{tmp_path}/b", **args)
     # no PPO step: the same summarizer, the same seeded draws, so before == after exactly
     assert probed.metrics["probe_sampled_before"] == probed.metrics["probe_sampled_after_ppo"]
-    again = ppo_round.run(build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "probe_samples": 3}),
+    again = ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "probe_samples": 3}),
                           out_uri=f"file://{tmp_path}/c", **args)
     assert _adapter_sha(again, "summarizer") == _adapter_sha(plain, "summarizer")
 
 
 def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_chain, tmp_path, monkeypatch):
-    cfg = build(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 3, "checkpoint_every": 1})
+    cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 3, "checkpoint_every": 1})
     args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
                 progress=False)
     straight = ppo_round.run(cfg, out_uri=f"file://{tmp_path}/straight", **args)
 
-    from blueprint.ppo import PPOTrainer
+    from blueprint.rl.ppo import PPOTrainer
 
     real_step = PPOTrainer.ppo_step
     calls = {"n": 0}
@@ -182,5 +186,5 @@ def test_adapters_from_another_base_are_refused(smoke_chain, tmp_path):
                               lambda d: model.save_pretrained(d) or tokenizer.save_pretrained(d) and {},
                               out_uri=other)
     with pytest.raises(ArtifactError, match="trained on base"):
-        ppo_round.run(build(ppo_round.PPORoundConfig, SMOKE_PPO), shards=smoke_chain["shards"], base=out.uri,
+        ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=smoke_chain["shards"], base=out.uri,
                       adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/x", progress=False)

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from blueprint import storage
-from blueprint.storage import StorageError
+from blueprint.store import storage
+from blueprint.store.storage import StorageError
 
 
 @pytest.fixture(params=["file", "s3"])

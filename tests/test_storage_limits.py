@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from blueprint import storage
-from blueprint.storage import StorageError
+from blueprint.store import storage
+from blueprint.store.storage import StorageError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 REPO = Path(__file__).resolve().parents[1]

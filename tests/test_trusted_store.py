@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from blueprint import artifacts, storage
-from blueprint.config import build
+from blueprint.store import artifacts, storage
+from blueprint.config import parse
 from blueprint.stages import ppo_round
 from conftest import SMOKE_PPO
 
@@ -26,7 +26,7 @@ class Planted:
 
 def _plant_checkpoint(chain, tmp_path: Path, out_uri: str, name: str) -> Path:
     """Commit, as a bucket writer could, a ppo-round checkpoint whose trainer state is a code-running pickle."""
-    cfg = build(ppo_round.PPORoundConfig, SMOKE_PPO)
+    cfg = parse(ppo_round.PPORoundConfig, SMOKE_PPO)
     real = ppo_round.run(cfg, shards=chain["shards"], base=chain["base"], adapters=chain["adapters"],
                          artifact_root=chain["root"], progress=False)
     local, _ = artifacts.download_artifact(real.uri, tmp_path / "copy")
@@ -43,7 +43,7 @@ def _plant_checkpoint(chain, tmp_path: Path, out_uri: str, name: str) -> Path:
 def test_a_planted_pickle_in_a_checkpoint_is_refused_not_executed(smoke_chain, tmp_path, name):
     out_uri = f"file://{tmp_path}/round"
     marker = _plant_checkpoint(smoke_chain, tmp_path, out_uri, name)
-    cfg = build(ppo_round.PPORoundConfig, SMOKE_PPO)
+    cfg = parse(ppo_round.PPORoundConfig, SMOKE_PPO)
     with pytest.raises(artifacts.ArtifactError, match="pickle|not a valid training state"):
         ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
                       out_uri=out_uri, progress=False)
@@ -52,7 +52,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_not_executed(smoke_chain, t
 
 
 def test_no_pickle_loading_and_no_remote_code_anywhere_in_the_package():
-    """The one pickle.loads is blueprint/workers.py's: frames on the pipes to its own child processes, never
+    """The one pickle.loads is blueprint/data/workers.py's: frames on the pipes to its own child processes, never
     bytes from the store."""
     root = Path(__file__).resolve().parent.parent
     for package in ("blueprint", "components", "pipelines"):
@@ -80,7 +80,7 @@ def test_a_diverging_warmup_fails_naming_lr_and_commits_nothing(smoke_chain, tmp
     from blueprint.stages import warmup
     from conftest import SMOKE_WARMUP
 
-    cfg = build(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 1e38})
+    cfg = parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 1e38})
     with pytest.raises(NonFiniteLoss, match="lower 'lr'"):
         warmup.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], artifact_root=f"file://{tmp_path}",
                    progress=False)
@@ -125,7 +125,7 @@ def _copy_artifact(uri: str, target: str, tmp_path: Path) -> str:
 @pytest.mark.parametrize("where", ["middle", "footer"])
 def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_trains_on_it(smoke_chain, tmp_path,
                                                                                          request, store, where):
-    from blueprint.data import read_pairs
+    from blueprint.data.readers import read_pairs
     from blueprint.stages import warmup
     from conftest import SMOKE_WARMUP
 
@@ -138,7 +138,7 @@ def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_train
     storage.write_bytes(storage.join(shards, rel), bytes(data))
     with pytest.raises(artifacts.ArtifactError, match=f"{shards} is damaged: {rel} does not match its sha256"):
         read_pairs(shards, "train")
-    cfg = build(warmup.WarmupConfig, SMOKE_WARMUP)
+    cfg = parse(warmup.WarmupConfig, SMOKE_WARMUP)
     with pytest.raises(artifacts.ArtifactError, match=rel):
         warmup.run(cfg, shards=shards, base=smoke_chain["base"], artifact_root=root, force=True, progress=False)
     assert [r["stage"] for r in artifacts.cached_outputs(root)] == ["shard"], "a stage committed from damaged input"
@@ -167,16 +167,16 @@ def _chain(root: str) -> dict[str, artifacts.StageOutput]:
     from conftest import SMOKE_BOOTSTRAP, SMOKE_SHARD, SMOKE_WARMUP
 
     kw = dict(artifact_root=root, progress=False)
-    out = {"shard": shard.run(build(shard.ShardConfig, SMOKE_SHARD), **kw)}
+    out = {"shard": shard.run(parse(shard.ShardConfig, SMOKE_SHARD), **kw)}
     s = out["shard"].uri
-    out["bootstrap"] = bootstrap.run(build(bootstrap.BootstrapConfig, SMOKE_BOOTSTRAP), shards=s, **kw)
+    out["bootstrap"] = bootstrap.run(parse(bootstrap.BootstrapConfig, SMOKE_BOOTSTRAP), shards=s, **kw)
     b = out["bootstrap"].uri
-    out["warmup"] = warmup.run(build(warmup.WarmupConfig, SMOKE_WARMUP), shards=s, base=b, **kw)
-    out["ppo-round"] = ppo_round.run(build(ppo_round.PPORoundConfig, SMOKE_PPO), shards=s, base=b,
+    out["warmup"] = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=s, base=b, **kw)
+    out["ppo-round"] = ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=s, base=b,
                                      adapters=out["warmup"].uri, **kw)
-    out["evaluate"] = evaluate.run(build(evaluate.EvaluateConfig, {"max_examples": 8, "max_new_tokens": 8}),
+    out["evaluate"] = evaluate.run(parse(evaluate.EvaluateConfig, {"max_examples": 8, "max_new_tokens": 8}),
                                    shards=s, base=b, adapters=out["ppo-round"].uri, **kw)
-    out["merge"] = merge.run(build(merge.MergeConfig, {}), base=b, adapters=out["ppo-round"].uri,
+    out["merge"] = merge.run(parse(merge.MergeConfig, {}), base=b, adapters=out["ppo-round"].uri,
                              evaluation=out["evaluate"].uri, **kw)
     return out
 
@@ -202,7 +202,7 @@ def test_training_state_round_trips_without_name_clashes_and_refuses_a_foreign_j
 
     import torch
 
-    from blueprint.tensor_state import StateFileError, load_state, save_state
+    from blueprint.store.tensor_state import StateFileError, load_state, save_state
 
     state = {"a.b": torch.ones(2), "a": {"b": torch.zeros(3)}, 7: {"step": torch.tensor(4)}, "betas": (0.9, 0.95)}
     save_state(state, tmp_path, "s")
@@ -219,7 +219,7 @@ def test_a_lock_left_by_a_dead_writer_or_holding_garbage_is_broken_and_a_live_on
     import json
     import os
 
-    from blueprint import commit_lock
+    from blueprint.store import commit_lock
 
     root = f"file://{tmp_path}" if store == "file" else request.getfixturevalue("s3_bucket")
     prefix = storage.join(root, "stage", "key")

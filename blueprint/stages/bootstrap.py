@@ -7,49 +7,51 @@ code alone leaves the summary -> code prompt blind to the summary (pairwise rewa
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
 from pathlib import Path
 from typing import Any
 
-from blueprint import artifacts
-from blueprint.config import require
+from pydantic import model_validator
+
+from blueprint.store import artifacts
+from blueprint.config import ConfigError, Settings, setting
 from blueprint.errors import InputError, check_finite_loss
 from blueprint.progress import note
-from blueprint.prompts import PromptConfig, code_prompt, summary_prompt
+from blueprint.models.prompts import PromptConfig, code_prompt, summary_prompt
 from blueprint.stages.common import quiet_libraries
 
-PRESETS = ("micro", "tiny")  # sizes in blueprint.tiny.PRESETS
+PRESETS = ("micro", "tiny")  # sizes in blueprint.models.tiny.PRESETS
 
 STAGE = "bootstrap"
 
 
-@dataclasses.dataclass
-class BootstrapConfig:
-    preset: str = "tiny"
-    vocab_size: int = 4096
-    seq_len: int = 384                 # >= summary + code lengths the coder is trained and scored at (64 + 256)
-    batch_size: int = 4
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    max_tokens: int = 3_145_728        # pre-training budget: fixed tokens, so reruns are reproducible
-    max_pairs: int = 20_000            # pairs read from the train shards
-    prompt_format_share: float = 0.8   # share of documents in the two prompt formats (the rest: plain code)
-    prompt_style: str = "plain"
-    seed: int = 0
-    threads: int = 0                   # torch threads; 0 = all cores
+class BootstrapConfig(Settings):
+    """The `tiny` base: a small Llama built from a preset, its tokenizer trained on the shards, pre-trained briefly."""
 
-    def __post_init__(self) -> None:
-        require(self.preset in PRESETS, "preset", f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        require(self.vocab_size >= 300, "vocab_size", "must be at least 300 (256 bytes + specials + merges)")
-        require(self.seq_len >= 16, "seq_len", "must be at least 16")
-        require(self.batch_size >= 1, "batch_size", "must be positive")
-        require(self.lr > 0, "lr", "must be positive")
-        require(self.max_tokens >= self.seq_len * self.batch_size, "max_tokens", "must cover at least one batch")
-        require(self.max_pairs >= 1, "max_pairs", "must be positive")
-        require(0.0 <= self.prompt_format_share <= 1.0, "prompt_format_share", "must be in [0, 1]")
+    preset: str = setting("tiny", "model size preset (blueprint.models.tiny.PRESETS)")
+    vocab_size: int = setting(4096, "byte-level BPE vocabulary (256 bytes + specials + merges)", ge=300)
+    seq_len: int = setting(384, ">= the summary + code lengths the coder is trained and scored at (64 + 256)",
+                           ge=16)
+    batch_size: int = setting(4, "sequences per optimizer step", ge=1)
+    lr: float = setting(3e-3, "peak learning rate (cosine schedule with warmup)", gt=0)
+    warmup_steps: int = setting(30, "learning-rate warmup steps", ge=0)
+    max_tokens: int = setting(3_145_728, "pre-training budget: fixed tokens, so reruns are reproducible")
+    max_pairs: int = setting(20_000, "pairs read from the train shards", ge=1)
+    prompt_format_share: float = setting(0.8, "share of documents in the two prompt formats (the rest: plain "
+                                              "code)", ge=0, le=1)
+    prompt_style: str = setting("plain", "prompt templates: plain | structured")
+    seed: int = setting(0, "seeds the weights and the data order")
+    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BootstrapConfig:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        if self.max_tokens < self.seq_len * self.batch_size:
+            raise ConfigError("max_tokens: must cover at least one batch")
+        return self
 
 
 def _documents(pairs: list[dict[str, Any]], cfg: BootstrapConfig, rng: random.Random) -> list[str]:
@@ -130,13 +132,13 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, progress: bool = 
             "loss_start": sum(head) / len(head), "loss_end": sum(tail) / len(tail)}
 
 
-def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Train the tokenizer and pre-train the model from `shards`; save both to `out_dir`."""
     import torch
     from transformers import LlamaForCausalLM
 
-    from blueprint.data import read_pairs
-    from blueprint.tiny import tiny_llama_config, train_bpe_tokenizer
+    from blueprint.data.readers import read_pairs
+    from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
 
     start = time.time()
     quiet_libraries(progress)
@@ -170,5 +172,5 @@ def build(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = Tru
 def run(config: BootstrapConfig, *, shards: str, artifact_root: str | None = None, out_uri: str | None = None,
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed, content-addressed `tiny` base model folder (loadable with `from_pretrained`)."""
-    return artifacts.run_stage(STAGE, config, {"shards": shards}, lambda d: build(config, shards, d, progress),
+    return artifacts.run_stage(STAGE, config, {"shards": shards}, lambda d: compute(config, shards, d, progress),
                                artifact_root=artifact_root, out_uri=out_uri, force=force)

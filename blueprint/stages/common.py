@@ -9,13 +9,12 @@ An adapter set records the identity of its base, so adapters are never silently 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from blueprint import artifacts, storage
+from blueprint.store import artifacts, storage
 
 ADAPTERS_DIR = "adapters"
 BASE_FILE = "base.json"
@@ -55,7 +54,7 @@ def checked_base(base: str) -> str:
     """`resolve_base`, then refused now (not after an hour) when `load_base` would refuse it; `tiny` is built."""
     base = resolve_base(base)
     if base != "tiny":
-        from blueprint.modeling import check_base
+        from blueprint.models.loading import check_base
 
         check_base(base)
     return base
@@ -85,23 +84,23 @@ def open_base(base: str, threads: int = 0, progress: bool = True) -> tuple[Any, 
     """Load the base model and tokenizer: a committed artifact (verified) or anything `load_base` accepts."""
     import torch
 
-    from blueprint import modeling
+    from blueprint.models import loading
 
     quiet_libraries(progress)
     if threads:
         torch.set_num_threads(threads)
     if is_artifact(base) and not storage.is_s3(base):
         artifacts.read_manifest(base, verify="full")
-        return modeling.load_base(str(storage.local_path(base)))
-    return modeling.load_base(base)
+        return loading.load_base(str(storage.local_path(base)))
+    return loading.load_base(base)
 
 
 def save_adapter_set(model, tokenizer, out_dir: Path, base: str, names: list[str], extra: dict | None = None) -> None:
     """Adapters (peft safetensors), tokenizer and the base identity, under `out_dir`."""
-    from blueprint import modeling
+    from blueprint.models import lora
 
     named = artifacts.reference(base) if is_artifact(base) else base  # no artifact root inside the files
-    modeling.save_adapters(model, out_dir / ADAPTERS_DIR, names, base_name=named)
+    lora.save_adapters(model, out_dir / ADAPTERS_DIR, names, base_name=named)
     tokenizer.save_pretrained(out_dir / "tokenizer")
     meta = {"base": named, "base_identity": base_identity(base), "adapters": names, **(extra or {})}
     (out_dir / BASE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -120,4 +119,4 @@ def fetch_adapter_set(uri: str, base: str, local_dir: Path) -> tuple[Path, dict[
 
 def key_settings(config: Any, base: str) -> dict[str, Any]:
     """The config as a dict plus the base's settings contribution (for the cache key)."""
-    return {**dataclasses.asdict(config), **split_base(base)[1]}
+    return {**config.to_dict(), **split_base(base)[1]}

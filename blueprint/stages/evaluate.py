@@ -15,7 +15,6 @@ appended to the `previous` evaluation's history) and metrics.png (key metrics ac
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -24,13 +23,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blueprint import artifacts, metrics as text_metrics, report
-from blueprint.config import ConfigError, require
+from pydantic import model_validator
+
+from blueprint.store import artifacts
+from blueprint.eval import metrics as text_metrics, report
+from blueprint.config import ConfigError, Settings, setting
 from blueprint.errors import InputError
 from blueprint.progress import Progress
-from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
+from blueprint.models.sft import clip_tokens
 from blueprint.stages.common import fetch_adapter_set, is_artifact, open_base, split_base, key_settings
-from blueprint.stages.warmup import clip_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -40,34 +42,29 @@ OPTIONAL_INPUTS = ("previous",)
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 
-@dataclasses.dataclass
-class EvaluateConfig:
-    max_examples: int = 64          # held-out functions whose summary and code are generated (the first ones)
-    pairwise_examples: int = 256    # held-out functions scored for pairwise accuracy (forward passes only, cheap;
-                                    # at least max_examples): 64 pairs leave it +-0.06 noisy, 256 +-0.03
-    max_new_tokens: int = 48        # summary generation budget; code generation gets max_code_tokens
-    max_code_tokens: int = 256
-    max_summary_tokens: int = 64
-    batch_size: int = 8             # prompts per generate() call
-    length_coef: float = 0.01
-    prompt_style: str = "plain"
-    report_examples: int = 3        # example rows shown in report.md
-    epoch: int = 0                  # PPO rounds done (0 = after warmup): the x axis of the history
-    seed: int = 0                   # fixes the docstring pairing of pairwise accuracy
-    threads: int = 0
+class EvaluateConfig(Settings):
+    """What the evaluation generates and scores on the held-out split."""
 
-    def __post_init__(self) -> None:
-        require(self.max_examples >= 1, "max_examples", "must be >= 1")
-        require(self.pairwise_examples >= 0, "pairwise_examples", "must be >= 0")
-        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        require(self.max_code_tokens >= 8 and self.max_summary_tokens >= 4, "max_code_tokens",
-                "max_code_tokens >= 8 and max_summary_tokens >= 4")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        require(self.length_coef >= 0, "length_coef", "must be >= 0")
-        require(self.report_examples >= 0, "report_examples", "must be >= 0")
-        require(self.epoch >= 0, "epoch", "must be >= 0")
-        require(self.threads >= 0, "threads", "must be >= 0")
+    max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)",
+                                ge=1)
+    pairwise_examples: int = setting(256, "held-out functions scored for pairwise accuracy (forward passes only; "
+                                          "at least max_examples): 64 pairs leave it +-0.06 noisy, 256 +-0.03",
+                                     ge=0)
+    max_new_tokens: int = setting(48, "summary generation budget; code generation gets max_code_tokens", ge=1)
+    max_code_tokens: int = setting(256, "code is cut to this many tokens (as in training)", ge=8)
+    max_summary_tokens: int = setting(64, "summaries are cut to this many tokens", ge=4)
+    batch_size: int = setting(8, "prompts per generate() call", ge=1)
+    length_coef: float = setting(0.01, "weight of len(summary) / len(code) in the reward", ge=0)
+    prompt_style: str = setting("plain", "prompt templates: plain | structured")
+    report_examples: int = setting(3, "example rows shown in report.md", ge=0)
+    epoch: int = setting(0, "PPO rounds done (0 = after warmup): the x axis of the history", ge=0)
+    seed: int = setting(0, "fixes the docstring pairing of pairwise accuracy")
+    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
+
+    @model_validator(mode="after")
+    def _prompts(self) -> EvaluateConfig:
         PromptConfig(style=self.prompt_style)
+        return self
 
 
 def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
@@ -78,15 +75,15 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
     """
     import torch
 
-    from blueprint import modeling
-    from blueprint.batching import pad_batch
+    from blueprint.models import lora
+    from blueprint.models.batching import pad_batch
 
     ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[list[int]] = [[] for _ in ids]
-    with modeling.use_adapter(model, adapter), torch.no_grad():
+    with lora.use_adapter(model, adapter), torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
@@ -135,8 +132,8 @@ def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig,
     accuracy on all of them; one sample row per generated pair."""
     import torch
 
-    from blueprint.copying import copy_rate
-    from blueprint.reward import RewardConfig, RewardModel
+    from blueprint.rl.copying import copy_rate
+    from blueprint.rl.reward import RewardConfig, RewardModel
 
     pairs = scored[:cfg.max_examples]
     prompts = PromptConfig(style=cfg.prompt_style)
@@ -232,12 +229,12 @@ def previous_history(previous: str | None) -> list[dict[str, Any]]:
     return list(json.loads(artifacts.read_verified(previous, "history.json", manifest)))
 
 
-def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: str | None, out_dir: Path,
+def compute(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: str | None, out_dir: Path,
           progress: bool = True) -> dict[str, Any]:
     import torch
 
-    from blueprint import modeling
-    from blueprint.data import read_pairs
+    from blueprint.models import lora
+    from blueprint.data.readers import read_pairs
 
     start = time.time()
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -249,7 +246,7 @@ def build(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: 
     model, tokenizer = open_base(base, cfg.threads, progress)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "adapters")
-        model = modeling.load_adapters(model, adapter_dir, names=list(modeling.ROLES), frozen=modeling.ROLES)
+        model = lora.load_adapters(model, adapter_dir, names=list(lora.ROLES), frozen=lora.ROLES)
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
@@ -288,7 +285,7 @@ def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previo
     if previous:
         inputs["previous"] = previous
     return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
-                               lambda d: build(config, shards, base, adapters, previous, d, progress),
+                               lambda d: compute(config, shards, base, adapters, previous, d, progress),
                                artifact_root=artifact_root, out_uri=out_uri, force=force)
 
 

@@ -7,11 +7,10 @@ loaded onto a fresh base, `merge_and_unload`ed and saved with its tokenizer and 
 A merge that silently changed the model would ship a different model than the one evaluated, so before anything
 is committed the merged model is checked against the adapter model: logits on a fixed batch of prompts, in fp32,
 both in memory and after reloading the saved folder from disk. Above `check_tolerance` the stage raises, and
-since run_stage commits only when build returns, nothing is committed.
+since run_stage commits only when compute returns, nothing is committed.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import shutil
@@ -20,12 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blueprint import artifacts, storage
-from blueprint.config import require
+from pydantic import model_validator
+
+from blueprint.store import artifacts, storage
+from blueprint.config import ConfigError, Settings, setting
 from blueprint.errors import InputError, UserError
 from blueprint.progress import Progress
-from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
-from blueprint.report import DESCRIPTIONS, table
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
+from blueprint.eval.report import DESCRIPTIONS, table
 from blueprint.stages.common import BASE_FILE, fetch_adapter_set, is_artifact, open_base, split_base, key_settings
 
 STAGE = "merge"
@@ -48,21 +49,22 @@ class MergeCheckError(UserError, RuntimeError):
     """The merged model's logits differ from the adapter model's: the merge must not be shipped."""
 
 
-@dataclasses.dataclass
-class MergeConfig:
-    keep_adapters: bool = True       # also commit the adapter-only folders under adapters/
-    check_tolerance: float = 1e-4    # max |logit(merged) - logit(base + adapter)| accepted, fp32
-    check_batch: int = 4             # prompts in the check batch
-    save_dtype: str = "base"         # dtype of the saved weights: "base" (the base's own, e.g. bf16 for most hub
-                                     # models, fp32 for tiny) or float32 / bfloat16 / float16. Merged in fp32.
-    seed: int = 0
-    threads: int = 0
+class MergeConfig(Settings):
+    """Merging each role's adapter into its own copy of the base, checked against the adapter model."""
 
-    def __post_init__(self) -> None:
-        require(self.check_tolerance >= 0, "check_tolerance", "must be >= 0")
-        require(self.check_batch >= 1, "check_batch", "must be >= 1")
-        require(self.save_dtype in SAVE_DTYPES, "save_dtype", f"choose one of {', '.join(SAVE_DTYPES)}")
-        require(self.threads >= 0, "threads", "must be >= 0")
+    keep_adapters: bool = setting(True, "also commit the adapter-only folders under adapters/")
+    check_tolerance: float = setting(1e-4, "max |logit(merged) - logit(base + adapter)| accepted, fp32", ge=0)
+    check_batch: int = setting(4, "prompts in the check batch", ge=1)
+    save_dtype: str = setting("base", 'dtype of the saved weights: "base" (the base\'s own, e.g. bf16 for most hub '
+                                      "models, fp32 for tiny) or float32 / bfloat16 / float16. Merged in fp32.")
+    seed: int = setting(0, "seeds the check batch")
+    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
+
+    @model_validator(mode="after")
+    def _dtype(self) -> MergeConfig:
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ConfigError(f"save_dtype: choose one of {', '.join(SAVE_DTYPES)}")
+        return self
 
 
 def resolve_dtype(save_dtype: str, published: str | None):
@@ -76,7 +78,7 @@ def resolve_dtype(save_dtype: str, published: str | None):
 
 def check_batch(tokenizer, role: str, size: int):
     """(input_ids, attention_mask) of `size` fixed prompts in `role`'s format, right-padded."""
-    from blueprint.batching import pad_batch
+    from blueprint.models.batching import pad_batch
 
     prompts = PromptConfig()
     texts = [summary_prompt(CHECK_CODES[i % len(CHECK_CODES)], prompts) if role == "summarizer"
@@ -110,11 +112,11 @@ def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: Merg
     import torch
     from transformers import AutoModelForCausalLM
 
-    from blueprint import modeling
+    from blueprint.models import lora
 
     model, tokenizer = open_base(base, cfg.threads, progress)
     dtype = resolve_dtype(cfg.save_dtype, getattr(model, "published_dtype", None))
-    model = modeling.load_adapters(model, adapter_dir, names=[role], frozen=[role]).eval()
+    model = lora.load_adapters(model, adapter_dir, names=[role], frozen=[role]).eval()
     batch = check_batch(tokenizer, role, cfg.check_batch)
     expected = logits(model, batch)
     merged = model.merge_and_unload().eval()
@@ -165,13 +167,13 @@ def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
 def model_card(role: str, base: str, adapters: str, adapter_run: dict[str, Any], evaluation: str | None,
                scores: dict[str, Any], check: float) -> str:
     """README.md of a merged folder: what it is, where it came from, how it scored, how to load it."""
-    from blueprint import modeling
+    from blueprint.models import loading
 
     task = {"summarizer": "writes a one-paragraph summary (docstring) of a Python function",
             "coder": "writes a Python function from its summary (docstring)"}[role]
     prompt = PromptConfig()
     template = prompt.code_to_summary if role == "summarizer" else prompt.summary_to_code
-    hub_base = not (is_artifact(base) or storage.is_s3(base) or modeling._is_local(base))  # a hub id
+    hub_base = not (is_artifact(base) or storage.is_s3(base) or loading._is_local(base))  # a hub id
     base = artifacts.reference(base) if is_artifact(base) else base  # the card is content: no root, no time
     adapters, evaluation = artifacts.reference(adapters), evaluation and artifacts.reference(evaluation)
     front = ["---", "library_name: transformers", "tags: [blueprint, code, lora-merged]"]
@@ -197,11 +199,11 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def build(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, out_dir: Path,
+def compute(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, out_dir: Path,
           progress: bool = True) -> dict[str, Any]:
     import torch
 
-    from blueprint import modeling
+    from blueprint.models import lora
 
     start = time.time()
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -212,8 +214,8 @@ def build(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, ou
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "in")
         run_info = {"stage": manifest.get("stage"), "key": manifest.get("key"), "round": meta.get("round", "?")}
-        roles = Progress(STAGE, len(modeling.ROLES), progress, unit="model")
-        for done, role in enumerate(modeling.ROLES, 1):
+        roles = Progress(STAGE, len(lora.ROLES), progress, unit="model")
+        for done, role in enumerate(lora.ROLES, 1):
             role_metrics = merge_role(role, base, adapter_dir, out_dir / role, cfg, progress)
             roles.update(done, merged=role)
             metrics.update(role_metrics)
@@ -221,7 +223,7 @@ def build(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, ou
                 role, base, adapters, run_info, evaluation, scores, role_metrics[f"max_abs_logit_diff_{role}"]))
             metrics[f"bytes_{role}"] = folder_bytes(out_dir / role)
         if cfg.keep_adapters:
-            for role in modeling.ROLES:
+            for role in lora.ROLES:
                 shutil.copytree(adapter_dir / role, out_dir / "adapters" / role)
             shutil.copy(adapter_dir.parent / BASE_FILE, out_dir / "adapters" / BASE_FILE)
     metrics.update({f"eval_{k}": v for k, v in scores.items() if k in ("reward_gen_mean", "pairwise_accuracy")})
@@ -238,6 +240,6 @@ def run(config: MergeConfig, *, base: str, adapters: str, evaluation: str | None
     if evaluation:
         inputs["evaluation"] = evaluation
     return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
-                               lambda d: build(config, base, adapters, evaluation, d, progress),
+                               lambda d: compute(config, base, adapters, evaluation, d, progress),
                                artifact_root=artifact_root, out_uri=out_uri, force=force)
 

@@ -7,20 +7,22 @@ does not drift. A killed round resumes from its last checkpoint (every `checkpoi
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from blueprint import artifacts, storage
-from blueprint.config import require
-from blueprint.prompts import PromptConfig, encode_prompts, summary_prompt
+from pydantic import model_validator
+
+from blueprint.store import artifacts, storage
+from blueprint.config import setting
+from blueprint.rl.ppo_config import PPOConfig
+from blueprint.models.prompts import PromptConfig, encode_prompts, summary_prompt
+from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, train_adapter
 from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_set, split_base, key_settings
-from blueprint.stages.warmup import WarmupConfig, clip_tokens, sft_datasets, train_adapter
-from blueprint.tensor_state import StateFileError, load_state, save_state
+from blueprint.store.tensor_state import StateFileError, load_state, save_state
 
 STAGE = "ppo-round"
 CHECKPOINT = "_checkpoint"
@@ -28,71 +30,58 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (the rest): never a pickle
 
 
-@dataclasses.dataclass
-class PPORoundConfig:
-    round_index: int = 1
-    ppo_steps: int = 10
-    supervised_steps: int = 10
-    batch_size: int = 16                # summaries sampled per PPO step
-    samples_per_query: int = 4          # of them, per code: each summary is judged against its siblings, so the
-                                        # advantage says "better summary", not "easier code" (README, Measured)
-    mini_batch_size: int = 4
-    ppo_epochs: int = 2
-    lr: float = 1e-3
-    temperature: float = 0.5            # sampling and log-prob temperature: nearer greedy than 0.7, so what PPO
-                                        # learns from shows in greedy summaries (README, Measured)
-    max_new_tokens: int = 32
-    init_kl_coef: float = 0.05
-    adaptive_kl: bool = True
-    kl_target: float = 6.0
-    max_kl: float = 50.0
-    copy_penalty: float = 1.0
-    whiten_rewards: bool = True         # scale the (per-code centred) scores by the batch std: the gain (~0.03
-                                        # nats/token) is otherwise small next to the KL penalty (beta x KL ~ 0.2
-                                        # nats/summary); with one summary per code, PPO raised the batch's reward
-                                        # in 12 of 16 rounds with it, 4 of 8 without (README, Measured)
-    missing_eos_penalty: float = 0.1    # on the gain's scale (~0.05 nats/token): at 1.0 one unfinished summary
-                                        # in 32 dominated the whitened batch and PPO learned little else
-    length_coef: float = 0.01
-    reward: str = "gain"                # "gain" (default, low variance) or "neg_ce" (the seed's −CE)
-    coder_lr: float = 1e-3
-    coder_batch_size: int = 8
-    ground_truth_fraction: float = 0.5  # share of the coder's pairs that use the true docstring
-    max_code_tokens: int = 256
-    max_summary_tokens: int = 64
-    probe_size: int = 128               # codes of the round's batch whose greedy-summary reward is measured
-                                        # before and after (paired, so small changes show)
-    probe_samples: int = 0              # >0: also the expected reward, this many sampled summaries per probe code
-    reference: str = "round"            # KL anchor: "round" (the summarizer as this round starts: KL is a per-round
-                                        # trust region, so a recurring retraining never drifts into max_kl) or
-                                        # "warmup" (the summarizer after warmup, kept for every round)
-    checkpoint_every: int = 5
-    prompt_style: str = "plain"
-    seed: int = 0
-    threads: int = 0
+class PPORoundConfig(PPOConfig):
+    """One round: PPO on the summarizer (every PPOConfig setting applies), then the coder's supervised step.
 
-    def __post_init__(self) -> None:
-        require(self.round_index >= 1, "round_index", "must be >= 1")
-        require(self.ppo_steps >= 0, "ppo_steps", "must be >= 0")
-        require(self.supervised_steps >= 0, "supervised_steps", "must be >= 0")
-        require(self.reward in ("gain", "neg_ce"), "reward", "must be 'gain' or 'neg_ce'")
-        require(0.0 <= self.ground_truth_fraction <= 1.0, "ground_truth_fraction", "must be in [0, 1]")
-        require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-        require(self.probe_size >= 1, "probe_size", "must be >= 1")
-        require(self.probe_samples >= 0, "probe_samples", "must be >= 0")
-        require(self.reference in ("warmup", "round"), "reference", "must be 'warmup' or 'round'")
-        require(self.coder_lr > 0 and self.coder_batch_size >= 1, "coder_lr", "coder_lr > 0 and coder_batch_size >= 1")
-        self.ppo_config()  # validates the PPO hyper-parameters
+    The PPO settings are PPOConfig's own fields, inherited, not copied; the round re-declares only the defaults it
+    chooses differently, each for a measured reason (README, Measured).
+    """
 
-    def ppo_config(self):
-        from blueprint.ppo_config import PPOConfig
+    error_prefix = ""
 
-        return PPOConfig(lr=self.lr, batch_size=self.batch_size, samples_per_query=self.samples_per_query,
-                         mini_batch_size=self.mini_batch_size, ppo_epochs=self.ppo_epochs, temperature=self.temperature,
-                         max_new_tokens=self.max_new_tokens, init_kl_coef=self.init_kl_coef,
-                         adaptive_kl=self.adaptive_kl, kl_target=self.kl_target, max_kl=self.max_kl,
-                         copy_penalty=self.copy_penalty, missing_eos_penalty=self.missing_eos_penalty,
-                         whiten_rewards=self.whiten_rewards)
+    round_index: int = setting(1, "which round this is (1 = the first after warmup): seeds the round's draw", ge=1)
+    ppo_steps: int = setting(10, "PPO steps on the summarizer (the seed's ppo_steps)", ge=0)
+    supervised_steps: int = setting(10, "optimizer steps of the coder on this round's summaries (the seed's "
+                                        "supervised_steps)", ge=0)
+    samples_per_query: int = setting(
+        4, "summaries sampled per code: each is judged against its siblings, so the advantage says 'better "
+           "summary', not 'easier code'", gt=0)
+    ppo_epochs: int = setting(2, "passes over each batch of rollouts", gt=0)
+    lr: float = setting(1e-3, "learning rate of the summarizer's LoRA and the value head", gt=0)
+    temperature: float = setting(0.5, "sampling and log-prob temperature: nearer greedy than 0.7, so what PPO "
+                                      "learns from shows in greedy summaries", gt=0)
+    max_new_tokens: int = setting(32, "longest summary sampled", gt=0)
+    whiten_rewards: bool = setting(
+        True, "scale the (per-code centred) scores by the batch std: the gain (~0.03 nats/token) is otherwise "
+              "small next to the KL penalty (~0.2 nats/summary)")
+    missing_eos_penalty: float = setting(0.1, "on the gain's scale (~0.05 nats/token): at 1.0 one unfinished "
+                                              "summary in 32 dominated the whitened batch", ge=0)
+    length_coef: float = setting(0.01, "weight of len(summary) / len(code) in the reward", ge=0)
+    reward: Literal["gain", "neg_ce"] = setting("gain", '"gain" (information gain, low variance) or "neg_ce" '
+                                                        "(the seed's -CE)")
+    coder_lr: float = setting(1e-3, "learning rate of the coder's supervised step", gt=0)
+    coder_batch_size: int = setting(8, "pairs per coder optimizer step", ge=1)
+    ground_truth_fraction: float = setting(0.5, "share of the coder's pairs that use the true docstring", ge=0,
+                                           le=1)
+    max_code_tokens: int = setting(256, "code is cut to this many tokens (what the reward and the coder see)",
+                                   ge=8)
+    max_summary_tokens: int = setting(64, "summaries are cut to this many tokens", ge=4)
+    probe_size: int = setting(128, "codes of the round's batch whose greedy-summary reward is measured before "
+                                   "and after (paired, so small changes show)", ge=1)
+    probe_samples: int = setting(0, ">0: also the expected reward, this many sampled summaries per probe code",
+                                 ge=0)
+    reference: Literal["round", "warmup"] = setting(
+        "round", 'KL anchor: "round" (the summarizer as this round starts: a per-round trust region, so a '
+                 'recurring retraining never drifts into max_kl) or "warmup" (the summarizer after warmup)')
+    checkpoint_every: int = setting(5, "PPO steps between resumable checkpoints", ge=1)
+    prompt_style: str = setting("plain", "prompt templates: plain | structured")
+    seed: int = setting(0, "seeds the round's draw of codes, the probe and sampling")
+    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
+
+    @model_validator(mode="after")
+    def _prompts(self) -> PPORoundConfig:
+        PromptConfig(style=self.prompt_style)
+        return self
 
 
 def queries_per_step(cfg: PPORoundConfig) -> int:
@@ -128,8 +117,8 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig
     """
     import torch
 
-    from blueprint import modeling
-    from blueprint.batching import pad_batch
+    from blueprint.models import lora
+    from blueprint.models.batching import pad_batch
 
     prompts = PromptConfig(style=cfg.prompt_style)
     codes = [c for c in codes for _ in range(max(samples, 1))]
@@ -138,7 +127,7 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig
     width = batch.shape[1]
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if samples else \
         dict(do_sample=False)
-    with modeling.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with lora.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
         out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, **sampling,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -185,22 +174,22 @@ def _load_trainer_state(trainer, directory: Path, source: str) -> None:
 
 def _open_round(cfg: PPORoundConfig, base: str, adapters: str, ckpt_uri: str, progress: bool):
     """(model, tokenizer, trainer, meta, resumed): the round's adapters, from its checkpoint when one exists."""
-    from blueprint import modeling
-    from blueprint.ppo import PPOTrainer, ValueHead
+    from blueprint.models import lora
+    from blueprint.rl.ppo import PPOTrainer, ValueHead
 
     model, tokenizer = open_base(base, cfg.threads, progress)
     resumed = storage.exists(artifacts.manifest_uri(ckpt_uri))
     with tempfile.TemporaryDirectory() as tmp:
         source = ckpt_uri if resumed else adapters
         adapter_dir, meta = fetch_adapter_set(source, base, Path(tmp) / "in")
-        model = modeling.load_adapters(model, adapter_dir)
+        model = lora.load_adapters(model, adapter_dir)
         if not resumed and cfg.reference == "round" and "reference" in model.peft_config:
             model.delete_adapter("reference")
         if "reference" not in model.peft_config:
-            modeling.add_reference_adapter(model, "summarizer")
+            lora.add_reference_adapter(model, "summarizer")
         head_path = adapter_dir.parent / VALUE_HEAD_FILE
         value_head = ValueHead.load(head_path) if head_path.exists() else None
-        trainer = PPOTrainer(model, tokenizer, cfg.ppo_config(), value_head)
+        trainer = PPOTrainer(model, tokenizer, cfg, value_head)
         _load_trainer_state(trainer, adapter_dir.parent, source)
     return model, tokenizer, trainer, (meta if resumed else {}), resumed
 
@@ -209,7 +198,7 @@ def _ppo_steps(cfg: PPORoundConfig, model, tokenizer, trainer, scorer, codes: li
                done: int, stats_rows: list[dict], before: dict, progress: bool) -> str | None:
     """Run the PPO steps from `done` on (appending to `stats_rows`, checkpointing as configured); why it stopped
     early, or None."""
-    from blueprint.ppo import KLExplodedError
+    from blueprint.rl.ppo import KLExplodedError
     from blueprint.progress import Progress
 
     prompts = PromptConfig(style=cfg.prompt_style)
@@ -254,12 +243,12 @@ def step_summary(stats_rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def build(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
+def compute(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
           progress: bool = True) -> dict[str, Any]:
     import torch
 
-    from blueprint.data import read_pairs
-    from blueprint.reward import RewardConfig, RewardModel
+    from blueprint.data.readers import read_pairs
+    from blueprint.rl.reward import RewardConfig, RewardModel
 
     start = time.time()
     torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
@@ -308,11 +297,12 @@ def train_coder(model, tokenizer, batch: list[dict], written: list[tuple[str, st
             ([rng.choice(generated) for _ in range(n - n_true)] if generated else [])
     rng.shuffle(pairs)
     held_out = generated[-16:] or batch[:16]
-    wcfg = WarmupConfig(batch_size=cfg.coder_batch_size, lr=cfg.coder_lr, max_code_tokens=cfg.max_code_tokens,
-                        max_summary_tokens=cfg.max_summary_tokens, prompt_style=cfg.prompt_style, seed=cfg.seed)
-    train, evals = sft_datasets(pairs, tokenizer, wcfg)["coder"], sft_datasets(held_out, tokenizer, wcfg)["coder"]
-    out = train_adapter(model, tokenizer, "coder", train, evals, cfg.supervised_steps, wcfg, progress,
-                        task_name(cfg), lr_setting="coder_lr")
+    limits = (cfg.prompt_style, cfg.max_code_tokens, cfg.max_summary_tokens)
+    train, evals = sft_datasets(pairs, tokenizer, *limits)["coder"], sft_datasets(held_out, tokenizer, *limits)["coder"]
+    out = train_adapter(model, tokenizer, "coder", train, evals, cfg.supervised_steps, batch_size=cfg.coder_batch_size,
+                        lr=cfg.coder_lr, seed=cfg.seed, max_length=sft_length(cfg.max_code_tokens,
+                                                                              cfg.max_summary_tokens),
+                        progress=progress, task=task_name(cfg), lr_setting="coder_lr")
     model.set_adapter("summarizer")
     return out
 
@@ -329,5 +319,5 @@ def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, artifa
     if force:
         storage.delete_prefix(storage.join(out_uri, CHECKPOINT))
     return artifacts.run_stage(STAGE, settings, inputs,
-                               lambda d: build(config, shards, base, adapters, d, out_uri, progress),
+                               lambda d: compute(config, shards, base, adapters, d, out_uri, progress),
                                out_uri=out_uri, force=force, owned=owned)

@@ -12,7 +12,9 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from blueprint.config import ConfigError
+from collections.abc import Callable, Mapping
+
+from blueprint.config import ConfigError, parse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,22 @@ def get(name: str) -> StageSpec:
     if key not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
     return STAGES[key]
+
+
+def stage_configs(settings: Mapping[str, Mapping[str, Any]],
+                  label: Callable[[str], str] = lambda stage: stage) -> dict[str, Any]:
+    """Each stage's config from `settings` ({stage: {key: value}}): the one place a run's settings are validated
+    (by the API, `blueprint run` and `blueprint submit`), before any stage runs. An error names `label(stage)`."""
+    unknown = sorted(set(settings) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"unknown stage(s) in settings: {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    configs = {}
+    for stage, values in settings.items():
+        try:
+            configs[stage] = parse(STAGES[stage].config_type(), values)
+        except ConfigError as exc:
+            raise ConfigError(f"{label(stage)}: {exc}") from None
+    return configs
 
 
 def accelerator_stages() -> tuple[str, ...]:

@@ -22,15 +22,17 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import field_validator, model_validator
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blueprint import artifacts
-from blueprint.config import ConfigError, require
-from blueprint.extract import Limits, process_many
+from blueprint.store import artifacts
+from blueprint.config import ConfigError, Settings, setting
+from blueprint.data.extract import Limits, process_many
 from blueprint.progress import Progress
-from blueprint.sources import Source, SourceError, parse_source
-from blueprint.workers import WorkerPool
+from blueprint.data.sources import Source, SourceError, parse_source
+from blueprint.data.workers import WorkerPool
 
 STAGE = "shard"
 LANGUAGE = "python"
@@ -49,7 +51,7 @@ SCHEMA = pa.schema(
         pa.field("n_code_lines", pa.int32(), nullable=False),
     ],
     metadata={"blueprint.schema": "code-summary-pairs/1"},
-)  # the columns are described in blueprint.data, where the readers live
+)  # the columns are described in blueprint.data.readers, where the readers live
 COMPRESSION = "zstd"
 
 
@@ -105,52 +107,57 @@ class ShardWriter:
         return dict(self.rows)
 
 
-@dataclasses.dataclass
-class ShardConfig:
-    source: str = "stdlib"                 # stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH
-    num_shards: int = 4                    # files per split
-    eval_fraction: float = 0.05
-    split_salt: str = "blueprint"          # changes which pairs go to eval
-    max_pairs: int | None = None           # stop after this many kept pairs (smoke runs)
-    max_source_mb: float | None = None     # read only the first MB of the source (smoke runs, benchmarks)
-    min_summary_chars: int = 10
-    max_summary_chars: int = 500
-    min_code_chars: int = 30
-    max_code_chars: int = 4000
-    min_code_lines: int = 2
-    max_code_lines: int = 150
-    max_file_bytes: int = 1_000_000        # larger files are skipped unread (generated tables, vendored blobs)
-    skip_tests: bool = True                # skip test dirs/files in stdlib and dir sources
-    code_column: str = "code"              # dataset sources: the column with source code
-    summary_column: str | None = "summary"  # when present in a row, used as the summary directly
-    language_column: str = "language"
-    languages: tuple[str, ...] = ("python",)  # rows whose language column is another language are skipped
-    path_column: str = "path"
-    license_column: str = "license"
-    hf_revision: str | None = None         # pin for a reproducible cache key
-    hf_data_files: str | None = None       # glob inside the hub repo, e.g. "data/*.parquet"
-    row_group_rows: int = 2048
-    workers: int = 0                       # parsing processes; 0 = os.cpu_count(). Not in the cache key.
+class ShardConfig(Settings):
+    """Which corpus to read, which (code, summary) pairs to keep, and how to lay out the shards."""
 
-    def __post_init__(self) -> None:
-        try:
-            parse_source(self.source)
-        except ValueError as exc:
-            raise ConfigError(f"source: {exc}") from None
-        require(self.num_shards >= 1, "num_shards", "must be at least 1")
-        require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
-        require(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", "must be positive (or None)")
-        require(self.max_source_mb is None or self.max_source_mb > 0, "max_source_mb", "must be positive (or None)")
-        require(0 <= self.min_summary_chars <= self.max_summary_chars, "max_summary_chars",
-                "must be >= min_summary_chars >= 0")
-        require(0 <= self.min_code_chars <= self.max_code_chars, "max_code_chars", "must be >= min_code_chars >= 0")
-        require(1 <= self.min_code_lines <= self.max_code_lines, "max_code_lines", "must be >= min_code_lines >= 1")
-        require(self.max_file_bytes >= 1, "max_file_bytes", "must be positive")
-        require(bool(self.code_column), "code_column", "must name a column")
-        require(self.row_group_rows >= 1, "row_group_rows", "must be positive")
-        require(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
-        langs = self.languages.split(",") if isinstance(self.languages, str) else self.languages
-        self.languages = tuple(lang.strip().lower() for lang in langs if lang.strip())
+    source: str = setting("stdlib", "stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH")
+    num_shards: int = setting(4, "Parquet files per split", ge=1)
+    eval_fraction: float = setting(0.05, "share of pairs held out for evaluation", ge=0, lt=1)
+    split_salt: str = setting("blueprint", "changes which pairs go to eval")
+    max_pairs: int | None = setting(None, "stop after this many kept pairs (smoke runs)", ge=1)
+    max_source_mb: float | None = setting(None, "read only the first MB of the source (smoke runs, benchmarks)",
+                                          gt=0)
+    min_summary_chars: int = setting(10, "shorter summaries are dropped", ge=0)
+    max_summary_chars: int = setting(500, "longer summaries are dropped")
+    min_code_chars: int = setting(30, "shorter functions are dropped", ge=0)
+    max_code_chars: int = setting(4000, "longer functions are dropped")
+    min_code_lines: int = setting(2, "functions with fewer lines are dropped", ge=1)
+    max_code_lines: int = setting(150, "functions with more lines are dropped")
+    max_file_bytes: int = setting(1_000_000, "larger files are skipped unread (generated tables, vendored blobs)",
+                                  ge=1)
+    skip_tests: bool = setting(True, "skip test dirs/files in stdlib and dir sources")
+    code_column: str = setting("code", "dataset sources: the column with source code", min_length=1)
+    summary_column: str | None = setting("summary", "dataset sources: when present in a row, used as the summary")
+    language_column: str = setting("language", "dataset sources: the column naming the language")
+    languages: tuple[str, ...] = setting(("python",), "rows whose language column is another language are "
+                                                      "skipped (comma-separated)")
+    path_column: str = setting("path", "dataset sources: the column with the file path")
+    license_column: str = setting("license", "dataset sources: the column with the license")
+    hf_revision: str | None = setting(None, "hub dataset revision: pin it for a reproducible cache key")
+    hf_data_files: str | None = setting(None, 'glob inside the hub repo, e.g. "data/*.parquet"')
+    row_group_rows: int = setting(2048, "rows per Parquet row group", ge=1)
+    workers: int = setting(0, "parsing processes; 0 = all cores. Not in the cache key", ge=0)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        parse_source(source)
+        return source
+
+    @field_validator("languages")
+    @classmethod
+    def _lower(cls, languages: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(lang.strip().lower() for lang in languages if lang.strip())
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ShardConfig:
+        if self.max_summary_chars < self.min_summary_chars:
+            raise ConfigError("max_summary_chars: must be >= min_summary_chars >= 0")
+        if self.max_code_chars < self.min_code_chars:
+            raise ConfigError("max_code_chars: must be >= min_code_chars >= 0")
+        if self.max_code_lines < self.min_code_lines:
+            raise ConfigError("max_code_lines: must be >= min_code_lines >= 1")
+        return self
 
     def limits(self) -> Limits:
         """The pair filters, by field name (the two classes share these names; a new filter needs both)."""
@@ -169,7 +176,7 @@ class ShardConfig:
 
 def key_config(config: ShardConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """What identifies the output: every setting except `workers`, plus the source fingerprint."""
-    material = dataclasses.asdict(config)
+    material = config.to_dict()
     material.pop("workers")
     material["languages"] = list(config.languages)  # as JSON reads it back: the manifest in memory == on disk
     material["source_fingerprint"] = fingerprint
@@ -193,7 +200,7 @@ def ordered_map(fn: Callable[[list[Any]], list[Any]], items: Iterable[Any], work
     in flight (Pool.imap would drain a streamed dataset into its task queue). The input is iterated in this thread,
     so a source error surfaces here. Closing the iterator early terminates the workers.
 
-    The workers are fresh interpreters (blueprint.workers), not forks: the caller (the Python API) already runs
+    The workers are fresh interpreters (blueprint.data.workers), not forks: the caller (the Python API) already runs
     threads, and a fork can inherit one of their locks held forever; nor multiprocessing spawn, which would re-run
     a user's unguarded script in each worker. `fn` must be importable by reference (here extract.process_many)."""
     if workers <= 1:
@@ -209,7 +216,7 @@ def _eval_draw(salt: bytes, digest: bytes) -> float:
     return int.from_bytes(hashlib.sha256(salt + digest).digest()[:8], "big") / 2.0**64
 
 
-def build(config: ShardConfig, out_dir: Path, source: Source | None = None, progress: bool = True) -> dict[str, Any]:
+def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, progress: bool = True) -> dict[str, Any]:
     """Write the shards of `config.source` into `out_dir`; the metrics. Raises SourceError when nothing is kept."""
     start = time.time()
     source = source or config.make_source()
@@ -294,7 +301,7 @@ def run(config: ShardConfig, *, artifact_root: str | None = None, out_uri: str |
     source = config.make_source()
     fingerprint = source.fingerprint()  # fails fast (missing dir, no Python files) before any output exists
     return artifacts.run_stage(STAGE, key_config(config, fingerprint), {},
-                               lambda out_dir: build(config, out_dir, source, progress),
+                               lambda out_dir: compute(config, out_dir, source, progress),
                                artifact_root=artifact_root, out_uri=out_uri, force=force)
 
 

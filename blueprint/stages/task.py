@@ -9,8 +9,8 @@ import json
 import sys
 from typing import Any
 
-from blueprint import artifacts, storage
-from blueprint.config import build
+from blueprint.store import artifacts, storage
+from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, USER_ERRORS
 from blueprint.stages import registry
 
@@ -45,7 +45,7 @@ def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str],
     """
     spec = registry.get(stage)
     try:
-        cfg = build(spec.config_type(), settings)
+        cfg = parse(spec.config_type(), settings)
         # progress lines (not bars: no terminal here), which kfp.local streams and `kubectl logs` shows
         out = spec.load().run(cfg, **inputs, artifact_root=artifact_root, force=force, progress=True)
     except USER_ERRORS as exc:  # the one line `blueprint stage` would print, then exit 2 (no traceback)

@@ -23,54 +23,38 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from blueprint.config import ConfigError
-from blueprint.copying import copy_rate
+from blueprint.config import Settings, setting
+from blueprint.rl.copying import copy_rate
 from blueprint.errors import UserError
-from blueprint.modeling import use_adapter
-from blueprint.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
+from blueprint.models.lora import use_adapter
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
 
 
 class RewardError(UserError, RuntimeError):
     """The reward could not be computed sanely (non-finite loss, bad input); the message names the samples."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    """How the reward is computed and batched.
+class RewardConfig(Settings):
+    """How the reward is computed and batched."""
 
-    length_coef: weight of len(summary tokens) / len(code tokens) (untruncated counts: what was written).
-    copy_coef: weight of the copy rate (`blueprint.copying.copy_rate`, the definition PPO and evaluate use too: the
-        share of the summary's `copy_ngram`-token n-grams that appear verbatim in the code);
-        without it, pasting the code into the summary maximises the gain.
-    max_code_tokens / max_summary_tokens: longer inputs are cut (and flagged); they bound compute and memory.
-    batch_size / max_batch_tokens: at most this many sequences and padded tokens per forward (a longer single
-        sequence runs alone). None = 1024 tokens on CPU (small batches stay in cache: measured fastest on the
-        tiny preset) and 16384 on an accelerator. max_head_rows: scored positions per LM-head call (memory:
-        rows x vocab).
-    """
+    error_prefix = "RewardConfig."
 
-    length_coef: float = 0.01
-    copy_coef: float = 1.0
-    copy_ngram: int = 4
-    max_code_tokens: int = 512
-    max_summary_tokens: int = 256
-    batch_size: int = 32
-    max_batch_tokens: int | None = None
-    max_head_rows: int = 2048
-    use_gain: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("length_coef", "copy_coef"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and value == value and value != float("inf")):
-                raise ConfigError(f"RewardConfig.{name}={value!r}: must be a finite number >= 0")
-        for name in ("copy_ngram", "max_code_tokens", "max_summary_tokens", "batch_size", "max_batch_tokens",
-                     "max_head_rows"):
-            value = getattr(self, name)
-            if value is None and name == "max_batch_tokens":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"RewardConfig.{name}={value!r}: must be an int >= 1")
+    length_coef: float = setting(0.01, "weight of len(summary tokens) / len(code tokens) (untruncated counts: "
+                                       "what was written)", ge=0)
+    copy_coef: float = setting(
+        1.0, "weight of the copy rate (blueprint.rl.copying.copy_rate, as PPO and evaluate use it: the share of "
+             "the summary's copy_ngram-token n-grams found verbatim in the code); without it, pasting the code "
+             "into the summary maximises the gain", ge=0)
+    copy_ngram: int = setting(4, "n-gram length of the copy rate", ge=1)
+    max_code_tokens: int = setting(512, "longer code is cut (and flagged): bounds compute and memory", ge=1)
+    max_summary_tokens: int = setting(256, "longer summaries are cut (and flagged)", ge=1)
+    batch_size: int = setting(32, "at most this many sequences per forward", ge=1)
+    max_batch_tokens: int | None = setting(
+        None, "at most this many padded tokens per forward (a longer single sequence runs alone). None = 1024 "
+              "on CPU (small batches stay in cache: measured fastest on the tiny preset), 16384 on an accelerator",
+        ge=1)
+    max_head_rows: int = setting(2048, "scored positions per LM-head call (memory: rows x vocab)", ge=1)
+    use_gain: bool = setting(True, "reward the information gain over the empty summary (else -CE)")
 
 
 @dataclasses.dataclass
@@ -113,7 +97,7 @@ class RewardModel:
                 raise ValueError(f"coder_adapter {coder_adapter!r} not found; the model has "
                                  f"{sorted(model.peft_config)}")
         if tokenizer.pad_token_id is None:
-            raise ValueError("tokenizer has no pad token: load it with blueprint.modeling.load_base or call "
+            raise ValueError("tokenizer has no pad token: load it with blueprint.loading.load_base or call "
                              "ensure_pad_token")
         self.model, self.tokenizer = model, tokenizer
         self.prompts, self.config = prompts or PromptConfig(), config or RewardConfig()

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from blueprint import storage
+from blueprint.store import storage
 from blueprint.errors import UserError
 
 FILE_KINDS = ("jsonl", "parquet", "csv")
@@ -111,7 +111,7 @@ def list_python_files(root: Path, skip_tests: bool = True) -> list[SourceFile]:
 class Source:
     """A parsed spec plus the column/filter settings: lists its fingerprint and streams units of work.
 
-    Units are tuples understood by `blueprint.extract.process`. Rows a source drops itself (another language)
+    Units are tuples understood by `blueprint.data.extract.process`. Rows a source drops itself (another language)
     are counted in `self.skipped`, so the stage can report them with the workers' drops.
     """
 

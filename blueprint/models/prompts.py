@@ -9,12 +9,13 @@ template change cannot make training and scoring disagree. Two styles:
 """
 from __future__ import annotations
 
-import dataclasses
 import string
 from collections.abc import Sequence
 from typing import Any
 
-from blueprint.config import ConfigError
+from pydantic import model_validator
+
+from blueprint.config import ConfigError, Settings, setting
 from blueprint.errors import InputError
 
 STYLES = ("plain", "structured")
@@ -36,16 +37,18 @@ def _fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
-@dataclasses.dataclass(frozen=True)
-class PromptConfig:
+class PromptConfig(Settings):
     """Which templates to use. Leave a template as None to take the style's default; a custom one must hold its
     single placeholder exactly once (`{code}` resp. `{summary}`) and escape other braces as `{{ }}`."""
 
-    style: str = "plain"
-    code_to_summary: str | None = None
-    summary_to_code: str | None = None
+    error_prefix = "PromptConfig."
 
-    def __post_init__(self) -> None:
+    style: str = setting("plain", "plain | structured (the seed's four headings)")
+    code_to_summary: str | None = setting(None, "the summarizer's template with one {code}; None = the style's")
+    summary_to_code: str | None = setting(None, "the coder's template with one {summary}; None = the style's")
+
+    @model_validator(mode="after")
+    def _templates(self) -> PromptConfig:
         if self.style not in STYLES:
             raise ConfigError(f"PromptConfig.style={self.style!r}: choose one of {STYLES}")
         for attr, field in (("code_to_summary", "code"), ("summary_to_code", "summary")):
@@ -59,7 +62,8 @@ class PromptConfig:
                 raise ConfigError(f"PromptConfig.{attr}={template!r} is not a valid template: {exc}") from None
             if names != [field]:
                 raise ConfigError(f"PromptConfig.{attr}={template!r} must contain the placeholder {{{field}}} exactly "
-                                 f"once and no other fields (found {names})")
+                                  f"once and no other fields (found {names})")
+        return self
 
 
 def summary_prompt(code: str, cfg: PromptConfig) -> str:

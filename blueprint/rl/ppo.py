@@ -25,18 +25,18 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from blueprint.copying import copy_rates
+from blueprint.rl.copying import copy_rates
 from blueprint.errors import UserError
-from blueprint.batching import pad_batch
-from blueprint.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
-from blueprint.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
+from blueprint.models.batching import pad_batch
+from blueprint.rl.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
+from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
                                 group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses)
 
 __all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExplodedError", "ScoreFn",
@@ -367,7 +367,7 @@ class PPOTrainer:
         return {
             "step": self.step, "bad_batches": self.bad_batches, "skipped_total": self.skipped_total,
             "kl_ctl": self.kl_ctl.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "value_head": self.value_head.state_dict(), "config": asdict(self.config),
+            "value_head": self.value_head.state_dict(), "config": self.config.to_dict(),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from blueprint import __version__, storage
+from blueprint import __version__
+from blueprint.store import storage
 from blueprint.errors import UserError
 
 MANIFEST_NAME = "_MANIFEST.json"
@@ -54,6 +55,9 @@ def canonical_json(obj: Any) -> str:
 
 
 def config_dict(config: Any) -> dict[str, Any]:
+    """Settings (anything with `to_dict`), a dataclass or a mapping, as a plain dict."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
@@ -170,7 +174,7 @@ def commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, An
 def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str],
             metrics: Mapping[str, Any], key: str | None, replace: bool) -> tuple[dict[str, Any], bool]:
     """`commit`, and whether this call wrote the output (False: another writer's is kept)."""
-    from blueprint import commit_lock
+    from blueprint.store import commit_lock
 
     files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
     if MANIFEST_NAME in files:
@@ -243,12 +247,12 @@ def mark_writing(uri: str, stage: str, key: str) -> None:
     storage.write_json(storage.join(uri, WRITING_NAME), {"stage": stage, "key": key})
 
 
-def run_stage(stage: str, config: Any, inputs: Mapping[str, str], build: Callable[[Path], Mapping[str, Any]], *,
+def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Callable[[Path], Mapping[str, Any]], *,
               artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
               owned: bool | None = None) -> StageOutput:
     """Run one stage under the commit protocol.
 
-    `build(local_dir)` writes the stage's files into a fresh local directory and returns its metrics. The output
+    `compute(local_dir)` writes the stage's files into a fresh local directory and returns its metrics. The output
     goes to `out_uri`, or to the content-addressed `{artifact_root}/{stage}/{key}` (`owned`: `out_uri` is that
     prefix). A committed output of this key there is a cache hit (unless `force`); a content-addressed prefix
     without a manifest is partial and is cleared and rewritten; an explicit `out_uri` holding anything else is
@@ -269,7 +273,7 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], build: Callabl
         mark_writing(uri, stage, key)
     with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
         try:
-            metrics = build(Path(tmp))
+            metrics = compute(Path(tmp))
         except BaseException:
             if not owned and set(storage.list_files(uri)) == {WRITING_NAME}:
                 storage.delete_prefix(uri)  # failed before writing anything there: leave no trace

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from blueprint import storage
+from blueprint.store import storage
 
 STALE_SECONDS = 15 * 60  # a holder refreshes the lock between uploaded files; silence this long means it is dead
 POLL_SECONDS = 0.5

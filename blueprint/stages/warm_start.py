@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from blueprint import artifacts, storage
+from blueprint.store import artifacts, storage
 
 
 def latest_adapters(artifact_root: str, base: str | None = None) -> str | None:
@@ -34,9 +34,9 @@ def warmup_task(settings: dict[str, Any], shards: str, base: str, artifact_root:
     """The warmup component's body: on `warm_start`, hand on the newest compatible ppo-round adapters.
 
     Otherwise (or when no earlier round exists) the warmup stage runs as always. Returns (uri, key) like
-    `blueprint.kfp_runtime.run_stage_task`.
+    `blueprint.stages.task.run_stage_task`.
     """
-    from blueprint.kfp_runtime import run_stage_task
+    from blueprint.stages.task import run_stage_task
 
     previous = latest_adapters(artifact_root, base) if warm_start and not force else None
     if previous is None:

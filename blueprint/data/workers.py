@@ -9,7 +9,7 @@ Why not multiprocessing (CPython 3.11):
   `if __name__ == "__main__":` guard would re-run its training code in every worker.
 
 Here each worker is a new interpreter started by subprocess (exec right after fork, no Python code between) that
-imports `blueprint.workers`, never `__main__`, and talks to the parent over its stdin/stdout pipes in
+imports `blueprint.data.workers`, never `__main__`, and talks to the parent over its stdin/stdout pipes in
 length-prefixed pickle frames. So `fn` and the tasks must pickle by reference: a module-level function (or a
 functools.partial of one) in an importable module, as with "spawn".
 
@@ -35,7 +35,7 @@ _HEADER = struct.Struct("<Q")
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the folder holding this very `blueprint` package
 # -c rather than -m: sys.path[0] is then exactly this package's root, whatever the worker's working directory holds.
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); import blueprint.workers as w; w.main()"
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); import blueprint.data.workers as w; w.main()"
 _STOP_TIMEOUT_S = 10.0
 
 

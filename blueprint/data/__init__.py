@@ -1,0 +1,1 @@
+"""The corpus: sources, (code, summary) extraction, shard workers, shard readers."""

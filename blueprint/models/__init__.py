@@ -1,0 +1,1 @@
+"""Base models and their LoRA roles: loading, adapters, prompts, the tiny base, padding."""

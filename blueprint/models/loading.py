@@ -1,0 +1,204 @@
+"""Opening a base model: a hub id, a local directory or an `s3://` directory, checked before a stage
+spends time on it, with a tokenizer that can pad."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from blueprint.errors import UserError
+
+
+MANIFEST_NAME = "_MANIFEST.json"
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class ModelLoadError(UserError, ValueError):
+    """A base model or adapter could not be loaded; the message names the input and says why."""
+
+
+def ensure_pad_token(tokenizer: Any, model: PreTrainedModel | None = None) -> Any:
+    """Give a tokenizer without a pad token the EOS token as pad (GPT-2/Llama hub tokenizers ship without one).
+
+    Padding is always masked out (attention mask, loss mask), so reusing EOS is safe and keeps the vocabulary, and
+    therefore the embedding matrix, unchanged. The model's config follows so generation pads the same way.
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has neither a pad nor an "
+                                 "EOS token; cannot pad batches")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def _offline() -> bool:
+    """Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable() -> tuple[bool, str]:
+    """One TCP connect (to the HTTPS proxy when one is set), instead of huggingface_hub's minutes of retries."""
+    from huggingface_hub import constants
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True, url.geturl()
+    except OSError:
+        return False, url.geturl()
+
+
+def _check_local_dir(path: Path, name: str) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"base model {name!r}: no such directory {path}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"base model {name!r}: directory {path} has no config.json (not a saved model)")
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise ModelLoadError(f"base model {name!r}: directory {path} has no weights "
+                             f"(looked for {', '.join(WEIGHT_PATTERNS)})")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BLUEPRINT_CACHE", Path.home() / ".cache" / "blueprint")) / "models"
+
+
+def fetch_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Download a committed `s3://` model directory once; later calls reuse the local copy.
+
+    The cache key is the sha256 of the directory's `_MANIFEST.json`, so a new commit behind the same URI is a new
+    download, and a prefix without a manifest (partial output) is refused. Files are checked against the manifest's
+    sha256 and the directory appears atomically (rename), so a crashed download is never reused.
+    """
+    from blueprint.store import storage  # lazy: only the s3 branch needs it
+    from blueprint.store.artifacts import sha256_file
+
+    root = storage.join(uri, "")
+    try:
+        raw = storage.read_bytes(storage.join(root, MANIFEST_NAME))
+    except storage.StorageError as exc:
+        raise ModelLoadError(f"base model {uri!r}: cannot read its {MANIFEST_NAME} (missing = uncommitted or "
+                             f"partial output): {exc}") from exc
+    digest = hashlib.sha256(raw).hexdigest()
+    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = target / digest[:32]
+    if final.is_dir():
+        return final
+    try:
+        files = json.loads(raw).get("files") or {}
+    except (ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"base model {uri!r}: its {MANIFEST_NAME} is not a JSON object: {exc}") from None
+    tmp = target / f".partial-{digest[:32]}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        storage.download_dir(root, tmp, files=sorted(files) or None)
+        (tmp / MANIFEST_NAME).unlink(missing_ok=True)
+        for rel, meta in files.items():
+            if "sha256" in meta and sha256_file(tmp / rel) != meta["sha256"]:
+                raise ModelLoadError(f"base model {uri!r}: {rel} does not match its sha256 in {MANIFEST_NAME}")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():  # another process won the race: its copy is as good as ours
+                raise
+    except storage.StorageError as exc:
+        raise ModelLoadError(f"base model {uri!r}: download failed: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(name)
+
+
+def load_base(name: str, *, dtype: torch.dtype | str = torch.float32,
+              cache_dir: str | Path | None = None) -> tuple[PreTrainedModel, Any]:
+    """(causal LM in eval mode, tokenizer) from a hub id, a local directory, or a committed `s3://` directory.
+
+    Fails fast and names `name` on: a missing directory, a directory without config or weights, an unknown or
+    unreachable hub id. Offline (HF_HUB_OFFLINE=1) hub ids are served from the local HF cache only. A tokenizer
+    without a pad token gets pad = EOS (see `ensure_pad_token`). `cache_dir` is where s3 directories are cached.
+    """
+    name = str(name)
+    if name.startswith("s3://"):
+        path: str = str(fetch_s3_dir(name, cache_dir))
+        source = dict(local_files_only=True)
+    elif _is_local(name):
+        local = Path(urlparse(name).path if name.startswith("file://") else name).expanduser()
+        _check_local_dir(local, name)
+        path, source = str(local), dict(local_files_only=True)
+    else:
+        path, source = name, _hub_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **source)
+        config = AutoConfig.from_pretrained(path, **source)
+        published = str(config.dtype or "float32").removeprefix("torch.")  # loading in `dtype` overwrites it
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"base model {name!r} could not be loaded: {exc}") from exc
+    model.published_dtype = published  # what merge saves in by default
+    ensure_pad_token(tokenizer, model)
+    return model.eval(), tokenizer
+
+
+def check_base(name: str) -> None:
+    """Refuse, before any stage runs, a base `load_base` would refuse: a missing or incomplete directory, an s3://
+    prefix that is not a committed model, a malformed hub id, or a hub id that cannot be had offline."""
+    name = str(name)
+    if name.startswith("s3://"):
+        from blueprint.store import storage
+
+        if not storage.exists(storage.join(name, MANIFEST_NAME)):
+            raise ModelLoadError(f"base model {name!r} is not a committed model directory (no {MANIFEST_NAME})")
+    elif _is_local(name):
+        _check_local_dir(Path(urlparse(name).path if name.startswith("file://") else name).expanduser(), name)
+    else:
+        _hub_source(name)
+
+
+def _hub_source(name: str) -> dict[str, Any]:
+    """from_pretrained kwargs for hub id `name`: the local HF cache when offline or when the hub is unreachable."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    hint = " (the embedded `tiny` base is built by the bootstrap stage: pass its output directory)" \
+        if name == "tiny" else ""
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        raise ModelLoadError(f"base model {name!r} is neither an existing directory nor a valid hub id: {exc}") \
+            from None
+    cached = _in_hf_cache(name)
+    if _offline():
+        if not cached:
+            raise ModelLoadError(f"base model {name!r} is not a local directory and not in the local Hugging Face "
+                                 f"cache, and HF_HUB_OFFLINE is set{hint}")
+        return dict(local_files_only=True)
+    reachable, where = _hub_reachable()
+    if reachable:
+        return {}
+    if cached:
+        return dict(local_files_only=True)
+    raise ModelLoadError(f"base model {name!r} is not a local directory, not in the local Hugging Face cache, "
+                         f"and the hub ({where}) is unreachable{hint}")
+
+
+def _in_hf_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+

@@ -1,0 +1,1 @@
+"""Where artifacts live: URIs, committed outputs, the commit lock, tensor state files."""
