@@ -26,6 +26,15 @@ class ConfigError(UserError, ValueError):
     """A setting is unknown or has a value of the wrong type; the message names it."""
 
 
+class SettingsError(ConfigError):
+    """A config's construction failed; `details` keeps (location, text) per problem so that an enclosing config
+    (pydantic builds nested ones through their __init__) can name the full path, e.g. resources.merge.cpu_limit."""
+
+    def __init__(self, details: list[tuple[tuple, str]]):
+        self.details = details
+        super().__init__("; ".join(f"{_where(loc)}: {text}" if loc else text for loc, text in details))
+
+
 def setting(default: Any = ..., help: str = "", **constraints: Any) -> Any:
     """A field with its help text (shown by `blueprint stage NAME --help`) and pydantic constraints (ge, gt, le)."""
     return Field(default, description=help, **constraints)
@@ -65,20 +74,41 @@ def _from_string(name: str, text: str, hint: Any) -> Any:
     return text
 
 
-def _message(exc: ValidationError, cls: type[Settings]) -> str:
+def _where(loc: tuple) -> str:
+    """A pydantic error location as a reader writes it: resources.merge.cpu_request, tolerations[0].value."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _text(error: dict) -> str:
+    if error["type"] == "value_error":  # our validators say what they saw; never echo a URI with secrets twice
+        return error["msg"].removeprefix("Value error, ")
+    if error["type"] == "string_type":
+        return f"{error['input']!r} must be a string (quote it in YAML)"
+    if error["type"] == "bool_type":
+        return f"{error['input']!r} must be true or false"
+    return f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {error['input']!r}"
+
+
+def _details(exc: ValidationError, cls: type[Settings]) -> list[tuple[tuple, str]]:
     errors = exc.errors(include_url=False)
     unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        return (f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
-                f"known: {', '.join(sorted(cls.model_fields))}")
-    parts = []
+        return [((), f"unknown {cls.unknown_label} {', '.join(unknown)} for {cls.__name__}; "
+                     f"known: {', '.join(sorted(cls.model_fields))}")]
+    details = []
     for e in errors:
-        where = cls.error_prefix + ".".join(str(p) for p in e["loc"]) if e["loc"] else ""
-        text = e["msg"].removeprefix("Value error, ")
-        if e["type"] != "value_error":  # our validators say what they saw; never echo a URI with secrets twice
-            text = f"{text[:1].lower()}{text[1:]}, got {e['input']!r}"
-        parts.append(f"{where}: {text}" if where else text)
-    return "; ".join(parts)
+        loc = tuple(e["loc"])
+        if cls.error_prefix and loc:
+            loc = (cls.error_prefix + str(loc[0]), *loc[1:])
+        inner = (e.get("ctx") or {}).get("error")
+        if isinstance(inner, SettingsError):  # a nested config: its own locations below this one
+            details += [(loc + sub, text) for sub, text in inner.details]
+        else:
+            details.append((loc, _text(e)))
+    return details
 
 
 class Settings(BaseModel):
@@ -86,12 +116,13 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
     error_prefix: ClassVar[str] = ""  # what an error names before the field: "" for stage settings
+    unknown_label: ClassVar[str] = "setting(s)"
 
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(_message(exc, type(self))) from None
+            raise SettingsError(_details(exc, type(self))) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -108,14 +139,14 @@ class Settings(BaseModel):
                     number = float(value)
                 except ValueError:
                     continue  # pydantic names it
-                check_number(name, number)
-        return {k: _from_string(k, v, fields[k].annotation) if isinstance(v, str) and k in fields else v
-                for k, v in values.items()}
+                check_number(cls.error_prefix + name, number)
+        return {k: _from_string(cls.error_prefix + k, v, fields[k].annotation)
+                if isinstance(v, str) and k in fields else v for k, v in values.items()}
 
     @model_validator(mode="after")
     def _numbers_that_can_be(self) -> Settings:
         for name in type(self).model_fields:
-            check_number(name, getattr(self, name))
+            check_number(self.error_prefix + name, getattr(self, name))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,68 +19,73 @@ from blueprint.stages import registry
 DEFAULT_IMAGE = os.environ.get("BLUEPRINT_IMAGE", f"ghcr.io/blueprint-rt/blueprint:{__version__}")
 
 
+# The component bodies: KFP ships each function's source in the compiled YAML and runs it in the image.
+
+
+def shard(artifact_root: str, source: str, settings: dict, force: bool, metrics: Output[Metrics],
+          report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages.task import run_stage_task
+    return run_stage_task("shard", {**settings, "source": source}, {}, artifact_root, force, metrics,
+                          report.path)
+
+
+def bootstrap(artifact_root: str, base: str, shards: str, settings: dict, force: bool,
+              metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    """Builds the `tiny` base when base == "tiny"; any other base (hub id, dir, s3://) passes through."""
+    from blueprint.stages.task import run_stage_task
+    if base != "tiny":
+        with open(report.path, "w") as f:
+            f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
+        return base, ""
+    return run_stage_task("bootstrap", settings, {"shards": shards}, artifact_root, force, metrics, report.path)
+
+
+def warmup(artifact_root: str, shards: str, base: str, settings: dict, force: bool, warm_start: bool,
+           metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    """warm_start: hand on the newest committed ppo-round on this base instead of training (retraining)."""
+    from blueprint.stages.warm_start import warmup_task
+    return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path)
+
+
+def ppo_round(artifact_root: str, shards: str, base: str, adapters: str, round_index: int, ppo_steps: int,
+              supervised_steps: int, settings: dict, force: bool, metrics: Output[Metrics],
+              report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages.task import run_stage_task
+    settings = {**settings, "round_index": round_index, "ppo_steps": ppo_steps,
+                "supervised_steps": supervised_steps}
+    return run_stage_task("ppo-round", settings,
+                          {"shards": shards, "base": base, "adapters": adapters}, artifact_root, force,
+                          metrics, report.path)
+
+
+def evaluate(artifact_root: str, shards: str, base: str, adapters: str, previous: str, epoch: int,
+             settings: dict, force: bool, metrics: Output[Metrics],
+             report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages.task import run_stage_task
+    inputs = {"shards": shards, "base": base, "adapters": adapters}
+    if previous:
+        inputs["previous"] = previous
+    return run_stage_task("evaluate", {**settings, "epoch": epoch}, inputs, artifact_root, force,
+                          metrics, report.path)
+
+
+def merge(artifact_root: str, base: str, adapters: str, evaluation: str, settings: dict, force: bool,
+          metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages.task import run_stage_task
+    return run_stage_task("merge", settings, {"base": base, "adapters": adapters, "evaluation": evaluation},
+                          artifact_root, force, metrics, report.path)
+
+
+STAGE_FUNCTIONS = (shard, bootstrap, warmup, ppo_round, evaluate, merge)
+
+
 def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     """{stage name: its component} for every stage of the registry, bound to container `image` (an empty tag is
     refused)."""
     if not image or image.endswith(":") or image.strip() != image:
         raise ConfigError(f"component image {image!r} is not a valid image reference")
     component = dsl.component(base_image=image, install_kfp_package=False)
-
-    @component
-    def shard(artifact_root: str, source: str, settings: dict, force: bool, metrics: Output[Metrics],
-              report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.stages.task import run_stage_task
-        return run_stage_task("shard", {**settings, "source": source}, {}, artifact_root, force, metrics,
-                              report.path)
-
-    @component
-    def bootstrap(artifact_root: str, base: str, shards: str, settings: dict, force: bool,
-                  metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        """Builds the `tiny` base when base == "tiny"; any other base (hub id, dir, s3://) passes through."""
-        from blueprint.stages.task import run_stage_task
-        if base != "tiny":
-            with open(report.path, "w") as f:
-                f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
-            return base, ""
-        return run_stage_task("bootstrap", settings, {"shards": shards}, artifact_root, force, metrics, report.path)
-
-    @component
-    def warmup(artifact_root: str, shards: str, base: str, settings: dict, force: bool, warm_start: bool,
-               metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        """warm_start: hand on the newest committed ppo-round on this base instead of training (retraining)."""
-        from blueprint.stages.warm_start import warmup_task
-        return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path)
-
-    @component
-    def ppo_round(artifact_root: str, shards: str, base: str, adapters: str, round_index: int, ppo_steps: int,
-                  supervised_steps: int, settings: dict, force: bool, metrics: Output[Metrics],
-                  report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.stages.task import run_stage_task
-        settings = {**settings, "round_index": round_index, "ppo_steps": ppo_steps,
-                    "supervised_steps": supervised_steps}
-        return run_stage_task("ppo-round", settings,
-                              {"shards": shards, "base": base, "adapters": adapters}, artifact_root, force,
-                              metrics, report.path)
-
-    @component
-    def evaluate(artifact_root: str, shards: str, base: str, adapters: str, previous: str, epoch: int,
-                 settings: dict, force: bool, metrics: Output[Metrics],
-                 report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.stages.task import run_stage_task
-        inputs = {"shards": shards, "base": base, "adapters": adapters}
-        if previous:
-            inputs["previous"] = previous
-        return run_stage_task("evaluate", {**settings, "epoch": epoch}, inputs, artifact_root, force,
-                              metrics, report.path)
-
-    @component
-    def merge(artifact_root: str, base: str, adapters: str, evaluation: str, settings: dict, force: bool,
-              metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-        from blueprint.stages.task import run_stage_task
-        return run_stage_task("merge", settings, {"base": base, "adapters": adapters, "evaluation": evaluation},
-                              artifact_root, force, metrics, report.path)
-
-    comps = {c.name.replace("_", "-"): c for c in (shard, bootstrap, warmup, ppo_round, evaluate, merge)}
+    comps = {fn.__name__.replace("_", "-"): component(fn) for fn in STAGE_FUNCTIONS}
     missing, extra = set(registry.STAGES) - set(comps), set(comps) - set(registry.STAGES)
     if missing or extra:
         raise AssertionError(f"components and the stage registry disagree: missing {missing}, extra {extra}")

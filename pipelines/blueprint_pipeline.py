@@ -5,6 +5,7 @@ defaults) and the common knobs are flat parameters. Every task output is a conte
 cache (which keys on parameter values) can only hit when the upstream content is the same; the shard task, whose
 input is a source outside the store, is never KFP-cached and relies on its own manifest cache instead.
 """
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,11 +28,7 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
     comps = build_components(image)
     d = profiles.profile_settings(profile)
-    configure = configure_task or (lambda stage, task: task)
-
-    def task(stage: str, t, label: str | None = None):
-        t.set_display_name(label or stage)
-        return configure(stage, t) or t
+    task = functools.partial(_configured, configure_task or (lambda stage, t: t))
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Round-trip PPO: a code summarizer and a code generator trained "
                                                   "against each other as LoRA adapters on one base model.")
@@ -80,6 +77,12 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
         return Outputs(models=merged.outputs["uri"], evaluation=evaluation.outputs["uri"])
 
     return blueprint_pipeline
+
+
+def _configured(configure: Callable, stage: str, task, label: str | None = None):
+    """`task` named `label` (default: the stage) in the KFP graph, with the cluster settings of `stage` applied."""
+    task.set_display_name(label or stage)
+    return configure(stage, task) or task
 
 
 def compile_pipeline(path: str, **kwargs) -> str:

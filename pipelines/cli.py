@@ -167,6 +167,23 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_run_command(sub) -> None:
+    r = sub.add_parser("run", help="run the whole pipeline locally through kfp.local (the embedded default)")
+    r.add_argument("--profile", default="default", help="settings bundle: default | smoke")
+    r.add_argument("--epochs", type=int, default=2)
+    r.add_argument("--source", default=None, help="corpus (default: the profile's, stdlib)")
+    r.add_argument("--base", default="tiny", help="tiny | hub id | local dir | s3:// dir")
+    r.add_argument("--artifact-root", default="./artifacts")
+    r.add_argument("--runner", default="subprocess", choices=["subprocess", "docker"])
+    r.add_argument("--image", default=None, help="component image for --runner docker (default: blueprint:VERSION, what `make image-cpu` builds)")
+    r.add_argument("--config", default=None, help="YAML/JSON file: {stage: {setting: value}}")
+    r.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="one stage setting (repeatable)")
+    r.add_argument("--force", action="store_true", help="recompute every stage")
+    r.add_argument("--verbose", action="store_true",
+                   help="show kfp.local's own output (executor input, task outputs) instead of a line per task")
+    r.set_defaults(func=cmd_run)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blueprint", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"blueprint {__version__}")
@@ -193,20 +210,7 @@ def parser() -> argparse.ArgumentParser:
         _add_output_flags(one)
         one.set_defaults(func=cmd_stage)
 
-    r = sub.add_parser("run", help="run the whole pipeline locally through kfp.local (the embedded default)")
-    r.add_argument("--profile", default="default", help="settings bundle: default | smoke")
-    r.add_argument("--epochs", type=int, default=2)
-    r.add_argument("--source", default=None, help="corpus (default: the profile's, stdlib)")
-    r.add_argument("--base", default="tiny", help="tiny | hub id | local dir | s3:// dir")
-    r.add_argument("--artifact-root", default="./artifacts")
-    r.add_argument("--runner", default="subprocess", choices=["subprocess", "docker"])
-    r.add_argument("--image", default=None, help="component image for --runner docker (default: blueprint:VERSION, what `make image-cpu` builds)")
-    r.add_argument("--config", default=None, help="YAML/JSON file: {stage: {setting: value}}")
-    r.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="one stage setting (repeatable)")
-    r.add_argument("--force", action="store_true", help="recompute every stage")
-    r.add_argument("--verbose", action="store_true",
-                   help="show kfp.local's own output (executor input, task outputs) instead of a line per task")
-    r.set_defaults(func=cmd_run)
+    _add_run_command(sub)
 
     c = sub.add_parser("compile", help="write the pipeline's KFP IR YAML")
     c.add_argument("--out", default="pipeline.yaml")

@@ -8,12 +8,14 @@ IRSA (a service account bound to an IAM role), which is why a missing secret is 
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
-from blueprint.config import ConfigError, load_file
+from kubernetes.utils import parse_quantity
+from pydantic import StrictBool, field_validator, model_validator
+
+from blueprint.config import ConfigError, Settings, load_file, setting
 from blueprint.stages import registry
 
 STAGES = tuple(registry.STAGES)
@@ -21,230 +23,193 @@ GPU_STAGES = registry.accelerator_stages()  # shard and bootstrap (tiny base) ar
 
 _CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")                       # the patterns kfp's set_cpu_* accept
 _MEMORY = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")  # and set_memory_*
-_MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 
-def _cpu_cores(value: str) -> float:
-    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+def _quantity(value: Any, pattern: re.Pattern, example: str) -> str | None:
+    if value is None:
+        return None
+    if not pattern.match(str(value)):
+        raise ValueError(f"{value!r} is not a {example}")
+    return str(value)
 
 
-def _memory_bytes(value: str) -> int:
-    digits = re.match(r"^[0-9]+", value).group(0)
-    return int(digits) * _MEMORY_UNITS[value[len(digits):]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Resources:
+class Resources(Settings):
     """CPU/memory requests and limits of one stage's pod, in Kubernetes quantity syntax ("500m", "8Gi")."""
 
-    cpu_request: str | None = None
-    cpu_limit: str | None = None
-    memory_request: str | None = None
-    memory_limit: str | None = None
+    cpu_request: str | None = setting(None, "CPU request, e.g. 2 or 500m")
+    cpu_limit: str | None = setting(None, "CPU limit")
+    memory_request: str | None = setting(None, "memory request, e.g. 8Gi or 512Mi")
+    memory_limit: str | None = setting(None, "memory limit")
 
-    def check(self, stage: str) -> None:
-        for name in ("cpu_request", "cpu_limit"):
-            value = getattr(self, name)
-            if value is not None and not _CPU.match(str(value)):
-                raise ConfigError(f"resources.{stage}.{name}: {value!r} is not a CPU quantity like 2 or 500m")
-        for name in ("memory_request", "memory_limit"):
-            value = getattr(self, name)
-            if value is not None and not _MEMORY.match(str(value)):
-                raise ConfigError(f"resources.{stage}.{name}: {value!r} is not a memory quantity like 8Gi or 512Mi")
-        if self.cpu_request and self.cpu_limit and _cpu_cores(self.cpu_request) > _cpu_cores(self.cpu_limit):
-            raise ConfigError(f"resources.{stage}: cpu_request {self.cpu_request} exceeds cpu_limit {self.cpu_limit}")
-        if self.memory_request and self.memory_limit and \
-                _memory_bytes(self.memory_request) > _memory_bytes(self.memory_limit):
-            raise ConfigError(f"resources.{stage}: memory_request {self.memory_request} exceeds "
-                              f"memory_limit {self.memory_limit}")
+    @field_validator("cpu_request", "cpu_limit", mode="before")
+    @classmethod
+    def _cpu(cls, value: Any) -> str | None:
+        return _quantity(value, _CPU, "CPU quantity like 2 or 500m")
+
+    @field_validator("memory_request", "memory_limit", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> str | None:
+        return _quantity(value, _MEMORY, "memory quantity like 8Gi or 512Mi")
+
+    def over(self, base: Resources) -> Resources:
+        """`base` with this one's non-empty fields on top."""
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+    def check_order(self, stage: str) -> None:
+        """A request above its limit would leave the pod unschedulable: refuse it, naming the stage."""
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, f"{kind}_request"), getattr(self, f"{kind}_limit")
+            if request and limit and parse_quantity(request) > parse_quantity(limit):
+                raise ConfigError(f"resources.{stage}: {kind}_request {request} exceeds {kind}_limit {limit}")
+
+
+def _resources(cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str) -> Resources:
+    return Resources(cpu_request=cpu_request, cpu_limit=cpu_limit, memory_request=memory_request,
+                     memory_limit=memory_limit)
 
 
 # Sized for the default profile (a tiny base) on a modest cluster; a real base needs more (override per stage).
 # Memory limits guard the node against a runaway pod; CPU limits are generous because throttling only slows.
 DEFAULT_RESOURCES: dict[str, Resources] = {
-    "shard": Resources("1", "4", "2Gi", "8Gi"),
-    "bootstrap": Resources("2", "4", "4Gi", "8Gi"),
-    "warmup": Resources("2", "8", "8Gi", "16Gi"),
-    "ppo-round": Resources("2", "8", "8Gi", "16Gi"),
-    "evaluate": Resources("2", "8", "8Gi", "16Gi"),
-    "merge": Resources("1", "4", "8Gi", "16Gi"),
+    "shard": _resources("1", "4", "2Gi", "8Gi"),
+    "bootstrap": _resources("2", "4", "4Gi", "8Gi"),
+    "warmup": _resources("2", "8", "8Gi", "16Gi"),
+    "ppo-round": _resources("2", "8", "8Gi", "16Gi"),
+    "evaluate": _resources("2", "8", "8Gi", "16Gi"),
+    "merge": _resources("1", "4", "8Gi", "16Gi"),
 }
 
-_TOLERATION_FIELDS = ("key", "operator", "value", "effect", "toleration_seconds")
+
+class Toleration(Settings):
+    """One pod toleration (kfp-kubernetes `add_toleration`), e.g. {key: nvidia.com/gpu, operator: Exists}."""
+
+    key: str | None = setting(None, "taint key; empty matches every taint (operator Exists only)")
+    operator: Literal["Equal", "Exists"] = setting("Equal", "Equal (key and value) or Exists (key only)")
+    value: str | None = setting(None, "taint value (operator Equal)")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = setting(None, "taint effect to "
+                                                                                          "tolerate")
+    toleration_seconds: int | None = setting(None, "NoExecute: how long the pod stays bound", ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ConfigError("operator Exists takes no value")
+        if not self.key and self.operator != "Exists":
+            raise ConfigError("an empty key matches every taint and needs operator Exists")
+        return self
 
 
-def _check_toleration(i: int, tol: Mapping[str, Any]) -> dict[str, Any]:
-    where = f"tolerations[{i}]"
-    if not isinstance(tol, Mapping):
-        raise ConfigError(f"{where}: expected a mapping like {{key: nvidia.com/gpu, operator: Exists, "
-                          f"effect: NoSchedule}}, got {tol!r}")
-    unknown = sorted(set(tol) - set(_TOLERATION_FIELDS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_TOLERATION_FIELDS)}")
-    out = {k: tol[k] for k in _TOLERATION_FIELDS if tol.get(k) is not None}
-    for k in ("key", "operator", "value", "effect"):
-        if k in out and not isinstance(out[k], str):  # YAML reads `value: true` as a bool: quote it
-            raise ConfigError(f"{where}.{k}: {out[k]!r} must be a string (quote it in YAML)")
-    operator = out.setdefault("operator", "Equal")
-    if operator not in ("Equal", "Exists"):
-        raise ConfigError(f"{where}.operator: {operator!r} must be Equal or Exists")
-    if operator == "Exists" and out.get("value"):
-        raise ConfigError(f"{where}: operator Exists takes no value")
-    if not out.get("key") and operator != "Exists":
-        raise ConfigError(f"{where}: an empty key matches every taint and needs operator Exists")
-    if out.get("effect") not in (None, "NoSchedule", "PreferNoSchedule", "NoExecute"):
-        raise ConfigError(f"{where}.effect: {out['effect']!r} must be NoSchedule, PreferNoSchedule or NoExecute")
-    if "toleration_seconds" in out:
-        if not isinstance(out["toleration_seconds"], int) or out["toleration_seconds"] < 0:
-            raise ConfigError(f"{where}.toleration_seconds: must be a non-negative integer")
-    return out
-
-
-def _stage_key(name: str, where: str) -> str:
+def _stage_key(name: Any) -> str:
     stage = str(name).replace("_", "-")
     if stage not in STAGES:
-        raise ConfigError(f"{where}: unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     return stage
 
 
-@dataclasses.dataclass(frozen=True)
-class ClusterSettings:
+def _kubernetes_name(value: str | None, what: str = "Kubernetes name") -> str | None:
+    if value is not None and (len(value) > 253 or not _DNS_SUBDOMAIN.match(value)):
+        raise ValueError(f"{value!r} is not a {what} (lower-case letters, digits, '-' and '.')")
+    return value
+
+
+class ClusterSettings(Settings):
     """How each stage's pod runs on the cluster. Validated on construction; every field has a safe default.
+    Credentials never pass through here: only the NAME of the Kubernetes secret that holds them."""
 
-    s3_secret: name of a Kubernetes secret whose keys `s3_access_key_field` / `s3_secret_key_field` become
-      AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in every pod (KFP's MinIO: secret mlpipeline-minio-artifact,
-      fields accesskey / secretkey). None: pods use the node's IAM role / IRSA.
-    s3_endpoint / s3_region: plain env values AWS_ENDPOINT_URL / AWS_DEFAULT_REGION (an endpoint is not a secret).
-    gpu: request `gpu_count` x `accelerator` for `gpu_stages`.
-    resources: per-stage overrides merged field by field onto DEFAULT_RESOURCES.
-    caching: per-stage KFP cache switch (unset: KFP's default, on; shard is always off, see the pipeline).
-    retries: pod-level retries of every stage, with exponential backoff (KFP RetryPolicy).
-    """
+    unknown_label = "cluster setting(s)"
 
-    s3_secret: str | None = None
-    s3_access_key_field: str = "AWS_ACCESS_KEY_ID"
-    s3_secret_key_field: str = "AWS_SECRET_ACCESS_KEY"
-    s3_endpoint: str | None = None
-    s3_region: str | None = None
-    gpu: bool = False
-    accelerator: str = "nvidia.com/gpu"
-    gpu_count: int = 1
-    gpu_stages: tuple[str, ...] = GPU_STAGES
-    resources: Mapping[str, Resources] = dataclasses.field(default_factory=dict)
-    node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    tolerations: tuple[Mapping[str, Any], ...] = ()
-    caching: Mapping[str, bool] = dataclasses.field(default_factory=dict)
-    retries: int = 0
-    retry_backoff: str = "30s"
-    retry_backoff_factor: float = 2.0
-    retry_backoff_max: str = "1h"
-    image_pull_secrets: tuple[str, ...] = ()
-    service_account: str | None = None
+    s3_secret: str | None = setting(None, "Kubernetes secret whose keys become AWS_ACCESS_KEY_ID / "
+                                          "AWS_SECRET_ACCESS_KEY in every pod (KFP's MinIO: mlpipeline-minio-"
+                                          "artifact). None: pods use the node's IAM role / IRSA")
+    s3_access_key_field: str = setting("AWS_ACCESS_KEY_ID", "the secret's key holding the access key id "
+                                                            "(MinIO: accesskey)", pattern=_SECRET_KEY.pattern)
+    s3_secret_key_field: str = setting("AWS_SECRET_ACCESS_KEY", "the secret's key holding the secret key "
+                                                                "(MinIO: secretkey)", pattern=_SECRET_KEY.pattern)
+    s3_endpoint: str | None = setting(None, "AWS_ENDPOINT_URL of every pod (an endpoint is not a secret)")
+    s3_region: str | None = setting(None, "AWS_DEFAULT_REGION of every pod", pattern=r"^[a-z0-9-]+$")
+    gpu: StrictBool = setting(False, "request gpu_count x accelerator for gpu_stages")
+    accelerator: str = setting("nvidia.com/gpu", "the accelerator's resource name", pattern=r"^\S+$")
+    gpu_count: int = setting(1, "accelerators per GPU stage pod", ge=1)
+    gpu_stages: tuple[str, ...] = setting(GPU_STAGES, "stages that get the accelerator")
+    resources: dict[str, Resources] = setting({}, "per-stage overrides merged field by field onto "
+                                                  "DEFAULT_RESOURCES")
+    node_selector: dict[str, str] = setting({}, "node labels every pod must match")
+    tolerations: tuple[Toleration, ...] = setting((), "taints every pod tolerates")
+    caching: dict[str, StrictBool] = setting({}, "per-stage KFP cache switch (unset: KFP's default, on; shard is "
+                                                 "always off, see the pipeline)")
+    retries: int = setting(0, "pod-level retries of every stage, with exponential backoff", ge=0, le=20)
+    retry_backoff: str = setting("30s", "first backoff, a duration like 30s, 5m or 1h")
+    retry_backoff_factor: float = setting(2.0, "backoff growth per retry", ge=1)
+    retry_backoff_max: str = setting("1h", "longest backoff")
+    image_pull_secrets: tuple[str, ...] = setting((), "secrets the pods pull the image with")
+    service_account: str | None = setting(None, "service account of the pods (e.g. one bound to an IAM role)")
 
-    def __post_init__(self) -> None:
-        for name in ("s3_secret", "s3_endpoint", "s3_region", "accelerator", "service_account",
-                     "s3_access_key_field", "s3_secret_key_field", "retry_backoff", "retry_backoff_max"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"{name}: {value!r} must be a string")
-        if self.s3_secret is not None and (len(self.s3_secret) > 253 or not _DNS_SUBDOMAIN.match(self.s3_secret)):
-            raise ConfigError(f"s3_secret: {self.s3_secret!r} is not a Kubernetes secret name "
-                              "(lower-case letters, digits, '-' and '.')")
-        for name in ("s3_access_key_field", "s3_secret_key_field"):
-            if not _SECRET_KEY.match(getattr(self, name) or ""):
-                raise ConfigError(f"{name}: {getattr(self, name)!r} is not a valid secret data key")
-        if self.s3_endpoint is not None:
-            m = re.match(r"^https?://([^/@?#\s]+)(/[^?#\s]*)?$", self.s3_endpoint)
-            if not m:
-                raise ConfigError(f"s3_endpoint: {self.s3_endpoint!r} must be http(s)://host[:port] with no "
-                                  "user:password@ (credentials belong in the secret) and no query")
-        if self.s3_region is not None and not re.match(r"^[a-z0-9-]+$", self.s3_region):
-            raise ConfigError(f"s3_region: {self.s3_region!r} is not a region name like us-east-1")
-        if not self.accelerator or re.search(r"\s", self.accelerator):
-            raise ConfigError(f"accelerator: {self.accelerator!r} must be a resource name like nvidia.com/gpu")
-        if not isinstance(self.gpu_count, int) or isinstance(self.gpu_count, bool) or self.gpu_count < 1:
-            raise ConfigError(f"gpu_count: {self.gpu_count!r} must be an integer >= 1")
-        object.__setattr__(self, "gpu_stages", tuple(_stage_key(s, "gpu_stages") for s in self.gpu_stages))
-        resources = {}
-        for stage, res in dict(self.resources).items():
-            key = _stage_key(stage, "resources")
-            if isinstance(res, Mapping):
-                unknown = sorted(set(res) - {f.name for f in dataclasses.fields(Resources)})
-                if unknown:
-                    raise ConfigError(f"resources.{key}: unknown field(s) {', '.join(unknown)}; known: "
-                                      "cpu_request, cpu_limit, memory_request, memory_limit")
-                res = Resources(**{k: None if v is None else str(v) for k, v in res.items()})
-            resources[key] = res
-        object.__setattr__(self, "resources", resources)
-        for stage in STAGES:
-            self.resources_for(stage).check(stage)
-        for key, value in dict(self.node_selector).items():
-            if not isinstance(value, str):  # YAML `true` would become the label value "True": never matches
-                raise ConfigError(f"node_selector.{key}: {value!r} must be a string (quote it in YAML)")
-            if not _LABEL_KEY.match(str(key)) or not _LABEL_VALUE.match(str(value)):
-                raise ConfigError(f"node_selector: {key}={value} is not a valid Kubernetes label")
-        object.__setattr__(self, "node_selector", {str(k): str(v) for k, v in dict(self.node_selector).items()})
-        if isinstance(self.tolerations, Mapping):
-            raise ConfigError("tolerations: expected a list of mappings")
-        object.__setattr__(self, "tolerations", tuple(_check_toleration(i, t) for i, t in enumerate(self.tolerations)))
-        caching = {}
-        for stage, enabled in dict(self.caching).items():
-            if not isinstance(enabled, bool):
-                raise ConfigError(f"caching.{stage}: {enabled!r} must be true or false")
-            caching[_stage_key(stage, "caching")] = enabled
-        object.__setattr__(self, "caching", caching)
-        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or not 0 <= self.retries <= 20:
-            raise ConfigError(f"retries: {self.retries!r} must be an integer from 0 to 20")
+    @field_validator("s3_secret", "service_account")
+    @classmethod
+    def _names(cls, value: str | None, info) -> str | None:
+        return _kubernetes_name(value, "Kubernetes secret name" if info.field_name == "s3_secret" else
+                                "Kubernetes name")
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_kubernetes_name(n, "Kubernetes secret name") for n in names)
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://([^/@?#\s]+)(/[^?#\s]*)?$", url):
+            raise ValueError("must be http(s)://host[:port] with no user:password@ (credentials belong in the "
+                             "secret) and no query")
+        return url
+
+    @field_validator("gpu_stages", mode="before")
+    @classmethod
+    def _gpu_stages(cls, stages: Any) -> Any:
+        return tuple(_stage_key(s) for s in stages) if isinstance(stages, (list, tuple)) else stages
+
+    @field_validator("resources", "caching", mode="before")
+    @classmethod
+    def _stage_keys(cls, per_stage: Any) -> Any:
+        return {_stage_key(k): v for k, v in per_stage.items()} if isinstance(per_stage, Mapping) else per_stage
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                raise ValueError(f"{key}={value} is not a valid Kubernetes label")
+        return labels
+
+    @field_validator("retry_backoff", "retry_backoff_max")
+    @classmethod
+    def _duration(cls, value: str) -> str:
         from kfp.dsl.structures import convert_duration_to_seconds
 
-        for name in ("retry_backoff", "retry_backoff_max"):
-            try:
-                convert_duration_to_seconds(str(getattr(self, name)))
-            except (ValueError, IndexError):
-                raise ConfigError(f"{name}: {getattr(self, name)!r} is not a duration like 30s, 5m or 1h") from None
-        if not isinstance(self.retry_backoff_factor, (int, float)) or self.retry_backoff_factor < 1:
-            raise ConfigError(f"retry_backoff_factor: {self.retry_backoff_factor!r} must be a number >= 1")
-        for name in self.image_pull_secrets:
-            if not _DNS_SUBDOMAIN.match(str(name)):
-                raise ConfigError(f"image_pull_secrets: {name!r} is not a Kubernetes secret name")
-        object.__setattr__(self, "image_pull_secrets", tuple(self.image_pull_secrets))
-        if self.service_account is not None and not _DNS_SUBDOMAIN.match(self.service_account):
-            raise ConfigError(f"service_account: {self.service_account!r} is not a Kubernetes name")
+        try:
+            convert_duration_to_seconds(value)
+        except (ValueError, IndexError):
+            raise ValueError(f"{value!r} is not a duration like 30s, 5m or 1h") from None
+        return value
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ClusterSettings:
+        for stage in STAGES:
+            self.resources_for(stage).check_order(stage)
+        return self
 
     def resources_for(self, stage: str) -> Resources:
         """DEFAULT_RESOURCES of `stage` with this configuration's non-empty fields on top."""
-        base = DEFAULT_RESOURCES[stage]
         over = self.resources.get(stage)
-        if over is None:
-            return base
-        return dataclasses.replace(base, **{k: v for k, v in dataclasses.asdict(over).items() if v is not None})
-
-
-_FIELDS = {f.name for f in dataclasses.fields(ClusterSettings)}
+        return DEFAULT_RESOURCES[stage] if over is None else over.over(DEFAULT_RESOURCES[stage])
 
 
 def from_mapping(values: Mapping[str, Any]) -> ClusterSettings:
-    """A ClusterSettings from a config-file mapping; unknown keys are named, YAML lists become tuples."""
-    unknown = sorted(set(values) - _FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown cluster setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
-    values = dict(values)
-    for name in ("resources", "node_selector", "caching"):
-        if name in values and not isinstance(values[name] or {}, Mapping):
-            raise ConfigError(f"{name}: expected a mapping, got {type(values[name]).__name__}")
-        values[name] = dict(values.get(name) or {})
-    for name in ("gpu_stages", "tolerations", "image_pull_secrets"):
-        if name in values:
-            if isinstance(values[name], (str, Mapping)) or not isinstance(values[name], (list, tuple)):
-                raise ConfigError(f"{name}: expected a list, got {values[name]!r}")
-            values[name] = tuple(values[name])
-    if "gpu" in values and not isinstance(values["gpu"], bool):
-        raise ConfigError(f"gpu: {values['gpu']!r} must be true or false")
+    """A ClusterSettings from a config-file mapping; unknown keys are named."""
     return ClusterSettings(**values)
 
 
@@ -283,7 +248,7 @@ def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
         for key, value in settings.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         for tol in settings.tolerations:
-            kubernetes.add_toleration(task, **tol)
+            kubernetes.add_toleration(task, **tol.model_dump(exclude_none=True))
         if settings.image_pull_secrets:
             kubernetes.set_image_pull_secrets(task, list(settings.image_pull_secrets))
         if stage in settings.caching:

@@ -32,3 +32,70 @@ def test_the_stage_names_are_written_once():
     for package in ("blueprint", "components", "pipelines"):
         for path in (REPO / package).rglob("*.py"):
             assert not pattern.search(path.read_text()), f"{path.relative_to(REPO)} lists the stages again"
+
+
+def _definitions():
+    import ast
+
+    for package in ("blueprint", "components", "pipelines"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            yield path, tree
+
+
+def test_no_module_exceeds_400_lines_and_no_function_60():
+    import ast
+
+    long = []
+    for path, tree in _definitions():
+        lines = path.read_text().count("\n")
+        if lines > 400:
+            long.append(f"{path.relative_to(REPO)}: {lines} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {length} lines")
+    assert long == []
+
+
+def test_stages_never_import_one_another():
+    from blueprint.stages import registry
+
+    stage_modules = {spec.module for spec in registry.STAGES.values()}
+    found = []
+    for spec in registry.STAGES.values():
+        text = (REPO / (spec.module.replace(".", "/") + ".py")).read_text()
+        for other in stage_modules - {spec.module}:
+            pkg, name = other.rsplit(".", 1)
+            if re.search(rf"^\s*(from {re.escape(other)} import|import {re.escape(other)}\b|from {re.escape(pkg)} "
+                         rf"import .*\b{name}\b)", text, re.MULTILINE):
+                found.append(f"{spec.module} imports {other}")
+    assert found == []
+
+
+def test_every_stage_setting_has_help_and_an_unknown_key_is_named():
+    import pytest
+
+    from blueprint.config import ConfigError
+    from blueprint.stages import registry
+
+    for spec in registry.STAGES.values():
+        cls = spec.config_type()
+        assert [n for n, f in cls.model_fields.items() if not f.description] == [], spec.name
+        with pytest.raises(ConfigError, match=r"unknown setting\(s\) no_such_setting"):
+            cls(no_such_setting=1)
+
+
+def test_stage_help_lists_every_setting(capsys):
+    import pytest
+
+    from blueprint.stages import registry
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["stage", "ppo-round", "--help"])
+    out = capsys.readouterr().out
+    fields = registry.get("ppo-round").config_type().model_fields
+    assert done.value.code == 0 and all(f"  {name} (" in out for name in fields)
+    assert "learning rate of the summarizer's LoRA" in out  # the help text, not only the name

@@ -83,6 +83,20 @@ class RewardOutput:
         return out
 
 
+def checked_samples(codes: Sequence[str], summaries: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The samples as lists, or a ValueError naming the first bad one (scoring garbage would hand PPO noise)."""
+    codes, summaries = list(codes), list(summaries)
+    if len(codes) != len(summaries) or not codes:
+        raise ValueError(f"need equally many codes and summaries, at least one (got {len(codes)} and "
+                         f"{len(summaries)})")
+    for i, (c, s) in enumerate(zip(codes, summaries)):
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"sample {i}: code must be a non-empty string, got {c!r:.60}")
+        if not isinstance(s, str):
+            raise ValueError(f"sample {i}: summary must be a string, got {type(s).__name__}")
+    return codes, summaries
+
+
 class RewardModel:
     """Batched round-trip reward with the coder adapter of `model` (a PeftModel, or a plain causal LM when
     `coder_adapter` is None). The model is switched to the coder and to eval mode for the call, then restored."""
@@ -139,15 +153,7 @@ class RewardModel:
     # -- scoring ----------------------------------------------------------------------------------------------
 
     def __call__(self, codes: Sequence[str], summaries: Sequence[str]) -> RewardOutput:
-        codes, summaries = list(codes), list(summaries)
-        if len(codes) != len(summaries) or not codes:
-            raise ValueError(f"need equally many codes and summaries, at least one (got {len(codes)} and "
-                             f"{len(summaries)})")
-        for i, (c, s) in enumerate(zip(codes, summaries)):
-            if not isinstance(c, str) or not c.strip():
-                raise ValueError(f"sample {i}: code must be a non-empty string, got {c!r:.60}")
-            if not isinstance(s, str):
-                raise ValueError(f"sample {i}: summary must be a string, got {type(s).__name__}")
+        codes, summaries = checked_samples(codes, summaries)
         cfg, tok = self.config, self.tokenizer
 
         # Codes: once per distinct code. raw_code (no EOS, uncut) is what length and copy terms measure.

@@ -126,29 +126,66 @@ def reward_stats(out, tag: str) -> dict[str, float]:
     return stats
 
 
+def generate_texts(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
+                   batch_size: int) -> tuple[list[list[int]], list[str], list[bool]]:
+    """(token ids without the final EOS, decoded texts, whether each ended with EOS) of `adapter`'s greedy
+    completions."""
+    eos = tokenizer.eos_token_id
+    generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size)
+    ended = [bool(ids) and ids[-1] == eos for ids in generated]
+    ids = [g[:-1] if e else g for g, e in zip(generated, ended)]
+    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), ended
+
+
+def scored_pairwise(reward, scored: list[dict], own_ce_first: "torch.Tensor", other: list[int]) -> float | None:
+    """Pairwise accuracy: each scored code with its own docstring against another function's (the derangement
+    `other`). The first len(own_ce_first) own-docstring CEs are already computed; only the rest are scored."""
+    import torch
+
+    if len(scored) < 2:
+        return None
+    codes, truths = [p["code"] for p in scored], [p["summary"] for p in scored]
+    own, done = own_ce_first, len(own_ce_first)
+    if len(scored) > done:
+        own = torch.cat([own, reward(codes[done:], truths[done:]).ce])
+    return pairwise_accuracy(own, reward(codes, [truths[j] for j in other]).ce)
+
+
+def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list[str], summary_ids: list[list[int]],
+                 rebuilt: list[str], shown_codes: list[str]) -> dict[str, float]:
+    """Text overlap and length figures of the generated summaries and the rebuilt codes."""
+    code_tokens = [len(ids) for ids in tokenizer(codes, add_special_tokens=False)["input_ids"]]
+    truth_tokens = [len(ids) for ids in tokenizer(truths, add_special_tokens=False)["input_ids"]]
+    stripped = [s.strip() for s in summaries]
+    return {
+        "bleu_summary": text_metrics.bleu(stripped, truths),
+        "rougeL_summary": text_metrics.rouge_l(stripped, truths),
+        "code_bleu": text_metrics.bleu(rebuilt, shown_codes),
+        "code_exact_match": text_metrics.exact_match(rebuilt, shown_codes),
+        "summary_tokens_mean": text_metrics.mean([len(s) for s in summary_ids]),
+        "summary_true_tokens_mean": text_metrics.mean(truth_tokens),
+        "code_tokens_mean": text_metrics.mean(code_tokens),
+        "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens)]),
+    }
+
+
 def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig,
                    progress: Any = None) -> tuple[dict[str, Any], list[dict]]:
     """All metrics of the summarizer/coder in `model`: generation on the first `max_examples` of `scored`, pairwise
     accuracy on all of them; one sample row per generated pair."""
-    import torch
-
     from blueprint.rl.copying import copy_rate
     from blueprint.rl.reward import RewardConfig, RewardModel
 
     pairs = scored[:cfg.max_examples]
     prompts = PromptConfig(style=cfg.prompt_style)
-    eos = tokenizer.eos_token_id
     codes = [p["code"] for p in pairs]
     truths = [p["summary"] for p in pairs]
     shown_codes = clip_tokens(tokenizer, codes, cfg.max_code_tokens)  # what the models see (as in training)
     shown_truths = clip_tokens(tokenizer, truths, cfg.max_summary_tokens)
 
     # The summarizer writes a summary of each code.
-    gen_ids = generate(model, tokenizer, "summarizer", [summary_prompt(c, prompts) for c in shown_codes],
-                       cfg.max_new_tokens, cfg.batch_size)
-    ended = [bool(ids) and ids[-1] == eos for ids in gen_ids]
-    summary_ids = [ids[:-1] if e else ids for ids, e in zip(gen_ids, ended)]
-    summaries = tokenizer.batch_decode(summary_ids, skip_special_tokens=True)
+    summary_ids, summaries, ended = generate_texts(model, tokenizer, "summarizer", [
+        summary_prompt(c, prompts) for c in shown_codes], cfg.max_new_tokens, cfg.batch_size)
     report_phase = progress.update if progress is not None else (lambda done, **figures: None)
     report_phase(1, phase="summaries written")
 
@@ -157,48 +194,26 @@ def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig,
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
         max_summary_tokens=cfg.max_summary_tokens))
     gen_out, true_out = reward(codes, summaries), reward(codes, truths)
-    # Pairwise: each scored code with its own docstring vs another function's (a fixed derangement).
     other = partners(len(scored), cfg.seed)
-    pairwise = None
-    if len(scored) >= 2:
-        all_codes, all_truths = [p["code"] for p in scored], [p["summary"] for p in scored]
-        own = true_out.ce  # the generated pairs' own-docstring CE is already computed; score only the rest
-        if len(scored) > len(pairs):
-            own = torch.cat([own, reward(all_codes[len(pairs):], all_truths[len(pairs):]).ce])
-        other_out = reward(all_codes, [all_truths[j] for j in other])
-        pairwise = pairwise_accuracy(own, other_out.ce)
+    pairwise = scored_pairwise(reward, scored, true_out.ce, other)
     report_phase(2, phase="coder scored the summaries")
 
     # The coder rebuilds each code from its true docstring.
-    rebuilt_ids = generate(model, tokenizer, "coder", [code_prompt(s, prompts) for s in shown_truths],
-                           cfg.max_code_tokens, cfg.batch_size)
-    rebuilt = tokenizer.batch_decode([ids[:-1] if ids and ids[-1] == eos else ids for ids in rebuilt_ids],
-                                     skip_special_tokens=True)
+    rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(model, tokenizer, "coder", [
+        code_prompt(s, prompts) for s in shown_truths], cfg.max_code_tokens, cfg.batch_size)
     report_phase(3, phase="coder rebuilt the codes")
 
-    code_tokens = [len(ids) for ids in tokenizer(codes, add_special_tokens=False)["input_ids"]]
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
-    truth_tokens = [len(ids) for ids in tokenizer(truths, add_special_tokens=False)["input_ids"]]
     copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
     parsed = [text_metrics.parses(c) for c in rebuilt]
-    stripped = [s.strip() for s in summaries]
-
     values: dict[str, Any] = {
         "epoch": cfg.epoch, "examples": len(pairs),
         **reward_stats(gen_out, "gen"), **reward_stats(true_out, "true"),
         "pairwise_accuracy": pairwise, "pairwise_examples": len(scored),
-        "bleu_summary": text_metrics.bleu(stripped, truths),
-        "rougeL_summary": text_metrics.rouge_l(stripped, truths),
-        "code_parse_rate": text_metrics.mean(parsed),
-        "code_bleu": text_metrics.bleu(rebuilt, shown_codes),
-        "code_exact_match": text_metrics.exact_match(rebuilt, shown_codes),
-        "copy_rate": text_metrics.mean(copies),
+        **text_figures(tokenizer, codes, truths, summaries, summary_ids, rebuilt, shown_codes),
+        "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended)]),
+        "copy_rate": text_metrics.mean(copies), "code_parse_rate": text_metrics.mean(parsed),
         "eos_rate": text_metrics.mean(ended),
-        "summary_tokens_mean": text_metrics.mean([len(s) for s in summary_ids]),
-        "summary_true_tokens_mean": text_metrics.mean(truth_tokens),
-        "code_tokens_mean": text_metrics.mean(code_tokens),
-        "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens)]),
-        "rebuilt_tokens_mean": text_metrics.mean([len(ids) for ids in rebuilt_ids]),
         "code_truncated": int(gen_out.code_truncated.sum()),
         "summary_true_truncated": int(true_out.summary_truncated.sum()),
     }

@@ -216,6 +216,26 @@ def _eval_draw(salt: bytes, digest: bytes) -> float:
     return int.from_bytes(hashlib.sha256(salt + digest).digest()[:8], "big") / 2.0**64
 
 
+def write_new_pairs(pairs: list[tuple], seen: set[bytes], writer: ShardWriter, config: ShardConfig, source_name: str,
+                    dropped: collections.Counter, room: int | None) -> int:
+    """Write the pairs whose code was not seen before (exact dedupe on the code hash), at most `room` of them, each
+    to its split (by salted hash) and shard (by hash); how many were written."""
+    salt, kept = config.split_salt.encode("utf-8"), 0
+    for digest, name, code, summary, path, license in pairs:
+        if room is not None and kept >= room:
+            break
+        if digest[:16] in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(digest[:16])
+        split = "eval" if _eval_draw(salt, digest) < config.eval_fraction else "train"
+        shard = int.from_bytes(digest[:8], "big") % config.num_shards
+        writer.add(split, shard, (digest.hex()[:32], code, summary, name, LANGUAGE, source_name, path, license,
+                                  len(code), code.count("\n") + 1))
+        kept += 1
+    return kept
+
+
 def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, progress: bool = True) -> dict[str, Any]:
     """Write the shards of `config.source` into `out_dir`; the metrics. Raises SourceError when nothing is kept."""
     start = time.time()
@@ -225,16 +245,14 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
     workers = config.resolved_workers()
     if source.total:  # no more processes than batches (a small tree is done before a big pool has started)
         workers = max(1, min(workers, -(-source.total // batch)))
+    room = config.max_pairs
     writer = ShardWriter(out_dir, config.num_shards, config.row_group_rows)
-    salt = config.split_salt.encode("utf-8")
     seen: set[bytes] = set()  # 16-byte prefixes of code hashes: the only per-pair state kept for the whole run
-    files_dropped: collections.Counter = collections.Counter()
-    pairs_dropped: collections.Counter = collections.Counter()
+    files_dropped, pairs_dropped = collections.Counter(), collections.Counter()
     files = functions = source_bytes = kept = 0
     stopped = False
-    fn = functools.partial(process_many, limits=config.limits())
     bar = Progress(STAGE, source.total or None, progress, unit="file" if source.total else "row")
-    results = ordered_map(fn, source.units(), workers, batch=batch)
+    results = ordered_map(functools.partial(process_many, limits=config.limits()), source.units(), workers, batch)
     try:
         for result in results:
             files += 1
@@ -245,20 +263,10 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
                 continue
             functions += result.functions
             pairs_dropped.update(result.dropped)
-            for digest, name, code, summary, path, license in result.pairs:
-                if digest[:16] in seen:
-                    pairs_dropped["duplicate"] += 1
-                    continue
-                seen.add(digest[:16])
-                split = "eval" if _eval_draw(salt, digest) < config.eval_fraction else "train"
-                shard = int.from_bytes(digest[:8], "big") % config.num_shards
-                writer.add(split, shard, (digest.hex()[:32], code, summary, name, LANGUAGE, source.name, path,
-                                          license, len(code), code.count("\n") + 1))
-                kept += 1
-                if config.max_pairs is not None and kept >= config.max_pairs:
-                    stopped = True
-                    break
-            if stopped:
+            kept += write_new_pairs(result.pairs, seen, writer, config, source.name, pairs_dropped,
+                                    None if room is None else room - kept)
+            if room is not None and kept >= room:
+                stopped = True
                 break
     finally:
         results.close()  # terminates the worker pool when we stopped early or failed
@@ -270,13 +278,11 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
         raise SourceError(f"source {source.name} gave no (code, summary) pairs from {files} file(s)/row(s): "
                           f"files dropped {dict(files_dropped) or 'none'}, pairs dropped {dict(pairs_dropped) or 'none'}")
     seconds = time.time() - start
-    rows = {s: sum(n for rel, n in rows_per_shard.items() if rel.startswith(f"{s}/")) for s in ("train", "eval")}
-    written = sum(p.stat().st_size for p in Path(out_dir).rglob("*.parquet"))
     return {
         "source": source.name,
         "source_fingerprint": fingerprint,
         "pairs": kept,
-        "rows": rows,
+        "rows": {s: sum(n for rel, n in rows_per_shard.items() if rel.startswith(f"{s}/")) for s in ("train", "eval")},
         "rows_per_shard": rows_per_shard,
         "num_shards": config.num_shards,
         "files_seen": files,
@@ -285,7 +291,7 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
         "pairs_dropped": dict(sorted(pairs_dropped.items())),
         "stopped_at_max_pairs": stopped,
         "source_bytes": source_bytes,
-        "bytes_written": written,
+        "bytes_written": sum(p.stat().st_size for p in Path(out_dir).rglob("*.parquet")),
         "seconds": round(seconds, 2),
         "mb_per_s": round(source_bytes / 1e6 / max(seconds, 1e-9), 2),
         "workers": workers,
