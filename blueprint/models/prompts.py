@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import model_validator
+from pydantic import AfterValidator, model_validator
 
 from blueprint.config import ConfigError, Settings, setting
 from blueprint.errors import InputError
@@ -64,6 +64,16 @@ class PromptConfig(Settings):
                 raise ConfigError(f"PromptConfig.{attr}={template!r} must contain the placeholder {{{field}}} exactly "
                                   f"once and no other fields (found {names})")
         return self
+
+
+def _known_style(style: str) -> str:
+    if style not in STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
+    return style
+
+
+# A stage's `prompt_style` setting: one of STYLES, checked where it is declared.
+PromptStyle = Annotated[str, AfterValidator(_known_style)]
 
 
 def summary_prompt(code: str, cfg: PromptConfig) -> str:

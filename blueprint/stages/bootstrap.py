@@ -19,7 +19,7 @@ from blueprint.store import artifacts
 from blueprint.config import ConfigError, Settings, setting
 from blueprint.errors import InputError, check_finite_loss
 from blueprint.progress import note
-from blueprint.models.prompts import PromptConfig, code_prompt, summary_prompt
+from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, summary_prompt
 from blueprint.stages.common import quiet_libraries
 
 PRESETS = ("micro", "tiny")  # sizes in blueprint.models.tiny.PRESETS
@@ -41,7 +41,7 @@ class BootstrapConfig(Settings):
     max_pairs: int = setting(20_000, "pairs read from the train shards", ge=1)
     prompt_format_share: float = setting(0.8, "share of documents in the two prompt formats (the rest: plain "
                                               "code)", ge=0, le=1)
-    prompt_style: str = setting("plain", "prompt templates: plain | structured")
+    prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds the weights and the data order")
     threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 

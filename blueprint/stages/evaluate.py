@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import model_validator
-
 from blueprint.store import artifacts
 from blueprint.eval import metrics as text_metrics, report
 from blueprint.config import ConfigError, Settings, setting
 from blueprint.errors import InputError
 from blueprint.progress import Progress
-from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
+from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens
 from blueprint.stages.common import fetch_adapter_set, is_artifact, open_base, split_base, key_settings
 
@@ -55,16 +53,12 @@ class EvaluateConfig(Settings):
     max_summary_tokens: int = setting(64, "summaries are cut to this many tokens", ge=4)
     batch_size: int = setting(8, "prompts per generate() call", ge=1)
     length_coef: float = setting(0.01, "weight of len(summary) / len(code) in the reward", ge=0)
-    prompt_style: str = setting("plain", "prompt templates: plain | structured")
+    prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     report_examples: int = setting(3, "example rows shown in report.md", ge=0)
     epoch: int = setting(0, "PPO rounds done (0 = after warmup): the x axis of the history", ge=0)
     seed: int = setting(0, "fixes the docstring pairing of pairwise accuracy")
     threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
-    @model_validator(mode="after")
-    def _prompts(self) -> EvaluateConfig:
-        PromptConfig(style=self.prompt_style)
-        return self
 
 
 def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,

@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import model_validator
-
 from blueprint.store import artifacts, storage
 from blueprint.config import setting
 from blueprint.rl.ppo_config import PPOConfig
-from blueprint.models.prompts import PromptConfig, encode_prompts, summary_prompt
+from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, train_adapter
 from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_set, split_base, key_settings
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
@@ -74,14 +72,10 @@ class PPORoundConfig(PPOConfig):
         "round", 'KL anchor: "round" (the summarizer as this round starts: a per-round trust region, so a '
                  'recurring retraining never drifts into max_kl) or "warmup" (the summarizer after warmup)')
     checkpoint_every: int = setting(5, "PPO steps between resumable checkpoints", ge=1)
-    prompt_style: str = setting("plain", "prompt templates: plain | structured")
+    prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds the round's draw of codes, the probe and sampling")
     threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
-    @model_validator(mode="after")
-    def _prompts(self) -> PPORoundConfig:
-        PromptConfig(style=self.prompt_style)
-        return self
 
 
 def queries_per_step(cfg: PPORoundConfig) -> int:

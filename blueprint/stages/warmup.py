@@ -10,12 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import model_validator
-
 from blueprint.store import artifacts
 from blueprint.config import Settings, setting
 from blueprint.errors import InputError
-from blueprint.models.prompts import PromptConfig
+from blueprint.models.prompts import PromptStyle
 from blueprint.models.sft import sft_datasets, sft_length, train_adapter
 from blueprint.stages.common import open_base, save_adapter_set, split_base, key_settings
 
@@ -38,14 +36,10 @@ class WarmupConfig(Settings):
     lora_dropout: float = setting(0.0, "LoRA dropout", ge=0, lt=1)
     target_modules: list[str] | None = setting(None, "LoRA target modules (comma-separated); None = by "
                                                      "architecture")
-    prompt_style: str = setting("plain", "prompt templates: plain | structured")
+    prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds LoRA init and data order")
     threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
-    @model_validator(mode="after")
-    def _prompts(self) -> WarmupConfig:
-        PromptConfig(style=self.prompt_style)
-        return self
 
     def lora(self):
         from blueprint.models import lora

@@ -54,7 +54,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_not_executed(smoke_chain, t
 def test_no_pickle_loading_and_no_remote_code_anywhere_in_the_package():
     """The one pickle.loads is blueprint/data/workers.py's: frames on the pipes to its own child processes, never
     bytes from the store."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for package in ("blueprint", "components", "pipelines"):
         for path in (root / package).rglob("*.py"):
             text = path.read_text()

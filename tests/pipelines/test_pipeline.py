@@ -19,7 +19,7 @@ from pipelines import local_run
 from blueprint.config import ConfigError
 from pipelines import golden
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(golden.CASES))

@@ -20,7 +20,7 @@ from blueprint.store import storage
 from blueprint.store.storage import StorageError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "sekrit-0123456789"
 
 
