@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 import types
 import typing
@@ -82,14 +83,19 @@ def _where(loc: tuple) -> str:
     return out
 
 
+def _redacted(value: Any) -> str:
+    """repr(value) without the user:password@ of any URI in it (credentials are never echoed)."""
+    return re.sub(r"([A-Za-z][\w+.-]*://)[^/@\s'\"]*@", r"\1***@", repr(value))
+
+
 def _text(error: dict) -> str:
     if error["type"] == "value_error":  # our validators say what they saw; never echo a URI with secrets twice
         return error["msg"].removeprefix("Value error, ")
     if error["type"] == "string_type":
-        return f"{error['input']!r} must be a string (quote it in YAML)"
+        return f"{_redacted(error['input'])} must be a string (quote it in YAML)"
     if error["type"] == "bool_type":
         return f"{error['input']!r} must be true or false"
-    return f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {error['input']!r}"
+    return f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {_redacted(error['input'])}"
 
 
 def _details(exc: ValidationError, cls: type[Settings]) -> list[tuple[tuple, str]]:

@@ -175,7 +175,13 @@ class ClusterSettings(Settings):
     @field_validator("resources", "caching", mode="before")
     @classmethod
     def _stage_keys(cls, per_stage: Any) -> Any:
+        per_stage = {} if per_stage is None else per_stage  # an empty section in YAML
         return {_stage_key(k): v for k, v in per_stage.items()} if isinstance(per_stage, Mapping) else per_stage
+
+    @field_validator("node_selector", "tolerations", "image_pull_secrets", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any, info) -> Any:
+        return ({} if info.field_name == "node_selector" else ()) if value is None else value
 
     @field_validator("node_selector")
     @classmethod

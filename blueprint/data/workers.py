@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 _HEADER = struct.Struct("<Q")
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # the folder holding this very `blueprint` package
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this very `blueprint` package
 # -c rather than -m: sys.path[0] is then exactly this package's root, whatever the worker's working directory holds.
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); import blueprint.data.workers as w; w.main()"
 _STOP_TIMEOUT_S = 10.0

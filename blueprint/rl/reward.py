@@ -111,7 +111,7 @@ class RewardModel:
                 raise ValueError(f"coder_adapter {coder_adapter!r} not found; the model has "
                                  f"{sorted(model.peft_config)}")
         if tokenizer.pad_token_id is None:
-            raise ValueError("tokenizer has no pad token: load it with blueprint.loading.load_base or call "
+            raise ValueError("tokenizer has no pad token: load it with blueprint.models.loading.load_base or call "
                              "ensure_pad_token")
         self.model, self.tokenizer = model, tokenizer
         self.prompts, self.config = prompts or PromptConfig(), config or RewardConfig()

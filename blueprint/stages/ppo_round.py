@@ -37,6 +37,9 @@ class PPORoundConfig(PPOConfig):
 
     error_prefix = ""
 
+    # the round builds these adapters itself: which one PPO trains and which is its anchor are not choices
+    policy_adapter: Literal["summarizer"] = setting("summarizer", "the adapter PPO trains (always the summarizer)")
+    reference_adapter: Literal["reference"] = setting("reference", "the KL anchor the round builds (see reference)")
     round_index: int = setting(1, "which round this is (1 = the first after warmup): seeds the round's draw", ge=1)
     ppo_steps: int = setting(10, "PPO steps on the summarizer (the seed's ppo_steps)", ge=0)
     supervised_steps: int = setting(10, "optimizer steps of the coder on this round's summaries (the seed's "
@@ -119,7 +122,7 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig
     ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
     batch, mask = pad_batch(ids, tokenizer.pad_token_id, "left")
     width = batch.shape[1]
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if samples else \
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if samples else \
         dict(do_sample=False)
     with lora.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,11 @@ def test_torch_is_not_needed_to_shard():
 
     code = "import sys, blueprint.stages.shard; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_shard_workers_put_this_checkout_first_on_their_path():
+    """The worker boots with sys.path[0] = the folder holding this `blueprint` package, whatever its cwd holds."""
+    from blueprint.data import workers
+
+    assert (Path(workers._PACKAGE_ROOT) / "blueprint" / "data" / "workers.py").resolve() == \
+        Path(workers.__file__).resolve()

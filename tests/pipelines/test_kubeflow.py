@@ -459,3 +459,17 @@ def test_warmup_task_hands_on_the_previous_round_and_reports_it(tmp_path):
     uri, key = warm_start.warmup_task({}, "unused-shards", base, root, False, True, metrics, str(report))
     assert uri == previous and key == "20260201000000"
     assert metrics.logged["warm_start"] == 1.0 and previous in report.read_text()
+
+
+def test_empty_sections_of_a_cluster_file_mean_none():
+    settings = cluster.from_mapping({"resources": None, "node_selector": None, "caching": None, "tolerations": None,
+                                     "image_pull_secrets": None})
+    assert (settings.resources, settings.node_selector, settings.caching, settings.tolerations) == ({}, {}, {}, ())
+
+
+@pytest.mark.parametrize("values", [{"retries": "s3://AKIAEXAMPLE:hunter2@bucket"},
+                                    {"s3_endpoint": ["http://AKIAEXAMPLE:hunter2@minio:9000"]}])
+def test_a_setting_error_never_echoes_credentials(values):
+    with pytest.raises(ConfigError) as info:
+        cluster.from_mapping(values)
+    assert "hunter2" not in str(info.value) and "AKIAEXAMPLE" not in str(info.value) and "***@" in str(info.value)

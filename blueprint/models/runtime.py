@@ -1,0 +1,131 @@
+"""One device and precision policy for every model stage, decided in one place: where a base is opened.
+
+Each model stage's config inherits `RuntimeSettings`, so `device`, `dtype`, `attn_implementation` and
+`gradient_checkpointing` have the same names on the CLI (`--set ppo-round.dtype=bfloat16`), in config files, in
+`BluePrint(settings=...)` and in the pipeline's settings parameters. `place` resolves them on the machine that
+runs the stage: `device=cuda` where there is no CUDA fails there at once, naming the setting.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pydantic import field_validator
+
+from blueprint.config import ConfigError, Settings, setting
+from blueprint.errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+class RuntimeSettings(Settings):
+    """Where and in what precision a model stage runs (fields shared by every model stage's config)."""
+
+    device: str = setting("auto", "auto (CUDA when visible, else CPU) | cpu | cuda | cuda:N")
+    dtype: str = setting("auto", "weights' dtype: auto (bf16 on a GPU that has it, else fp16 on a GPU, fp32 on "
+                                 "CPU) | float32 | bfloat16 | float16. LoRA weights and optimizer state stay fp32")
+    attn_implementation: str = setting("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | "
+                                               "sdpa | eager | flash_attention_2")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory for "
+                                                  "long code, about a third more time")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"{device!r}: choose auto, cpu, cuda or cuda:N")
+        return device
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, dtype: str) -> str:
+        if dtype not in DTYPES:
+            raise ValueError(f"{dtype!r}: choose one of {', '.join(DTYPES)}")
+        return dtype
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention(cls, attn: str) -> str:
+        if attn not in ATTENTION:
+            raise ValueError(f"{attn!r}: choose one of {', '.join(ATTENTION)}")
+        return attn
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """The resolved policy: a torch device and dtype, and the attention implementation transformers gets."""
+
+    device: Any
+    dtype: Any
+    attn_implementation: str
+    gradient_checkpointing: bool
+
+    def describe(self) -> dict[str, str]:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "attn_implementation": self.attn_implementation}
+
+
+def resolve_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: this machine has no CUDA device (torch {torch.__version__}, "
+                              f"CUDA build {torch.version.cuda or 'none'}); set device=cpu or device=auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(index)  # what the HF Trainer and peft then use as "cuda"
+        return torch.device("cuda", index)
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: Any) -> Any:
+    import torch
+
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, dtype)
+
+
+def resolve_attention(attn: str, device: Any) -> str:
+    installed = importlib.util.find_spec("flash_attn") is not None
+    if attn == "auto":
+        return "flash_attention_2" if device.type == "cuda" and installed else "sdpa"
+    if attn == "flash_attention_2" and (not installed or device.type != "cuda"):
+        raise ConfigError("attn_implementation='flash_attention_2': needs CUDA and the flash-attn package; "
+                          "use sdpa")
+    return attn
+
+
+def place(settings: RuntimeSettings) -> Placement:
+    """Resolve `settings` on this machine (once per stage, before the base is loaded)."""
+    device = resolve_device(settings.device)
+    return Placement(device, resolve_dtype(settings.dtype, device),
+                     resolve_attention(settings.attn_implementation, device), settings.gradient_checkpointing)
+
+
+class OutOfMemory(UserError, RuntimeError):
+    """A stage ran out of accelerator (or host) memory; the message names the settings that bound its memory."""
+
+
+@contextlib.contextmanager
+def named_out_of_memory(stage: str, budgets: Sequence[str]) -> Iterator[None]:
+    """Turn an out-of-memory error into one line saying which settings to lower."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        hint = ", ".join(f"{stage}.{b}" for b in budgets)
+        raise OutOfMemory(f"{stage}: out of memory ({str(exc).splitlines()[0][:160]}): lower {hint}, or set "
+                          f"{stage}.dtype=bfloat16 or {stage}.gradient_checkpointing=true") from None
