@@ -19,31 +19,22 @@ from transformers import PreTrainedModel
 
 from blueprint.config import ConfigError, Settings, setting
 from blueprint.models.loading import ModelLoadError
+from blueprint.models.targets import discover_targets
 
 ROLES = ("summarizer", "coder")
 REFERENCE = "reference"
 
-# LoRA targets per architecture (config.model_type). `attention` adds the remaining attention projections.
-TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
-}
-EXTRA_ATTENTION_MODULES: dict[str, tuple[str, ...]] = {
-    "llama": ("k_proj", "o_proj"), "mistral": ("k_proj", "o_proj"), "qwen2": ("k_proj", "o_proj"),
-    "qwen3": ("k_proj", "o_proj"),
-}
-
-
 class LoraSettings(Settings):
-    """LoRA hyper-parameters shared by every role. `target_modules=None` picks them from the architecture
-    (`TARGET_MODULES`, plus k/o projections when `all_attention`), else peft's own per-architecture default."""
+    """LoRA hyper-parameters shared by every role. `target_modules=None` finds the attention projections in the
+    model itself (`blueprint.models.targets`): query and value, plus key and output when `all_attention`."""
 
     error_prefix = "LoraSettings."
 
     r: int = setting(16, "rank", gt=0)
     alpha: float = setting(32.0, "scale numerator (the update is scaled by alpha / r)", gt=0)
     dropout: float = setting(0.05, "dropout on the LoRA input", ge=0, lt=1)
-    target_modules: tuple[str, ...] | None = setting(None, "module names to adapt; None = by architecture")
+    target_modules: tuple[str, ...] | None = setting(None, "module names to adapt; None = the model's attention "
+                                                           "projections")
     all_attention: bool = setting(False, "also adapt the k and o projections")
 
     @field_validator("target_modules", mode="before")
@@ -54,17 +45,14 @@ class LoraSettings(Settings):
             raise ConfigError(f"give non-empty module names, not {mods!r}")
         return mods
 
-    def targets_for(self, model_type: str) -> list[str] | None:
+    def targets_for(self, model: PreTrainedModel) -> list[str]:
         if self.target_modules is not None:
             return list(self.target_modules)
-        if model_type not in TARGET_MODULES:
-            return None  # peft falls back to its own table and names the model type if it has no entry
-        extra = EXTRA_ATTENTION_MODULES.get(model_type, ()) if self.all_attention else ()
-        return list(TARGET_MODULES[model_type] + extra)
+        return discover_targets(model, self.all_attention, getattr(model, "name_or_path", "") or "the base")
 
-    def peft_config(self, model_type: str) -> LoraConfig:
+    def peft_config(self, model: PreTrainedModel) -> LoraConfig:
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
-                          target_modules=self.targets_for(model_type), task_type="CAUSAL_LM")
+                          target_modules=self.targets_for(model), task_type="CAUSAL_LM")
 
 
 def _check_names(names: Sequence[str]) -> None:
@@ -96,7 +84,7 @@ def attach_adapters(base: PreTrainedModel, names: Sequence[str] = ROLES,
     _check_names(names)
     was_training = base.training
     lora = lora or LoraSettings()
-    config = lora.peft_config(base.config.model_type)
+    config = lora.peft_config(base)
     model = get_peft_model(base, copy.deepcopy(config), adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, copy.deepcopy(config))

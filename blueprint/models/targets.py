@@ -40,8 +40,18 @@ def attention_projections(model: Any) -> list[tuple[str, str]]:
     return found
 
 
+def _unambiguous(model: Any, leaves: list[str]) -> list[str]:
+    """Leaf names, each qualified by its parent (`attn.c_proj`) where the same leaf also names a projection outside
+    attention (GPT-2's MLP has a `c_proj` too): peft matches a target as a suffix of the module's name."""
+    inside = attention_projections(model)
+    inside_names = {n for n, _ in inside}
+    outside = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_projection(m) and n not in inside_names}
+    parent = {leaf: n.split(".")[-2] for n, leaf in inside}
+    return [f"{parent[leaf]}.{leaf}" if leaf in outside else leaf for leaf in leaves]
+
+
 def discover_targets(model: Any, all_attention: bool = False, name: str = "the base") -> list[str]:
-    """Leaf module names for peft's `target_modules` (peft matches them by suffix in every layer)."""
+    """Module names for peft's `target_modules` (peft matches them as name suffixes, in every layer)."""
     leaves = list(dict.fromkeys(leaf for _, leaf in attention_projections(model)))
     if all(p in leaves for p in SEPARATE):
         extra = [p for p in SEPARATE_EXTRA if p in leaves] if all_attention else []
@@ -49,9 +59,9 @@ def discover_targets(model: Any, all_attention: bool = False, name: str = "the b
     fused = [p for p in FUSED if p in leaves]
     if fused:
         rest = [leaf for leaf in leaves if leaf not in fused] if all_attention else []
-        return [fused[0], *rest]
+        return _unambiguous(model, [fused[0], *rest])
     if leaves:
-        return leaves
+        return _unambiguous(model, leaves)
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_projection(m)})
     raise NoLoraTargets(f"{name}: found no linear projection inside an attention block to adapt with LoRA "
                         f"(linear modules: {', '.join(linear[:12]) or 'none'}); set target_modules to choose them")

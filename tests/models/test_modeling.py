@@ -42,12 +42,10 @@ def ids(micro_tokenizer):
     return torch.tensor([micro_tokenizer("def add(a, b):\n    return a + b\n")["input_ids"]])
 
 
-def test_lora_settings_validate_and_pick_targets():
-    assert LoraSettings().targets_for("llama") == ["q_proj", "v_proj"]
-    assert LoraSettings(all_attention=True).targets_for("qwen2") == ["q_proj", "v_proj", "k_proj", "o_proj"]
-    assert LoraSettings().targets_for("gpt2") == ["c_attn"]
-    assert LoraSettings().targets_for("some_new_arch") is None  # peft's own table decides
-    assert LoraSettings(target_modules="o_proj").targets_for("llama") == ["o_proj"]
+def test_lora_settings_validate_and_pick_targets(micro_model):
+    assert LoraSettings().targets_for(micro_model) == ["q_proj", "v_proj"]
+    assert LoraSettings(all_attention=True).targets_for(micro_model) == ["q_proj", "v_proj", "k_proj", "o_proj"]
+    assert LoraSettings(target_modules="o_proj").targets_for(micro_model) == ["o_proj"]  # the override wins
     for bad in (dict(r=0), dict(alpha=0), dict(dropout=1.0), dict(target_modules=())):
         with pytest.raises(ValueError, match="LoraSettings"):
             LoraSettings(**bad)

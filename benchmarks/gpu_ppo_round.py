@@ -1,0 +1,138 @@
+"""One PPO round's inner loop on a 0.5B-class base in bf16 on CUDA: rollouts, reward scoring, the update.
+
+Workload: a Qwen2-0.5B-shaped random init (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864, vocab
+151936; no hub needed), one PeftModel with LoRA r=16 on q_proj/v_proj for `summarizer`, `reference` and `coder`,
+`--batch` random prompts of `--prompt-len` tokens, exactly `--new-tokens` sampled tokens each (EOS suppressed),
+the real round-trip reward (the coder adapter scores the code given each sampled summary), 2 PPO epochs in
+minibatches of 8. One warm-up step, then `--steps` timed ones; medians are reported.
+
+Printed: rollout tokens/s, update tokens/s, the update's MFU against the GPU's bf16 peak (`--peak-tflops`, default
+from the device name; FLOPs counted as 4 x parameters x tokens per pass: forward, plus the backward's input
+gradients, since LoRA weight gradients are negligible), reward-scoring samples/s, peak GPU memory, and the share of
+the step spent in generation. The last line is one JSON object.
+
+    .venv/bin/python benchmarks/gpu_ppo_round.py [--device cuda] [--dtype bfloat16] [--steps 3]
+    .venv/bin/python benchmarks/gpu_ppo_round.py --device cpu --dtype float32 --small --steps 1   # a CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from blueprint.rl.ppo import PPOConfig, PPOTrainer
+from blueprint.rl.reward import RewardConfig, RewardModel
+
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+SMALL = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+EOS, PAD = 0, 1
+
+
+class IdTokenizer:
+    """Token ids as text and back (space-separated numbers): the reward model needs a tokenizer, the benchmark
+    needs no trained vocabulary."""
+
+    eos_token_id, pad_token_id, bos_token_id = EOS, PAD, None
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[int(t) for t in s.split()] for s in texts]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(int(i)) for i in ids)
+
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return [self.decode([i for i in r if not skip_special_tokens or i not in (EOS, PAD)]) for r in rows]
+
+
+def build(shape: dict, device: torch.device, dtype: torch.dtype):
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(**shape, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None))
+    base = base.to(device=device, dtype=dtype).eval()
+    lora = lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = get_peft_model(base, lora(), adapter_name="summarizer")  # peft keeps LoRA weights in fp32
+    for name in ("reference", "coder"):
+        model.add_adapter(name, lora())
+    model.set_adapter("summarizer")
+    return model, sum(p.numel() for p in base.parameters())
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--small", action="store_true", help="a 1M-parameter shape (CPU check of the script)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    shape = SMALL if args.small else QWEN2_05B
+    model, n_params = build(shape, device, dtype)
+    tok = IdTokenizer()
+    cfg = PPOConfig(batch_size=args.batch, mini_batch_size=8, ppo_epochs=2, max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens, lr=1e-4, missing_eos_penalty=0.0, copy_penalty=0.0)
+    trainer = PPOTrainer(model, tok, cfg)
+    reward = RewardModel(model, tok, config=RewardConfig(max_code_tokens=args.prompt_len, copy_coef=0.0))
+    gen = torch.Generator().manual_seed(1)
+    queries = torch.randint(2, shape["vocab_size"], (args.batch, args.prompt_len), generator=gen)
+    codes = [tok.decode(q) for q in queries]
+    timing = {}
+
+    def score(query_ids, response_ids):
+        t0 = time.perf_counter()
+        out = reward(codes, tok.batch_decode(response_ids, skip_special_tokens=True))
+        timing["score_s"] = time.perf_counter() - t0
+        return out.reward, {}
+
+    rows = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(1 + args.steps):
+        t0 = time.perf_counter()
+        stats = trainer.ppo_step(queries, score)
+        row = {"gen_s": stats["time/generate"], "score_s": timing["score_s"], "update_s": stats["time/update"],
+               "step_s": time.perf_counter() - t0}
+        print(("warm-up " if i == 0 else f"step {i}   ") + "  ".join(f"{k}={v:.3f}" for k, v in row.items()),
+              flush=True)
+        if i:
+            rows.append(row)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    update_tokens = cfg.ppo_epochs * args.batch * (args.prompt_len + args.new_tokens)
+    peak = peak_tflops(device, args.peak_tflops)
+    result = {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device), "dtype": args.dtype,
+        "parameters": n_params, "rollout_tokens_per_s": round(args.batch * args.new_tokens / med["gen_s"], 1),
+        "update_tokens_per_s": round(update_tokens / med["update_s"], 1),
+        "update_mfu": round(4 * n_params * update_tokens / med["update_s"] / (peak * 1e12), 4) if peak else None,
+        "score_samples_per_s": round(args.batch / med["score_s"], 1),
+        "generation_share": round(med["gen_s"] / med["step_s"], 3),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+        else None,
+        **{k: round(v, 4) for k, v in med.items()},
+    }
+    print(f"rollouts {result['rollout_tokens_per_s']:.0f} tok/s, update {result['update_tokens_per_s']:.0f} tok/s "
+          f"(MFU {result['update_mfu']}), scoring {result['score_samples_per_s']:.0f} samples/s, generation "
+          f"{result['generation_share']:.0%} of the step, peak GPU memory {result['peak_gpu_memory_gib']} GiB")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
