@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+import zlib
 from types import SimpleNamespace
 
 import torch
@@ -38,13 +39,19 @@ EOS, PAD = 0, 1
 
 
 class IdTokenizer:
-    """Token ids as text and back (space-separated numbers): the reward model needs a tokenizer, the benchmark
-    needs no trained vocabulary."""
+    """Token ids as text and back (space-separated numbers; any other word, such as the prompt template's, gets
+    a fixed id from its crc32): the reward model needs a tokenizer, the benchmark no trained vocabulary."""
 
     eos_token_id, pad_token_id, bos_token_id = EOS, PAD, None
 
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def _id(self, word: str) -> int:
+        return int(word) if word.isdigit() else 2 + zlib.crc32(word.encode()) % (self.vocab_size - 2)
+
     def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [[int(t) for t in s.split()] for s in texts]}
+        return {"input_ids": [[self._id(t) for t in s.split()] for s in texts]}
 
     def decode(self, ids, skip_special_tokens=False):
         return " ".join(str(int(i)) for i in ids)
@@ -86,7 +93,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = SMALL if args.small else QWEN2_05B
     model, n_params = build(shape, device, dtype)
-    tok = IdTokenizer()
+    tok = IdTokenizer(shape["vocab_size"])
     cfg = PPOConfig(batch_size=args.batch, mini_batch_size=8, ppo_epochs=2, max_new_tokens=args.new_tokens,
                     min_new_tokens=args.new_tokens, lr=1e-4, missing_eos_penalty=0.0, copy_penalty=0.0)
     trainer = PPOTrainer(model, tok, cfg)

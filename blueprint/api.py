@@ -41,7 +41,7 @@ class BluePrint:
         self.settings = {s: {**profiles.stage_settings(profile, s), **(settings or {}).get(s, {})}
                          for s in registry.STAGES}
         self.settings["shard"]["source"] = self.dataset
-        registry.stage_configs(self.settings)  # fail now, not after an hour
+        registry.stage_configs(self.settings, here=True)  # fail now, not after an hour
         self.shards: str | None = None
         self.base: str | None = None
         self.adapters: str | None = None

@@ -19,15 +19,16 @@ PIPELINE_NAME = "blueprint"
 
 
 def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAULT_IMAGE,
-                   artifact_root: str = "./artifacts", configure_task: Callable | None = None) -> Callable:
+                   artifact_root: str = "./artifacts", configure_task: Callable | None = None,
+                   defaults: dict[str, dict] | None = None) -> Callable:
     """The pipeline function for `epochs` PPO rounds with `profile` defaults, on container `image`.
-
-    `configure_task(stage_name, task)` may add cluster settings (resources, secrets, node selectors) to each task.
-    """
+    `configure_task(stage, task)` may add cluster settings (resources, secrets, node selectors) to each task;
+    `defaults` ({stage: {key: value}}, e.g. device=cuda) go over the profile's in the settings parameters."""
     if epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
     comps = build_components(image)
-    d = profiles.profile_settings(profile)
+    d = {stage: {**values, **(defaults or {}).get(stage, {})}
+         for stage, values in profiles.profile_settings(profile).items()}
     task = functools.partial(_configured, configure_task or (lambda stage, t: t))
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Round-trip PPO: a code summarizer and a code generator trained "

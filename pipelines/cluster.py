@@ -226,6 +226,15 @@ def load(path: str | None = None, **overrides: Any) -> ClusterSettings:
     return from_mapping(values)
 
 
+def stage_defaults(settings: ClusterSettings) -> dict[str, dict[str, str]]:
+    """Stage settings the cluster settings imply: with `gpu`, device=cuda for every GPU stage that has a device,
+    so a pod that was given a GPU never silently trains on its CPU (and fails at once where there is none)."""
+    if not settings.gpu:
+        return {}
+    return {stage: {"device": "cuda"} for stage in settings.gpu_stages
+            if "device" in registry.STAGES[stage].config_type().model_fields}
+
+
 def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
     """The `configure_task(stage, task)` hook of `build_pipeline`, applying `settings` to every task."""
     from kfp import kubernetes

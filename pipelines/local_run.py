@@ -47,7 +47,7 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
         base = checked_base(base)
     except UserError as exc:
         raise ConfigError(f"parameter base: {exc}") from None
-    configs = registry.stage_configs(settings, lambda stage: f"parameter {PARAM_OF_STAGE[stage]}")
+    configs = registry.stage_configs(settings, lambda stage: f"parameter {PARAM_OF_STAGE[stage]}", here=True)
     from blueprint.data.sources import Source, parse_source, resolve_source
 
     try:

@@ -125,8 +125,8 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(name)
 
 
-def load_base(name: str, *, dtype: torch.dtype | str = torch.float32,
-              cache_dir: str | Path | None = None) -> tuple[PreTrainedModel, Any]:
+def load_base(name: str, *, dtype: torch.dtype | str = torch.float32, cache_dir: str | Path | None = None,
+              attn_implementation: str | None = None) -> tuple[PreTrainedModel, Any]:
     """(causal LM in eval mode, tokenizer) from a hub id, a local directory, or a committed `s3://` directory.
 
     Fails fast and names `name` on: a missing directory, a directory without config or weights, an unknown or
@@ -147,7 +147,8 @@ def load_base(name: str, *, dtype: torch.dtype | str = torch.float32,
         tokenizer = AutoTokenizer.from_pretrained(path, **source)
         config = AutoConfig.from_pretrained(path, **source)
         published = str(config.dtype or "float32").removeprefix("torch.")  # loading in `dtype` overwrites it
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **source)
+        attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **attention, **source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"base model {name!r} could not be loaded: {exc}") from exc
     model.published_dtype = published  # what merge saves in by default

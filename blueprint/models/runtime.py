@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,28 +30,30 @@ class RuntimeSettings(Settings):
     device: str = setting("auto", "auto (CUDA when visible, else CPU) | cpu | cuda | cuda:N")
     dtype: str = setting("auto", "weights' dtype: auto (bf16 on a GPU that has it, else fp16 on a GPU, fp32 on "
                                  "CPU) | float32 | bfloat16 | float16. LoRA weights and optimizer state stay fp32")
-    attn_implementation: str = setting("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | "
-                                               "sdpa | eager | flash_attention_2")
+    attn_implementation: str = setting("auto", "auto (flash_attention_2 on CUDA when installed, else what "
+                                               "transformers picks: sdpa where the architecture has it) | sdpa | "
+                                               "eager | flash_attention_2")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory for "
                                                   "long code, about a third more time")
+    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
     @field_validator("device")
     @classmethod
-    def _device(cls, device: str) -> str:
+    def _runtime_device(cls, device: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             raise ValueError(f"{device!r}: choose auto, cpu, cuda or cuda:N")
         return device
 
     @field_validator("dtype")
     @classmethod
-    def _dtype(cls, dtype: str) -> str:
+    def _runtime_dtype(cls, dtype: str) -> str:
         if dtype not in DTYPES:
             raise ValueError(f"{dtype!r}: choose one of {', '.join(DTYPES)}")
         return dtype
 
     @field_validator("attn_implementation")
     @classmethod
-    def _attention(cls, attn: str) -> str:
+    def _runtime_attention(cls, attn: str) -> str:
         if attn not in ATTENTION:
             raise ValueError(f"{attn!r}: choose one of {', '.join(ATTENTION)}")
         return attn
@@ -62,12 +65,8 @@ class Placement:
 
     device: Any
     dtype: Any
-    attn_implementation: str
+    attn_implementation: str | None  # None: transformers' own choice for the architecture
     gradient_checkpointing: bool
-
-    def describe(self) -> dict[str, str]:
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "attn_implementation": self.attn_implementation}
 
 
 def resolve_device(device: str) -> Any:
@@ -97,10 +96,10 @@ def resolve_dtype(dtype: str, device: Any) -> Any:
     return getattr(torch, dtype)
 
 
-def resolve_attention(attn: str, device: Any) -> str:
+def resolve_attention(attn: str, device: Any) -> str | None:
     installed = importlib.util.find_spec("flash_attn") is not None
     if attn == "auto":
-        return "flash_attention_2" if device.type == "cuda" and installed else "sdpa"
+        return "flash_attention_2" if device.type == "cuda" and installed else None
     if attn == "flash_attention_2" and (not installed or device.type != "cuda"):
         raise ConfigError("attn_implementation='flash_attention_2': needs CUDA and the flash-attn package; "
                           "use sdpa")
@@ -120,12 +119,14 @@ class OutOfMemory(UserError, RuntimeError):
 
 @contextlib.contextmanager
 def named_out_of_memory(stage: str, budgets: Sequence[str]) -> Iterator[None]:
-    """Turn an out-of-memory error into one line saying which settings to lower."""
-    import torch
-
+    """Turn an out-of-memory error into one line saying which settings to lower (torch is not imported for it:
+    a cache hit answers without it)."""
     try:
         yield
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+            raise
         hint = ", ".join(f"{stage}.{b}" for b in budgets)
         raise OutOfMemory(f"{stage}: out of memory ({str(exc).splitlines()[0][:160]}): lower {hint}, or set "
                           f"{stage}.dtype=bfloat16 or {stage}.gradient_checkpointing=true") from None

@@ -38,7 +38,8 @@ def sft_length(max_code_tokens: int, max_summary_tokens: int) -> int:
 
 
 def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, batch_size: int, lr: float,
-                  seed: int, max_length: int, progress: bool, task: str, lr_setting: str) -> dict[str, float]:
+                  seed: int, max_length: int, progress: bool, task: str, lr_setting: str,
+                  gradient_checkpointing: bool = False) -> dict[str, float]:
     """SFT of one adapter with trl's SFTTrainer (only its weights train); held-out and train loss before and
     after. A non-finite loss fails naming `lr_setting`, the setting most likely at fault."""
     from transformers import PrinterCallback
@@ -56,9 +57,11 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
             output_dir=tmp, max_steps=max(steps, 1), per_device_train_batch_size=batch_size,
             per_device_eval_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="cosine",
             warmup_steps=min(10, max(steps // 10, 0)), logging_steps=max(1, steps // 10), save_strategy="no",
-            report_to="none", use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=not bar,
+            report_to="none", use_cpu=next(model.parameters()).device.type == "cpu", seed=seed, data_seed=seed,
+            disable_tqdm=not bar,
             max_length=max_length, dataloader_num_workers=0,
-            completion_only_loss=True,
+            completion_only_loss=True, gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                              processing_class=tokenizer)

@@ -16,7 +16,8 @@ from typing import Any
 from pydantic import model_validator
 
 from blueprint.store import artifacts
-from blueprint.config import ConfigError, Settings, setting
+from blueprint.config import ConfigError, setting
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError, check_finite_loss
 from blueprint.progress import note
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, summary_prompt
@@ -25,9 +26,10 @@ from blueprint.stages.common import quiet_libraries
 PRESETS = ("micro", "tiny")  # sizes in blueprint.models.tiny.PRESETS
 
 STAGE = "bootstrap"
+MEMORY_BUDGETS = ("batch_size", "seq_len")  # the settings an out-of-memory error names
 
 
-class BootstrapConfig(Settings):
+class BootstrapConfig(RuntimeSettings):
     """The `tiny` base: a small Llama built from a preset, its tokenizer trained on the shards, pre-trained briefly."""
 
     preset: str = setting("tiny", "model size preset (blueprint.models.tiny.PRESETS)")
@@ -42,8 +44,9 @@ class BootstrapConfig(Settings):
     prompt_format_share: float = setting(0.8, "share of documents in the two prompt formats (the rest: plain "
                                               "code)", ge=0, le=1)
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
+    dtype: str = setting("auto", "pre-training precision (autocast; the weights stay fp32): auto = bf16 on a GPU "
+                                 "that has it, else fp16 on a GPU, fp32 on CPU | float32 | bfloat16 | float16")
     seed: int = setting(0, "seeds the weights and the data order")
-    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> BootstrapConfig:
@@ -95,8 +98,9 @@ def _packed_blocks(docs: list[str], tokenizer, seq_len: int):
     return blocks
 
 
-def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, progress: bool = True) -> dict:
-    """Causal-LM pre-training over shuffled packed blocks with AdamW and a warmup + cosine schedule."""
+def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: bool = True) -> dict:
+    """Causal-LM pre-training over shuffled packed blocks with AdamW and a warmup + cosine schedule, on
+    `where.device`, autocast to `where.dtype` unless that is fp32."""
     import torch
 
     from blueprint.progress import Progress
@@ -112,11 +116,11 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, progress: bool = 
     bar = Progress("bootstrap", steps, progress)
     for step in range(steps):
         idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)]
-        batch = blocks[idx]
+        batch = blocks[idx].to(where.device)
         labels = batch[:, :-1].clone()
         labels[labels == pad_id] = -100  # padding is never a target
-        out = model(input_ids=batch[:, :-1], labels=labels)
-        loss = out.loss
+        with torch.autocast(where.device.type, dtype=where.dtype, enabled=where.dtype != torch.float32):
+            loss = model(input_ids=batch[:, :-1], labels=labels).loss
         check_finite_loss(loss.item(), f"bootstrap pre-training step {step}", "lr", cfg.lr)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -138,6 +142,7 @@ def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = T
     from transformers import LlamaForCausalLM
 
     from blueprint.data.readers import read_pairs
+    from blueprint.models import runtime
     from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
 
     start = time.time()
@@ -152,13 +157,19 @@ def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = T
     tokenizer = train_bpe_tokenizer(docs, vocab_size=cfg.vocab_size)
     note(STAGE, f"tokenizer trained on {len(docs)} documents ({len(tokenizer)} tokens)", progress)
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer, cfg.preset))
+    where = runtime.place(cfg)
+    config = tiny_llama_config(tokenizer, cfg.preset)
+    if where.attn_implementation:
+        config._attn_implementation = where.attn_implementation
+    model = LlamaForCausalLM(config).to(where.device)
+    if where.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     blocks = _packed_blocks(docs, tokenizer, cfg.seq_len)
     if len(blocks) == 0:
         raise InputError(f"shards {shards} hold too little text for one block of {cfg.seq_len} tokens")
     note(STAGE, f"pre-training {sum(p.numel() for p in model.parameters()):,} parameters on {len(blocks)} blocks",
          progress)
-    metrics = pretrain(model, blocks, cfg, tokenizer.pad_token_id, progress=progress)
+    metrics = pretrain(model, blocks, cfg, tokenizer.pad_token_id, where, progress=progress)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     metrics.update(pairs=len(pairs), corpus_tokens=int((blocks != tokenizer.pad_token_id).sum()),
@@ -172,5 +183,6 @@ def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = T
 def run(config: BootstrapConfig, *, shards: str, artifact_root: str | None = None, out_uri: str | None = None,
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed, content-addressed `tiny` base model folder (loadable with `from_pretrained`)."""
-    return artifacts.run_stage(STAGE, config, {"shards": shards}, lambda d: compute(config, shards, d, progress),
-                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+    with named_out_of_memory(STAGE, MEMORY_BUDGETS):
+        return artifacts.run_stage(STAGE, config, {"shards": shards}, lambda d: compute(config, shards, d, progress),
+                                   artifact_root=artifact_root, out_uri=out_uri, force=force)

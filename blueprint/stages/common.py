@@ -80,19 +80,30 @@ def split_base(base: str) -> tuple[dict[str, str], dict[str, str]]:
     return ({"base": base}, {}) if is_artifact(base) else ({}, {"base_name": base})
 
 
-def open_base(base: str, threads: int = 0, progress: bool = True) -> tuple[Any, Any]:
-    """Load the base model and tokenizer: a committed artifact (verified) or anything `load_base` accepts."""
+def open_base(base: str, cfg: Any = None, progress: bool = True, task: str = "") -> tuple[Any, Any]:
+    """The base model and tokenizer (a committed artifact, verified, or anything `load_base` accepts), placed by
+    the stage's runtime settings: on its device, in its dtype, with its attention, checkpointing when asked."""
     import torch
 
-    from blueprint.models import loading
+    from blueprint.models import loading, runtime
+    from blueprint.progress import note
 
+    cfg = cfg or runtime.RuntimeSettings()
     quiet_libraries(progress)
-    if threads:
-        torch.set_num_threads(threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    where = runtime.place(cfg)
     if is_artifact(base) and not storage.is_s3(base):
         artifacts.read_manifest(base, verify="full")
-        return loading.load_base(str(storage.local_path(base)))
-    return loading.load_base(base)
+        base = str(storage.local_path(base))
+    model, tokenizer = loading.load_base(base, dtype=where.dtype, attn_implementation=where.attn_implementation)
+    model.to(where.device)
+    if where.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dtype, attention = str(where.dtype).removeprefix("torch."), model.config._attn_implementation
+    note(task or "base", f"on {where.device} in {dtype} ({attention} attention"
+                         f"{', gradient checkpointing' if where.gradient_checkpointing else ''})", progress)
+    return model, tokenizer
 
 
 def save_adapter_set(model, tokenizer, out_dir: Path, base: str, names: list[str], extra: dict | None = None) -> None:

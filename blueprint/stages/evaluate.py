@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from blueprint.store import artifacts
 from blueprint.eval import metrics as text_metrics, report
-from blueprint.config import ConfigError, Settings, setting
+from blueprint.config import ConfigError, setting
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.progress import Progress
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
@@ -36,11 +37,12 @@ if TYPE_CHECKING:
     import torch
 
 STAGE = "evaluate"
+MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
 OPTIONAL_INPUTS = ("previous",)
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 
-class EvaluateConfig(Settings):
+class EvaluateConfig(RuntimeSettings):
     """What the evaluation generates and scores on the held-out split."""
 
     max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)",
@@ -57,7 +59,6 @@ class EvaluateConfig(Settings):
     report_examples: int = setting(3, "example rows shown in report.md", ge=0)
     epoch: int = setting(0, "PPO rounds done (0 = after warmup): the x axis of the history", ge=0)
     seed: int = setting(0, "fixes the docstring pairing of pairwise accuracy")
-    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
 
 
@@ -252,12 +253,10 @@ def compute(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous
         raise InputError(f"shards {shards} hold no eval pairs: nothing to evaluate (shard with eval_fraction > 0)")
     history = previous_history(previous)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = open_base(base, cfg.threads, progress)
+    model, tokenizer = open_base(base, cfg, progress, f"{STAGE}-{cfg.epoch}")
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "adapters")
         model = lora.load_adapters(model, adapter_dir, names=list(lora.ROLES), frozen=lora.ROLES)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
     model.eval()
     phases = Progress(f"{STAGE}-{cfg.epoch}", 3, progress)
     values, samples = evaluate_pairs(model, tokenizer, pairs, cfg, phases)
@@ -293,9 +292,10 @@ def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previo
     inputs = {"shards": shards, "adapters": adapters, **split_base(base)[0]}
     if previous:
         inputs["previous"] = previous
-    return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
-                               lambda d: compute(config, shards, base, adapters, previous, d, progress),
-                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+    with named_out_of_memory(STAGE, MEMORY_BUDGETS):
+        return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
+                                   lambda d: compute(config, shards, base, adapters, previous, d, progress),
+                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
 
 
 def compare(uris: list[str]) -> str:

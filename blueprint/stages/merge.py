@@ -22,7 +22,8 @@ from typing import Any
 from pydantic import model_validator
 
 from blueprint.store import artifacts, storage
-from blueprint.config import ConfigError, Settings, setting
+from blueprint.config import ConfigError, setting
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError, UserError
 from blueprint.progress import Progress
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
@@ -30,6 +31,7 @@ from blueprint.eval.report import DESCRIPTIONS, table
 from blueprint.stages.common import BASE_FILE, fetch_adapter_set, is_artifact, open_base, split_base, key_settings
 
 STAGE = "merge"
+MEMORY_BUDGETS = ("check_batch",)  # the settings an out-of-memory error names
 SAVE_DTYPES = ("base", "float32", "bfloat16", "float16")
 OPTIONAL_INPUTS = ("evaluation",)
 
@@ -49,7 +51,7 @@ class MergeCheckError(UserError, RuntimeError):
     """The merged model's logits differ from the adapter model's: the merge must not be shipped."""
 
 
-class MergeConfig(Settings):
+class MergeConfig(RuntimeSettings):
     """Merging each role's adapter into its own copy of the base, checked against the adapter model."""
 
     keep_adapters: bool = setting(True, "also commit the adapter-only folders under adapters/")
@@ -57,11 +59,12 @@ class MergeConfig(Settings):
     check_batch: int = setting(4, "prompts in the check batch", ge=1)
     save_dtype: str = setting("base", 'dtype of the saved weights: "base" (the base\'s own, e.g. bf16 for most hub '
                                       "models, fp32 for tiny) or float32 / bfloat16 / float16. Merged in fp32.")
+    dtype: str = setting("float32", "dtype the base is loaded and merged in: float32, so the check is exact (the "
+                                    "saved dtype is save_dtype)")
     seed: int = setting(0, "seeds the check batch")
-    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
     @model_validator(mode="after")
-    def _dtype(self) -> MergeConfig:
+    def _known_save_dtype(self) -> MergeConfig:
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError(f"save_dtype: choose one of {', '.join(SAVE_DTYPES)}")
         return self
@@ -84,7 +87,7 @@ def check_batch(tokenizer, role: str, size: int):
     texts = [summary_prompt(CHECK_CODES[i % len(CHECK_CODES)], prompts) if role == "summarizer"
              else code_prompt(CHECK_SUMMARIES[i % len(CHECK_SUMMARIES)], prompts) for i in range(size)]
     ids = encode_prompts(tokenizer, texts)
-    return pad_batch(ids, tokenizer.pad_token_id, "right")
+    return pad_batch(ids, tokenizer.pad_token_id, "right")  # on the CPU: `logits` moves it to the model
 
 
 def logits(model, batch):
@@ -92,9 +95,10 @@ def logits(model, batch):
     import torch
 
     input_ids, mask = batch
+    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
-    return out[mask.bool()]
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+    return out.cpu()[mask.bool()]
 
 
 def max_diff(a, b) -> float:
@@ -114,7 +118,7 @@ def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: Merg
 
     from blueprint.models import lora
 
-    model, tokenizer = open_base(base, cfg.threads, progress)
+    model, tokenizer = open_base(base, cfg, progress, STAGE)
     dtype = resolve_dtype(cfg.save_dtype, getattr(model, "published_dtype", None))
     model = lora.load_adapters(model, adapter_dir, names=[role], frozen=[role]).eval()
     batch = check_batch(tokenizer, role, cfg.check_batch)
@@ -239,7 +243,8 @@ def run(config: MergeConfig, *, base: str, adapters: str, evaluation: str | None
     inputs = {"adapters": adapters, **split_base(base)[0]}
     if evaluation:
         inputs["evaluation"] = evaluation
-    return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
-                               lambda d: compute(config, base, adapters, evaluation, d, progress),
-                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+    with named_out_of_memory(STAGE, MEMORY_BUDGETS):
+        return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
+                                   lambda d: compute(config, base, adapters, evaluation, d, progress),
+                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from blueprint.store import artifacts, storage
 from blueprint.config import setting
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, train_adapter
@@ -23,12 +24,14 @@ from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_s
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
 
 STAGE = "ppo-round"
+# the settings an out-of-memory error names
+MEMORY_BUDGETS = ("batch_size", "mini_batch_size", "forward_batch_size", "coder_batch_size", "max_new_tokens")
 CHECKPOINT = "_checkpoint"
 VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (the rest): never a pickle
 
 
-class PPORoundConfig(PPOConfig):
+class PPORoundConfig(PPOConfig, RuntimeSettings):
     """One round: PPO on the summarizer (every PPOConfig setting applies), then the coder's supervised step.
 
     The PPO settings are PPOConfig's own fields, inherited, not copied; the round re-declares only the defaults it
@@ -77,7 +80,6 @@ class PPORoundConfig(PPOConfig):
     checkpoint_every: int = setting(5, "PPO steps between resumable checkpoints", ge=1)
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds the round's draw of codes, the probe and sampling")
-    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
 
 
@@ -120,7 +122,7 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig
     prompts = PromptConfig(style=cfg.prompt_style)
     codes = [c for c in codes for _ in range(max(samples, 1))]
     ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
-    batch, mask = pad_batch(ids, tokenizer.pad_token_id, "left")
+    batch, mask = pad_batch(ids, tokenizer.pad_token_id, "left", next(model.parameters()).device)
     width = batch.shape[1]
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if samples else \
         dict(do_sample=False)
@@ -174,7 +176,7 @@ def _open_round(cfg: PPORoundConfig, base: str, adapters: str, ckpt_uri: str, pr
     from blueprint.models import lora
     from blueprint.rl.ppo import PPOTrainer, ValueHead
 
-    model, tokenizer = open_base(base, cfg.threads, progress)
+    model, tokenizer = open_base(base, cfg, progress, task_name(cfg))
     resumed = storage.exists(artifacts.manifest_uri(ckpt_uri))
     with tempfile.TemporaryDirectory() as tmp:
         source = ckpt_uri if resumed else adapters
@@ -299,7 +301,8 @@ def train_coder(model, tokenizer, batch: list[dict], written: list[tuple[str, st
     out = train_adapter(model, tokenizer, "coder", train, evals, cfg.supervised_steps, batch_size=cfg.coder_batch_size,
                         lr=cfg.coder_lr, seed=cfg.seed, max_length=sft_length(cfg.max_code_tokens,
                                                                               cfg.max_summary_tokens),
-                        progress=progress, task=task_name(cfg), lr_setting="coder_lr")
+                        progress=progress, task=task_name(cfg), lr_setting="coder_lr",
+                        gradient_checkpointing=cfg.gradient_checkpointing)
     model.set_adapter("summarizer")
     return out
 
@@ -315,6 +318,7 @@ def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, artifa
     out_uri = storage.normalize(out_uri)
     if force:
         storage.delete_prefix(storage.join(out_uri, CHECKPOINT))
-    return artifacts.run_stage(STAGE, settings, inputs,
-                               lambda d: compute(config, shards, base, adapters, d, out_uri, progress),
-                               out_uri=out_uri, force=force, owned=owned)
+    with named_out_of_memory(STAGE, MEMORY_BUDGETS):
+        return artifacts.run_stage(STAGE, settings, inputs,
+                                   lambda d: compute(config, shards, base, adapters, d, out_uri, progress),
+                                   out_uri=out_uri, force=force, owned=owned)

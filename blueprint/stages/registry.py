@@ -79,10 +79,11 @@ def get(name: str) -> StageSpec:
     return STAGES[key]
 
 
-def stage_configs(settings: Mapping[str, Mapping[str, Any]],
-                  label: Callable[[str], str] = lambda stage: stage) -> dict[str, Any]:
+def stage_configs(settings: Mapping[str, Mapping[str, Any]], label: Callable[[str], str] = lambda stage: stage,
+                  here: bool = False) -> dict[str, Any]:
     """Each stage's config from `settings` ({stage: {key: value}}): the one place a run's settings are validated
-    (by the API, `blueprint run` and `blueprint submit`), before any stage runs. An error names `label(stage)`."""
+    (by the API, `blueprint run` and `blueprint submit`), before any stage runs. An error names `label(stage)`.
+    `here`: the stages will run on this machine, so a `device=cuda` it cannot honour fails now too."""
     unknown = sorted(set(settings) - set(STAGES))
     if unknown:
         raise ConfigError(f"unknown stage(s) in settings: {', '.join(unknown)}; stages: {', '.join(STAGES)}")
@@ -90,6 +91,10 @@ def stage_configs(settings: Mapping[str, Mapping[str, Any]],
     for stage, values in settings.items():
         try:
             configs[stage] = parse(STAGES[stage].config_type(), values)
+            if here and str(getattr(configs[stage], "device", "")).startswith("cuda"):
+                from blueprint.models.runtime import resolve_device
+
+                resolve_device(configs[stage].device)
         except ConfigError as exc:
             raise ConfigError(f"{label(stage)}: {exc}") from None
     return configs

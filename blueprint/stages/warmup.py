@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from blueprint.store import artifacts
-from blueprint.config import Settings, setting
+from blueprint.config import setting
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
 from blueprint.models.sft import sft_datasets, sft_length, train_adapter
 from blueprint.stages.common import open_base, save_adapter_set, split_base, key_settings
 
 STAGE = "warmup"
+MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
 
 
-class WarmupConfig(Settings):
+class WarmupConfig(RuntimeSettings):
     """Supervised warmup of both adapters before any PPO."""
 
     steps: int = setting(60, "optimizer steps per adapter", ge=0)
@@ -38,7 +40,6 @@ class WarmupConfig(Settings):
                                                      "architecture")
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds LoRA init and data order")
-    threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
 
     def lora(self):
@@ -56,7 +57,7 @@ def compute(cfg: WarmupConfig, shards: str, base: str, out_dir: Path, progress: 
     from blueprint.data.readers import read_pairs
 
     start = time.time()
-    model, tokenizer = open_base(base, cfg.threads, progress)
+    model, tokenizer = open_base(base, cfg, progress, STAGE)
     pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
     held_out = read_pairs(shards, "eval", limit=cfg.eval_pairs)
     if not pairs or not held_out:
@@ -71,7 +72,8 @@ def compute(cfg: WarmupConfig, shards: str, base: str, out_dir: Path, progress: 
         metrics.update(train_adapter(peft_model, tokenizer, role, train[role], evals[role], steps[role],
                                      batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                                      max_length=sft_length(cfg.max_code_tokens, cfg.max_summary_tokens),
-                                     progress=progress, task=STAGE, lr_setting="lr"))
+                                     progress=progress, task=STAGE, lr_setting="lr",
+                                     gradient_checkpointing=cfg.gradient_checkpointing))
     save_adapter_set(peft_model, tokenizer, out_dir, base, list(lora.ROLES), {"round": 0})
     metrics["seconds"] = round(time.time() - start, 1)
     return metrics
@@ -81,6 +83,7 @@ def run(config: WarmupConfig, *, shards: str, base: str, artifact_root: str | No
         out_uri: str | None = None, force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed adapter set (summarizer + coder) trained from `base` on `shards`."""
     inputs = {"shards": shards, **split_base(base)[0]}
-    return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
-                               lambda d: compute(config, shards, base, d, progress),
-                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+    with named_out_of_memory(STAGE, MEMORY_BUDGETS):
+        return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
+                                   lambda d: compute(config, shards, base, d, progress),
+                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
