@@ -153,7 +153,17 @@ def load_base(name: str, *, dtype: torch.dtype | str = torch.float32, cache_dir:
         raise ModelLoadError(f"base model {name!r} could not be loaded: {exc}") from exc
     model.published_dtype = published  # what merge saves in by default
     ensure_pad_token(tokenizer, model)
+    check_vocabulary(name, model, tokenizer)
     return model.eval(), tokenizer
+
+
+def check_vocabulary(name: str, model: PreTrainedModel, tokenizer: Any) -> None:
+    """A tokenizer with ids beyond the embedding matrix would index out of range mid-run (a device-side assert on
+    a GPU): refuse the pair now, naming the base. Fewer tokens than rows is fine (padded vocabularies)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelLoadError(f"base model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model's "
+                             f"embedding has {rows} rows: they are not one model's pair")
 
 
 def check_base(name: str) -> None:

@@ -97,3 +97,18 @@ def test_gpu_compile_sets_device_cuda_for_the_gpu_stages_only(tmp_path):
     devices = {name: params[name]["defaultValue"].get("device") for name in params if name.endswith("_settings")}
     assert devices == {"shard_settings": None, "bootstrap_settings": None, "warmup_settings": "cuda",
                        "ppo_settings": "cuda", "evaluate_settings": "cuda", "merge_settings": "cuda"}
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_the_base(smoke_chain, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blueprint.models.loading import ModelLoadError, load_base
+    from blueprint.store import storage
+
+    source = storage.local_path(smoke_chain["base"])
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(source)) - 8)
+    model.save_pretrained(tmp_path / "cut")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "cut")
+    with pytest.raises(ModelLoadError, match=r"cut'.*tokenizer has \d+ tokens but the model's embedding has \d+ rows"):
+        load_base(str(tmp_path / "cut"))
