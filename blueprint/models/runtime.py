@@ -44,19 +44,13 @@ class RuntimeSettings(Settings):
             raise ValueError(f"{device!r}: choose auto, cpu, cuda or cuda:N")
         return device
 
-    @field_validator("dtype")
+    @field_validator("dtype", "attn_implementation")
     @classmethod
-    def _runtime_dtype(cls, dtype: str) -> str:
-        if dtype not in DTYPES:
-            raise ValueError(f"{dtype!r}: choose one of {', '.join(DTYPES)}")
-        return dtype
-
-    @field_validator("attn_implementation")
-    @classmethod
-    def _runtime_attention(cls, attn: str) -> str:
-        if attn not in ATTENTION:
-            raise ValueError(f"{attn!r}: choose one of {', '.join(ATTENTION)}")
-        return attn
+    def _runtime_choice(cls, value: str, info) -> str:
+        choices = {"dtype": DTYPES, "attn_implementation": ATTENTION}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"{value!r}: choose one of {', '.join(choices)}")
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
