@@ -21,7 +21,6 @@ import json
 import statistics
 import time
 import zlib
-from types import SimpleNamespace
 
 import torch
 from peft import LoraConfig, get_peft_model

@@ -26,15 +26,16 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
 
 from blueprint.rl.copying import copy_rates
 from blueprint.errors import UserError
 from blueprint.models.batching import pad_batch
+from blueprint.rl.value_head import ValueHead  # noqa: F401 - also importable from here
 from blueprint.rl.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
 from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
                                 group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses)
@@ -56,35 +57,6 @@ class KLExplodedError(PPOError):
     def __init__(self, kl: float, max_kl: float, rolled_back: bool, stats: dict[str, float]):
         super().__init__(f"KL {kl:.3f} > max_kl {max_kl}; rolled back to the last good state: {rolled_back}")
         self.kl, self.max_kl, self.rolled_back, self.stats = kl, max_kl, rolled_back, stats
-
-
-class ValueHead(nn.Module):
-    """V(s_t) = w·h_t + b on the policy's last hidden state (no dropout: PPO's values must be deterministic)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
-        # Zero init (lm-human-preferences' value head, std=0): the first advantages are then the plain returns, not
-        # returns minus random value noise that advantage whitening would blow up to unit scale.
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path))
-
-    @classmethod
-    def load(cls, path: str | Path, device: torch.device | str | None = None) -> ValueHead:
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        head = cls(state["linear.weight"].shape[1])
-        head.load_state_dict(state)
-        return head.to(device) if device is not None else head
 
 
 @dataclass
@@ -110,6 +82,11 @@ class Rollout:
     @property
     def finite(self) -> bool:
         return bool(torch.isfinite(self.raw_scores).all())
+
+
+def rows_within(budget: int | None, tokens_per_row: int, default: int) -> int:
+    """Sequences per pass that keep rows x tokens within `budget` (at least one; `default` without a budget)."""
+    return default if budget is None else max(1, budget // max(tokens_per_row, 1))
 
 
 class PPOTrainer:
@@ -214,10 +191,12 @@ class PPOTrainer:
         t0 = time.perf_counter()
         self.model.eval()
         self._activate(cfg.policy_adapter)
+        rows = rows_within(cfg.generate_batch_tokens, Q + cfg.max_new_tokens, B)
         with torch.inference_mode(), self._autocast():
-            sequences = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                            generation_config=self.generation_config)
-        response = sequences[:, Q:].clone()
+            chunks = [self.model.generate(input_ids=input_ids[s:s + rows], attention_mask=attention_mask[s:s + rows],
+                                          generation_config=self.generation_config)[:, Q:] for s in range(0, B, rows)]
+        width = max(c.shape[1] for c in chunks)
+        response = torch.cat([F.pad(c, (0, width - c.shape[1]), value=self.pad_token_id) for c in chunks]).clone()
         mask, lengths, has_eos = eos_cut(response, self.eos_token_id)
         R = int(mask.sum(1).max())  # drop columns that are padding in every row
         response, mask = response[:, :R], mask[:, :R]
@@ -318,33 +297,47 @@ class PPOTrainer:
         return stats
 
     def _update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
-        cfg, B, R = self.config, len(r.query_ids), r.response.shape[1]
+        cfg, B = self.config, len(r.query_ids)
         self.model.eval()  # dropout off even while training (Huang et al.): ratios must be 1 before the first step
         self._activate(cfg.policy_adapter)
         totals: dict[str, float] = {}
         n = 0
+        rows = rows_within(cfg.update_batch_tokens, r.input_ids.shape[1], cfg.mini_batch_size)
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(B).split(cfg.mini_batch_size):
-                idx = idx.to(self.device)
-                logits, values = self._forward(r.input_ids[idx], r.attention_mask[idx], R, with_values=True)
-                logp, _ = logprobs_and_entropy(logits, r.response[idx], cfg.temperature, with_entropy=False)
-                pg_loss, vf_loss, st = ppo_losses(logp, r.logp[idx], advantages[idx], values.float(), r.values[idx],
-                                                  returns[idx], r.mask[idx], cfg.cliprange, cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    self._rollback()  # minibatches already applied this step are undone too
-                    raise PPOError(f"non-finite PPO loss at step {self.step} (policy {pg_loss.item()}, "
-                                   f"value {vf_loss.item()})")
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                st = self._accumulate(r, idx.to(self.device), rows, advantages, returns)
+                st["grad_norm"] = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
-                st.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "grad_norm": grad_norm})
                 for k, v in st.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 n += 1
         self.optimizer.zero_grad(set_to_none=True)
         return {k: v / n for k, v in totals.items()}
+
+    def _accumulate(self, r: Rollout, idx: torch.Tensor, rows: int, advantages: torch.Tensor,
+                    returns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gradients of one mini-batch's PPO loss, in micro-batches of `rows` sequences; each micro-batch's token
+        mean is weighted by its share of the mini-batch's valid tokens, so the sum is the mini-batch's loss."""
+        cfg, R = self.config, r.response.shape[1]
+        valid = r.mask[idx].sum().clamp(min=1)
+        stats: dict[str, torch.Tensor] = {}
+        for part in idx.split(rows):
+            share = r.mask[part].sum() / valid if len(part) < len(idx) else 1.0
+            logits, values = self._forward(r.input_ids[part], r.attention_mask[part], R, with_values=True)
+            logp, _ = logprobs_and_entropy(logits, r.response[part], cfg.temperature, with_entropy=False)
+            pg_loss, vf_loss, st = ppo_losses(logp, r.logp[part], advantages[part], values.float(), r.values[part],
+                                              returns[part], r.mask[part], cfg.cliprange, cfg.cliprange_value)
+            loss = (pg_loss + cfg.vf_coef * vf_loss) * share
+            if not torch.isfinite(loss):
+                self._rollback()  # minibatches already applied this step are undone too
+                raise PPOError(f"non-finite PPO loss at step {self.step} (policy {pg_loss.item()}, "
+                               f"value {vf_loss.item()})")
+            loss.backward()
+            st.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v * share
+        return stats
 
     # ---------------------------------------------------------------- state
 

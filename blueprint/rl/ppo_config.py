@@ -45,6 +45,13 @@ class PPOConfig(Settings):
     max_bad_batches: int = setting(3, "consecutive non-finite-score batches tolerated before PPOError", ge=0)
     forward_batch_size: int | None = setting(None, "chunk size of the no-grad rollout forwards (None = whole "
                                                    "batch)", gt=0)
+    generate_batch_tokens: int | None = setting(
+        None, "token budget of one generate call: rollouts are sampled in chunks of at most this many prompt + "
+              "response tokens (None = the whole batch at once; chunks draw other samples than one call)", gt=0)
+    update_batch_tokens: int | None = setting(
+        None, "token budget of one forward/backward of the update: a mini-batch is split into micro-batches of at "
+              "most this many tokens and their gradients summed, weighted by valid tokens, so the step is the "
+              "mini-batch's (None = one pass per mini-batch)", gt=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     policy_adapter: str = setting("summarizer", "the adapter PPO trains")
     reference_adapter: str | None = setting("reference", "the KL anchor; None = the bare base (adapters off)")

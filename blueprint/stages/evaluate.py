@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 STAGE = "evaluate"
-MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
+MEMORY_BUDGETS = ("batch_size", "score_batch_tokens")  # the settings an out-of-memory error names
 OPTIONAL_INPUTS = ("previous",)
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
@@ -54,6 +54,8 @@ class EvaluateConfig(RuntimeSettings):
     max_code_tokens: int = setting(256, "code is cut to this many tokens (as in training)", ge=8)
     max_summary_tokens: int = setting(64, "summaries are cut to this many tokens", ge=4)
     batch_size: int = setting(8, "prompts per generate() call", ge=1)
+    score_batch_tokens: int | None = setting(None, "token budget of one reward-scoring forward (None = 1024 on "
+                                                   "CPU, 16384 on a GPU)", gt=0)
     length_coef: float = setting(0.01, "weight of len(summary) / len(code) in the reward", ge=0)
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     report_examples: int = setting(3, "example rows shown in report.md", ge=0)
@@ -187,7 +189,7 @@ def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig,
     # The coder scores summaries (the reward PPO optimises, copy penalty off: copy rate is reported on its own).
     reward = RewardModel(model, tokenizer, prompts, RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
-        max_summary_tokens=cfg.max_summary_tokens))
+        max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens))
     gen_out, true_out = reward(codes, summaries), reward(codes, truths)
     other = partners(len(scored), cfg.seed)
     pairwise = scored_pairwise(reward, scored, true_out.ce, other)

@@ -25,7 +25,8 @@ from blueprint.store.tensor_state import StateFileError, load_state, save_state
 
 STAGE = "ppo-round"
 # the settings an out-of-memory error names
-MEMORY_BUDGETS = ("batch_size", "mini_batch_size", "forward_batch_size", "coder_batch_size", "max_new_tokens")
+MEMORY_BUDGETS = ("generate_batch_tokens", "update_batch_tokens", "score_batch_tokens", "forward_batch_size",
+                  "coder_batch_size")
 CHECKPOINT = "_checkpoint"
 VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (the rest): never a pickle
@@ -70,6 +71,8 @@ class PPORoundConfig(PPOConfig, RuntimeSettings):
     max_code_tokens: int = setting(256, "code is cut to this many tokens (what the reward and the coder see)",
                                    ge=8)
     max_summary_tokens: int = setting(64, "summaries are cut to this many tokens", ge=4)
+    score_batch_tokens: int | None = setting(None, "token budget of one reward-scoring forward (None = 1024 on "
+                                                   "CPU, 16384 on a GPU)", gt=0)
     probe_size: int = setting(128, "codes of the round's batch whose greedy-summary reward is measured before "
                                    "and after (paired, so small changes show)", ge=1)
     probe_samples: int = setting(0, ">0: also the expected reward, this many sampled summaries per probe code",
@@ -260,7 +263,7 @@ def compute(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir:
     codes = clip_tokens(tokenizer, [p["code"] for p in batch], cfg.max_code_tokens)
     reward = RewardModel(model, tokenizer, PromptConfig(style=cfg.prompt_style), RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
-        max_summary_tokens=cfg.max_summary_tokens))
+        max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens))
     probe = codes[: cfg.probe_size]
     before = {k: v for k, v in meta.items() if k.startswith("probe_")} if resumed else \
         probe_metrics(model, tokenizer, reward, probe, cfg, "before")

@@ -481,3 +481,52 @@ def test_state_dict_resumes_a_round_exactly(micro_model, micro_tokenizer):
     assert {k: v for k, v in straight.items() if not k.startswith("time/")} == \
            {k: v for k, v in again.items() if not k.startswith("time/")}
     assert all(torch.equal(a, b) for a, b in zip(trainer.params, resumed.params))
+
+
+def _token_score(q, r):
+    return torch.tensor([float(sum(t % 7 == 0 for t in resp)) for resp in r]), {}
+
+
+def test_micro_batched_update_equals_the_whole_mini_batch(micro_model, micro_tokenizer):
+    """update_batch_tokens splits a mini-batch for memory; the step it takes is the same one (responses of unequal
+    length, so each micro-batch must weigh by its valid tokens)."""
+    queries = ragged_queries(micro_tokenizer, 8)
+    after = []
+    for budget in (None, 1):  # 1 token: one sequence per micro-batch
+        torch.manual_seed(0)
+        model = peft_roles(sharpen(copy.deepcopy(micro_model)))  # sharpen works in place
+        cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=6, lr=1e-2,
+                        update_batch_tokens=budget)
+        trainer = PPOTrainer(model, micro_tokenizer, cfg)
+        before = [p.detach().clone() for p in trainer.params]
+        torch.manual_seed(5)
+        r = trainer.make_rollout(queries, _token_score)
+        r.mask[::2, 2:] = 0  # every other response ended early
+        gen = torch.Generator().manual_seed(1)
+        advantages, returns = torch.randn(r.mask.shape, generator=gen), torch.randn(r.mask.shape, generator=gen)
+        torch.manual_seed(6)
+        stats = trainer._update(r, advantages, returns)
+        after.append(([p.detach().clone() for p in trainer.params], stats))
+    (whole, whole_stats), (micro, micro_stats) = after
+    assert any(not torch.equal(p, q) for p, q in zip(whole, before)), "the update moved nothing"
+    for p, q in zip(whole, micro):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
+    assert math.isclose(whole_stats["loss/policy"], micro_stats["loss/policy"], rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_generation_in_token_budget_chunks_gives_whole_rollouts(micro_model, micro_tokenizer):
+    model = peft_roles(sharpen(micro_model))
+    queries = ragged_queries(micro_tokenizer, 8)
+    Q = max(map(len, queries))
+    rollouts = []
+    for budget in (None, 10_000, 2 * (Q + 6)):  # one call; a budget that fits all; two sequences a call
+        trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
+                                                               generate_batch_tokens=budget))
+        torch.manual_seed(11)
+        rollouts.append(trainer.make_rollout(queries, zero_score))
+    one, fits, chunked = rollouts
+    assert torch.equal(one.response, fits.response)  # a budget the batch fits in changes nothing
+    assert chunked.response.shape[0] == 8 and all(len(r) <= 6 for r in chunked.response_ids)
+    for i, ids in enumerate(chunked.response_ids):  # each row is its own sample, aligned after the chunks' padding
+        assert chunked.response[i, :len(ids)].tolist() == ids
+    assert torch.isfinite(chunked.logp[chunked.mask.bool()]).all()
