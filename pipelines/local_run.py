@@ -39,7 +39,7 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     if epochs < 1:
         raise ConfigError(f"parameter 'epochs' must be at least 1, got {epochs}")
     overrides = overrides or {}
-    registry.stage_configs({s: {} for s in overrides})  # an unknown stage is named before anything else
+    registry.check_stage_names(overrides)  # named before anything else
     settings = {s: {**profiles.stage_settings(profile, s), **overrides.get(s, {})} for s in PIPELINE_STAGES}
     if source is not None:
         settings["shard"]["source"] = source

@@ -2,7 +2,7 @@
 
 Roles: `summarizer` (the PPO policy), `coder` (summary -> code) and, after warmup, `reference` (a frozen copy of
 the summarizer, the KL anchor). They are adapters of ONE `peft.PeftModel`; switching a role is `set_adapter`, so the
-base weights are never copied. A base comes from a hub id, a local directory or an `s3://` directory.
+base weights are never copied (the base itself is opened by `blueprint.models.loading`).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from blueprint.models.targets import discover_targets
 
 ROLES = ("summarizer", "coder")
 REFERENCE = "reference"
+
 
 class LoraSettings(Settings):
     """LoRA hyper-parameters shared by every role. `target_modules=None` finds the attention projections in the

@@ -75,7 +75,6 @@ def resolve_device(device: str) -> Any:
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        torch.cuda.set_device(index)  # what the HF Trainer and peft then use as "cuda"
         return torch.device("cuda", index)
     return torch.device(device)
 
@@ -101,10 +100,24 @@ def resolve_attention(attn: str, device: Any) -> str | None:
 
 
 def place(settings: RuntimeSettings) -> Placement:
-    """Resolve `settings` on this machine (once per stage, before the base is loaded)."""
+    """Resolve `settings` on this machine (once per stage, before the base is loaded); a CUDA device becomes the
+    current one, which the HF Trainer and peft then use as "cuda"."""
     device = resolve_device(settings.device)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
     return Placement(device, resolve_dtype(settings.dtype, device),
                      resolve_attention(settings.attn_implementation, device), settings.gradient_checkpointing)
+
+
+def put(model: Any, where: Placement) -> Any:
+    """`model` on `where.device`, with gradient checkpointing when asked (its dtype and attention are chosen when
+    it is built or loaded)."""
+    model.to(where.device)
+    if where.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 class OutOfMemory(UserError, RuntimeError):

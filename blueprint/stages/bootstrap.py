@@ -161,9 +161,7 @@ def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = T
     config = tiny_llama_config(tokenizer, cfg.preset)
     if where.attn_implementation:
         config._attn_implementation = where.attn_implementation
-    model = LlamaForCausalLM(config).to(where.device)
-    if where.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = runtime.put(LlamaForCausalLM(config), where)
     blocks = _packed_blocks(docs, tokenizer, cfg.seq_len)
     if len(blocks) == 0:
         raise InputError(f"shards {shards} hold too little text for one block of {cfg.seq_len} tokens")

@@ -97,9 +97,7 @@ def open_base(base: str, cfg: Any = None, progress: bool = True, task: str = "")
         artifacts.read_manifest(base, verify="full")
         base = str(storage.local_path(base))
     model, tokenizer = loading.load_base(base, dtype=where.dtype, attn_implementation=where.attn_implementation)
-    model.to(where.device)
-    if where.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    runtime.put(model, where)
     dtype, attention = str(where.dtype).removeprefix("torch."), model.config._attn_implementation
     note(task or "base", f"on {where.device} in {dtype} ({attention} attention"
                          f"{', gradient checkpointing' if where.gradient_checkpointing else ''})", progress)

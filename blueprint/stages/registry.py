@@ -12,7 +12,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from blueprint.config import ConfigError, parse
 
@@ -79,14 +79,19 @@ def get(name: str) -> StageSpec:
     return STAGES[key]
 
 
+def check_stage_names(names: Iterable[str]) -> None:
+    """Refuse stage names the registry does not know (in a settings mapping, a config file, `--set`)."""
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"unknown stage(s) in settings: {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+
+
 def stage_configs(settings: Mapping[str, Mapping[str, Any]], label: Callable[[str], str] = lambda stage: stage,
                   here: bool = False) -> dict[str, Any]:
     """Each stage's config from `settings` ({stage: {key: value}}): the one place a run's settings are validated
     (by the API, `blueprint run` and `blueprint submit`), before any stage runs. An error names `label(stage)`.
     `here`: the stages will run on this machine, so a `device=cuda` it cannot honour fails now too."""
-    unknown = sorted(set(settings) - set(STAGES))
-    if unknown:
-        raise ConfigError(f"unknown stage(s) in settings: {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    check_stage_names(settings)
     configs = {}
     for stage, values in settings.items():
         try:
