@@ -104,10 +104,7 @@ class Toleration(Settings):
 
 
 def _stage_key(name: Any) -> str:
-    stage = str(name).replace("_", "-")
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return stage
+    return registry.get(str(name)).name  # ppo_round -> ppo-round; an unknown stage is named
 
 
 def _kubernetes_name(value: str | None, what: str = "Kubernetes name") -> str | None:

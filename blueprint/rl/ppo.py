@@ -35,7 +35,7 @@ from transformers import GenerationConfig
 from blueprint.rl.copying import copy_rates
 from blueprint.errors import UserError
 from blueprint.models.batching import pad_batch
-from blueprint.rl.value_head import ValueHead  # noqa: F401 - also importable from here
+from blueprint.rl.value_head import ValueHead
 from blueprint.rl.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
 from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
                                 group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses)
@@ -323,6 +323,7 @@ class PPOTrainer:
         valid = r.mask[idx].sum().clamp(min=1)
         stats: dict[str, torch.Tensor] = {}
         for part in idx.split(rows):
+            # a whole mini-batch weighs exactly 1.0 (not valid/valid), so no budget leaves the numerics untouched
             share = r.mask[part].sum() / valid if len(part) < len(idx) else 1.0
             logits, values = self._forward(r.input_ids[part], r.attention_mask[part], R, with_values=True)
             logp, _ = logprobs_and_entropy(logits, r.response[part], cfg.temperature, with_entropy=False)
