@@ -4,7 +4,9 @@
     bp.train(num_epochs=3, ppo_steps=10, supervised_steps=10)
     bp.save_models("./summarizer", "./coder")
 
-Both roles are LoRA adapters on ONE base, so both names must name the same model; it is loaded once per stage.
+Both roles are LoRA adapters. When both names name one model, they share ONE copy of it; when they differ, the
+summarizer (and its PPO reference and value head) lives on the first, the coder on the second, and the summaries
+pass between them as text, so their tokenizers may differ. Each distinct base is loaded once per stage.
 Every stage output is committed under `artifact_root`, so a second `train` with the same settings is a cache hit.
 """
 from __future__ import annotations
@@ -19,22 +21,17 @@ from blueprint.config import ConfigError, parse
 from blueprint.errors import UserError
 from blueprint.data.sources import resolve_source
 from blueprint.stages import registry
-from blueprint.stages.common import checked_base
+from blueprint.stages.common import checked_bases
 
 
 class BluePrint:
-    """Round-trip training of a code summarizer and a code generator that share one base model."""
+    """Round-trip training of a code summarizer and a code generator, on one shared base or one base each."""
 
     def __init__(self, code_to_summary_model: str = "tiny", summary_to_code_model: str | None = None, *,
                  dataset: str = "stdlib", artifact_root: str = "./artifacts", profile: str = "default",
                  settings: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> None:
-        summary_to_code_model = summary_to_code_model or code_to_summary_model
-        if summary_to_code_model != code_to_summary_model:
-            raise ConfigError(
-                f"code_to_summary_model {code_to_summary_model!r} and summary_to_code_model "
-                f"{summary_to_code_model!r} differ: both roles are LoRA adapters on one base, so name one model")
-        # paths as the user typed them (relative ones included) are resolved here, once
-        self.base_name = checked_base(code_to_summary_model)
+        # paths as the user typed them (relative ones included) are resolved here, once; "" = the same base
+        self.base_name, self.coder_base = checked_bases(code_to_summary_model, summary_to_code_model or "")
         self.dataset, self.progress = resolve_source(dataset), progress
         self.artifact_root = storage.normalize(artifact_root)
         self.profile = profile
@@ -57,11 +54,14 @@ class BluePrint:
         """Shard the dataset, build the `tiny` base when asked for, and warm both adapters up (cached)."""
         self.shards = self._stage("shard").uri
         self.base = self._stage("bootstrap", shards=self.shards).uri if self.base_name == "tiny" else self.base_name
-        self.adapters = self._stage("warmup", shards=self.shards, base=self.base).uri
+        self.adapters = self._stage("warmup", shards=self.shards, **self._bases()).uri
         self._evaluate(0)
 
+    def _bases(self) -> dict[str, str]:
+        return {"base": self.base, **({"coder_base": self.coder_base} if self.coder_base else {})}
+
     def _evaluate(self, epoch: int) -> None:
-        inputs = {"shards": self.shards, "base": self.base, "adapters": self.adapters}
+        inputs = {"shards": self.shards, **self._bases(), "adapters": self.adapters}
         if self.evaluation:
             inputs["previous"] = self.evaluation
         out = self._stage("evaluate", {"epoch": epoch}, **inputs)
@@ -79,18 +79,19 @@ class BluePrint:
         for epoch in range(1, num_epochs + 1):
             self.adapters = self._stage("ppo-round", {"round_index": epoch, "ppo_steps": ppo_steps,
                                                       "supervised_steps": supervised_steps},
-                                        shards=self.shards, base=self.base, adapters=self.adapters).uri
+                                        shards=self.shards, **self._bases(), adapters=self.adapters).uri
             self._evaluate(epoch)
         return self.history
 
     def save_models(self, code_to_summary_path: str, summary_to_code_path: str, overwrite: bool = False) -> None:
-        """Write the two merged models (standalone Hugging Face folders) to local paths or s3:// URIs.
+        """Write the two merged models (standalone Hugging Face folders, each on its own base) to local paths or
+        s3:// URIs.
 
         A target that already holds a different model is refused unless `overwrite=True`.
         """
         if self.adapters is None:
             raise UserError("nothing trained yet: call train() first")
-        merged = self._stage("merge", base=self.base, adapters=self.adapters, evaluation=self.evaluation)
+        merged = self._stage("merge", **self._bases(), adapters=self.adapters, evaluation=self.evaluation)
         for role, target in (("summarizer", code_to_summary_path), ("coder", summary_to_code_path)):
             _publish(storage.join(merged.uri, role), merged.manifest, role, storage.normalize(str(target)),
                      overwrite)

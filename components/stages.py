@@ -29,50 +29,47 @@ def shard(artifact_root: str, source: str, settings: dict, force: bool, metrics:
                           report.path)
 
 
-def bootstrap(artifact_root: str, base: str, shards: str, settings: dict, force: bool,
-              metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-    """Builds the `tiny` base when base == "tiny"; any other base (hub id, dir, s3://) passes through."""
-    from blueprint.stages.task import run_stage_task
-    if base != "tiny":
-        with open(report.path, "w") as f:
-            f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
-        return base, ""
-    return run_stage_task("bootstrap", settings, {"shards": shards}, artifact_root, force, metrics, report.path)
+def bootstrap(artifact_root: str, base: str, coder_base: str, shards: str, settings: dict, force: bool,
+              metrics: Output[Metrics], report: Output[Markdown]
+              ) -> NamedTuple("BootstrapResult", uri=str, key=str, coder_base=str):
+    """Builds the `tiny` base when base == "tiny"; any other base (hub id, dir, s3://) passes through. Its
+    coder_base output is "" when the coder shares the summarizer's base, else the coder's own base."""
+    from blueprint.stages.task import bootstrap_task
+    return bootstrap_task(base, coder_base, shards, settings, artifact_root, force, metrics, report.path)
 
 
-def warmup(artifact_root: str, shards: str, base: str, settings: dict, force: bool, warm_start: bool,
-           metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-    """warm_start: hand on the newest committed ppo-round on this base instead of training (retraining)."""
+def warmup(artifact_root: str, shards: str, base: str, coder_base: str, settings: dict, force: bool,
+           warm_start: bool, metrics: Output[Metrics],
+           report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    """warm_start: hand on the newest committed ppo-round on these bases instead of training (retraining)."""
     from blueprint.stages.warm_start import warmup_task
-    return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path)
+    return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path, coder_base)
 
 
-def ppo_round(artifact_root: str, shards: str, base: str, adapters: str, round_index: int, ppo_steps: int,
-              supervised_steps: int, settings: dict, force: bool, metrics: Output[Metrics],
+def ppo_round(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, round_index: int,
+              ppo_steps: int, supervised_steps: int, settings: dict, force: bool, metrics: Output[Metrics],
               report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-    from blueprint.stages.task import run_stage_task
+    from blueprint.stages.task import model_inputs, run_stage_task
     settings = {**settings, "round_index": round_index, "ppo_steps": ppo_steps,
                 "supervised_steps": supervised_steps}
-    return run_stage_task("ppo-round", settings,
-                          {"shards": shards, "base": base, "adapters": adapters}, artifact_root, force,
-                          metrics, report.path)
+    return run_stage_task("ppo-round", settings, model_inputs(base, coder_base, shards=shards, adapters=adapters),
+                          artifact_root, force, metrics, report.path)
 
 
-def evaluate(artifact_root: str, shards: str, base: str, adapters: str, previous: str, epoch: int,
-             settings: dict, force: bool, metrics: Output[Metrics],
+def evaluate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, previous: str,
+             epoch: int, settings: dict, force: bool, metrics: Output[Metrics],
              report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-    from blueprint.stages.task import run_stage_task
-    inputs = {"shards": shards, "base": base, "adapters": adapters}
-    if previous:
-        inputs["previous"] = previous
+    from blueprint.stages.task import model_inputs, run_stage_task
+    inputs = model_inputs(base, coder_base, shards=shards, adapters=adapters, previous=previous)
     return run_stage_task("evaluate", {**settings, "epoch": epoch}, inputs, artifact_root, force,
                           metrics, report.path)
 
 
-def merge(artifact_root: str, base: str, adapters: str, evaluation: str, settings: dict, force: bool,
-          metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-    from blueprint.stages.task import run_stage_task
-    return run_stage_task("merge", settings, {"base": base, "adapters": adapters, "evaluation": evaluation},
+def merge(artifact_root: str, base: str, coder_base: str, adapters: str, evaluation: str, settings: dict,
+          force: bool, metrics: Output[Metrics],
+          report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages.task import model_inputs, run_stage_task
+    return run_stage_task("merge", settings, model_inputs(base, coder_base, adapters=adapters, evaluation=evaluation),
                           artifact_root, force, metrics, report.path)
 
 

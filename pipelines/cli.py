@@ -127,7 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import local_run
 
     plan = local_run.plan(profile=args.profile, epochs=args.epochs, artifact_root=args.artifact_root,
-                          source=args.source, base=args.base, overrides=_stage_overrides(args), force=args.force)
+                          source=args.source, base=args.base, coder_base=args.coder_base,
+                          overrides=_stage_overrides(args), force=args.force)
     print(f"blueprint run: profile {plan.profile}, {plan.epochs} epoch(s), artifacts in {plan.arguments['artifact_root']}")
     result = local_run.run(plan, runner=args.runner, image=args.image, verbose=args.verbose)
     models, evaluation = result["outputs"]["models"], result["outputs"]["evaluation"]
@@ -172,7 +173,9 @@ def _add_run_command(sub) -> None:
     r.add_argument("--profile", default="default", help="settings bundle: default | smoke")
     r.add_argument("--epochs", type=int, default=2)
     r.add_argument("--source", default=None, help="corpus (default: the profile's, stdlib)")
-    r.add_argument("--base", default="tiny", help="tiny | hub id | local dir | s3:// dir")
+    r.add_argument("--base", default="tiny", help="the summarizer's base (and the coder's): tiny | hub id | local "
+                                                  "dir | s3:// dir")
+    r.add_argument("--coder-base", default="", help="the coder's own base, when it is another model (default: --base)")
     r.add_argument("--artifact-root", default="./artifacts")
     r.add_argument("--runner", default="subprocess", choices=["subprocess", "docker"])
     r.add_argument("--image", default=None, help="component image for --runner docker (default: blueprint:VERSION, what `make image-cpu` builds)")

@@ -192,7 +192,7 @@ def _prepare(args: argparse.Namespace, package: str, extra: dict[str, Any] | Non
         raise ConfigError("--param warm_start: use `schedule --warm-start`, which also turns the warmup task's "
                           "KFP cache off (a cache hit would hand back the same warmup on every run)")
     arguments.update(extra or {})
-    for name in ("artifact_root", "base"):  # run arguments are stored by KFP and shown in its UI
+    for name in ("artifact_root", "base", "coder_base"):  # run arguments are stored by KFP and shown in its UI
         if isinstance(arguments.get(name), str):
             storage.refuse_credentials(arguments[name], setting=f"--param {name}")
     if isinstance(arguments.get("source"), str):

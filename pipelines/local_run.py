@@ -16,9 +16,8 @@ from typing import Any
 from blueprint.stages import profiles
 from blueprint.store import storage
 from blueprint.config import ConfigError
-from blueprint.errors import UserError
 from blueprint.stages import registry
-from blueprint.stages.common import checked_base
+from blueprint.stages.common import checked_bases
 
 PIPELINE_STAGES = tuple(registry.STAGES)
 PARAM_OF_STAGE = registry.param_of_stage()
@@ -34,7 +33,8 @@ class RunPlan:
 
 
 def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./artifacts", source: str | None = None,
-         base: str = "tiny", overrides: dict[str, dict[str, Any]] | None = None, force: bool = False) -> RunPlan:
+         base: str = "tiny", overrides: dict[str, dict[str, Any]] | None = None, force: bool = False,
+         coder_base: str = "") -> RunPlan:
     """Merge profile defaults with `overrides` ({stage: {key: value}}) and validate every stage's settings."""
     if epochs < 1:
         raise ConfigError(f"parameter 'epochs' must be at least 1, got {epochs}")
@@ -43,10 +43,7 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     settings = {s: {**profiles.stage_settings(profile, s), **overrides.get(s, {})} for s in PIPELINE_STAGES}
     if source is not None:
         settings["shard"]["source"] = source
-    try:
-        base = checked_base(base)
-    except UserError as exc:
-        raise ConfigError(f"parameter base: {exc}") from None
+    base, coder_base = checked_bases(base, coder_base)
     configs = registry.stage_configs(settings, lambda stage: f"parameter {PARAM_OF_STAGE[stage]}", here=True)
     from blueprint.data.sources import Source, parse_source, resolve_source
 
@@ -61,7 +58,8 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
     storage.check_writable(artifact_root)
     # the seed's knobs and the source are also flat pipeline parameters; the components let those win
     ppo = configs["ppo-round"]
-    args = {"artifact_root": artifact_root, "source": source_spec, "base": base, "ppo_steps": ppo.ppo_steps,
+    args = {"artifact_root": artifact_root, "source": source_spec, "base": base, "coder_base": coder_base,
+            "ppo_steps": ppo.ppo_steps,
             "supervised_steps": ppo.supervised_steps, "force": force}
     args.update({PARAM_OF_STAGE[s]: settings[s] for s in PIPELINE_STAGES})
     return RunPlan(profile, epochs, args)

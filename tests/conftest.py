@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from blueprint.stages.profiles import stage_settings
 from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
@@ -21,6 +21,18 @@ def stdlib_texts(limit: int = 40) -> list[str]:
     root = Path(os.__file__).parent
     files = sorted(p for p in root.glob("*.py"))[:limit]
     return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+def micro_qwen2_base(path, tokenizer, seed: int = 0) -> str:
+    """A random-init micro Qwen2 with `tokenizer`, saved where `load_base` reads it."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                  vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blueprint import BluePrint
 from blueprint.store import storage
-from conftest import SMOKE_PPO, SMOKE_SHARD, SMOKE_WARMUP
+from blueprint.models.tiny import train_bpe_tokenizer
+from conftest import SMOKE_PPO, SMOKE_SHARD, SMOKE_WARMUP, micro_qwen2_base, stdlib_texts
 
 SMOKE = {"shard": {k: v for k, v in SMOKE_SHARD.items() if k != "source"}, "warmup": SMOKE_WARMUP,
          "ppo-round": {k: v for k, v in SMOKE_PPO.items() if k not in ("ppo_steps", "supervised_steps")},
@@ -53,9 +54,17 @@ def test_save_models_to_an_unwritable_target_fails_clearly(trained, unwritable_d
         bp.save_models(str(unwritable_dir / "a"), str(tmp_path / "b"))
 
 
-def test_two_different_model_names_are_refused_because_roles_share_one_base():
-    with pytest.raises(ValueError, match="one base"):
-        BluePrint("org/model-a", "org/model-b")
+def test_two_different_models_train_and_save_each_on_its_own_base(smoke_chain, tmp_path):
+    """The seed's BluePrint(code_to_summary_model, summary_to_code_model) with two models and two tokenizers."""
+    summarizer = str(storage.local_path(smoke_chain["base"]))
+    coder = micro_qwen2_base(tmp_path / "coder", train_bpe_tokenizer(stdlib_texts(30)[::-1], vocab_size=384))
+    bp = BluePrint(summarizer, coder, artifact_root=str(tmp_path / "artifacts"), settings=SMOKE, progress=False)
+    assert [h["epoch"] for h in bp.train(num_epochs=1, ppo_steps=2, supervised_steps=2)] == [0, 1]
+    bp.save_models(str(tmp_path / "a"), str(tmp_path / "b"))
+    a, b = AutoModelForCausalLM.from_pretrained(tmp_path / "a"), AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert (a.config.model_type, b.config.model_type) == ("llama", "qwen2")
+    assert (len(AutoTokenizer.from_pretrained(tmp_path / "a")), len(AutoTokenizer.from_pretrained(tmp_path / "b"))) \
+        == (512, 384)
 
 
 def test_bad_settings_fail_at_construction_naming_them(tmp_path):

@@ -1,23 +1,18 @@
-"""What the model stages share: resolving the base, and reading/writing a set of adapters tied to that base.
+"""What the model stages share: resolving a base, its identity and cache-key part, and opening it on its device.
 
 Heavy libraries (torch, transformers, peft) are imported inside the functions that use them, here and in every
 stage module, so that a cache hit (the common case on a rerun) answers without loading them.
 
 A base that is a committed artifact (the bootstrap output, or any folder committed with a manifest) is a stage
 *input*, so its manifest enters the cache key; a hub id or a plain directory is a *setting* named by itself.
-An adapter set records the identity of its base, so adapters are never silently applied to another base.
+An adapter set (`adapter_set`) records the identity of its bases, so adapters are never silently applied to another.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from blueprint.store import artifacts, storage
-
-ADAPTERS_DIR = "adapters"
-BASE_FILE = "base.json"
 
 
 def quiet_libraries(progress: bool) -> None:
@@ -60,9 +55,29 @@ def checked_base(base: str) -> str:
     return base
 
 
+def checked_bases(base: str, coder_base: str = "") -> tuple[str, str]:
+    """(base, coder_base) each `checked_base`d, an error naming the parameter; coder_base "" when it is the same."""
+    from blueprint.config import ConfigError
+    from blueprint.errors import UserError
+
+    checked = []
+    for name, value in (("base", base), ("coder_base", coder_base)):
+        try:
+            checked.append(checked_base(value) if value else "")
+        except UserError as exc:
+            raise ConfigError(f"parameter {name}: {exc}") from None
+    from blueprint.stages.adapter_set import Bases
+
+    try:
+        bases = Bases.of(*checked)
+    except UserError as exc:
+        raise ConfigError(f"parameter {exc}") from None
+    return bases.summarizer, "" if bases.shared else bases.coder
+
+
 def resolve_input(name: str, uri: str) -> str:
     """A stage input as typed (relative path, file://, s3://) -> the absolute URI the stage reads."""
-    return resolve_base(uri) if name == "base" else storage.normalize(uri)
+    return resolve_base(uri) if name in ("base", "coder_base") else storage.normalize(uri)
 
 
 def is_artifact(uri: str) -> bool:
@@ -102,30 +117,3 @@ def open_base(base: str, cfg: Any = None, progress: bool = True, task: str = "")
     note(task or "base", f"on {where.device} in {dtype} ({attention} attention"
                          f"{', gradient checkpointing' if where.gradient_checkpointing else ''})", progress)
     return model, tokenizer
-
-
-def save_adapter_set(model, tokenizer, out_dir: Path, base: str, names: list[str], extra: dict | None = None) -> None:
-    """Adapters (peft safetensors), tokenizer and the base identity, under `out_dir`."""
-    from blueprint.models import lora
-
-    named = artifacts.reference(base) if is_artifact(base) else base  # no artifact root inside the files
-    lora.save_adapters(model, out_dir / ADAPTERS_DIR, names, base_name=named)
-    tokenizer.save_pretrained(out_dir / "tokenizer")
-    meta = {"base": named, "base_identity": base_identity(base), "adapters": names, **(extra or {})}
-    (out_dir / BASE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-
-def fetch_adapter_set(uri: str, base: str, local_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """Download a committed adapter set, refusing one that was trained on another base."""
-    local, _ = artifacts.download_artifact(uri, local_dir)
-    meta = json.loads((local / BASE_FILE).read_text())
-    if meta["base_identity"] != base_identity(base):
-        raise artifacts.ArtifactError(
-            f"adapters {uri} were trained on base {meta['base']!r} ({meta['base_identity']}), "
-            f"not on {base!r} ({base_identity(base)}): pass the base they were trained on")
-    return local / ADAPTERS_DIR, meta
-
-
-def key_settings(config: Any, base: str) -> dict[str, Any]:
-    """The config as a dict plus the base's settings contribution (for the cache key)."""
-    return {**config.to_dict(), **split_base(base)[1]}

@@ -31,14 +31,15 @@ from blueprint.errors import InputError
 from blueprint.progress import Progress
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens
-from blueprint.stages.common import fetch_adapter_set, is_artifact, open_base, split_base, key_settings
+from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
+from blueprint.stages.common import is_artifact
 
 if TYPE_CHECKING:
     import torch
 
 STAGE = "evaluate"
 MEMORY_BUDGETS = ("batch_size", "score_batch_tokens")  # the settings an out-of-memory error names
-OPTIONAL_INPUTS = ("previous",)
+OPTIONAL_INPUTS = ("previous", "coder_base")
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 
@@ -166,28 +167,30 @@ def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list
     }
 
 
-def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig,
+def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
                    progress: Any = None) -> tuple[dict[str, Any], list[dict]]:
-    """All metrics of the summarizer/coder in `model`: generation on the first `max_examples` of `scored`, pairwise
-    accuracy on all of them; one sample row per generated pair."""
+    """All metrics of the summarizer and the coder: generation on the first `max_examples` of `scored`, pairwise
+    accuracy on all of them; one sample row per generated pair. Lengths and copies count the summarizer's tokens;
+    the coder reads the summaries as text."""
     from blueprint.rl.copying import copy_rate
     from blueprint.rl.reward import RewardConfig, RewardModel
 
     pairs = scored[:cfg.max_examples]
-    prompts = PromptConfig(style=cfg.prompt_style)
+    prompts, tokenizer = PromptConfig(style=cfg.prompt_style), roles.summarizer_tokenizer
     codes = [p["code"] for p in pairs]
     truths = [p["summary"] for p in pairs]
     shown_codes = clip_tokens(tokenizer, codes, cfg.max_code_tokens)  # what the models see (as in training)
-    shown_truths = clip_tokens(tokenizer, truths, cfg.max_summary_tokens)
+    shown_truths = clip_tokens(roles.coder_tokenizer, truths, cfg.max_summary_tokens)
+    coder_codes = shown_codes if roles.shared else clip_tokens(roles.coder_tokenizer, codes, cfg.max_code_tokens)
 
     # The summarizer writes a summary of each code.
-    summary_ids, summaries, ended = generate_texts(model, tokenizer, "summarizer", [
+    summary_ids, summaries, ended = generate_texts(roles.summarizer, tokenizer, "summarizer", [
         summary_prompt(c, prompts) for c in shown_codes], cfg.max_new_tokens, cfg.batch_size)
     report_phase = progress.update if progress is not None else (lambda done, **figures: None)
     report_phase(1, phase="summaries written")
 
     # The coder scores summaries (the reward PPO optimises, copy penalty off: copy rate is reported on its own).
-    reward = RewardModel(model, tokenizer, prompts, RewardConfig(
+    reward = RewardModel(roles.coder, roles.coder_tokenizer, prompts, RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
         max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens))
     gen_out, true_out = reward(codes, summaries), reward(codes, truths)
@@ -196,7 +199,7 @@ def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig,
     report_phase(2, phase="coder scored the summaries")
 
     # The coder rebuilds each code from its true docstring.
-    rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(model, tokenizer, "coder", [
+    rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(roles.coder, roles.coder_tokenizer, "coder", [
         code_prompt(s, prompts) for s in shown_truths], cfg.max_code_tokens, cfg.batch_size)
     report_phase(3, phase="coder rebuilt the codes")
 
@@ -207,7 +210,7 @@ def evaluate_pairs(model, tokenizer, scored: list[dict], cfg: EvaluateConfig,
         "epoch": cfg.epoch, "examples": len(pairs),
         **reward_stats(gen_out, "gen"), **reward_stats(true_out, "true"),
         "pairwise_accuracy": pairwise, "pairwise_examples": len(scored),
-        **text_figures(tokenizer, codes, truths, summaries, summary_ids, rebuilt, shown_codes),
+        **text_figures(tokenizer, codes, truths, summaries, summary_ids, rebuilt, coder_codes),
         "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended)]),
         "copy_rate": text_metrics.mean(copies), "code_parse_rate": text_metrics.mean(parsed),
         "eos_rate": text_metrics.mean(ended),
@@ -241,7 +244,7 @@ def previous_history(previous: str | None) -> list[dict[str, Any]]:
     return list(json.loads(artifacts.read_verified(previous, "history.json", manifest)))
 
 
-def compute(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous: str | None, out_dir: Path,
+def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previous: str | None, out_dir: Path,
           progress: bool = True) -> dict[str, Any]:
     import torch
 
@@ -255,13 +258,13 @@ def compute(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous
         raise InputError(f"shards {shards} hold no eval pairs: nothing to evaluate (shard with eval_fraction > 0)")
     history = previous_history(previous)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = open_base(base, cfg, progress, f"{STAGE}-{cfg.epoch}")
+    roles = open_roles(bases, cfg, progress, f"{STAGE}-{cfg.epoch}")
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "adapters")
-        model = lora.load_adapters(model, adapter_dir, names=list(lora.ROLES), frozen=lora.ROLES)
-    model.eval()
+        adapter_dir, meta = fetch_adapter_set(adapters, bases, Path(tmp) / "adapters")
+        roles = load_roles(roles, adapter_dir, names=lora.ROLES, frozen=lora.ROLES)
+    roles.summarizer.eval(), roles.coder.eval()
     phases = Progress(f"{STAGE}-{cfg.epoch}", 3, progress)
-    values, samples = evaluate_pairs(model, tokenizer, pairs, cfg, phases)
+    values, samples = evaluate_pairs(roles, pairs, cfg, phases)
     phases.close()
     top = headline(values)  # the files hold no wall time: same inputs -> same bytes -> downstream cache hits
 
@@ -270,8 +273,10 @@ def compute(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous
     history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": ref(adapters)}]
     history.sort(key=lambda h: h.get("epoch", 0))
     context = {"adapters": ref(adapters), "adapter round": str(meta.get("round", "?")),
-               "base": ref(base) if is_artifact(base) else base, "shards": ref(shards),
+               "base": _named(bases.summarizer), "shards": ref(shards),
                "previous": ref(previous) if previous else "-"}
+    if not bases.shared:
+        context["coder base"] = _named(bases.coder)
     (out_dir / "metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history, indent=2, sort_keys=True) + "\n")
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
@@ -283,20 +288,25 @@ def compute(cfg: EvaluateConfig, shards: str, base: str, adapters: str, previous
     return {**top, "seconds": round(time.time() - start, 1)}
 
 
+def _named(base: str) -> str:
+    return artifacts.reference(base) if is_artifact(base) else base
+
+
 def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previous: str | None = None,
-        artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
-        progress: bool = True) -> artifacts.StageOutput:
+        coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
+        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed evaluation of the adapter set `adapters` on the eval split of `shards`.
 
     `previous` (an earlier evaluate output) carries the history: this epoch's row is appended to its history.json.
     """
     previous = previous or None  # pipelines pass "" for "none"
-    inputs = {"shards": shards, "adapters": adapters, **split_base(base)[0]}
+    bases = Bases.of(base, coder_base)
+    inputs = {"shards": shards, "adapters": adapters, **bases.key_parts()[0]}
     if previous:
         inputs["previous"] = previous
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
-                                   lambda d: compute(config, shards, base, adapters, previous, d, progress),
+        return artifacts.run_stage(STAGE, key_settings(config, bases), inputs,
+                                   lambda d: compute(config, shards, bases, adapters, previous, d, progress),
                                    artifact_root=artifact_root, out_uri=out_uri, force=force)
 
 

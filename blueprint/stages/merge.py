@@ -1,4 +1,4 @@
-"""Merge stage: each role's LoRA adapter folded into its own copy of the base, as a standalone Hugging Face model.
+"""Merge stage: each role's LoRA adapter folded into a copy of its base, as a standalone Hugging Face model.
 
 Training keeps ONE base with switchable adapters; users want two ordinary models that load with
 `AutoModelForCausalLM.from_pretrained` and need neither peft nor BluePrint. So each role (summarizer, coder) is
@@ -28,12 +28,13 @@ from blueprint.errors import InputError, UserError
 from blueprint.progress import Progress
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.eval.report import DESCRIPTIONS, table
-from blueprint.stages.common import BASE_FILE, fetch_adapter_set, is_artifact, open_base, split_base, key_settings
+from blueprint.stages.adapter_set import BASE_FILE, Bases, fetch_adapter_set, key_settings
+from blueprint.stages.common import is_artifact, open_base
 
 STAGE = "merge"
 MEMORY_BUDGETS = ("check_batch",)  # the settings an out-of-memory error names
 SAVE_DTYPES = ("base", "float32", "bfloat16", "float16")
-OPTIONAL_INPUTS = ("evaluation",)
+OPTIONAL_INPUTS = ("evaluation", "coder_base")
 
 # Fixed check inputs: real-looking prompts of the role's own format, so the adapted attention paths are exercised.
 CHECK_CODES = (
@@ -203,7 +204,7 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def compute(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, out_dir: Path,
+def compute(cfg: MergeConfig, bases: Bases, adapters: str, evaluation: str | None, out_dir: Path,
           progress: bool = True) -> dict[str, Any]:
     import torch
 
@@ -216,10 +217,11 @@ def compute(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, 
     manifest = artifacts.read_manifest(adapters, verify="none")
     metrics: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir, meta = fetch_adapter_set(adapters, base, Path(tmp) / "in")
+        adapter_dir, meta = fetch_adapter_set(adapters, bases, Path(tmp) / "in")
         run_info = {"stage": manifest.get("stage"), "key": manifest.get("key"), "round": meta.get("round", "?")}
         roles = Progress(STAGE, len(lora.ROLES), progress, unit="model")
         for done, role in enumerate(lora.ROLES, 1):
+            base = bases.of_adapter(role)  # each role is merged into the base it was trained on
             role_metrics = merge_role(role, base, adapter_dir, out_dir / role, cfg, progress)
             roles.update(done, merged=role)
             metrics.update(role_metrics)
@@ -236,15 +238,17 @@ def compute(cfg: MergeConfig, base: str, adapters: str, evaluation: str | None, 
 
 
 def run(config: MergeConfig, *, base: str, adapters: str, evaluation: str | None = None,
-        artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
-        progress: bool = True) -> artifacts.StageOutput:
-    """Committed `summarizer/` and `coder/` standalone model folders (plus `adapters/` when kept)."""
+        coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
+        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+    """Committed `summarizer/` (on `base`) and `coder/` (on `coder_base`, empty: `base`) standalone model folders,
+    plus `adapters/` when kept."""
     evaluation = evaluation or None  # pipelines pass "" for "none"
-    inputs = {"adapters": adapters, **split_base(base)[0]}
+    bases = Bases.of(base, coder_base)
+    inputs = {"adapters": adapters, **bases.key_parts()[0]}
     if evaluation:
         inputs["evaluation"] = evaluation
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
-                                   lambda d: compute(config, base, adapters, evaluation, d, progress),
+        return artifacts.run_stage(STAGE, key_settings(config, bases), inputs,
+                                   lambda d: compute(config, bases, adapters, evaluation, d, progress),
                                    artifact_root=artifact_root, out_uri=out_uri, force=force)
 

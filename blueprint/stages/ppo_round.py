@@ -20,7 +20,8 @@ from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, train_adapter
-from blueprint.stages.common import fetch_adapter_set, open_base, save_adapter_set, split_base, key_settings
+from blueprint.stages.adapter_set import (Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles,
+                                          save_adapter_set)
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
 
 STAGE = "ppo-round"
@@ -30,6 +31,7 @@ MEMORY_BUDGETS = ("generate_batch_tokens", "update_batch_tokens", "score_batch_t
 CHECKPOINT = "_checkpoint"
 VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (the rest): never a pickle
+OPTIONAL_INPUTS = ("coder_base",)
 
 
 class PPORoundConfig(PPOConfig, RuntimeSettings):
@@ -150,8 +152,8 @@ def task_name(cfg: PPORoundConfig) -> str:
     return f"{STAGE}-{cfg.round_index}"
 
 
-def _save(model, tokenizer, trainer, out_dir: Path, base: str, extra: dict) -> None:
-    save_adapter_set(model, tokenizer, out_dir, base, ["summarizer", "coder", "reference"], extra)
+def _save(roles: RoleModels, trainer, out_dir: Path, bases: Bases, extra: dict) -> None:
+    save_adapter_set(roles, out_dir, bases, ["summarizer", "coder", "reference"], extra)
     trainer.value_head.save(out_dir / VALUE_HEAD_FILE)
     state = trainer.state_dict()
     state.pop("value_head")
@@ -174,36 +176,37 @@ def _load_trainer_state(trainer, directory: Path, source: str) -> None:
     trainer.load_state_dict(state)
 
 
-def _open_round(cfg: PPORoundConfig, base: str, adapters: str, ckpt_uri: str, progress: bool):
-    """(model, tokenizer, trainer, meta, resumed): the round's adapters, from its checkpoint when one exists."""
+def _open_round(cfg: PPORoundConfig, bases: Bases, adapters: str, ckpt_uri: str, progress: bool):
+    """(roles, trainer, meta, resumed): the round's adapters, from its checkpoint when one exists."""
     from blueprint.models import lora
     from blueprint.rl.ppo import PPOTrainer, ValueHead
 
-    model, tokenizer = open_base(base, cfg, progress, task_name(cfg))
+    roles = open_roles(bases, cfg, progress, task_name(cfg))
     resumed = storage.exists(artifacts.manifest_uri(ckpt_uri))
     with tempfile.TemporaryDirectory() as tmp:
         source = ckpt_uri if resumed else adapters
-        adapter_dir, meta = fetch_adapter_set(source, base, Path(tmp) / "in")
-        model = lora.load_adapters(model, adapter_dir)
+        adapter_dir, meta = fetch_adapter_set(source, bases, Path(tmp) / "in")
+        roles = load_roles(roles, adapter_dir)
+        model = roles.summarizer
         if not resumed and cfg.reference == "round" and "reference" in model.peft_config:
             model.delete_adapter("reference")
         if "reference" not in model.peft_config:
             lora.add_reference_adapter(model, "summarizer")
         head_path = adapter_dir.parent / VALUE_HEAD_FILE
         value_head = ValueHead.load(head_path) if head_path.exists() else None
-        trainer = PPOTrainer(model, tokenizer, cfg, value_head)
+        trainer = PPOTrainer(model, roles.summarizer_tokenizer, cfg, value_head)
         _load_trainer_state(trainer, adapter_dir.parent, source)
-    return model, tokenizer, trainer, (meta if resumed else {}), resumed
+    return roles, trainer, (meta if resumed else {}), resumed
 
 
-def _ppo_steps(cfg: PPORoundConfig, model, tokenizer, trainer, scorer, codes: list[str], base: str, ckpt_uri: str,
-               done: int, stats_rows: list[dict], before: dict, progress: bool) -> str | None:
+def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: list[str], bases: Bases,
+               ckpt_uri: str, done: int, stats_rows: list[dict], before: dict, progress: bool) -> str | None:
     """Run the PPO steps from `done` on (appending to `stats_rows`, checkpointing as configured); why it stopped
     early, or None."""
     from blueprint.rl.ppo import KLExplodedError
     from blueprint.progress import Progress
 
-    prompts = PromptConfig(style=cfg.prompt_style)
+    prompts, tokenizer = PromptConfig(style=cfg.prompt_style), roles.summarizer_tokenizer
     bar = Progress(task_name(cfg), cfg.ppo_steps, progress, start=done)
     q = queries_per_step(cfg)
     try:
@@ -220,7 +223,7 @@ def _ppo_steps(cfg: PPORoundConfig, model, tokenizer, trainer, scorer, codes: li
             bar.update(step + 1, reward=stats.get("score/mean", float("nan")), kl=stats.get("kl", 0.0))
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
                 with tempfile.TemporaryDirectory() as ck:
-                    _save(model, tokenizer, trainer, Path(ck), base, {
+                    _save(roles, trainer, Path(ck), bases, {
                         "ppo_steps_done": step + 1, "stats": stats_rows, "written": scorer.written, **before})
                     artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
                                      metrics={"ppo_steps_done": step + 1})
@@ -245,7 +248,7 @@ def step_summary(stats_rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def compute(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir: Path, out_uri: str,
+def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_dir: Path, out_uri: str,
           progress: bool = True) -> dict[str, Any]:
     import torch
 
@@ -255,13 +258,14 @@ def compute(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir:
     start = time.time()
     torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
     ckpt_uri = storage.join(out_uri, CHECKPOINT)
-    model, tokenizer, trainer, meta, resumed = _open_round(cfg, base, adapters, ckpt_uri, progress)
+    roles, trainer, meta, resumed = _open_round(cfg, bases, adapters, ckpt_uri, progress)
+    model, tokenizer = roles.summarizer, roles.summarizer_tokenizer
     done = int(meta.get("ppo_steps_done", 0))
     stats_rows: list[dict] = list(meta.get("stats", []))
 
     batch = round_batch(read_pairs(shards, "train"), cfg)
     codes = clip_tokens(tokenizer, [p["code"] for p in batch], cfg.max_code_tokens)
-    reward = RewardModel(model, tokenizer, PromptConfig(style=cfg.prompt_style), RewardConfig(
+    reward = RewardModel(roles.coder, roles.coder_tokenizer, PromptConfig(style=cfg.prompt_style), RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
         max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens))
     probe = codes[: cfg.probe_size]
@@ -270,15 +274,14 @@ def compute(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir:
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = [tuple(w) for w in meta.get("written", [])]
-    stopped = _ppo_steps(cfg, model, tokenizer, trainer, scorer, codes, base, ckpt_uri, done, stats_rows, before,
-                         progress)
+    stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress)
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
     if stopped is None and cfg.supervised_steps > 0:
-        metrics.update(train_coder(model, tokenizer, batch, scorer.written, cfg, progress))
+        metrics.update(train_coder(roles, batch, scorer.written, cfg, progress))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
-    _save(model, tokenizer, trainer, out_dir, base, {"round": cfg.round_index})
+    _save(roles, trainer, out_dir, bases, {"round": cfg.round_index})
     with open(out_dir / "steps.jsonl", "w") as f:  # content only: wall times go to the metrics
         for row in stats_rows:
             f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("time/")}, default=float) + "\n")
@@ -288,9 +291,10 @@ def compute(cfg: PPORoundConfig, shards: str, base: str, adapters: str, out_dir:
     return metrics
 
 
-def train_coder(model, tokenizer, batch: list[dict], written: list[tuple[str, str]], cfg: PPORoundConfig,
+def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, str]], cfg: PPORoundConfig,
                 progress: bool) -> dict[str, float]:
     """Back-translation: the coder learns (written summary -> code), mixed with (docstring -> code)."""
+    model, tokenizer = roles.coder, roles.coder_tokenizer
     rng = random.Random(cfg.seed * 7919 + cfg.round_index)
     n = max(cfg.supervised_steps * cfg.coder_batch_size, 2)
     n_true = round(n * cfg.ground_truth_fraction) if written else n
@@ -306,15 +310,17 @@ def train_coder(model, tokenizer, batch: list[dict], written: list[tuple[str, st
                                                                               cfg.max_summary_tokens),
                         progress=progress, task=task_name(cfg), lr_setting="coder_lr",
                         gradient_checkpointing=cfg.gradient_checkpointing)
-    model.set_adapter("summarizer")
+    roles.summarizer.set_adapter("summarizer")  # train_adapter made the coder active; the policy acts next
     return out
 
 
-def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, artifact_root: str | None = None,
-        out_uri: str | None = None, force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, coder_base: str | None = None,
+        artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
+        progress: bool = True) -> artifacts.StageOutput:
     """Committed adapter set after one round (summarizer, coder, reference, value head, optimizer state)."""
-    inputs = {"shards": shards, "adapters": adapters, **split_base(base)[0]}
-    settings = key_settings(config, base)
+    bases = Bases.of(base, coder_base)
+    inputs = {"shards": shards, "adapters": adapters, **bases.key_parts()[0]}
+    settings = key_settings(config, bases)
     owned = out_uri is None  # content-addressed: the checkpoint lives under the key, so a rerun resumes it
     if out_uri is None:
         out_uri = artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, settings, inputs))
@@ -323,5 +329,5 @@ def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, artifa
         storage.delete_prefix(storage.join(out_uri, CHECKPOINT))
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
         return artifacts.run_stage(STAGE, settings, inputs,
-                                   lambda d: compute(config, shards, base, adapters, d, out_uri, progress),
+                                   lambda d: compute(config, shards, bases, adapters, d, out_uri, progress),
                                    out_uri=out_uri, force=force, owned=owned)

@@ -60,3 +60,29 @@ def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str],
         with open(report_path, "w", encoding="utf-8") as f:
             f.write(markdown_report(stage, out))
     return out.uri, out.manifest.get("key") or ""
+
+
+def model_inputs(base: str, coder_base: str, **uris: str) -> dict[str, str]:
+    """A model stage's inputs from a component's arguments: "" (KFP's "none") leaves an optional input out."""
+    return {"base": base, **{name: uri for name, uri in {"coder_base": coder_base, **uris}.items() if uri}}
+
+
+def bootstrap_task(base: str, coder_base: str, shards: str, settings: dict[str, Any], artifact_root: str,
+                   force: bool = False, metrics: Any = None, report_path: str | None = None) -> tuple[str, str, str]:
+    """The bootstrap component's body: (base URI, key, coder base). The `tiny` base is built; any other base passes
+    through. The coder base comes back "" when the coder shares the summarizer's base."""
+    from blueprint.stages.adapter_set import Bases
+
+    try:
+        bases = Bases.of(base, coder_base)
+    except USER_ERRORS as exc:
+        print(f"{TASK_ERROR_PREFIX}bootstrap: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    coder = "" if bases.shared else bases.coder
+    if base != "tiny":
+        if report_path is not None:
+            with open(report_path, "w", encoding="utf-8") as f:
+                f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
+        return base, "", coder
+    uri, key = run_stage_task("bootstrap", settings, {"shards": shards}, artifact_root, force, metrics, report_path)
+    return uri, key, coder

@@ -16,10 +16,11 @@ from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
 from blueprint.models.sft import sft_datasets, sft_length, train_adapter
-from blueprint.stages.common import open_base, save_adapter_set, split_base, key_settings
+from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_adapter_set
 
 STAGE = "warmup"
 MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
+OPTIONAL_INPUTS = ("coder_base",)
 
 
 class WarmupConfig(RuntimeSettings):
@@ -50,40 +51,44 @@ class WarmupConfig(RuntimeSettings):
                                  target_modules=targets)
 
 
-def compute(cfg: WarmupConfig, shards: str, base: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+def compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     import torch
 
     from blueprint.models import lora
     from blueprint.data.readers import read_pairs
 
     start = time.time()
-    model, tokenizer = open_base(base, cfg, progress, STAGE)
+    roles = open_roles(bases, cfg, progress, STAGE)
     pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
     held_out = read_pairs(shards, "eval", limit=cfg.eval_pairs)
     if not pairs or not held_out:
         raise InputError(f"shards {shards} need train and eval pairs (found {len(pairs)} train, {len(held_out)} eval)")
     limits = (cfg.prompt_style, cfg.max_code_tokens, cfg.max_summary_tokens)
-    train, evals = sft_datasets(pairs, tokenizer, *limits), sft_datasets(held_out, tokenizer, *limits)
     torch.manual_seed(cfg.seed)  # LoRA A is drawn at random: same seed -> same adapters, whatever ran before
-    peft_model = lora.attach_adapters(model, lora.ROLES, cfg.lora())
+    roles = roles.wrapped(lambda model, names: lora.attach_adapters(model, names, cfg.lora()), lora.ROLES)
     metrics: dict[str, Any] = {"train_pairs": len(pairs), "eval_pairs": len(held_out)}
     steps = {"summarizer": cfg.steps, "coder": cfg.steps if cfg.coder_steps is None else cfg.coder_steps}
     for role in lora.ROLES:
-        metrics.update(train_adapter(peft_model, tokenizer, role, train[role], evals[role], steps[role],
+        tokenizer = roles.tokenizer(role)  # each role's texts are clipped by its own base's tokenizer
+        train, evals = sft_datasets(pairs, tokenizer, *limits)[role], sft_datasets(held_out, tokenizer, *limits)[role]
+        metrics.update(train_adapter(roles.model(role), tokenizer, role, train, evals, steps[role],
                                      batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                                      max_length=sft_length(cfg.max_code_tokens, cfg.max_summary_tokens),
                                      progress=progress, task=STAGE, lr_setting="lr",
                                      gradient_checkpointing=cfg.gradient_checkpointing))
-    save_adapter_set(peft_model, tokenizer, out_dir, base, list(lora.ROLES), {"round": 0})
+    save_adapter_set(roles, out_dir, bases, list(lora.ROLES), {"round": 0})
     metrics["seconds"] = round(time.time() - start, 1)
     return metrics
 
 
-def run(config: WarmupConfig, *, shards: str, base: str, artifact_root: str | None = None,
-        out_uri: str | None = None, force: bool = False, progress: bool = True) -> artifacts.StageOutput:
-    """Committed adapter set (summarizer + coder) trained from `base` on `shards`."""
-    inputs = {"shards": shards, **split_base(base)[0]}
+def run(config: WarmupConfig, *, shards: str, base: str, coder_base: str | None = None,
+        artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
+        progress: bool = True) -> artifacts.StageOutput:
+    """Committed adapter set (summarizer + coder) trained on `shards`: the summarizer on `base`, the coder on
+    `coder_base` (empty: `base`)."""
+    bases = Bases.of(base, coder_base)
+    inputs = {"shards": shards, **bases.key_parts()[0]}
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, key_settings(config, base), inputs,
-                                   lambda d: compute(config, shards, base, d, progress),
+        return artifacts.run_stage(STAGE, key_settings(config, bases), inputs,
+                                   lambda d: compute(config, shards, bases, d, progress),
                                    artifact_root=artifact_root, out_uri=out_uri, force=force)

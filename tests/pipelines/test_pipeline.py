@@ -18,6 +18,7 @@ from blueprint.store import artifacts, storage
 from pipelines import local_run
 from blueprint.config import ConfigError
 from pipelines import golden
+from conftest import micro_qwen2_base, stdlib_texts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,6 +62,7 @@ def test_dag_for_three_epochs_chains_rounds_and_runs_each_evaluation_beside_the_
     ({"overrides": {"warmup": {"stepz": 3}}}, "warmup_settings"),
     ({"source": "svn:nowhere"}, "source"),
     ({"source": "dir:/no/such/dir"}, "source"),
+    ({"coder_base": "/no/such/model"}, "parameter coder_base"),
 ])
 def test_invalid_parameters_are_rejected_before_any_stage_runs(kwargs, parameter, tmp_path):
     with pytest.raises(ConfigError, match=parameter):
@@ -98,6 +100,23 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
                                                               "shard", "warmup"]
     local_run.run(plan, local_root=tmp_path / "kfp2")
     assert _manifests(root) == before, "a rerun with nothing changed recomputed a stage"
+
+
+@pytest.mark.slow
+def test_a_coder_base_reaches_every_model_stage_through_kfp_local(tmp_path, monkeypatch):
+    """The pipeline's coder_base: the tiny base is built for the summarizer, the coder trains on a Qwen2 of its own."""
+    from transformers import AutoModelForCausalLM
+
+    from blueprint.models.tiny import train_bpe_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    coder = micro_qwen2_base(tmp_path / "coder-base", train_bpe_tokenizer(stdlib_texts(30), vocab_size=384))
+    plan = local_run.plan(profile="smoke", epochs=1, artifact_root=f"file://{tmp_path}/art", coder_base=coder)
+    models = local_run.run(plan, local_root=tmp_path / "kfp")["outputs"]["models"]
+    types = {role: AutoModelForCausalLM.from_pretrained(storage.download_dir(storage.join(models, role),
+                                                                             tmp_path / role)).config.model_type
+             for role in ("summarizer", "coder")}
+    assert types == {"summarizer": "llama", "coder": "qwen2"}
 
 
 def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke_chain, tmp_path):

@@ -15,7 +15,8 @@ from blueprint.eval import metrics
 from blueprint.models import lora
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
 from blueprint.stages import evaluate, merge
-from blueprint.stages.common import open_base, save_adapter_set
+from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
+from blueprint.stages.common import open_base
 from blueprint.models.tiny import tiny_llama_config
 
 PAIRS = [
@@ -95,7 +96,8 @@ def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0) -> str
     if coder_steps:
         train_coder(model, tokenizer, PAIRS, coder_steps)
     local = root / f"{name}-src"
-    save_adapter_set(model, tokenizer, local, base, list(lora.ROLES), {"round": coder_steps})
+    save_adapter_set(RoleModels(model, tokenizer, model, tokenizer), local, Bases.of(base), list(lora.ROLES),
+                     {"round": coder_steps})
     return commit(local, str(root / name), "warmup")
 
 
@@ -227,7 +229,7 @@ def test_empty_eval_shards_fail_clearly_and_commit_nothing(world, tmp_path):
 
 def test_adapters_from_another_base_are_refused(world, micro_tokenizer, tmp_path):
     other = make_base(tmp_path, micro_tokenizer, seed=5, name="other-base")
-    with pytest.raises(artifacts.ArtifactError, match="were trained on base"):
+    with pytest.raises(artifacts.ArtifactError, match="the summarizer was trained on base"):
         evaluate.run(evaluate.EvaluateConfig(**CFG), shards=world["shards"], base=other, adapters=world["trained"],
                      artifact_root=str(tmp_path / "artifacts"), progress=False)
     assert not list((tmp_path / "artifacts").rglob(artifacts.MANIFEST_NAME))

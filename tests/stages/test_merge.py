@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from blueprint.store import artifacts, storage
 from blueprint.models import lora
 from blueprint.stages import merge
-from blueprint.stages.common import open_base, save_adapter_set
+from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
+from blueprint.stages.common import open_base
 from blueprint.models.tiny import tiny_llama_config
 
 
@@ -36,7 +37,8 @@ def build_trained(root: Path, tokenizer, dtype: torch.dtype = torch.float32) -> 
         for role in lora.ROLES:
             for p in lora.adapter_parameters(model, role).values():
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    save_adapter_set(model, tokenizer, root / "adapters-src", base, list(lora.ROLES), {"round": 2})
+    save_adapter_set(RoleModels(model, tokenizer, model, tokenizer), root / "adapters-src", Bases.of(base),
+                     list(lora.ROLES), {"round": 2})
     adapters = commit(root / "adapters-src", str(root / "adapters"), "ppo-round")
     return dict(root=root, base=base, adapters=adapters, model=model, tokenizer=tokenizer)
 
@@ -105,7 +107,7 @@ def test_adapters_from_another_base_are_refused(trained, micro_tokenizer, tmp_pa
     LlamaForCausalLM(tiny_llama_config(micro_tokenizer, "micro")).save_pretrained(tmp_path / "other-src")
     micro_tokenizer.save_pretrained(tmp_path / "other-src")
     other = commit(tmp_path / "other-src", str(tmp_path / "other"), "bootstrap")
-    with pytest.raises(artifacts.ArtifactError, match="were trained on base"):
+    with pytest.raises(artifacts.ArtifactError, match="the summarizer was trained on base"):
         merge.run(merge.MergeConfig(), base=other, adapters=trained["adapters"], artifact_root=str(tmp_path / "a"),
                   progress=False)
     assert not list((tmp_path / "a").rglob(artifacts.MANIFEST_NAME))

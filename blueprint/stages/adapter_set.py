@@ -1,0 +1,151 @@
+"""The roles' bases and adapters: which base each role lives on, opened once each, saved and fetched as one set.
+
+The summarizer, its reference and the value head live on `base`; the coder lives on `coder_base`, which is `base`
+itself unless the user names another model (the seed's `BluePrint(code_to_summary_model, summary_to_code_model)`).
+Each distinct base is held in memory once: with one base, every role is an adapter of ONE PeftModel, as always;
+with two, the summaries pass between them as text, so their tokenizers may differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from blueprint.errors import InputError
+from blueprint.store import artifacts
+from blueprint.stages.common import base_identity, is_artifact, open_base, split_base
+
+ADAPTERS_DIR = "adapters"
+BASE_FILE = "base.json"
+CODER = "coder"
+TOKENIZER_DIRS = {"summarizer": "tokenizer", CODER: "coder_tokenizer"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bases:
+    """The summarizer's base and the coder's (the same string when the roles share one base)."""
+
+    summarizer: str
+    coder: str
+
+    @classmethod
+    def of(cls, base: str, coder_base: str | None = None) -> Bases:
+        """`coder_base` empty or None means the summarizer's own base."""
+        coder_base = coder_base or base
+        if coder_base == "tiny" and base != "tiny":
+            raise InputError("coder_base 'tiny': the tiny base is built from the corpus for both roles; name a model "
+                             "for coder_base, or leave it empty to share the summarizer's base")
+        return cls(base, coder_base)
+
+    @property
+    def shared(self) -> bool:
+        return self.summarizer == self.coder
+
+    def of_adapter(self, name: str) -> str:
+        return self.coder if name == CODER else self.summarizer
+
+    def key_parts(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(inputs, settings) contribution to a stage's cache key: a second base adds its own, one base nothing."""
+        inputs, settings = split_base(self.summarizer)
+        if not self.shared:
+            coder_inputs, coder_settings = split_base(self.coder)
+            inputs.update({f"coder_{k}": v for k, v in coder_inputs.items()})
+            settings.update({f"coder_{k}": v for k, v in coder_settings.items()})
+        return inputs, settings
+
+
+def key_settings(config: Any, bases: Bases) -> dict[str, Any]:
+    """The config as a dict plus the bases' settings contribution (for the cache key)."""
+    return {**config.to_dict(), **bases.key_parts()[1]}
+
+
+@dataclasses.dataclass
+class RoleModels:
+    """The summarizer's model (with its reference) and the coder's: the very same object when the bases are one."""
+
+    summarizer: Any
+    summarizer_tokenizer: Any
+    coder: Any
+    coder_tokenizer: Any
+
+    @property
+    def shared(self) -> bool:
+        return self.summarizer is self.coder
+
+    def model(self, adapter: str) -> Any:
+        return self.coder if adapter == CODER else self.summarizer
+
+    def tokenizer(self, adapter: str) -> Any:
+        return self.coder_tokenizer if adapter == CODER else self.summarizer_tokenizer
+
+    def wrapped(self, wrap: Callable[[Any, list[str]], Any], names: Sequence[str]) -> RoleModels:
+        """Each distinct model replaced by `wrap(model, the adapter names that live on it)`."""
+        if self.shared:
+            model = wrap(self.summarizer, list(names))
+            return RoleModels(model, self.summarizer_tokenizer, model, self.coder_tokenizer)
+        policy_side, coder_side = [n for n in names if n != CODER], [n for n in names if n == CODER]
+        policy = wrap(self.summarizer, policy_side) if policy_side else self.summarizer
+        coder = wrap(self.coder, coder_side) if coder_side else self.coder
+        return RoleModels(policy, self.summarizer_tokenizer, coder, self.coder_tokenizer)
+
+
+def open_roles(bases: Bases, cfg: Any = None, progress: bool = True, task: str = "") -> RoleModels:
+    """Both roles' bases placed by the stage's runtime settings; a base shared by both is opened once."""
+    model, tokenizer = open_base(bases.summarizer, cfg, progress, task)
+    if bases.shared:
+        return RoleModels(model, tokenizer, model, tokenizer)
+    coder, coder_tokenizer = open_base(bases.coder, cfg, progress, f"{task or 'base'}[coder]")
+    return RoleModels(model, tokenizer, coder, coder_tokenizer)
+
+
+def load_roles(roles: RoleModels, adapter_dir: Path, names: Sequence[str] | None = None,
+               frozen: Sequence[str] = ("reference",)) -> RoleModels:
+    """The adapters saved under `adapter_dir` (`names`, default all of them) loaded onto the bases they belong to."""
+    from blueprint.models import lora
+
+    found = sorted(p.parent.name for p in Path(adapter_dir).glob("*/adapter_config.json"))
+    names = list(names) if names is not None else sorted(
+        found, key=lambda n: (lora.ROLES.index(n) if n in lora.ROLES else len(lora.ROLES), n))
+    return roles.wrapped(lambda model, side: lora.load_adapters(model, adapter_dir, side, frozen), names)
+
+
+def save_adapter_set(roles: RoleModels, out_dir: Path, bases: Bases, names: Sequence[str],
+                     extra: dict | None = None) -> None:
+    """Adapters (peft safetensors, each recording its own base), the tokenizer of each base, and the bases'
+    identities, under `out_dir`."""
+    from blueprint.models import lora
+
+    named = {role: artifacts.reference(b) if is_artifact(b) else b  # no artifact root inside the files
+             for role, b in (("summarizer", bases.summarizer), (CODER, bases.coder))}
+    sides = [("summarizer", [n for n in names if n != CODER or roles.shared])]
+    if not roles.shared and CODER in names:
+        sides.append((CODER, [CODER]))
+    for role, side in sides:
+        lora.save_adapters(roles.model(role), out_dir / ADAPTERS_DIR, side, base_name=named[role])
+        roles.tokenizer(role).save_pretrained(out_dir / TOKENIZER_DIRS[role])
+    meta = {"base": named["summarizer"], "base_identity": base_identity(bases.summarizer), "adapters": list(names),
+            **(extra or {})}
+    if not bases.shared:
+        meta.update(coder_base=named[CODER], coder_base_identity=base_identity(bases.coder))
+    (out_dir / BASE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def trained_on(meta: dict[str, Any]) -> tuple[str, str]:
+    """(summarizer base identity, coder base identity) an adapter set's base.json records."""
+    return meta["base_identity"], meta.get("coder_base_identity", meta["base_identity"])
+
+
+def fetch_adapter_set(uri: str, bases: Bases, local_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Download a committed adapter set, refusing one whose roles were trained on other bases."""
+    local, _ = artifacts.download_artifact(uri, local_dir)
+    meta = json.loads((local / BASE_FILE).read_text())
+    for role, recorded, base in zip(("summarizer", CODER), trained_on(meta), (bases.summarizer, bases.coder)):
+        if recorded != base_identity(base):
+            trained = meta["base"] if role == "summarizer" else meta.get("coder_base", meta["base"])
+            setting = "base" if role == "summarizer" else "coder_base"
+            raise artifacts.ArtifactError(
+                f"adapters {uri}: the {role} was trained on base {trained!r} ({recorded}), not on {base!r} "
+                f"({base_identity(base)}): pass the {setting} it was trained on")
+    return local / ADAPTERS_DIR, meta
