@@ -39,11 +39,13 @@ def bootstrap(artifact_root: str, base: str, coder_base: str, shards: str, setti
 
 
 def warmup(artifact_root: str, shards: str, base: str, coder_base: str, settings: dict, force: bool,
-           warm_start: bool, metrics: Output[Metrics],
+           warm_start: bool, promotion_name: str, metrics: Output[Metrics],
            report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-    """warm_start: hand on the newest committed ppo-round on these bases instead of training (retraining)."""
+    """warm_start: continue from the adapters of the promoted model of `promotion_name`, when they were trained on
+    these bases, instead of training (retraining)."""
     from blueprint.stages.warm_start import warmup_task
-    return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path, coder_base)
+    return warmup_task(settings, shards, base, artifact_root, force, warm_start, metrics, report.path, coder_base,
+                       promotion_name)
 
 
 def ppo_round(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, round_index: int,
@@ -73,7 +75,27 @@ def merge(artifact_root: str, base: str, coder_base: str, adapters: str, evaluat
                           artifact_root, force, metrics, report.path)
 
 
-STAGE_FUNCTIONS = (shard, bootstrap, warmup, ppo_round, evaluate, merge)
+def gate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, evaluation: str, models: str,
+         promotion_name: str, run_id: str, settings: dict, force: bool, metrics: Output[Metrics],
+         report: Output[Markdown]) -> NamedTuple("GateResult", Output=str):
+    """Records the run, then judges its model against the promoted one: "promote" or "keep". The decision is
+    named `Output`, KFP's name for a single result: kfp.local (2.17) resolves a `dsl.If` on a task's parameter
+    only under that name."""
+    from blueprint.stages.gate import gate_task
+    from blueprint.stages.task import model_inputs
+    inputs = model_inputs(base, coder_base, shards=shards, adapters=adapters, evaluation=evaluation, models=models)
+    return (gate_task({**settings, "name": promotion_name}, inputs, run_id, artifact_root, force, metrics,
+                      report.path),)
+
+
+def promote(artifact_root: str, run_id: str, settings: dict, force: bool, metrics: Output[Metrics],
+            report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    """Promotes the model of run `run_id`, which its gate judged (the run record names the gate's output)."""
+    from blueprint.stages.promote import promote_task
+    return promote_task(settings, run_id, artifact_root, force, metrics, report.path)
+
+
+STAGE_FUNCTIONS = (shard, bootstrap, warmup, ppo_round, evaluate, merge, gate, promote)
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:

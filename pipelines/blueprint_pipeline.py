@@ -1,15 +1,19 @@
-"""The DAG: shard -> bootstrap (tiny only) -> warmup -> ppo_round(1..N) -> merge, evaluate(e) beside round e+1.
+"""The DAG: shard -> bootstrap (tiny only) -> warmup -> ppo_round(1..N) -> merge -> gate -> [promote],
+evaluate(e) beside round e+1.
 
-`base` is the summarizer's base (and the coder's, unless `coder_base` names another model).
+`base` is the summarizer's base (and the coder's, unless `coder_base` names another model). The gate compares
+the run's final evaluation with the promoted model of `promotion_name`; promote runs only when the challenger
+wins (a `dsl.If` on the gate's decision, visible in the KFP graph).
 
 Epochs are unrolled at compile time. Every stage's settings are a pipeline parameter (a dict with the profile's
 defaults) and the common knobs are flat parameters. Every task output is a content-addressed URI, so KFP's own
 cache (which keys on parameter values) can only hit when the upstream content is the same; the shard task, whose
-input is a source outside the store, is never KFP-cached and relies on its own manifest cache instead.
+input is a source outside the store, is never KFP-cached and relies on its own manifest cache instead, and the
+gate and promote tasks, which read the promoted pointer, are never KFP-cached either.
 """
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import compiler, dsl
 
@@ -19,8 +23,8 @@ from components import DEFAULT_IMAGE, build_components
 
 PIPELINE_NAME = "blueprint"
 DESCRIPTION = ("Round-trip PPO: a code summarizer and a code generator trained against each other as LoRA adapters "
-               "on one base model (or one base each).")
-Outputs = NamedTuple("Outputs", models=str, evaluation=str)
+               "on one base model (or one base each), promoted only when they beat the promoted model.")
+Outputs = NamedTuple("Outputs", models=str, evaluation=str, decision=str)
 
 
 def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAULT_IMAGE,
@@ -42,6 +46,7 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
         source: str = d["shard"].get("source", "stdlib"),
         base: str = "tiny",
         coder_base: str = "",
+        promotion_name: str = "blueprint",
         ppo_steps: int = d["ppo-round"].get("ppo_steps", 10),
         supervised_steps: int = d["ppo-round"].get("supervised_steps", 10),
         shard_settings: dict = d["shard"],
@@ -50,39 +55,61 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
         ppo_settings: dict = d["ppo-round"],
         evaluate_settings: dict = d["evaluate"],
         merge_settings: dict = d["merge"],
+        gate_settings: dict = d["gate"],
+        promote_settings: dict = d["promote"],
         force: bool = False,
         warm_start: bool = False,
     ) -> Outputs:
+        p = dict(locals())
         shard = task("shard", comps["shard"](artifact_root=artifact_root, source=source, settings=shard_settings,
                                           force=force))
         shard.set_caching_options(False)  # its input lives outside the store; its own manifest cache applies
         boot = task("bootstrap", comps["bootstrap"](artifact_root=artifact_root, base=base, coder_base=coder_base,
                                                  shards=shard.outputs["uri"], settings=bootstrap_settings,
                                                  force=force))
-        # the bases every model stage gets: the summarizer's, and the coder's ("" = the same one)
-        bases = {"base": boot.outputs["uri"], "coder_base": boot.outputs["coder_base"]}
-        warm = task("warmup", comps["warmup"](artifact_root=artifact_root, shards=shard.outputs["uri"], **bases,
-                                           settings=warmup_settings, force=force, warm_start=warm_start))
-        adapters = warm.outputs["uri"]
-        evaluation = task("evaluate", comps["evaluate"](
-            artifact_root=artifact_root, shards=shard.outputs["uri"], **bases, adapters=adapters,
-            previous="", epoch=0, settings=evaluate_settings, force=force), "evaluate-0")
-        for epoch in range(1, epochs + 1):
-            rnd = task("ppo-round", comps["ppo-round"](
-                artifact_root=artifact_root, shards=shard.outputs["uri"], **bases,
-                adapters=adapters, round_index=epoch, ppo_steps=ppo_steps, supervised_steps=supervised_steps,
-                settings=ppo_settings, force=force), f"ppo-round-{epoch}")
-            adapters = rnd.outputs["uri"]
-            evaluation = task("evaluate", comps["evaluate"](
-                artifact_root=artifact_root, shards=shard.outputs["uri"], **bases,
-                adapters=adapters, previous=evaluation.outputs["uri"], epoch=epoch, settings=evaluate_settings,
-                force=force), f"evaluate-{epoch}")
-        merged = task("merge", comps["merge"](artifact_root=artifact_root, **bases, adapters=adapters,
-                                           evaluation=evaluation.outputs["uri"], settings=merge_settings,
-                                           force=force))
-        return Outputs(models=merged.outputs["uri"], evaluation=evaluation.outputs["uri"])
+        # what every model stage gets: the shards, the summarizer's base and the coder's ("" = the same one)
+        common = {"artifact_root": artifact_root, "force": force, "shards": shard.outputs["uri"],
+                  "base": boot.outputs["uri"], "coder_base": boot.outputs["coder_base"]}
+        adapters, evaluation = _train(comps, task, epochs, p, common)
+        merged = task("merge", comps["merge"](**{k: v for k, v in common.items() if k != "shards"},
+                                           adapters=adapters, evaluation=evaluation, settings=merge_settings))
+        decision = _gate(comps, task, p, common, adapters, evaluation, merged.outputs["uri"])
+        return Outputs(models=merged.outputs["uri"], evaluation=evaluation, decision=decision)
 
     return blueprint_pipeline
+
+
+def _train(comps: dict, task: Callable, epochs: int, p: dict[str, Any], common: dict[str, Any]) -> tuple[Any, Any]:
+    """warmup, evaluate-0, then per epoch a PPO round and its evaluation: (final adapters, final evaluation)."""
+    warm = task("warmup", comps["warmup"](**common, settings=p["warmup_settings"], warm_start=p["warm_start"],
+                                       promotion_name=p["promotion_name"]))
+    adapters = warm.outputs["uri"]
+    evaluation = task("evaluate", comps["evaluate"](**common, adapters=adapters, previous="", epoch=0,
+                                                 settings=p["evaluate_settings"]), "evaluate-0")
+    for epoch in range(1, epochs + 1):
+        rnd = task("ppo-round", comps["ppo-round"](
+            **common, adapters=adapters, round_index=epoch, ppo_steps=p["ppo_steps"],
+            supervised_steps=p["supervised_steps"], settings=p["ppo_settings"]), f"ppo-round-{epoch}")
+        adapters = rnd.outputs["uri"]
+        evaluation = task("evaluate", comps["evaluate"](**common, adapters=adapters,
+                                                     previous=evaluation.outputs["uri"], epoch=epoch,
+                                                     settings=p["evaluate_settings"]), f"evaluate-{epoch}")
+    return adapters, evaluation.outputs["uri"]
+
+
+def _gate(comps: dict, task: Callable, p: dict[str, Any], common: dict[str, Any], adapters: Any, evaluation: Any,
+          models: Any) -> Any:
+    """The gate against the promoted model, then promote behind `dsl.If`; returns the gate's decision."""
+    gate = task("gate", comps["gate"](**common, adapters=adapters, evaluation=evaluation, models=models,
+                                   promotion_name=p["promotion_name"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                   settings=p["gate_settings"]))
+    gate.set_caching_options(False)  # it reads the promoted pointer, which lives outside the task's inputs
+    with dsl.If(gate.outputs["Output"] == "promote", name="challenger-wins"):
+        promote = task("promote", comps["promote"](artifact_root=p["artifact_root"],
+                                                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                                settings=p["promote_settings"], force=p["force"]))
+        promote.set_caching_options(False)
+    return gate.outputs["Output"]
 
 
 def _configured(configure: Callable, stage: str, task, label: str | None = None):

@@ -230,6 +230,9 @@ def parser() -> argparse.ArgumentParser:
     from pipelines import kubeflow  # submit / schedule (and cluster flags of compile) live beside the KFP client code
 
     kubeflow.add_commands(sub, c)
+    from pipelines import store_commands  # promoted / gc: the artifact root only
+
+    store_commands.add_commands(sub)
 
     ls = sub.add_parser("ls", help="list committed stage outputs under an artifact root")
     ls.add_argument("artifact_root", nargs="?", default="./artifacts")

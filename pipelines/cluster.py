@@ -81,6 +81,8 @@ DEFAULT_RESOURCES: dict[str, Resources] = {
     "ppo-round": _resources("2", "8", "8Gi", "16Gi"),
     "evaluate": _resources("2", "8", "8Gi", "16Gi"),
     "merge": _resources("1", "4", "8Gi", "16Gi"),
+    "gate": _resources("2", "8", "8Gi", "16Gi"),  # may evaluate the champion again, as evaluate does
+    "promote": _resources("250m", "1", "512Mi", "1Gi"),
 }
 
 
@@ -136,8 +138,8 @@ class ClusterSettings(Settings):
                                                   "DEFAULT_RESOURCES")
     node_selector: dict[str, str] = setting({}, "node labels every pod must match")
     tolerations: tuple[Toleration, ...] = setting((), "taints every pod tolerates")
-    caching: dict[str, StrictBool] = setting({}, "per-stage KFP cache switch (unset: KFP's default, on; shard is "
-                                                 "always off, see the pipeline)")
+    caching: dict[str, StrictBool] = setting({}, "per-stage KFP cache switch (unset: KFP's default, on; shard, "
+                                                 "gate and promote are always off, see the pipeline)")
     retries: int = setting(0, "pod-level retries of every stage, with exponential backoff", ge=0, le=20)
     retry_backoff: str = setting("30s", "first backoff, a duration like 30s, 5m or 1h")
     retry_backoff_factor: float = setting(2.0, "backoff growth per retry", ge=1)

@@ -1,10 +1,12 @@
-"""Kubeflow delivery: compile with cluster settings, `blueprint submit` one run, `blueprint schedule` retraining.
+"""Kubeflow delivery: compile with cluster settings, `blueprint submit` one run, and what every KFP command shares
+(the host, the client, the package to send, its checked run arguments).
 
 Everything that can be checked without the cluster is checked before the first request (cron expression,
 parameter names and types, every stage's settings, cluster settings), so a typo costs a second, not a failed
 run. Network failures become one line naming the host (exit 2), never a traceback.
 
-Cron normalisation lives in `pipelines.cron`; what a warm-started warmup pod does, in `blueprint.stages.warm_start`.
+Recurring retraining (`schedule`, `schedules`, `unschedule`, by name) lives in `pipelines.schedules`; cron
+normalisation in `pipelines.cron`; what a warm-started warmup pod does, in `blueprint.stages.warm_start`.
 """
 from __future__ import annotations
 
@@ -24,13 +26,16 @@ from typing import Any
 from blueprint.store import storage
 from pipelines import cluster
 from blueprint.config import ConfigError
-from pipelines.cron import kfp_cron
 from pipelines.package import parse_params, pipeline_parameters, read_package, s3_secret_names
 from blueprint.errors import UserError
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
 DEFAULT_ARTIFACT_ROOT = "s3://blueprint/artifacts"
+DEFAULT_EXPERIMENT = "blueprint"
+# the flags that only matter when the package is compiled here (not with --package or a pinned pipeline version)
+COMPILE_FLAGS = ("epochs", "profile", "image", "artifact_root", "cluster_config", "s3_secret", "s3_secret_keys",
+                 "s3_endpoint", "gpu", "accelerator", "gpu_count", "retries")
 
 
 class KubeflowError(UserError, ValueError):
@@ -142,7 +147,8 @@ def connect(host: str, namespace: str | None = None):
 
 # -------------------------------------------------------------------------------------------------- commands
 
-def _host(args: argparse.Namespace) -> str:
+def host_of(args: argparse.Namespace) -> str:
+    """The checked KFP endpoint: --host, else $KF_PIPELINES_ENDPOINT; never one carrying credentials."""
     host = args.host or os.environ.get(HOST_ENV)
     where = "--host" if args.host else f"${HOST_ENV}"
     if not host:
@@ -156,13 +162,16 @@ def _host(args: argparse.Namespace) -> str:
     return host
 
 
+def compile_flags_given(args: argparse.Namespace) -> list[str]:
+    """The compile flags set on the command line, as typed (`--gpu`, `--epochs`, ...)."""
+    return [f"--{f.replace('_', '-')}" for f in COMPILE_FLAGS if getattr(args, f, None) is not None]
+
+
 @contextlib.contextmanager
-def _package(args: argparse.Namespace, warm_start: bool = False) -> Iterator[str]:
+def pipeline_package(args: argparse.Namespace, warm_start: bool = False) -> Iterator[str]:
     """The pipeline YAML to send: `--package` as given, or compiled now from the compile flags."""
-    compile_flags = ("epochs", "profile", "image", "artifact_root", "cluster_config", "s3_secret", "s3_secret_keys",
-                     "s3_endpoint", "gpu", "accelerator", "gpu_count", "retries")
     if args.package:
-        given = [f"--{f.replace('_', '-')}" for f in compile_flags if getattr(args, f, None) is not None]
+        given = compile_flags_given(args)
         if given:
             raise ConfigError(f"--package is compiled already; {', '.join(given)} would be ignored: drop them "
                               "or drop --package")
@@ -184,9 +193,13 @@ def _package(args: argparse.Namespace, warm_start: bool = False) -> Iterator[str
                               else args.artifact_root, settings=settings)
 
 
-def _prepare(args: argparse.Namespace, package: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Typed run arguments for `package`, plus a warning when S3 artifacts have no credentials secret."""
-    spec, platform = read_package(package)
+def run_arguments(args: argparse.Namespace, spec: dict[str, Any], platform: dict[str, Any],
+                  extra: dict[str, Any] | None = None, compiled_elsewhere: bool = False) -> dict[str, Any]:
+    """Typed run arguments for the pipeline `spec`, plus a warning when S3 artifacts have no credentials secret.
+
+    `compiled_elsewhere`: the spec is not what this command just compiled (`--package`, a pinned pipeline
+    version), so the effective artifact root and the secrets are read from the spec itself.
+    """
     arguments = parse_params(args.param, spec)
     if "warm_start" in arguments:  # as a plain parameter it would leave the warmup task KFP-cached
         raise ConfigError("--param warm_start: use `schedule --warm-start`, which also turns the warmup task's "
@@ -199,7 +212,7 @@ def _prepare(args: argparse.Namespace, package: str, extra: dict[str, Any] | Non
         from blueprint.data.sources import parse_source
 
         storage.refuse_credentials(parse_source(arguments["source"]).target, setting="--param source")
-    if args.package:  # a compiled package: read the effective root and the secrets from the YAML itself
+    if compiled_elsewhere:  # read the effective root and the secrets from the YAML itself
         root = arguments.get("artifact_root", pipeline_parameters(spec).get("artifact_root", {}).get("defaultValue"))
         warning = cluster.s3_credentials_warning(str(root), ",".join(s3_secret_names(platform)) or None)
         if warning:
@@ -207,62 +220,38 @@ def _prepare(args: argparse.Namespace, package: str, extra: dict[str, Any] | Non
     return arguments
 
 
-def _service_account(args: argparse.Namespace) -> str | None:
+def service_account(args: argparse.Namespace) -> str | None:
+    """--service-account, else the cluster config's service_account (KFP sets it per run, not per task)."""
     if args.service_account:
         return args.service_account
     return cluster.load(args.cluster_config).service_account if args.cluster_config else None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    host = _host(args)
-    with _package(args) as package:
-        arguments = _prepare(args, package)
-        service_account = _service_account(args)
+    host = host_of(args)
+    with pipeline_package(args) as package:
+        arguments = run_arguments(args, *read_package(package), compiled_elsewhere=bool(args.package))
+        account = service_account(args)
         run_name = args.run_name or f"blueprint {dt.datetime.now():%Y-%m-%d %H:%M:%S}"
         client = connect(host, args.namespace)
         with talking_to(host):
             result = client.create_run_from_pipeline_package(
                 package, arguments=arguments, run_name=run_name, experiment_name=args.experiment,
-                namespace=args.namespace, service_account=service_account)
+                namespace=args.namespace, service_account=account)
     print(f"submitted run {result.run_id} ({run_name!r}) to {host}, experiment {args.experiment!r}")
     return 0
 
 
-def cmd_schedule(args: argparse.Namespace) -> int:
-    cron = kfp_cron(args.cron)  # before anything else: a bad expression never reaches the server
-    if not 1 <= args.max_concurrency <= 10:
-        raise ConfigError(f"--max-concurrency {args.max_concurrency}: KFP accepts 1 to 10")
-    host = _host(args)
-    with _package(args, warm_start=args.warm_start) as package:
-        spec, _ = read_package(package)
-        extra = {}
-        if args.warm_start:
-            if "warm_start" not in pipeline_parameters(spec):
-                raise ConfigError("--warm-start: this pipeline has no warm_start parameter (wire "
-                                  "blueprint.stages.warm_start.warmup_task into the warmup component)")
-            extra["warm_start"] = True
-        arguments = _prepare(args, package, extra)
-        service_account = _service_account(args)
-        client = connect(host, args.namespace)
-        with talking_to(host):
-            experiment = client.create_experiment(name=args.experiment, namespace=args.namespace)
-            job = client.create_recurring_run(
-                experiment_id=experiment.experiment_id, job_name=args.name,
-                description=f"BluePrint retraining, cron {cron!r}" + (", warm start" if args.warm_start else ""),
-                cron_expression=cron, max_concurrency=args.max_concurrency, no_catchup=args.no_catchup,
-                params=arguments, pipeline_package_path=package, enabled=not args.paused,
-                service_account=service_account)
-    state = "paused" if args.paused else "enabled"
-    print(f"scheduled recurring run {job.recurring_run_id} ({args.name!r}, {state}) on {host}: cron {cron!r}, "
-          f"max concurrency {args.max_concurrency}, catchup {'off' if args.no_catchup else 'on'}"
-          + (", warm start" if args.warm_start else ""))
-    return 0
-
-
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def add_host_flags(p: argparse.ArgumentParser) -> None:
+    """--host and --namespace: where every KFP command talks to."""
     p.add_argument("--host", default=None, help=f"KFP API endpoint (default ${HOST_ENV}); token from ${TOKEN_ENV}")
     p.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
-    p.add_argument("--experiment", default="blueprint", help="experiment name (created when missing)")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that sends a pipeline: host, experiment, parameters, package or compile flags."""
+    add_host_flags(p)
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment name (created when missing)")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="pipeline parameter (repeatable): epochs are compile-time, e.g. ppo_steps=20, "
                         "warmup_settings.steps=40, warmup_settings='{\"steps\": 40}'")
@@ -276,22 +265,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction, compile_parser: argparse.ArgumentParser) -> None:
-    """Register `submit` and `schedule` on the CLI, and the cluster flags on `compile`."""
+    """Register `submit`, the schedule commands (`pipelines.schedules`) and the cluster flags on `compile`."""
     add_cluster_flags(compile_parser)
 
     s = sub.add_parser("submit", help="compile and start one run on Kubeflow Pipelines")
-    _add_run_flags(s)
+    add_run_flags(s)
     s.add_argument("--run-name", default=None)
     s.set_defaults(func=cmd_submit)
 
-    r = sub.add_parser("schedule", help="create a recurring (cron) retraining run on Kubeflow Pipelines")
-    _add_run_flags(r)
-    r.add_argument("--cron", required=True, help='"MIN HOUR DOM MON DOW" (seconds 0 added) or 6 fields, '
-                                                 'e.g. "0 3 * * 1" = Mondays 03:00')
-    r.add_argument("--name", default="blueprint-retrain", help="recurring run name")
-    r.add_argument("--max-concurrency", type=int, default=1, help="runs allowed at once (1-10)")
-    r.add_argument("--no-catchup", action="store_true", help="after a pause, run once instead of backfilling")
-    r.add_argument("--paused", action="store_true", help="create the schedule disabled")
-    r.add_argument("--warm-start", action="store_true",
-                   help="continue from the newest ppo-round adapters under the artifact root")
-    r.set_defaults(func=cmd_schedule)
+    from pipelines import schedules  # it builds on this module: imported here, when the commands are registered
+
+    schedules.add_commands(sub)

@@ -69,6 +69,12 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
                         "default": {"max_examples": 64}}),
     StageSpec("merge", "blueprint.stages.merge", "MergeConfig", ("base", "adapters"), "merge_settings",
               accelerator=True, figures=("saved_dtype", "max_abs_logit_diff_summarizer")),
+    StageSpec("gate", "blueprint.stages.gate", "GateConfig", ("shards", "base", "adapters", "evaluation", "models"),
+              "gate_settings", accelerator=True, figures=("promote", "challenger_reward_gen_mean",
+                                                          "champion_reward_gen_mean"),
+              profiles={"smoke": {"floor": 0.0}}),  # smoke models rank summaries near chance
+    StageSpec("promote", "blueprint.stages.promote", "PromoteConfig", ("gate",), "promote_settings",
+              figures=("promoted",)),
 ]}
 
 

@@ -315,6 +315,15 @@ def delete_prefix(uri: str) -> None:
         _call(uri, "delete", lambda: fs.delete_dir(path))
 
 
+def delete_file(uri: str) -> None:
+    """Remove one file (gone already is fine)."""
+    if not is_s3(uri):
+        _call(uri, "delete", lambda: local_path(uri).unlink(missing_ok=True))
+        return
+    fs, path = filesystem(uri)
+    _call(uri, "delete", lambda: fs.delete_file(path) if fs.get_file_info(path).type == pafs.FileType.File else None)
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local directory tree to `uri` (model folders, stage outputs)."""
     local_dir = Path(local_dir)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
@@ -21,9 +18,10 @@ from pipelines import cli, cluster
 from pipelines import cron as cron_module
 from blueprint.config import ConfigError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.pipelines import kfp_fake
 
 IMAGE = "registry.example.com/ml/blueprint:1.2.3"
-GPU_STAGES = {"warmup", "ppo-round", "evaluate", "merge"}
+GPU_STAGES = {"warmup", "ppo-round", "evaluate", "merge", "gate"}  # the gate may evaluate the champion again
 CLUSTER_YAML = """
 s3_secret: mlpipeline-minio-artifact
 s3_access_key_field: accesskey
@@ -47,8 +45,17 @@ def _compile(tmp_path: Path, *flags: str) -> Path:
     return out
 
 
+def _container_tasks(spec: pipeline_spec_pb2.PipelineSpec, dag=None) -> dict:
+    """{task name: task spec} of every container task, inside the condition sub-DAGs too (promote)."""
+    tasks = {}
+    for name, task in (dag or spec.root.dag).tasks.items():
+        component = spec.components[task.component_ref.name]
+        tasks.update(_container_tasks(spec, component.dag) if component.HasField("dag") else {name: task})
+    return tasks
+
+
 def _executor_of(spec: pipeline_spec_pb2.PipelineSpec, task: str) -> str:
-    component = spec.root.dag.tasks[task].component_ref.name
+    component = _container_tasks(spec)[task].component_ref.name
     return spec.components[component].executor_label
 
 
@@ -75,7 +82,9 @@ def compiled(tmp_path_factory):
 def test_compiled_yaml_carries_images_resources_accelerators_and_retries(compiled):
     spec, executors = compiled["spec"], compiled["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
-    for task, task_spec in spec.root.dag.tasks.items():
+    tasks = _container_tasks(spec)
+    assert "promote" in tasks and "promote" not in spec.root.dag.tasks  # behind the gate's dsl.If
+    for task, task_spec in tasks.items():
         stage = task.rsplit("-", 1)[0] if task[-1].isdigit() else task
         resources = executors[_executor_of(spec, task)]["container"]["resources"]
         assert (resources.get("accelerator", {}).get("resourceType") == "nvidia.com/gpu") == (stage in GPU_STAGES)
@@ -87,12 +96,13 @@ def test_compiled_yaml_carries_images_resources_accelerators_and_retries(compile
     assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio-service.kubeflow:9000"} in ppo["env"]
     assert not spec.root.dag.tasks["evaluate"].caching_options.enable_cache
     assert spec.root.dag.tasks["warmup"].caching_options.enable_cache
-    assert not spec.root.dag.tasks["shard"].caching_options.enable_cache  # never KFP-cached, whatever the config
+    for task in ("shard", "gate", "promote"):  # never KFP-cached, whatever the config
+        assert not _container_tasks(spec)[task].caching_options.enable_cache
 
 
 def test_platform_spec_maps_the_secret_by_name_and_schedules_on_the_pool(compiled):
     spec, k8s = compiled["spec"], compiled["k8s"]
-    assert set(k8s) == {_executor_of(spec, t) for t in spec.root.dag.tasks}
+    assert set(k8s) == {_executor_of(spec, t) for t in _container_tasks(spec)}
     for cfg in k8s.values():
         (secret,) = cfg.secret_as_env
         assert secret.secret_name_parameter.runtime_value.constant.string_value == "mlpipeline-minio-artifact"
@@ -154,83 +164,7 @@ def test_cluster_settings_are_validated_naming_the_setting(values, message):
 
 # ------------------------------------------------------------------------------------------ KFP API contract
 
-class FakeKFP(ThreadingHTTPServer):
-    """Serves the KFP v2beta1 REST endpoints kfp.Client 2.17 calls and records every request.
-
-    This is the API contract (paths, bodies, query strings from kfp/client/client.py and kfp_server_api),
-    not a cluster: nothing is scheduled, the answers are the minimal valid responses.
-    """
-
-    def __init__(self, fail: dict[str, int] | None = None):
-        self.requests: list[dict] = []
-        self.fail = fail or {}
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def find(self, method: str, path: str) -> list[dict]:
-        return [r for r in self.requests if r["method"] == method and r["path"] == path]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: FakeKFP
-
-    def log_message(self, *args) -> None:  # keep the test output clean
-        pass
-
-    def _answer(self, method: str) -> None:
-        url = urlparse(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length) or b"null") if length else None
-        self.server.requests.append({"method": method, "path": url.path, "query": parse_qs(url.query),
-                                     "body": body, "auth": self.headers.get("Authorization")})
-        status, reply = 200, None
-        if url.path in self.server.fail:
-            status, reply = self.server.fail[url.path], {"error": "denied by test", "code": 7}
-        elif (method, url.path) == ("GET", "/apis/v2beta1/healthz"):
-            reply = {"multi_user": False, "pipeline_store": "database"}
-        elif (method, url.path) == ("GET", "/apis/v2beta1/experiments"):
-            reply = {}
-        elif (method, url.path) == ("POST", "/apis/v2beta1/experiments"):
-            reply = {"experiment_id": "exp-1", "display_name": body["display_name"]}
-        elif (method, url.path) == ("POST", "/apis/v2beta1/runs"):
-            reply = {"run_id": "run-1", "display_name": body["display_name"], "experiment_id": body["experiment_id"]}
-        elif (method, url.path) == ("POST", "/apis/v2beta1/recurringruns"):
-            reply = {"recurring_run_id": "rr-1", "display_name": body["display_name"]}
-        else:
-            status, reply = 404, {"error": f"no route {method} {url.path}"}
-        data = json.dumps(reply).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._answer("GET")
-
-    def do_POST(self) -> None:
-        self._answer("POST")
-
-
-@pytest.fixture()
-def kfp_server(monkeypatch):
-    monkeypatch.setenv("KF_PIPELINES_TOKEN", "test-token")
-    monkeypatch.setattr("kfp.client.client.Client._LOCAL_KFP_CONTEXT", "/nonexistent/kfp/context.json")
-    servers = []
-
-    def start(fail: dict[str, int] | None = None) -> FakeKFP:
-        server = FakeKFP(fail)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+kfp_server = kfp_fake.kfp_server  # the fake KFP REST server (tests/pipelines/kfp_fake.py), as this module's fixture
 
 
 def _params(spec_body: dict) -> dict:
@@ -422,32 +356,39 @@ def _commit(root: str, stage: str, files: dict[str, str], created: str, inputs: 
     return uri
 
 
-def test_latest_adapters_is_the_newest_committed_round_on_the_same_base(tmp_path):
+def _promote(root: str, adapters: str, base: str) -> None:
+    from blueprint.store import promotion
+
+    pointer = {k: f"{root}/elsewhere" for k in promotion.REQUIRED} | {
+        "name": "blueprint", "adapters": adapters, "base": base, "metrics": {}}
+    promotion.write_pointer(root, "blueprint", pointer, promotion.read_pointer(root, "blueprint")[1])
+
+
+def test_warm_start_continues_from_the_promoted_adapters_not_the_newest_round(tmp_path):
     from blueprint.stages.common import base_identity
 
     root = f"file://{tmp_path}/art"
-    assert warm_start.latest_adapters(root) is None
     base = _commit(root, "bootstrap", {"config.json": "{}"}, "2026-01-01T00:00:00+00:00")
     other = _commit(root, "bootstrap", {"config.json": '{"x": 1}'}, "2026-01-01T00:00:01+00:00")
+    assert warm_start.promoted_adapters(root, "blueprint", base) is None  # nothing promoted yet
     meta = lambda b: json.dumps({"base": b, "base_identity": base_identity(b)})  # noqa: E731
-    old = _commit(root, "ppo-round", {"base.json": meta(base)}, "2026-02-01T00:00:00+00:00", {"base": base})
-    new = _commit(root, "ppo-round", {"base.json": meta(base)}, "2026-03-01T00:00:00+00:00", {"base": base})
-    _commit(root, "ppo-round", {"base.json": meta(other)}, "2026-04-01T00:00:00+00:00", {"base": other})
-    partial = tmp_path / "art" / "ppo-round" / "zzzz-partial"
-    partial.mkdir()
-    (partial / "base.json").write_text(meta(base))  # no manifest: never a candidate
-    assert warm_start.latest_adapters(root, base) == new != old
-    assert warm_start.latest_adapters(root) == f"{root}/ppo-round/20260401000000"
-    assert warm_start.latest_adapters(root, "tiny-hub/never-used") is None
+    promoted = _commit(root, "ppo-round", {"base.json": meta(base)}, "2026-02-01T00:00:00+00:00", {"base": base})
+    _commit(root, "ppo-round", {"base.json": meta(base)}, "2026-03-01T00:00:00+00:00", {"base": base})  # lost its gate
+    _promote(root, promoted, base)
+    assert warm_start.promoted_adapters(root, "blueprint", base) == promoted
+    assert warm_start.promoted_adapters(root, "blueprint", other) is None  # a rebuilt base starts over
+    assert warm_start.promoted_adapters(root, "blueprint", base, coder_base="org/other-coder") is None
+    assert warm_start.promoted_adapters(root, "other-name", base) is None
 
 
-def test_warmup_task_hands_on_the_previous_round_and_reports_it(tmp_path):
+def test_warmup_task_hands_on_the_promoted_adapters_and_reports_it(tmp_path):
     from blueprint.stages.common import base_identity
 
     root = f"file://{tmp_path}/art"
     base = _commit(root, "bootstrap", {"config.json": "{}"}, "2026-01-01T00:00:00+00:00")
     meta = json.dumps({"base": base, "base_identity": base_identity(base)})
     previous = _commit(root, "ppo-round", {"base.json": meta}, "2026-02-01T00:00:00+00:00", {"base": base})
+    _promote(root, previous, base)
 
     class Metrics:
         logged: dict[str, float] = {}

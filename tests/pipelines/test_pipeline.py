@@ -44,13 +44,16 @@ def test_dag_for_one_epoch():
         "evaluate": ["bootstrap", "shard", "warmup"], "ppo-round": ["bootstrap", "shard", "warmup"],
         "evaluate-2": ["bootstrap", "evaluate", "ppo-round", "shard"],
         "merge": ["bootstrap", "evaluate-2", "ppo-round"],
+        "gate": ["bootstrap", "evaluate-2", "merge", "ppo-round", "shard"],
+        "condition-1": ["gate"],  # dsl.If(gate decision == "promote"): the promote task
     }
 
 
 def test_dag_for_three_epochs_chains_rounds_and_runs_each_evaluation_beside_the_next_round():
     dag = _dag("pipeline_epochs3.yaml")
     assert sorted(dag) == sorted(["shard", "bootstrap", "warmup", "evaluate", "evaluate-2", "evaluate-3",
-                                  "evaluate-4", "ppo-round", "ppo-round-2", "ppo-round-3", "merge"])
+                                  "evaluate-4", "ppo-round", "ppo-round-2", "ppo-round-3", "merge", "gate",
+                                  "condition-1"])
     assert "ppo-round" in dag["ppo-round-2"] and "ppo-round-2" in dag["ppo-round-3"]
     assert "ppo-round-2" in dag["evaluate-3"] and "evaluate-3" not in dag["ppo-round-3"]
     assert dag["merge"] == ["bootstrap", "evaluate-4", "ppo-round-3"]
@@ -96,10 +99,14 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
     metrics = storage.read_json(storage.join(result["outputs"]["evaluation"], "metrics.json"))
     assert {"pairwise_accuracy", "reward_gen_mean", "code_parse_rate"} <= set(metrics)
     before = _manifests(root)
-    assert sorted({rel.split("/")[0] for rel in before}) == ["bootstrap", "evaluate", "merge", "ppo-round",
+    assert sorted({rel.split("/")[0] for rel in before}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round",
                                                               "shard", "warmup"]
-    local_run.run(plan, local_root=tmp_path / "kfp2")
-    assert _manifests(root) == before, "a rerun with nothing changed recomputed a stage"
+    assert result["outputs"]["decision"] == "promote"  # the first run under a root has no champion
+    assert storage.read_json(storage.join(root, "promoted", "blueprint.json"))["models"] == models
+    again = local_run.run(plan, local_root=tmp_path / "kfp2")
+    model_stages = lambda manifests: {k: v for k, v in manifests.items() if not k.startswith("gate/")}  # noqa: E731
+    assert model_stages(_manifests(root)) == model_stages(before), "a rerun with nothing changed recomputed a stage"
+    assert again["outputs"]["decision"] == "keep"  # the champion is itself: not better by more than the margin
 
 
 @pytest.mark.slow
@@ -162,3 +169,36 @@ def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
     assert not redone.cached and redone.uri == first.uri
     again = evaluate.run(parse(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=redone.uri, **args)
     assert again.cached and again.uri == second.uri
+
+
+@pytest.mark.slow
+def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(tmp_path, monkeypatch, capsys):
+    """A promoted run, then a run with worse settings (no PPO learning: lr 1e-9) that loses its gate; gc keeping
+    no recent run frees the loser's own outputs, and a rerun of the promoted run's settings is all cache hits."""
+    from transformers import AutoModelForCausalLM
+
+    from pipelines import cli
+
+    monkeypatch.chdir(tmp_path)
+    root = f"file://{tmp_path}/art"
+    first = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
+    promoted = local_run.run(first, local_root=tmp_path / "kfp")["outputs"]
+    worse = local_run.plan(profile="smoke", epochs=1, artifact_root=root,
+                           overrides={"ppo-round": {"lr": 1e-9, "coder_lr": 1e-9}})
+    assert local_run.run(worse, local_root=tmp_path / "kfp")["outputs"]["decision"] == "keep"
+    kept = _manifests(root)
+    assert cli.main(["gc", root, "--keep-runs", "0", "--older-than", "0s"]) == 0
+    listed = capsys.readouterr().out
+    assert "would delete ppo-round/" in listed and "would delete merge/" in listed and "dry run" in listed
+    assert _manifests(root) == kept  # a dry run deletes nothing
+    assert cli.main(["gc", root, "--keep-runs", "0", "--older-than", "0s", "--yes"]) == 0
+    freed = capsys.readouterr().out
+    assert "freed" in freed and "in 4 outputs" in freed  # the loser's round, its evaluation, merge and gate
+    assert set(_manifests(root)) < set(kept)
+    remaining = _manifests(root)
+    local_run.run(first, local_root=tmp_path / "kfp")
+    assert {k: v for k, v in _manifests(root).items() if not k.startswith("gate/")} == \
+        {k: v for k, v in remaining.items() if not k.startswith("gate/")}, "the promoted run was not all cache hits"
+    for role in ("summarizer", "coder"):
+        assert AutoModelForCausalLM.from_pretrained(storage.download_dir(
+            storage.join(promoted["models"], role), tmp_path / role)) is not None

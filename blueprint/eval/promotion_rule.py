@@ -1,0 +1,46 @@
+"""When a new model replaces the promoted one: beat it on one evaluation metric by a margin, and clear a floor.
+
+A pure function of two sets of evaluate metrics, shared by the gate (which judges) and the promote stage (which
+judges again when another run promoted in between).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from blueprint.config import Settings, setting
+
+
+class PromotionRule(Settings):
+    """Beat the champion on `metric` by more than `margin`, and reach `floor` on `floor_metric`."""
+
+    metric: str = setting("reward_gen_mean", "evaluate metric the challenger must beat the champion on (higher "
+                                             "is better): the held-out reward of generated summaries")
+    margin: float = setting(0.0, "the challenger must beat the champion by more than this", ge=0)
+    floor_metric: str = setting("pairwise_accuracy", "evaluate metric every promoted model must reach")
+    floor: float = setting(0.5, "the floor: at 0.5 pairwise accuracy the coder cannot rank summaries at all")
+
+    def rule(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in PromotionRule.model_fields}
+
+
+def number(metrics: dict[str, Any] | None, key: str) -> float | None:
+    value = (metrics or {}).get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rule: PromotionRule) -> tuple[bool, str]:
+    """(promote?, why) from the challenger's and the champion's evaluation metrics (None: no champion yet)."""
+    score, floor = number(challenger, rule.metric), number(challenger, rule.floor_metric)
+    if score is None:
+        return False, f"the challenger's evaluation has no {rule.metric}"
+    if floor is None or floor < rule.floor:
+        return False, f"{rule.floor_metric} {floor} is below the floor {rule.floor:g}"
+    if champion is None:
+        return True, f"no champion yet, and {rule.floor_metric} {floor:.4f} clears the floor {rule.floor:g}"
+    best = number(champion, rule.metric)
+    if best is None:
+        return True, f"the champion's evaluation has no {rule.metric}"
+    verb = "beats" if score > best + rule.margin else "does not beat"
+    return verb == "beats", f"{rule.metric} {score:.4f} {verb} the champion's {best:.4f} by more than {rule.margin:g}"

@@ -1,0 +1,130 @@
+"""Gate stage: is this run's model better than the promoted one? Only a challenger that wins is promoted.
+
+The comparison means something only on the same eval split with the same evaluation settings, so when the data or
+the settings changed since the champion was evaluated, the champion's adapters are evaluated again here, on this
+run's split with this run's evaluation settings (an ordinary, cached evaluate output). The decision is a pure
+function of the two sets of metrics (`blueprint.eval.promotion_rule`); the output records both sides, and the promote stage (behind a
+`dsl.If` on the decision) writes the pointer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from blueprint.config import parse, setting
+from blueprint.errors import InputError
+from blueprint.eval.promotion_rule import PromotionRule, decide, number
+from blueprint.eval.report import comparison_table
+from blueprint.models.runtime import RuntimeSettings
+from blueprint.progress import note
+from blueprint.store import artifacts, promotion, storage
+
+STAGE = "gate"
+OPTIONAL_INPUTS = ("coder_base",)
+GATE_FILE = "gate.json"
+RUNTIME_FIELDS = tuple(RuntimeSettings.model_fields)
+
+
+class GateConfig(PromotionRule, RuntimeSettings):
+    """The promotion rule, the name competed for, and where the champion's re-evaluation runs when one is needed."""
+
+    error_prefix = ""
+
+    name: str = setting("blueprint", "promotion name: the pointer promoted/{name}.json this run competes for")
+
+
+def comparable_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    """An evaluate output's settings that decide its numbers (not its epoch label, placement or bases)."""
+    skip = {"epoch", "base_name", "coder_base_name", *RUNTIME_FIELDS}
+    return {k: v for k, v in manifest.get("config", {}).items() if k not in skip}
+
+
+def champion_metrics(cfg: GateConfig, champion: dict[str, Any], shards: str, evaluation: dict[str, Any],
+                     root: str, progress: bool) -> tuple[dict[str, Any], str]:
+    """(metrics, evaluate URI) of the champion on this run's eval split with this run's evaluation settings."""
+    from blueprint.stages import registry
+
+    try:
+        judged = artifacts.read_manifest(champion["evaluation"], verify="sizes")
+    except (artifacts.ArtifactError, storage.StorageError) as exc:
+        raise promotion.PointerError(f"the champion's evaluation named by promoted/{cfg.name}.json cannot be read "
+                                     f"({exc}); not promoting") from None
+    same_split = judged.get("input_manifests", {}).get("shards") == artifacts.manifest_digest(shards)
+    if same_split and comparable_config(judged) == comparable_config(evaluation):
+        return dict(judged.get("metrics", {})), champion["evaluation"]
+    note(STAGE, f"the champion was evaluated on other data or settings: evaluating it on {shards}", progress)
+    spec = registry.get("evaluate")
+    values = {**comparable_config(evaluation), **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}}
+    out = spec.load().run(parse(spec.config_type(), values), shards=shards, base=champion["base"],
+                          coder_base=champion.get("coder_base") or None, adapters=champion["adapters"],
+                          artifact_root=root, progress=progress)
+    return dict(out.metrics), out.uri
+
+
+def compute(cfg: GateConfig, challenger: dict[str, Any], root: str, out_dir: Path,
+            progress: bool) -> dict[str, Any]:
+    champion, version = promotion.read_pointer(root, cfg.name)
+    evaluation = artifacts.read_manifest(challenger["evaluation"], verify="sizes")
+    theirs, judged = (champion_metrics(cfg, champion, challenger["shards"], evaluation, root, progress)
+                      if champion else (None, None))
+    ours = dict(evaluation.get("metrics", {}))
+    promote, why = decide(ours, theirs, cfg)
+    note(STAGE, f"{'promote' if promote else 'keep the champion'}: {why}", progress)
+    record = {"decision": "promote" if promote else "keep", "why": why, "name": cfg.name,
+              "challenger": {**challenger, "metrics": ours},
+              "champion": None if champion is None else {"version": version, "evaluation": judged,
+                                                         "metrics": theirs, "run": champion.get("run")},
+              "rule": cfg.rule()}
+    (out_dir / GATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (out_dir / "report.md").write_text(gate_report(record), encoding="utf-8")
+    return {"promote": float(promote), f"challenger_{cfg.metric}": number(ours, cfg.metric),
+            **({f"champion_{cfg.metric}": number(theirs, cfg.metric)} if theirs else {})}
+
+
+def gate_report(record: dict[str, Any]) -> str:
+    """Markdown: the decision, then champion and challenger side by side."""
+    runs = [("challenger", record["challenger"]["metrics"])]
+    if record["champion"]:
+        runs.insert(0, (f"champion ({record['champion'].get('run') or '?'})", record["champion"]["metrics"]))
+    rule = record["rule"]
+    return (f"# gate: {record['decision']}\n\n{record['why']}.\n\nRule: beat the champion on `{rule['metric']}` by "
+            f"more than {rule['margin']:g}, with `{rule['floor_metric']}` >= {rule['floor']:g}.\n\n"
+            + comparison_table(runs) + "\n")
+
+
+def run(config: GateConfig, *, shards: str, base: str, adapters: str, evaluation: str, models: str,
+        coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
+        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+    """The committed decision on the challenger (`models`, evaluated by `evaluation`) against the promoted model
+    of `config.name`; keyed by the champion's pointer version, so a new champion means a new judgement."""
+    from blueprint.stages.adapter_set import Bases
+
+    if artifact_root is None:
+        raise InputError("the gate reads the promoted pointer under the artifact root: give artifact_root")
+    _, version = promotion.read_pointer(artifact_root, config.name)
+    bases = Bases.of(base, coder_base)
+    challenger = {"shards": shards, "base": base, "coder_base": "" if bases.shared else bases.coder,
+                  "adapters": adapters, "evaluation": evaluation, "models": models}
+    base_inputs, base_settings = bases.key_parts()
+    inputs = {"shards": shards, "adapters": adapters, "evaluation": evaluation, "models": models, **base_inputs}
+    settings = {**config.to_dict(), "champion_version": version or "none", **base_settings}
+    return artifacts.run_stage(STAGE, settings, inputs,
+                               lambda d: compute(config, challenger, artifact_root, d, progress),
+                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+
+
+def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, artifact_root: str, force: bool = False,
+              metrics: Any = None, report_path: str | None = None) -> str:
+    """The gate component's body: write the run record (what the run ended with, for retention), then judge.
+    Returns the decision; the record names the gate's output, for the promote task."""
+    from blueprint.stages.task import run_stage_task
+    from blueprint.store import runs
+
+    if run_id:  # first without the gate, so a run whose gate fails is still known
+        runs.write_record(artifact_root, run_id, inputs)
+    uri, _ = run_stage_task(STAGE, settings, inputs, artifact_root, force, metrics, report_path)
+    decision = storage.read_json(storage.join(uri, GATE_FILE))["decision"]
+    if run_id:
+        runs.write_record(artifact_root, run_id, {**inputs, "gate": uri}, {"decision": decision})
+    return decision

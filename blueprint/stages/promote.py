@@ -1,0 +1,99 @@
+"""Promote stage: make the gate's winner the promoted model of its name, by compare-and-swap on the pointer.
+
+It runs only when the gate said "promote" (a `dsl.If` in the pipeline). The pointer is written last, in one
+conditional write, naming the version the gate judged against. When another run promoted in between, its model
+is the new champion: the decision is taken again against it (on the same eval split its metrics compare directly),
+so neither run's decision is lost and the worse model never replaces the better one.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from blueprint.config import Settings, setting
+from blueprint.errors import InputError
+from blueprint.eval.promotion_rule import PromotionRule, decide
+from blueprint.progress import note
+from blueprint.store import artifacts, promotion, storage
+
+STAGE = "promote"
+
+
+class PromoteConfig(Settings):
+    """Writing the promoted pointer."""
+
+    attempts: int = setting(5, "compare-and-swap attempts when other runs promote at the same time", ge=1)
+    run: str = setting("", "the pipeline run that promotes (its id), recorded in the pointer")
+
+
+def gate_record(gate: str) -> dict[str, Any]:
+    manifest = artifacts.read_manifest(gate, verify="sizes")
+    if manifest.get("stage") != "gate":
+        raise InputError(f"gate {gate} is a {manifest.get('stage')!r} output, not a gate output")
+    return dict(storage.read_json(storage.join(gate, "gate.json")))
+
+
+def new_pointer(record: dict[str, Any], previous: dict[str, Any] | None, run: str, gate: str) -> dict[str, Any]:
+    ours = record["challenger"]
+    return {"name": record["name"], "models": ours["models"], "summarizer": storage.join(ours["models"], "summarizer"),
+            "coder": storage.join(ours["models"], "coder"), "evaluation": ours["evaluation"],
+            "adapters": ours["adapters"], "base": ours["base"], "coder_base": ours.get("coder_base", ""),
+            "shards": ours["shards"], "metrics": ours["metrics"], "why": record["why"], "gate": gate, "run": run,
+            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "previous": previous}
+
+
+def rejudge(record: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str]:
+    """The gate's rule against a champion promoted after the gate ran; its metrics compare only on the same split."""
+    if champion.get("shards") != record["challenger"]["shards"]:
+        return False, (f"run {champion.get('run')!r} promoted a model evaluated on other data while this run was "
+                       "gated; rerun the gate to compare them")
+    return decide(record["challenger"]["metrics"], champion.get("metrics"),
+                  PromotionRule(**record["rule"]))
+
+
+def promote(config: PromoteConfig, gate: str, artifact_root: str, progress: bool = True) -> dict[str, Any]:
+    """Write the pointer (or, when a newer champion wins, leave it); returns what happened."""
+    record = gate_record(gate)
+    if record["decision"] != "promote":
+        raise InputError(f"gate {gate} decided {record['decision']!r}: {record['why']}; nothing to promote")
+    name, expected = record["name"], (record.get("champion") or {}).get("version")
+    for attempt in range(config.attempts):
+        champion, version = promotion.read_pointer(artifact_root, name)
+        if version != expected:  # another run promoted since the gate: decide again, against its model
+            wins, why = rejudge(record, champion) if champion else (True, record["why"])
+            if not wins:
+                note(STAGE, f"not promoted: {why}", progress)
+                return {"promoted": 0.0, "why": why}
+            record, expected = {**record, "why": why}, version
+        try:
+            promotion.write_pointer(artifact_root, name, new_pointer(record, champion, config.run, gate), version)
+        except promotion.PointerConflict:
+            continue
+        uri = promotion.pointer_uri(artifact_root, name)
+        note(STAGE, f"promoted {record['challenger']['models']} as {name!r} ({uri}, attempt {attempt + 1})", progress)
+        return {"promoted": 1.0, "why": record["why"], "attempts": attempt + 1}
+    raise promotion.PointerConflict(f"promoted/{name}.json kept changing: {config.attempts} attempts failed")
+
+
+def run(config: PromoteConfig, *, gate: str, artifact_root: str | None = None, out_uri: str | None = None,
+        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+    """The promoted pointer of the gate's name, as a StageOutput (its URI, and `promoted` = 1 or 0)."""
+    if artifact_root is None:
+        raise InputError("promotion writes the pointer under the artifact root: give artifact_root")
+    metrics = promote(config, gate, artifact_root, progress)
+    name = gate_record(gate)["name"]
+    return artifacts.StageOutput(promotion.pointer_uri(artifact_root, name), {"metrics": metrics, "key": ""},
+                                 cached=False)
+
+
+def promote_task(settings: dict[str, Any], run_id: str, artifact_root: str, force: bool = False,
+                 metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
+    """The promote component's body: the gate output of run `run_id` is the one its run record names."""
+    from blueprint.stages.task import run_stage_task
+    from blueprint.store import runs
+
+    gate = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get("gate")
+    if not gate:
+        raise InputError(f"run record {runs.record_uri(artifact_root, run_id)} names no gate output")
+    return run_stage_task(STAGE, {**settings, "run": run_id}, {"gate": gate}, artifact_root, force, metrics,
+                          report_path)

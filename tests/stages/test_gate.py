@@ -1,0 +1,142 @@
+"""The quality gate and the promoted pointer: only a challenger that wins is promoted, races lose no decision."""
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+import torch
+
+from blueprint.config import parse
+from blueprint.eval.promotion_rule import PromotionRule, decide
+from blueprint.stages import evaluate, gate, merge, promote
+from blueprint.store import promotion, storage
+from test_evaluate import CFG, PAIRS, make_adapters, make_base, make_shards
+
+# The gate's metric here is the coder's reward on the true docstrings: at this scale the summarizer writes
+# nothing (reward_gen_mean is 0 for every model), while a coder trained on the pairs clearly reads them.
+RULE = {"metric": "reward_true_mean", "floor": 0.0}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, micro_tokenizer):
+    """One base and three adapter sets whose coder trained 0, 15 and 60 steps, each evaluated and merged."""
+    root = tmp_path_factory.mktemp("gate")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        shards = make_shards(root, PAIRS, PAIRS)
+        base = make_base(root, micro_tokenizer, seed=0)
+        art = f"file://{root}/artifacts"
+        runs = {}
+        for name, steps in (("untrained", 0), ("some", 15), ("trained", 60)):
+            adapters = make_adapters(root, base, name, coder_steps=steps)
+            ev = evaluate.run(evaluate.EvaluateConfig(**CFG), shards=shards, base=base, adapters=adapters,
+                              artifact_root=art, progress=False)
+            models = merge.run(merge.MergeConfig(), base=base, adapters=adapters, evaluation=ev.uri,
+                               artifact_root=art, progress=False).uri
+            runs[name] = dict(shards=shards, base=base, adapters=adapters, evaluation=ev.uri, models=models)
+    finally:
+        torch.set_num_threads(threads)
+    return dict(root=root, art=art, runs=runs, tokenizer=micro_tokenizer)
+
+
+def judge(run: dict, root: str, **settings) -> dict:
+    out = gate.run(parse(gate.GateConfig, {**RULE, **settings}), **run, artifact_root=root, progress=False)
+    return storage.read_json(storage.join(out.uri, gate.GATE_FILE)) | {"uri": out.uri}
+
+
+def promote_gated(record: dict, root: str, run: str) -> dict:
+    return promote.promote(promote.PromoteConfig(run=run), record["uri"], root, progress=False)
+
+
+def test_the_rule_promotes_only_a_winner_that_clears_the_floor():
+    rule = PromotionRule(metric="m", margin=0.1, floor_metric="f", floor=0.5)
+    assert decide({"m": 1.0, "f": 0.6}, None, rule)[0]
+    assert decide({"m": 1.0, "f": 0.6}, {"m": 0.85}, rule) == (True, "m 1.0000 beats the champion's 0.8500 by more "
+                                                                       "than 0.1")
+    assert not decide({"m": 1.0, "f": 0.6}, {"m": 0.95}, rule)[0]  # better, but not by the margin
+    assert decide({"m": 9.0, "f": 0.4}, None, rule) == (False, "f 0.4 is below the floor 0.5")
+    assert not decide({"m": float("nan"), "f": 0.9}, None, rule)[0]
+    assert decide({"m": 1.0, "f": 0.6}, {}, rule)[0]  # a champion without the metric cannot defend
+
+
+def test_a_first_run_is_promoted_then_a_better_one_replaces_it_and_a_worse_one_does_not(world, tmp_path):
+    root, runs = f"file://{tmp_path}/art", world["runs"]
+    first = judge(runs["some"], root)
+    assert first["decision"] == "promote" and first["champion"] is None
+    assert promote_gated(first, root, "run-1")["promoted"] == 1.0
+
+    worse = judge(runs["untrained"], root)  # coder_steps=0: the untrained coder, as a bad retrain would leave it
+    assert worse["decision"] == "keep", worse["why"]
+    assert worse["challenger"]["metrics"]["reward_true_mean"] < worse["champion"]["metrics"]["reward_true_mean"]
+    report = storage.read_text(storage.join(worse["uri"], "report.md"))
+    assert "# gate: keep" in report and "| metric | champion (run-1) | challenger |" in report
+
+    better = judge(runs["trained"], root)
+    assert better["decision"] == "promote", better["why"]
+    promote_gated(better, root, "run-3")
+    pointer, _ = promotion.read_pointer(root, "blueprint")
+    assert [p["run"] for p in promotion.history(pointer)] == ["run-3", "run-1"]
+    assert pointer["models"] == runs["trained"]["models"] and pointer["coder"].endswith("/coder")
+
+
+def test_the_floor_refuses_even_a_first_run(world, tmp_path):
+    record = judge(world["runs"]["untrained"], f"file://{tmp_path}/art", floor=0.9)
+    assert record["decision"] == "keep" and "below the floor 0.9" in record["why"]
+    with pytest.raises(ValueError, match="decided 'keep'"):
+        promote_gated(record, f"file://{tmp_path}/art", "r")
+
+
+def test_the_champion_is_evaluated_again_on_a_new_eval_split(world, tmp_path):
+    root, runs = f"file://{tmp_path}/art", world["runs"]
+    promote_gated(judge(runs["untrained"], root), root, "old")
+    new_split = make_shards(tmp_path, PAIRS, PAIRS[:6])  # the data changed: six held-out functions, not ten
+    challenger = dict(runs["trained"], shards=new_split)
+    challenger["evaluation"] = evaluate.run(evaluate.EvaluateConfig(**CFG), shards=new_split, base=runs["trained"]["base"],
+                                            adapters=runs["trained"]["adapters"], artifact_root=root,
+                                            progress=False).uri
+    record = judge(challenger, root)
+    assert record["champion"]["evaluation"] != runs["untrained"]["evaluation"]
+    assert record["champion"]["metrics"]["examples"] == 6 == record["challenger"]["metrics"]["examples"]
+    assert record["decision"] == "promote"
+
+
+def test_a_corrupted_pointer_and_an_unreadable_champion_evaluation_are_refused_naming_them(world, tmp_path):
+    root = f"file://{tmp_path}/art"
+    storage.write_text(promotion.pointer_uri(root, "blueprint"), "{not json")
+    with pytest.raises(promotion.PointerError, match=r"promoted/blueprint.json is corrupted"):
+        judge(world["runs"]["trained"], root)
+    pointer = {k: "file:///nowhere" for k in promotion.REQUIRED} | {"metrics": {}, "name": "blueprint"}
+    promotion.write_pointer(root, "blueprint", pointer, hashlib.sha256(b"{not json").hexdigest())  # its version
+    with pytest.raises(promotion.PointerError, match=r"champion's evaluation named by promoted/blueprint.json"):
+        judge(world["runs"]["trained"], root)
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_two_promotions_racing_lose_no_decision(world, tmp_path, store, request):
+    """Both challengers beat the champion at their gates; they promote at once. The pointer ends on the better,
+    with the other (or its refusal) on record: a compare-and-swap, never a lost write."""
+    root = request.getfixturevalue("s3_bucket") + "/art" if store == "s3" else f"file://{tmp_path}/art"
+    runs = world["runs"]
+    promote_gated(judge(runs["untrained"], root), root, "champion")
+    records = {name: judge(runs[name], root) for name in ("some", "trained")}
+    assert all(r["decision"] == "promote" for r in records.values())
+    results, barrier = {}, threading.Barrier(2)
+
+    def go(name: str) -> None:
+        barrier.wait()
+        results[name] = promote_gated(records[name], root, name)
+
+    threads = [threading.Thread(target=go, args=(n,)) for n in records]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pointer, _ = promotion.read_pointer(root, "blueprint")
+    chain = [p["run"] for p in promotion.history(pointer)]
+    assert chain[0] == "trained" and chain[-1] == "champion"
+    if results["some"]["promoted"]:  # it won the race: the better one replaced it, naming it as previous
+        assert chain == ["trained", "some", "champion"]
+    else:  # it lost the race: judged again against the better one, and refused
+        assert chain == ["trained", "champion"] and "does not beat" in results["some"]["why"]
