@@ -96,7 +96,8 @@ def test_gpu_compile_sets_device_cuda_for_the_gpu_stages_only(tmp_path):
     params = yaml.safe_load(out.read_text())["root"]["inputDefinitions"]["parameters"]
     devices = {name: params[name]["defaultValue"].get("device") for name in params if name.endswith("_settings")}
     assert devices == {"shard_settings": None, "bootstrap_settings": None, "warmup_settings": "cuda",
-                       "ppo_settings": "cuda", "evaluate_settings": "cuda", "merge_settings": "cuda"}
+                       "ppo_settings": "cuda", "evaluate_settings": "cuda", "merge_settings": "cuda",
+                       "gate_settings": "cuda", "promote_settings": None}  # the gate may evaluate the champion
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_the_base(smoke_chain, tmp_path):

@@ -108,7 +108,12 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
     models = [next(line for line in out.splitlines() if line.startswith("merged models:")) for out, _ in outputs]
     assert models[0] == models[1]
     rows = artifacts.cached_outputs(root)
-    assert sorted({r["stage"] for r in rows}) == ["bootstrap", "evaluate", "merge", "ppo-round", "shard", "warmup"]
+    assert sorted({r["stage"] for r in rows}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round", "shard",
+                                                  "warmup"]
+    from blueprint.store import promotion
+
+    pointer, _ = promotion.read_pointer(root, "blueprint")  # both gates saw no champion; one promotion won the swap
+    assert [p["models"] for p in promotion.history(pointer)] == [models[0].split()[-1].rsplit("/", 1)[0]]
     for row in rows:
         artifacts.read_manifest(row["uri"], verify="full")  # nobody's files were replaced under a manifest
     assert not [rel for rel in storage.list_files(root) if rel.endswith(".lock")], "a lock was left behind"
