@@ -349,7 +349,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--no-catchup", action="store_true", help="after a pause, run once instead of backfilling")
     r.add_argument("--paused", action="store_true", help="create the schedule disabled")
     r.add_argument("--warm-start", action="store_true",
-                   help="continue from the newest ppo-round adapters under the artifact root")
+                   help="continue from the promoted model's adapters under the artifact root")
     g = r.add_argument_group("what the schedule runs (default: the package, inline in the recurring run)")
     g.add_argument("--pipeline", default=None, metavar="NAME",
                    help="upload the package as a new version of this pipeline (created when missing), pin it")

@@ -267,6 +267,7 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
     """One unit of work, in a worker process. Units:
 
     ("file", abs_path, rel_path, license)      a source file: size and marker checks before any parsing
+    ("object", s3_uri, rel_path, license, size) a source file on S3, the same checks (size from the listing)
     ("text", text, rel_path, license)          a module's source from a dataset's code column
     ("pair", code, summary, rel_path, license) a row that already has a summary column
     """
@@ -280,6 +281,15 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
         if n_bytes > limits.max_file_bytes:
             return Result(path=path, n_bytes=n_bytes, file_drop="too_large")
         return extract_pairs(text, path, limits, license, result=Result(path=path, n_bytes=n_bytes))
+    if kind == "object":
+        _, uri, path, license, size = unit
+        if size > limits.max_file_bytes:
+            return Result(path=path, n_bytes=size, file_drop="too_large")
+        from blueprint.data import remote  # pyarrow and boto3: imported by the workers that read S3 only
+
+        # A failed read raises (storage names the object): dropping it would commit a corpus that does not match
+        # the fingerprint it is cached under.
+        return file_pairs(remote.read_object(uri, size), path, limits, license)
     _, abs_path, path, license = unit
     try:
         size = os.stat(abs_path).st_size
@@ -289,6 +299,11 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
             raw = f.read()
     except OSError:
         return Result(path=path, file_drop="unreadable")
+    return file_pairs(raw, path, limits, license)
+
+
+def file_pairs(raw: bytes, path: str, limits: Limits, license: str | None) -> Result:
+    """The pairs of one source file's bytes, unless it is marked as generated or is not UTF-8."""
     result = Result(path=path, n_bytes=len(raw))
     if looks_generated(raw[:HEAD_BYTES]):
         result.file_drop = "generated"

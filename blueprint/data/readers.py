@@ -17,16 +17,26 @@ Schema (one row per function):
     n_code_chars  int32
     n_code_lines  int32
 
-Reader: `read_pairs`, a deterministic list of rows, each file verified against its manifest as it is read.
+Readers, each file checked against its manifest sha256 before it is used, streaming (memory bounded by one row
+group, never by the corpus):
+- `read_pairs`: the first rows of a split, in shard then row order;
+- `sample_pairs`: the rows at drawn indices of a split, read by row group, without materialising the split. A PPO
+  round draws its codes this way, so its memory does not grow with the corpus.
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blueprint.store import artifacts
+from blueprint.store import artifacts, storage
+
+CHUNK_BYTES = 8 << 20
 
 SPLITS = ("train", "eval")
 
@@ -38,26 +48,81 @@ def shard_files(manifest: dict[str, Any], split: str) -> list[str]:
     return sorted(rel for rel in manifest["files"] if rel.startswith(f"{split}/") and rel.endswith(".parquet"))
 
 
-def _open(uri: str, rel: str, manifest: dict[str, Any]) -> pq.ParquetFile:
-    """One shard file, verified against its manifest sha256 as it is read, then decoded from memory."""
-    data = artifacts.read_verified(uri, rel, manifest)
+def verify_file(uri: str, rel: str, manifest: dict[str, Any]) -> None:
+    """Stream `rel` through sha256 in chunks and compare with the manifest: a same-size bit flip fails here,
+    naming the file and the input, instead of being trained on (memory: one chunk, not the file)."""
+    meta = manifest.get("files", {}).get(rel)
+    if meta is None:
+        raise artifacts.ArtifactError(f"input {uri} has no {rel} in its manifest")
+    fs, path = storage.filesystem(storage.join(uri, rel))
+    digest, size = hashlib.sha256(), 0
     try:
-        return pq.ParquetFile(pa.BufferReader(data))
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise artifacts.ArtifactError(f"input {uri}: {rel} is not a readable Parquet file: {exc}") from None
+        with fs.open_input_stream(path) as f:
+            while chunk := f.read(CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+    except (OSError, pa.ArrowException) as exc:
+        raise storage.StorageError(f"cannot read {storage.join(uri, rel)}: {exc}") from None
+    if size != meta["size"] or digest.hexdigest() != meta["sha256"]:
+        raise artifacts.ArtifactError(f"input {uri} is damaged: {rel} does not match its sha256 in the manifest")
+
+
+@contextlib.contextmanager
+def open_shard(uri: str, rel: str, manifest: dict[str, Any], verify: bool = True) -> Iterator[pq.ParquetFile]:
+    """One shard file for random access (row groups read on demand), verified first unless `verify` is False
+    (footers only: which rows live where; no row of an unverified file is ever returned)."""
+    if verify:
+        verify_file(uri, rel, manifest)
+    fs, path = storage.filesystem(storage.join(uri, rel))
+    with fs.open_input_file(path) as f:
+        try:
+            shard = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise artifacts.ArtifactError(f"input {uri}: {rel} is not a readable Parquet file: {exc}") from None
+        yield shard
 
 
 def read_pairs(uri: str, split: str = "train", limit: int | None = None,
                columns: list[str] | None = None) -> list[dict[str, Any]]:
-    """Up to `limit` rows of `split` as dicts, in shard then row order (the same list on every call).
-
-    Every stage that reads pairs reads them here, into memory (the corpus issue brings a streaming sample).
-    """
+    """Up to `limit` rows of `split` as dicts, in shard then row order (the same list on every call)."""
     manifest = artifacts.read_manifest(uri, verify="sizes")
     rows: list[dict[str, Any]] = []
     for rel in shard_files(manifest, split):
-        for batch in _open(uri, rel, manifest).iter_batches(batch_size=1024, columns=columns, use_threads=False):
-            rows.extend(batch.to_pylist())
-            if limit is not None and len(rows) >= limit:
-                return rows[:limit]
+        with open_shard(uri, rel, manifest) as shard:
+            for batch in shard.iter_batches(batch_size=1024, columns=columns, use_threads=False):
+                rows.extend(batch.to_pylist())
+                if limit is not None and len(rows) >= limit:
+                    return rows[:limit]
     return rows
+
+
+def sample_pairs(uri: str, split: str, pick: Callable[[Sequence[int]], list[int]],
+                 columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rows of `split` at the indices `pick(range(n_rows))` returns (in that order, repeats allowed), where
+    row i is the i-th row `read_pairs` would list. `pick(range(n))` draws exactly what `pick(list_of_n_rows)`
+    would, for random.sample/choice, so a sample equals one taken from the materialised split.
+
+    Only the footers of every file and the row groups holding a picked row are read: memory is the picked rows plus
+    one row group."""
+    manifest = artifacts.read_manifest(uri, verify="sizes")
+    groups: list[tuple[str, int, int]] = []  # (file, row group, first row index of the group)
+    total = 0
+    for rel in shard_files(manifest, split):
+        with open_shard(uri, rel, manifest, verify=False) as shard:
+            for g in range(shard.metadata.num_row_groups):
+                groups.append((rel, g, total))
+                total += shard.metadata.row_group(g).num_rows
+    picked = pick(range(total))
+    starts = [start for *_, start in groups]
+    wanted: dict[str, dict[tuple[int, int], set[int]]] = {}  # file -> (row group, its first row) -> rows
+    for index in dict.fromkeys(picked):
+        rel, g, first = groups[bisect.bisect_right(starts, index) - 1]
+        wanted.setdefault(rel, {}).setdefault((g, first), set()).add(index)
+    found: dict[int, dict[str, Any]] = {}
+    for rel, by_group in wanted.items():
+        with open_shard(uri, rel, manifest) as shard:
+            for g, first in sorted(by_group):
+                table = shard.read_row_group(g, columns=columns, use_threads=False)
+                for index in by_group[(g, first)]:
+                    found[index] = table.slice(index - first, 1).to_pylist()[0]
+    return [found[i] for i in picked]

@@ -1,9 +1,12 @@
 """Corpus sources, named by one spec string, streamed as units of work for the parsing workers.
 
     stdlib                  the running interpreter's standard library (real code, on every machine)
-    dir:PATH                a local source tree
+    dir:PATH | dir:s3://B/P a source tree, local or the .py objects below an S3 prefix
     hf:DATASET_ID[:CONFIG]  a Hugging Face dataset, streamed (e.g. hf:codeparrot/github-code)
-    jsonl:PATH | parquet:PATH | csv:PATH   local data files (a path or a glob)
+    jsonl:PATH | parquet:PATH | csv:PATH   data files: a local path or glob, or on S3 a key, a prefix (every
+                            .jsonl/.parquet/.csv below it) or a glob on keys (s3://B/data/*.parquet)
+
+S3 sources are read as they exist, never copied first (blueprint.data.remote): a corpus may be bigger than the pod.
 
 File trees (stdlib, dir) skip hidden directories, `__pycache__`, `site-packages`/`dist-packages`, `node_modules`
 and, unless `skip_tests=False`, test directories (`test`, `tests`, `idle_test`) and `test_*.py` files: test code
@@ -11,7 +14,8 @@ has few docstrings and many near-copies, so it adds noise, not pairs.
 
 Every source has a fingerprint (what goes into the cache key besides the config) that is cheap and offline:
 stdlib = Python version + path; dir = hash of sorted (relpath, size, mtime_ns); data files = (path, size,
-mtime_ns); hf = id + config + revision (pin `hf_revision` for a reproducible cache, `main` moves).
+mtime_ns); on S3 the ETag takes mtime's place (it changes with the content, not with a re-upload of the same
+bytes); hf = id + config + revision (pin `hf_revision` for a reproducible cache, `main` moves).
 """
 from __future__ import annotations
 
@@ -20,12 +24,15 @@ import glob
 import hashlib
 import os
 import platform
+import re
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+from blueprint.data import remote
 from blueprint.store import storage
 from blueprint.errors import UserError
 
@@ -35,6 +42,7 @@ SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_mo
 TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 STDLIB_LICENSE = "PSF-2.0"
 SCRIPT_FALLBACK_FILES = "data/*.parquet"  # where script-era hub datasets (codeparrot/github-code) keep their rows
+HUB_SPECIAL_REFS = re.compile(r"^refs/(convert/\w+|pr/\d+)$")
 
 
 class SourceError(UserError, ValueError):
@@ -54,11 +62,16 @@ class SourceSpec:
 
 
 def parse_source(spec: str) -> SourceSpec:
-    """`"hf:codeparrot/github-code:all-all"` -> SourceSpec("hf", "codeparrot/github-code", "all-all")."""
+    """`"hf:codeparrot/github-code:all-all"` -> SourceSpec("hf", "codeparrot/github-code", "all-all").
+
+    A spec with credentials in it (`parquet:s3://KEY:SECRET@bucket/x`) is refused before any message repeats it.
+    """
     spec = (spec or "").strip()
     if spec == "stdlib":
         return SourceSpec("stdlib")
     kind, sep, rest = spec.partition(":")
+    storage.refuse_credentials(spec, setting="source")
+    storage.refuse_credentials(rest, setting="source")
     if not sep or kind not in KINDS or not rest:
         raise SourceError(f"unknown source {spec!r}: use stdlib, dir:PATH, hf:DATASET_ID[:CONFIG], jsonl:PATH, "
                          "parquet:PATH or csv:PATH")
@@ -90,14 +103,23 @@ class SourceFile:
     mtime_ns: int
 
 
+def skipped_dir(name: str, skip_tests: bool) -> bool:
+    """Whether a tree source leaves out the directory `name` (one rule for local trees and S3 prefixes)."""
+    return name.startswith(".") or name in SKIP_DIRS or (skip_tests and name in TEST_DIRS)
+
+
+def corpus_file(name: str, skip_tests: bool) -> bool:
+    """Whether a tree source reads the file `name` (a base name)."""
+    return name.endswith(".py") and not (skip_tests and name.startswith("test_"))
+
+
 def list_python_files(root: Path, skip_tests: bool = True) -> list[SourceFile]:
     """Every .py file below `root` in sorted relative-path order (the order decides the output bytes)."""
     found: list[SourceFile] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS
-                             and not (skip_tests and d in TEST_DIRS))
+        dirnames[:] = sorted(d for d in dirnames if not skipped_dir(d, skip_tests))
         for name in sorted(filenames):
-            if not name.endswith(".py") or (skip_tests and name.startswith("test_")):
+            if not corpus_file(name, skip_tests):
                 continue
             path = os.path.join(dirpath, name)
             try:
@@ -106,6 +128,16 @@ def list_python_files(root: Path, skip_tests: bool = True) -> list[SourceFile]:
                 continue
             found.append(SourceFile(path, Path(path).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
     return sorted(found, key=lambda f: f.rel_path)
+
+
+def list_python_objects(uri: str, skip_tests: bool = True) -> list[remote.RemoteObject]:
+    """The S3 twin of list_python_files: every .py object below `uri` under the same rules, in relative-path order."""
+    found = []
+    for obj in remote.list_below(uri):
+        *dirs, name = obj.rel_path.split("/")
+        if corpus_file(name, skip_tests) and not any(skipped_dir(d, skip_tests) for d in dirs):
+            found.append(obj)
+    return sorted(found, key=lambda o: o.rel_path)
 
 
 class Source:
@@ -128,7 +160,16 @@ class Source:
         self.path_column, self.license_column = path_column, license_column
         self.hf_revision, self.hf_data_files = hf_revision, hf_data_files
         self.skipped: Counter = Counter()
-        self._files: list[SourceFile] | None = None
+        self.on_s3 = self.spec.kind != "hf" and storage.is_s3(self.spec.target)
+        self._files: list[SourceFile] | list[remote.RemoteObject] | None = None
+        self._objects: list[remote.RemoteObject] | None = None  # one listing: the fingerprint is what is read
+
+    def _named(self, fn):
+        """`fn()`, with a storage failure (bucket, credentials, endpoint, a broken file) told as this source's."""
+        try:
+            return fn()
+        except storage.StorageError as exc:
+            raise SourceError(f"source {self.name}: {exc}") from None
 
     # ---------------------------------------------------------------- file trees
     def root(self) -> Path:
@@ -139,10 +180,13 @@ class Source:
             raise SourceError(f"source {self.name}: {root} is not a directory")
         return root
 
-    def files(self) -> list[SourceFile]:
+    def files(self) -> list[SourceFile] | list[remote.RemoteObject]:
         """The .py files of a tree source (cut at `max_source_mb`); SourceError when there are none."""
         if self._files is None:
-            files = list_python_files(self.root(), self.skip_tests)
+            if self.on_s3:
+                files = self._named(lambda: list_python_objects(self.spec.target, self.skip_tests))
+            else:
+                files = list_python_files(self.root(), self.skip_tests)
             if not files:
                 raise SourceError(f"source {self.name} has no Python files (hidden, site-packages"
                                   f"{' and test' if self.skip_tests else ''} directories skipped)")
@@ -166,6 +210,17 @@ class Source:
             raise SourceError(f"source {self.name}: no {self.spec.kind} file matches {target}")
         return paths
 
+    def objects(self) -> list[remote.RemoteObject]:
+        """The S3 objects of a data-file source, listed once; SourceError when none matches."""
+        if self._objects is None:
+            found = self._named(lambda: remote.list_data_files(self.spec.target, self.spec.kind))
+            if not found:
+                what = f"{self.spec.kind} file matches" if glob.has_magic(self.spec.target) else \
+                    f"{remote.EXTENSIONS[self.spec.kind]} file is at or below"
+                raise SourceError(f"source {self.name}: no {what} {self.spec.target}")
+            self._objects = found
+        return self._objects
+
     @property
     def total(self) -> int | None:
         """Units to expect (for the progress bar), when known without reading the data."""
@@ -180,8 +235,12 @@ class Source:
         if kind == "dir":
             digest = hashlib.sha256()
             for f in self.files():
-                digest.update(f"{f.rel_path}\0{f.size}\0{f.mtime_ns}\n".encode())
-            return {"kind": kind, "path": str(self.root()), "files": len(self.files()), "sha256": digest.hexdigest()}
+                stamp = f.etag if self.on_s3 else f.mtime_ns
+                digest.update(f"{f.rel_path}\0{f.size}\0{stamp}\n".encode())
+            root = storage.normalize(self.spec.target) if self.on_s3 else str(self.root())
+            return {"kind": kind, "path": root, "files": len(self.files()), "sha256": digest.hexdigest()}
+        if kind in FILE_KINDS and self.on_s3:
+            return {"kind": kind, "files": [[o.uri, o.size, o.etag] for o in self.objects()]}
         if kind in FILE_KINDS:
             return {"kind": kind, "files": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.data_files()]}
         return {"kind": kind, "id": self.spec.target, "config": self.spec.config,
@@ -192,7 +251,8 @@ class Source:
         if self.spec.kind in ("stdlib", "dir"):
             license = STDLIB_LICENSE if self.spec.kind == "stdlib" else None
             for f in self.files():
-                yield ("file", f.abs_path, f.rel_path, license)
+                yield ("object", f.uri, f.rel_path, license, f.size) if self.on_s3 else \
+                    ("file", f.abs_path, f.rel_path, license)
             return
         budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None
         for i, row in enumerate(self._rows()):
@@ -220,7 +280,16 @@ class Source:
                     return
 
     def _rows(self) -> Iterator[dict[str, Any]]:
-        """Rows of a datasets-backed source, streamed (never the whole table in memory)."""
+        """Rows of a data-file or hub source, streamed (never the whole table in memory): S3 files through pyarrow,
+        local files and the hub through `datasets`."""
+        if self.on_s3:
+            columns = [c for c in (self.code_column, self.summary_column, self.language_column, self.path_column,
+                                   self.license_column) if c]
+            try:
+                yield from remote.rows(self.objects(), self.spec.kind, columns, self.code_column)
+            except storage.StorageError as exc:  # raised while streaming: _named cannot wrap a generator
+                raise SourceError(f"source {self.name}: {exc}") from None
+            return
         import datasets
 
         if self.spec.kind in FILE_KINDS:
@@ -257,7 +326,16 @@ class Source:
             raise
 
     def _hf_files(self, datasets, pattern: str):
-        rev = f"@{self.hf_revision}" if self.hf_revision else ""
-        url = f"hf://datasets/{self.spec.target}{rev}/{pattern}"
+        url = hub_files_url(self.spec.target, pattern, self.hf_revision)
         builder = "json" if pattern.endswith((".jsonl", ".json")) else "csv" if pattern.endswith(".csv") else "parquet"
         return datasets.load_dataset(builder, data_files=url, streaming=True, split="train")
+
+
+def hub_files_url(dataset_id: str, pattern: str, revision: str | None) -> str:
+    """`hf://datasets/ID@REV/PATTERN`, the hub's files streamed as they are at `revision`. A revision with a '/'
+    is quoted (a branch `my/branch` -> `my%2Fbranch`), except the hub's own refs (`refs/convert/parquet`,
+    `refs/pr/N`), which its URL parser expects as they are."""
+    if not revision:
+        return f"hf://datasets/{dataset_id}/{pattern}"
+    rev = revision if HUB_SPECIAL_REFS.match(revision) else quote(revision, safe="")
+    return f"hf://datasets/{dataset_id}@{rev}/{pattern}"

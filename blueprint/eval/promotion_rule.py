@@ -8,7 +8,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from blueprint.config import Settings, setting
+from pydantic import field_validator
+
+from blueprint.config import ConfigError, Settings, setting
+from blueprint.eval.report import DESCRIPTIONS
+from blueprint.models.runtime import RuntimeSettings
+
+
+NOT_SCORES = ("epoch", "examples", "seconds")  # evaluate figures that say nothing about the model
 
 
 class PromotionRule(Settings):
@@ -20,8 +27,23 @@ class PromotionRule(Settings):
     floor_metric: str = setting("pairwise_accuracy", "evaluate metric every promoted model must reach")
     floor: float = setting(0.5, "the floor: at 0.5 pairwise accuracy the coder cannot rank summaries at all")
 
+    @field_validator("metric", "floor_metric")
+    @classmethod
+    def _known_metric(cls, name: str) -> str:
+        if name not in DESCRIPTIONS or name in NOT_SCORES:
+            raise ConfigError(f"{name!r} is not an evaluate metric; choose one of "
+                              f"{', '.join(k for k in DESCRIPTIONS if k not in NOT_SCORES)}")
+        return name
+
     def rule(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in PromotionRule.model_fields}
+
+
+def comparable_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    """An evaluate output's settings that decide its numbers (not its epoch label, placement or bases): two
+    evaluations compare only when these and their eval split agree."""
+    skip = {"epoch", "base_name", "coder_base_name", *RuntimeSettings.model_fields}
+    return {k: v for k, v in manifest.get("config", {}).items() if k not in skip}
 
 
 def number(metrics: dict[str, Any] | None, key: str) -> float | None:

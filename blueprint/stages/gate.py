@@ -14,7 +14,7 @@ from typing import Any
 
 from blueprint.config import parse, setting
 from blueprint.errors import InputError
-from blueprint.eval.promotion_rule import PromotionRule, decide, number
+from blueprint.eval.promotion_rule import PromotionRule, comparable_config, decide, number
 from blueprint.eval.report import comparison_table
 from blueprint.models.runtime import RuntimeSettings
 from blueprint.progress import note
@@ -32,12 +32,6 @@ class GateConfig(PromotionRule, RuntimeSettings):
     error_prefix = ""
 
     name: str = setting("blueprint", "promotion name: the pointer promoted/{name}.json this run competes for")
-
-
-def comparable_config(manifest: dict[str, Any]) -> dict[str, Any]:
-    """An evaluate output's settings that decide its numbers (not its epoch label, placement or bases)."""
-    skip = {"epoch", "base_name", "coder_base_name", *RUNTIME_FIELDS}
-    return {k: v for k, v in manifest.get("config", {}).items() if k not in skip}
 
 
 def champion_metrics(cfg: GateConfig, champion: dict[str, Any], shards: str, evaluation: dict[str, Any],
@@ -118,13 +112,16 @@ def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, art
               metrics: Any = None, report_path: str | None = None) -> str:
     """The gate component's body: write the run record (what the run ended with, for retention), then judge.
     Returns the decision; the record names the gate's output, for the promote task."""
-    from blueprint.stages.task import run_stage_task
+    from blueprint.stages.task import run_stage_task, user_errors_exit
     from blueprint.store import runs
 
-    if run_id:  # first without the gate, so a run whose gate fails is still known
-        runs.write_record(artifact_root, run_id, inputs)
-    uri, _ = run_stage_task(STAGE, settings, inputs, artifact_root, force, metrics, report_path)
-    decision = storage.read_json(storage.join(uri, GATE_FILE))["decision"]
-    if run_id:
-        runs.write_record(artifact_root, run_id, {**inputs, "gate": uri}, {"decision": decision})
-    return decision
+    with user_errors_exit(STAGE):
+        if run_id:  # first without the gate, so a run whose gate fails is still known
+            runs.write_record(artifact_root, run_id, inputs)
+        uri, _ = run_stage_task(STAGE, settings, inputs, artifact_root, force, metrics, report_path)
+        record = storage.read_json(storage.join(uri, GATE_FILE))
+        if run_id:  # the champion's re-evaluation too, so gc keeps what this judgement read
+            judged = (record.get("champion") or {}).get("evaluation")
+            runs.write_record(artifact_root, run_id, {**inputs, "gate": uri, "champion_evaluation": judged or ""},
+                              {"decision": record["decision"]})
+    return record["decision"]

@@ -92,11 +92,17 @@ def queries_per_step(cfg: PPORoundConfig) -> int:
     return cfg.batch_size // cfg.samples_per_query
 
 
-def round_batch(pairs: list[dict], cfg: PPORoundConfig) -> list[dict]:
-    """This round's codes: a deterministic draw from (seed, round), one per PPO query and at least `probe_size`."""
+def round_batch(shards: str, cfg: PPORoundConfig) -> list[dict]:
+    """This round's codes: a deterministic draw from (seed, round), one per PPO query and at least `probe_size`,
+    read from the train split by row group (the split is never held in memory)."""
+    from blueprint.data.readers import sample_pairs
+
     rng = random.Random(cfg.seed * 100_003 + cfg.round_index)
     need = max(cfg.ppo_steps * queries_per_step(cfg), cfg.probe_size)
-    return rng.sample(pairs, need) if need <= len(pairs) else [rng.choice(pairs) for _ in range(need)]
+
+    def draw(rows):
+        return rng.sample(rows, need) if need <= len(rows) else [rng.choice(rows) for _ in range(need)]
+    return sample_pairs(shards, "train", draw)
 
 
 class RoundScorer:
@@ -252,7 +258,6 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
           progress: bool = True) -> dict[str, Any]:
     import torch
 
-    from blueprint.data.readers import read_pairs
     from blueprint.rl.reward import RewardConfig, RewardModel
 
     start = time.time()
@@ -263,7 +268,7 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
     done = int(meta.get("ppo_steps_done", 0))
     stats_rows: list[dict] = list(meta.get("stats", []))
 
-    batch = round_batch(read_pairs(shards, "train"), cfg)
+    batch = round_batch(shards, cfg)
     codes = clip_tokens(tokenizer, [p["code"] for p in batch], cfg.max_code_tokens)
     reward = RewardModel(roles.coder, roles.coder_tokenizer, PromptConfig(style=cfg.prompt_style), RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,

@@ -12,7 +12,7 @@ from typing import Any
 
 from blueprint.config import Settings, setting
 from blueprint.errors import InputError
-from blueprint.eval.promotion_rule import PromotionRule, decide
+from blueprint.eval.promotion_rule import PromotionRule, comparable_config, decide
 from blueprint.progress import note
 from blueprint.store import artifacts, promotion, storage
 
@@ -43,10 +43,15 @@ def new_pointer(record: dict[str, Any], previous: dict[str, Any] | None, run: st
 
 
 def rejudge(record: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str]:
-    """The gate's rule against a champion promoted after the gate ran; its metrics compare only on the same split."""
-    if champion.get("shards") != record["challenger"]["shards"]:
-        return False, (f"run {champion.get('run')!r} promoted a model evaluated on other data while this run was "
-                       "gated; rerun the gate to compare them")
+    """The gate's rule against a champion promoted after the gate ran; its metrics compare only when it was
+    evaluated on the same split with the same evaluation settings."""
+    ours = artifacts.read_manifest(record["challenger"]["evaluation"], verify="none")
+    theirs = artifacts.read_manifest(champion["evaluation"], verify="none")
+    same = ours.get("input_manifests", {}).get("shards") == theirs.get("input_manifests", {}).get("shards") \
+        and comparable_config(ours) == comparable_config(theirs)
+    if not same:
+        return False, (f"run {champion.get('run')!r} promoted a model evaluated on other data or settings while "
+                       "this run was gated; rerun the gate to compare them")
     return decide(record["challenger"]["metrics"], champion.get("metrics"),
                   PromotionRule(**record["rule"]))
 
@@ -59,6 +64,8 @@ def promote(config: PromoteConfig, gate: str, artifact_root: str, progress: bool
     name, expected = record["name"], (record.get("champion") or {}).get("version")
     for attempt in range(config.attempts):
         champion, version = promotion.read_pointer(artifact_root, name)
+        if champion is not None and champion.get("gate") == gate:  # a retried task whose write went through
+            return {"promoted": 1.0, "why": champion["why"], "attempts": attempt + 1}
         if version != expected:  # another run promoted since the gate: decide again, against its model
             wins, why = rejudge(record, champion) if champion else (True, record["why"])
             if not wins:
@@ -89,11 +96,12 @@ def run(config: PromoteConfig, *, gate: str, artifact_root: str | None = None, o
 def promote_task(settings: dict[str, Any], run_id: str, artifact_root: str, force: bool = False,
                  metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
     """The promote component's body: the gate output of run `run_id` is the one its run record names."""
-    from blueprint.stages.task import run_stage_task
+    from blueprint.stages.task import run_stage_task, user_errors_exit
     from blueprint.store import runs
 
-    gate = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get("gate")
-    if not gate:
-        raise InputError(f"run record {runs.record_uri(artifact_root, run_id)} names no gate output")
+    with user_errors_exit(STAGE):
+        gate = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get("gate")
+        if not gate:
+            raise InputError(f"run record {runs.record_uri(artifact_root, run_id)} names no gate output")
     return run_stage_task(STAGE, {**settings, "run": run_id}, {"gate": gate}, artifact_root, force, metrics,
                           report_path)

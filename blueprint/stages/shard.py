@@ -110,7 +110,8 @@ class ShardWriter:
 class ShardConfig(Settings):
     """Which corpus to read, which (code, summary) pairs to keep, and how to lay out the shards."""
 
-    source: str = setting("stdlib", "stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH")
+    source: str = setting("stdlib", "stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH; "
+                                    "PATH may be s3://bucket/prefix (or an s3:// glob on keys for data files)")
     num_shards: int = setting(4, "Parquet files per split", ge=1)
     eval_fraction: float = setting(0.05, "share of pairs held out for evaluation", ge=0, lt=1)
     split_salt: str = setting("blueprint", "changes which pairs go to eval")

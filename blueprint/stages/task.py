@@ -5,14 +5,26 @@ in the package installed in the image, so it is tested without KFP.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from blueprint.store import artifacts, storage
 from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, USER_ERRORS
 from blueprint.stages import registry
+
+
+@contextlib.contextmanager
+def user_errors_exit(stage: str) -> Iterator[None]:
+    """Inside a task: a user error is the one line `blueprint stage` would print, then exit 2 (no traceback)."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        print(f"{TASK_ERROR_PREFIX}{stage}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def numeric_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -44,13 +56,10 @@ def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str],
     `Markdown` artifact; both are optional so the function is usable outside KFP.
     """
     spec = registry.get(stage)
-    try:
+    with user_errors_exit(stage):
         cfg = parse(spec.config_type(), settings)
         # progress lines (not bars: no terminal here), which kfp.local streams and `kubectl logs` shows
         out = spec.load().run(cfg, **inputs, artifact_root=artifact_root, force=force, progress=True)
-    except USER_ERRORS as exc:  # the one line `blueprint stage` would print, then exit 2 (no traceback)
-        print(f"{TASK_ERROR_PREFIX}{stage}: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
     print(json.dumps({"stage": stage, "uri": out.uri, "cached": out.cached, "metrics": out.metrics}, default=str))
     if metrics_path is not None:
         for key, value in numeric_metrics(out.metrics).items():
@@ -73,11 +82,8 @@ def bootstrap_task(base: str, coder_base: str, shards: str, settings: dict[str, 
     through. The coder base comes back "" when the coder shares the summarizer's base."""
     from blueprint.stages.adapter_set import Bases
 
-    try:
+    with user_errors_exit("bootstrap"):
         bases = Bases.of(base, coder_base)
-    except USER_ERRORS as exc:
-        print(f"{TASK_ERROR_PREFIX}bootstrap: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
     coder = "" if bases.shared else bases.coder
     if base != "tiny":
         if report_path is not None:

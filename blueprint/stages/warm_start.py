@@ -35,10 +35,11 @@ def warmup_task(settings: dict[str, Any], shards: str, base: str, artifact_root:
     Otherwise (or when nothing compatible is promoted) the warmup stage runs as always. Returns (uri, key) like
     `blueprint.stages.task.run_stage_task`.
     """
-    from blueprint.stages.task import run_stage_task
+    from blueprint.stages.task import run_stage_task, user_errors_exit
 
-    previous = promoted_adapters(artifact_root, promotion_name, base, coder_base) if warm_start and not force \
-        else None
+    with user_errors_exit("warmup"):  # a corrupted pointer: one line naming it
+        previous = promoted_adapters(artifact_root, promotion_name, base, coder_base) if warm_start and not force \
+            else None
     if previous is None:
         inputs = {"shards": shards, "base": base, **({"coder_base": coder_base} if coder_base else {})}
         return run_stage_task("warmup", settings, inputs, artifact_root, force, metrics, report_path)

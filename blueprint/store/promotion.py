@@ -58,7 +58,7 @@ def read_pointer(root: str, name: str) -> tuple[dict[str, Any] | None, str | Non
     replacement must name (`write_pointer`)."""
     uri = pointer_uri(root, name)
     if storage.is_s3(uri):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = storage.split_s3(uri)
         try:
@@ -66,6 +66,8 @@ def read_pointer(root: str, name: str) -> tuple[dict[str, Any] | None, str | Non
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None, None
+            raise storage.StorageError(f"cannot read {uri}: {exc}") from None
+        except BotoCoreError as exc:  # no credentials, endpoint unreachable: one line, not a traceback
             raise storage.StorageError(f"cannot read {uri}: {exc}") from None
         data = reply["Body"].read()
         return _parse(uri, data), reply["ETag"]
@@ -89,7 +91,7 @@ def write_pointer(root: str, name: str, pointer: dict[str, Any], expected: str |
 
 
 def _write_s3(uri: str, data: bytes, expected: str | None) -> None:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = storage.split_s3(uri)
     condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
@@ -100,6 +102,8 @@ def _write_s3(uri: str, data: bytes, expected: str | None) -> None:
         code = exc.response.get("Error", {}).get("Code")
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey"):
             raise PointerConflict(f"{uri} changed since it was read") from None
+        raise storage.StorageError(f"cannot write {uri}: {exc}") from None
+    except BotoCoreError as exc:
         raise storage.StorageError(f"cannot write {uri}: {exc}") from None
 
 

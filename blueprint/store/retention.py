@@ -5,8 +5,11 @@ what the cache and warm start still point to. Reachability decides instead. The 
 the last K run records and by every pointer in each promoted model's history; from them, the manifests' inputs
 lead to everything those runs used (adapters -> the round before -> warmup -> shards and base; evaluation ->
 previous evaluation). What is left, and older than the grace period (a running pipeline's newest outputs have no
-run record yet), is garbage. Each prefix is deleted files first and manifest last, so an interrupted gc leaves
-prefixes that look incomplete (rewritten on the next run), never ones that look complete but are not.
+run record yet), is garbage. Each prefix loses its manifest first and its files after: an interrupted gc leaves
+prefixes that look incomplete (a prefix without a manifest is partial, cleared and rewritten by the next run that
+needs it), never ones that look complete but are not. (Files first would leave a manifest naming missing files:
+an output that looks committed and fails as damaged.) Outputs are matched by `stage/key`, so a copied root keeps
+what its pointers and records reach.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ class Collection:
 
 
 def _key(uri: str) -> str:
-    return storage.normalize(uri).rstrip("/")
+    """An output's identity within any root: `stage/key` (a copied root keeps its outputs reachable)."""
+    return artifacts.reference(storage.normalize(uri))
 
 
 def promoted_roots(root: str) -> list[str]:
@@ -54,11 +58,11 @@ def reachable(roots: list[str], outputs: dict[str, dict[str, Any]]) -> set[str]:
     seen: set[str] = set()
     todo = [_key(u) for u in roots if isinstance(u, str) and u]
     while todo:
-        uri = todo.pop()
-        if uri in seen or uri not in outputs:
+        ref = todo.pop()
+        if ref in seen or ref not in outputs:
             continue
-        seen.add(uri)
-        manifest = storage.read_json(artifacts.manifest_uri(uri))
+        seen.add(ref)
+        manifest = storage.read_json(artifacts.manifest_uri(outputs[ref]["uri"]))
         todo += [_key(u) for u in manifest.get("inputs", {}).values() if isinstance(u, str)]
     return seen
 
@@ -92,9 +96,9 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
 
 
 def delete_output(uri: str) -> None:
-    """Delete one committed output: every file, then its manifest, then (on a filesystem) the empty folders."""
-    files = storage.list_files(uri)
-    for rel in sorted(files, key=lambda r: r == artifacts.MANIFEST_NAME):
+    """Delete one committed output: its manifest first (from then on it reads as partial), then every file."""
+    storage.delete_file(artifacts.manifest_uri(uri))
+    for rel in storage.list_files(uri):
         storage.delete_file(storage.join(uri, rel))
     storage.delete_prefix(uri)  # what is left: empty folders
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 import textwrap
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from blueprint.data import extract
 from blueprint.store import storage
-from blueprint.data.readers import read_pairs
+from blueprint.data.readers import read_pairs, sample_pairs
 from blueprint.data.sources import SourceError, parse_source
 from blueprint.stages import shard
 
@@ -151,6 +152,27 @@ def test_read_pairs_is_deterministic_and_limited(shards):
     assert len(rows) == shards.metrics["rows"]["train"] and rows == read_pairs(shards.uri, "train")
     assert read_pairs(shards.uri, "train", limit=7) == rows[:7]
     assert len(read_pairs(shards.uri, "eval")) == shards.metrics["rows"]["eval"] > 0
+
+
+@pytest.mark.parametrize("draw", [
+    lambda rows: random.Random(0).sample(rows, 7),
+    lambda rows: random.Random(1).sample(rows, len(rows)),  # every row, shuffled
+    lambda rows: [r for rng in [random.Random(2)] for r in (rng.choice(rows) for _ in range(3 * len(rows)))],
+])
+def test_a_sample_read_by_row_group_equals_the_same_draw_from_the_whole_split(shards, draw):
+    """Row groups of 5 rows in 3 files: the picked rows are found by row group, in the draw's order."""
+    assert sample_pairs(shards.uri, "train", draw) == draw(read_pairs(shards.uri, "train"))
+
+
+def test_a_sample_reads_only_the_row_groups_it_needs(shards, monkeypatch):
+    import pyarrow.parquet as pq
+
+    read: list[int] = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, **kw: (read.append(i), real(self, i, **kw))[1])
+    (row,) = sample_pairs(shards.uri, "train", lambda rows: [rows[6]])  # the second group of the first file
+    assert row == read_pairs(shards.uri, "train")[6] and read == [1]
 
 
 def test_read_pairs_rejects_partial_output(tmp_path):

@@ -51,14 +51,16 @@ def promote_gated(record: dict, root: str, run: str) -> dict:
 
 
 def test_the_rule_promotes_only_a_winner_that_clears_the_floor():
-    rule = PromotionRule(metric="m", margin=0.1, floor_metric="f", floor=0.5)
-    assert decide({"m": 1.0, "f": 0.6}, None, rule)[0]
-    assert decide({"m": 1.0, "f": 0.6}, {"m": 0.85}, rule) == (True, "m 1.0000 beats the champion's 0.8500 by more "
-                                                                       "than 0.1")
-    assert not decide({"m": 1.0, "f": 0.6}, {"m": 0.95}, rule)[0]  # better, but not by the margin
-    assert decide({"m": 9.0, "f": 0.4}, None, rule) == (False, "f 0.4 is below the floor 0.5")
-    assert not decide({"m": float("nan"), "f": 0.9}, None, rule)[0]
-    assert decide({"m": 1.0, "f": 0.6}, {}, rule)[0]  # a champion without the metric cannot defend
+    rule = PromotionRule(metric="gain_gen_mean", margin=0.1, floor_metric="pairwise_accuracy", floor=0.5)
+    ours = {"gain_gen_mean": 1.0, "pairwise_accuracy": 0.6}
+    assert decide(ours, None, rule)[0]
+    assert decide(ours, {"gain_gen_mean": 0.85}, rule) == (
+        True, "gain_gen_mean 1.0000 beats the champion's 0.8500 by more than 0.1")
+    assert not decide(ours, {"gain_gen_mean": 0.95}, rule)[0]  # better, but not by the margin
+    assert decide({**ours, "pairwise_accuracy": 0.4}, None, rule) == (False,
+                                                                      "pairwise_accuracy 0.4 is below the floor 0.5")
+    assert not decide({**ours, "gain_gen_mean": float("nan")}, None, rule)[0]
+    assert decide(ours, {}, rule)[0]  # a champion without the metric cannot defend
 
 
 def test_a_first_run_is_promoted_then_a_better_one_replaces_it_and_a_worse_one_does_not(world, tmp_path):
@@ -140,3 +142,17 @@ def test_two_promotions_racing_lose_no_decision(world, tmp_path, store, request)
         assert chain == ["trained", "some", "champion"]
     else:  # it lost the race: judged again against the better one, and refused
         assert chain == ["trained", "champion"] and "does not beat" in results["some"]["why"]
+
+
+def test_a_misspelt_metric_is_refused_when_the_settings_are_read():
+    with pytest.raises(ValueError, match="'reward_gen_maen' is not an evaluate metric"):
+        parse(gate.GateConfig, {"metric": "reward_gen_maen"})
+
+
+def test_a_retried_promote_whose_write_went_through_is_promoted_once(world, tmp_path):
+    root = f"file://{tmp_path}/art"
+    record = judge(world["runs"]["some"], root)
+    assert promote_gated(record, root, "r")["promoted"] == 1.0
+    assert promote_gated(record, root, "r")["promoted"] == 1.0  # the pod's retry
+    pointer, _ = promotion.read_pointer(root, "blueprint")
+    assert [p["run"] for p in promotion.history(pointer)] == ["r"]

@@ -57,13 +57,33 @@ def test_a_root_without_run_records_is_refused_and_nothing_is_deleted(tmp_path):
     assert storage.exists(f"{root}/shard/s/{artifacts.MANIFEST_NAME}")
 
 
-def test_an_output_is_deleted_files_first_and_manifest_last(store, monkeypatch):
+def test_an_output_loses_its_manifest_first_so_an_interrupted_gc_leaves_a_partial_prefix(store, monkeypatch):
     order: list[str] = []
     real = storage.delete_file
-    monkeypatch.setattr(storage, "delete_file", lambda uri: (order.append(uri.rsplit("/", 1)[-1]), real(uri)))
+
+    def delete_then_die(uri: str) -> None:
+        order.append(uri.rsplit("/", 1)[-1])
+        real(uri)
+        if len(order) == 1:
+            raise KeyboardInterrupt  # gc killed right after its first delete
+
+    monkeypatch.setattr(storage, "delete_file", delete_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        retention.delete_output(store["a"])
+    assert order == [artifacts.MANIFEST_NAME]
+    assert storage.local_path(store["a"] + "/data.bin").exists()  # files still there, but no manifest: partial
+    assert store["a"] not in [o["uri"] for o in artifacts.cached_outputs(store["root"])]
+    monkeypatch.setattr(storage, "delete_file", real)
     retention.delete_output(store["a"])
-    assert order[-1] == artifacts.MANIFEST_NAME and "data.bin" in order[:-1]
     assert not storage.local_path(store["a"]).exists()
+
+
+def test_a_copied_root_keeps_what_its_records_reach(store, tmp_path):
+    import shutil
+
+    shutil.copytree(storage.local_path(store["root"]), tmp_path / "copy")
+    found = retention.plan(f"file://{tmp_path}/copy", keep_runs=1, grace_seconds=3600, now=LATER)
+    assert [o["uri"].rsplit("/", 2)[-2:] for o in found.doomed] == [["ppo-round", "a"]] and found.kept == 3
 
 
 def test_a_promoted_pointer_keeps_its_chain_with_no_run_kept(store):
