@@ -246,6 +246,13 @@ class Source:
         return {"kind": kind, "id": self.spec.target, "config": self.spec.config,
                 "revision": self.hf_revision or "main", "data_files": self.hf_data_files}
 
+    def input_identities(self) -> dict[str, str] | None:
+        """{rel_path: size and mtime (ETag on S3)} of a tree source's files, which incremental sharding matches on;
+        None for row sources (a dataset's rows have no stable identity of their own)."""
+        if self.spec.kind not in ("stdlib", "dir"):
+            return None
+        return {f.rel_path: f"{f.size}:{f.etag if self.on_s3 else f.mtime_ns}" for f in self.files()}
+
     # ---------------------------------------------------------------- units
     def units(self) -> Iterator[tuple]:
         if self.spec.kind in ("stdlib", "dir"):

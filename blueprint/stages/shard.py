@@ -29,7 +29,9 @@ import pyarrow.parquet as pq
 
 from blueprint.store import artifacts
 from blueprint.config import ConfigError, Settings, setting
-from blueprint.data.extract import Limits, process_many
+from blueprint.data import incremental
+from blueprint.data.extract import Limits, Result, process_many
+from blueprint.data.incremental import IndexWriter
 from blueprint.progress import Progress
 from blueprint.data.sources import Source, SourceError, parse_source
 from blueprint.data.workers import WorkerPool
@@ -138,6 +140,10 @@ class ShardConfig(Settings):
     hf_data_files: str | None = setting(None, 'glob inside the hub repo, e.g. "data/*.parquet"')
     row_group_rows: int = setting(2048, "rows per Parquet row group", ge=1)
     workers: int = setting(0, "parsing processes; 0 = all cores. Not in the cache key", ge=0)
+    incremental: bool = setting(True, "tree sources: take unchanged files' pairs from the newest shard output of "
+                                      "the same source and extraction settings under the artifact root, parse only "
+                                      "new and changed files (the result equals a full re-shard). Not in the cache "
+                                      "key")
 
     @field_validator("source")
     @classmethod
@@ -179,6 +185,7 @@ def key_config(config: ShardConfig, fingerprint: dict[str, Any]) -> dict[str, An
     """What identifies the output: every setting except `workers`, plus the source fingerprint."""
     material = config.to_dict()
     material.pop("workers")
+    material.pop("incremental")
     material["languages"] = list(config.languages)  # as JSON reads it back: the manifest in memory == on disk
     material["source_fingerprint"] = fingerprint
     return material
@@ -237,8 +244,68 @@ def write_new_pairs(pairs: list[tuple], seen: set[bytes], writer: ShardWriter, c
     return kept
 
 
-def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, progress: bool = True) -> dict[str, Any]:
-    """Write the shards of `config.source` into `out_dir`; the metrics. Raises SourceError when nothing is kept."""
+@dataclasses.dataclass
+class Tally:
+    """What the units gave, as the metrics report it."""
+
+    files: int = 0
+    functions: int = 0
+    source_bytes: int = 0
+    kept: int = 0
+    stopped: bool = False
+    files_dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    pairs_dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+def write_results(results: Iterable[Result], writer: ShardWriter, config: ShardConfig, source_name: str,
+                  bar: Progress) -> Tally:
+    """De-duplicate, split and shard the units' pairs in order, stopping at `max_pairs`."""
+    seen: set[bytes] = set()  # 16-byte prefixes of code hashes: the only per-pair state kept for the whole run
+    tally, room = Tally(), config.max_pairs
+    for result in results:
+        tally.files += 1
+        bar.update(tally.files, pairs=tally.kept)
+        tally.source_bytes += result.n_bytes
+        if result.file_drop:
+            tally.files_dropped[result.file_drop] += 1
+            continue
+        tally.functions += result.functions
+        tally.pairs_dropped.update(result.dropped)
+        tally.kept += write_new_pairs(result.pairs, seen, writer, config, source_name, tally.pairs_dropped,
+                                      None if room is None else room - tally.kept)
+        if room is not None and tally.kept >= room:
+            tally.stopped = True
+            break
+    return tally
+
+
+def source_results(source: Source, config: ShardConfig, out_dir: Path, previous: str | None, workers: int,
+                   batch: int, counts: collections.Counter) -> tuple[Iterator[Result], IndexWriter | None]:
+    """Every unit's Result in source order, and the index they are recorded in (tree sources): with `previous`,
+    unchanged files come from its index and only the others are parsed."""
+    parse = functools.partial(ordered_map, functools.partial(process_many, limits=config.limits()),
+                              workers=workers, batch=batch)
+    identities = source.input_identities()
+    if identities is None:
+        return parse(source.units()), None
+    index = IndexWriter(out_dir)
+    old = incremental.PreviousIndex(previous) if previous else None
+    merged = incremental.merged_results(list(source.units()), identities, old, parse, counts)
+
+    def recorded() -> Iterator[Result]:
+        try:
+            for identity, result in merged:
+                index.add(identity, result)
+                yield result
+        finally:
+            merged.close()
+    return recorded(), index
+
+
+def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, progress: bool = True,
+            previous: str | None = None) -> dict[str, Any]:
+    """Write the shards of `config.source` into `out_dir` (reusing the per-file results of the shard output
+    `previous`); the metrics. Raises SourceError when nothing is kept."""
     start = time.time()
     source = source or config.make_source()
     fingerprint = source.fingerprint()
@@ -246,33 +313,20 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
     workers = config.resolved_workers()
     if source.total:  # no more processes than batches (a small tree is done before a big pool has started)
         workers = max(1, min(workers, -(-source.total // batch)))
-    room = config.max_pairs
     writer = ShardWriter(out_dir, config.num_shards, config.row_group_rows)
-    seen: set[bytes] = set()  # 16-byte prefixes of code hashes: the only per-pair state kept for the whole run
-    files_dropped, pairs_dropped = collections.Counter(), collections.Counter()
-    files = functions = source_bytes = kept = 0
-    stopped = False
     bar = Progress(STAGE, source.total or None, progress, unit="file" if source.total else "row")
-    results = ordered_map(functools.partial(process_many, limits=config.limits()), source.units(), workers, batch)
+    counts: collections.Counter = collections.Counter()
+    results, index = source_results(source, config, out_dir, previous, workers, batch, counts)
     try:
-        for result in results:
-            files += 1
-            bar.update(files, pairs=kept)
-            source_bytes += result.n_bytes
-            if result.file_drop:
-                files_dropped[result.file_drop] += 1
-                continue
-            functions += result.functions
-            pairs_dropped.update(result.dropped)
-            kept += write_new_pairs(result.pairs, seen, writer, config, source.name, pairs_dropped,
-                                    None if room is None else room - kept)
-            if room is not None and kept >= room:
-                stopped = True
-                break
+        tally = write_results(results, writer, config, source.name, bar)
     finally:
         results.close()  # terminates the worker pool when we stopped early or failed
         bar.close()
+        if index is not None:
+            index.close()
     rows_per_shard = writer.close()
+    files, functions, source_bytes, kept = tally.files, tally.functions, tally.source_bytes, tally.kept
+    files_dropped, pairs_dropped, stopped = tally.files_dropped, tally.pairs_dropped, tally.stopped
     files_dropped.update(source.skipped)  # rows the source filtered itself (other languages)
     files += sum(source.skipped.values())
     if kept == 0:
@@ -292,10 +346,13 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
         "pairs_dropped": dict(sorted(pairs_dropped.items())),
         "stopped_at_max_pairs": stopped,
         "source_bytes": source_bytes,
-        "bytes_written": sum(p.stat().st_size for p in Path(out_dir).rglob("*.parquet")),
+        "bytes_written": sum(p.stat().st_size for s in SPLITS for p in (Path(out_dir) / s).rglob("*.parquet")),
         "seconds": round(seconds, 2),
         "mb_per_s": round(source_bytes / 1e6 / max(seconds, 1e-9), 2),
         "workers": workers,
+        "inputs_parsed": counts["inputs_parsed"] if index is not None else files,
+        "inputs_reused": counts["inputs_reused"],
+        **({"reused_from": artifacts.reference(previous)} if previous and counts["inputs_reused"] else {}),
     }
 
 
@@ -307,9 +364,13 @@ def run(config: ShardConfig, *, artifact_root: str | None = None, out_uri: str |
     """
     source = config.make_source()
     fingerprint = source.fingerprint()  # fails fast (missing dir, no Python files) before any output exists
-    return artifacts.run_stage(STAGE, key_config(config, fingerprint), {},
-                               lambda out_dir: compute(config, out_dir, source, progress),
-                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+    key = key_config(config, fingerprint)
+
+    def build(out_dir: Path) -> dict[str, Any]:
+        previous = incremental.find_previous(artifact_root, incremental.extraction_key(key)) \
+            if config.incremental and artifact_root and source.input_identities() is not None else None
+        return compute(config, out_dir, source, progress, previous)
+    return artifacts.run_stage(STAGE, key, {}, build, artifact_root=artifact_root, out_uri=out_uri, force=force)
 
 
 def summary_line(out: artifacts.StageOutput | dict[str, Any]) -> str:
