@@ -35,7 +35,7 @@ print(json.dumps({{"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_m
 def variants(shards: str, copies: int, out_uri: str) -> int:
     """A committed shard artifact with `copies` distinct variants of every train row (eval rows as they are)."""
     from blueprint.data.readers import read_pairs
-    from blueprint.stages.shard import SCHEMA, ShardWriter
+    from blueprint.data.shard_writer import SCHEMA, ShardWriter
     from blueprint.store import artifacts
 
     with tempfile.TemporaryDirectory() as tmp:

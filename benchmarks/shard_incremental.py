@@ -1,5 +1,5 @@
-"""Incremental re-shard against a full one: a copy of the stdlib tree, sharded, then grown by 1% new files
-(site-packages modules) and sharded again.
+"""Incremental re-shard against a full one: a tree of the stdlib plus site-packages, less 1% of its files,
+sharded; then the held-out 1% added back and sharded again.
 
     python benchmarks/shard_incremental.py [--root /tmp/blueprint-incremental] [--grow 0.01]
 
@@ -37,13 +37,21 @@ def main() -> None:
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     src = root / "src"
-    shutil.copytree(stdlib_root(), src, ignore=shutil.ignore_patterns("site-packages", "__pycache__", "test*"))
+    corpus = [(f, "stdlib") for f in list_python_files(stdlib_root())] + \
+        [(f, "site") for f in list_python_files(Path(sysconfig.get_paths()["purelib"]))]
+    step = max(1, round(1 / args.grow))
+    held_out = [pair for i, pair in enumerate(corpus) if i % step == step // 2]
+    out = {(tree, f.rel_path) for f, tree in held_out}
+    for f, tree in corpus:
+        if (tree, f.rel_path) not in out:
+            (src / tree / f.rel_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f.abs_path, src / tree / f.rel_path)
     files = list_python_files(src)
     full, full_s = timed(src, root / "art")
-    site = Path(sysconfig.get_paths()["purelib"])
-    extra = [f for f in list_python_files(site) if f.size < 200_000][:max(1, round(len(files) * args.grow))]
-    for n, f in enumerate(extra):
-        shutil.copy2(f.abs_path, src / f"zz_new_{n:03d}_{Path(f.rel_path).name}")
+    extra = held_out
+    for f, tree in extra:
+        (src / tree / f.rel_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f.abs_path, src / tree / f.rel_path)
     grown, grown_s = timed(src, root / "art")
     fresh, fresh_s = timed(src, root / "fresh", incremental=False)
     same = {r: m["sha256"] for r, m in grown.manifest["files"].items()} == \

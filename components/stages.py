@@ -7,7 +7,7 @@ The same definitions run on Kubeflow and under `kfp.local` (SubprocessRunner run
 """
 
 import os
-from typing import Any, NamedTuple
+from typing import Any, List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Markdown, Metrics, Output
@@ -22,11 +22,24 @@ DEFAULT_IMAGE = os.environ.get("BLUEPRINT_IMAGE", f"ghcr.io/blueprint-rt/bluepri
 # The component bodies: KFP ships each function's source in the compiled YAML and runs it in the image.
 
 
-def shard(artifact_root: str, source: str, settings: dict, force: bool, metrics: Output[Metrics],
-          report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
-    from blueprint.stages.task import run_stage_task
-    return run_stage_task("shard", {**settings, "source": source}, {}, artifact_root, force, metrics,
-                          report.path)
+def shard_plan(source: str, settings: dict) -> list:
+    """The source's partitions (settings.partitions of them, fewer for a small source)."""
+    from blueprint.stages.shard_fanout import plan_task
+    return plan_task({**settings, "source": source})
+
+
+def shard_part(artifact_root: str, source: str, partition: dict, settings: dict, force: bool,
+               metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    """One partition parsed: its inputs' pairs, before de-duplication (a cache hit when they are unchanged)."""
+    from blueprint.stages.shard_fanout import part_task
+    return part_task({**settings, "source": source}, partition, artifact_root, force, metrics, report.path)
+
+
+def shard(artifact_root: str, source: str, parts: List[str], settings: dict, force: bool,
+          metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    """The dataset over every part: de-duplicated, split and sharded as one task would."""
+    from blueprint.stages.shard_fanout import dataset_task
+    return dataset_task({**settings, "source": source}, parts, artifact_root, force, metrics, report.path)
 
 
 def bootstrap(artifact_root: str, base: str, coder_base: str, shards: str, settings: dict, force: bool,
@@ -95,7 +108,7 @@ def promote(artifact_root: str, run_id: str, settings: dict, force: bool, metric
     return promote_task(settings, run_id, artifact_root, force, metrics, report.path)
 
 
-STAGE_FUNCTIONS = (shard, bootstrap, warmup, ppo_round, evaluate, merge, gate, promote)
+STAGE_FUNCTIONS = (shard_plan, shard_part, shard, bootstrap, warmup, ppo_round, evaluate, merge, gate, promote)
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
@@ -105,7 +118,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         raise ConfigError(f"component image {image!r} is not a valid image reference")
     component = dsl.component(base_image=image, install_kfp_package=False)
     comps = {fn.__name__.replace("_", "-"): component(fn) for fn in STAGE_FUNCTIONS}
-    missing, extra = set(registry.STAGES) - set(comps), set(comps) - set(registry.STAGES)
+    missing, extra = set(registry.task_names()) - set(comps), set(comps) - set(registry.task_names())
     if missing or extra:
         raise AssertionError(f"components and the stage registry disagree: missing {missing}, extra {extra}")
     return comps

@@ -1,5 +1,5 @@
-"""The DAG: shard -> bootstrap (tiny only) -> warmup -> ppo_round(1..N) -> merge -> gate -> [promote],
-evaluate(e) beside round e+1.
+"""The DAG: shard-plan -> shard-part(p) for each partition (ParallelFor) -> shard (Collected) -> bootstrap (tiny
+only) -> warmup -> ppo_round(1..N) -> merge -> gate -> [promote], evaluate(e) beside round e+1.
 
 `base` is the summarizer's base (and the coder's, unless `coder_base` names another model). The gate compares
 the run's final evaluation with the promoted model of `promotion_name`; promote runs only when the challenger
@@ -7,9 +7,9 @@ wins (a `dsl.If` on the gate's decision, visible in the KFP graph).
 
 Epochs are unrolled at compile time. Every stage's settings are a pipeline parameter (a dict with the profile's
 defaults) and the common knobs are flat parameters. Every task output is a content-addressed URI, so KFP's own
-cache (which keys on parameter values) can only hit when the upstream content is the same; the shard task, whose
-input is a source outside the store, is never KFP-cached and relies on its own manifest cache instead, and the
-gate and promote tasks, which read the promoted pointer, are never KFP-cached either.
+cache (which keys on parameter values) can only hit when the upstream content is the same; the shard-plan and
+shard-part tasks, whose input is a source outside the store, are never KFP-cached and rely on their own manifest
+cache instead, and the gate and promote tasks, which read the promoted pointer, are never KFP-cached either.
 """
 import functools
 from collections.abc import Callable
@@ -29,10 +29,11 @@ Outputs = NamedTuple("Outputs", models=str, evaluation=str, decision=str)
 
 def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAULT_IMAGE,
                    artifact_root: str = "./artifacts", configure_task: Callable | None = None,
-                   defaults: dict[str, dict] | None = None) -> Callable:
+                   defaults: dict[str, dict] | None = None, shard_parallelism: int = 0) -> Callable:
     """The pipeline function for `epochs` PPO rounds with `profile` defaults, on container `image`.
     `configure_task(stage, task)` may add cluster settings (resources, secrets, node selectors) to each task;
-    `defaults` ({stage: {key: value}}, e.g. device=cuda) go over the profile's in the settings parameters."""
+    `defaults` ({stage: {key: value}}, e.g. device=cuda) go over the profile's in the settings parameters;
+    `shard_parallelism` caps the shard-part tasks running at once (0: all partitions at once)."""
     if epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
     comps = build_components(image)
@@ -61,9 +62,7 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
         warm_start: bool = False,
     ) -> Outputs:
         p = dict(locals())
-        shard = task("shard", comps["shard"](artifact_root=artifact_root, source=source, settings=shard_settings,
-                                          force=force))
-        shard.set_caching_options(False)  # its input lives outside the store; its own manifest cache applies
+        shard = _shard(comps, task, p, shard_parallelism)
         boot = task("bootstrap", comps["bootstrap"](artifact_root=artifact_root, base=base, coder_base=coder_base,
                                                  shards=shard.outputs["uri"], settings=bootstrap_settings,
                                                  force=force))
@@ -77,6 +76,20 @@ def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAU
         return Outputs(models=merged.outputs["uri"], evaluation=evaluation, decision=decision)
 
     return blueprint_pipeline
+
+
+def _shard(comps: dict, task: Callable, p: dict[str, Any], parallelism: int) -> Any:
+    """Plan the source's partitions, parse each in its own task, commit one dataset over all of them."""
+    plan = task("shard", comps["shard-plan"](source=p["source"], settings=p["shard_settings"]), "shard-plan")
+    plan.set_caching_options(False)  # they read the source, outside the store: their own manifest cache applies
+    with dsl.ParallelFor(plan.output, parallelism=parallelism or None, name="partitions") as partition:
+        part = task("shard", comps["shard-part"](artifact_root=p["artifact_root"], source=p["source"],
+                                              partition=partition, settings=p["shard_settings"], force=p["force"]),
+                    "shard-part")
+        part.set_caching_options(False)
+    return task("shard", comps["shard"](artifact_root=p["artifact_root"], source=p["source"],
+                                        parts=dsl.Collected(part.outputs["uri"]), settings=p["shard_settings"],
+                                        force=p["force"]))
 
 
 def _train(comps: dict, task: Callable, epochs: int, p: dict[str, Any], common: dict[str, Any]) -> tuple[Any, Any]:

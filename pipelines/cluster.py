@@ -141,6 +141,8 @@ class ClusterSettings(Settings):
     caching: dict[str, StrictBool] = setting({}, "per-stage KFP cache switch (unset: KFP's default, on; shard, "
                                                  "gate and promote are always off, see the pipeline)")
     retries: int = setting(0, "pod-level retries of every stage, with exponential backoff", ge=0, le=20)
+    shard_parallelism: int = setting(0, "shard-part pods running at once (0: one per partition, all at once; the "
+                                        "partitions are shard_settings.partitions)", ge=0)
     retry_backoff: str = setting("30s", "first backoff, a duration like 30s, 5m or 1h")
     retry_backoff_factor: float = setting(2.0, "backoff growth per retry", ge=1)
     retry_backoff_max: str = setting("1h", "longest backoff")

@@ -84,7 +84,8 @@ def compile_package(path: str, *, epochs: int, profile: str, image: str, artifac
     profiles.stage_settings(profile, "shard")  # unknown profile -> ValueError naming it
     storage.refuse_credentials(artifact_root, setting="--artifact-root")  # it becomes a YAML default
     compile_pipeline(path, epochs=epochs, profile=profile, image=image, artifact_root=artifact_root,
-                     configure_task=cluster.configure_task(settings), defaults=cluster.stage_defaults(settings))
+                     configure_task=cluster.configure_task(settings), defaults=cluster.stage_defaults(settings),
+                     shard_parallelism=settings.shard_parallelism)
     # after compiling, so that a compile that fails says only why
     warning = cluster.s3_credentials_warning(artifact_root, settings.s3_secret)
     if warning:

@@ -25,6 +25,7 @@ KFP_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - ")
 EXECUTOR_LINE = "[KFP Executor"
 RESULT_PREFIX = '{"stage": '
 TRACEBACK = "Traceback (most recent call last):"
+STAGE_LINE = re.compile(r"^[A-Za-z][\w.\-\[\]]*: ")  # `warmup: step 3/4 ...`: what a stage prints itself
 
 
 def figures_text(stage: str, metrics: dict[str, Any]) -> str:
@@ -54,6 +55,7 @@ class TaskLogFilter(io.TextIOBase):
         self.pending = ""
         self.task: str | None = None
         self.started: dict[str, float] = {}
+        self.json_indent = 0
         self.result: dict[str, Any] | None = None
         self.mode = "outside"  # outside | logs | executor_json | traceback
         self.failure: tuple[str, str, bool] | None = None  # (task, cause, user error?)
@@ -101,7 +103,7 @@ class TaskLogFilter(io.TextIOBase):
     def _line(self, line: str) -> None:
         line = line.rstrip("\r")
         if self.mode == "executor_json" and not KFP_RECORD.match(line):
-            if line.rstrip() in ("    }", "}"):  # the JSON ends with a brace at the task log's indentation
+            if line.rstrip() == " " * self.json_indent + "}":  # the brace that closes it, at its own indentation
                 self.mode = "logs"
         elif m := EXECUTING.search(line):
             self.task, self.result, self.mode = self.label(m["task"]), None, "outside"
@@ -114,13 +116,15 @@ class TaskLogFilter(io.TextIOBase):
             self.mode = "logs"
         elif KFP_RECORD.match(line) or line.startswith("-----"):  # kfp's own (task output is indented)
             self.mode = "outside"
+        elif self.mode == "logs" and line.lstrip().startswith(EXECUTOR_LINE) and "Got executor_input:" in line:
+            self.mode, self.json_indent = "executor_json", len(line) - len(line.lstrip())
         elif self.mode in ("logs", "traceback"):
             self._task_line((line[4:] if line.startswith("    ") else line).rstrip())
 
     def _task_line(self, line: str) -> None:
+        if self.mode != "traceback":  # tasks inside a ParallelFor are indented once more
+            line = line.strip()
         if line.startswith(EXECUTOR_LINE):
-            if "Got executor_input:" in line:
-                self.mode = "executor_json"
             return
         if line.startswith(RESULT_PREFIX):
             try:
@@ -140,7 +144,7 @@ class TaskLogFilter(io.TextIOBase):
             if line.strip() and not line.startswith(" "):
                 self.cause[self.task or "?"] = (line.strip(), False)
             return
-        if line.strip():
+        if STAGE_LINE.match(line):  # not the executor's JSON, which parallel tasks interleave
             self._emit(line)
 
     def _finished(self, task: str, status: str) -> None:

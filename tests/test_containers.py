@@ -186,8 +186,8 @@ def test_smoke_pipeline_runs_every_stage_in_the_image_through_the_docker_runner(
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     assert TEST_SECRET_KEY not in log
-    assert log.count("Found image '") == 9  # shard, bootstrap, warmup, evaluate 0 and 1, ppo-round, merge, gate,
-    # promote (the first run under a root has no champion)
+    assert log.count("Found image '") == 11  # shard-plan, shard-part, shard, bootstrap, warmup, evaluate 0 and 1,
+    # ppo-round, merge, gate, promote (the first run under a root has no champion)
     merged = artifacts.read_manifest(next(line.split()[2] for line in done.stdout.splitlines()
                                           if line.startswith("merged models:")).rsplit("/", 1)[0])
     assert merged["stage"] == "merge"
@@ -197,7 +197,8 @@ def test_smoke_pipeline_runs_every_stage_in_the_image_through_the_docker_runner(
                                                    if line.startswith("report:")).rsplit("/", 1)[0], "metrics.json"))
     assert metrics["epoch"] == 1 and metrics["pairwise_accuracy"] is not None
     stages = {line.split("/")[0] for line in storage.list_files(root)}
-    assert stages == {"shard", "bootstrap", "warmup", "ppo-round", "evaluate", "merge", "gate", "runs", "promoted"}
+    assert stages == {"shard", "shard-part", "bootstrap", "warmup", "ppo-round", "evaluate", "merge", "gate", "runs",
+                      "promoted"}
 
 
 def test_container_tests_skip_with_a_reason_when_no_engine_is_installed(tmp_path):

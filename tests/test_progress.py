@@ -107,7 +107,7 @@ def test_a_task_failing_on_bad_input_exits_2_with_its_own_one_line_error_and_the
                         "dir:./empty", cwd=tmp_path)
     assert failed.returncode == 2, failed.stdout + failed.stderr
     error = failed.stderr.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("blueprint run: error: task shard failed: source dir:")
+    assert len(error) == 1 and error[0].startswith("blueprint run: error: task shard-plan failed: source dir:")
     assert "has no Python files" in error[0] and "Traceback" not in failed.stdout + failed.stderr
     log = Path(error[0].rsplit("full log: ", 1)[1].rstrip(")"))
     assert "Got executor_input" in log.read_text()

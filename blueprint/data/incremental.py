@@ -70,14 +70,15 @@ def extraction_key(config: dict[str, Any]) -> dict[str, Any]:
     """The settings that decide what an input gives (not how pairs are split or sharded): two shard runs whose keys
     agree may share inputs' results."""
     ignored = {"num_shards", "eval_fraction", "split_salt", "max_pairs", "row_group_rows", "workers",
-               "source_fingerprint", "incremental"}
+               "source_fingerprint", "incremental", "partitions", "partition"}
     return {"index": INDEX_VERSION, **{k: v for k, v in config.items() if k not in ignored}}
 
 
 def find_previous(root: str, key: dict[str, Any]) -> str | None:
-    """The newest committed shard output under `root` with an index and the same extraction key, or None."""
-    rows = [r for r in artifacts.cached_outputs(root) if r["stage"] == "shard"]
-    for row in sorted(rows, key=lambda r: r["created"], reverse=True):
+    """The newest committed shard output under `root` with an index and the same extraction key, or None. A whole
+    dataset (every input) comes before a fan-out part (one partition's inputs)."""
+    rows = [r for r in artifacts.cached_outputs(root) if r["stage"] in ("shard", "shard-part")]
+    for row in sorted(rows, key=lambda r: (r["stage"] == "shard", r["created"]), reverse=True):
         manifest = storage.read_json(artifacts.manifest_uri(row["uri"]))
         if INPUTS_FILE in manifest.get("files", {}) and extraction_key(manifest.get("config", {})) == key:
             return row["uri"]
@@ -102,17 +103,27 @@ class PreviousIndex:
         return {r["path"] for r in self._rows(INPUTS_FILE, ["path", "identity"])
                 if identities.get(r["path"]) == r["identity"]}
 
-    def results(self, paths: set[str]) -> Iterator[Result]:
-        """The recorded Result of each path in `paths`, in the recorded (path) order."""
+    def inputs(self) -> Iterator[dict]:
+        """Every recorded input's path and identity, in order."""
+        return self._rows(INPUTS_FILE, ["path", "identity"])
+
+    def all_results(self) -> Iterator[tuple[str, Result]]:
+        """(identity, Result) of every recorded input, in order."""
+        identities = (r["identity"] for r in self._rows(INPUTS_FILE, ["identity"]))
+        for identity, result in zip(identities, self.results(None)):
+            yield identity, result
+
+    def results(self, paths: set[str] | None) -> Iterator[Result]:
+        """The recorded Result of each path in `paths` (None: every input), in the recorded (path) order."""
         pairs = self._rows(PAIRS_FILE)
         pair = next(pairs, None)
         for row in self._rows(INPUTS_FILE):
             taken = []
             while pair is not None and pair["ordinal"] <= row["ordinal"]:
-                if pair["ordinal"] == row["ordinal"] and row["path"] in paths:
+                if pair["ordinal"] == row["ordinal"] and (paths is None or row["path"] in paths):
                     taken.append(tuple(pair[k] for k in ("digest", "name", "code", "summary", "path", "license")))
                 pair = next(pairs, None)
-            if row["path"] in paths:
+            if paths is None or row["path"] in paths:
                 yield Result(path=row["path"], n_bytes=row["n_bytes"], file_drop=row["file_drop"],
                              functions=row["functions"], pairs=taken,
                              dropped=collections.Counter(json.loads(row["dropped"])))

@@ -1,6 +1,7 @@
 """Readers of the Parquet shards of (code, summary) pairs that the `shard` stage commits.
 
-Layout of a committed `shard` artifact (blueprint.stages.shard builds it and holds SCHEMA and the writer):
+Layout of a committed `shard` artifact (blueprint.stages.shard builds it; blueprint.data.shard_writer holds SCHEMA
+and the writer):
 
     train/part-00000-of-0000N.parquet ... eval/part-00000-of-0000N.parquet   (zstd, N = num_shards per split)
     _MANIFEST.json                                                          (files, config, metrics)

@@ -163,6 +163,21 @@ class Source:
         self.on_s3 = self.spec.kind != "hf" and storage.is_s3(self.spec.target)
         self._files: list[SourceFile] | list[remote.RemoteObject] | None = None
         self._objects: list[remote.RemoteObject] | None = None  # one listing: the fingerprint is what is read
+        self.partition: dict[str, Any] | None = None
+
+    def restricted(self, partition: dict[str, Any] | None) -> Source:
+        """This source cut to one partition of the fan-out (`blueprint.data.partitions`): a range of a tree's
+        sorted files (`first` to `last`), or a list of data `files`. None or a whole-source partition: all of it."""
+        self.partition, self._files, self._objects = partition or None, None, None
+        return self
+
+    def _in_partition(self, name: str) -> bool:
+        part = self.partition
+        if not part:
+            return True
+        if "files" in part:
+            return name in part["files"]
+        return "first" not in part or part["first"] <= name <= part["last"]
 
     def _named(self, fn):
         """`fn()`, with a storage failure (bucket, credentials, endpoint, a broken file) told as this source's."""
@@ -199,13 +214,14 @@ class Source:
                         break
                     kept.append(f)
                 files = kept or files[:1]
-            self._files = files
+            self._files = [f for f in files if self._in_partition(f.rel_path)]
         return self._files
 
     def data_files(self) -> list[str]:
         target = os.path.expanduser(self.spec.target)
         paths = sorted(glob.glob(target, recursive=True)) if glob.has_magic(target) else [target]
         paths = [str(Path(p).resolve()) for p in paths if os.path.isfile(p)]
+        paths = [p for p in paths if self._in_partition(p)]
         if not paths:
             raise SourceError(f"source {self.name}: no {self.spec.kind} file matches {target}")
         return paths
@@ -218,7 +234,7 @@ class Source:
                 what = f"{self.spec.kind} file matches" if glob.has_magic(self.spec.target) else \
                     f"{remote.EXTENSIONS[self.spec.kind]} file is at or below"
                 raise SourceError(f"source {self.name}: no {what} {self.spec.target}")
-            self._objects = found
+            self._objects = [o for o in found if self._in_partition(o.uri)]
         return self._objects
 
     @property

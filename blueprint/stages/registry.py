@@ -27,6 +27,7 @@ class StageSpec:
     accelerator: bool = False                   # gets the accelerator when the cluster settings ask for GPUs
     figures: tuple[str, ...] = ()               # metrics a one-line summary of a finished task shows
     profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # settings per profile name
+    tasks: tuple[str, ...] = ()                 # the stage's fan-out tasks beside its own: "plan" -> "shard-plan"
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -43,9 +44,9 @@ PROFILE_NAMES = ("smoke", "default")  # smoke: seconds, for tests; default: show
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("shard", "blueprint.stages.shard", "ShardConfig", (), "shard_settings",
-              figures=("pairs", "mb_per_s"), profiles={
+              figures=("pairs", "inputs_parsed", "inputs_reused"), tasks=("plan", "part"), profiles={
                   "smoke": {"source": "stdlib", "num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600},
-                  "default": {"source": "stdlib", "num_shards": 4, "eval_fraction": 0.05}}),
+                  "default": {"source": "stdlib", "num_shards": 4, "eval_fraction": 0.05, "partitions": 2}}),
     StageSpec("bootstrap", "blueprint.stages.bootstrap", "BootstrapConfig", ("shards",), "bootstrap_settings",
               figures=("parameters", "loss_start", "loss_end"), profiles={
                   "smoke": {"preset": "micro", "vocab_size": 512, "seq_len": 128, "batch_size": 8,
@@ -109,6 +110,11 @@ def stage_configs(settings: Mapping[str, Mapping[str, Any]], label: Callable[[st
         except ConfigError as exc:
             raise ConfigError(f"{label(stage)}: {exc}") from None
     return configs
+
+
+def task_names() -> tuple[str, ...]:
+    """Every pipeline task kind: each stage, and its fan-out tasks (`shard-plan`, `shard-part`)."""
+    return tuple(f"{name}-{t}" for name, spec in STAGES.items() for t in spec.tasks) + tuple(STAGES)
 
 
 def accelerator_stages() -> tuple[str, ...]:

@@ -24,9 +24,6 @@ from typing import Any
 
 from pydantic import field_validator, model_validator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from blueprint.store import artifacts
 from blueprint.config import ConfigError, Settings, setting
 from blueprint.data import incremental
@@ -34,79 +31,12 @@ from blueprint.data.extract import Limits, Result, process_many
 from blueprint.data.incremental import IndexWriter
 from blueprint.progress import Progress
 from blueprint.data.sources import Source, SourceError, parse_source
+from blueprint.data.shard_writer import SPLITS, ShardWriter
 from blueprint.data.workers import WorkerPool
 
 STAGE = "shard"
 LANGUAGE = "python"
-SPLITS = ("train", "eval")
-SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("code", pa.string(), nullable=False),
-        pa.field("summary", pa.string(), nullable=False),
-        pa.field("name", pa.string(), nullable=False),
-        pa.field("language", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("path", pa.string(), nullable=False),
-        pa.field("license", pa.string(), nullable=True),
-        pa.field("n_code_chars", pa.int32(), nullable=False),
-        pa.field("n_code_lines", pa.int32(), nullable=False),
-    ],
-    metadata={"blueprint.schema": "code-summary-pairs/1"},
-)  # the columns are described in blueprint.data.readers, where the readers live
-COMPRESSION = "zstd"
-
-
-def shard_name(split: str, index: int, num_shards: int) -> str:
-    return f"{split}/part-{index:05d}-of-{num_shards:05d}.parquet"
-
-
-class ShardWriter:
-    """Routes rows to `num_shards` Parquet files per split as they arrive.
-
-    Memory is bounded: each file buffers at most one row group (`row_group_rows` rows or `row_group_bytes` of
-    text, whichever comes first) before it is written. Row-group boundaries depend only on the rows, so the same
-    rows in the same order give byte-identical files.
-    """
-
-    def __init__(self, out_dir: Path, num_shards: int, row_group_rows: int = 2048, row_group_bytes: int = 8 << 20):
-        self.out_dir, self.num_shards = Path(out_dir), num_shards
-        self.row_group_rows, self.row_group_bytes = row_group_rows, row_group_bytes
-        self._buffers: dict[str, list[tuple]] = {}
-        self._buffer_bytes: dict[str, int] = {}
-        self._writers: dict[str, pq.ParquetWriter] = {}
-        self.rows: dict[str, int] = {shard_name(s, i, num_shards): 0 for s in SPLITS for i in range(num_shards)}
-
-    def add(self, split: str, shard: int, row: tuple) -> None:
-        """`row` holds the SCHEMA columns in order."""
-        name = shard_name(split, shard, self.num_shards)
-        buf = self._buffers.setdefault(name, [])
-        buf.append(row)
-        self._buffer_bytes[name] = self._buffer_bytes.get(name, 0) + len(row[1]) + len(row[2])
-        self.rows[name] += 1
-        if len(buf) >= self.row_group_rows or self._buffer_bytes[name] >= self.row_group_bytes:
-            self._flush(name)
-
-    def _flush(self, name: str) -> None:
-        rows = self._buffers.pop(name, [])
-        self._buffer_bytes.pop(name, None)
-        if name not in self._writers:
-            path = self.out_dir / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._writers[name] = pq.ParquetWriter(path, SCHEMA, compression=COMPRESSION)
-        if rows:
-            columns = list(zip(*rows))
-            table = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA)],
-                                         schema=SCHEMA)
-            self._writers[name].write_table(table, row_group_size=len(rows))
-
-    def close(self) -> dict[str, int]:
-        """Flush everything; every shard file exists afterwards (an empty one holds the schema). Rows per file."""
-        for name in self.rows:
-            if self._buffers.get(name) or name not in self._writers:
-                self._flush(name)
-            self._writers.pop(name).close()
-        return dict(self.rows)
+# SPLITS, SCHEMA and ShardWriter live in blueprint.data.shard_writer, beside the readers' description
 
 
 class ShardConfig(Settings):
@@ -140,6 +70,8 @@ class ShardConfig(Settings):
     hf_data_files: str | None = setting(None, 'glob inside the hub repo, e.g. "data/*.parquet"')
     row_group_rows: int = setting(2048, "rows per Parquet row group", ge=1)
     workers: int = setting(0, "parsing processes; 0 = all cores. Not in the cache key", ge=0)
+    partitions: int = setting(1, "fan-out in the pipeline: shard tasks that parse the source in parallel (one pod "
+                                 "each); the dataset is the same for any number. Not in the cache key", ge=1)
     incremental: bool = setting(True, "tree sources: take unchanged files' pairs from the newest shard output of "
                                       "the same source and extraction settings under the artifact root, parse only "
                                       "new and changed files (the result equals a full re-shard). Not in the cache "
@@ -182,10 +114,12 @@ class ShardConfig(Settings):
 
 
 def key_config(config: ShardConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """What identifies the output: every setting except `workers`, plus the source fingerprint."""
+    """What identifies the output: every setting except how the work is spread (`workers`, `partitions`) and
+    whether earlier results are reused (`incremental`), plus the source fingerprint."""
     material = config.to_dict()
     material.pop("workers")
     material.pop("incremental")
+    material.pop("partitions")
     material["languages"] = list(config.languages)  # as JSON reads it back: the manifest in memory == on disk
     material["source_fingerprint"] = fingerprint
     return material
@@ -279,18 +213,29 @@ def write_results(results: Iterable[Result], writer: ShardWriter, config: ShardC
     return tally
 
 
+def _unidentified(fresh: Iterator[Result], counts: collections.Counter) -> Iterator[tuple[str, Result]]:
+    try:
+        for result in fresh:
+            counts["inputs_parsed"] += 1
+            yield "", result
+    finally:
+        fresh.close()
+
+
 def source_results(source: Source, config: ShardConfig, out_dir: Path, previous: str | None, workers: int,
-                   batch: int, counts: collections.Counter) -> tuple[Iterator[Result], IndexWriter | None]:
-    """Every unit's Result in source order, and the index they are recorded in (tree sources): with `previous`,
-    unchanged files come from its index and only the others are parsed."""
+                   batch: int, counts: collections.Counter,
+                   always_index: bool = False) -> tuple[Iterator[Result], IndexWriter | None]:
+    """Every unit's Result in source order, and the index they are recorded in (tree sources, or any source with
+    `always_index`: a fan-out part): with `previous`, unchanged files come from its index, only the rest is parsed."""
     parse = functools.partial(ordered_map, functools.partial(process_many, limits=config.limits()),
                               workers=workers, batch=batch)
     identities = source.input_identities()
-    if identities is None:
+    if identities is None and not always_index:
         return parse(source.units()), None
     index = IndexWriter(out_dir)
-    old = incremental.PreviousIndex(previous) if previous else None
-    merged = incremental.merged_results(list(source.units()), identities, old, parse, counts)
+    old = incremental.PreviousIndex(previous) if previous and identities is not None else None
+    merged = _unidentified(parse(source.units()), counts) if identities is None else \
+        incremental.merged_results(list(source.units()), identities, old, parse, counts)
 
     def recorded() -> Iterator[Result]:
         try:
@@ -325,16 +270,27 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
         if index is not None:
             index.close()
     rows_per_shard = writer.close()
-    files, functions, source_bytes, kept = tally.files, tally.functions, tally.source_bytes, tally.kept
-    files_dropped, pairs_dropped, stopped = tally.files_dropped, tally.pairs_dropped, tally.stopped
-    files_dropped.update(source.skipped)  # rows the source filtered itself (other languages)
-    files += sum(source.skipped.values())
+    tally.files_dropped.update(source.skipped)  # rows the source filtered itself (other languages)
+    tally.files += sum(source.skipped.values())
+    files, kept, files_dropped, pairs_dropped = tally.files, tally.kept, tally.files_dropped, tally.pairs_dropped
     if kept == 0:
         raise SourceError(f"source {source.name} gave no (code, summary) pairs from {files} file(s)/row(s): "
                           f"files dropped {dict(files_dropped) or 'none'}, pairs dropped {dict(pairs_dropped) or 'none'}")
+    return dataset_metrics(tally, rows_per_shard, config, source.name, fingerprint, out_dir, start, workers) | {
+        "inputs_parsed": counts["inputs_parsed"] if index is not None else files,
+        "inputs_reused": counts["inputs_reused"],
+        **({"reused_from": artifacts.reference(previous)} if previous and counts["inputs_reused"] else {}),
+    }
+
+
+def dataset_metrics(tally: Tally, rows_per_shard: dict[str, int], config: ShardConfig, source_name: str,
+                    fingerprint: Any, out_dir: Path, start: float, workers: int) -> dict[str, Any]:
+    """A dataset's figures (with `tally.files` already counting the rows the source filtered itself)."""
+    files, functions, source_bytes, kept = tally.files, tally.functions, tally.source_bytes, tally.kept
+    files_dropped, pairs_dropped, stopped = tally.files_dropped, tally.pairs_dropped, tally.stopped
     seconds = time.time() - start
     return {
-        "source": source.name,
+        "source": source_name,
         "source_fingerprint": fingerprint,
         "pairs": kept,
         "rows": {s: sum(n for rel, n in rows_per_shard.items() if rel.startswith(f"{s}/")) for s in ("train", "eval")},
@@ -350,9 +306,6 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
         "seconds": round(seconds, 2),
         "mb_per_s": round(source_bytes / 1e6 / max(seconds, 1e-9), 2),
         "workers": workers,
-        "inputs_parsed": counts["inputs_parsed"] if index is not None else files,
-        "inputs_reused": counts["inputs_reused"],
-        **({"reused_from": artifacts.reference(previous)} if previous and counts["inputs_reused"] else {}),
     }
 
 

@@ -60,6 +60,12 @@ def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str],
         cfg = parse(spec.config_type(), settings)
         # progress lines (not bars: no terminal here), which kfp.local streams and `kubectl logs` shows
         out = spec.load().run(cfg, **inputs, artifact_root=artifact_root, force=force, progress=True)
+    return report_task(stage, out, metrics_path, report_path)
+
+
+def report_task(stage: str, out: artifacts.StageOutput, metrics_path: Any = None,
+                report_path: str | None = None) -> tuple[str, str]:
+    """A finished task's JSON line, its KFP Metrics and Markdown report; (output URI, content key)."""
     print(json.dumps({"stage": stage, "uri": out.uri, "cached": out.cached, "metrics": out.metrics}, default=str))
     if metrics_path is not None:
         for key, value in numeric_metrics(out.metrics).items():

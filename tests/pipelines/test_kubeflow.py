@@ -96,7 +96,7 @@ def test_compiled_yaml_carries_images_resources_accelerators_and_retries(compile
     assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio-service.kubeflow:9000"} in ppo["env"]
     assert not spec.root.dag.tasks["evaluate"].caching_options.enable_cache
     assert spec.root.dag.tasks["warmup"].caching_options.enable_cache
-    for task in ("shard", "gate", "promote"):  # never KFP-cached, whatever the config
+    for task in ("shard-plan", "shard-part", "gate", "promote"):  # never KFP-cached, whatever the config
         assert not _container_tasks(spec)[task].caching_options.enable_cache
 
 

@@ -40,20 +40,21 @@ def _dag(name: str) -> dict[str, list[str]]:
 
 def test_dag_for_one_epoch():
     assert _dag("pipeline_epochs1.yaml") == {
-        "shard": [], "bootstrap": ["shard"], "warmup": ["bootstrap", "shard"],
+        "shard-plan": [], "for-loop-1": ["shard-plan"],  # ParallelFor over the partitions: the shard-part tasks
+        "shard": ["for-loop-1"], "bootstrap": ["shard"], "warmup": ["bootstrap", "shard"],
         "evaluate": ["bootstrap", "shard", "warmup"], "ppo-round": ["bootstrap", "shard", "warmup"],
         "evaluate-2": ["bootstrap", "evaluate", "ppo-round", "shard"],
         "merge": ["bootstrap", "evaluate-2", "ppo-round"],
         "gate": ["bootstrap", "evaluate-2", "merge", "ppo-round", "shard"],
-        "condition-1": ["gate"],  # dsl.If(gate decision == "promote"): the promote task
+        "condition-2": ["gate"],  # dsl.If(gate decision == "promote"): the promote task
     }
 
 
 def test_dag_for_three_epochs_chains_rounds_and_runs_each_evaluation_beside_the_next_round():
     dag = _dag("pipeline_epochs3.yaml")
-    assert sorted(dag) == sorted(["shard", "bootstrap", "warmup", "evaluate", "evaluate-2", "evaluate-3",
-                                  "evaluate-4", "ppo-round", "ppo-round-2", "ppo-round-3", "merge", "gate",
-                                  "condition-1"])
+    assert sorted(dag) == sorted(["shard-plan", "for-loop-1", "shard", "bootstrap", "warmup", "evaluate",
+                                  "evaluate-2", "evaluate-3", "evaluate-4", "ppo-round", "ppo-round-2",
+                                  "ppo-round-3", "merge", "gate", "condition-2"])
     assert "ppo-round" in dag["ppo-round-2"] and "ppo-round-2" in dag["ppo-round-3"]
     assert "ppo-round-2" in dag["evaluate-3"] and "evaluate-3" not in dag["ppo-round-3"]
     assert dag["merge"] == ["bootstrap", "evaluate-4", "ppo-round-3"]
@@ -100,7 +101,7 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
     assert {"pairwise_accuracy", "reward_gen_mean", "code_parse_rate"} <= set(metrics)
     before = _manifests(root)
     assert sorted({rel.split("/")[0] for rel in before}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round",
-                                                              "shard", "warmup"]
+                                                              "shard", "shard-part", "warmup"]
     assert result["outputs"]["decision"] == "promote"  # the first run under a root has no champion
     assert storage.read_json(storage.join(root, "promoted", "blueprint.json"))["models"] == models
     again = local_run.run(plan, local_root=tmp_path / "kfp2")

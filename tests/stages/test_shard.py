@@ -16,6 +16,7 @@ from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, parse
 from blueprint.data.readers import read_pairs
 from blueprint.data.sources import SourceError
+from blueprint.data import shard_writer
 from blueprint.stages import shard
 from blueprint.data.workers import WorkerError, WorkerPool
 
@@ -157,9 +158,9 @@ def test_file_output_readable_by_datasets_and_pyarrow(tmp_path):
         files = sorted(str(p) for p in (local / split).glob("*.parquet"))
         ds = datasets.load_dataset("parquet", data_files=files, split="train")
         assert len(ds) == out.metrics["rows"][split]
-        assert set(ds.column_names) == set(shard.SCHEMA.names)
+        assert set(ds.column_names) == set(shard_writer.SCHEMA.names)
         table = pq.read_table(local / split)
-        assert table.schema.equals(shard.SCHEMA, check_metadata=False) and table.num_rows == len(ds)
+        assert table.schema.equals(shard_writer.SCHEMA, check_metadata=False) and table.num_rows == len(ds)
         meta = pq.ParquetFile(files[0]).metadata
         assert meta.row_group(0).column(1).compression == "ZSTD"
     assert sum(out.metrics["rows_per_shard"].values()) == out.metrics["pairs"] == 80

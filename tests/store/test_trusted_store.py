@@ -109,7 +109,7 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
     assert models[0] == models[1]
     rows = artifacts.cached_outputs(root)
     assert sorted({r["stage"] for r in rows}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round", "shard",
-                                                  "warmup"]
+                                                  "shard-part", "warmup"]
     from blueprint.store import promotion
 
     pointer, _ = promotion.read_pointer(root, "blueprint")  # both gates saw no champion; one promotion won the swap
