@@ -124,15 +124,20 @@ def test_shard_component_runs_with_only_the_declared_dependencies(tmp_path):
                                    '    total = a + b\n    return total\n\n\n'
                                    'def greet(name):\n    """Build a friendly greeting for the given name."""\n'
                                    '    message = "hello " + name\n    return message.upper()\n')
-    task_root = tmp_path / "task"
-    task_root.mkdir()
     root = f"file://{tmp_path}/art"
-    command, _ = launcher_command("shard", {"artifact_root": root, "source": f"dir:{corpus}", "force": False,
-                                          "settings": {"num_shards": 1, "eval_fraction": 0.5, "workers": 1}},
-                                task_root)
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    output = json.loads((task_root / "executor_output.json").read_text())
+    settings = {"num_shards": 1, "eval_fraction": 0.5, "workers": 1}
+    outputs = {}
+    for component, extra in (("shard-part", {"partition": {"index": 0, "of": 1}}), ("shard", {"parts": None})):
+        task_root = tmp_path / component
+        task_root.mkdir()
+        if component == "shard":  # the dataset over the one part, as dsl.Collected hands it over
+            extra = {"parts": [outputs["shard-part"]["parameterValues"]["uri"]]}
+        command, _ = launcher_command(component, {"artifact_root": root, "source": f"dir:{corpus}", "force": False,
+                                                  "settings": settings, **extra}, task_root)
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[component] = json.loads((task_root / "executor_output.json").read_text())
+    output = outputs["shard"]
     uri = output["parameterValues"]["uri"]
     manifest = artifacts.read_manifest(uri)
     assert output["parameterValues"]["key"] == manifest["key"] and manifest["metrics"]["pairs"] == 2

@@ -55,6 +55,7 @@ class Result:
     file_drop: str | None = None
     functions: int = 0
     pairs: list[tuple] = dataclasses.field(default_factory=list)
+    reused: bool = False  # taken from an earlier shard run's index, not parsed now (its rows are not new)
     dropped: Counter = dataclasses.field(default_factory=Counter)
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from blueprint.data.extract import Result
 from blueprint.store import artifacts, storage
 
-INDEX_VERSION = "blueprint-shard-index/1"
+INDEX_VERSION = "blueprint-shard-index/2"  # 2: local identity = size + sha256
 INPUTS_FILE, PAIRS_FILE = "index/inputs.parquet", "index/pairs.parquet"
 INPUT_SCHEMA = pa.schema([("ordinal", pa.int64()), ("path", pa.string()), ("identity", pa.string()),
                           ("n_bytes", pa.int64()), ("file_drop", pa.string()), ("functions", pa.int64()),
@@ -66,6 +66,16 @@ class IndexWriter:
         self._pairs.close()
 
 
+NEW_ROWS = "new_rows"  # a metric, not a file: which rows are new is history, not content (identity stays the same)
+
+
+def new_rows(uri: str, split: str) -> list[int] | None:
+    """The new rows of `split` in the shard output `uri` (read order), or None when it did not build on an earlier
+    run: `metrics.new_rows` of its manifest, which the dataset's identity leaves out."""
+    rows = artifacts.read_manifest(uri, verify="sizes").get("metrics", {}).get(NEW_ROWS)
+    return None if rows is None else list(rows[split])
+
+
 def extraction_key(config: dict[str, Any]) -> dict[str, Any]:
     """The settings that decide what an input gives (not how pairs are split or sharded): two shard runs whose keys
     agree may share inputs' results."""
@@ -74,10 +84,11 @@ def extraction_key(config: dict[str, Any]) -> dict[str, Any]:
     return {"index": INDEX_VERSION, **{k: v for k, v in config.items() if k not in ignored}}
 
 
-def find_previous(root: str, key: dict[str, Any]) -> str | None:
+def find_previous(root: str, key: dict[str, Any], exclude: str | None = None) -> str | None:
     """The newest committed shard output under `root` with an index and the same extraction key, or None. A whole
     dataset (every input) comes before a fan-out part (one partition's inputs)."""
-    rows = [r for r in artifacts.cached_outputs(root) if r["stage"] in ("shard", "shard-part")]
+    rows = [r for r in artifacts.cached_outputs(root) if r["stage"] in ("shard", "shard-part")
+            and (exclude is None or storage.normalize(r["uri"]) != storage.normalize(exclude))]  # not itself (force)
     for row in sorted(rows, key=lambda r: (r["stage"] == "shard", r["created"]), reverse=True):
         manifest = storage.read_json(artifacts.manifest_uri(row["uri"]))
         if INPUTS_FILE in manifest.get("files", {}) and extraction_key(manifest.get("config", {})) == key:
@@ -89,19 +100,23 @@ class PreviousIndex:
     """The previous run's per-input results: which inputs are unchanged, and their Results streamed in path order."""
 
     def __init__(self, uri: str) -> None:
+        from blueprint.data.readers import verify_file
+
         self.uri, self._manifest = uri, artifacts.read_manifest(uri, verify="sizes")
+        for rel in (INPUTS_FILE, PAIRS_FILE):  # both checked now: a damaged index fails before any work
+            verify_file(uri, rel, self._manifest)
 
     def _rows(self, rel: str, columns: list[str] | None = None) -> Iterator[dict]:
         from blueprint.data.readers import open_shard
 
-        with open_shard(self.uri, rel, self._manifest) as f:
+        with open_shard(self.uri, rel, self._manifest, verify=False) as f:  # verified when opened
             for batch in f.iter_batches(batch_size=1024, columns=columns, use_threads=False):
                 yield from batch.to_pylist()
 
     def unchanged(self, identities: dict[str, str]) -> set[str]:
         """The paths whose identity is the one recorded (inputs that are new, changed or gone are not)."""
-        return {r["path"] for r in self._rows(INPUTS_FILE, ["path", "identity"])
-                if identities.get(r["path"]) == r["identity"]}
+        return {r["path"] for r in self._rows(INPUTS_FILE, ["path", "identity", "file_drop"])
+                if identities.get(r["path"]) == r["identity"] and r["file_drop"] != "unreadable"}  # re-read those
 
     def inputs(self) -> Iterator[dict]:
         """Every recorded input's path and identity, in order."""
@@ -126,7 +141,7 @@ class PreviousIndex:
             if paths is None or row["path"] in paths:
                 yield Result(path=row["path"], n_bytes=row["n_bytes"], file_drop=row["file_drop"],
                              functions=row["functions"], pairs=taken,
-                             dropped=collections.Counter(json.loads(row["dropped"])))
+                             dropped=collections.Counter(json.loads(row["dropped"])), reused=True)
 
 
 def merged_results(units: list[tuple], identities: dict[str, str], previous: PreviousIndex | None,

@@ -1,8 +1,9 @@
 """Partitions of a source: what one shard task of the fan-out reads, so a corpus bigger than a pod is parsed by
 many pods at once.
 
-A tree's sorted files are cut into contiguous ranges of about equal bytes, a data-file source's files into
-contiguous groups; a streamed hub dataset is one partition. Contiguous in the source's own order, so the fan-in
+A tree's sorted files (or a data-file source's files) are cut into contiguous ranges of about equal bytes, as
+half-open name ranges whose ends are open, so every file falls in exactly one partition; a streamed hub dataset
+(or a source cut by `max_source_mb`, a budget only one reader can keep) is one partition. Contiguous in the source's own order, so the fan-in
 sees every input in the order a single task would, and the dataset it commits is the same.
 """
 from __future__ import annotations
@@ -37,11 +38,8 @@ def plan(source: Source, count: int) -> list[dict[str, Any]]:
     """The partitions of `source` for `count` shard tasks (fewer when it has fewer inputs)."""
     kind = source.spec.kind
     if kind in ("stdlib", "dir"):
-        files = source.files()
-        ranges = balanced([f.size for f in files], count)
-        return [{"index": i, "of": len(ranges), "first": files[a].rel_path, "last": files[b - 1].rel_path}
-                for i, (a, b) in enumerate(ranges)]
-    if kind in FILE_KINDS:
+        names, sizes = [f.rel_path for f in source.files()], [f.size for f in source.files()]
+    elif kind in FILE_KINDS and source.max_source_mb is None:  # a byte budget is one reader's: no fan-out then
         if source.on_s3:
             names, sizes = [o.uri for o in source.objects()], [o.size for o in source.objects()]
         else:
@@ -49,6 +47,11 @@ def plan(source: Source, count: int) -> list[dict[str, Any]]:
 
             names = source.data_files()
             sizes = [os.stat(p).st_size for p in names]
-        ranges = balanced(sizes, count)
-        return [{"index": i, "of": len(ranges), "files": names[a:b]} for i, (a, b) in enumerate(ranges)]
-    return [{"index": 0, "of": 1}]  # a streamed dataset: one reader
+    elif kind == "hf" and source.hf_data_files and source.max_source_mb is None:  # the hub's files, e.g. 1,126
+        names, sizes = map(list, zip(*source.hub_files()))  # Parquet files of codeparrot/github-code
+    else:
+        return [{"index": 0, "of": 1}]  # a streamed dataset: one reader
+    ranges = balanced(sizes, count)
+    # Half-open name ranges with open ends: a file that appears after planning still falls in exactly one part.
+    return [{"index": i, "of": len(ranges), "from": names[a] if i else None,
+             "until": names[b] if b < len(names) else None} for i, (a, b) in enumerate(ranges)]

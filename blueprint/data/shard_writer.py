@@ -47,10 +47,13 @@ class ShardWriter:
         self._buffer_bytes: dict[str, int] = {}
         self._writers: dict[str, pq.ParquetWriter] = {}
         self.rows: dict[str, int] = {shard_name(s, i, num_shards): 0 for s in SPLITS for i in range(num_shards)}
+        self.new: dict[str, list[int]] = {name: [] for name in self.rows}  # positions of rows marked new
 
-    def add(self, split: str, shard: int, row: tuple) -> None:
-        """`row` holds the SCHEMA columns in order."""
+    def add(self, split: str, shard: int, row: tuple, new: bool = False) -> None:
+        """`row` holds the SCHEMA columns in order; `new`: it comes from an input that changed since the last run."""
         name = shard_name(split, shard, self.num_shards)
+        if new:
+            self.new[name].append(self.rows[name])
         buf = self._buffers.setdefault(name, [])
         buf.append(row)
         self._buffer_bytes[name] = self._buffer_bytes.get(name, 0) + len(row[1]) + len(row[2])
@@ -70,6 +73,16 @@ class ShardWriter:
             table = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA)],
                                          schema=SCHEMA)
             self._writers[name].write_table(table, row_group_size=len(rows))
+
+    def new_rows(self) -> dict[str, list[int]]:
+        """{split: indices of the new rows in read order (file by file, as the readers list them)}."""
+        out: dict[str, list[int]] = {s: [] for s in SPLITS}
+        offsets = {s: 0 for s in SPLITS}
+        for name in sorted(self.rows):
+            split = name.split("/", 1)[0]
+            out[split] += [offsets[split] + i for i in self.new[name]]
+            offsets[split] += self.rows[name]
+        return out
 
     def close(self) -> dict[str, int]:
         """Flush everything; every shard file exists afterwards (an empty one holds the schema). Rows per file."""

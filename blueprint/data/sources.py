@@ -103,6 +103,19 @@ class SourceFile:
     mtime_ns: int
 
 
+def _sha256_file(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return "unreadable"  # never equal to a recorded identity: the file is parsed (and dropped) again
+
+
+def _row_tag(code: Any) -> str:
+    """A row without a path is named by its content, not its position: the same in any partition of the source."""
+    return hashlib.sha256(str(code).encode("utf-8", errors="replace")).hexdigest()[:12]
+
+
 def skipped_dir(name: str, skip_tests: bool) -> bool:
     """Whether a tree source leaves out the directory `name` (one rule for local trees and S3 prefixes)."""
     return name.startswith(".") or name in SKIP_DIRS or (skip_tests and name in TEST_DIRS)
@@ -164,20 +177,17 @@ class Source:
         self._files: list[SourceFile] | list[remote.RemoteObject] | None = None
         self._objects: list[remote.RemoteObject] | None = None  # one listing: the fingerprint is what is read
         self.partition: dict[str, Any] | None = None
+        self._identities: dict[str, str] | None = None
 
     def restricted(self, partition: dict[str, Any] | None) -> Source:
-        """This source cut to one partition of the fan-out (`blueprint.data.partitions`): a range of a tree's
-        sorted files (`first` to `last`), or a list of data `files`. None or a whole-source partition: all of it."""
-        self.partition, self._files, self._objects = partition or None, None, None
+        """This source cut to one partition of the fan-out (`blueprint.data.partitions`): the files whose name
+        (a tree's relative path, a data file's path or URI) is in [`from`, `until`), an open end when None."""
+        self.partition, self._files, self._objects, self._identities = partition or None, None, None, None
         return self
 
     def _in_partition(self, name: str) -> bool:
-        part = self.partition
-        if not part:
-            return True
-        if "files" in part:
-            return name in part["files"]
-        return "first" not in part or part["first"] <= name <= part["last"]
+        part = self.partition or {}
+        return (part.get("from") is None or name >= part["from"]) and (part.get("until") is None or name < part["until"])
 
     def _named(self, fn):
         """`fn()`, with a storage failure (bucket, credentials, endpoint, a broken file) told as this source's."""
@@ -215,6 +225,9 @@ class Source:
                     kept.append(f)
                 files = kept or files[:1]
             self._files = [f for f in files if self._in_partition(f.rel_path)]
+            if not self._files:
+                raise SourceError(f"source {self.name}: no file of this partition is left (the source changed after "
+                                  "it was planned: run again)")
         return self._files
 
     def data_files(self) -> list[str]:
@@ -263,11 +276,15 @@ class Source:
                 "revision": self.hf_revision or "main", "data_files": self.hf_data_files}
 
     def input_identities(self) -> dict[str, str] | None:
-        """{rel_path: size and mtime (ETag on S3)} of a tree source's files, which incremental sharding matches on;
-        None for row sources (a dataset's rows have no stable identity of their own)."""
+        """{rel_path: size and content hash (sha256 of the bytes; the ETag on S3)} of a tree source's files, which
+        incremental sharding matches on (an mtime can stay while the bytes change); None for row sources (a
+        dataset's rows have no stable identity of their own). Hashing reads the files, but parses nothing."""
         if self.spec.kind not in ("stdlib", "dir"):
             return None
-        return {f.rel_path: f"{f.size}:{f.etag if self.on_s3 else f.mtime_ns}" for f in self.files()}
+        if self._identities is None:
+            self._identities = {f.rel_path: f"{f.size}:{f.etag if self.on_s3 else _sha256_file(f.abs_path)}"
+                                for f in self.files()}
+        return self._identities
 
     # ---------------------------------------------------------------- units
     def units(self) -> Iterator[tuple]:
@@ -283,7 +300,7 @@ class Source:
                 raise SourceError(f"source {self.name}: no column {self.code_column!r} "
                                   f"(columns: {', '.join(sorted(row))}); set code_column")
             code = row[self.code_column]
-            path = str(row.get(self.path_column) or f"{self.spec.target}#{i}")
+            path = str(row.get(self.path_column) or f"{self.spec.target}#{_row_tag(code)}")
             if not isinstance(code, str) or not code.strip():
                 self.skipped["empty_code"] += 1
                 continue
@@ -350,8 +367,27 @@ class Source:
 
     def _hf_files(self, datasets, pattern: str):
         url = hub_files_url(self.spec.target, pattern, self.hf_revision)
+        if self.partition and self.partition.get("of", 1) > 1:  # this partition's files of the repo, by name
+            url = [hub_files_url(self.spec.target, f, self.hf_revision) for f, _ in self.hub_files()
+                   if self._in_partition(f)]
         builder = "json" if pattern.endswith((".jsonl", ".json")) else "csv" if pattern.endswith(".csv") else "parquet"
         return datasets.load_dataset(builder, data_files=url, streaming=True, split="train")
+
+    def hub_files(self) -> list[tuple[str, int]]:
+        """(path in the repo, size) of the hub dataset's files matching `hf_data_files` at `hf_revision`, sorted:
+        what the fan-out partitions (a network listing; offline it fails as one line naming the source)."""
+        from huggingface_hub import HfFileSystem
+
+        root = hub_files_url(self.spec.target, "", self.hf_revision)[len("hf://"):]
+        try:
+            found = HfFileSystem().glob(root + self.hf_data_files, detail=True)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown repo, revision or auth: all one user error
+            raise SourceError(f"source {self.name}: cannot list {self.hf_data_files!r} at revision "
+                              f"{self.hf_revision or 'main'} on the hub: {exc}") from None
+        files = sorted((path[len(root):], int(info.get("size") or 0)) for path, info in found.items())
+        if not files:
+            raise SourceError(f"source {self.name}: no hub file matches {self.hf_data_files!r}")
+        return files
 
 
 def hub_files_url(dataset_id: str, pattern: str, revision: str | None) -> str:

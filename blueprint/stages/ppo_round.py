@@ -85,6 +85,9 @@ class PPORoundConfig(PPOConfig, RuntimeSettings):
     checkpoint_every: int = setting(5, "PPO steps between resumable checkpoints", ge=1)
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds the round's draw of codes, the probe and sampling")
+    new_data_fraction: float = setting(
+        0.0, "share of the round's codes drawn from the rows that are new since the dataset this one grew from "
+             "(incremental sharding), so a scheduled retrain learns from what changed; 0 = a uniform draw", ge=0, le=1)
 
 
 
@@ -95,12 +98,21 @@ def queries_per_step(cfg: PPORoundConfig) -> int:
 def round_batch(shards: str, cfg: PPORoundConfig) -> list[dict]:
     """This round's codes: a deterministic draw from (seed, round), one per PPO query and at least `probe_size`,
     read from the train split by row group (the split is never held in memory)."""
+    from blueprint.data.incremental import new_rows
     from blueprint.data.readers import sample_pairs
 
     rng = random.Random(cfg.seed * 100_003 + cfg.round_index)
     need = max(cfg.ppo_steps * queries_per_step(cfg), cfg.probe_size)
+    fresh = new_rows(shards, "train") if cfg.new_data_fraction else None
+    first = min(len(fresh), round(need * cfg.new_data_fraction)) if fresh else 0
 
     def draw(rows):
+        if first:  # the new rows first, then the rest of the batch from the whole split, shuffled together
+            rest = need - first
+            picked = rng.sample(fresh, first) + (rng.sample(rows, rest) if rest <= len(rows) else
+                                                 [rng.choice(rows) for _ in range(rest)])
+            rng.shuffle(picked)
+            return picked
         return rng.sample(rows, need) if need <= len(rows) else [rng.choice(rows) for _ in range(need)]
     return sample_pairs(shards, "train", draw)
 

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 from pydantic import field_validator, model_validator
 
-from blueprint.store import artifacts
+from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, Settings, setting
 from blueprint.data import incremental
 from blueprint.data.extract import Limits, Result, process_many
@@ -159,7 +160,7 @@ def _eval_draw(salt: bytes, digest: bytes) -> float:
 
 
 def write_new_pairs(pairs: list[tuple], seen: set[bytes], writer: ShardWriter, config: ShardConfig, source_name: str,
-                    dropped: collections.Counter, room: int | None) -> int:
+                    dropped: collections.Counter, room: int | None, new: bool = False) -> int:
     """Write the pairs whose code was not seen before (exact dedupe on the code hash), at most `room` of them, each
     to its split (by salted hash) and shard (by hash); how many were written."""
     salt, kept = config.split_salt.encode("utf-8"), 0
@@ -173,7 +174,7 @@ def write_new_pairs(pairs: list[tuple], seen: set[bytes], writer: ShardWriter, c
         split = "eval" if _eval_draw(salt, digest) < config.eval_fraction else "train"
         shard = int.from_bytes(digest[:8], "big") % config.num_shards
         writer.add(split, shard, (digest.hex()[:32], code, summary, name, LANGUAGE, source_name, path, license,
-                                  len(code), code.count("\n") + 1))
+                                  len(code), code.count("\n") + 1), new)
         kept += 1
     return kept
 
@@ -206,11 +207,20 @@ def write_results(results: Iterable[Result], writer: ShardWriter, config: ShardC
         tally.functions += result.functions
         tally.pairs_dropped.update(result.dropped)
         tally.kept += write_new_pairs(result.pairs, seen, writer, config, source_name, tally.pairs_dropped,
-                                      None if room is None else room - tally.kept)
+                                      None if room is None else room - tally.kept, not result.reused)
         if room is not None and tally.kept >= room:
             tally.stopped = True
             break
     return tally
+
+
+def open_previous(uri: str) -> incremental.PreviousIndex | None:
+    """The earlier run's index, or None (a full parse, said in one line) when it is damaged or gone."""
+    try:
+        return incremental.PreviousIndex(uri)
+    except (artifacts.ArtifactError, storage.StorageError) as exc:
+        print(f"{STAGE}: not reusing {uri} ({exc}): parsing every input", file=sys.stderr, flush=True)
+        return None
 
 
 def _unidentified(fresh: Iterator[Result], counts: collections.Counter) -> Iterator[tuple[str, Result]]:
@@ -233,7 +243,7 @@ def source_results(source: Source, config: ShardConfig, out_dir: Path, previous:
     if identities is None and not always_index:
         return parse(source.units()), None
     index = IndexWriter(out_dir)
-    old = incremental.PreviousIndex(previous) if previous and identities is not None else None
+    old = open_previous(previous) if previous and identities is not None else None
     merged = _unidentified(parse(source.units()), counts) if identities is None else \
         incremental.merged_results(list(source.units()), identities, old, parse, counts)
 
@@ -279,7 +289,9 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
     return dataset_metrics(tally, rows_per_shard, config, source.name, fingerprint, out_dir, start, workers) | {
         "inputs_parsed": counts["inputs_parsed"] if index is not None else files,
         "inputs_reused": counts["inputs_reused"],
-        **({"reused_from": artifacts.reference(previous)} if previous and counts["inputs_reused"] else {}),
+        # against an earlier run: which rows are new (a retrain may draw them first)
+        **({"reused_from": artifacts.reference(previous), incremental.NEW_ROWS: writer.new_rows()}
+           if previous and counts["inputs_reused"] else {}),
     }
 
 
@@ -320,8 +332,10 @@ def run(config: ShardConfig, *, artifact_root: str | None = None, out_uri: str |
     key = key_config(config, fingerprint)
 
     def build(out_dir: Path) -> dict[str, Any]:
-        previous = incremental.find_previous(artifact_root, incremental.extraction_key(key)) \
-            if config.incremental and artifact_root and source.input_identities() is not None else None
+        previous = None
+        if config.incremental and artifact_root and source.input_identities() is not None:
+            target = out_uri or artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, key, {}))
+            previous = incremental.find_previous(artifact_root, incremental.extraction_key(key), exclude=target)
         return compute(config, out_dir, source, progress, previous)
     return artifacts.run_stage(STAGE, key, {}, build, artifact_root=artifact_root, out_uri=out_uri, force=force)
 

@@ -37,11 +37,15 @@ def run_part(config: shard.ShardConfig, partition: dict[str, Any], *, artifact_r
     key = {**shard.key_config(config, source.fingerprint()), "partition": partition}
 
     def build(out_dir: Path) -> dict[str, Any]:
-        previous = incremental.find_previous(artifact_root, incremental.extraction_key(key)) \
+        target = artifacts.stage_uri(artifact_root, PART_STAGE, artifacts.stage_key(PART_STAGE, key, {}))
+        previous = incremental.find_previous(artifact_root, incremental.extraction_key(key), exclude=target) \
             if config.incremental and source.input_identities() is not None else None
         counts: collections.Counter = collections.Counter()
-        results, index = shard.source_results(source, config, out_dir, previous, config.resolved_workers(),
-                                              8 if source.total else 16, counts, always_index=True)
+        batch = 8 if source.total else 16
+        workers = max(1, min(config.resolved_workers(), -(-source.total // batch))) if source.total else \
+            config.resolved_workers()  # no more processes than batches, as one task does
+        results, index = shard.source_results(source, config, out_dir, previous, workers, batch, counts,
+                                              always_index=True)
         bar = Progress(f"{shard.STAGE}-part-{partition.get('index', 0)}", source.total or None, progress,
                        unit="file" if source.total else "row")
         # A plan of one partition is one task's work: it may stop at max_pairs, as one task does (with more
@@ -51,9 +55,10 @@ def run_part(config: shard.ShardConfig, partition: dict[str, Any], *, artifact_r
         try:
             for done, result in enumerate(results, 1):
                 bar.update(done)
-                seen.update(pair[0][:16] for pair in result.pairs)
-                if room is not None and len(seen) >= room:
-                    break
+                if room is not None:
+                    seen.update(pair[0][:16] for pair in result.pairs)
+                    if len(seen) >= room:
+                        break
         finally:
             results.close()
             bar.close()
@@ -75,18 +80,22 @@ def check_parts(parts: list[str]) -> list[dict[str, Any]]:
             raise InputError(f"part {i} ({uri}) is a {manifest.get('stage')!r} output, not a {PART_STAGE}")
         manifests.append(manifest)
     indices = [m["metrics"]["partition"].get("index", 0) for m in manifests]
-    if indices != list(range(len(parts))):
-        raise InputError(f"parts are partitions {indices}, not 0..{len(parts) - 1} of one plan in order")
+    plans = {m["metrics"]["partition"].get("of", 1) for m in manifests}
+    if indices != list(range(len(parts))) or plans != {len(parts)}:
+        raise InputError(f"parts are partitions {indices} of plans of {sorted(plans)}, not 0..{len(parts) - 1} of "
+                         f"one plan of {len(parts)} in order")
     return manifests
 
 
-def previous_inputs(config: shard.ShardConfig, key: dict[str, Any], root: str) -> set[tuple[str, str]]:
+def previous_inputs(config: shard.ShardConfig, key: dict[str, Any], root: str, target: str) -> set[tuple[str, str]]:
     """(path, identity) of every input of the newest earlier dataset of this source: what a re-shard did not have
     to parse (a part that was a cache hit parsed nothing either)."""
-    previous = incremental.find_previous(root, incremental.extraction_key(key)) if config.incremental else None
+    previous = incremental.find_previous(root, incremental.extraction_key(key), exclude=target) \
+        if config.incremental else None
     if previous is None or artifacts.read_manifest(previous, verify="none").get("stage") != shard.STAGE:
         return set()
-    return {(r["path"], r["identity"]) for r in incremental.PreviousIndex(previous).inputs()}
+    old = shard.open_previous(previous)
+    return {(r["path"], r["identity"]) for r in old.inputs()} if old is not None else set()
 
 
 def compute_dataset(config: shard.ShardConfig, parts: list[str], out_dir: Path, progress: bool,
@@ -104,7 +113,8 @@ def compute_dataset(config: shard.ShardConfig, parts: list[str], out_dir: Path, 
             for identity, result in incremental.PreviousIndex(uri).all_results():
                 if index is not None:
                     index.add(identity, result)
-                reused[bool(identity) and (result.path, identity) in before] += 1
+                result.reused = bool(identity) and (result.path, identity) in before
+                reused[result.reused] += 1
                 yield result
     try:
         tally = shard.write_results(results(), writer, config, config.make_source().name, bar)
@@ -121,7 +131,9 @@ def compute_dataset(config: shard.ShardConfig, parts: list[str], out_dir: Path, 
     fingerprint = [m["key"] for m in manifests]
     return shard.dataset_metrics(tally, rows_per_shard, config, config.make_source().name, fingerprint, out_dir,
                                  start, 0) | {
-        "partitions": len(parts), "inputs_parsed": reused[False], "inputs_reused": reused[True]}
+        "partitions": len(parts), "inputs_parsed": reused[False], "inputs_reused": reused[True],
+        # against an earlier dataset: which rows are new (a retrain may draw them first)
+        **({incremental.NEW_ROWS: writer.new_rows()} if reused[True] else {})}
 
 
 def run_dataset(config: shard.ShardConfig, parts: list[str], *, artifact_root: str, force: bool = False,
@@ -130,9 +142,10 @@ def run_dataset(config: shard.ShardConfig, parts: list[str], *, artifact_root: s
     check_parts(parts)  # before run_stage reads their manifests: the error names the part
     key = shard.key_config(config, {"parts": "inputs"})
     inputs = {f"part-{i:05d}": uri for i, uri in enumerate(parts)}
+    target = artifacts.stage_uri(artifact_root, shard.STAGE, artifacts.stage_key(shard.STAGE, key, inputs))
     return artifacts.run_stage(
         shard.STAGE, key, inputs,
-        lambda d: compute_dataset(config, parts, d, progress, previous_inputs(config, key, artifact_root)),
+        lambda d: compute_dataset(config, parts, d, progress, previous_inputs(config, key, artifact_root, target)),
         artifact_root=artifact_root, force=force)
 
 
@@ -156,12 +169,19 @@ def plan_task(settings: dict[str, Any]) -> list[dict[str, Any]]:
 def part_task(settings: dict[str, Any], partition: dict[str, Any], artifact_root: str, force: bool = False,
               metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
     """A part component's body; a failure names its partition (the retry of that task resumes from the cache)."""
-    from blueprint.stages.task import report_task, user_errors_exit
+    import sys
+
+    from blueprint.errors import TASK_ERROR_PREFIX, USER_ERRORS
+    from blueprint.stages.task import report_task
 
     partition = partitions.normalized(partition)
     label = f"shard-part-{partition.get('index', 0)}"
-    with user_errors_exit(f"{label} ({_describe(partition)})"):
+    try:
         out = run_part(_config(settings), partition, artifact_root=artifact_root, force=force)
+    except USER_ERRORS as exc:  # one line that names the partition (the run's error line keeps what follows ": ")
+        print(f"{TASK_ERROR_PREFIX}{label}: partition {partition.get('index', 0)} ({_describe(partition)}): {exc}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     return report_task(label, out, metrics, report_path)
 
 
@@ -176,8 +196,6 @@ def dataset_task(settings: dict[str, Any], parts: list[str], artifact_root: str,
 
 
 def _describe(partition: dict[str, Any]) -> str:
-    if "files" in partition:
-        return f"{len(partition['files'])} file(s) from {partition['files'][0]}"
-    if "first" in partition:
-        return f"{partition['first']} .. {partition['last']}"
-    return "the whole source"
+    if partition.get("of", 1) == 1:
+        return "the whole source"
+    return f"from {partition.get('from') or 'the start'} until {partition.get('until') or 'the end'}"

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from blueprint.config import parse
+from blueprint.data import incremental
+from blueprint.data.readers import read_pairs
 from blueprint.stages import shard
 from blueprint.store import artifacts
 
@@ -82,8 +84,8 @@ def test_a_previous_index_that_cannot_be_used_means_a_full_reshard(tmp_path, dam
         data[len(data) // 2] ^= 1
         path.write_bytes(bytes(data))
         (src / FILES[0].name).write_text(FILES[0].read_text() + "\n# changed\n")
-        with pytest.raises(artifacts.ArtifactError, match="index/inputs.parquet does not match its sha256"):
-            run(src, tmp_path / "art")
+        again = run(src, tmp_path / "art")  # refused by its sha256, said in one line, and everything parsed
+        assert again.metrics["inputs_reused"] == 0 and again.metrics["inputs_parsed"] == 8
     else:  # an index of another version is not found as a previous run
         import json
 
@@ -92,3 +94,24 @@ def test_a_previous_index_that_cannot_be_used_means_a_full_reshard(tmp_path, dam
         Path(inputs[len("file://"):]).write_text(json.dumps(manifest))
         (src / FILES[0].name).write_text(FILES[0].read_text() + "\n# changed\n")
         assert run(src, tmp_path / "art").metrics["inputs_reused"] == 0
+
+
+def test_the_rows_of_new_and_changed_files_are_marked_and_a_retrain_can_draw_them_first(tmp_path):
+    from blueprint.stages import ppo_round
+
+    src = tree(tmp_path / "src", FILES[:12])
+    first = run(src, tmp_path / "art", eval_fraction=0.0)
+    assert incremental.new_rows(first.uri, "train") is None  # nothing to be new against
+    tree(src, FILES[12:14])
+    grown = run(src, tmp_path / "art", eval_fraction=0.0)
+    rows = read_pairs(grown.uri, "train")
+    marked = incremental.new_rows(grown.uri, "train")
+    added = {f.name for f in FILES[12:14]}
+    assert marked and {rows[i]["path"] for i in marked} == added
+    assert [i for i, r in enumerate(rows) if r["path"] in added] == marked
+    cfg = parse(ppo_round.PPORoundConfig, {"ppo_steps": 1, "batch_size": 4, "samples_per_query": 1,
+                                           "probe_size": 8, "new_data_fraction": 0.5})
+    batch = ppo_round.round_batch(grown.uri, cfg)
+    assert len(batch) == 8 and sum(r["path"] in added for r in batch) >= 4
+    uniform = ppo_round.round_batch(grown.uri, cfg.model_copy(update={"new_data_fraction": 0.0}))
+    assert len(uniform) == 8

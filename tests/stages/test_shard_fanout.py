@@ -79,7 +79,8 @@ def test_parquet_files_fan_out_by_file(tmp_path):
     settings = {"source": f"parquet:{tmp_path}/*.parquet", "workers": 1, "num_shards": 2}
     single = shard.run(parse(shard.ShardConfig, settings), artifact_root=f"file://{tmp_path}/one", progress=False)
     cfg = parse(shard.ShardConfig, {**settings, "partitions": 2})
-    assert [len(p["files"]) for p in shard_fanout.plan(cfg)] == [2, 1]
+    plan = shard_fanout.plan(cfg)
+    assert [(p["from"] is None, p["until"] is None) for p in plan] == [(True, False), (False, True)]
     assert shards_of(fanned_out(cfg, f"file://{tmp_path}/many")) == shards_of(single)
 
 
@@ -89,5 +90,34 @@ def test_the_dataset_task_refuses_a_missing_or_misordered_part_naming_it(tree, t
     parts = [shard_fanout.run_part(cfg, p, artifact_root=root, progress=False).uri for p in shard_fanout.plan(cfg)]
     with pytest.raises(InputError, match=r"part 1 \(.*nowhere\) is missing or uncommitted"):
         shard_fanout.run_dataset(cfg, [parts[0], f"{root}/shard-part/nowhere"], artifact_root=root, progress=False)
-    with pytest.raises(InputError, match=r"parts are partitions \[1, 0\]"):
+    with pytest.raises(InputError, match=r"parts are partitions \[1, 0\] of plans of \[2\]"):
         shard_fanout.run_dataset(cfg, parts[::-1], artifact_root=root, progress=False)
+
+
+def test_a_failing_part_exits_2_with_one_line_naming_its_partition(tree, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    settings = {"source": f"dir:{src}", "workers": 1, "partitions": 2}
+    later = shard_fanout.plan(parse(shard.ShardConfig, settings))[1]
+    for f in src.iterdir():
+        if f.name >= later["from"]:
+            f.unlink()  # the partition's files are gone by the time its task runs
+    with pytest.raises(SystemExit) as exit_info:
+        shard_fanout.part_task(settings, later, f"file://{tmp_path}/art")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert f"partition 1 (from {later['from']} until the end): source dir:" in err[0]
+
+
+def test_planning_hub_files_offline_is_one_line_naming_the_source(monkeypatch):
+    """The fan-out lists a hub dataset's files (`hf_data_files` at `hf_revision`) over the network; here there is
+    none, and the plan says so instead of a traceback."""
+    from blueprint.data.sources import SourceError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = parse(shard.ShardConfig, {"source": "hf:codeparrot/github-code", "hf_data_files": "data/*.parquet",
+                                    "hf_revision": "main", "partitions": 4})
+    with pytest.raises(SourceError, match=r"source hf:codeparrot/github-code: cannot list 'data/\*.parquet' at "
+                                          r"revision main on the hub"):
+        shard_fanout.plan(cfg)
+    assert shard_fanout.plan(cfg.model_copy(update={"hf_data_files": None})) == [{"index": 0, "of": 1}]
