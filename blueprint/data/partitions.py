@@ -52,6 +52,7 @@ def plan(source: Source, count: int) -> list[dict[str, Any]]:
     else:
         return [{"index": 0, "of": 1}]  # a streamed dataset: one reader
     ranges = balanced(sizes, count)
-    # Half-open name ranges with open ends: a file that appears after planning still falls in exactly one part.
-    return [{"index": i, "of": len(ranges), "from": names[a] if i else None,
-             "until": names[b] if b < len(names) else None} for i, (a, b) in enumerate(ranges)]
+    # Half-open name ranges with open ends (a missing key: KFP parameters hold no None): a file that appears after
+    # planning still falls in exactly one part.
+    return [{"index": i, "of": len(ranges), **({"from": names[a]} if i else {}),
+             **({"until": names[b]} if b < len(names) else {})} for i, (a, b) in enumerate(ranges)]

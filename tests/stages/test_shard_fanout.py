@@ -80,7 +80,7 @@ def test_parquet_files_fan_out_by_file(tmp_path):
     single = shard.run(parse(shard.ShardConfig, settings), artifact_root=f"file://{tmp_path}/one", progress=False)
     cfg = parse(shard.ShardConfig, {**settings, "partitions": 2})
     plan = shard_fanout.plan(cfg)
-    assert [(p["from"] is None, p["until"] is None) for p in plan] == [(True, False), (False, True)]
+    assert [("from" in p, "until" in p) for p in plan] == [(False, True), (True, False)]  # open at both ends
     assert shards_of(fanned_out(cfg, f"file://{tmp_path}/many")) == shards_of(single)
 
 
