@@ -70,10 +70,31 @@ def container_settings(artifact_root: str) -> dict[str, Any]:
     return settings
 
 
+def podman_gone_is_not_found() -> None:
+    """Podman answers 500 "no such container" where Docker answers 404. kfp.local runs every task container with
+    auto_remove and treats only docker's NotFound as "it exited and is gone", so a task that finishes within a
+    second (shard-plan, gate, promote) failed under Podman. Its answer is read as the NotFound it means."""
+    import docker.api.client
+    import docker.errors
+
+    original = docker.errors.create_api_error_from_http_exception
+    if getattr(docker.api.client.create_api_error_from_http_exception, "podman_aware", False):
+        return
+
+    def create(e):
+        response = e.response
+        if response is not None and response.status_code == 500 and "no such container" in (response.text or ""):
+            raise docker.errors.NotFound(e, response=response, explanation=response.text.strip()) from e
+        return original(e)
+    create.podman_aware = True
+    docker.api.client.create_api_error_from_http_exception = create
+
+
 def docker_runner(image: str | None, artifact_root: str):
     """(kfp.local.DockerRunner, image tag to build the pipeline with), after checking engine and image."""
     from kfp import local
 
+    podman_gone_is_not_found()
     client = engine_client()
     try:
         tag = resolve_image(client, image or DEFAULT_LOCAL_IMAGE)

@@ -71,9 +71,9 @@ def shard_task(tmp_path: Path, image: str, root: str) -> tuple[list[str], dict, 
     task_root = tmp_path / "task"
     task_root.mkdir()
     task_root.chmod(0o777)  # the image runs as uid 1000
-    argv, container = launcher_command(
-        "shard", {"artifact_root": root, "source": "stdlib", "force": False,
-                  "settings": {"num_shards": 1, "eval_fraction": 0.2, "max_pairs": 40, "workers": 1}},
+    argv, container = launcher_command(  # a fan-out part of one partition: the stage's parsing task
+        "shard-part", {"artifact_root": root, "source": "stdlib", "force": False, "partition": {"index": 0, "of": 1},
+                       "settings": {"num_shards": 1, "eval_fraction": 0.2, "max_pairs": 40, "workers": 1}},
         task_root, image=image)
     return argv, container, task_root
 
@@ -94,9 +94,9 @@ def test_stage_command_from_compiled_yaml_runs_inside_the_image_against_loopback
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     output = json.loads((task_root / "executor_output.json").read_text())
     uri = output["parameterValues"]["uri"]
-    assert uri.startswith(root + "/shard/")
+    assert uri.startswith(root + "/shard-part/")
     manifest = artifacts.read_manifest(uri)  # read back on the host: committed, every file's hash verified
-    assert manifest["stage"] == "shard" and manifest["metrics"]["pairs"] == 40
+    assert manifest["stage"] == "shard-part" and manifest["metrics"]["inputs"] > 0
     assert output["parameterValues"]["key"] == manifest["key"]
     assert any(f.endswith(".parquet") for f in manifest["files"])
     assert TEST_SECRET_KEY not in done.stdout + done.stderr
@@ -236,4 +236,4 @@ def test_image_build_fails_naming_a_declared_dependency_the_image_lacks(engine, 
                           capture_output=True, text=True, timeout=300)
     subprocess.run([engine, "rmi", "-f", "blueprint-broken:test"], capture_output=True)
     assert done.returncode != 0
-    assert "boto3: declared by blueprint-rt (boto3>=1.34) but not installed" in done.stdout + done.stderr
+    assert "boto3: declared by blueprint-rt (boto3>=1.36) but not installed" in done.stdout + done.stderr
