@@ -100,11 +100,9 @@ class PreviousIndex:
     """The previous run's per-input results: which inputs are unchanged, and their Results streamed in path order."""
 
     def __init__(self, uri: str) -> None:
-        from blueprint.data.readers import verify_file
-
         self.uri, self._manifest = uri, artifacts.read_manifest(uri, verify="sizes")
         for rel in (INPUTS_FILE, PAIRS_FILE):  # both checked now: a damaged index fails before any work
-            verify_file(uri, rel, self._manifest)
+            artifacts.verify_file(uri, rel, self._manifest)
 
     def _rows(self, rel: str, columns: list[str] | None = None) -> Iterator[dict]:
         from blueprint.data.readers import open_shard
@@ -124,12 +122,14 @@ class PreviousIndex:
 
     def all_results(self) -> Iterator[tuple[str, Result]]:
         """(identity, Result) of every recorded input, in order."""
-        identities = (r["identity"] for r in self._rows(INPUTS_FILE, ["identity"]))
-        for identity, result in zip(identities, self.results(None)):
-            yield identity, result
+        return self._recorded(None)
 
-    def results(self, paths: set[str] | None) -> Iterator[Result]:
-        """The recorded Result of each path in `paths` (None: every input), in the recorded (path) order."""
+    def results(self, paths: set[str]) -> Iterator[Result]:
+        """The recorded Result of each path in `paths`, in the recorded (path) order."""
+        return (result for _, result in self._recorded(paths))
+
+    def _recorded(self, paths: set[str] | None) -> Iterator[tuple[str, Result]]:
+        """(identity, Result) of each path in `paths` (None: every input): one pass over each index file."""
         pairs = self._rows(PAIRS_FILE)
         pair = next(pairs, None)
         for row in self._rows(INPUTS_FILE):
@@ -139,9 +139,9 @@ class PreviousIndex:
                     taken.append(tuple(pair[k] for k in ("digest", "name", "code", "summary", "path", "license")))
                 pair = next(pairs, None)
             if paths is None or row["path"] in paths:
-                yield Result(path=row["path"], n_bytes=row["n_bytes"], file_drop=row["file_drop"],
-                             functions=row["functions"], pairs=taken,
-                             dropped=collections.Counter(json.loads(row["dropped"])), reused=True)
+                yield row["identity"], Result(path=row["path"], n_bytes=row["n_bytes"], file_drop=row["file_drop"],
+                                              functions=row["functions"], pairs=taken,
+                                              dropped=collections.Counter(json.loads(row["dropped"])), reused=True)
 
 
 def merged_results(units: list[tuple], identities: dict[str, str], previous: PreviousIndex | None,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,8 +35,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blueprint.store import artifacts, storage
-
-CHUNK_BYTES = 8 << 20
 
 SPLITS = ("train", "eval")
 
@@ -49,31 +46,12 @@ def shard_files(manifest: dict[str, Any], split: str) -> list[str]:
     return sorted(rel for rel in manifest["files"] if rel.startswith(f"{split}/") and rel.endswith(".parquet"))
 
 
-def verify_file(uri: str, rel: str, manifest: dict[str, Any]) -> None:
-    """Stream `rel` through sha256 in chunks and compare with the manifest: a same-size bit flip fails here,
-    naming the file and the input, instead of being trained on (memory: one chunk, not the file)."""
-    meta = manifest.get("files", {}).get(rel)
-    if meta is None:
-        raise artifacts.ArtifactError(f"input {uri} has no {rel} in its manifest")
-    fs, path = storage.filesystem(storage.join(uri, rel))
-    digest, size = hashlib.sha256(), 0
-    try:
-        with fs.open_input_stream(path) as f:
-            while chunk := f.read(CHUNK_BYTES):
-                digest.update(chunk)
-                size += len(chunk)
-    except (OSError, pa.ArrowException) as exc:
-        raise storage.StorageError(f"cannot read {storage.join(uri, rel)}: {exc}") from None
-    if size != meta["size"] or digest.hexdigest() != meta["sha256"]:
-        raise artifacts.ArtifactError(f"input {uri} is damaged: {rel} does not match its sha256 in the manifest")
-
-
 @contextlib.contextmanager
 def open_shard(uri: str, rel: str, manifest: dict[str, Any], verify: bool = True) -> Iterator[pq.ParquetFile]:
     """One shard file for random access (row groups read on demand), verified first unless `verify` is False
     (footers only: which rows live where; no row of an unverified file is ever returned)."""
     if verify:
-        verify_file(uri, rel, manifest)
+        artifacts.verify_file(uri, rel, manifest)
     fs, path = storage.filesystem(storage.join(uri, rel))
     with fs.open_input_file(path) as f:
         try:

@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from blueprint.data import remote
 from blueprint.store import storage
+from blueprint.store.artifacts import sha256_file
 from blueprint.errors import UserError
 
 FILE_KINDS = ("jsonl", "parquet", "csv")
@@ -105,8 +106,7 @@ class SourceFile:
 
 def _sha256_file(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return sha256_file(Path(path))
     except OSError:
         return "unreadable"  # never equal to a recorded identity: the file is parsed (and dropped) again
 

@@ -169,19 +169,12 @@ def plan_task(settings: dict[str, Any]) -> list[dict[str, Any]]:
 def part_task(settings: dict[str, Any], partition: dict[str, Any], artifact_root: str, force: bool = False,
               metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
     """A part component's body; a failure names its partition (the retry of that task resumes from the cache)."""
-    import sys
-
-    from blueprint.errors import TASK_ERROR_PREFIX, USER_ERRORS
-    from blueprint.stages.task import report_task
+    from blueprint.stages.task import report_task, user_errors_exit
 
     partition = partitions.normalized(partition)
     label = f"shard-part-{partition.get('index', 0)}"
-    try:
+    with user_errors_exit(label, f"partition {partition.get('index', 0)} ({_describe(partition)})"):
         out = run_part(_config(settings), partition, artifact_root=artifact_root, force=force)
-    except USER_ERRORS as exc:  # one line that names the partition (the run's error line keeps what follows ": ")
-        print(f"{TASK_ERROR_PREFIX}{label}: partition {partition.get('index', 0)} ({_describe(partition)}): {exc}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
     return report_task(label, out, metrics, report_path)
 
 

@@ -18,12 +18,13 @@ from blueprint.stages import registry
 
 
 @contextlib.contextmanager
-def user_errors_exit(stage: str) -> Iterator[None]:
-    """Inside a task: a user error is the one line `blueprint stage` would print, then exit 2 (no traceback)."""
+def user_errors_exit(stage: str, context: str = "") -> Iterator[None]:
+    """Inside a task: a user error is the one line `blueprint stage` would print, then exit 2 (no traceback).
+    `context` goes before the error (the run's error line keeps what follows `stage: `), e.g. which partition."""
     try:
         yield
     except USER_ERRORS as exc:
-        print(f"{TASK_ERROR_PREFIX}{stage}: {exc}", file=sys.stderr, flush=True)
+        print(f"{TASK_ERROR_PREFIX}{stage}: {context + ': ' if context else ''}{exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
