@@ -15,7 +15,7 @@ from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, describe, load_file, parse, parse_assignments
 from blueprint.errors import USER_ERRORS, TaskFailed
 from blueprint.data.sources import resolve_source
-from blueprint.stages import registry
+from blueprint.stages import launch, registry
 from blueprint.stages.common import resolve_input
 
 
@@ -78,9 +78,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
                           f"missing {missing or 'none'}, unknown {unknown or 'none'}")
     if args.out is None and args.artifact_root is None:
         raise ConfigError("give --artifact-root (content-addressed output) or --out URI")
-    out = module.run(cfg, **inputs, artifact_root=None if args.out else _resolved(args.artifact_root),
-                     out_uri=_resolved(args.out),
-                     force=args.force, progress=not args.quiet)
+    out = launch.run_stage(spec.name, cfg, inputs, artifact_root=None if args.out else _resolved(args.artifact_root),
+                           out_uri=_resolved(args.out), force=args.force, progress=not args.quiet)
     _print_output(out, spec.name)
     return 0
 

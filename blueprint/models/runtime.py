@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -66,13 +67,14 @@ class Placement:
 def resolve_device(device: str) -> Any:
     import torch
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # a data-parallel rank's own GPU (torchrun sets it)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device!r}: this machine has no CUDA device (torch {torch.__version__}, "
                               f"CUDA build {torch.version.cuda or 'none'}); set device=cpu or device=auto")
-        index = int(device.partition(":")[2] or 0)
+        index = int(device.partition(":")[2] or local_rank)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device("cuda", index)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from blueprint import distributed
+from blueprint.config import ConfigError
 from blueprint.errors import check_finite_loss
 from blueprint.models.prompts import PromptConfig, code_prompt, summary_prompt
 
@@ -39,9 +41,12 @@ def sft_length(max_code_tokens: int, max_summary_tokens: int) -> int:
 
 def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, batch_size: int, lr: float,
                   seed: int, max_length: int, progress: bool, task: str, lr_setting: str,
-                  gradient_checkpointing: bool = False) -> dict[str, float]:
+                  gradient_checkpointing: bool = False, batch_setting: str = "batch_size") -> dict[str, float]:
     """SFT of one adapter with trl's SFTTrainer (only its weights train); held-out and train loss before and
-    after. A non-finite loss fails naming `lr_setting`, the setting most likely at fault."""
+    after. A non-finite loss fails naming `lr_setting`, the setting most likely at fault.
+
+    Under torchrun the Trainer (accelerate) runs DDP over the ranks by itself; each takes `batch_size / ranks`
+    rows a step, so the global batch is the same whatever the process count."""
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -49,13 +54,16 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
     from blueprint.progress import interactive, trainer_progress_callback
 
     bar = progress and interactive()
+    ranks = distributed.world_size()
+    if batch_size % ranks:
+        raise ConfigError(f"{batch_setting}={batch_size} does not split evenly over {ranks} processes (nproc)")
 
     model.set_adapter(adapter)
     lora.trainable_only(model, adapter)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
-            output_dir=tmp, max_steps=max(steps, 1), per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="cosine",
+            output_dir=tmp, max_steps=max(steps, 1), per_device_train_batch_size=batch_size // ranks,
+            per_device_eval_batch_size=batch_size // ranks, learning_rate=lr, lr_scheduler_type="cosine",
             warmup_steps=min(10, max(steps // 10, 0)), logging_steps=max(1, steps // 10), save_strategy="no",
             report_to="none", use_cpu=next(model.parameters()).device.type == "cpu", seed=seed, data_seed=seed,
             disable_tqdm=not bar,

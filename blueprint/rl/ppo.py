@@ -25,14 +25,16 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
 
+from blueprint import distributed
+from blueprint.rl import data_parallel
 from blueprint.rl.copying import copy_rates
+from blueprint.rl.rollout import Rollout, rows_within
 from blueprint.errors import UserError
 from blueprint.models.batching import pad_batch
 from blueprint.rl.value_head import ValueHead
@@ -57,36 +59,6 @@ class KLExplodedError(PPOError):
     def __init__(self, kl: float, max_kl: float, rolled_back: bool, stats: dict[str, float]):
         super().__init__(f"KL {kl:.3f} > max_kl {max_kl}; rolled back to the last good state: {rolled_back}")
         self.kl, self.max_kl, self.rolled_back, self.stats = kl, max_kl, rolled_back, stats
-
-
-@dataclass
-class Rollout:
-    """One batch of experience. Tensors over response tokens are [B, R]; `input_ids` is [B, Q+R] (query left-padded)."""
-
-    query_ids: list[list[int]]
-    response_ids: list[list[int]]    # EOS-cut (what score_fn saw)
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response: torch.Tensor           # sampled tokens, trimmed to the longest valid response
-    mask: torch.Tensor               # 1.0 up to and including the first EOS
-    has_eos: torch.Tensor            # bool [B]
-    raw_scores: torch.Tensor         # what score_fn returned
-    copy_rate: torch.Tensor
-    scores: torch.Tensor             # raw − copy_penalty·copy_rate − missing_eos_penalty·(no EOS)
-    components: dict[str, torch.Tensor] = field(default_factory=dict)
-    logp: torch.Tensor | None = None
-    ref_logp: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-
-    @property
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.raw_scores).all())
-
-
-def rows_within(budget: int | None, tokens_per_row: int, default: int) -> int:
-    """Sequences per pass that keep rows x tokens within `budget` (at least one; `default` without a budget)."""
-    return default if budget is None else max(1, budget // max(tokens_per_row, 1))
 
 
 class PPOTrainer:
@@ -177,9 +149,23 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- rollout
 
+    def _sample_per_query(self, queries: list[list[int]], seeds: Sequence[int]) -> list[torch.Tensor]:
+        """Each query's k samples drawn under its own seed (the training RNG untouched): what a query gets does not
+        depend on the other queries of its batch, nor on which data-parallel rank holds it."""
+        k, out = self.config.samples_per_query, []
+        for q, seed in zip(queries, seeds):
+            ids = torch.tensor([q] * k, device=self.device)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out.append(self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               generation_config=self.generation_config)[:, ids.shape[1]:])
+        return out
+
     def make_rollout(self, queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor, score_fn: ScoreFn,
-                     code_ids: Sequence[Sequence[int]] | None = None, timings: dict | None = None) -> Rollout:
-        """Generate, EOS-cut, score (and penalise); then the no-grad forwards unless a score is NaN/inf."""
+                     code_ids: Sequence[Sequence[int]] | None = None, timings: dict | None = None,
+                     seeds: Sequence[int] | None = None) -> Rollout:
+        """Generate, EOS-cut, score (and penalise); then the no-grad forwards unless a score is NaN/inf.
+        `seeds` (one per query): sample each query under its own seed instead of from the batch's RNG stream."""
         timings = {} if timings is None else timings
         cfg = self.config
         k = cfg.samples_per_query  # each query's samples sit next to each other: [q0, q0, q1, q1, ...]
@@ -193,8 +179,9 @@ class PPOTrainer:
         self._activate(cfg.policy_adapter)
         rows = rows_within(cfg.generate_batch_tokens, Q + cfg.max_new_tokens, B)
         with torch.inference_mode(), self._autocast():
-            chunks = [self.model.generate(input_ids=input_ids[s:s + rows], attention_mask=attention_mask[s:s + rows],
-                                          generation_config=self.generation_config)[:, Q:] for s in range(0, B, rows)]
+            chunks = self._sample_per_query(query_ids[::k], seeds) if seeds is not None else [
+                self.model.generate(input_ids=input_ids[s:s + rows], attention_mask=attention_mask[s:s + rows],
+                                    generation_config=self.generation_config)[:, Q:] for s in range(0, B, rows)]
         width = max(c.shape[1] for c in chunks)
         response = torch.cat([F.pad(c, (0, width - c.shape[1]), value=self.pad_token_id) for c in chunks]).clone()
         mask, lengths, has_eos = eos_cut(response, self.eos_token_id)
@@ -229,21 +216,22 @@ class PPOTrainer:
     # ---------------------------------------------------------------- step
 
     def ppo_step(self, queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor, score_fn: ScoreFn,
-                 code_ids: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+                 code_ids: Sequence[Sequence[int]] | None = None, seeds: Sequence[int] | None = None
+                 ) -> dict[str, float]:
         """One PPO iteration of `batch_size` rollouts; returns flat float stats (see module doc for failures).
 
         `code_ids` are the code tokens the copy guard compares against (default: the query tokens themselves).
         With `samples_per_query` k > 1 it takes batch_size/k queries and samples k responses for each; score_fn
-        then sees every query k times in a row.
+        then sees every query k times in a row. On N data-parallel ranks each passes its 1/N of the queries.
         """
         cfg = self.config
-        want = cfg.batch_size // cfg.samples_per_query
+        want = cfg.batch_size // cfg.samples_per_query // distributed.world_size()
         if len(queries) != want:
-            raise ValueError(f"ppo_step got {len(queries)} queries, needs batch_size/samples_per_query = {want}")
+            raise ValueError(f"ppo_step got {len(queries)} queries, needs batch_size/samples_per_query/ranks = {want}")
         was_training, prev_adapter = self.model.training, getattr(self.model, "active_adapter", None)
         timings: dict[str, float] = {}
         try:
-            return self.learn(self.make_rollout(queries, score_fn, code_ids, timings), timings)
+            return self.learn(self.make_rollout(queries, score_fn, code_ids, timings, seeds), timings)
         finally:
             self.model.train(was_training)
             if prev_adapter is not None:
@@ -260,28 +248,33 @@ class PPOTrainer:
 
     def learn(self, r: Rollout, timings: dict[str, float] | None = None) -> dict[str, float]:
         """The PPO update from a rollout (`make_rollout` + `learn` = `ppo_step`); skips batches with bad scores."""
-        if not r.finite:
+        if not data_parallel.all_finite(r.finite):
             return self._skip(r)
         self.bad_batches = 0
         timings = {} if timings is None else timings
-        cfg, B = self.config, len(r.query_ids)
+        cfg, B, reduce = self.config, len(r.query_ids), data_parallel.reducer()
         beta = self.kl_ctl.value
-        scores = group_baseline(r.scores, cfg.samples_per_query, scale=cfg.whiten_rewards)
+        # every figure over the GLOBAL batch: per-rollout scalars gathered in rank order, token sums reduced
+        every = distributed.all_cat
+        scores = group_baseline(every(r.scores), cfg.samples_per_query, scale=cfg.whiten_rewards)
+        scores = scores[distributed.my_share(len(scores))]
         rewards, kl = per_token_rewards(scores.to(self.device), r.logp, r.ref_logp, r.mask, beta)
-        kl_seq = kl.sum(1)
+        kl_seq = every(kl.sum(1))
         advantages, returns = compute_gae(rewards, r.values, r.mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, r.mask)
+        advantages = masked_whiten(advantages, r.mask, reduce=reduce)
 
+        lengths = every(torch.tensor([float(len(x)) for x in r.response_ids]))
         stats: dict[str, float] = {
-            "skipped": 0.0, "score/mean": r.scores.mean().item(), "score/std": _std(r.scores),
-            "score/raw_mean": r.raw_scores.mean().item(), "score/raw_std": _std(r.raw_scores),
-            "copy_rate": r.copy_rate.mean().item(), "no_eos_rate": (~r.has_eos).float().mean().item(),
+            "skipped": 0.0, "score/mean": every(r.scores).mean().item(), "score/std": _std(every(r.scores)),
+            "score/raw_mean": every(r.raw_scores).mean().item(), "score/raw_std": _std(every(r.raw_scores)),
+            "copy_rate": every(r.copy_rate).mean().item(), "no_eos_rate": (~every(r.has_eos)).float().mean().item(),
             "kl": kl_seq.mean().item(), "kl_coef": beta, "non_score_reward": (-beta * kl_seq).mean().item(),
-            "entropy": masked_mean(r.entropy, r.mask).item(),
-            "response_length": float(sum(map(len, r.response_ids))) / B,
-            "values/mean": masked_mean(r.values, r.mask).item(), "returns/mean": masked_mean(returns, r.mask).item(),
+            "entropy": masked_mean(r.entropy, r.mask, reduce=reduce).item(),
+            "response_length": float(lengths.sum()) / len(lengths),
+            "values/mean": masked_mean(r.values, r.mask, reduce=reduce).item(),
+            "returns/mean": masked_mean(returns, r.mask, reduce=reduce).item(),
         }
-        stats.update({f"score/{k}": v.mean().item() for k, v in r.components.items()})
+        stats.update({f"score/{k}": every(v).mean().item() for k, v in r.components.items()})
         if not math.isfinite(stats["kl"]) or stats["kl"] > cfg.max_kl:
             rolled_back = self._rollback()
             raise KLExplodedError(stats["kl"], cfg.max_kl, rolled_back, stats)
@@ -290,7 +283,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         stats.update(self._update(r, advantages, returns))
         timings["update"] = time.perf_counter() - t0
-        self.kl_ctl.update(stats["kl"], B)
+        self.kl_ctl.update(stats["kl"], B * distributed.world_size())
         self.step += 1
         stats["step"] = float(self.step)
         stats.update({f"time/{k}": v for k, v in timings.items()})
@@ -301,12 +294,17 @@ class PPOTrainer:
         self.model.eval()  # dropout off even while training (Huang et al.): ratios must be 1 before the first step
         self._activate(cfg.policy_adapter)
         totals: dict[str, float] = {}
-        n = 0
+        n, ranks, offset = 0, distributed.world_size(), distributed.rank() * B
         rows = rows_within(cfg.update_batch_tokens, r.input_ids.shape[1], cfg.mini_batch_size)
+        valid_per_row = distributed.all_cat(r.mask.sum(1).cpu())  # every rank's rows, for the global token shares
         for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(B).split(cfg.mini_batch_size):
+            for idx in data_parallel.global_permutation(B * ranks).split(cfg.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
-                st = self._accumulate(r, idx.to(self.device), rows, advantages, returns)
+                local = data_parallel.owned_rows(idx, offset, B)
+                st = self._accumulate(r, local.to(self.device), rows, advantages, returns,
+                                      valid_per_row[idx].sum().clamp(min=1), whole=ranks == 1)
+                data_parallel.sync_gradients(self.params)
+                st = data_parallel.summed_stats({k: float(v) for k, v in st.items()})
                 st["grad_norm"] = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 for k, v in st.items():
@@ -316,15 +314,15 @@ class PPOTrainer:
         return {k: v / n for k, v in totals.items()}
 
     def _accumulate(self, r: Rollout, idx: torch.Tensor, rows: int, advantages: torch.Tensor,
-                    returns: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gradients of one mini-batch's PPO loss, in micro-batches of `rows` sequences; each micro-batch's token
-        mean is weighted by its share of the mini-batch's valid tokens, so the sum is the mini-batch's loss."""
+                    returns: torch.Tensor, valid: torch.Tensor, whole: bool) -> dict[str, torch.Tensor]:
+        """Gradients of this rank's rows `idx` of one mini-batch's PPO loss, in micro-batches of `rows` sequences;
+        each micro-batch's token mean is weighted by its share of the mini-batch's `valid` tokens (on all ranks),
+        so the sum over micro-batches and ranks is the mini-batch's loss. `whole`: `idx` is the whole mini-batch."""
         cfg, R = self.config, r.response.shape[1]
-        valid = r.mask[idx].sum().clamp(min=1)
         stats: dict[str, torch.Tensor] = {}
         for part in idx.split(rows):
             # a whole mini-batch weighs exactly 1.0 (not valid/valid), so no budget leaves the numerics untouched
-            share = r.mask[part].sum() / valid if len(part) < len(idx) else 1.0
+            share = r.mask[part].sum() / valid.to(r.mask.device) if len(part) < len(idx) or not whole else 1.0
             logits, values = self._forward(r.input_ids[part], r.attention_mask[part], R, with_values=True)
             logp, _ = logprobs_and_entropy(logits, r.response[part], cfg.temperature, with_entropy=False)
             pg_loss, vf_loss, st = ppo_losses(logp, r.logp[part], advantages[part], values.float(), r.values[part],
@@ -362,9 +360,15 @@ class PPOTrainer:
             "step": self.step, "bad_batches": self.bad_batches, "skipped_total": self.skipped_total,
             "kl_ctl": self.kl_ctl.state_dict(), "optimizer": self.optimizer.state_dict(),
             "value_head": self.value_head.state_dict(), "config": self.config.to_dict(),
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": self._rng_states(),
         }
+
+    @staticmethod
+    def _rng_states() -> dict:
+        """This process's RNG state; on N ranks also every rank's (a collective: every rank calls it), so a resumed
+        round continues each rank's own stream."""
+        own = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        return own if distributed.world_size() == 1 else {**own, "ranks": distributed.all_objects(own)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.bad_batches = int(state["step"]), int(state["bad_batches"])
@@ -372,9 +376,12 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"]
+        ranks = rng.get("ranks") or [rng]
+        rng = ranks[distributed.rank()] if len(ranks) == distributed.world_size() else rng
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self._last_good = None
 
     @staticmethod

@@ -6,35 +6,48 @@ and including the first EOS) and 0.0 after it. Valid tokens always form a prefix
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over positions where `mask` is 1 (all of them when `dim` is None)."""
+# reduce(t) -> t summed over every data-parallel rank (None: one process). The sums, not the means, are reduced,
+# so N ranks holding a batch's parts get the statistics of the whole batch.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, reduce: Reduce | None = None
+                ) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is 1 (all of them when `dim` is None); with `reduce`, over the
+    valid positions of every rank."""
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        if reduce is None:
+            return (x * mask).sum() / mask.sum().clamp(min=1)
+        total, count = reduce(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
+        return total / count.clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce: Reduce | None = None
+               ) -> torch.Tensor:
     """Variance of `x` over valid positions (Bessel-corrected by default, like torch.var)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
+    mean = masked_mean(x, mask, reduce=reduce)
+    var = masked_mean((x - mean) ** 2, mask, reduce=reduce)
+    n = mask.sum() if reduce is None else reduce(mask.sum().to(x.dtype))
     if unbiased and n > 1:
         var = var * n / (n - 1)
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Reduce | None = None) -> torch.Tensor:
     """Standardise `x` over valid positions; invalid positions come back as 0 so they cannot leak into sums.
 
     `shift_mean=False` only rescales (keeps the sign of rewards meaningful).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from blueprint import distributed
 from blueprint.config import Settings, setting
 from blueprint.rl.copying import copy_rate
 from blueprint.errors import UserError
@@ -102,7 +103,9 @@ class RewardModel:
     `coder_adapter` is None). The model is switched to the coder and to eval mode for the call, then restored."""
 
     def __init__(self, model: Any, tokenizer: Any, prompts: PromptConfig | None = None,
-                 config: RewardConfig | None = None, coder_adapter: str | None = "coder") -> None:
+                 config: RewardConfig | None = None, coder_adapter: str | None = "coder", spread: bool = False) -> None:
+        """`spread`: on N data-parallel ranks, each scores every N-th batch and the scores are summed across ranks
+        (every rank then holds all of them, computed in the very batches one process would use)."""
         if coder_adapter is not None:
             if not isinstance(model, PeftModel):
                 raise TypeError(f"coder_adapter={coder_adapter!r} needs a peft.PeftModel, got {type(model).__name__}"
@@ -115,7 +118,7 @@ class RewardModel:
                              "ensure_pad_token")
         self.model, self.tokenizer = model, tokenizer
         self.prompts, self.config = prompts or PromptConfig(), config or RewardConfig()
-        self.coder_adapter = coder_adapter
+        self.coder_adapter, self.spread = coder_adapter, spread
         causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
         self._decoder, self._head = causal_lm.base_model, causal_lm.get_output_embeddings()
         self._fast = self._head is not None and self._decoder is not causal_lm
@@ -229,9 +232,10 @@ class RewardModel:
         """
         device, pad = self._device(), self.tokenizer.pad_token_id
         lengths = [len(p) + len(code_ids[j]) for p, j in seqs]
-        out = torch.empty(len(seqs), dtype=torch.float32)
+        out = torch.zeros(len(seqs), dtype=torch.float32)
+        batches = self._batches(lengths)
         with self._scoring_mode():
-            for batch in self._batches(lengths):
+            for _, batch in (distributed.mine(batches) if self.spread else enumerate(batches)):
                 input_ids = torch.full((len(batch), lengths[batch[0]]), pad, dtype=torch.long)
                 rows, cols, targets, counts = [], [], [], []
                 for r, k in enumerate(batch):
@@ -247,7 +251,7 @@ class RewardModel:
                                             torch.tensor(cols, device=device), torch.tensor(targets, device=device))
                 sums = torch.zeros(len(batch), dtype=torch.float32).index_add_(0, torch.tensor(rows), losses.cpu())
                 out[torch.tensor(batch)] = sums / torch.tensor(counts, dtype=torch.float32)
-        return out
+        return distributed.all_sum(out) if self.spread else out  # x + 0.0 is x: the sum changes no score
 
     def _token_losses(self, input_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                       targets: torch.Tensor) -> torch.Tensor:

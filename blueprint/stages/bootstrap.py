@@ -17,6 +17,7 @@ from pydantic import model_validator
 
 from blueprint.store import artifacts
 from blueprint.config import ConfigError, setting
+from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError, check_finite_loss
 from blueprint.progress import note
@@ -29,7 +30,7 @@ STAGE = "bootstrap"
 MEMORY_BUDGETS = ("batch_size", "seq_len")  # the settings an out-of-memory error names
 
 
-class BootstrapConfig(RuntimeSettings):
+class BootstrapConfig(RuntimeSettings, ParallelSettings):
     """The `tiny` base: a small Llama built from a preset, its tokenizer trained on the shards, pre-trained briefly."""
 
     preset: str = setting("tiny", "model size preset (blueprint.models.tiny.PRESETS)")

@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blueprint import distributed
 from blueprint.store import artifacts
 from blueprint.eval import metrics as text_metrics, report
 from blueprint.config import ConfigError, setting
+from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.progress import Progress
@@ -43,7 +45,7 @@ OPTIONAL_INPUTS = ("previous", "coder_base")
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 
-class EvaluateConfig(RuntimeSettings):
+class EvaluateConfig(RuntimeSettings, ParallelSettings):
     """What the evaluation generates and scores on the held-out split."""
 
     max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)",
@@ -69,7 +71,9 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
              batch_size: int) -> list[list[int]]:
     """Greedy completion ids of each prompt with `adapter` active, cut after the first EOS (kept when emitted).
 
-    Prompts are sorted by length before batching (little left padding), results come back in prompt order.
+    Prompts are sorted by length before batching (little left padding), results come back in prompt order. On N
+    data-parallel ranks each generates every N-th of those batches and the results are gathered: the same batches
+    as one process, so the same tokens.
     """
     import torch
 
@@ -80,17 +84,18 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[list[int]] = [[] for _ in ids]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    done: dict[int, list[int]] = {}
     with lora.use_adapter(model, adapter), torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+        for _, batch in distributed.mine(batches):
             input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
             gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=eos, pad_token_id=pad)
             for row, i in enumerate(batch):
                 tokens = gen[row, input_ids.shape[1]:].tolist()
-                out[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
-    return out
+                done[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+    merged = {i: tokens for part in distributed.all_objects(done) for i, tokens in part.items()}
+    return [merged[i] for i in range(len(ids))]
 
 
 def partners(n: int, seed: int) -> list[int]:
@@ -192,7 +197,7 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     # The coder scores summaries (the reward PPO optimises, copy penalty off: copy rate is reported on its own).
     reward = RewardModel(roles.coder, roles.coder_tokenizer, prompts, RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
-        max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens))
+        max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens), spread=True)
     gen_out, true_out = reward(codes, summaries), reward(codes, truths)
     other = partners(len(scored), cfg.seed)
     pairwise = scored_pairwise(reward, scored, true_out.ce, other)

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from blueprint import distributed
 from blueprint.store import artifacts, storage
 from blueprint.config import setting
+from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
@@ -34,7 +36,7 @@ STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (t
 OPTIONAL_INPUTS = ("coder_base",)
 
 
-class PPORoundConfig(PPOConfig, RuntimeSettings):
+class PPORoundConfig(PPOConfig, RuntimeSettings, ParallelSettings):
     """One round: PPO on the summarizer (every PPOConfig setting applies), then the coder's supervised step.
 
     The PPO settings are PPOConfig's own fields, inherited, not copied; the round re-declares only the defaults it
@@ -85,6 +87,10 @@ class PPORoundConfig(PPOConfig, RuntimeSettings):
     checkpoint_every: int = setting(5, "PPO steps between resumable checkpoints", ge=1)
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds the round's draw of codes, the probe and sampling")
+    rollout_seeds: Literal["rank", "query"] = setting(
+        "rank", 'how rollouts are sampled: "rank" (each process\'s batch from its own stream, seeded by seed, round '
+                'and rank: fastest) or "query" (each query from its own seed, one generate call per query: the same '
+                'summaries whatever nproc is)')
     new_data_fraction: float = setting(
         0.0, "share of the round's codes drawn from the rows that are new since the dataset this one grew from "
              "(incremental sharding), so a scheduled retrain learns from what changed; 0 = a uniform draw", ge=0, le=1)
@@ -93,6 +99,18 @@ class PPORoundConfig(PPOConfig, RuntimeSettings):
 
 def queries_per_step(cfg: PPORoundConfig) -> int:
     return cfg.batch_size // cfg.samples_per_query
+
+
+def query_seeds(cfg: PPORoundConfig, step: int, indices: range) -> list[int] | None:
+    """Per-query sampling seeds of `step` (global query indices), or None to sample from the rank's stream."""
+    if cfg.rollout_seeds == "rank":
+        return None
+    return [random.Random(f"{cfg.seed}/{cfg.round_index}/{step}/{i}").getrandbits(62) for i in indices]
+
+
+def rank_seed(cfg: PPORoundConfig) -> int:
+    """The torch seed of this process: the round's for one process (and rank 0), another for each other rank."""
+    return cfg.seed * 100_003 + cfg.round_index + 1_000_003 * distributed.rank()
 
 
 def round_batch(shards: str, cfg: PPORoundConfig) -> list[dict]:
@@ -227,14 +245,17 @@ def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: l
     prompts, tokenizer = PromptConfig(style=cfg.prompt_style), roles.summarizer_tokenizer
     bar = Progress(task_name(cfg), cfg.ppo_steps, progress, start=done)
     q = queries_per_step(cfg)
+    share = distributed.my_share(q)  # this rank's queries of each step (all of them in one process)
     try:
         for step in range(done, cfg.ppo_steps):
-            chunk = codes[step * q:(step + 1) * q]
+            chunk = codes[step * q:(step + 1) * q][share.start:share.stop]
             scorer.codes = [c for c in chunk for _ in range(cfg.samples_per_query)]  # the trainer's rollout order
             queries = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in chunk])
             code_ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
             try:
-                stats = trainer.ppo_step(queries, scorer, code_ids=code_ids)
+                stats = trainer.ppo_step(queries, scorer, code_ids=code_ids,
+                                         seeds=query_seeds(cfg, step, range(step * q + share.start,
+                                                                            step * q + share.stop)))
             except KLExplodedError as exc:
                 return f"kl_exploded at step {step}: {exc}"
             stats_rows.append({"step": step, **stats})
@@ -242,12 +263,25 @@ def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: l
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
                 with tempfile.TemporaryDirectory() as ck:
                     _save(roles, trainer, Path(ck), bases, {
-                        "ppo_steps_done": step + 1, "stats": stats_rows, "written": scorer.written, **before})
-                    artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
-                                     metrics={"ppo_steps_done": step + 1})
+                        "ppo_steps_done": step + 1, "stats": stats_rows, **written_state(scorer.written), **before})
+                    if distributed.is_main():  # every rank saved (collectives); one commits
+                        artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
+                                         metrics={"ppo_steps_done": step + 1})
+                    distributed.barrier()
     finally:
         bar.close()
     return None
+
+
+def written_state(written: list[tuple[str, str]]) -> dict[str, Any]:
+    """The summaries written so far, for a checkpoint: each rank's own list on N ranks (a collective)."""
+    return {"written": written} if distributed.world_size() == 1 else {"written_ranks": distributed.all_objects(written)}
+
+
+def resumed_written(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """This rank's summaries written before the checkpoint it resumes from."""
+    ranks = meta.get("written_ranks")
+    return [tuple(w) for w in (ranks[distributed.rank()] if ranks else meta.get("written", []))]
 
 
 def step_summary(stats_rows: list[dict]) -> dict[str, float]:
@@ -273,7 +307,7 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
     from blueprint.rl.reward import RewardConfig, RewardModel
 
     start = time.time()
-    torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
+    torch.manual_seed(rank_seed(cfg))
     ckpt_uri = storage.join(out_uri, CHECKPOINT)
     roles, trainer, meta, resumed = _open_round(cfg, bases, adapters, ckpt_uri, progress)
     model, tokenizer = roles.summarizer, roles.summarizer_tokenizer
@@ -290,13 +324,14 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
         probe_metrics(model, tokenizer, reward, probe, cfg, "before")
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
-    scorer.written = [tuple(w) for w in meta.get("written", [])]
+    scorer.written = resumed_written(meta)
     stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress)
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
     if stopped is None and cfg.supervised_steps > 0:
-        metrics.update(train_coder(roles, batch, scorer.written, cfg, progress))
+        written = [w for part in distributed.all_objects(scorer.written) for w in part]  # every rank's, in order
+        metrics.update(train_coder(roles, batch, written, cfg, progress))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
     _save(roles, trainer, out_dir, bases, {"round": cfg.round_index})
     with open(out_dir / "steps.jsonl", "w") as f:  # content only: wall times go to the metrics
@@ -326,7 +361,7 @@ def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, s
                         lr=cfg.coder_lr, seed=cfg.seed, max_length=sft_length(cfg.max_code_tokens,
                                                                               cfg.max_summary_tokens),
                         progress=progress, task=task_name(cfg), lr_setting="coder_lr",
-                        gradient_checkpointing=cfg.gradient_checkpointing)
+                        gradient_checkpointing=cfg.gradient_checkpointing, batch_setting="coder_batch_size")
     roles.summarizer.set_adapter("summarizer")  # train_adapter made the coder active; the policy acts next
     return out
 
@@ -342,8 +377,9 @@ def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, coder_
     if out_uri is None:
         out_uri = artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, settings, inputs))
     out_uri = storage.normalize(out_uri)
-    if force:
+    if force and distributed.is_main():
         storage.delete_prefix(storage.join(out_uri, CHECKPOINT))
+    distributed.barrier()
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
         return artifacts.run_stage(STAGE, settings, inputs,
                                    lambda d: compute(config, shards, bases, adapters, d, out_uri, progress),

@@ -14,7 +14,7 @@ from typing import Any
 from blueprint.store import artifacts, storage
 from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, USER_ERRORS
-from blueprint.stages import registry
+from blueprint.stages import launch, registry
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str],
     with user_errors_exit(stage):
         cfg = parse(spec.config_type(), settings)
         # progress lines (not bars: no terminal here), which kfp.local streams and `kubectl logs` shows
-        out = spec.load().run(cfg, **inputs, artifact_root=artifact_root, force=force, progress=True)
+        out = launch.run_stage(stage, cfg, inputs, artifact_root=artifact_root, force=force, progress=True)
     return report_task(stage, out, metrics_path, report_path)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from blueprint.store import artifacts
 from blueprint.config import setting
+from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
@@ -23,7 +24,7 @@ MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-mem
 OPTIONAL_INPUTS = ("coder_base",)
 
 
-class WarmupConfig(RuntimeSettings):
+class WarmupConfig(RuntimeSettings, ParallelSettings):
     """Supervised warmup of both adapters before any PPO."""
 
     steps: int = setting(60, "optimizer steps per adapter", ge=0)

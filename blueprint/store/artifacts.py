@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from blueprint import __version__
+from blueprint import __version__, distributed
 from blueprint.store import storage
 from blueprint.errors import UserError
 
@@ -292,11 +292,32 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Calla
         read_manifest(uri, verify="sizes")  # fail before any work when an input is incomplete
     key = stage_key(stage, cfg, inputs)
     uri = storage.normalize(out_uri if out_uri is not None else stage_uri(artifact_root, stage, key))
+    if not distributed.is_main():
+        return _follow_main(stage, uri, compute)
     existing = check_target(uri, stage, key, owned, force)
+    distributed.from_main(existing is not None and not force)  # the other ranks learn whether this is a hit
     if existing is not None and not force:
         return StageOutput(uri, existing, cached=True)
     if not owned and existing is None:
         mark_writing(uri, stage, key)
+    out = _compute_and_commit(stage, uri, compute, cfg, inputs, key, owned, force)
+    distributed.barrier()  # the other ranks read the manifest once it is there (a failed rank ends the job)
+    return out
+
+
+def _follow_main(stage: str, uri: str, compute: Callable[[Path], Mapping[str, Any]]) -> StageOutput:
+    """A data-parallel rank other than 0: compute alongside rank 0 (its collectives need every rank) and write
+    nothing; then rank 0's committed output."""
+    hit = distributed.from_main(None)
+    if not hit:
+        with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
+            compute(Path(tmp))
+        distributed.barrier()
+    return StageOutput(uri, read_manifest(uri, verify="sizes"), cached=hit)
+
+
+def _compute_and_commit(stage: str, uri: str, compute: Callable[[Path], Mapping[str, Any]], cfg: dict[str, Any],
+                        inputs: Mapping[str, str], key: str, owned: bool, force: bool) -> StageOutput:
     with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
         try:
             metrics = compute(Path(tmp))

@@ -390,7 +390,7 @@ def test_samples_per_query_samples_each_query_k_times_and_ignores_query_difficul
                                                              whiten_rewards=True))
     batchwide.ppo_step(queries * 4, by_query)  # the same scores against a batch-wide baseline do move the policy
     assert any(not torch.equal(a, b) for a, b in zip(before, batchwide.policy_params))
-    with pytest.raises(ValueError, match="batch_size/samples_per_query = 2"):
+    with pytest.raises(ValueError, match="batch_size/samples_per_query/ranks = 2"):
         grouped.ppo_step(queries * 4, by_query)
 
 

@@ -1,0 +1,36 @@
+"""One batch of PPO experience, and the token budgets that split it into passes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. Tensors over response tokens are [B, R]; `input_ids` is [B, Q+R] (query left-padded)."""
+
+    query_ids: list[list[int]]
+    response_ids: list[list[int]]    # EOS-cut (what score_fn saw)
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response: torch.Tensor           # sampled tokens, trimmed to the longest valid response
+    mask: torch.Tensor               # 1.0 up to and including the first EOS
+    has_eos: torch.Tensor            # bool [B]
+    raw_scores: torch.Tensor         # what score_fn returned
+    copy_rate: torch.Tensor
+    scores: torch.Tensor             # raw − copy_penalty·copy_rate − missing_eos_penalty·(no EOS)
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.raw_scores).all())
+
+
+def rows_within(budget: int | None, tokens_per_row: int, default: int) -> int:
+    """Sequences per pass that keep rows x tokens within `budget` (at least one; `default` without a budget)."""
+    return default if budget is None else max(1, budget // max(tokens_per_row, 1))

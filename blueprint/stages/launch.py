@@ -1,0 +1,128 @@
+"""Running a data-parallel stage on several processes: torchrun inside one pod (or on this machine), a Kubeflow
+Trainer TrainJob across nodes, and the worker entry point both of them start on every rank.
+
+The launcher is the process the user (or the KFP component) started: it starts the ranks and waits. Each rank runs
+the very same stage function with the same settings; rank 0 alone writes to the artifact store, so when the
+launcher runs the stage function itself afterwards it finds the committed output, a cache hit, and reports it as
+any stage does. Nothing but the artifact root is shared between the launcher and the ranks.
+
+    torchrun --standalone --nproc_per_node N -m blueprint.stages.launch '<request JSON>'
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from blueprint import distributed
+from blueprint.config import parse
+from blueprint.errors import TASK_ERROR_PREFIX, UserError
+from blueprint.stages import registry
+
+WORKER_MODULE = "blueprint.stages.launch"
+
+
+class LaunchError(UserError, RuntimeError):
+    """The stage's processes failed (a rank's error, a dead rank, a collective timeout)."""
+
+
+def processes(cfg: Any) -> int:
+    """Processes per node `cfg` asks for on this machine (1 for a stage without parallel settings)."""
+    if not isinstance(cfg, distributed.ParallelSettings):
+        return 1
+    return distributed.resolve_nproc(cfg.nproc, getattr(cfg, "device", "auto"))
+
+
+def wants_launch(cfg: Any) -> bool:
+    """More than one process or node, and this process is not already one of the ranks."""
+    if os.environ.get(distributed.WORKER_ENV) or not isinstance(cfg, distributed.ParallelSettings):
+        return False
+    return cfg.nodes > 1 or processes(cfg) > 1
+
+
+def request(stage: str, settings: dict[str, Any], inputs: dict[str, str], artifact_root: str | None,
+            force: bool, out_uri: str | None = None) -> dict[str, Any]:
+    """What every rank needs to run the stage: plain JSON, so it fits a command line and a TrainJob spec."""
+    return {"stage": stage, "settings": settings, "inputs": inputs, "artifact_root": artifact_root,
+            "force": force, "out_uri": out_uri}
+
+
+def worker_module_args(req: dict[str, Any]) -> list[str]:
+    """The arguments after torchrun's own options: the worker module and its request."""
+    return ["-m", WORKER_MODULE, json.dumps(req, sort_keys=True)]
+
+
+def torchrun_command(n: int, req: dict[str, Any]) -> list[str]:
+    """torchrun on this machine: `n` ranks on a free local rendezvous port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "--max_restarts=0", *worker_module_args(req)]
+
+
+def launch(stage: str, cfg: Any, req: dict[str, Any]) -> None:
+    """Run the stage on its ranks and wait: a TrainJob when `cfg.nodes > 1`, else torchrun here. Raises
+    LaunchError naming the stage, the process count and the ranks' last lines when they fail."""
+    n = processes(cfg)
+    if cfg.nodes > 1:
+        from blueprint.stages.trainjob import run_trainjob
+
+        run_trainjob(stage, req, nodes=cfg.nodes, nproc_per_node=n)
+        return
+    print(f"{stage}: starting {n} processes (torchrun --standalone --nproc_per_node {n})", flush=True)
+    env = {**os.environ, distributed.WORKER_ENV: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(
+        max(1, (os.cpu_count() or 1) // n))), "BLUEPRINT_DEVICE": str(getattr(cfg, "device", "auto"))}
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    with subprocess.Popen(torchrun_command(n, req), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        for line in proc.stdout:  # ranks' progress lines, as they come (a terminal and `kubectl logs` both)
+            tail.append(line.rstrip("\n"))
+            if not _launcher_noise(line):
+                print(line, end="", flush=True)
+    if proc.returncode:
+        raise LaunchError(_failure(stage, n, proc.returncode, list(tail)))
+
+
+def _launcher_noise(line: str) -> bool:
+    """torchrun's own warnings and failure report (the ranks' lines are what matters)."""
+    return "torch.distributed" in line and ("WARNING" in line or "ERROR" in line) or line.startswith("  warnings.")
+
+
+def _failure(stage: str, n: int, code: int, tail: list[str]) -> str:
+    """One line: the first rank's own error line when there is one, else torchrun's last lines."""
+    errors = [line for line in tail if line.startswith(TASK_ERROR_PREFIX)]
+    if errors:
+        return f"{errors[0][len(TASK_ERROR_PREFIX):].partition(': ')[2]} (1 of {n} processes; exit {code})"
+    last = " | ".join(line.strip() for line in tail[-5:] if line.strip())
+    return f"{n} processes under torchrun failed (exit {code}): {last}"
+
+
+def run_stage(stage: str, cfg: Any, inputs: dict[str, str], *, artifact_root: str | None, out_uri: str | None = None,
+              force: bool = False, progress: bool = True) -> Any:
+    """The stage's committed output, computed on as many processes as `cfg` asks for (`nproc`, `nodes`)."""
+    module = registry.get(stage).load()
+    if wants_launch(cfg):
+        launch(stage, cfg, request(stage, cfg.to_dict(), inputs, artifact_root, force, out_uri))
+        force = False  # the ranks committed it: what follows reads it, a cache hit
+    return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force, progress=progress)
+
+
+def run_worker(req: dict[str, Any]) -> None:
+    """One rank: join the process group, run the stage (rank 0 commits, only rank 0 prints progress)."""
+    from blueprint.stages.task import user_errors_exit
+
+    stage = req["stage"]
+    spec = registry.get(stage)
+    with user_errors_exit(stage):
+        cfg = parse(spec.config_type(), req["settings"])
+        distributed.init_from_env(cfg.collective_timeout)
+        try:
+            spec.load().run(cfg, **req["inputs"], artifact_root=req["artifact_root"], out_uri=req.get("out_uri"),
+                            force=req["force"], progress=distributed.is_main())
+        finally:
+            distributed.shutdown()
+
+
+if __name__ == "__main__":
+    run_worker(json.loads(sys.argv[1]))
