@@ -1,22 +1,26 @@
-"""Cluster settings for the compiled pipeline: S3 secret, GPUs, resources, scheduling, caching, retries.
+"""Cluster settings for the compiled pipeline: S3 secret, GPUs, resources, scheduling, caching, retries, nodes.
 
 Everything here is decided at compile time and lands in the pipeline YAML, so it is validated here, once, with
 errors that name the setting: a typo must fail on the laptop, not as a pod stuck in Pending an hour later.
 Credentials never pass through this module: only the NAME of a Kubernetes secret does, and the pods read the keys
 from it at run time (kfp-kubernetes `use_secret_as_env`). Without a secret, pods rely on the node's IAM role or
 IRSA (a service account bound to an IAM role), which is why a missing secret is a warning, not an error.
+
+A stage with `nodes` above 1 runs as a Kubeflow Trainer TrainJob (blueprint.stages.trainjob): its own task only
+creates and watches the job, so it gets LAUNCHER_RESOURCES and no accelerator, and the stage's resources and GPUs
+go to each node, described in the task's environment (trainjob.ENV_NODE) by names only, like the secret here.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from kubernetes.utils import parse_quantity
-from pydantic import StrictBool, field_validator, model_validator
+from pydantic import Field, StrictBool, field_validator, model_validator
 
 from blueprint.config import ConfigError, Settings, load_file, setting
-from blueprint.stages import registry
+from blueprint.stages import registry, trainjob
 
 STAGES = tuple(registry.STAGES)
 GPU_STAGES = registry.accelerator_stages()  # shard and bootstrap (tiny base) are CPU work
@@ -84,6 +88,9 @@ DEFAULT_RESOURCES: dict[str, Resources] = {
     "gate": _resources("2", "8", "8Gi", "16Gi"),  # may evaluate the champion again, as evaluate does
     "promote": _resources("250m", "1", "512Mi", "1Gi"),
 }
+# The task of a multi-node stage creates its TrainJob, streams its log and finds the committed output afterwards.
+LAUNCHER_RESOURCES = _resources("500m", "2", "2Gi", "4Gi")
+SHM_VOLUME = "dshm"
 
 
 class Toleration(Settings):
@@ -148,6 +155,12 @@ class ClusterSettings(Settings):
     retry_backoff_max: str = setting("1h", "longest backoff")
     image_pull_secrets: tuple[str, ...] = setting((), "secrets the pods pull the image with")
     service_account: str | None = setting(None, "service account of the pods (e.g. one bound to an IAM role)")
+    nodes: dict[str, Annotated[int, Field(ge=1)]] = setting(
+        {}, "per-stage node count, e.g. {ppo-round: 2}: above 1 the stage runs as a Kubeflow Trainer TrainJob "
+            "(torch-distributed runtime) of that many nodes, each with the stage's resources (limits requested "
+            "as well) and gpu_count accelerators; the stage's own task then only waits, on LAUNCHER_RESOURCES")
+    trainjob_timeout: str = setting("24h", "how long a multi-node stage waits for its TrainJob (also the job's "
+                                           "activeDeadlineSeconds), a duration like 90m or 24h")
 
     @field_validator("s3_secret", "service_account")
     @classmethod
@@ -173,7 +186,7 @@ class ClusterSettings(Settings):
     def _gpu_stages(cls, stages: Any) -> Any:
         return tuple(_stage_key(s) for s in stages) if isinstance(stages, (list, tuple)) else stages
 
-    @field_validator("resources", "caching", mode="before")
+    @field_validator("resources", "caching", "nodes", mode="before")
     @classmethod
     def _stage_keys(cls, per_stage: Any) -> Any:
         per_stage = {} if per_stage is None else per_stage  # an empty section in YAML
@@ -192,7 +205,7 @@ class ClusterSettings(Settings):
                 raise ValueError(f"{key}={value} is not a valid Kubernetes label")
         return labels
 
-    @field_validator("retry_backoff", "retry_backoff_max")
+    @field_validator("retry_backoff", "retry_backoff_max", "trainjob_timeout")
     @classmethod
     def _duration(cls, value: str) -> str:
         from kfp.dsl.structures import convert_duration_to_seconds
@@ -214,6 +227,12 @@ class ClusterSettings(Settings):
         over = self.resources.get(stage)
         return DEFAULT_RESOURCES[stage] if over is None else over.over(DEFAULT_RESOURCES[stage])
 
+    def multi_node(self, stage: str) -> bool:
+        return self.nodes.get(stage, 1) > 1
+
+    def gpu_for(self, stage: str) -> bool:
+        return self.gpu and stage in self.gpu_stages
+
 
 def from_mapping(values: Mapping[str, Any]) -> ClusterSettings:
     """A ClusterSettings from a config-file mapping; unknown keys are named."""
@@ -227,13 +246,44 @@ def load(path: str | None = None, **overrides: Any) -> ClusterSettings:
     return from_mapping(values)
 
 
-def stage_defaults(settings: ClusterSettings) -> dict[str, dict[str, str]]:
-    """Stage settings the cluster settings imply: with `gpu`, device=cuda for every GPU stage that has a device,
-    so a pod that was given a GPU never silently trains on its CPU (and fails at once where there is none)."""
-    if not settings.gpu:
-        return {}
-    return {stage: {"device": "cuda"} for stage in settings.gpu_stages
-            if "device" in registry.STAGES[stage].config_type().model_fields}
+def stage_defaults(settings: ClusterSettings) -> dict[str, dict[str, Any]]:
+    """Stage settings the cluster settings imply. With `gpu`: device=cuda for every GPU stage that has a device, so a
+    pod that was given a GPU never silently trains on its CPU, and with gpu_count > 1 nproc=gpu_count (one process
+    per GPU). With `nodes`: the stage's `nodes`, which makes its task launch a TrainJob."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage in settings.gpu_stages if settings.gpu else ():
+        fields = registry.STAGES[stage].config_type().model_fields
+        values = {"device": "cuda"} if "device" in fields else {}
+        if settings.gpu_count > 1 and "nproc" in fields:
+            values["nproc"] = str(settings.gpu_count)
+        if values:
+            out[stage] = values
+    for stage, count in settings.nodes.items():
+        if count > 1:
+            if "nodes" not in registry.STAGES[stage].config_type().model_fields:
+                raise ConfigError(f"nodes.{stage}: {stage} runs in one pod only (its settings have no nodes)")
+            out.setdefault(stage, {})["nodes"] = count
+    return out
+
+
+def node_settings(settings: ClusterSettings, stage: str) -> trainjob.NodeSettings:
+    """What each TrainJob node of `stage` gets: the stage's resources (limit, else request, requested and limited
+    alike, as the SDK sets them), its accelerators, the S3 secret by name, the pods' scheduling."""
+    from kfp.dsl.structures import convert_duration_to_seconds
+
+    res = settings.resources_for(stage)
+    per_node = {kind: value for kind, value in (("cpu", res.cpu_limit or res.cpu_request),
+                                                 ("memory", res.memory_limit or res.memory_request)) if value}
+    if settings.gpu_for(stage):
+        per_node[settings.accelerator] = str(settings.gpu_count)
+    secret_env = {} if not settings.s3_secret else {
+        "AWS_ACCESS_KEY_ID": {"secret": settings.s3_secret, "key": settings.s3_access_key_field},
+        "AWS_SECRET_ACCESS_KEY": {"secret": settings.s3_secret, "key": settings.s3_secret_key_field}}
+    tolerations = [{"tolerationSeconds" if k == "toleration_seconds" else k: v
+                    for k, v in tol.model_dump(exclude_none=True).items()} for tol in settings.tolerations]
+    return trainjob.NodeSettings(resources=per_node, secret_env=secret_env, node_selector=settings.node_selector,
+                                 tolerations=tolerations, image_pull_secrets=settings.image_pull_secrets,
+                                 timeout_s=float(convert_duration_to_seconds(settings.trainjob_timeout)))
 
 
 def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
@@ -241,18 +291,15 @@ def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
     from kfp import kubernetes
 
     def apply(stage: str, task: Any) -> Any:
-        res = settings.resources_for(stage)
-        if res.cpu_request:
-            task.set_cpu_request(res.cpu_request)
-        if res.cpu_limit:
-            task.set_cpu_limit(res.cpu_limit)
-        if res.memory_request:
-            task.set_memory_request(res.memory_request)
-        if res.memory_limit:
-            task.set_memory_limit(res.memory_limit)
-        if settings.gpu and stage in settings.gpu_stages:
+        multi = settings.multi_node(stage)
+        _set_resources(task, LAUNCHER_RESOURCES if multi else settings.resources_for(stage))
+        if settings.gpu_for(stage) and not multi:
             task.set_accelerator_type(settings.accelerator)
             task.set_accelerator_limit(settings.gpu_count)
+            if settings.gpu_count > 1:  # NCCL between the pod's processes: the default 64Mi /dev/shm is too small
+                kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory")
+        if multi:
+            _launches_trainjob(task, settings, stage)
         if settings.s3_secret:
             kubernetes.use_secret_as_env(task, secret_name=settings.s3_secret, secret_key_to_env={
                 settings.s3_access_key_field: "AWS_ACCESS_KEY_ID",
@@ -276,6 +323,28 @@ def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
         return task
 
     return apply
+
+
+def _set_resources(task: Any, res: Resources) -> None:
+    if res.cpu_request:
+        task.set_cpu_request(res.cpu_request)
+    if res.cpu_limit:
+        task.set_cpu_limit(res.cpu_limit)
+    if res.memory_request:
+        task.set_memory_request(res.memory_request)
+    if res.memory_limit:
+        task.set_memory_limit(res.memory_limit)
+
+
+def _launches_trainjob(task: Any, settings: ClusterSettings, stage: str) -> None:
+    """What the task needs to create its TrainJob: its own image, the nodes' settings, its namespace and service
+    account (the downward API; the nodes run as the same account, so IRSA reaches S3 the same way)."""
+    from kfp import kubernetes
+
+    task.set_env_variable(trainjob.ENV_IMAGE, task.component_spec.implementation.container.image)
+    task.set_env_variable(trainjob.ENV_NODE, node_settings(settings, stage).model_dump_json())
+    kubernetes.use_field_path_as_env(task, trainjob.ENV_NAMESPACE, "metadata.namespace")
+    kubernetes.use_field_path_as_env(task, trainjob.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName")
 
 
 def s3_credentials_warning(artifact_root: str, s3_secret: str | None) -> str | None:

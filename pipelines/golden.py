@@ -1,4 +1,5 @@
-"""Regenerate the golden compiled-pipeline snapshots the tests compare against: `python -m pipelines.golden`.
+"""Regenerate the golden snapshots the tests compare against: `python -m pipelines.golden` (the compiled pipeline,
+and the TrainJob a multi-node stage creates).
 
 Like the KFP SDK's own compiler tests, a change to the DAG, a component or a default shows up as a YAML diff
 that a reviewer reads; regenerate the snapshots on purpose, never to make a test pass blindly.
@@ -10,11 +11,18 @@ import re
 import sys
 from pathlib import Path
 
-from pipelines import compile_pipeline
+import yaml
+
+from pipelines import cluster, compile_pipeline
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 GOLDEN_IMAGE = "ghcr.io/blueprint-rt/blueprint:golden"
 CASES = {"pipeline_epochs1.yaml": {"epochs": 1}, "pipeline_epochs3.yaml": {"epochs": 3}}
+TRAINJOB_CASE = "trainjob_ppo_round.yaml"
+TRAINJOB_CLUSTER = {"gpu": True, "gpu_count": 4, "nodes": {"ppo-round": 2}, "s3_secret": "mlpipeline-minio-artifact",
+                    "s3_access_key_field": "accesskey", "s3_secret_key_field": "secretkey",
+                    "s3_endpoint": "http://minio-service.kubeflow:9000", "node_selector": {"pool": "gpu"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
 
 
 def _sorted_header_defaults(text: str) -> str:
@@ -35,10 +43,35 @@ def compile_case(name: str, out_dir: Path) -> Path:
     return path
 
 
+def trainjob_case() -> dict:
+    """The TrainJob of a ppo-round on 2 nodes x 4 GPUs, from the cluster settings through the environment the
+    compile gives its task (what the task's pod reads) to the body the SDK sends."""
+    from blueprint.stages import launch, trainjob
+
+    settings = cluster.from_mapping(TRAINJOB_CLUSTER)
+    environ = {trainjob.ENV_IMAGE: GOLDEN_IMAGE, trainjob.ENV_NAMESPACE: "kubeflow",
+               trainjob.ENV_NODE: cluster.node_settings(settings, "ppo-round").model_dump_json(),
+               trainjob.ENV_SERVICE_ACCOUNT: "pipeline-runner", "AWS_ENDPOINT_URL": settings.s3_endpoint}
+    root = "s3://blueprint/artifacts"
+    inputs = {name: f"{root}/{name}/0123abcd" for name in ("shards", "base", "adapters")}
+    request = launch.request("ppo-round", {**cluster.stage_defaults(settings)["ppo-round"], "round_index": 1},
+                             inputs, root, False)
+    plan = trainjob.plan_from_env("ppo-round", request, nodes=2, nproc_per_node=4, environ=environ,
+                                  name="blueprint-ppo-round-golden")
+    return trainjob.trainjob_spec(plan)
+
+
+def write_trainjob_case(out_dir: Path) -> Path:
+    path = out_dir / TRAINJOB_CASE
+    path.write_text(yaml.safe_dump(trainjob_case(), sort_keys=True, width=120))
+    return path
+
+
 def main() -> int:
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     for name in CASES:
         print(f"wrote {compile_case(name, GOLDEN_DIR)}")
+    print(f"wrote {write_trainjob_case(GOLDEN_DIR)}")
     return 0
 
 

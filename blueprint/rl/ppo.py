@@ -320,7 +320,7 @@ class PPOTrainer:
         so the sum over micro-batches and ranks is the mini-batch's loss. `whole`: `idx` is the whole mini-batch."""
         cfg, R = self.config, r.response.shape[1]
         stats: dict[str, torch.Tensor] = {}
-        for part in idx.split(rows):
+        for part in idx.split(rows) if len(idx) else ():  # a rank may hold none of a mini-batch's rows
             # a whole mini-batch weighs exactly 1.0 (not valid/valid), so no budget leaves the numerics untouched
             share = r.mask[part].sum() / valid.to(r.mask.device) if len(part) < len(idx) or not whole else 1.0
             logits, values = self._forward(r.input_ids[part], r.attention_mask[part], R, with_values=True)

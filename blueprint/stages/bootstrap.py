@@ -101,8 +101,11 @@ def _packed_blocks(docs: list[str], tokenizer, seq_len: int):
 
 def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: bool = True) -> dict:
     """Causal-LM pre-training over shuffled packed blocks with AdamW and a warmup + cosine schedule, on
-    `where.device`, autocast to `where.dtype` unless that is fp32."""
+    `where.device`, autocast to `where.dtype` unless that is fp32. On N data-parallel ranks the model is wrapped
+    in DDP and each rank takes its 1/N of every step's blocks (the step's batch is the same as one process's)."""
     import torch
+
+    from blueprint import distributed
 
     from blueprint.progress import Progress
 
@@ -111,25 +114,28 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
                                               * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    share = distributed.my_share(cfg.batch_size)
+    trained = model if distributed.world_size() == 1 else torch.nn.parallel.DistributedDataParallel(model)
     model.train()
     order = torch.randperm(len(blocks), generator=gen)
     losses: list[float] = []
     bar = Progress("bootstrap", steps, progress)
     for step in range(steps):
-        idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)]
+        idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)][share.start:share.stop]
         batch = blocks[idx].to(where.device)
         labels = batch[:, :-1].clone()
         labels[labels == pad_id] = -100  # padding is never a target
         with torch.autocast(where.device.type, dtype=where.dtype, enabled=where.dtype != torch.float32):
-            loss = model(input_ids=batch[:, :-1], labels=labels).loss
-        check_finite_loss(loss.item(), f"bootstrap pre-training step {step}", "lr", cfg.lr)
+            loss = trained(input_ids=batch[:, :-1], labels=labels).loss
+        value = distributed.all_sum(loss.detach()).item() / distributed.world_size()  # the step's, on all ranks
+        check_finite_loss(value, f"bootstrap pre-training step {step}", "lr", cfg.lr)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.update(step + 1, loss=loss.item())
+        losses.append(value)
+        bar.update(step + 1, loss=value)
     bar.close()
     model.eval()
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]

@@ -11,6 +11,8 @@ any stage does. Nothing but the artifact root is shared between the launcher and
 from __future__ import annotations
 
 import collections
+import dataclasses
+import datetime
 import json
 import os
 import subprocess
@@ -64,36 +66,33 @@ def torchrun_command(n: int, req: dict[str, Any]) -> list[str]:
 def launch(stage: str, cfg: Any, req: dict[str, Any]) -> None:
     """Run the stage on its ranks and wait: a TrainJob when `cfg.nodes > 1`, else torchrun here. Raises
     LaunchError naming the stage, the process count and the ranks' last lines when they fail."""
-    n = processes(cfg)
-    if cfg.nodes > 1:
-        from blueprint.stages.trainjob import run_trainjob
+    if cfg.nodes > 1:  # this pod only watches the job: the nodes' GPUs, not its own, decide nproc
+        from blueprint.stages.trainjob import node_processes, run_trainjob
 
-        run_trainjob(stage, req, nodes=cfg.nodes, nproc_per_node=n)
+        run_trainjob(stage, req, nodes=cfg.nodes, nproc_per_node=node_processes(cfg.nproc))
         return
+    n = processes(cfg)
     print(f"{stage}: starting {n} processes (torchrun --standalone --nproc_per_node {n})", flush=True)
     env = {**os.environ, distributed.WORKER_ENV: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(
         max(1, (os.cpu_count() or 1) // n))), "BLUEPRINT_DEVICE": str(getattr(cfg, "device", "auto"))}
     tail: collections.deque[str] = collections.deque(maxlen=20)
+    errors: list[str] = []  # the ranks' own one-line errors, raised as this stage's error below
     with subprocess.Popen(torchrun_command(n, req), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as proc:
         for line in proc.stdout:  # ranks' progress lines, as they come (a terminal and `kubectl logs` both)
+            if line.startswith(TASK_ERROR_PREFIX):
+                errors.append(line.strip())
+                continue
             tail.append(line.rstrip("\n"))
-            if not _launcher_noise(line):
-                print(line, end="", flush=True)
+            print(line, end="", flush=True)
     if proc.returncode:
-        raise LaunchError(_failure(stage, n, proc.returncode, list(tail)))
+        raise LaunchError(_failure(n, proc.returncode, errors, list(tail)))
 
 
-def _launcher_noise(line: str) -> bool:
-    """torchrun's own warnings and failure report (the ranks' lines are what matters)."""
-    return "torch.distributed" in line and ("WARNING" in line or "ERROR" in line) or line.startswith("  warnings.")
-
-
-def _failure(stage: str, n: int, code: int, tail: list[str]) -> str:
-    """One line: the first rank's own error line when there is one, else torchrun's last lines."""
-    errors = [line for line in tail if line.startswith(TASK_ERROR_PREFIX)]
+def _failure(n: int, code: int, errors: list[str], tail: list[str]) -> str:
+    """One line: the first rank error line when there is one (what follows `stage: `), else the last lines."""
     if errors:
-        return f"{errors[0][len(TASK_ERROR_PREFIX):].partition(': ')[2]} (1 of {n} processes; exit {code})"
+        return f"{errors[0][len(TASK_ERROR_PREFIX):].partition(': ')[2]} (on {n} processes; exit {code})"
     last = " | ".join(line.strip() for line in tail[-5:] if line.strip())
     return f"{n} processes under torchrun failed (exit {code}): {last}"
 
@@ -102,10 +101,12 @@ def run_stage(stage: str, cfg: Any, inputs: dict[str, str], *, artifact_root: st
               force: bool = False, progress: bool = True) -> Any:
     """The stage's committed output, computed on as many processes as `cfg` asks for (`nproc`, `nodes`)."""
     module = registry.get(stage).load()
-    if wants_launch(cfg):
-        launch(stage, cfg, request(stage, cfg.to_dict(), inputs, artifact_root, force, out_uri))
-        force = False  # the ranks committed it: what follows reads it, a cache hit
-    return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force, progress=progress)
+    if not wants_launch(cfg):
+        return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force, progress=progress)
+    started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    launch(stage, cfg, request(stage, cfg.to_dict(), inputs, artifact_root, force, out_uri))
+    out = module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, progress=progress)  # ranks' commit
+    return dataclasses.replace(out, cached=out.manifest.get("created", "") < started)
 
 
 def run_worker(req: dict[str, Any]) -> None:
