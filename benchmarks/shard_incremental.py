@@ -56,9 +56,9 @@ def main() -> None:
     fresh, fresh_s = timed(src, root / "fresh", incremental=False)
     same = {r: m["sha256"] for r, m in grown.manifest["files"].items()} == \
         {r: m["sha256"] for r, m in fresh.manifest["files"].items()}
-    print(f"tree: {len(files)} files; full shard {full_s:.1f} s ({full.metrics['pairs']} pairs)")
-    print(f"grown by {len(extra)} files: incremental {grown_s:.1f} s ({grown_s / fresh_s:.0%} of a full re-shard's "
-          f"{fresh_s:.1f} s), inputs_parsed {grown.metrics['inputs_parsed']}, "
+    print(f"tree: {len(files)} files; full shard {full_s:.2f} s ({full.metrics['pairs']} pairs)")
+    print(f"grown by {len(extra)} files: incremental {grown_s:.2f} s ({grown_s / fresh_s:.1%} of a full re-shard's "
+          f"{fresh_s:.2f} s), inputs_parsed {grown.metrics['inputs_parsed']}, "
           f"inputs_reused {grown.metrics['inputs_reused']}; identical to the full re-shard: {same}")
 
 

@@ -5,16 +5,20 @@ A corpus bigger than a pod's disk cannot be copied in first, so `parquet:`/`json
 name an `s3://` prefix are listed here and streamed through pyarrow (Parquet row groups, JSON lines, CSV blocks);
 `datasets` is not involved. Listings come from boto3 `list_objects_v2` because it gives each object's ETag in the
 same page as its size: ETag changes with the content, so it goes into the source fingerprint, and the cache key of
-the shards changes exactly when an object does. Failures are raised as storage.StorageError with storage's own
+the shards changes exactly when an object does. A tree's source file is read whole by one GET conditional on
+its listed ETag (If-Match): one replaced since the listing is listed again and read as it is now, and the index
+records the ETag of the bytes read. Failures are raised as storage.StorageError with storage's own
 diagnosis (missing bucket, denied, no credentials, no answer); the source adds its name.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import glob
 import io
 import json
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -132,10 +136,53 @@ def rows(objects: Iterable[RemoteObject], kind: str, columns: list[str], code_co
             raise storage.StorageError(f"cannot read {obj.uri}: {exc}") from None
 
 
-def read_object(uri: str, size: int) -> bytes:
-    """One whole object (a source file), checked against the size it was listed with: an object replaced since
-    the listing would be sharded under the old fingerprint."""
-    data = storage.read_bytes(uri)
-    if len(data) != size:
-        raise storage.StorageError(f"cannot read {uri}: it changed since it was listed ({size} -> {len(data)} bytes)")
-    return data
+READ_ATTEMPTS = 3  # conditional reads of an object that keeps changing under its reader, before a user error
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint: str | None, pid: int):
+    """One boto3 client per endpoint and process (making one costs more than a small GET)."""
+    return storage._boto_client()
+
+
+def _get_if_match(uri: str, etag: str) -> bytes | None:
+    """The object's bytes if its ETag is still `etag` (one conditional GET: S3 serves one version whole), else
+    None (412: it was replaced since that ETag was seen)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = storage.split_s3(uri)
+
+    def get() -> bytes | None:
+        try:
+            client = _client(storage.endpoint_url(), os.getpid())
+            answer = client.get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+            return answer["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                return None
+            raise OSError(str(exc)) from exc  # as OSError, so storage diagnoses it (missing, denied, no answer)
+        except BotoCoreError as exc:
+            raise OSError(str(exc)) from exc
+    return storage._call(uri, "read", get)
+
+
+def _listed_etag(uri: str) -> str:
+    """The object's ETag as a listing gives it now (the object was replaced, or deleted: then a StorageError)."""
+    found = [o.etag for o in list_below(uri) if o.uri == uri]
+    if not found:
+        raise storage.StorageError(f"cannot read {uri}: it was deleted after the source was listed")
+    return found[0]
+
+
+def read_object(uri: str, etag: str) -> tuple[bytes, str]:
+    """One whole object (a source file) and the ETag of the bytes read. It is read only while its ETag is `etag`
+    (the listing's); an object replaced since is listed again and read as it is now, so what the index records
+    is what was read. An object that changes at every try is a StorageError naming it."""
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            etag = _listed_etag(uri)
+        data = _get_if_match(uri, etag)
+        if data is not None:
+            return data, etag
+    raise storage.StorageError(f"cannot read {uri}: it was replaced before each of {READ_ATTEMPTS} read(s) could "
+                               "finish; run again once nothing writes to it")

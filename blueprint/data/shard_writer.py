@@ -48,17 +48,20 @@ class ShardWriter:
         self._writers: dict[str, pq.ParquetWriter] = {}
         self.rows: dict[str, int] = {shard_name(s, i, num_shards): 0 for s in SPLITS for i in range(num_shards)}
         self.new: dict[str, list[int]] = {name: [] for name in self.rows}  # positions of rows marked new
+        self._names = {(s, i): shard_name(s, i, num_shards) for s in SPLITS for i in range(num_shards)}
 
     def add(self, split: str, shard: int, row: tuple, new: bool = False) -> None:
         """`row` holds the SCHEMA columns in order; `new`: it comes from an input that changed since the last run."""
-        name = shard_name(split, shard, self.num_shards)
+        name = self._names[split, shard]
         if new:
             self.new[name].append(self.rows[name])
-        buf = self._buffers.setdefault(name, [])
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = []
         buf.append(row)
-        self._buffer_bytes[name] = self._buffer_bytes.get(name, 0) + len(row[1]) + len(row[2])
+        size = self._buffer_bytes[name] = self._buffer_bytes.get(name, 0) + len(row[1]) + len(row[2])
         self.rows[name] += 1
-        if len(buf) >= self.row_group_rows or self._buffer_bytes[name] >= self.row_group_bytes:
+        if len(buf) >= self.row_group_rows or size >= self.row_group_bytes:
             self._flush(name)
 
     def _flush(self, name: str) -> None:

@@ -34,7 +34,6 @@ from urllib.parse import quote
 
 from blueprint.data import remote
 from blueprint.store import storage
-from blueprint.store.artifacts import sha256_file
 from blueprint.errors import UserError
 
 FILE_KINDS = ("jsonl", "parquet", "csv")
@@ -104,13 +103,6 @@ class SourceFile:
     mtime_ns: int
 
 
-def _sha256_file(path: str) -> str:
-    try:
-        return sha256_file(Path(path))
-    except OSError:
-        return "unreadable"  # never equal to a recorded identity: the file is parsed (and dropped) again
-
-
 def _row_tag(code: Any) -> str:
     """A row without a path is named by its content, not its position: the same in any partition of the source."""
     return hashlib.sha256(str(code).encode("utf-8", errors="replace")).hexdigest()[:12]
@@ -129,6 +121,7 @@ def corpus_file(name: str, skip_tests: bool) -> bool:
 def list_python_files(root: Path, skip_tests: bool = True) -> list[SourceFile]:
     """Every .py file below `root` in sorted relative-path order (the order decides the output bytes)."""
     found: list[SourceFile] = []
+    prefix = os.path.join(str(root), "")  # a relative path is what follows it (cheaper than Path.relative_to)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not skipped_dir(d, skip_tests))
         for name in sorted(filenames):
@@ -139,7 +132,7 @@ def list_python_files(root: Path, skip_tests: bool = True) -> list[SourceFile]:
                 st = os.stat(path)
             except OSError:  # a dangling symlink: not part of the corpus
                 continue
-            found.append(SourceFile(path, Path(path).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+            found.append(SourceFile(path, path[len(prefix):].replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
     return sorted(found, key=lambda f: f.rel_path)
 
 
@@ -177,12 +170,11 @@ class Source:
         self._files: list[SourceFile] | list[remote.RemoteObject] | None = None
         self._objects: list[remote.RemoteObject] | None = None  # one listing: the fingerprint is what is read
         self.partition: dict[str, Any] | None = None
-        self._identities: dict[str, str] | None = None
 
     def restricted(self, partition: dict[str, Any] | None) -> Source:
         """This source cut to one partition of the fan-out (`blueprint.data.partitions`): the files whose name
         (a tree's relative path, a data file's path or URI) is in [`from`, `until`), an open end when None."""
-        self.partition, self._files, self._objects, self._identities = partition or None, None, None, None
+        self.partition, self._files, self._objects = partition or None, None, None
         return self
 
     def _in_partition(self, name: str) -> bool:
@@ -275,23 +267,18 @@ class Source:
         return {"kind": kind, "id": self.spec.target, "config": self.spec.config,
                 "revision": self.hf_revision or "main", "data_files": self.hf_data_files}
 
-    def input_identities(self) -> dict[str, str] | None:
-        """{rel_path: size and content hash (sha256 of the bytes; the ETag on S3)} of a tree source's files, which
-        incremental sharding matches on (an mtime can stay while the bytes change); None for row sources (a
-        dataset's rows have no stable identity of their own). Hashing reads the files, but parses nothing."""
-        if self.spec.kind not in ("stdlib", "dir"):
-            return None
-        if self._identities is None:
-            self._identities = {f.rel_path: f"{f.size}:{f.etag if self.on_s3 else _sha256_file(f.abs_path)}"
-                                for f in self.files()}
-        return self._identities
+    @property
+    def is_tree(self) -> bool:
+        """Whether its inputs are files (stdlib, dir), which incremental sharding can match run to run; a
+        dataset's rows have no stable identity of their own."""
+        return self.spec.kind in ("stdlib", "dir")
 
     # ---------------------------------------------------------------- units
     def units(self) -> Iterator[tuple]:
         if self.spec.kind in ("stdlib", "dir"):
             license = STDLIB_LICENSE if self.spec.kind == "stdlib" else None
             for f in self.files():
-                yield ("object", f.uri, f.rel_path, license, f.size) if self.on_s3 else \
+                yield ("object", f.uri, f.rel_path, license, f.size, f.etag) if self.on_s3 else \
                     ("file", f.abs_path, f.rel_path, license)
             return
         budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None

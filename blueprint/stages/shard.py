@@ -164,15 +164,17 @@ def write_new_pairs(pairs: list[tuple], seen: set[bytes], writer: ShardWriter, c
     """Write the pairs whose code was not seen before (exact dedupe on the code hash), at most `room` of them, each
     to its split (by salted hash) and shard (by hash); how many were written."""
     salt, kept = config.split_salt.encode("utf-8"), 0
+    eval_fraction, num_shards = config.eval_fraction, config.num_shards
     for digest, name, code, summary, path, license in pairs:
         if room is not None and kept >= room:
             break
-        if digest[:16] in seen:
+        key = digest[:16]
+        if key in seen:
             dropped["duplicate"] += 1
             continue
-        seen.add(digest[:16])
-        split = "eval" if _eval_draw(salt, digest) < config.eval_fraction else "train"
-        shard = int.from_bytes(digest[:8], "big") % config.num_shards
+        seen.add(key)
+        split = "eval" if _eval_draw(salt, digest) < eval_fraction else "train"
+        shard = int.from_bytes(digest[:8], "big") % num_shards
         writer.add(split, shard, (digest.hex()[:32], code, summary, name, LANGUAGE, source_name, path, license,
                                   len(code), code.count("\n") + 1), new)
         kept += 1
@@ -223,11 +225,11 @@ def open_previous(uri: str) -> incremental.PreviousIndex | None:
         return None
 
 
-def _unidentified(fresh: Iterator[Result], counts: collections.Counter) -> Iterator[tuple[str, Result]]:
+def _unidentified(fresh: Iterator[Result], counts: collections.Counter) -> Iterator[Result]:
     try:
         for result in fresh:
             counts["inputs_parsed"] += 1
-            yield "", result
+            yield result
     finally:
         fresh.close()
 
@@ -239,18 +241,17 @@ def source_results(source: Source, config: ShardConfig, out_dir: Path, previous:
     `always_index`: a fan-out part): with `previous`, unchanged files come from its index, only the rest is parsed."""
     parse = functools.partial(ordered_map, functools.partial(process_many, limits=config.limits()),
                               workers=workers, batch=batch)
-    identities = source.input_identities()
-    if identities is None and not always_index:
+    if not source.is_tree and not always_index:
         return parse(source.units()), None
     index = IndexWriter(out_dir)
-    old = open_previous(previous) if previous and identities is not None else None
-    merged = _unidentified(parse(source.units()), counts) if identities is None else \
-        incremental.merged_results(list(source.units()), identities, old, parse, counts)
+    old = open_previous(previous) if previous and source.is_tree else None
+    merged = incremental.merged_results(source, old, parse, counts) if source.is_tree else \
+        _unidentified(parse(source.units()), counts)
 
     def recorded() -> Iterator[Result]:
         try:
-            for identity, result in merged:
-                index.add(identity, result)
+            for result in merged:
+                index.add(result)
                 yield result
         finally:
             merged.close()
@@ -333,7 +334,7 @@ def run(config: ShardConfig, *, artifact_root: str | None = None, out_uri: str |
 
     def build(out_dir: Path) -> dict[str, Any]:
         previous = None
-        if config.incremental and artifact_root and source.input_identities() is not None:
+        if config.incremental and artifact_root and source.is_tree:
             target = out_uri or artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, key, {}))
             previous = incremental.find_previous(artifact_root, incremental.extraction_key(key), exclude=target)
         return compute(config, out_dir, source, progress, previous)

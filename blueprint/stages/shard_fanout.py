@@ -39,7 +39,7 @@ def run_part(config: shard.ShardConfig, partition: dict[str, Any], *, artifact_r
     def build(out_dir: Path) -> dict[str, Any]:
         target = artifacts.stage_uri(artifact_root, PART_STAGE, artifacts.stage_key(PART_STAGE, key, {}))
         previous = incremental.find_previous(artifact_root, incremental.extraction_key(key), exclude=target) \
-            if config.incremental and source.input_identities() is not None else None
+            if config.incremental and source.is_tree else None
         counts: collections.Counter = collections.Counter()
         batch = 8 if source.total else 16
         workers = max(1, min(config.resolved_workers(), -(-source.total // batch))) if source.total else \
@@ -95,7 +95,7 @@ def previous_inputs(config: shard.ShardConfig, key: dict[str, Any], root: str, t
     if previous is None or artifacts.read_manifest(previous, verify="none").get("stage") != shard.STAGE:
         return set()
     old = shard.open_previous(previous)
-    return {(r["path"], r["identity"]) for r in old.inputs()} if old is not None else set()
+    return set(old.inputs()) if old is not None else set()
 
 
 def compute_dataset(config: shard.ShardConfig, parts: list[str], out_dir: Path, progress: bool,
@@ -110,10 +110,10 @@ def compute_dataset(config: shard.ShardConfig, parts: list[str], out_dir: Path, 
 
     def results():
         for uri in parts:
-            for identity, result in incremental.PreviousIndex(uri).all_results():
+            for result in incremental.PreviousIndex(uri).results():
                 if index is not None:
-                    index.add(identity, result)
-                result.reused = bool(identity) and (result.path, identity) in before
+                    index.add(result)
+                result.reused = bool(result.identity) and (result.path, result.identity) in before
                 reused[result.reused] += 1
                 yield result
     try:

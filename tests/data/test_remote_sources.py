@@ -220,3 +220,41 @@ def test_hub_data_files_stream_at_the_pinned_revision_and_other_languages_are_sk
     assert [r["name"] for r in read_pairs(out.uri, "train")] == ["py_row"]
     assert out.metrics["files_dropped"] == {"other_language": 1}
     assert out.metrics["source_fingerprint"]["revision"] == "0123abcd"
+
+
+def _listed_then_replaced(tmp_path: Path, bucket: str) -> tuple[shard.ShardConfig, Source, str, bytes]:
+    """A dir source on S3 whose listing is taken, then one of its objects replaced (a new function appended)."""
+    storage.upload_dir(python_tree(tmp_path / "tree"), f"{bucket}/src")
+    config = parse(shard.ShardConfig, {"source": f"dir:{bucket}/src", "num_shards": 2, "workers": 1,
+                                       "eval_fraction": 0.0})
+    source = config.make_source()
+    source.fingerprint()  # the listing: each object's size and ETag
+    uri = f"{bucket}/src/pkg/{stdlib_files(12)[0].name}"
+    new = storage.read_bytes(uri) + (b'\n\ndef replaced_after_listing(x):\n    """Return x, added after the '
+                                     b'listing."""\n    return x + 0\n')
+    storage.write_bytes(uri, new)
+    return config, source, uri, new
+
+
+def test_an_object_replaced_after_the_listing_is_read_as_it_is_now_and_indexed_by_its_new_etag(tmp_path, s3_bucket):
+    import boto3
+
+    config, source, uri, new = _listed_then_replaced(tmp_path, s3_bucket)
+    out = tmp_path / "out"
+    shard.compute(config, out, source=source, progress=False)
+    names = {n for f in (out / "train").glob("*.parquet")
+             for n in pq.read_table(f, columns=["name"])["name"].to_pylist()}
+    assert "replaced_after_listing" in names
+    bucket, key = storage.split_s3(uri)
+    etag = boto3.client("s3").head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    index = pq.read_table(out / "index" / "inputs.parquet").to_pylist()
+    row = next(r for r in index if r["path"] == key.split("/", 1)[1])
+    assert row["identity"] == f"{len(new)}:{etag}" and row["n_bytes"] == len(new)
+
+
+def test_an_object_that_changes_at_every_read_is_a_one_line_error_naming_it(tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setattr(remote, "READ_ATTEMPTS", 1)  # one read: the listed ETag is already stale
+    config, source, uri, _ = _listed_then_replaced(tmp_path, s3_bucket)
+    with pytest.raises(storage.StorageError) as err:
+        shard.compute(config, tmp_path / "out", source=source, progress=False)
+    assert str(err.value).startswith(f"cannot read {uri}: it was replaced") and "\n" not in str(err.value)

@@ -96,6 +96,41 @@ def test_a_previous_index_that_cannot_be_used_means_a_full_reshard(tmp_path, dam
         assert run(src, tmp_path / "art").metrics["inputs_reused"] == 0
 
 
+def test_a_file_changed_after_the_listing_is_indexed_by_the_bytes_read_and_then_reused(tmp_path):
+    import pyarrow.parquet as pq
+
+    from blueprint.data.extract import content_identity
+
+    src = tree(tmp_path / "src", FILES[:4])
+    config = parse(shard.ShardConfig, {"source": f"dir:{src}", "num_shards": 2, "workers": 1, "eval_fraction": 0.0})
+    source = config.make_source()
+    source.fingerprint()  # the listing: sizes and mtimes as they were
+    changed = src / FILES[1].name
+    changed.write_text(changed.read_text() + '\n\ndef added_after_listing(x):\n    """Return x, written after the '
+                       'listing."""\n    return x + 0\n')
+    out = tmp_path / "out"
+    shard.compute(config, out, source=source, progress=False)
+    names = {n for f in (out / "train").glob("*.parquet")
+             for n in pq.read_table(f, columns=["name"])["name"].to_pylist()}
+    row = next(r for r in pq.read_table(out / "index" / "inputs.parquet").to_pylist() if r["path"] == changed.name)
+    assert "added_after_listing" in names
+    assert (row["identity"], row["mtime_ns"]) == (content_identity(changed.read_bytes()), changed.stat().st_mtime_ns)
+
+
+def test_a_touched_but_unchanged_file_is_hashed_and_reused_and_a_changed_one_of_the_same_size_is_parsed(tmp_path):
+    src = tree(tmp_path / "src", FILES[:6])
+    run(src, tmp_path / "art")
+    touched, edited = src / FILES[1].name, src / FILES[2].name
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    data = bytearray(edited.read_bytes())
+    data[data.index(b"def ") + 4:data.index(b"def ") + 5] = b"Q"  # one byte: the same size, another function name
+    edited.write_bytes(bytes(data))
+    tree(src, FILES[6:7])
+    again = run(src, tmp_path / "art")
+    assert again.metrics["inputs_parsed"] == 2 and again.metrics["inputs_reused"] == 5
+    assert content(again) == content(run(src, tmp_path / "fresh", incremental=False))
+
+
 def test_the_rows_of_new_and_changed_files_are_marked_and_a_retrain_can_draw_them_first(tmp_path):
     from blueprint.stages import ppo_round
 
