@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 import re
 from typing import Any
 
@@ -30,6 +29,21 @@ class ParallelSettings(Settings):
                             "processes (needs the Trainer operator; see README, Multi-node stages)", ge=1)
     collective_timeout: int = setting(600, "seconds a collective waits for the other ranks before the job fails "
                                            "(a dead or stuck rank)", ge=10)
+
+    def split_over_ranks(self) -> dict[str, int]:
+        """{setting: count} of the batches each rank takes an equal share of (a stage's own)."""
+        return {}
+
+    def check_world(self, world: int) -> None:
+        """Refuse, before any work, a batch that does not split evenly over `world` processes, naming it."""
+        for name, count in self.split_over_ranks().items():
+            if count % world:
+                raise ConfigError(f"{name}={count} does not split evenly over {world} processes (nproc x nodes)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As Settings.to_dict, less collective_timeout: how long a collective may wait decides nothing in the
+        output, so it stays out of the cache key."""
+        return {k: v for k, v in super().to_dict().items() if k != "collective_timeout"}
 
     @field_validator("nproc", mode="before")
     @classmethod
@@ -53,6 +67,9 @@ def resolve_nproc(nproc: str, device: str = "auto") -> int:
     if nproc == "auto":
         return max(gpus, 1)
     n = int(nproc)
+    if n > 1 and re.fullmatch(r"cuda:\d+", device):
+        raise ConfigError(f"nproc={n} with device={device}: every process would use that one GPU; set device=cuda "
+                          "(each process takes its own) or nproc=1")
     if device.startswith("cuda") and n > gpus:
         raise ConfigError(f"nproc={n}: only {gpus} GPU(s) visible on this machine; set nproc=auto or at most {gpus}")
     if gpus and n > gpus:
@@ -84,17 +101,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(timeout_s: int) -> None:
-    """Join the process group torchrun described in the environment (no-op for a single process)."""
+def init_from_env(timeout_s: int, device: str = "auto") -> None:
+    """Join the process group torchrun described in the environment (no-op for a single process). On GPUs the
+    group has both backends: NCCL for CUDA tensors, gloo for the CPU ones (scores, counts, pickled objects)."""
     import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    cuda = torch.cuda.is_available() and os.environ.get("BLUEPRINT_DEVICE", "auto") != "cpu"
+    cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:
@@ -146,7 +164,7 @@ def from_main(obj: Any) -> Any:
     dist = _group()
     if not dist:
         return obj
-    box = [pickle.loads(pickle.dumps(obj)) if dist.get_rank() == 0 else None]
+    box = [obj if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

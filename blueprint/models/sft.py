@@ -39,6 +39,22 @@ def sft_length(max_code_tokens: int, max_summary_tokens: int) -> int:
     return max_code_tokens + max_summary_tokens + 32
 
 
+def start_losses():
+    """A Trainer callback keeping the losses of the evaluation `eval_on_start` runs (after DDP wrapping, before the
+    first step)."""
+    from transformers import TrainerCallback
+
+    class StartLosses(TrainerCallback):
+        def __init__(self):
+            self.metrics: dict[str, float] = {}
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.global_step == 0:
+                self.metrics.update(metrics or {})
+
+    return StartLosses()
+
+
 def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, batch_size: int, lr: float,
                   seed: int, max_length: int, progress: bool, task: str, lr_setting: str,
                   gradient_checkpointing: bool = False, batch_setting: str = "batch_size") -> dict[str, float]:
@@ -46,8 +62,12 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
     after. A non-finite loss fails naming `lr_setting`, the setting most likely at fault.
 
     Under torchrun the Trainer (accelerate) runs DDP over the ranks by itself; each takes `batch_size / ranks`
-    rows a step, so the global batch is the same whatever the process count."""
+    rows a step, so the global batch is the same whatever the process count. The before-losses come from the
+    Trainer's own evaluation at the start (`eval_on_start`): an `evaluate()` before `train()` makes accelerate
+    mark the model prepared and train it without DDP. Evaluation runs whole `batch_size` batches on every rank:
+    trl's evaluation loss is a mean of per-batch token means, which depends on how rows are cut into batches."""
     from transformers import PrinterCallback
+    import torch
     from trl import SFTConfig, SFTTrainer
 
     from blueprint.models import lora
@@ -61,29 +81,36 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
     model.set_adapter(adapter)
     lora.trainable_only(model, adapter)
     with tempfile.TemporaryDirectory() as tmp:
+        # bf16 autocast only for a bf16 base: trl's own default (bf16=True, on CPU too) trained an fp32 model in
+        # bf16, 7x slower on CPU, and rounded each rank's gradient before the all-reduce (N ranks != 1 process)
         args = SFTConfig(
             output_dir=tmp, max_steps=max(steps, 1), per_device_train_batch_size=batch_size // ranks,
-            per_device_eval_batch_size=batch_size // ranks, learning_rate=lr, lr_scheduler_type="cosine",
+            per_device_eval_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="cosine",
             warmup_steps=min(10, max(steps // 10, 0)), logging_steps=max(1, steps // 10), save_strategy="no",
             report_to="none", use_cpu=next(model.parameters()).device.type == "cpu", seed=seed, data_seed=seed,
-            disable_tqdm=not bar,
+            disable_tqdm=not bar, eval_on_start=steps > 0, ddp_find_unused_parameters=False,
+            bf16=getattr(model, "dtype", None) == torch.bfloat16,
             max_length=max_length, dataloader_num_workers=0,
             completion_only_loss=True, gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                             processing_class=tokenizer)
+        probe = train.select(range(min(len(train), len(evals))))
+        start = start_losses()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train,
+                             eval_dataset={"eval": evals, "train": probe}, processing_class=tokenizer,
+                             callbacks=[start])
         if not bar:  # lines instead of a bar (kfp.local, pod logs), or nothing at all
             trainer.remove_callback(PrinterCallback)
             if progress:
                 trainer.add_callback(trainer_progress_callback(f"{task}[{adapter}]"))
-        probe = train.select(range(min(len(train), len(evals))))
-        before = {"eval_loss": trainer.evaluate()["eval_loss"],
-                  "train_loss": trainer.evaluate(probe, metric_key_prefix="train")["train_loss"]}
         if steps > 0:
             trainer.train()
-        after = {"eval_loss": trainer.evaluate()["eval_loss"],
-                 "train_loss": trainer.evaluate(probe, metric_key_prefix="train")["train_loss"]}
+            if ranks > 1 and trainer.model_wrapped is trainer.model:
+                raise RuntimeError(f"{task} ({adapter}): the Trainer trained without DDP on {ranks} processes; "
+                                   "an evaluation before training left the model marked as prepared")
+        after = trainer.evaluate()
+        before = start.metrics if steps > 0 else after
+    before, after = ({"eval_loss": m["eval_eval_loss"], "train_loss": m["eval_train_loss"]} for m in (before, after))
     model.eval()
     for name, value in after.items():
         check_finite_loss(value, f"{task} ({adapter} {name})", lr_setting, lr)

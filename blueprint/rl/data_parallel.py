@@ -63,3 +63,10 @@ def all_finite(finite: bool) -> bool:
     if distributed.world_size() == 1:
         return finite
     return bool(distributed.all_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0)
+
+
+def in_step_order(items: list, per_step: int) -> list:
+    """Every rank's `items` (`per_step` of them a step on each) in the order one process makes them: step by step,
+    rank by rank within a step."""
+    parts = distributed.all_objects(items)
+    return [x for step in range(0, len(items), per_step) for part in parts for x in part[step:step + per_step]]

@@ -34,7 +34,7 @@ from transformers import GenerationConfig
 from blueprint import distributed
 from blueprint.rl import data_parallel
 from blueprint.rl.copying import copy_rates
-from blueprint.rl.rollout import Rollout, rows_within
+from blueprint.rl.rollout import Rollout, query_lists, rows_within
 from blueprint.errors import UserError
 from blueprint.models.batching import pad_batch
 from blueprint.rl.value_head import ValueHead
@@ -94,6 +94,7 @@ class PPOTrainer:
         self.bad_batches = 0     # consecutive skipped batches
         self.skipped_total = 0
         self._last_good: dict | None = None
+        self._bad_loss: str | None = None  # what made this rank's last micro-batch loss non-finite
 
     # ---------------------------------------------------------------- forwards
 
@@ -169,7 +170,7 @@ class PPOTrainer:
         timings = {} if timings is None else timings
         cfg = self.config
         k = cfg.samples_per_query  # each query's samples sit next to each other: [q0, q0, q1, q1, ...]
-        query_ids = [q for q in self._as_lists(queries) for _ in range(k)]
+        query_ids = [q for q in query_lists(queries) for _ in range(k)]
         # left padding: every response starts at column Q
         input_ids, attention_mask = pad_batch(query_ids, self.pad_token_id, "left", self.device)
         B, Q = input_ids.shape
@@ -303,6 +304,10 @@ class PPOTrainer:
                 local = data_parallel.owned_rows(idx, offset, B)
                 st = self._accumulate(r, local.to(self.device), rows, advantages, returns,
                                       valid_per_row[idx].sum().clamp(min=1), whole=ranks == 1)
+                bad, self._bad_loss = self._bad_loss, None
+                if not data_parallel.all_finite(bad is None):
+                    self._rollback()  # minibatches already applied this step are undone too
+                    raise PPOError(f"non-finite PPO loss at step {self.step} ({bad or 'on another rank'})")
                 data_parallel.sync_gradients(self.params)
                 st = data_parallel.summed_stats({k: float(v) for k, v in st.items()})
                 st["grad_norm"] = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -328,10 +333,9 @@ class PPOTrainer:
             pg_loss, vf_loss, st = ppo_losses(logp, r.logp[part], advantages[part], values.float(), r.values[part],
                                               returns[part], r.mask[part], cfg.cliprange, cfg.cliprange_value)
             loss = (pg_loss + cfg.vf_coef * vf_loss) * share
-            if not torch.isfinite(loss):
-                self._rollback()  # minibatches already applied this step are undone too
-                raise PPOError(f"non-finite PPO loss at step {self.step} (policy {pg_loss.item()}, "
-                               f"value {vf_loss.item()})")
+            if not torch.isfinite(loss):  # raised by _update on every rank at once, never on one alone
+                self._bad_loss = f"policy {pg_loss.item()}, value {vf_loss.item()}"
+                break
             loss.backward()
             st.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach()})
             for k, v in st.items():
@@ -384,16 +388,6 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self._last_good = None
 
-    @staticmethod
-    def _as_lists(queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor) -> list[list[int]]:
-        if isinstance(queries, torch.Tensor):
-            if queries.dim() != 2:
-                raise ValueError("a query tensor must be [B, Q] (unpadded rows); pass a list for ragged queries")
-            queries = list(queries)
-        lists = [q.tolist() if isinstance(q, torch.Tensor) else list(q) for q in queries]
-        if not lists or any(len(q) == 0 for q in lists):
-            raise ValueError("queries must be a non-empty batch of non-empty token sequences")
-        return lists
 
 
 def _std(x: torch.Tensor) -> float:

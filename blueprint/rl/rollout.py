@@ -1,6 +1,7 @@
 """One batch of PPO experience, and the token budgets that split it into passes."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,3 +35,15 @@ class Rollout:
 def rows_within(budget: int | None, tokens_per_row: int, default: int) -> int:
     """Sequences per pass that keep rows x tokens within `budget` (at least one; `default` without a budget)."""
     return default if budget is None else max(1, budget // max(tokens_per_row, 1))
+
+
+def query_lists(queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor) -> list[list[int]]:
+    """Queries as token lists (a [B, Q] tensor, or ragged rows); an empty batch or query is refused."""
+    if isinstance(queries, torch.Tensor):
+        if queries.dim() != 2:
+            raise ValueError("a query tensor must be [B, Q] (unpadded rows); pass a list for ragged queries")
+        queries = list(queries)
+    lists = [q.tolist() if isinstance(q, torch.Tensor) else list(q) for q in queries]
+    if not lists or any(len(q) == 0 for q in lists):
+        raise ValueError("queries must be a non-empty batch of non-empty token sequences")
+    return lists

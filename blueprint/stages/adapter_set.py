@@ -139,7 +139,10 @@ def trained_on(meta: dict[str, Any]) -> tuple[str, str]:
 
 def fetch_adapter_set(uri: str, bases: Bases, local_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Download a committed adapter set, refusing one whose roles were trained on other bases."""
-    local, _ = artifacts.download_artifact(uri, local_dir)
+    local, manifest = artifacts.download_artifact(uri, local_dir)
+    if not (local / BASE_FILE).exists():
+        raise artifacts.ArtifactError(f"adapters {uri} is a {manifest.get('stage')!r} output, not an adapter set "
+                                      "(a warmup or ppo-round output)")
     meta = json.loads((local / BASE_FILE).read_text())
     for role, recorded, base in zip(("summarizer", CODER), trained_on(meta), (bases.summarizer, bases.coder)):
         if recorded != base_identity(base):

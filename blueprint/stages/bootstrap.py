@@ -57,6 +57,9 @@ class BootstrapConfig(RuntimeSettings, ParallelSettings):
             raise ConfigError("max_tokens: must cover at least one batch")
         return self
 
+    def split_over_ranks(self) -> dict[str, int]:
+        return {"batch_size": self.batch_size}
+
 
 def _documents(pairs: list[dict[str, Any]], cfg: BootstrapConfig, rng: random.Random) -> list[str]:
     """One training document per pair: plain code, or one of the two round-trip prompt formats with its answer."""

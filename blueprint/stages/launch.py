@@ -23,6 +23,7 @@ from blueprint import distributed
 from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, UserError
 from blueprint.stages import registry
+from blueprint.store import artifacts
 
 WORKER_MODULE = "blueprint.stages.launch"
 
@@ -46,10 +47,10 @@ def wants_launch(cfg: Any) -> bool:
 
 
 def request(stage: str, settings: dict[str, Any], inputs: dict[str, str], artifact_root: str | None,
-            force: bool, out_uri: str | None = None) -> dict[str, Any]:
+            force: bool, out_uri: str | None = None, progress: bool = True) -> dict[str, Any]:
     """What every rank needs to run the stage: plain JSON, so it fits a command line and a TrainJob spec."""
     return {"stage": stage, "settings": settings, "inputs": inputs, "artifact_root": artifact_root,
-            "force": force, "out_uri": out_uri}
+            "force": force, "out_uri": out_uri, "progress": progress}
 
 
 def worker_module_args(req: dict[str, Any]) -> list[str]:
@@ -69,12 +70,16 @@ def launch(stage: str, cfg: Any, req: dict[str, Any]) -> None:
     if cfg.nodes > 1:  # this pod only watches the job: the nodes' GPUs, not its own, decide nproc
         from blueprint.stages.trainjob import node_processes, run_trainjob
 
-        run_trainjob(stage, req, nodes=cfg.nodes, nproc_per_node=node_processes(cfg.nproc))
+        per_node = node_processes(cfg.nproc)
+        cfg.check_world(cfg.nodes * per_node)
+        run_trainjob(stage, req, nodes=cfg.nodes, nproc_per_node=per_node)
         return
     n = processes(cfg)
-    print(f"{stage}: starting {n} processes (torchrun --standalone --nproc_per_node {n})", flush=True)
+    cfg.check_world(n)
+    if req.get("progress", True):
+        print(f"{stage}: starting {n} processes (torchrun --standalone --nproc_per_node {n})", flush=True)
     env = {**os.environ, distributed.WORKER_ENV: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(
-        max(1, (os.cpu_count() or 1) // n))), "BLUEPRINT_DEVICE": str(getattr(cfg, "device", "auto"))}
+        max(1, (os.cpu_count() or 1) // n)))}
     tail: collections.deque[str] = collections.deque(maxlen=20)
     errors: list[str] = []  # the ranks' own one-line errors, raised as this stage's error below
     with subprocess.Popen(torchrun_command(n, req), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -104,8 +109,9 @@ def run_stage(stage: str, cfg: Any, inputs: dict[str, str], *, artifact_root: st
     if not wants_launch(cfg):
         return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force, progress=progress)
     started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    launch(stage, cfg, request(stage, cfg.to_dict(), inputs, artifact_root, force, out_uri))
-    out = module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, progress=progress)  # ranks' commit
+    launch(stage, cfg, request(stage, cfg.model_dump(), inputs, artifact_root, force, out_uri, progress))
+    with artifacts.committed_only():  # what the ranks committed, never a computation in this process
+        out = module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, progress=progress)
     return dataclasses.replace(out, cached=out.manifest.get("created", "") < started)
 
 
@@ -117,10 +123,11 @@ def run_worker(req: dict[str, Any]) -> None:
     spec = registry.get(stage)
     with user_errors_exit(stage):
         cfg = parse(spec.config_type(), req["settings"])
-        distributed.init_from_env(cfg.collective_timeout)
+        distributed.init_from_env(cfg.collective_timeout, getattr(cfg, "device", "auto"))
+        cfg.check_world(distributed.world_size())
         try:
             spec.load().run(cfg, **req["inputs"], artifact_root=req["artifact_root"], out_uri=req.get("out_uri"),
-                            force=req["force"], progress=distributed.is_main())
+                            force=req["force"], progress=req.get("progress", True) and distributed.is_main())
         finally:
             distributed.shutdown()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from blueprint import distributed
+from blueprint.rl import data_parallel
 from blueprint.store import artifacts, storage
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
@@ -97,6 +98,11 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, ParallelSettings):
 
 
 
+    def split_over_ranks(self) -> dict[str, int]:
+        return {"batch_size/samples_per_query": self.batch_size // self.samples_per_query,
+                "coder_batch_size": self.coder_batch_size}
+
+
 def queries_per_step(cfg: PPORoundConfig) -> int:
     return cfg.batch_size // cfg.samples_per_query
 
@@ -167,7 +173,8 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig
     width = batch.shape[1]
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if samples else \
         dict(do_sample=False)
-    with lora.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    cuda = [batch.device] if batch.device.type == "cuda" else []  # manual_seed seeds CUDA too: restore it after
+    with lora.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
         out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, **sampling,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -267,7 +274,6 @@ def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: l
                     if distributed.is_main():  # every rank saved (collectives); one commits
                         artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
                                          metrics={"ppo_steps_done": step + 1})
-                    distributed.barrier()
     finally:
         bar.close()
     return None
@@ -275,12 +281,18 @@ def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: l
 
 def written_state(written: list[tuple[str, str]]) -> dict[str, Any]:
     """The summaries written so far, for a checkpoint: each rank's own list on N ranks (a collective)."""
-    return {"written": written} if distributed.world_size() == 1 else {"written_ranks": distributed.all_objects(written)}
+    if distributed.world_size() == 1:
+        return {"written": written}
+    return {"written_ranks": distributed.all_objects(written), "world_size": distributed.world_size()}
 
 
-def resumed_written(meta: dict[str, Any]) -> list[tuple[str, str]]:
-    """This rank's summaries written before the checkpoint it resumes from."""
-    ranks = meta.get("written_ranks")
+def resumed_written(meta: dict[str, Any], source: str) -> list[tuple[str, str]]:
+    """This rank's summaries written before the checkpoint it resumes from, which the same number of processes
+    must have written (each rank resumes its own share, RNG and summaries)."""
+    ranks, world = meta.get("written_ranks"), distributed.world_size()
+    if meta and int(meta.get("world_size", 1)) != world:
+        raise artifacts.ArtifactError(f"{source} was written by {meta.get('world_size', 1)} process(es), this round "
+                                      f"runs on {world}: rerun it with nproc as it was, or with --force")
     return [tuple(w) for w in (ranks[distributed.rank()] if ranks else meta.get("written", []))]
 
 
@@ -324,13 +336,13 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
         probe_metrics(model, tokenizer, reward, probe, cfg, "before")
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
-    scorer.written = resumed_written(meta)
+    scorer.written = resumed_written(meta, ckpt_uri)
     stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress)
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
     if stopped is None and cfg.supervised_steps > 0:
-        written = [w for part in distributed.all_objects(scorer.written) for w in part]  # every rank's, in order
+        written = data_parallel.in_step_order(scorer.written, cfg.batch_size // distributed.world_size())
         metrics.update(train_coder(roles, batch, written, cfg, progress))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
     _save(roles, trainer, out_dir, bases, {"round": cfg.round_index})

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from blueprint.config import Settings, setting
-from blueprint.errors import UserError
+from blueprint.errors import TASK_ERROR_PREFIX, UserError
 
 RUNTIME = "torch-distributed"                  # the ClusterTrainingRuntime the Trainer operator installs
 ENV_IMAGE = "BLUEPRINT_IMAGE"                  # the component's image: the nodes run the same one
@@ -172,7 +172,7 @@ def _node_env(request: dict[str, Any], node: NodeSettings, nproc: int, environ: 
 
     from blueprint.distributed import WORKER_ENV
 
-    env = {WORKER_ENV: "1", "BLUEPRINT_DEVICE": str(request.get("settings", {}).get("device", "auto"))}
+    env = {WORKER_ENV: "1"}
     if node.resources.get("cpu"):
         env["OMP_NUM_THREADS"] = str(max(1, int(parse_quantity(node.resources["cpu"])) // nproc))
     return {**env, **{k: environ[k] for k in PASSED_ENV if environ.get(k)}}
@@ -228,6 +228,7 @@ def _wait(client: Any, plan: JobPlan, log: Callable[[str], Any], poll_s: float) 
         raise TrainJobError(_failure(plan, f"did not finish within {timeout:g}s (deleted)", tail)) from None
     except Exception as exc:  # noqa: BLE001 - RuntimeError from the SDK, whatever the API said
         done.set()
+        _delete(client, plan.name, log)  # the task gives up on it: its nodes must not stay held for a day
         raise _api_error(exc, plan, "get") from exc
     done.set()
     follower.join(LOG_JOIN_S)
@@ -274,7 +275,10 @@ def _delete(client: Any, name: str, log: Callable[[str], Any]) -> None:
 
 
 def _failure(plan: JobPlan, what: str, tail: Iterable[str]) -> str:
+    """The job's name, what happened and its last lines, led by a rank's own error line when node 0 printed one."""
     lines = list(tail)[-TAIL_LINES:]
+    errors = [line.split(TASK_ERROR_PREFIX, 1)[1] for line in lines if TASK_ERROR_PREFIX in line]
+    what = f"{what}: {errors[0]}" if errors else what
     shown = "\n".join(f"  | {line}" for line in lines) if lines else "  (no log lines)"
     return (f"TrainJob {plan.namespace}/{plan.name} {what}; last {len(lines)} log line(s) of node-0 "
             f"(all nodes: kubectl logs -n {plan.namespace} -l jobset.sigs.k8s.io/jobset-name={plan.name}):\n{shown}")

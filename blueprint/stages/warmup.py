@@ -43,6 +43,9 @@ class WarmupConfig(RuntimeSettings, ParallelSettings):
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds LoRA init and data order")
 
+    def split_over_ranks(self) -> dict[str, int]:
+        return {"batch_size": self.batch_size}
+
 
     def lora(self):
         from blueprint.models import lora

@@ -7,6 +7,8 @@ path changes the key (KFP's own cache only sees parameter values).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import hashlib
@@ -14,7 +16,7 @@ import json
 import platform
 import socket
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -295,25 +297,39 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Calla
     if not distributed.is_main():
         return _follow_main(stage, uri, compute)
     existing = check_target(uri, stage, key, owned, force)
+    if existing is None and _COMMITTED_ONLY.get():
+        raise ArtifactError(f"{stage}: its processes ended without committing {uri}")
     distributed.from_main(existing is not None and not force)  # the other ranks learn whether this is a hit
     if existing is not None and not force:
         return StageOutput(uri, existing, cached=True)
     if not owned and existing is None:
         mark_writing(uri, stage, key)
-    out = _compute_and_commit(stage, uri, compute, cfg, inputs, key, owned, force)
-    distributed.barrier()  # the other ranks read the manifest once it is there (a failed rank ends the job)
-    return out
+    return _compute_and_commit(stage, uri, compute, cfg, inputs, key, owned, force)
+
+
+_COMMITTED_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("committed_only", default=False)
+
+
+@contextlib.contextmanager
+def committed_only() -> Iterator[None]:
+    """Inside: a stage reads its committed output and never computes it (after its ranks ran it elsewhere)."""
+    token = _COMMITTED_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _COMMITTED_ONLY.reset(token)
 
 
 def _follow_main(stage: str, uri: str, compute: Callable[[Path], Mapping[str, Any]]) -> StageOutput:
     """A data-parallel rank other than 0: compute alongside rank 0 (its collectives need every rank) and write
-    nothing; then rank 0's committed output."""
+    nothing. It does not wait for rank 0's upload (which may take longer than a collective may wait): its output
+    has no manifest, and the launcher reads the one rank 0 commits."""
     hit = distributed.from_main(None)
-    if not hit:
-        with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
-            compute(Path(tmp))
-        distributed.barrier()
-    return StageOutput(uri, read_manifest(uri, verify="sizes"), cached=hit)
+    if hit:
+        return StageOutput(uri, read_manifest(uri, verify="sizes"), cached=True)
+    with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
+        compute(Path(tmp))
+    return StageOutput(uri, {}, cached=False)
 
 
 def _compute_and_commit(stage: str, uri: str, compute: Callable[[Path], Mapping[str, Any]], cfg: dict[str, Any],

@@ -18,6 +18,7 @@ from blueprint.stages import evaluate, launch, ppo_round
 from blueprint.store import artifacts, storage
 
 from conftest import SMOKE_PPO
+from pipelines import cli
 
 SMOKE_EVALUATE = {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128}
 
@@ -35,13 +36,15 @@ def _max_diff(a: Path, b: Path, rel: str) -> float:
 
 
 def test_ppo_round_on_two_ranks_trains_the_adapters_one_process_trains(smoke_chain, tmp_path):
-    """Same global batch, same per-query sampling seeds: the summarizer LoRA and the value head agree to float
-    rounding (the ranks' float sums run in another order), and so do the round's statistics."""
-    settings = {**SMOKE_PPO, "supervised_steps": 0, "rollout_seeds": "query"}
+    """Same global batch, same per-query sampling seeds: the summarizer LoRA, the value head and the coder after
+    its supervised step agree to float rounding (the ranks' float sums run in another order), and so do the
+    round's statistics."""
+    settings = {**SMOKE_PPO, "rollout_seeds": "query"}
     outs = {n: _run("ppo-round", ppo_round.PPORoundConfig, {**settings, "nproc": n}, smoke_chain, tmp_path / f"n{n}",
                     adapters=smoke_chain["adapters"]) for n in (1, 2)}
     assert not outs[2].cached
-    for rel in ("adapters/summarizer/adapter_model.safetensors", "value_head.safetensors"):
+    for rel in ("adapters/summarizer/adapter_model.safetensors", "value_head.safetensors",
+                "adapters/coder/adapter_model.safetensors"):
         assert _max_diff(tmp_path / "n1", tmp_path / "n2", rel) < 1e-6, rel
     one, two = outs[1].metrics, outs[2].metrics
     for key in ("kl_mean", "score_mean_mean", "entropy_mean", "kl_coef_last"):
@@ -49,10 +52,14 @@ def test_ppo_round_on_two_ranks_trains_the_adapters_one_process_trains(smoke_cha
     assert one["kl_last"] > 0  # the policy moved, so agreeing is not agreeing on nothing
 
 
-def test_evaluate_on_two_ranks_gives_the_same_bytes_as_one_process(smoke_chain, tmp_path):
-    for n in (1, 2):
-        _run("evaluate", evaluate.EvaluateConfig, {**SMOKE_EVALUATE, "nproc": n}, smoke_chain, tmp_path / f"n{n}",
-             adapters=smoke_chain["adapters"])
+def test_evaluate_on_two_ranks_gives_the_same_bytes_as_one_process(smoke_chain, tmp_path, capsys):
+    _run("evaluate", evaluate.EvaluateConfig, SMOKE_EVALUATE, smoke_chain, tmp_path / "n1",
+         adapters=smoke_chain["adapters"])
+    flags = [f"--set={k}={v}" for k, v in SMOKE_EVALUATE.items()]  # the command line, as a user runs it
+    assert cli.main(["stage", "evaluate", *flags, "--set", "nproc=2", "--input", f"shards={smoke_chain['shards']}",
+                     "--input", f"base={smoke_chain['base']}", "--input", f"adapters={smoke_chain['adapters']}",
+                     "--out", f"file://{tmp_path / 'n2'}"]) == 0
+    assert "starting 2 processes" in capsys.readouterr().out
     for name in ("metrics.json", "samples.jsonl"):
         assert (tmp_path / "n1" / name).read_bytes() == (tmp_path / "n2" / name).read_bytes(), name
 
@@ -73,7 +80,7 @@ def _rank_pid(marker: str, local_rank: str) -> int | None:
 
 def test_a_killed_rank_fails_the_round_in_one_line_and_the_rerun_resumes_to_the_same_adapters(smoke_chain,
                                                                                                  tmp_path):
-    settings = {**SMOKE_PPO, "ppo_steps": 30, "checkpoint_every": 2, "supervised_steps": 0, "nproc": 2}
+    settings = {**SMOKE_PPO, "ppo_steps": 16, "checkpoint_every": 2, "supervised_steps": 0, "nproc": 2}
     out = tmp_path / "killed"
     failure: list[BaseException] = []
 
@@ -111,9 +118,18 @@ def test_a_killed_rank_fails_the_round_in_one_line_and_the_rerun_resumes_to_the_
 
 def test_a_setting_that_does_not_split_over_the_ranks_fails_in_one_line_naming_it(smoke_chain, tmp_path):
     settings = {**SMOKE_PPO, "nproc": 2, "coder_batch_size": 3}
-    with pytest.raises(launch.LaunchError, match=r"coder_batch_size=3 does not split evenly over 2 processes"):
+    with pytest.raises(ConfigError, match=r"coder_batch_size=3 does not split evenly over 2 processes"):
         _run("ppo-round", ppo_round.PPORoundConfig, settings, smoke_chain, tmp_path / "out",
              adapters=smoke_chain["adapters"])
+
+
+def test_a_user_error_on_the_ranks_is_the_stages_one_line(smoke_chain, tmp_path):
+    with pytest.raises(launch.LaunchError) as caught:  # a dataset given as the adapter set: every rank refuses it
+        _run("evaluate", evaluate.EvaluateConfig, {**SMOKE_EVALUATE, "nproc": 2}, smoke_chain, tmp_path / "out",
+             adapters=smoke_chain["shards"])
+    message = str(caught.value)
+    assert "\n" not in message and smoke_chain["shards"] in message and "on 2 processes" in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_nproc_above_the_visible_gpus_is_refused_naming_the_setting(monkeypatch):

@@ -35,10 +35,11 @@ def test_a_smoke_ppo_round_gives_the_golden_rewards_and_kl(smoke_chain, tmp_path
     _pinned(out.metrics, GOLDEN_PPO)
 
 
-# Measured on the CI machine kind (AVX512, 2 threads) with the locked versions.
+# Measured on the CI machine kind (AVX512, 2 threads) with the locked versions. The SFT figures moved once, when
+# the supervised steps stopped training an fp32 model under trl's default bf16 autocast (kl_last -0.03670 before).
 GOLDEN_BOOTSTRAP = {"loss_start": 6.240787029266357, "loss_end": 6.143182277679443}
-GOLDEN_WARMUP = {"summarizer_eval_loss_after": 6.172703266143799, "coder_eval_loss_after": 6.144577503204346,
-                 "summarizer_train_loss_after": 6.154095649719238, "coder_train_loss_after": 6.139811038970947}
-GOLDEN_PPO = {"score_mean_first": -0.1104392558336258, "score_mean_last": -0.08607412874698639,
-              "score_gain_mean": -0.004196226596832275, "kl_last": -0.036698102951049805,
-              "coder_eval_loss_after": 6.134879112243652, "entropy_mean": 6.205912351608276}
+GOLDEN_WARMUP = {"summarizer_eval_loss_after": 6.172705173492432, "coder_eval_loss_after": 6.1446075439453125,
+                 "summarizer_train_loss_after": 6.1540985107421875, "coder_train_loss_after": 6.139843463897705}
+GOLDEN_PPO = {"score_mean_first": -0.11043865978717804, "score_mean_last": -0.08607281744480133,
+              "score_gain_mean": -0.004195272922515869, "kl_last": -0.03621017932891846,
+              "coder_eval_loss_after": 6.1349101066589355, "entropy_mean": 6.205911636352539}
