@@ -70,14 +70,17 @@ def resolve_nproc(nproc: str, device: str = "auto") -> int:
     if n > 1 and re.fullmatch(r"cuda:\d+", device):
         raise ConfigError(f"nproc={n} with device={device}: every process would use that one GPU; set device=cuda "
                           "(each process takes its own) or nproc=1")
-    if device.startswith("cuda") and n > gpus:
-        raise ConfigError(f"nproc={n}: only {gpus} GPU(s) visible on this machine; set nproc=auto or at most {gpus}")
-    if gpus and n > gpus:
-        raise ConfigError(f"nproc={n}: only {gpus} GPU(s) visible on this machine; set nproc=auto or at most {gpus}, "
-                          "or device=cpu to run CPU processes")
+    if n > gpus and (gpus or device.startswith("cuda")):
+        raise ConfigError(f"nproc={n}: only {gpus} GPU(s) visible on this machine; set nproc=auto or at most {gpus}"
+                          + ("" if device.startswith("cuda") else ", or device=cpu to run CPU processes"))
     if not gpus and n > (os.cpu_count() or 1):
         raise ConfigError(f"nproc={n}: this machine has {os.cpu_count()} CPU core(s) and no GPU")
     return n
+
+
+def threads_per_process(cores: int, n: int) -> int:
+    """OMP threads of each of `n` processes sharing `cores` (torch would otherwise give each all of them)."""
+    return max(1, cores // n)
 
 
 def _group() -> Any:

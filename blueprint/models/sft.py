@@ -9,7 +9,6 @@ import tempfile
 from typing import Any
 
 from blueprint import distributed
-from blueprint.config import ConfigError
 from blueprint.errors import check_finite_loss
 from blueprint.models.prompts import PromptConfig, code_prompt, summary_prompt
 
@@ -57,7 +56,7 @@ def start_losses():
 
 def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, batch_size: int, lr: float,
                   seed: int, max_length: int, progress: bool, task: str, lr_setting: str,
-                  gradient_checkpointing: bool = False, batch_setting: str = "batch_size") -> dict[str, float]:
+                  gradient_checkpointing: bool = False) -> dict[str, float]:
     """SFT of one adapter with trl's SFTTrainer (only its weights train); held-out and train loss before and
     after. A non-finite loss fails naming `lr_setting`, the setting most likely at fault.
 
@@ -74,9 +73,7 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
     from blueprint.progress import interactive, trainer_progress_callback
 
     bar = progress and interactive()
-    ranks = distributed.world_size()
-    if batch_size % ranks:
-        raise ConfigError(f"{batch_setting}={batch_size} does not split evenly over {ranks} processes (nproc)")
+    ranks = distributed.world_size()  # the stage's config checked that batch_size splits (check_world)
 
     model.set_adapter(adapter)
     lora.trainable_only(model, adapter)

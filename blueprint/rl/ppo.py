@@ -257,7 +257,8 @@ class PPOTrainer:
         beta = self.kl_ctl.value
         # every figure over the GLOBAL batch: per-rollout scalars gathered in rank order, token sums reduced
         every = distributed.all_cat
-        scores = group_baseline(every(r.scores), cfg.samples_per_query, scale=cfg.whiten_rewards)
+        all_scores, all_raw = every(r.scores), every(r.raw_scores)  # one gather each, for the baseline and stats
+        scores = group_baseline(all_scores, cfg.samples_per_query, scale=cfg.whiten_rewards)
         scores = scores[distributed.my_share(len(scores))]
         rewards, kl = per_token_rewards(scores.to(self.device), r.logp, r.ref_logp, r.mask, beta)
         kl_seq = every(kl.sum(1))
@@ -266,8 +267,8 @@ class PPOTrainer:
 
         lengths = every(torch.tensor([float(len(x)) for x in r.response_ids]))
         stats: dict[str, float] = {
-            "skipped": 0.0, "score/mean": every(r.scores).mean().item(), "score/std": _std(every(r.scores)),
-            "score/raw_mean": every(r.raw_scores).mean().item(), "score/raw_std": _std(every(r.raw_scores)),
+            "skipped": 0.0, "score/mean": all_scores.mean().item(), "score/std": _std(all_scores),
+            "score/raw_mean": all_raw.mean().item(), "score/raw_std": _std(all_raw),
             "copy_rate": every(r.copy_rate).mean().item(), "no_eos_rate": (~every(r.has_eos)).float().mean().item(),
             "kl": kl_seq.mean().item(), "kl_coef": beta, "non_score_reward": (-beta * kl_seq).mean().item(),
             "entropy": masked_mean(r.entropy, r.mask, reduce=reduce).item(),

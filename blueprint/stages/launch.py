@@ -78,8 +78,8 @@ def launch(stage: str, cfg: Any, req: dict[str, Any]) -> None:
     cfg.check_world(n)
     if req.get("progress", True):
         print(f"{stage}: starting {n} processes (torchrun --standalone --nproc_per_node {n})", flush=True)
-    env = {**os.environ, distributed.WORKER_ENV: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(
-        max(1, (os.cpu_count() or 1) // n)))}
+    env = {**os.environ, distributed.WORKER_ENV: "1", "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(distributed.threads_per_process(os.cpu_count() or 1, n)))}
     tail: collections.deque[str] = collections.deque(maxlen=20)
     errors: list[str] = []  # the ranks' own one-line errors, raised as this stage's error below
     with subprocess.Popen(torchrun_command(n, req), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -373,7 +373,7 @@ def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, s
                         lr=cfg.coder_lr, seed=cfg.seed, max_length=sft_length(cfg.max_code_tokens,
                                                                               cfg.max_summary_tokens),
                         progress=progress, task=task_name(cfg), lr_setting="coder_lr",
-                        gradient_checkpointing=cfg.gradient_checkpointing, batch_setting="coder_batch_size")
+                        gradient_checkpointing=cfg.gradient_checkpointing)
     roles.summarizer.set_adapter("summarizer")  # train_adapter made the coder active; the policy acts next
     return out
 

@@ -170,11 +170,11 @@ def _node_env(request: dict[str, Any], node: NodeSettings, nproc: int, environ: 
     worker mark, the device (gloo or NCCL), a share of the node's cores per process, the S3 endpoint and region."""
     from kubernetes.utils import parse_quantity
 
-    from blueprint.distributed import WORKER_ENV
+    from blueprint.distributed import WORKER_ENV, threads_per_process
 
     env = {WORKER_ENV: "1"}
     if node.resources.get("cpu"):
-        env["OMP_NUM_THREADS"] = str(max(1, int(parse_quantity(node.resources["cpu"])) // nproc))
+        env["OMP_NUM_THREADS"] = str(threads_per_process(int(parse_quantity(node.resources["cpu"])), nproc))
     return {**env, **{k: environ[k] for k in PASSED_ENV if environ.get(k)}}
 
 
