@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import os
 import re
+import stat
 import textwrap
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ _GENERATED = re.compile(
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 READ_ATTEMPTS = 3  # reads of a file that keeps changing while it is read, before that is the user's error
 UNREAD = "unread"  # the identity's content part for a file too large to read: its result depends on its size only
+NOT_REGULAR = "not_regular_file"  # the drop reason of a device, FIFO or socket in a tree: never opened or read
 
 
 class InputChanged(UserError, ValueError):
@@ -306,12 +308,19 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
     _, abs_path, path, license = unit
     try:
         st = os.stat(abs_path)
+        if not stat.S_ISREG(st.st_mode):  # a device reads forever, a FIFO blocks: neither is source code
+            return Result(path=path, file_drop=NOT_REGULAR)
         if st.st_size > limits.max_file_bytes:  # never read: a 50 MB generated blob costs one stat
             return Result(path=path, n_bytes=st.st_size, file_drop="too_large", identity=f"{st.st_size}:{UNREAD}",
                           mtime_ns=st.st_mtime_ns)
-        raw, mtime_ns = read_settled(abs_path)
+        read = read_settled(abs_path, limits.max_file_bytes)
     except OSError:
         return Result(path=path, file_drop="unreadable")
+    if read is None:  # replaced by a device, FIFO or socket after the stat
+        return Result(path=path, file_drop=NOT_REGULAR)
+    raw, mtime_ns = read
+    if len(raw) > limits.max_file_bytes:  # it grew past the limit after the stat: only limit + 1 bytes were read
+        return Result(path=path, n_bytes=len(raw), file_drop="too_large", mtime_ns=mtime_ns)
     return dataclasses.replace(file_pairs(raw, path, limits, license), identity=content_identity(raw),
                                mtime_ns=mtime_ns)
 
@@ -326,13 +335,29 @@ def _stamp(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def read_settled(abs_path: str) -> tuple[bytes, int]:
-    """A local file's bytes and the mtime_ns they belong to, read again when its size or mtime moved during the
-    read (a writer was at work): the pairs and the identity recorded are then of one version of the file."""
+def read_regular(abs_path: str, limit: int) -> bytes | None:
+    """At most `limit + 1` bytes of a regular file (more than `limit` says "too large" without reading the rest),
+    or None when `abs_path` is not one: a device, FIFO or socket is never read. Opened without blocking (a FIFO
+    would wait for a writer) and checked on the open descriptor, so a file swapped for a FIFO after a stat is
+    caught too."""
+    if not stat.S_ISREG(os.stat(abs_path).st_mode):  # a socket cannot be opened, a device may act when opened
+        return None
+    fd = os.open(abs_path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", closefd=True) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read(limit + 1)
+
+
+def read_settled(abs_path: str, limit: int) -> tuple[bytes, int] | None:
+    """A local regular file's bytes (at most `limit + 1`) and the mtime_ns they belong to, read again when its size
+    or mtime moved during the read (a writer was at work): the pairs and the identity recorded are then of one
+    version of the file. None when it is not a regular file."""
     for _ in range(READ_ATTEMPTS):
         before = _stamp(abs_path)
-        with open(abs_path, "rb") as f:
-            raw = f.read()
+        raw = read_regular(abs_path, limit)
+        if raw is None or len(raw) > limit:  # not a file, or too large whatever its version
+            return None if raw is None else (raw, before[1])
         if _stamp(abs_path) == before == (len(raw), before[1]):
             return raw, before[1]
     raise InputChanged(f"source file {abs_path} changed during each of {READ_ATTEMPTS} reads: run again once "

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blueprint.data.extract import UNREAD, Result, content_identity
+from blueprint.data.extract import UNREAD, Result, content_identity, read_regular
 from blueprint.store import artifacts, storage
 
 INDEX_VERSION = "blueprint-shard-index/3"  # 3: pairs by count per input; the local mtime_ns beside the identity
@@ -218,11 +218,11 @@ def current_identity(f: Any, on_s3: bool, recorded: tuple[str, int | None] | Non
         return f"{f.size}:{f.etag}"
     if f.mtime_ns == recorded[1] or recorded[0] == f"{f.size}:{UNREAD}":
         return recorded[0]
-    try:
-        with open(f.abs_path, "rb") as data:  # whole: at most max_file_bytes (a larger one was never read)
-            return content_identity(data.read())
+    try:  # at most one byte more than the recorded size: a device or FIFO is never read, a grown file differs
+        raw = read_regular(f.abs_path, f.size)
     except OSError:
         return None  # parsed (and dropped as unreadable) again
+    return None if raw is None else content_identity(raw)
 
 
 def reusable(source: Any, previous: PreviousIndex) -> dict[str, int | None]:

@@ -64,6 +64,55 @@ def test_bad_files_are_dropped_by_reason(tmp_path):
     assert "too_large 1" in shard.summary_line(out) and "8 pairs kept" in shard.summary_line(out)
 
 
+def test_a_fifo_and_a_socket_in_the_tree_are_dropped_as_not_regular_and_never_block_the_shard(tmp_path):
+    import socket
+
+    src = write_tree(tmp_path / "src", n_files=2)
+    os.mkfifo(src / "pipe.py")  # opened for reading, it would wait for a writer forever
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(src / "sock.py"))
+    try:  # the issue's command, as a user types it: a hang fails on the timeout
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "shard", "--source", f"dir:{src}", "--out",
+                               f"file://{tmp_path}/o", "--workers", "1", "--quiet"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        listener.close()
+    assert done.returncode == 0, done.stderr
+    m = artifacts.read_manifest(f"file://{tmp_path}/o")["metrics"]
+    assert m["files_dropped"] == {"not_regular_file": 2} and m["pairs"] == 8
+    assert "not_regular_file 2" in done.stdout
+
+
+_READ_A_DEVICE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # an unbounded read fails here, not on the machine
+from blueprint.data import extract
+result = extract.process(("file", sys.argv[1], "zero.py", None), extract.Limits(max_file_bytes=1000))
+print(result.file_drop, result.n_bytes)
+"""
+
+
+def test_a_link_to_a_device_is_dropped_as_not_regular_without_reading_it(tmp_path):
+    (tmp_path / "zero.py").symlink_to("/dev/zero")  # stat says 0 bytes; reading it never ends
+    done = subprocess.run([sys.executable, "-c", _READ_A_DEVICE, str(tmp_path / "zero.py")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.split() == ["not_regular_file", "0"]
+
+
+def test_a_file_is_read_no_further_than_one_byte_past_the_size_limit(tmp_path):
+    from blueprint.data import extract
+
+    big = tmp_path / "big.py"
+    big.write_bytes(b"x = 1\n" * 100_000)
+    raw, _ = extract.read_settled(str(big), limit=1000)
+    assert len(raw) == 1001  # enough to know it is too large, whatever stat said when it was listed
+    proc_file = tmp_path / "cpuinfo.py"  # a regular file whose stat size (0) is not what a read gives
+    proc_file.symlink_to("/proc/self/status")
+    result = extract.process(("file", str(proc_file), "cpuinfo.py", None), extract.Limits(max_file_bytes=50))
+    assert (result.file_drop, result.n_bytes) == ("too_large", 51)
+
+
 @pytest.mark.parametrize("case", ["empty", "no_python", "all_bad", "missing"])
 def test_unusable_source_names_it_and_commits_nothing(tmp_path, case):
     src = tmp_path / "src"
