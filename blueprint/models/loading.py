@@ -143,18 +143,60 @@ def load_base(name: str, *, dtype: torch.dtype | str = torch.float32, cache_dir:
         path, source = str(local), dict(local_files_only=True)
     else:
         path, source = name, _hub_source(name)
+    from safetensors import SafetensorError
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **source)
         config = AutoConfig.from_pretrained(path, **source)
+        if source.get("local_files_only"):
+            check_sizes(name, Path(path), config)
         published = str(config.dtype or "float32").removeprefix("torch.")  # loading in `dtype` overwrites it
         attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **attention, **source)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"base model {name!r} could not be loaded: {exc}") from exc
+    except SafetensorError as exc:  # a copy cut short, or not a safetensors file at all
+        broken = _broken_safetensors(Path(path)) if source.get("local_files_only") else "a weights file"
+        raise ModelLoadError(f"base model {name!r}: {broken} is truncated or corrupt ({exc})") from None
+    except RuntimeError as exc:
+        if "mismatched_sizes" not in str(exc):
+            raise
+        raise ModelLoadError(f"base model {name!r}: its weights do not fit its config.json (tensor shapes differ "
+                             "from the sizes it gives: a config from another model?)") from None
     model.published_dtype = published  # what merge saves in by default
     ensure_pad_token(tokenizer, model)
     check_vocabulary(name, model, tokenizer)
     return model.eval(), tokenizer
+
+
+def check_sizes(name: str, path: Path, config: Any) -> None:
+    """Refuse a config.json whose sizes its weights cannot hold, before a model of those sizes is built: the input
+    embedding alone has vocab_size x hidden_size parameters, which take at least half a byte each (4-bit), so a
+    `vocab_size` of 2e9 beside a few megabytes of weights is refused here, not by the allocator."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab, hidden = getattr(text, "vocab_size", None), getattr(text, "hidden_size", None)
+    stored = sum(f.stat().st_size for pattern in WEIGHT_PATTERNS[:2] for f in path.glob(pattern))
+    if not isinstance(vocab, int) or not isinstance(hidden, int) or not stored:
+        return
+    if vocab <= 0 or hidden <= 0 or vocab * hidden > 2 * stored:
+        raise ModelLoadError(f"base model {name!r}: its weights do not fit its config.json (vocab_size {vocab} x "
+                             f"hidden_size {hidden} = {vocab * hidden:.3g} embedding parameters, but the weights "
+                             f"hold {stored} bytes)")
+
+
+def _broken_safetensors(path: Path) -> str:
+    """The name of the first safetensors file in `path` whose header cannot be read (else "a weights file")."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError):
+            return file.name
+    return "a weights file"
 
 
 def check_vocabulary(name: str, model: PreTrainedModel, tokenizer: Any) -> None:

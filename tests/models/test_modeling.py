@@ -196,6 +196,33 @@ def test_load_base_errors_name_the_input(micro_model, micro_tokenizer, tmp_path,
         load_base("not a//hub id")
 
 
+@pytest.mark.parametrize("sizes", [{"vocab_size": 2_000_000_000, "hidden_size": 1_000_000},  # refused unbuilt
+                                   {"intermediate_size": 128}])  # plausible, but not these weights' shapes
+def test_a_config_whose_sizes_do_not_fit_the_weights_is_one_line_naming_the_base(sizes, micro_model, micro_tokenizer,
+                                                                                 tmp_path):
+    import json
+
+    base = _save_base(micro_model, micro_tokenizer, tmp_path / "absurd")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **sizes}))
+    with pytest.raises(ModelLoadError) as err:
+        load_base(str(base))
+    message = str(err.value)
+    assert message.startswith(f"base model {str(base)!r}: its weights do not fit its config.json") and "\n" not in message
+
+
+def test_a_truncated_safetensors_file_is_one_line_naming_the_base_and_the_file(micro_model, micro_tokenizer,
+                                                                               tmp_path):
+    base = _save_base(micro_model, micro_tokenizer, tmp_path / "cut")
+    (weights,) = base.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy that stopped half-way
+    with pytest.raises(ModelLoadError) as err:
+        load_base(str(base))
+    message = str(err.value)
+    assert message.startswith(f"base model {str(base)!r}: {weights.name} is truncated or corrupt")
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("offline", ["1", None])
 def test_unknown_hub_id_fails_fast(offline, monkeypatch):
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
