@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -321,8 +322,19 @@ class Source:
 
         if self.spec.kind in FILE_KINDS:
             builder = "json" if self.spec.kind == "jsonl" else self.spec.kind
-            ds = datasets.load_dataset(builder, data_files=self.data_files(), streaming=True, split="train")
-            yield from ds
+            readers = logging.getLogger("datasets.packaged_modules")  # logs a broken file before raising: told below
+            level = readers.level
+            readers.setLevel(logging.CRITICAL)
+            try:
+                for path in self.data_files():  # one at a time, in order: a broken file is named
+                    try:
+                        yield from datasets.load_dataset(builder, data_files=[path], streaming=True, split="train")
+                    except (ValueError, OSError) as exc:  # pandas' ParserError, pyarrow's ArrowInvalid, bad JSON
+                        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                        raise SourceError(f"source {self.name}: cannot read {path} as {self.spec.kind}: "
+                                          f"{reason}") from None
+            finally:
+                readers.setLevel(level)
             return
         yield from self._hf_rows(datasets)
 

@@ -87,3 +87,21 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
         main(["ls", str(tmp_path)])
     monkeypatch.setattr(artifacts, "cached_outputs", lambda root: (_ for _ in ()).throw(UserError("fix it")))
     assert main(["ls", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("kind, broken", [
+    ("csv", 'code,summary\n"def f():\n    return 1",ok\na,b,c,d\n'),  # a row with more fields than the header
+    ("jsonl", '{"code": "def f():\\n    return 1", "summary": "ok"}\n{"code": \n'),  # a line cut short
+])
+def test_a_malformed_data_file_is_one_line_naming_the_file_and_exit_2(tmp_path, kind, broken):
+    good = 'code,summary\n"def g():\n    return 2",fine\n' if kind == "csv" else \
+        '{"code": "def g():\\n    return 2", "summary": "fine"}\n'
+    (tmp_path / f"a.{kind}").write_text(good)
+    (tmp_path / f"b.{kind}").write_text(broken)
+    out = blueprint("shard", "--source", f"{kind}:{tmp_path}/*.{kind}", "--out", f"file://{tmp_path}/o", "--quiet",
+                    "--workers", "1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"blueprint shard: error: source {kind}:{tmp_path}/*.{kind}: cannot read "
+                           f"{tmp_path}/b.{kind} as {kind}: ")
+    assert not storage.exists(f"file://{tmp_path}/o/{artifacts.MANIFEST_NAME}")
