@@ -3,8 +3,9 @@
 
 Why a module of its own: KFP's API has no update or upsert of a recurring run, and creating one again under the
 same name makes a second schedule that trains twice on every tick. Replacing is list -> filter by display name ->
-create the new one -> delete the old one(s); which order, and what the user is told when it stops half-way, is
-what this module is about (`create_replacing`).
+create the new one -> list again and delete all but the newest; which order, what concurrent callers converge
+to, and what the user is told when it stops half-way, is what this module is about (`create_replacing`,
+`converge`).
 
 What a schedule runs is what the user chose: a pipeline version already on the server (`--pipeline-id` with
 `--pipeline-version-id`), a new version of a named pipeline (`--pipeline NAME`: the package is uploaded, the
@@ -211,21 +212,19 @@ def _listing(runs: list) -> str:
     return ", ".join(f"{run.recurring_run_id} ({run.display_name!r})" for run in runs)
 
 
-def create_replacing(host: str, old: list, create: Callable[[], Any], delete: Callable[[str], Any],
-                     uploaded: str | None = None) -> tuple[Any, list[tuple[str, str]]]:
-    """Create the new recurring run, then delete `old` (those of its name); (new one, [(id, why) still there]).
+def create_replacing(host: str, old: list, create: Callable[[], Any], uploaded: str | None = None) -> Any:
+    """Create the new recurring run while `old` (those of its name) stay scheduled; `converge` then deletes them.
 
     Create first, delete second, because a failure then never leaves the retraining unscheduled. A create that
-    fails changes nothing: the old schedule goes on as before, and the error says so. A delete that fails after
-    it leaves two schedules of one name; the caller names both and prints the command that removes the stale
-    one. Deleting first would turn a failed create (a refused request, a bad pipeline version, a lost
-    connection) into no schedule at all, noticed only when the model stops improving. The price of this order
-    is a moment with two schedules: one extra run if both fire in the instant between the create and the delete.
+    fails changes nothing: the old schedule goes on as before, and the error says so. Deleting first would turn a
+    failed create (a refused request, a bad pipeline version, a lost connection) into no schedule at all, noticed
+    only when the model stops improving. The price of this order is a moment with two schedules: one extra run if
+    both fire in the instant between the create and the delete.
     `uploaded`: the pipeline version uploaded for the new one, if any (it stays when the create fails).
     """
     try:
         with talking_to(host):
-            new = create()
+            return create()
     except KubeflowError as exc:
         if not old:
             raise
@@ -233,14 +232,46 @@ def create_replacing(host: str, old: list, create: Callable[[], Any], delete: Ca
         extra = f" (pipeline version {uploaded}, uploaded for it, stays unused)" if uploaded else ""
         raise KubeflowError(f"creating the new recurring run failed, so nothing was changed: {kept} still "
                             f"scheduled as before{extra}. The cause: {exc}") from None
-    still_there = []
-    for run in old:
+
+
+def newest(runs: list):
+    """The run every caller keeps: the latest created, ties broken by id, so concurrent callers pick the same one."""
+    utc_min = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+    def created(run) -> dt.datetime:
+        when = run.created_at or utc_min
+        return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return max(runs, key=lambda run: (created(run), run.recurring_run_id))
+
+
+def converge(host: str, list_named: Callable[[], list], delete: Callable[[str], Any]
+             ) -> tuple[Any, list, list[tuple[str, str]]]:
+    """Leave one recurring run of the name: (kept, deleted, [(id, why) a delete failed for]).
+
+    The name is listed again after the create, because other `schedule` calls may have created theirs between
+    our listing and our create: each caller keeps the newest and deletes the rest, so all of them converge to the
+    same one. A run already gone (another caller deleted it) counts as deleted.
+    """
+    import kfp_server_api
+
+    with talking_to(host):
+        runs = list_named()
+    keep = newest(runs)
+    deleted, failed = [], []
+    for run in runs:
+        if run.recurring_run_id == keep.recurring_run_id:
+            continue
         try:
             with talking_to(host):
-                delete(run.recurring_run_id)
+                try:
+                    delete(run.recurring_run_id)
+                except kfp_server_api.ApiException as exc:
+                    if exc.status != 404:
+                        raise
+            deleted.append(run)
         except KubeflowError as exc:
-            still_there.append((run.recurring_run_id, str(exc)))
-    return new, still_there
+            failed.append((run.recurring_run_id, str(exc)))
+    return keep, deleted, failed
 
 
 def _unschedule_command(run_id: str, host: str, namespace: str | None) -> str:
@@ -265,19 +296,27 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             cron_expression=cron, max_concurrency=args.max_concurrency, no_catchup=args.no_catchup,
             params=target.arguments, pipeline_package_path=target.package, pipeline_id=target.pipeline_id,
             version_id=target.version_id, enabled=not args.paused, service_account=account)
-        job, still_there = create_replacing(host, old, create, client.delete_recurring_run,
-                                            uploaded=target.version_id if args.pipeline else None)
+        job = create_replacing(host, old, create, uploaded=target.version_id if args.pipeline else None)
+        named = functools.partial(recurring_runs, client, experiment_id=experiment.experiment_id, name=args.name)
+        keep, deleted, failed = converge(host, named, client.delete_recurring_run)
+        with talking_to(host):
+            remaining = [run.recurring_run_id for run in named()]
     state = "paused" if args.paused else "enabled"
-    replaced = [run for run in old if run.recurring_run_id not in dict(still_there)]
+    replaced = [run for run in deleted if run.recurring_run_id != job.recurring_run_id]
     print(f"scheduled recurring run {job.recurring_run_id} ({args.name!r}, {state}) on {host}: cron {cron!r}, "
           f"max concurrency {args.max_concurrency}, catchup {'off' if args.no_catchup else 'on'}"
           + (", warm start" if args.warm_start else "") + f", runs {target.describe()}"
           + (f"; replaced {_listing(replaced)}" if replaced else ""))
-    if still_there:
+    if keep.recurring_run_id != job.recurring_run_id:
+        print(f"recurring run {keep.recurring_run_id} ({args.name!r}), created by another `blueprint schedule` at "
+              f"the same time, is newer and replaces {job.recurring_run_id}")
+    print(f"recurring runs named {args.name!r} now: {', '.join(remaining) or 'none'}")
+    stale = [(run_id, why) for run_id, why in failed if run_id in remaining]  # another caller may have got it
+    if stale:
         raise ReplaceIncomplete("; ".join(
-            f"recurring run {job.recurring_run_id} replaces {run_id} ({args.name!r}), but deleting {run_id} failed, "
+            f"recurring run {keep.recurring_run_id} replaces {run_id} ({args.name!r}), but deleting {run_id} failed, "
             f"so both are scheduled now: remove the stale one with "
-            f"`{_unschedule_command(run_id, host, args.namespace)}` (the cause: {why})" for run_id, why in still_there))
+            f"`{_unschedule_command(run_id, host, args.namespace)}` (the cause: {why})" for run_id, why in stale))
     return 0
 
 

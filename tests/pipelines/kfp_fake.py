@@ -31,12 +31,15 @@ class FakeKFP(ThreadingHTTPServer):
     """Serves the KFP v2beta1 REST endpoints kfp.Client 2.17 calls and records every request.
 
     `fail` maps "METHOD /path" (or "/path", any method) to the HTTP status to answer instead; tests may change it
-    between commands. State: `experiments`, `recurring_runs`, `pipelines`, `versions`, each {id: JSON object}.
+    between commands. `gates` maps "METHOD /path" to a threading.Barrier each such request waits at before it is
+    answered: two clients racing, made to meet at the same request. State: `experiments`, `recurring_runs`,
+    `pipelines`, `versions`, each {id: JSON object}.
     """
 
     def __init__(self, fail: dict[str, int] | None = None):
         self.requests: list[dict] = []
         self.fail = fail or {}
+        self.gates: dict[str, threading.Barrier] = {}
         self.experiments: dict[str, dict] = {}
         self.recurring_runs: dict[str, dict] = {}
         self.pipelines: dict[str, dict] = {}
@@ -118,6 +121,9 @@ class _Handler(BaseHTTPRequestHandler):
         query, body = parse_qs(url.query), self._body()
         self.server.requests.append({"method": method, "path": url.path, "query": query, "body": body,
                                      "auth": self.headers.get("Authorization")})
+        gate = self.server.gates.get(f"{method} {url.path}")
+        if gate is not None:
+            gate.wait(timeout=30)
         failing = self.server.fail.get(f"{method} {url.path}", self.server.fail.get(url.path))
         if failing:
             status, reply = failing, {"error": "denied by test", "code": 7, "message": "denied by test"}

@@ -109,6 +109,28 @@ def test_a_delete_that_fails_after_the_create_names_both_ids_and_the_command_tha
     assert sorted(server.recurring_runs) == ["rr-2"]
 
 
+def test_concurrent_schedules_of_one_name_converge_to_one_recurring_run_and_print_what_remains(kfp_server, package,
+                                                                                              capsys):
+    import threading
+
+    server = kfp_server()
+    assert _schedule(server, package, "--name", "weekly", "--cron", "@daily") == 0
+    server.gates[f"POST {RECURRING}"] = threading.Barrier(2)  # both listed rr-1 alone; now both create at once
+    codes = []
+    callers = [threading.Thread(target=lambda cron=cron: codes.append(
+        _schedule(server, package, "--name", "weekly", "--cron", cron))) for cron in ("0 3 * * 1", "0 4 * * 2")]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(60)
+    assert codes == [0, 0]
+    weekly = [r["recurring_run_id"] for r in _runs(server) if r["display_name"] == "weekly"]
+    assert len(weekly) == 1 and weekly[0] in ("rr-2", "rr-3")  # the newer of the two, whichever that was
+    out = capsys.readouterr().out
+    assert f"recurring runs named 'weekly' now: {weekly[0]}\n" in out  # the caller that finished last says so
+    assert "unschedule" not in out
+
+
 def test_schedules_lists_name_id_cron_state_and_pipeline_version(kfp_server, package, capsys):
     server = kfp_server()
     assert _schedule(server, package, "--name", "weekly", "--cron", "0 3 * * 1") == 0
