@@ -22,7 +22,7 @@ from typing import Any
 from blueprint import distributed
 from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, UserError
-from blueprint.stages import registry
+from blueprint.stages import registry, stopping
 from blueprint.store import artifacts
 
 WORKER_MODULE = "blueprint.stages.launch"
@@ -82,16 +82,27 @@ def launch(stage: str, cfg: Any, req: dict[str, Any]) -> None:
         "OMP_NUM_THREADS", str(distributed.threads_per_process(os.cpu_count() or 1, n)))}
     tail: collections.deque[str] = collections.deque(maxlen=20)
     errors: list[str] = []  # the ranks' own one-line errors, raised as this stage's error below
+    # torchrun in a process group of its own: a signal to this process reaches it once, passed on below, and
+    # torchrun stops its ranks (each in a group of its own) before it exits; this process waits for that
     with subprocess.Popen(torchrun_command(n, req), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
+                          text=True, bufsize=1, start_new_session=True) as proc, \
+            stopping.passing_on(lambda signum: _signal_group(proc.pid, signum)):
         for line in proc.stdout:  # ranks' progress lines, as they come (a terminal and `kubectl logs` both)
             if line.startswith(TASK_ERROR_PREFIX):
                 errors.append(line.strip())
                 continue
             tail.append(line.rstrip("\n"))
             print(line, end="", flush=True)
+        proc.wait()
     if proc.returncode:
         raise LaunchError(_failure(n, proc.returncode, errors, list(tail)))
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # it has just exited
+        pass
 
 
 def _failure(n: int, code: int, errors: list[str], tail: list[str]) -> str:
