@@ -338,13 +338,16 @@ def _set_resources(task: Any, res: Resources) -> None:
 
 def _launches_trainjob(task: Any, settings: ClusterSettings, stage: str) -> None:
     """What the task needs to create its TrainJob: its own image, the nodes' settings, its namespace and service
-    account (the downward API; the nodes run as the same account, so IRSA reaches S3 the same way)."""
+    account (the downward API; the nodes run as the same account, so IRSA reaches S3 the same way), and its pod's
+    name and uid, the job's owner."""
     from kfp import kubernetes
 
     task.set_env_variable(trainjob.ENV_IMAGE, task.component_spec.implementation.container.image)
     task.set_env_variable(trainjob.ENV_NODE, node_settings(settings, stage).model_dump_json())
     kubernetes.use_field_path_as_env(task, trainjob.ENV_NAMESPACE, "metadata.namespace")
     kubernetes.use_field_path_as_env(task, trainjob.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName")
+    kubernetes.use_field_path_as_env(task, trainjob.ENV_POD_NAME, "metadata.name")  # the TrainJob's owner
+    kubernetes.use_field_path_as_env(task, trainjob.ENV_POD_UID, "metadata.uid")
 
 
 def s3_credentials_warning(artifact_root: str, s3_secret: str | None) -> str | None:

@@ -23,17 +23,22 @@ from typing import Any
 
 from blueprint.config import Settings, setting
 from blueprint.errors import TASK_ERROR_PREFIX, UserError
+from blueprint.stages import stopping
 
 RUNTIME = "torch-distributed"                  # the ClusterTrainingRuntime the Trainer operator installs
 ENV_IMAGE = "BLUEPRINT_IMAGE"                  # the component's image: the nodes run the same one
 ENV_NODE = "BLUEPRINT_TRAINJOB_NODE"           # NodeSettings as JSON, written by the compile
 ENV_NAMESPACE = "BLUEPRINT_NAMESPACE"          # the pod's namespace (downward API)
 ENV_SERVICE_ACCOUNT = "BLUEPRINT_SERVICE_ACCOUNT"  # the pod's service account (downward API)
+ENV_POD_NAME = "BLUEPRINT_POD_NAME"            # the pod's name and uid (downward API): the TrainJob's owner
+ENV_POD_UID = "BLUEPRINT_POD_UID"
 PASSED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")  # plain values the nodes get as the task has them
 TAIL_LINES = 20
 POLL_S = 5.0
 LOG_JOIN_S = 30.0                              # how long the last log lines may take to arrive after the job ends
 SHM = "dshm"
+NO_TOKEN = "no-api-token"                      # an empty volume where Kubernetes would mount the API token
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 RBAC_HINT = "see README.md, section Multi-node stages, for the Role to bind"
 _FORBIDDEN = re.compile(r'User "(?P<user>[^"]+)" cannot (?P<verb>\w+) resource "(?P<resource>[^"]+)"'
                         r'(?: in API group "(?P<group>[^"]*)")?')
@@ -77,6 +82,15 @@ class JobPlan:
     namespace: str
     service_account: str | None = None
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    owner: tuple[str, str] | None = None  # (name, uid) of the task's pod: the job is deleted with it
+
+    def owner_references(self) -> list[dict[str, str]]:
+        """The task's pod as the job's owner, so Kubernetes' garbage collector deletes the job (and its nodes) when
+        the pod goes. Not blockOwnerDeletion: that needs a permission on pods the task's account lacks."""
+        if self.owner is None:
+            return []
+        name, uid = self.owner
+        return [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]
 
     def command(self) -> list[str]:
         """torchrun takes --nnodes, --node-rank and the master's address from the PET_* variables the runtime sets;
@@ -95,29 +109,31 @@ class JobPlan:
         labels = {"app.kubernetes.io/part-of": "blueprint", "blueprint-rt/stage": self.stage}
         opts = [o.Name(self.name), o.Labels(labels), o.TrainerCommand(self.command()),
                 o.ActiveDeadlineSeconds(max(1, int(self.node.timeout_s)))]
-        pod = self._pod_patch(o)
-        if pod is not None:
-            opts.append(o.RuntimePatch(training_runtime_spec=o.TrainingRuntimeSpecPatch(
-                template=o.JobSetTemplatePatch(spec=o.JobSetSpecPatch(replicated_jobs=[o.ReplicatedJobPatch(
-                    name="node", template=o.JobTemplatePatch(spec=o.JobSpecPatch(
-                        template=o.PodTemplatePatch(spec=pod))))])))))
+        opts.append(o.RuntimePatch(training_runtime_spec=o.TrainingRuntimeSpecPatch(
+            template=o.JobSetTemplatePatch(spec=o.JobSetSpecPatch(replicated_jobs=[o.ReplicatedJobPatch(
+                name="node", template=o.JobTemplatePatch(spec=o.JobSpecPatch(
+                    template=o.PodTemplatePatch(spec=self._pod_patch(o)))))])))))
         return trainer, opts
 
     def _pod_patch(self, o: Any) -> Any:
-        """What CustomTrainerContainer cannot carry: secret references, /dev/shm, service account, scheduling."""
+        """What CustomTrainerContainer cannot carry: secret references, /dev/shm, service account, scheduling, and
+        no Kubernetes API token. The nodes need no API, but the task's account may create TrainJobs: the Trainer's
+        runtime patch has no automountServiceAccountToken (API 2.3), so an empty read-only volume takes the
+        token's path, and the service-account admission mounts no token into a container with a mount there."""
         node = self.node
         env = [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
                for name, ref in sorted(node.secret_env.items())]
         shm = self.nproc_per_node > 1  # NCCL between the processes of one node needs more than 64Mi of /dev/shm
-        container = o.ContainerPatch(name="node", env=env or None,
-                                     volume_mounts=[{"name": SHM, "mountPath": "/dev/shm"}] if shm else None)
-        spec = o.PodSpecPatch(
+        mounts = [{"name": NO_TOKEN, "mountPath": TOKEN_PATH, "readOnly": True}]
+        volumes = [{"name": NO_TOKEN, "emptyDir": {}}]
+        if shm:
+            mounts.append({"name": SHM, "mountPath": "/dev/shm"})
+            volumes.append({"name": SHM, "emptyDir": {"medium": "Memory"}})
+        return o.PodSpecPatch(
             service_account_name=self.service_account, node_selector=dict(node.node_selector) or None,
             tolerations=[dict(t) for t in node.tolerations] or None,
             image_pull_secrets=[{"name": s} for s in node.image_pull_secrets] or None,
-            volumes=[{"name": SHM, "emptyDir": {"medium": "Memory"}}] if shm else None,
-            containers=[container] if env or shm else None)
-        return spec if any(v is not None for v in dataclasses.asdict(spec).values()) else None
+            volumes=volumes, containers=[o.ContainerPatch(name="node", env=env or None, volume_mounts=mounts)])
 
 
 class _Capture:
@@ -131,6 +147,24 @@ class _Capture:
         return body
 
 
+class _Owned:
+    """The SDK's Kubernetes API with the plan's owner references added to the TrainJob it creates (the SDK's
+    options set only the name, labels and annotations of its metadata); every other call goes through as it is."""
+
+    def __init__(self, api: Any, plan: JobPlan):
+        self._api, self._plan = api, plan
+
+    def create_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, body: dict,
+                                        **kwargs: Any) -> Any:
+        owners = self._plan.owner_references()
+        if owners:
+            body = {**body, "metadata": {**body.get("metadata", {}), "ownerReferences": owners}}
+        return self._api.create_namespaced_custom_object(group, version, namespace, plural, body, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._api, name)
+
+
 def trainjob_spec(plan: JobPlan) -> dict[str, Any]:
     """The TrainJob object `run_trainjob` creates for `plan`, built by the SDK's own `KubernetesBackend.train` (with
     a locally described ClusterTrainingRuntime), so a golden file pins what the cluster receives."""
@@ -138,13 +172,14 @@ def trainjob_spec(plan: JobPlan) -> dict[str, Any]:
     from kubeflow.trainer.backends.kubernetes.backend import KubernetesBackend
 
     backend = object.__new__(KubernetesBackend)  # no kubeconfig and no cluster: nothing is sent
-    backend.namespace, backend.custom_api = plan.namespace, _Capture()
+    capture = _Capture()
+    backend.namespace, backend.custom_api = plan.namespace, _Owned(capture, plan)
     runtime = types.Runtime(name=RUNTIME, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
                             trainer=types.RuntimeTrainer(trainer_type=types.TrainerType.CUSTOM_TRAINER,
                                                          framework="torch", image=plan.image))
     trainer, options = plan.sdk_arguments()
     backend.train(runtime=runtime, trainer=trainer, options=options)
-    return backend.custom_api.body
+    return capture.body
 
 
 def plan_from_env(stage: str, request: dict[str, Any], *, nodes: int, nproc_per_node: int,
@@ -162,7 +197,9 @@ def plan_from_env(stage: str, request: dict[str, Any], *, nodes: int, nproc_per_
                    image=environ[ENV_IMAGE], node=node, namespace=environ.get(ENV_NAMESPACE, ""),
                    name=name or f"blueprint-{stage}-{secrets.token_hex(4)}",  # per attempt: a retry starts afresh
                    service_account=environ.get(ENV_SERVICE_ACCOUNT) or None,
-                   env=_node_env(request, node, nproc_per_node, environ))
+                   env=_node_env(request, node, nproc_per_node, environ),
+                   owner=(environ[ENV_POD_NAME], environ[ENV_POD_UID]) if environ.get(ENV_POD_NAME) and
+                   environ.get(ENV_POD_UID) else None)
 
 
 def _node_env(request: dict[str, Any], node: NodeSettings, nproc: int, environ: Mapping[str, str]) -> dict[str, str]:
@@ -201,12 +238,14 @@ def run_trainjob(stage: str, request: dict[str, Any], *, nodes: int, nproc_per_n
         client = TrainerClient(KubernetesBackendConfig(namespace=plan.namespace or None,
                                                        config_file=environ.get("KUBECONFIG") or None))
         plan = dataclasses.replace(plan, namespace=client.backend.namespace.strip())
+        client.backend.custom_api = _Owned(client.backend.custom_api, plan)
         trainer, options = plan.sdk_arguments()
         client.train(runtime=RUNTIME, trainer=trainer, options=options)
     except Exception as exc:  # noqa: BLE001 - the SDK wraps every API error in RuntimeError/ValueError
         raise _api_error(exc, plan, "create") from exc
     log(f"{stage}: TrainJob {plan.namespace}/{plan.name}: {nodes} node(s) x {nproc_per_node} process(es)")
-    _wait(client, plan, log, poll_s)
+    with stopping.passing_on(stopping.raise_stopped):  # a terminated KFP run: the job goes now, not at its deadline
+        _wait(client, plan, log, poll_s)
     return plan.name
 
 
@@ -220,6 +259,11 @@ def _wait(client: Any, plan: JobPlan, log: Callable[[str], Any], poll_s: float) 
     try:
         job = client.wait_for_job_status(plan.name, status={"Complete", "Failed"}, timeout=timeout,
                                          polling_interval=min(poll_s, timeout / 2))
+    except stopping.Stopped as exc:
+        done.set()
+        log(f"{plan.stage}: {exc}: deleting TrainJob {plan.namespace}/{plan.name}")
+        _delete(client, plan.name, log)
+        raise
     except TimeoutError as exc:
         done.set()
         if "waiting for" not in str(exc):  # an API call timed out, not the job

@@ -61,7 +61,8 @@ def test_a_multi_node_task_waits_without_a_gpu_and_carries_the_nodes_settings(co
                                                                           key="secretkey")
     fields = {f["name"]: f["fieldPath"] for f in compiled["k8s"]["exec-ppo-round"]["fieldPathAsEnv"]}
     assert fields == {trainjob.ENV_NAMESPACE: "metadata.namespace",
-                      trainjob.ENV_SERVICE_ACCOUNT: "spec.serviceAccountName"}
+                      trainjob.ENV_SERVICE_ACCOUNT: "spec.serviceAccountName",
+                      trainjob.ENV_POD_NAME: "metadata.name", trainjob.ENV_POD_UID: "metadata.uid"}
     assert compiled["params"]["ppo_settings"]["defaultValue"]["nodes"] == 2
 
 
@@ -124,6 +125,17 @@ def test_trainjob_runs_the_stage_under_torchrun_on_the_torch_distributed_runtime
     assert not any(e["name"].startswith("PET_") for e in job["spec"]["trainer"]["env"])  # the runtime's own
 
 
+def test_node_pods_get_no_service_account_token_of_the_task():
+    """The Trainer's runtime patch has no automountServiceAccountToken; Kubernetes' service-account admission mounts
+    no token into a container that already has a mount at the token's path, so the nodes get an empty one there."""
+    pod = golden.trainjob_case()["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    (node,) = pod["containers"]
+    (mount,) = [m for m in node["volumeMounts"] if m["mountPath"] == trainjob.TOKEN_PATH]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] is True and set(volume) == {"name", "emptyDir"}
+
+
 def _environ(server: k8s_fake.FakeKube, tmp_path, **extra: str) -> dict[str, str]:
     node = cluster.node_settings(cluster.from_mapping({"s3_secret": "s3-creds"}), "ppo-round")
     return {trainjob.ENV_IMAGE: IMAGE, trainjob.ENV_NODE: node.model_dump_json(),
@@ -158,6 +170,44 @@ def test_a_completed_job_streams_node_0s_log_and_sends_the_golden_path_body(kube
     sent = {k: v for k, v in kube.jobs[name].items()}
     sent["metadata"] = {k: v for k, v in sent["metadata"].items() if k not in ("namespace", "creationTimestamp")}
     assert sent == trainjob.trainjob_spec(plan) and kube.deleted == []
+
+
+def test_the_trainjob_is_owned_by_the_tasks_pod_so_it_goes_when_the_pod_goes(kube, tmp_path):
+    environ = _environ(kube, tmp_path, **{trainjob.ENV_POD_NAME: "retrain-ppo-round-1234",
+                                          trainjob.ENV_POD_UID: "6f0e8a1c-0000-4000-8000-000000000001"})
+    name = trainjob.run_trainjob("ppo-round", REQUEST, nodes=2, nproc_per_node=1, log=lambda line: None, poll_s=0.05,
+                                 environ=environ)
+    assert kube.jobs[name]["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "retrain-ppo-round-1234",
+         "uid": "6f0e8a1c-0000-4000-8000-000000000001"}]
+    name = trainjob.run_trainjob("ppo-round", REQUEST, nodes=2, nproc_per_node=1, log=lambda line: None, poll_s=0.05,
+                                 environ=_environ(kube, tmp_path))  # outside a pod: nothing to be owned by
+    assert "ownerReferences" not in kube.jobs[name]["metadata"]
+
+
+def test_sigterm_to_the_waiting_task_deletes_its_trainjob(kube, tmp_path):
+    import os
+    import signal
+
+    from blueprint.stages.stopping import Stopped
+
+    kube.outcome = None  # it would run until its deadline
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # not pytest's death
+
+    def terminate_once_created():
+        while not kube.jobs:
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # as the kubelet does when the KFP run is terminated
+
+    threading.Thread(target=terminate_once_created, daemon=True).start()
+    try:
+        with pytest.raises(Stopped):
+            _run(kube, tmp_path, timeout_s=20)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (name,) = kube.jobs
+    assert kube.deleted == [name] and received == [signal.SIGTERM]  # and the signal went on to the handler before
 
 
 def test_a_failed_job_fails_the_task_naming_the_job_and_its_last_log_lines(kube, tmp_path):
