@@ -303,7 +303,9 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
 
         # A failed read raises (storage names the object): dropping it would commit a corpus that does not match
         # the fingerprint it is cached under. The object is read as the listing saw it, or as it is now.
-        raw, etag = remote.read_object(uri, etag)
+        raw, etag = remote.read_object(uri, etag, limits.max_file_bytes)
+        if len(raw) > limits.max_file_bytes:  # replaced by a larger one after the listing: limit + 1 bytes read
+            return Result(path=path, n_bytes=len(raw), file_drop="too_large")
         return dataclasses.replace(file_pairs(raw, path, limits, license), identity=f"{len(raw)}:{etag}")
     _, abs_path, path, license = unit
     try:

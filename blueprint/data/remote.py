@@ -12,6 +12,7 @@ diagnosis (missing bucket, denied, no credentials, no answer); the source adds i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -145,9 +146,9 @@ def _client(endpoint: str | None, pid: int):
     return storage._boto_client()
 
 
-def _get_if_match(uri: str, etag: str) -> bytes | None:
-    """The object's bytes if its ETag is still `etag` (one conditional GET: S3 serves one version whole), else
-    None (412: it was replaced since that ETag was seen)."""
+def _get_if_match(uri: str, etag: str, limit: int | None = None) -> bytes | None:
+    """The object's bytes (at most `limit + 1` of them) if its ETag is still `etag` (one conditional GET: S3
+    serves one version whole), else None (412: it was replaced since that ETag was seen)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = storage.split_s3(uri)
@@ -156,7 +157,8 @@ def _get_if_match(uri: str, etag: str) -> bytes | None:
         try:
             client = _client(storage.endpoint_url(), os.getpid())
             answer = client.get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
-            return answer["Body"].read()
+            with contextlib.closing(answer["Body"]) as body:  # closed early: the rest is never transferred
+                return body.read() if limit is None else body.read(limit + 1)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
                 return None
@@ -174,14 +176,15 @@ def _listed_etag(uri: str) -> str:
     return found[0]
 
 
-def read_object(uri: str, etag: str) -> tuple[bytes, str]:
-    """One whole object (a source file) and the ETag of the bytes read. It is read only while its ETag is `etag`
-    (the listing's); an object replaced since is listed again and read as it is now, so what the index records
-    is what was read. An object that changes at every try is a StorageError naming it."""
+def read_object(uri: str, etag: str, limit: int | None = None) -> tuple[bytes, str]:
+    """One whole object (a source file) and the ETag of the bytes read; with `limit`, no more than `limit + 1`
+    bytes (more than `limit` says "too large", whatever size the listing gave). It is read only while its ETag is
+    `etag` (the listing's); an object replaced since is listed again and read as it is now, so what the index
+    records is what was read. An object that changes at every try is a StorageError naming it."""
     for attempt in range(READ_ATTEMPTS):
         if attempt:
             etag = _listed_etag(uri)
-        data = _get_if_match(uri, etag)
+        data = _get_if_match(uri, etag, limit)
         if data is not None:
             return data, etag
     raise storage.StorageError(f"cannot read {uri}: it was replaced before each of {READ_ATTEMPTS} read(s) could "

@@ -258,3 +258,13 @@ def test_an_object_that_changes_at_every_read_is_a_one_line_error_naming_it(tmp_
     with pytest.raises(storage.StorageError) as err:
         shard.compute(config, tmp_path / "out", source=source, progress=False)
     assert str(err.value).startswith(f"cannot read {uri}: it was replaced") and "\n" not in str(err.value)
+
+
+def test_an_object_replaced_by_one_past_the_size_limit_is_read_no_further_than_the_limit(tmp_path, s3_bucket):
+    config, source, uri, _ = _listed_then_replaced(tmp_path, s3_bucket)
+    storage.write_bytes(uri, b"x = 1\n" * 400_000)  # 2.4 MB, listed at its old size: only a read can tell
+    out = tmp_path / "out"
+    shard.compute(config, out, source=source, progress=False)
+    index = pq.read_table(out / "index" / "inputs.parquet").to_pylist()
+    row = next(r for r in index if uri.endswith(r["path"]))
+    assert (row["file_drop"], row["n_bytes"]) == ("too_large", config.max_file_bytes + 1)
