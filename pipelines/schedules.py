@@ -2,10 +2,9 @@
 `blueprint unschedule` deletes.
 
 Why a module of its own: KFP's API has no update or upsert of a recurring run, and creating one again under the
-same name makes a second schedule that trains twice on every tick. Replacing is list -> filter by display name ->
-create the new one -> list again and delete all but the newest; which order, what concurrent callers converge
-to, and what the user is told when it stops half-way, is what this module is about (`create_replacing`,
-`converge`).
+same name makes a second schedule that trains twice on every tick. Replacing is list by name -> create -> list
+again and delete all but the newest: the order, what concurrent callers converge to, and what the user is told
+when it stops half-way are what this module is about (`create_replacing`, `converge`).
 
 What a schedule runs is what the user chose: a pipeline version already on the server (`--pipeline-id` with
 `--pipeline-version-id`), a new version of a named pipeline (`--pipeline NAME`: the package is uploaded, the
@@ -215,11 +214,9 @@ def _listing(runs: list) -> str:
 def create_replacing(host: str, old: list, create: Callable[[], Any], uploaded: str | None = None) -> Any:
     """Create the new recurring run while `old` (those of its name) stay scheduled; `converge` then deletes them.
 
-    Create first, delete second, because a failure then never leaves the retraining unscheduled. A create that
-    fails changes nothing: the old schedule goes on as before, and the error says so. Deleting first would turn a
-    failed create (a refused request, a bad pipeline version, a lost connection) into no schedule at all, noticed
-    only when the model stops improving. The price of this order is a moment with two schedules: one extra run if
-    both fire in the instant between the create and the delete.
+    Create first, delete second: a create that fails (a refused request, a bad pipeline version, a lost connection)
+    then changes nothing, and the error says so, where deleting first would leave no schedule at all, noticed only
+    when the model stops improving. The price is a moment with two schedules (one extra run if both fire in it).
     `uploaded`: the pipeline version uploaded for the new one, if any (it stays when the create fails).
     """
     try:
@@ -236,10 +233,8 @@ def create_replacing(host: str, old: list, create: Callable[[], Any], uploaded: 
 
 def newest(runs: list):
     """The run every caller keeps: the latest created, ties broken by id, so concurrent callers pick the same one."""
-    utc_min = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-
-    def created(run) -> dt.datetime:
-        when = run.created_at or utc_min
+    def created(run) -> dt.datetime:  # a time without a zone is UTC, as the API means it
+        when = run.created_at or dt.datetime.min
         return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
     return max(runs, key=lambda run: (created(run), run.recurring_run_id))
 
@@ -248,19 +243,14 @@ def converge(host: str, list_named: Callable[[], list], delete: Callable[[str], 
              ) -> tuple[Any, list, list[tuple[str, str]]]:
     """Leave one recurring run of the name: (kept, deleted, [(id, why) a delete failed for]).
 
-    The name is listed again after the create, because other `schedule` calls may have created theirs between
-    our listing and our create: each caller keeps the newest and deletes the rest, so all of them converge to the
-    same one. A run already gone (another caller deleted it) counts as deleted.
+    Listed again after the create, as other `schedule` calls may have created theirs meanwhile: each caller keeps
+    the newest and deletes the rest, so all converge to one. One already gone (another caller's delete) is deleted.
     """
     import kfp_server_api
-
     with talking_to(host):
-        runs = list_named()
-    keep = newest(runs)
+        keep = newest(runs := list_named())
     deleted, failed = [], []
-    for run in runs:
-        if run.recurring_run_id == keep.recurring_run_id:
-            continue
+    for run in (r for r in runs if r.recurring_run_id != keep.recurring_run_id):
         try:
             with talking_to(host):
                 try:
@@ -301,15 +291,14 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         keep, deleted, failed = converge(host, named, client.delete_recurring_run)
         with talking_to(host):
             remaining = [run.recurring_run_id for run in named()]
-    state = "paused" if args.paused else "enabled"
     replaced = [run for run in deleted if run.recurring_run_id != job.recurring_run_id]
-    print(f"scheduled recurring run {job.recurring_run_id} ({args.name!r}, {state}) on {host}: cron {cron!r}, "
+    print(f"scheduled recurring run {job.recurring_run_id} ({args.name!r}, {'paused' if args.paused else 'enabled'}) "
+          f"on {host}: cron {cron!r}, "
           f"max concurrency {args.max_concurrency}, catchup {'off' if args.no_catchup else 'on'}"
           + (", warm start" if args.warm_start else "") + f", runs {target.describe()}"
           + (f"; replaced {_listing(replaced)}" if replaced else ""))
     if keep.recurring_run_id != job.recurring_run_id:
-        print(f"recurring run {keep.recurring_run_id} ({args.name!r}), created by another `blueprint schedule` at "
-              f"the same time, is newer and replaces {job.recurring_run_id}")
+        print(f"recurring run {keep.recurring_run_id}, made by a concurrent schedule call, is newer and replaces it")
     print(f"recurring runs named {args.name!r} now: {', '.join(remaining) or 'none'}")
     stale = [(run_id, why) for run_id, why in failed if run_id in remaining]  # another caller may have got it
     if stale:
