@@ -82,14 +82,15 @@ class JobPlan:
     namespace: str
     service_account: str | None = None
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    owner: tuple[str, str] | None = None  # (name, uid) of the task's pod: the job is deleted with it
+    owner: tuple[str, str, str] | None = None  # (namespace, name, uid) of the task's pod: the job goes with it
 
     def owner_references(self) -> list[dict[str, str]]:
         """The task's pod as the job's owner, so Kubernetes' garbage collector deletes the job (and its nodes) when
-        the pod goes. Not blockOwnerDeletion: that needs a permission on pods the task's account lacks."""
-        if self.owner is None:
+        the pod goes. Only in the pod's own namespace: an owner elsewhere counts as gone, and the job would be
+        deleted at once. Not blockOwnerDeletion: that needs a permission on pods the task's account lacks."""
+        if self.owner is None or self.owner[0] != self.namespace:
             return []
-        name, uid = self.owner
+        _, name, uid = self.owner
         return [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]
 
     def command(self) -> list[str]:
@@ -198,8 +199,8 @@ def plan_from_env(stage: str, request: dict[str, Any], *, nodes: int, nproc_per_
                    name=name or f"blueprint-{stage}-{secrets.token_hex(4)}",  # per attempt: a retry starts afresh
                    service_account=environ.get(ENV_SERVICE_ACCOUNT) or None,
                    env=_node_env(request, node, nproc_per_node, environ),
-                   owner=(environ[ENV_POD_NAME], environ[ENV_POD_UID]) if environ.get(ENV_POD_NAME) and
-                   environ.get(ENV_POD_UID) else None)
+                   owner=(environ.get(ENV_NAMESPACE, ""), environ[ENV_POD_NAME], environ[ENV_POD_UID])
+                   if environ.get(ENV_POD_NAME) and environ.get(ENV_POD_UID) else None)
 
 
 def _node_env(request: dict[str, Any], node: NodeSettings, nproc: int, environ: Mapping[str, str]) -> dict[str, str]:

@@ -183,6 +183,12 @@ def test_the_trainjob_is_owned_by_the_tasks_pod_so_it_goes_when_the_pod_goes(kub
     name = trainjob.run_trainjob("ppo-round", REQUEST, nodes=2, nproc_per_node=1, log=lambda line: None, poll_s=0.05,
                                  environ=_environ(kube, tmp_path))  # outside a pod: nothing to be owned by
     assert "ownerReferences" not in kube.jobs[name]["metadata"]
+    # the pod's namespace unknown, the job's the client's default: an owner in another namespace counts as gone to
+    # the garbage collector, which would delete the job at once
+    unknown = {k: v for k, v in environ.items() if k != trainjob.ENV_NAMESPACE}
+    name = trainjob.run_trainjob("ppo-round", REQUEST, nodes=2, nproc_per_node=1, log=lambda line: None,
+                                 poll_s=0.05, environ=unknown)
+    assert "ownerReferences" not in kube.jobs[name]["metadata"]
 
 
 def test_sigterm_to_the_waiting_task_deletes_its_trainjob(kube, tmp_path):
