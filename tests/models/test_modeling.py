@@ -208,7 +208,8 @@ def test_a_config_whose_sizes_do_not_fit_the_weights_is_one_line_naming_the_base
     with pytest.raises(ModelLoadError) as err:
         load_base(str(base))
     message = str(err.value)
-    assert message.startswith(f"base model {str(base)!r}: its weights do not fit its config.json") and "\n" not in message
+    assert message.startswith(f"base model {str(base)!r}: its weights do not fit its config.json")
+    assert "\n" not in message
 
 
 def test_a_truncated_safetensors_file_is_one_line_naming_the_base_and_the_file(micro_model, micro_tokenizer,
