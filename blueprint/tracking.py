@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 TENSORBOARD_DIR = "tensorboard"
+RUN_ENV = "BLUEPRINT_PIPELINE_RUN"  # the pipeline run a stage belongs to, for its MLflow tags
 EXPERIMENT = "blueprint"  # the MLflow experiment when neither KFP's run nor MLFLOW_EXPERIMENT_NAME names one
 # the MLflow client retries for minutes by default; a stage's run should not wait that long on a dead server
 CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -217,9 +218,54 @@ def stage_tracker(stage: str, out_dir: Path, settings: Mapping[str, Any], out_ur
     tags = {}
     if out_uri:
         tags["blueprint.output_key"] = storage.normalize(out_uri).rstrip("/").rsplit("/", 1)[-1]
-    run = os.environ.get("BLUEPRINT_PIPELINE_RUN")
+    run = os.environ.get(RUN_ENV)
     if run:
         tags["blueprint.pipeline_run"] = run
     return Tracker(stage, out_dir, settings=settings, tags=tags,
                    live_uri=storage.join(out_uri, TENSORBOARD_DIR) if out_uri else None,
                    mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI") or None, enabled=distributed.is_main())
+
+
+def run_name(stage: str, manifest: Mapping[str, Any]) -> str:
+    """A training output's name in a combined view: `warmup`, `ppo-round-2`."""
+    index = (manifest.get("config") or {}).get("round_index")
+    return f"{stage}-{index}" if stage == "ppo-round" and index is not None else stage
+
+
+def gather_logdir(root: str, into: Path, run: str | None = None) -> dict[str, str]:
+    """One TensorBoard logdir for a pipeline run's training stages, side by side: `into/<task>/<role>` links to
+    (or, on S3, a copy of) each output's event files. `run` names a run record (default: the newest); the outputs
+    are those it reached through their inputs. Returns {task/role: where the files came from}."""
+    from blueprint.errors import InputError
+    from blueprint.store import artifacts, retention, runs, storage
+
+    root = storage.normalize(root)
+    records = runs.list_records(root)
+    record = next((r for r in records if r.get("run") == run), None) if run else (records[-1] if records else None)
+    if record is None:
+        raise InputError(f"no run record {'named ' + repr(run) + ' ' if run else ''}under {root}/{runs.RUNS_DIR}: "
+                         "a pipeline run writes one when it reaches its gate")
+    outputs = {artifacts.reference(o["uri"]): o for o in artifacts.cached_outputs(root)}
+    used = retention.reachable(list(record["outputs"].values()), outputs)
+    into.mkdir(parents=True, exist_ok=True)
+    found: dict[str, str] = {}
+    for ref in sorted(used):
+        uri = outputs[ref]["uri"]
+        manifest = artifacts.read_manifest(uri, verify="sizes")
+        roles = sorted({rel.split("/")[1] for rel in manifest.get("files", {})
+                        if rel.startswith(f"{TENSORBOARD_DIR}/") and rel.count("/") >= 2})
+        for role in roles:
+            name = f"{run_name(manifest['stage'], manifest)}/{role}"
+            source = storage.join(uri, TENSORBOARD_DIR, role)
+            target = into / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_symlink() or target.exists():
+                import shutil
+
+                target.unlink() if target.is_symlink() else shutil.rmtree(target)
+            if storage.is_s3(source):
+                storage.download_dir(source, target)
+            else:
+                target.symlink_to(storage.local_path(source), target_is_directory=True)
+            found[name] = source
+    return found

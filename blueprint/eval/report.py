@@ -148,17 +148,19 @@ def plot_steps(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Non
     """curves.png: a PPO round's per-step statistics (steps.jsonl), one panel per scale; skipped batches left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = [r for r in rows if not r.get("skipped")]
     fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     for ax, (panel, keys) in zip(fig.subplots(2, 2).flat, STEP_PANELS):
         for key in keys:
-            points = [(r["step"] + 1, r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), marker=".", label=key)
         ax.set_title(panel)
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel("PPO step (the trainer's, across rounds)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
