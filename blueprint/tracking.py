@@ -108,6 +108,8 @@ class MlflowSink:
 
             for name, value in CLIENT_DEFAULTS.items():
                 os.environ.setdefault(name, value)
+            # the client prints the run's URL built from the tracking URI, credentials included: never
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
             client = MlflowClient(tracking_uri=self.uri)
             parent = os.environ.get("MLFLOW_RUN_ID")
             tags = dict(self.tags)
@@ -120,6 +122,7 @@ class MlflowSink:
                 experiment_id = found.experiment_id if found else client.create_experiment(name)
             run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
+            print(f"tracking: MLflow run {self.run_id} ({self.run_name}) on {redact(self.uri)}", flush=True)
             params = [Param(k, v) for k, v in self.params.items()]
             for i in range(0, len(params), 100):
                 client.log_batch(self.run_id, params=params[i:i + 100])

@@ -91,17 +91,18 @@ def test_warmup_and_a_ppo_round_leave_one_tensorboard_point_per_step(smoke_chain
 
 
 def test_a_stage_logs_its_settings_and_step_histories_to_mlflow_nested_under_the_task_run(mlflow_server, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
     uri, _ = mlflow_server
+    with_secret = uri.replace("http://", "http://alice:s3cret@")  # a server without auth ignores them
     client = MlflowClient(uri)
     experiment = client.create_experiment("kfp-pipeline")
     parent = client.create_run(experiment, run_name="task").info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", parent)
     monkeypatch.setenv("BLUEPRINT_PIPELINE_RUN", "run-42")
     with tracking.Tracker("ppo-round-1", tmp_path, settings={"lr": 0.001, "nested": {"a": 1}},
-                          tags={"blueprint.output_key": "abc"}, mlflow_uri=uri) as tracker:
+                          tags={"blueprint.output_key": "abc"}, mlflow_uri=with_secret) as tracker:
         for step in range(1, 6):
             tracker.log("summarizer", step, {"kl": 0.1 * step, "skipped": 0.0})
     child = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
@@ -113,6 +114,9 @@ def test_a_stage_logs_its_settings_and_step_histories_to_mlflow_nested_under_the
     history = client.get_metric_history(run.info.run_id, "summarizer/kl")
     assert [(m.step, round(m.value, 6)) for m in sorted(history, key=lambda m: m.step)] == \
         [(s, round(0.1 * s, 6)) for s in range(1, 6)]
+    printed = capsys.readouterr()
+    assert "s3cret" not in printed.out + printed.err and f"MLflow run {run.info.run_id}" in printed.out
+    assert not any("s3cret" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
 
 
 def test_an_unreachable_tracking_server_is_one_warning_line_and_training_goes_on(tmp_path, capsys):
