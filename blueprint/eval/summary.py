@@ -72,7 +72,7 @@ def run_summary(history: Sequence[Mapping[str, Any]], gate: Mapping[str, Any] | 
     """The end-of-run text: the epoch table, the gate's decision, warnings, then the paths (name: where)."""
     lines = ["", "How good the models are (held-out functions, greedy decoding; the ceiling is the reward the true "
                  "docstrings earn):", ""]
-    lines += ["  " + row for row in epoch_table(history)]
+    lines += epoch_table(history)
     if gate:
         verdict = "promoted" if gate.get("decision") == "promote" else "not promoted (the champion stays)"
         lines += ["", f"gate: {verdict}: {gate.get('why', '')}"]
