@@ -81,7 +81,18 @@ class BluePrint:
                                                       "supervised_steps": supervised_steps},
                                         shards=self.shards, **self._bases(), adapters=self.adapters).uri
             self._evaluate(epoch)
+        if self.progress:
+            print(self.summary(), end="", flush=True)
         return self.history
+
+    def summary(self) -> str:
+        """How good the models are after `train`, epoch by epoch, with warnings and where the reports are."""
+        from blueprint.eval.summary import run_summary
+
+        history = storage.read_json(storage.join(self.evaluation, "history.json")) if self.evaluation else []
+        paths = {"report": storage.join(self.evaluation, "report.html") if self.evaluation else "",
+                 "curves": f"tensorboard/ under each warmup and ppo-round output of {self.artifact_root}"}
+        return run_summary(history, None, paths)
 
     def save_models(self, code_to_summary_path: str, summary_to_code_path: str, overwrite: bool = False) -> None:
         """Write the two merged models (standalone Hugging Face folders, each on its own base) to local paths or

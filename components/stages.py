@@ -2,7 +2,8 @@
 KFP reads the annotations as types).
 
 Each component is a thin wrapper: its body only imports `blueprint` (installed in the image) and calls the stage.
-Inputs and outputs are URIs; each also emits KFP `Metrics` and `Markdown` so the Kubeflow UI shows its figures.
+Inputs and outputs are URIs; each also emits KFP `Metrics` and `Markdown` so the Kubeflow UI shows its figures,
+and evaluate and the gate an `HTML` page with their plots and tables.
 The same definitions run on Kubeflow and under `kfp.local` (SubprocessRunner runs lightweight components only).
 """
 
@@ -10,7 +11,7 @@ import os
 from typing import Any, List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Markdown, Metrics, Output
+from kfp.dsl import HTML, Markdown, Metrics, Output
 
 from blueprint import __version__
 from blueprint.config import ConfigError
@@ -73,11 +74,12 @@ def ppo_round(artifact_root: str, shards: str, base: str, coder_base: str, adapt
 
 def evaluate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, previous: str,
              epoch: int, settings: dict, force: bool, metrics: Output[Metrics],
-             report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+             report: Output[Markdown], page: Output[HTML]) -> NamedTuple("StageResult", uri=str, key=str):
+    """The report and its plots also as an HTML page (the KFP UI's HTML viewer)."""
     from blueprint.stages.task import model_inputs, run_stage_task
     inputs = model_inputs(base, coder_base, shards=shards, adapters=adapters, previous=previous)
     return run_stage_task("evaluate", {**settings, "epoch": epoch}, inputs, artifact_root, force,
-                          metrics, report.path)
+                          metrics, report.path, page.path)
 
 
 def merge(artifact_root: str, base: str, coder_base: str, adapters: str, evaluation: str, settings: dict,
@@ -90,7 +92,7 @@ def merge(artifact_root: str, base: str, coder_base: str, adapters: str, evaluat
 
 def gate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, evaluation: str, models: str,
          promotion_name: str, run_id: str, settings: dict, force: bool, metrics: Output[Metrics],
-         report: Output[Markdown]) -> NamedTuple("GateResult", Output=str):
+         report: Output[Markdown], page: Output[HTML]) -> NamedTuple("GateResult", Output=str):
     """Records the run, then judges its model against the promoted one: "promote" or "keep". The decision is
     named `Output`, KFP's name for a single result: kfp.local (2.17) resolves a `dsl.If` on a task's parameter
     only under that name."""
@@ -98,7 +100,7 @@ def gate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: 
     from blueprint.stages.task import model_inputs
     inputs = model_inputs(base, coder_base, shards=shards, adapters=adapters, evaluation=evaluation, models=models)
     return (gate_task({**settings, "name": promotion_name}, inputs, run_id, artifact_root, force, metrics,
-                      report.path),)
+                      report.path, page.path),)
 
 
 def promote(artifact_root: str, run_id: str, settings: dict, force: bool, metrics: Output[Metrics],

@@ -130,11 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           overrides=_stage_overrides(args), force=args.force)
     print(f"blueprint run: profile {plan.profile}, {plan.epochs} epoch(s), artifacts in {plan.arguments['artifact_root']}")
     result = local_run.run(plan, runner=args.runner, image=args.image, verbose=args.verbose)
-    models, evaluation = result["outputs"]["models"], result["outputs"]["evaluation"]
-    print(f"merged models: {storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}")
-    print(f"report:        {storage.join(evaluation, 'report.md')}")
-    print(f"metrics:       {json.dumps(storage.read_json(storage.join(evaluation, 'metrics.json')), default=str)}")
-    print(f"wall time:     {result['seconds']} s")
+    print(local_run.summary(plan, result), end="")
     return 0
 
 

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from blueprint.stages import profiles
-from blueprint.store import storage
+from blueprint.store import runs, storage
+from blueprint.tracking import RUN_ENV
 from blueprint.config import ConfigError
 from blueprint.stages import registry
 from blueprint.stages.common import checked_bases
@@ -101,7 +104,8 @@ def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
 
     from pipelines import build_pipeline
 
-    local_root = Path(local_root or Path.cwd() / ".kfp-local").resolve()
+    root = plan_.arguments["artifact_root"]
+    local_root = Path(local_root or default_local_root(root)).resolve()
     local_root.mkdir(parents=True, exist_ok=True)
     if runner == "subprocess":
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(local_root))
@@ -115,8 +119,61 @@ def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
     kwargs = {"image": image} if image else {}
     pipeline = build_pipeline(epochs=plan_.epochs, profile=plan_.profile, **kwargs)
     start = time.time()
-    log_path = local_root / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    with condensed_output(verbose, display_names(pipeline), log_path):
-        task = pipeline(**plan_.arguments)
+    name = f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path = local_root / name
+    if not storage.is_s3(root):  # the log lives with the run records, under the artifact root
+        log_path = storage.local_path(storage.join(storage.normalize(root), runs.RUNS_DIR, name))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get(RUN_ENV)
+    os.environ[RUN_ENV] = name[:-len(".log")]  # the stages tag their MLflow runs with it
+    try:
+        with condensed_output(verbose, display_names(pipeline), log_path):
+            task = pipeline(**plan_.arguments)
+    finally:
+        log = keep_log(log_path, root)
+        os.environ.pop(RUN_ENV) if before is None else os.environ.__setitem__(RUN_ENV, before)
     outputs = {name: value for name, value in task.outputs.items()}
-    return {"outputs": outputs, "seconds": round(time.time() - start, 1)}
+    return {"outputs": outputs, "seconds": round(time.time() - start, 1), "log": log}
+
+
+def default_local_root(artifact_root: str) -> Path:
+    """Where kfp.local keeps its own task outputs: beside the artifacts for a local root (never the current
+    directory), a temporary folder for an s3:// one."""
+    root = storage.normalize(artifact_root)
+    if storage.is_s3(root):
+        return Path(tempfile.gettempdir()) / "blueprint-kfp-local"
+    return storage.local_path(root) / ".kfp-local"
+
+
+def keep_log(log_path: Path, artifact_root: str) -> str:
+    """The run log's place under the artifact root (`runs/run-<time>.log`): uploaded there for an s3:// root."""
+    root = storage.normalize(artifact_root)
+    if not storage.is_s3(root) or not log_path.exists():
+        return str(log_path)
+    uri = storage.join(root, runs.RUNS_DIR, log_path.name)
+    try:
+        storage.write_bytes(uri, log_path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - the run's outcome stands; say where the log stayed instead
+        print(f"blueprint run: could not copy the log to {uri} ({type(exc).__name__}); it is at {log_path}",
+              file=sys.stderr)
+        return str(log_path)
+    return uri
+
+
+def summary(plan_: RunPlan, result: dict[str, Any]) -> str:
+    """What `blueprint run` prints at the end: how good the models are, the gate's decision, warnings, paths."""
+    from blueprint.eval.summary import run_summary
+
+    root = storage.normalize(plan_.arguments["artifact_root"])
+    models, evaluation = result["outputs"]["models"], result["outputs"]["evaluation"]
+    history = storage.read_json(storage.join(evaluation, "history.json"))
+    gate = None
+    record = runs.latest_record(root, evaluation=evaluation)
+    if record and record["outputs"].get("gate"):
+        gate = storage.read_json(storage.join(record["outputs"]["gate"], "gate.json"))
+    paths = {"merged models": f"{storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}",
+             "report": storage.join(evaluation, "report.html"),
+             "plots": f"{storage.join(evaluation, 'metrics.png')}, curves.png beside it",
+             "curves": f"blueprint tensorboard {plan_.arguments['artifact_root']}",
+             "log": result.get("log", ""), "wall time": f"{result['seconds']} s"}
+    return run_summary(history, gate, paths)

@@ -1,4 +1,5 @@
-"""`blueprint promoted` and `blueprint gc`: what is promoted under an artifact root, and freeing what nothing uses.
+"""`blueprint promoted`, `blueprint gc` and `blueprint tensorboard`: what is promoted under an artifact root,
+freeing what nothing uses, and a run's training curves.
 
 Both read and write the artifact root only (no cluster): a gc can run from a laptop, a second KFP schedule or a
 Kubernetes CronJob with the image and the S3 credentials.
@@ -69,7 +70,38 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    """Link a run's curves into one logdir, then start TensorBoard on it (or only print the command)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from blueprint import tracking
+
+    root = storage.normalize(args.artifact_root)
+    into = Path(args.logdir) if args.logdir else (
+        Path(storage.local_path(root)) / ".tensorboard" if not storage.is_s3(root) else
+        Path.home() / ".cache" / "blueprint" / "tensorboard")
+    found = tracking.gather_logdir(root, into, args.run)
+    for name, source in found.items():
+        print(f"{name}: {source}")
+    command = ["tensorboard", "--logdir", str(into), "--port", str(args.port)]
+    if args.print_only or not shutil.which("tensorboard"):
+        print(" ".join(command))
+        return 0
+    os.execvp(command[0], command)
+    return 0  # not reached
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("tensorboard", help="show a pipeline run's training curves side by side in TensorBoard")
+    t.add_argument("artifact_root")
+    t.add_argument("--run", default=None, help="the run record's name (default: the newest run)")
+    t.add_argument("--logdir", default=None, help="where to gather the curves (default: ROOT/.tensorboard)")
+    t.add_argument("--port", type=int, default=6006)
+    t.add_argument("--print-only", action="store_true", help="gather and print the command, do not start it")
+    t.set_defaults(func=cmd_tensorboard)
+
     p = sub.add_parser("promoted", help="show the promoted model of a name and its history")
     p.add_argument("artifact_root")
     p.add_argument("--name", default="blueprint", help="promotion name (the pipeline's promotion_name)")

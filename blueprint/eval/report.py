@@ -78,14 +78,19 @@ def fenced(text: str, lang: str = "") -> str:
 
 
 def markdown_report(headline: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
-                    examples: Sequence[Mapping[str, str]], context: Mapping[str, str]) -> str:
-    """report.md: what was evaluated, the headline table, the history across epochs, and example rows."""
+                    examples: Sequence[Mapping[str, str]], context: Mapping[str, str],
+                    plots: Sequence[tuple[str, str]] = ()) -> str:
+    """report.md: what was evaluated, the headline table, the plots ((caption, file) beside the report), the
+    history across epochs, and example rows."""
     parts = [f"# BluePrint evaluation, epoch {headline.get('epoch', '?')}", ""]
     parts += [f"- {k}: `{v}`" for k, v in context.items()]
     parts += ["", "Greedy decoding on the held-out (eval) split. Summaries come from the summarizer; code is rebuilt "
               "by the coder from the true docstring.", "", "## Metrics", ""]
     parts.append(table(["metric", "value", "meaning"],
                        [(k, headline[k], DESCRIPTIONS.get(k, "")) for k in DESCRIPTIONS if k in headline]))
+    if plots:
+        parts += ["", "## Plots"]
+        parts += [line for caption, name in plots for line in ("", f"![{caption}]({name})")]
     if len(history) > 1:
         keys = ["epoch"] + [k for _, ks in PANELS for k in ks if k != "summary_true_tokens_mean"]
         parts += ["", "## History", "", table(keys, [[h.get(k) for k in keys] for h in history])]
@@ -128,3 +133,73 @@ def comparison_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     keys = [k for k in DESCRIPTIONS if any(k in m for _, m in runs)]
     keys += sorted({k for _, m in runs for k in m} - set(keys))
     return table(["metric"] + [label for label, _ in runs], [[k] + [m.get(k) for _, m in runs] for k in keys])
+
+
+# (panel title, per-step statistics plotted in it) for a PPO round's curves
+STEP_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("reward (whitened score, raw gain)", ("score/mean", "score/gain")),
+    ("KL to the reference (nats/summary)", ("kl",)),
+    ("policy", ("entropy", "clipfrac", "approxkl")),
+    ("summaries", ("response_length", "no_eos_rate", "copy_rate")),
+)
+
+
+def plot_steps(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """curves.png: a PPO round's per-step statistics (steps.jsonl), one panel per scale; skipped batches left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [r for r in rows if not r.get("skipped")]
+    fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (panel, keys) in zip(fig.subplots(2, 2).flat, STEP_PANELS):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=key)
+        ax.set_title(panel)
+        ax.set_xlabel("PPO step (the trainer's, across rounds)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, format="png")
+
+
+PAGE_STYLE = ("body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
+              "table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.25rem .5rem;"
+              "text-align:left;vertical-align:top}pre{background:#f6f8fa;padding:.75rem;overflow-x:auto}"
+              "img{max-width:100%}")
+
+
+def html_page(markdown_text: str, title: str, images: Mapping[str, Path] | None = None) -> str:
+    """A self-contained HTML page of a Markdown report: the images it links (`![..](name.png)`) embedded as data
+    URIs, so the page shows the same wherever it is opened (the KFP UI's HTML viewer, a browser, an S3 console).
+
+    Raw HTML in the Markdown (a model-written summary may hold any text) is escaped, never rendered. A link to an
+    image not in `images` is a bug in the report and raises.
+    """
+    import base64
+    import html
+    import re
+
+    import markdown
+
+    md = markdown.Markdown(extensions=["tables", "fenced_code"])
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    body = md.convert(markdown_text)
+    images = images or {}
+
+    def embed(match: re.Match) -> str:
+        name = html.unescape(match.group(1))
+        if name not in images:
+            raise ValueError(f"the report links {name!r}, which is not among its images {sorted(images)}")
+        data = base64.b64encode(Path(images[name]).read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]*)"', embed, body)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{PAGE_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")

@@ -6,6 +6,8 @@ limits the reward uses, so what a role learns on is what it is later judged on.
 from __future__ import annotations
 
 import tempfile
+import time
+from collections.abc import Callable
 from typing import Any
 
 from blueprint import distributed
@@ -54,11 +56,39 @@ def start_losses():
     return StartLosses()
 
 
+def step_logger(track: Callable[[int, dict[str, float]], None], step_offset: int = 0):
+    """A Trainer callback handing every training log (loss, learning rate, grad norm, tokens/s) to `track` with
+    its global step (`step_offset` + the Trainer's step), as each step ends."""
+    from transformers import TrainerCallback
+
+    class StepLogger(TrainerCallback):
+        def __init__(self):
+            self.last: tuple[float, float] | None = None  # (time, tokens seen) at the previous log
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs:  # evaluation and end-of-training summaries are not steps
+                return
+            row = {k: v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm",
+                                                           "mean_token_accuracy", "entropy")}
+            now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
+            if self.last is not None and now > self.last[0]:
+                row["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
+            self.last = (now, tokens)
+            track(step_offset + state.global_step, row)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = (time.perf_counter(), 0.0)
+
+    return StepLogger()
+
+
 def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, batch_size: int, lr: float,
                   seed: int, max_length: int, progress: bool, task: str, lr_setting: str,
-                  gradient_checkpointing: bool = False) -> dict[str, float]:
+                  gradient_checkpointing: bool = False, track=None) -> dict[str, float]:
     """SFT of one adapter with trl's SFTTrainer (only its weights train); held-out and train loss before and
-    after. A non-finite loss fails naming `lr_setting`, the setting most likely at fault.
+    after. A non-finite loss fails naming `lr_setting`, the setting most likely at fault. `track` (a
+    `step_logger` callback) receives each step's figures.
 
     Under torchrun the Trainer (accelerate) runs DDP over the ranks by itself; each takes `batch_size / ranks`
     rows a step, so the global batch is the same whatever the process count. The before-losses come from the
@@ -83,7 +113,7 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
         args = SFTConfig(
             output_dir=tmp, max_steps=max(steps, 1), per_device_train_batch_size=batch_size // ranks,
             per_device_eval_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="cosine",
-            warmup_steps=min(10, max(steps // 10, 0)), logging_steps=max(1, steps // 10), save_strategy="no",
+            warmup_steps=min(10, max(steps // 10, 0)), logging_steps=1, save_strategy="no",  # a point per step
             report_to="none", use_cpu=next(model.parameters()).device.type == "cpu", seed=seed, data_seed=seed,
             disable_tqdm=not bar, eval_on_start=steps > 0, ddp_find_unused_parameters=False,
             bf16=getattr(model, "dtype", None) == torch.bfloat16,
@@ -95,7 +125,7 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
         start = start_losses()
         trainer = SFTTrainer(model=model, args=args, train_dataset=train,
                              eval_dataset={"eval": evals, "train": probe}, processing_class=tokenizer,
-                             callbacks=[start])
+                             callbacks=[start] + ([track] if track is not None else []))
         if not bar:  # lines instead of a bar (kfp.local, pod logs), or nothing at all
             trainer.remove_callback(PrinterCallback)
             if progress:

@@ -11,7 +11,9 @@ two epochs differ only by what training changed:
 - lengths, EOS share and copy rate, the usual ways a policy games the reward (rambling, pasting code).
 
 Outputs: metrics.json (all numbers), samples.jsonl (every generation), report.md, history.json (this epoch
-appended to the `previous` evaluation's history) and metrics.png (key metrics across the epochs in history).
+appended to the `previous` evaluation's history), metrics.png (key metrics across the epochs in history),
+curves.png (the evaluated round's PPO steps, when the adapters come from a round) and report.html (the report with
+its plots embedded: what the KFP UI shows).
 """
 from __future__ import annotations
 
@@ -287,10 +289,27 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         for row in samples:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out_dir / "report.md").write_text(report.markdown_report(top, history, samples[:cfg.report_examples],
-                                                              context), encoding="utf-8")
     report.plot_history(history, out_dir / "metrics.png")
+    plots = [("metrics across epochs", "metrics.png")]
+    steps = round_steps(adapters)
+    if steps:
+        report.plot_steps(steps, out_dir / "curves.png", f"PPO steps of the round evaluated ({ref(adapters)})")
+        plots.append(("the evaluated round's PPO steps", "curves.png"))
+    text = report.markdown_report(top, history, samples[:cfg.report_examples], context, plots)
+    (out_dir / "report.md").write_text(text, encoding="utf-8")
+    page = report.html_page(text, f"BluePrint evaluation, epoch {cfg.epoch}",
+                            {name: out_dir / name for _, name in plots})
+    (out_dir / "report.html").write_text(page, encoding="utf-8")
     return {**top, "seconds": round(time.time() - start, 1)}
+
+
+def round_steps(adapters: str) -> list[dict[str, Any]]:
+    """The per-step statistics of the PPO round that wrote `adapters` ([] for warmup's adapters)."""
+    manifest = artifacts.read_manifest(adapters, verify="sizes")
+    if "steps.jsonl" not in manifest.get("files", {}):
+        return []
+    text = artifacts.read_verified(adapters, "steps.jsonl", manifest).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _named(base: str) -> str:

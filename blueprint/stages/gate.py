@@ -15,7 +15,7 @@ from typing import Any
 from blueprint.config import parse, setting
 from blueprint.errors import InputError
 from blueprint.eval.promotion_rule import PromotionRule, comparable_config, decide, number
-from blueprint.eval.report import comparison_table
+from blueprint.eval.report import comparison_table, html_page
 from blueprint.models.runtime import RuntimeSettings
 from blueprint.progress import note
 from blueprint.store import artifacts, promotion, storage
@@ -71,7 +71,9 @@ def compute(cfg: GateConfig, challenger: dict[str, Any], root: str, out_dir: Pat
                                                          "metrics": theirs, "run": champion.get("run")},
               "rule": cfg.rule()}
     (out_dir / GATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    (out_dir / "report.md").write_text(gate_report(record), encoding="utf-8")
+    text = gate_report(record)
+    (out_dir / "report.md").write_text(text, encoding="utf-8")
+    (out_dir / "report.html").write_text(html_page(text, f"BluePrint gate: {record['decision']}"), encoding="utf-8")
     return {"promote": float(promote), f"challenger_{cfg.metric}": number(ours, cfg.metric),
             **({f"champion_{cfg.metric}": number(theirs, cfg.metric)} if theirs else {})}
 
@@ -109,7 +111,7 @@ def run(config: GateConfig, *, shards: str, base: str, adapters: str, evaluation
 
 
 def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, artifact_root: str, force: bool = False,
-              metrics: Any = None, report_path: str | None = None) -> str:
+              metrics: Any = None, report_path: str | None = None, page_path: str | None = None) -> str:
     """The gate component's body: write the run record (what the run ended with, for retention), then judge.
     Returns the decision; the record names the gate's output, for the promote task."""
     from blueprint.stages.task import run_stage_task, user_errors_exit
@@ -118,7 +120,7 @@ def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, art
     with user_errors_exit(STAGE):
         if run_id:  # first without the gate, so a run whose gate fails is still known
             runs.write_record(artifact_root, run_id, inputs)
-        uri, _ = run_stage_task(STAGE, settings, inputs, artifact_root, force, metrics, report_path)
+        uri, _ = run_stage_task(STAGE, settings, inputs, artifact_root, force, metrics, report_path, page_path)
         record = storage.read_json(storage.join(uri, GATE_FILE))
         if run_id:  # the champion's re-evaluation too, so gc keeps what this judgement read
             judged = (record.get("champion") or {}).get("evaluation")

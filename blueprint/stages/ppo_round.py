@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from blueprint import distributed
+from blueprint import distributed, tracking
 from blueprint.rl import data_parallel
 from blueprint.store import artifacts, storage
 from blueprint.config import setting
@@ -22,7 +22,7 @@ from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
-from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, train_adapter
+from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, step_logger, train_adapter
 from blueprint.stages.adapter_set import (Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles,
                                           save_adapter_set)
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
@@ -242,8 +242,25 @@ def _open_round(cfg: PPORoundConfig, bases: Bases, adapters: str, ckpt_uri: str,
     return roles, trainer, (meta if resumed else {}), resumed
 
 
+def step_figures(cfg: PPORoundConfig, stats: dict[str, float]) -> dict[str, float]:
+    """A PPO step's figures as tracked: its statistics, its wall time and the rollout tokens per second."""
+    times = {k: v for k, v in stats.items() if k.startswith("time/")}
+    row = {k: v for k, v in stats.items() if k != "step"}
+    if times:
+        row["step_seconds"] = sum(times.values())
+    if stats.get("time/generate"):
+        row["rollout_tokens_per_s"] = stats.get("response_length", 0.0) * cfg.batch_size / stats["time/generate"]
+    return row
+
+
+def global_step(cfg: PPORoundConfig, step: int, steps_per_round: int) -> int:
+    """The step across rounds (round r's step s), so the rounds' curves continue one another."""
+    return (cfg.round_index - 1) * steps_per_round + step
+
+
 def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: list[str], bases: Bases,
-               ckpt_uri: str, done: int, stats_rows: list[dict], before: dict, progress: bool) -> str | None:
+               ckpt_uri: str, done: int, stats_rows: list[dict], before: dict, progress: bool,
+               tracker: tracking.Tracker) -> str | None:
     """Run the PPO steps from `done` on (appending to `stats_rows`, checkpointing as configured); why it stopped
     early, or None."""
     from blueprint.rl.ppo import KLExplodedError
@@ -266,6 +283,7 @@ def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: l
             except KLExplodedError as exc:
                 return f"kl_exploded at step {step}: {exc}"
             stats_rows.append({"step": step, **stats})
+            tracker.log("summarizer", global_step(cfg, step + 1, cfg.ppo_steps), step_figures(cfg, stats))
             bar.update(step + 1, reward=stats.get("score/mean", float("nan")), kl=stats.get("kl", 0.0))
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
                 with tempfile.TemporaryDirectory() as ck:
@@ -313,7 +331,13 @@ def step_summary(stats_rows: list[dict]) -> dict[str, float]:
 
 
 def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_dir: Path, out_uri: str,
-          progress: bool = True) -> dict[str, Any]:
+            progress: bool = True) -> dict[str, Any]:
+    with tracking.stage_tracker(task_name(cfg), out_dir, artifacts.config_dict(cfg), out_uri) as tracker:
+        return _compute(cfg, shards, bases, adapters, out_dir, out_uri, progress, tracker)
+
+
+def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_dir: Path, out_uri: str,
+             progress: bool, tracker: tracking.Tracker) -> dict[str, Any]:
     import torch
 
     from blueprint.rl.reward import RewardConfig, RewardModel
@@ -337,13 +361,14 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = resumed_written(meta, ckpt_uri)
-    stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress)
+    stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress,
+                         tracker)
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
     if stopped is None and cfg.supervised_steps > 0:
         written = data_parallel.in_step_order(scorer.written, cfg.batch_size // distributed.world_size())
-        metrics.update(train_coder(roles, batch, written, cfg, progress))
+        metrics.update(train_coder(roles, batch, written, cfg, progress, tracker))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
     _save(roles, trainer, out_dir, bases, {"round": cfg.round_index})
     with open(out_dir / "steps.jsonl", "w") as f:  # content only: wall times go to the metrics
@@ -356,7 +381,7 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
 
 
 def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, str]], cfg: PPORoundConfig,
-                progress: bool) -> dict[str, float]:
+                progress: bool, tracker: tracking.Tracker | None = None) -> dict[str, float]:
     """Back-translation: the coder learns (written summary -> code), mixed with (docstring -> code)."""
     model, tokenizer = roles.coder, roles.coder_tokenizer
     rng = random.Random(cfg.seed * 7919 + cfg.round_index)
@@ -373,7 +398,9 @@ def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, s
                         lr=cfg.coder_lr, seed=cfg.seed, max_length=sft_length(cfg.max_code_tokens,
                                                                               cfg.max_summary_tokens),
                         progress=progress, task=task_name(cfg), lr_setting="coder_lr",
-                        gradient_checkpointing=cfg.gradient_checkpointing)
+                        gradient_checkpointing=cfg.gradient_checkpointing,
+                        track=tracker and step_logger(lambda step, row: tracker.log("coder", step, row),
+                                                      global_step(cfg, 0, cfg.supervised_steps)))
     roles.summarizer.set_adapter("summarizer")  # train_adapter made the coder active; the policy acts next
     return out
 

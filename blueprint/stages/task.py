@@ -50,23 +50,33 @@ def markdown_report(stage: str, out: artifacts.StageOutput) -> str:
 
 
 def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str], artifact_root: str,
-                   force: bool = False, metrics_path: Any = None, report_path: str | None = None) -> tuple[str, str]:
+                   force: bool = False, metrics_path: Any = None, report_path: str | None = None,
+                   page_path: str | None = None) -> tuple[str, str]:
     """Run `stage` with `settings` on `inputs` under `artifact_root`; return (output URI, content key).
 
-    `metrics_path` is a KFP `Metrics` artifact (anything with log_metric) and `report_path` the path of a
-    `Markdown` artifact; both are optional so the function is usable outside KFP.
+    `metrics_path` is a KFP `Metrics` artifact (anything with log_metric), `report_path` the path of a
+    `Markdown` artifact and `page_path` that of an `HTML` one; all optional so the function is usable outside KFP.
     """
     spec = registry.get(stage)
     with user_errors_exit(stage):
         cfg = parse(spec.config_type(), settings)
         # progress lines (not bars: no terminal here), which kfp.local streams and `kubectl logs` shows
         out = launch.run_stage(stage, cfg, inputs, artifact_root=artifact_root, force=force, progress=True)
-    return report_task(stage, out, metrics_path, report_path)
+    return report_task(stage, out, metrics_path, report_path, page_path)
+
+
+def html_report(stage: str, out: artifacts.StageOutput) -> str:
+    """The stage's own report.html (plots embedded) when it wrote one, else its Markdown report as a page."""
+    from blueprint.eval.report import html_page
+
+    if "report.html" in out.manifest.get("files", {}):
+        return storage.read_text(storage.join(out.uri, "report.html"))
+    return html_page(markdown_report(stage, out), stage)
 
 
 def report_task(stage: str, out: artifacts.StageOutput, metrics_path: Any = None,
-                report_path: str | None = None) -> tuple[str, str]:
-    """A finished task's JSON line, its KFP Metrics and Markdown report; (output URI, content key)."""
+                report_path: str | None = None, page_path: str | None = None) -> tuple[str, str]:
+    """A finished task's JSON line, its KFP Metrics, Markdown report and HTML page; (output URI, content key)."""
     print(json.dumps({"stage": stage, "uri": out.uri, "cached": out.cached, "metrics": out.metrics}, default=str))
     if metrics_path is not None:
         for key, value in numeric_metrics(out.metrics).items():
@@ -75,6 +85,9 @@ def report_task(stage: str, out: artifacts.StageOutput, metrics_path: Any = None
     if report_path is not None:
         with open(report_path, "w", encoding="utf-8") as f:
             f.write(markdown_report(stage, out))
+    if page_path is not None:
+        with open(page_path, "w", encoding="utf-8") as f:
+            f.write(html_report(stage, out))
     return out.uri, out.manifest.get("key") or ""
 
 

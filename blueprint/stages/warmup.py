@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blueprint import tracking
 from blueprint.store import artifacts
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
-from blueprint.models.sft import sft_datasets, sft_length, train_adapter
+from blueprint.models.sft import sft_datasets, sft_length, step_logger, train_adapter
 from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_adapter_set
 
 STAGE = "warmup"
@@ -55,7 +56,14 @@ class WarmupConfig(RuntimeSettings, ParallelSettings):
                                  target_modules=targets)
 
 
-def compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+def compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progress: bool = True,
+            out_uri: str | None = None) -> dict[str, Any]:
+    with tracking.stage_tracker(STAGE, out_dir, artifacts.config_dict(cfg), out_uri) as tracker:
+        return _compute(cfg, shards, bases, out_dir, progress, tracker)
+
+
+def _compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progress: bool,
+             tracker: tracking.Tracker) -> dict[str, Any]:
     import torch
 
     from blueprint.models import lora
@@ -79,7 +87,8 @@ def compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progres
                                      batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                                      max_length=sft_length(cfg.max_code_tokens, cfg.max_summary_tokens),
                                      progress=progress, task=STAGE, lr_setting="lr",
-                                     gradient_checkpointing=cfg.gradient_checkpointing))
+                                     gradient_checkpointing=cfg.gradient_checkpointing,
+                                     track=step_logger(lambda step, row, r=role: tracker.log(r, step, row))))
     save_adapter_set(roles, out_dir, bases, list(lora.ROLES), {"round": 0})
     metrics["seconds"] = round(time.time() - start, 1)
     return metrics
@@ -92,7 +101,9 @@ def run(config: WarmupConfig, *, shards: str, base: str, coder_base: str | None 
     `coder_base` (empty: `base`)."""
     bases = Bases.of(base, coder_base)
     inputs = {"shards": shards, **bases.key_parts()[0]}
+    settings = key_settings(config, bases)
+    live = out_uri or artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, artifacts.config_dict(settings), inputs))
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, key_settings(config, bases), inputs,
-                                   lambda d: compute(config, shards, bases, d, progress),
+        return artifacts.run_stage(STAGE, settings, inputs,
+                                   lambda d: compute(config, shards, bases, d, progress, live),
                                    artifact_root=artifact_root, out_uri=out_uri, force=force)

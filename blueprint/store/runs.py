@@ -42,3 +42,11 @@ def list_records(root: str) -> list[dict[str, Any]]:
             if isinstance(record, dict) and isinstance(record.get("outputs"), dict):
                 records.append({**record, "uri": uri})
     return sorted(records, key=lambda r: (str(r.get("created", "")), str(r.get("run", ""))))
+
+
+def latest_record(root: str, **outputs: str) -> dict[str, Any] | None:
+    """The newest run record whose outputs include `outputs` ({name: URI}), or None."""
+    want = {k: storage.normalize(v) for k, v in outputs.items()}
+    found = [r for r in list_records(root)
+             if all(storage.normalize(str(r["outputs"].get(k, ""))) == v for k, v in want.items())]
+    return found[-1] if found else None

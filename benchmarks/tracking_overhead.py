@@ -1,0 +1,90 @@
+"""What per-step tracking costs: the smoke profile's training stages (warmup and two PPO rounds) with every call into
+the tracker timed (TensorBoard writes, the live copy, MLflow queueing and the final wait), against the stages' wall
+time. Target: under 5%.
+
+With `--mlflow` a real `mlflow server` (sqlite backend) is started on loopback and every stage also logs to it.
+The last line is one JSON object: wall_s, tracking_s, overhead_pct, mlflow.
+
+    .venv/bin/python benchmarks/tracking_overhead.py [--mlflow]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from blueprint import tracking
+from blueprint.config import parse
+from blueprint.stages import bootstrap, ppo_round, shard, warmup
+from blueprint.stages.profiles import stage_settings
+
+SPENT = {"seconds": 0.0}
+
+
+def timed(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT["seconds"] += time.perf_counter() - start
+    return wrapper
+
+
+def start_mlflow(home: Path) -> tuple[str, subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
+                             str(port), "--backend-store-uri", f"sqlite:///{home}/db.sqlite", "--default-artifact-root",
+                             f"{home}/a", "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(240):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return f"http://127.0.0.1:{port}", proc
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("mlflow server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mlflow", action="store_true", help="also log to a loopback MLflow server")
+    args = ap.parse_args()
+    for name in ("log", "close", "sync"):
+        setattr(tracking.Tracker, name, timed(getattr(tracking.Tracker, name)))
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = None
+        if args.mlflow:
+            uri, proc = start_mlflow(Path(tmp))
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+        root = f"file://{tmp}/art"
+        s = lambda stage: stage_settings("smoke", stage)  # noqa: E731
+        shards = shard.run(parse(shard.ShardConfig, s("shard")), artifact_root=root, progress=False).uri
+        base = bootstrap.run(parse(bootstrap.BootstrapConfig, s("bootstrap")), shards=shards, artifact_root=root,
+                             progress=False).uri
+        start = time.perf_counter()
+        adapters = warmup.run(parse(warmup.WarmupConfig, s("warmup")), shards=shards, base=base, artifact_root=root,
+                              progress=False).uri
+        for index in (1, 2):
+            cfg = parse(ppo_round.PPORoundConfig, {**s("ppo-round"), "round_index": index})
+            adapters = ppo_round.run(cfg, shards=shards, base=base, adapters=adapters, artifact_root=root,
+                                     progress=False).uri
+        wall = time.perf_counter() - start
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    print(json.dumps({"wall_s": round(wall, 2), "tracking_s": round(SPENT["seconds"], 3),
+                      "overhead_pct": round(100 * SPENT["seconds"] / wall, 2), "mlflow": args.mlflow}))
+
+
+if __name__ == "__main__":
+    main()

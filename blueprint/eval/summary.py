@@ -1,0 +1,83 @@
+"""The few lines a person reads when a run ends: how good the models are, epoch by epoch, against what the true
+docstrings earn; the gate's decision and why; what looks wrong; and where the report, plots, curves and log are.
+
+Pure functions of the evaluation's history and the gate's record, so `blueprint run` and `BluePrint.train()` print
+the same summary.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# (column header, history key): the figures that say how good the pair is; execution columns show when present
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("epoch", "epoch"),
+    ("reward", "reward_gen_mean"),
+    ("ceiling", "reward_true_mean"),
+    ("pairwise", "pairwise_accuracy"),
+    ("finished", "eos_rate"),
+    ("parses", "code_parse_rate"),
+    ("pass@1 round-trip", "pass_at_1_roundtrip"),
+    ("pass@1 docstring", "pass_at_1_docstring"),
+)
+MIN_EXAMPLES = 50  # fewer held-out functions than this and a difference between epochs is mostly chance
+
+
+def cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def epoch_table(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Aligned text rows: one per epoch, the columns any epoch has, plus the reward as a share of the ceiling."""
+    columns = [(h, k) for h, k in COLUMNS if any(k in row for row in history)]
+    header = [h for h, _ in columns] + ["of ceiling"]
+    rows = []
+    for row in sorted(history, key=lambda r: r.get("epoch", 0)):
+        gen, true = row.get("reward_gen_mean"), row.get("reward_true_mean")
+        share = f"{gen / true:.0%}" if isinstance(gen, float) and isinstance(true, float) and true > 0 else "-"
+        rows.append([cell(row.get(k)) for _, k in columns] + [share])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+
+
+def warnings(last: Mapping[str, Any]) -> list[str]:
+    """What is off in the final evaluation, in plain words."""
+    out = []
+    if last.get("summary_tokens_mean") == 0:
+        out.append("the summaries are empty (summary_tokens_mean 0): the summarizer says nothing about the code")
+    elif isinstance(last.get("eos_rate"), float) and last["eos_rate"] < 0.5:
+        out.append(f"most summaries never finished (eos_rate {last['eos_rate']:.2f}): raise max_new_tokens or train "
+                   "longer")
+    if last.get("code_parse_rate") == 0:
+        out.append("no code the coder rebuilt parses (code_parse_rate 0)")
+    reward, ceiling = last.get("reward_gen_mean"), last.get("reward_true_mean")
+    if isinstance(reward, float) and isinstance(ceiling, float) and reward <= 0 < ceiling:
+        out.append(f"the summaries help the coder less than no summary at all (reward {reward:.3f})")
+    examples = last.get("examples")
+    if isinstance(examples, int) and examples < MIN_EXAMPLES:
+        out.append(f"the evaluation ran on {examples} held-out functions (fewer than {MIN_EXAMPLES}): differences "
+                   "between epochs are mostly chance; raise evaluate.max_examples")
+    return out
+
+
+def run_summary(history: Sequence[Mapping[str, Any]], gate: Mapping[str, Any] | None,
+                paths: Mapping[str, str]) -> str:
+    """The end-of-run text: the epoch table, the gate's decision, warnings, then the paths (name: where)."""
+    lines = ["", "How good the models are (held-out functions, greedy decoding; the ceiling is the reward the true "
+                 "docstrings earn):", ""]
+    lines += epoch_table(history)
+    if gate:
+        verdict = "promoted" if gate.get("decision") == "promote" else "not promoted (the champion stays)"
+        lines += ["", f"gate: {verdict}: {gate.get('why', '')}"]
+    found = warnings(history[-1]) if history else ["no evaluation was recorded"]
+    lines += [""] + [f"warning: {w}" for w in found]
+    width = max((len(k) for k in paths), default=0) + 1
+    lines += [""] + [f"{(name + ':').ljust(width)} {where}" for name, where in paths.items() if where]
+    return "\n".join(lines).rstrip() + "\n"
