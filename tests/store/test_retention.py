@@ -93,4 +93,4 @@ def test_a_promoted_pointer_keeps_its_chain_with_no_run_kept(store):
     promotion.write_pointer(store["root"], "blueprint", pointer, None)
     found = retention.plan(store["root"], keep_runs=0, grace_seconds=0, now=LATER)
     assert [o["uri"] for o in found.doomed] == [store["b"]]
-    assert json.loads(storage.read_text(promotion.pointer_uri(store["root"], "blueprint")))["adapters"] == store["a"]
+    assert json.loads(storage.read_text(promotion.pointer_uri(store["root"], "blueprint")))["adapters"] == "ppo-round/a"
