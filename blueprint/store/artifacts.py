@@ -3,7 +3,9 @@
 A prefix without a manifest is incomplete: it is never read as an input and is cleared and rewritten on rerun.
 A stage whose output manifest exists is a cache hit and returns at once. The key of an output hashes the stage
 name, its config, the manifests of its inputs and the package version, so a changed object behind an unchanged
-path changes the key (KFP's own cache only sees parameter values).
+path changes the key (KFP's own cache only sees parameter values). A commit that fails (a full disk, a failed
+upload) removes what it wrote. Each cache hit and each stage input is stamped in use (`_USED.json`, beside the
+manifest and not listed in it), so gc's grace period counts from an output's last use, not its creation.
 """
 from __future__ import annotations
 

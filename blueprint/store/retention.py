@@ -4,12 +4,13 @@ Outputs are content-addressed and shared, so "old" does not mean "unused": a buc
 what the cache and warm start still point to. Reachability decides instead. The roots are the outputs named by
 the last K run records and by every pointer in each promoted model's history; from them, the manifests' inputs
 lead to everything those runs used (adapters -> the round before -> warmup -> shards and base; evaluation ->
-previous evaluation). What is left, and older than the grace period (a running pipeline's newest outputs have no
-run record yet), is garbage. Each prefix loses its manifest first and its files after: an interrupted gc leaves
-prefixes that look incomplete (a prefix without a manifest is partial, cleared and rewritten by the next run that
-needs it), never ones that look complete but are not. (Files first would leave a manifest naming missing files:
-an output that looks committed and fails as damaged.) Outputs are matched by `stage/key`, so a copied root keeps
-what its pointers and records reach.
+previous evaluation). A running pipeline has no run record yet, so an output created or used (`_USED.json`, stamped
+at every cache hit and stage input) within the grace period is a root too. What is left is garbage. Each prefix
+loses its manifest first and its files after: an interrupted gc leaves prefixes that look incomplete (a prefix
+without a manifest is partial), never ones that look complete but are not. (Files first would leave a manifest
+naming missing files: an output that looks committed and fails as damaged.) Partial prefixes past the grace period
+go too, each under its commit lock, so no writer starts on one meanwhile and a live writer's is never touched.
+Outputs are matched by `stage/key`, so a copied root keeps what its pointers and records reach.
 """
 from __future__ import annotations
 
