@@ -5,7 +5,7 @@ wrote it. Now a writer takes `{prefix}.lock` with a create-only write (S3 `If-No
 MinIO and moto honour; `O_EXCL` on a filesystem) before it touches the prefix, and drops it after the manifest.
 A writer that finds the lock held waits for the holder's manifest and becomes a cache hit. A lock whose holder
 died (same host and its pid is gone, or no refresh for `STALE_SECONDS`) is broken, so a SIGKILLed run's rerun
-goes on.
+goes on. The promoted pointer's lock and gc's hold on a partial prefix take their locks the same way (`acquire`).
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def acquire(uri: str, me: dict, *, wait_seconds: float, stale_seconds: float = S
     """Take the lock `uri` as writer `me`, breaking a dead holder's; False as soon as `done()` says it is no longer
     needed. LockTimeout when a live holder keeps it for `wait_seconds` (0: one try)."""
     deadline = time.monotonic() + wait_seconds
-    while not create_only(uri, json.dumps(me).encode()):
+    while not create_only(uri, json.dumps({**me, "time": time.time()}).encode()):  # taken now, however long we waited
         if done():
             return False
         holder = read_holder(uri)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from typing import Any
 
 from blueprint.errors import InputError
@@ -33,6 +34,7 @@ class Collection:
     kept: int                           # outputs reachable from a root
     young: int                          # unreachable, but used inside the grace period (or what such an output reads)
     partial: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # prefixes without a manifest, no lock
+    since: dt.datetime | None = None    # an output used after this is spared, even when a run took it after the plan
 
     @property
     def bytes(self) -> int:
@@ -91,7 +93,7 @@ def _age_seconds(now: dt.datetime, *times: Any) -> float:
 def _unlocked(uri: str) -> bool:
     """Whether no live writer holds the commit lock of `uri` (a dead one's does not count)."""
     holder = commit_lock.read_holder(commit_lock.lock_uri(uri))
-    return holder is None or commit_lock.holder_is_dead(holder, dt.datetime.now().timestamp())
+    return holder is None or commit_lock.holder_is_dead(holder, time.time())
 
 
 def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | None = None) -> Collection:
@@ -117,7 +119,19 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     partial = [p for p in artifacts.partial_outputs(root, files)
                if ours(p) and _age_seconds(now, p["changed"]) > grace_seconds and _unlocked(p["uri"])]
     return Collection(doomed=sorted(doomed, key=lambda o: o["uri"]), records=stale, kept=len(keep),
-                      young=len(live), partial=partial)
+                      young=len(live), partial=partial, since=now - dt.timedelta(seconds=grace_seconds))
+
+
+def used_since(uri: str, since: dt.datetime) -> bool:
+    """Whether the output `uri` was stamped in use after `since` (a run took it after gc's plan)."""
+    stamp = storage.join(uri, artifacts.USED_NAME)
+    if not storage.exists(stamp):
+        return False
+    try:
+        used = _stamp(storage.read_json(stamp).get("used"))
+    except (storage.StorageError, AttributeError):
+        return True  # a stamp being written: in use
+    return used is None or used > since
 
 
 def delete_output(uri: str) -> None:
@@ -147,8 +161,11 @@ def delete_partial(uri: str) -> bool:
 
 
 def collect(found: Collection, progress: Any = None) -> None:
-    """Delete what `plan` found: the outputs, the partial prefixes, then the run records that named them."""
+    """Delete what `plan` found: the outputs (but one a run took since), the partial prefixes, then the run records
+    that named them."""
     for done, output in enumerate(found.doomed, 1):
+        if found.since is not None and used_since(output["uri"], found.since):
+            continue
         delete_output(output["uri"])
         if progress is not None:
             progress(done, output)

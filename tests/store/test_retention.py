@@ -132,6 +132,17 @@ def test_an_old_output_a_running_pipeline_took_as_a_cache_hit_is_not_collected_u
     assert not adapters.cached  # the run's next stage still reads its input
 
 
+def test_an_output_a_run_takes_between_gc_plan_and_delete_is_spared(root):
+    shards = artifacts.run_stage("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).uri
+    runs.write_record(root, "finished", {})
+    backdate(shards, days=10)
+    found = retention.plan(root, keep_runs=1, grace_seconds=86_400)
+    assert [o["uri"] for o in found.doomed] == [shards]
+    assert artifacts.run_stage("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).cached  # a run starts
+    retention.collect(found)
+    assert artifacts.read_manifest(shards)["key"] == shards.rsplit("/", 1)[1]
+
+
 def test_what_an_output_used_within_the_grace_period_reads_stays_with_it(store, tmp_path):
     for name in ("shards", "warm", "a", "b"):
         backdate(store[name], days=10)
