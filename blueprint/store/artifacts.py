@@ -400,11 +400,12 @@ def partial_outputs(root: str, files: dict[str, tuple] | None = None) -> list[di
     for rel, meta in files.items():
         parts = rel.split("/")
         if len(parts) >= 3:
-            prefixes.setdefault((parts[0], parts[1]), []).append((parts[2], *meta))
+            prefixes.setdefault((parts[0], parts[1]), []).append(("/".join(parts[2:]), *meta))
     stages = {stage for (stage, _), listed in prefixes.items() if any(n == MANIFEST_NAME for n, *_ in listed)}
     rows = []
     for (stage, key), listed in sorted(prefixes.items()):
-        if any(n == MANIFEST_NAME for n, *_ in listed) or not (stage in stages or CONTENT_KEY.match(key)):
+        committed = any(n.split("/")[-1] == MANIFEST_NAME for n, *_ in listed)  # here, or an output nested in it
+        if committed or not (stage in stages or CONTENT_KEY.match(key)):
             continue
         changed = max((t for _, _, t in listed if t is not None), default=None)
         rows.append({"stage": stage, "key": key, "uri": storage.join(root, stage, key),

@@ -15,7 +15,7 @@ LATER = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
 
 def output(root: str, stage: str, name: str, tmp_path: Path, **inputs: str) -> str:
     local = tmp_path / f"{stage}-{name}"
-    local.mkdir()
+    local.mkdir(parents=True)
     (local / "data.bin").write_bytes(name.encode() * 100)
     uri = f"{root}/{stage}/{name}"
     artifacts.commit(local, uri, stage=stage, config={}, inputs=inputs, metrics={}, key=name)
@@ -175,6 +175,7 @@ def test_gc_collects_partial_prefixes_past_the_grace_period_that_no_live_writer_
     commit_lock.create_only(commit_lock.lock_uri(held), json.dumps(commit_lock.writer_identity()).encode())
     storage.write_json(commit_lock.lock_uri(dead), {"host": "elsewhere", "pid": 1, "writer": "w", "time": 0})
     storage.write_text(f"{root}/notes/drafts/todo.txt", "the user's own file under the root")
+    nested = output(root, "exports", "00000000000000cc/v1", tmp_path)  # a committed output deeper down: not partial
 
     assert retention.plan(root, keep_runs=1, grace_seconds=3600).partial == []  # all written just now
     found = retention.plan(root, keep_runs=1, grace_seconds=3600, now=LATER)
@@ -185,3 +186,4 @@ def test_gc_collects_partial_prefixes_past_the_grace_period_that_no_live_writer_
     assert not storage.exists(commit_lock.lock_uri(dead))
     assert storage.list_files(held) == {"adapters/part.bin": 4} and storage.exists(commit_lock.lock_uri(held))
     assert storage.exists(f"{root}/notes/drafts/todo.txt") and storage.exists(artifacts.manifest_uri(finished))
+    assert storage.exists(artifacts.manifest_uri(nested))
