@@ -78,8 +78,8 @@ def promote(config: PromoteConfig, gate: str, artifact_root: str, progress: bool
                 return {"promoted": 0.0, "why": why}
             record, expected = {**record, "why": why}, version
         try:
-            promotion.write_pointer(artifact_root, name, new_pointer(record, champion, config.run, gate, config.history),
-                                    version)
+            pointer = new_pointer(record, champion, config.run, gate, config.history)
+            promotion.write_pointer(artifact_root, name, pointer, version)
         except promotion.PointerConflict:
             continue
         uri = promotion.pointer_uri(artifact_root, name)

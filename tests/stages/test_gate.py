@@ -168,8 +168,8 @@ def test_a_copied_root_is_gated_against_its_own_champion_once_the_original_is_go
     promote_gated(judge(moved(world["runs"]["some"], original), f"file://{original}"), f"file://{original}", "first")
     shutil.copytree(original, copy)
     shutil.rmtree(original)
-    out = gate.run(parse(gate.GateConfig, RULE), **moved(world["runs"]["trained"], copy), artifact_root=f"file://{copy}",
-                   force=True, progress=False)
+    out = gate.run(parse(gate.GateConfig, RULE), **moved(world["runs"]["trained"], copy),
+                   artifact_root=f"file://{copy}", force=True, progress=False)
     record = storage.read_json(storage.join(out.uri, gate.GATE_FILE))
     assert record["decision"] == "promote" and record["champion"]["run"] == "first"
-    assert record["champion"]["evaluation"] == f"file://{copy}/" + world["runs"]["some"]["evaluation"].split("/artifacts/")[1]
+    assert record["champion"]["evaluation"] == moved(world["runs"]["some"], copy)["evaluation"]

@@ -152,8 +152,8 @@ def test_what_an_output_used_within_the_grace_period_reads_stays_with_it(store, 
 
 
 def test_a_manifest_created_without_a_timezone_is_read_as_utc(store):
-    for name, created in (("a", "2020-01-01T00:00:00"),
-                          ("b", (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S"))):
+    an_hour_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    for name, created in (("a", "2020-01-01T00:00:00"), ("b", an_hour_ago.strftime("%Y-%m-%dT%H:%M:%S"))):
         muri = artifacts.manifest_uri(store[name])
         storage.write_json(muri, storage.read_json(muri) | {"created": created})
     found = retention.plan(store["root"], keep_runs=0, grace_seconds=86_400)
