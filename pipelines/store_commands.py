@@ -40,7 +40,7 @@ def cmd_promoted(args: argparse.Namespace) -> int:
                           f"({promotion.pointer_uri(args.artifact_root, args.name)} does not exist)")
     chain = promotion.history(pointer)
     if args.json:
-        print(json.dumps([{k: v for k, v in p.items() if k != "previous"} for p in chain], indent=2))
+        print(json.dumps(chain, indent=2))
         return 0
     print(f"promoted {args.name!r}: {pointer['models']}")
     print(f"  summarizer {pointer['summarizer']}\n  coder      {pointer['coder']}")
@@ -61,11 +61,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "deleting" if args.yes else "would delete"
     for output in found.doomed:
         print(f"{verb} {output['stage']}/{output['key']} ({human_bytes(output['bytes'])}, created {output['created']})")
+    for prefix in found.partial:
+        print(f"{verb} partial {prefix['stage']}/{prefix['key']} ({human_bytes(prefix['bytes'])}, no manifest, "
+              f"last written {prefix['changed']:%Y-%m-%dT%H:%M:%S%z})")
     if args.yes:
         retention.collect(found)
-    summary = (f"{'freed' if args.yes else 'would free'} {human_bytes(found.bytes)} in {len(found.doomed)} outputs "
-               f"and {len(found.records)} run records; kept {found.kept} outputs reachable from the promoted models "
-               f"and the last {args.keep_runs} runs, and {found.young} younger than {args.older_than}")
+    summary = (f"{'freed' if args.yes else 'would free'} {human_bytes(found.bytes)} in {len(found.doomed)} outputs, "
+               f"{len(found.partial)} partial outputs and {len(found.records)} run records; kept {found.kept} outputs "
+               f"reachable from the promoted models and the last {args.keep_runs} runs, and {found.young} used within "
+               f"{args.older_than} (or read by one that was)")
     print(summary + ("" if args.yes else " (dry run: pass --yes to delete)"))
     return 0
 

@@ -24,6 +24,8 @@ class PromoteConfig(Settings):
 
     attempts: int = setting(5, "compare-and-swap attempts when other runs promote at the same time", ge=1)
     run: str = setting("", "the pipeline run that promotes (its id), recorded in the pointer")
+    history: int = setting(20, "replaced pointers the pointer keeps, newest first; gc may delete what only older "
+                               "ones named", ge=0)
 
 
 def gate_record(gate: str) -> dict[str, Any]:
@@ -33,13 +35,16 @@ def gate_record(gate: str) -> dict[str, Any]:
     return dict(storage.read_json(storage.join(gate, "gate.json")))
 
 
-def new_pointer(record: dict[str, Any], previous: dict[str, Any] | None, run: str, gate: str) -> dict[str, Any]:
+def new_pointer(record: dict[str, Any], previous: dict[str, Any] | None, run: str, gate: str,
+                keep: int) -> dict[str, Any]:
+    """The pointer naming the gate's challenger; the one it replaces heads its history, cut to `keep` entries."""
     ours = record["challenger"]
     return {"name": record["name"], "models": ours["models"], "summarizer": storage.join(ours["models"], "summarizer"),
             "coder": storage.join(ours["models"], "coder"), "evaluation": ours["evaluation"],
             "adapters": ours["adapters"], "base": ours["base"], "coder_base": ours.get("coder_base", ""),
             "shards": ours["shards"], "metrics": ours["metrics"], "why": record["why"], "gate": gate, "run": run,
-            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "previous": previous}
+            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "history": promotion.history(previous)[:keep]}
 
 
 def rejudge(record: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str]:
@@ -73,7 +78,8 @@ def promote(config: PromoteConfig, gate: str, artifact_root: str, progress: bool
                 return {"promoted": 0.0, "why": why}
             record, expected = {**record, "why": why}, version
         try:
-            promotion.write_pointer(artifact_root, name, new_pointer(record, champion, config.run, gate), version)
+            pointer = new_pointer(record, champion, config.run, gate, config.history)
+            promotion.write_pointer(artifact_root, name, pointer, version)
         except promotion.PointerConflict:
             continue
         uri = promotion.pointer_uri(artifact_root, name)

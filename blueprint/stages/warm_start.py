@@ -44,6 +44,7 @@ def warmup_task(settings: dict[str, Any], shards: str, base: str, artifact_root:
         inputs = {"shards": shards, "base": base, **({"coder_base": coder_base} if coder_base else {})}
         return run_stage_task("warmup", settings, inputs, artifact_root, force, metrics, report_path)
     manifest = artifacts.read_manifest(previous, verify="sizes")
+    artifacts.mark_used(previous)
     print(json.dumps({"stage": "warmup", "warm_start": previous, "promoted": promotion_name}))
     if metrics is not None:
         metrics.log_metric("warm_start", 1.0)

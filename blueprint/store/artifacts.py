@@ -3,7 +3,9 @@
 A prefix without a manifest is incomplete: it is never read as an input and is cleared and rewritten on rerun.
 A stage whose output manifest exists is a cache hit and returns at once. The key of an output hashes the stage
 name, its config, the manifests of its inputs and the package version, so a changed object behind an unchanged
-path changes the key (KFP's own cache only sees parameter values).
+path changes the key (KFP's own cache only sees parameter values). A commit that fails (a full disk, a failed
+upload) removes what it wrote. Each cache hit and each stage input is stamped in use (`_USED.json`, beside the
+manifest and not listed in it), so gc's grace period counts from an output's last use, not its creation.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import platform
+import re
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +29,7 @@ from blueprint.errors import UserError
 
 MANIFEST_NAME = "_MANIFEST.json"
 WRITING_NAME = "_WRITING.json"  # present while a stage writes an explicit output location (not listed in manifests)
+USED_NAME = "_USED.json"  # rewritten whenever a run takes the output as a cache hit or an input (not in manifests)
 MANIFEST_FORMAT = 1
 
 
@@ -214,14 +218,23 @@ def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, A
             if theirs.get("key") != key:  # an explicit location another run filled meanwhile, from other settings
                 raise ArtifactError(f"{out_uri} was committed meanwhile by a {theirs.get('stage')} run from other "
                                     "settings or inputs; pass --force to replace it, or choose another location")
+            mark_used(out_uri)
             return theirs, False
         refresh()
         storage.delete_prefix(out_uri)  # a partial output of ours, or (replace) the stage's own older output
-        mark_writing(out_uri, stage, key)
-        storage.upload_dir(local_dir, out_uri)
-        refresh()
-        manifest = _manifest(files, stage=stage, config=config, inputs=inputs, metrics=metrics, key=key)
-        storage.write_text(manifest_uri(out_uri), json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        try:
+            mark_writing(out_uri, stage, key)
+            storage.upload_dir(local_dir, out_uri)
+            refresh()
+            manifest = _manifest(files, stage=stage, config=config, inputs=inputs, metrics=metrics, key=key)
+            storage.write_text(manifest_uri(out_uri), json.dumps(manifest, indent=2, sort_keys=True, default=str)
+                               + "\n")
+        except commit_lock.LockLost:
+            raise  # the prefix is another writer's now: not ours to clear
+        except BaseException:  # disk full, a failed upload, interrupted: free what this commit wrote
+            with contextlib.suppress(Exception):  # never hide why the commit failed
+                storage.delete_prefix(out_uri)
+            raise
         commit_lock.delete_object(storage.join(out_uri, WRITING_NAME))
     return manifest, True
 
@@ -275,6 +288,14 @@ def mark_writing(uri: str, stage: str, key: str) -> None:
     storage.write_json(storage.join(uri, WRITING_NAME), {"stage": stage, "key": key})
 
 
+def mark_used(uri: str) -> None:
+    """Stamp a committed output as in use now: gc's grace period counts from its last use, so an old output that a
+    running pipeline took as a cache hit or an input is not deleted under it. Best effort: an input in a root this
+    run may only read is not ours to collect anyway."""
+    with contextlib.suppress(storage.StorageError):
+        storage.write_json(storage.join(uri, USED_NAME), {"used": dt.datetime.now(dt.timezone.utc).isoformat()})
+
+
 def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Callable[[Path], Mapping[str, Any]], *,
               artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
               owned: bool | None = None) -> StageOutput:
@@ -292,6 +313,8 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Calla
     cfg = config_dict(config)
     for name, uri in inputs.items():
         read_manifest(uri, verify="sizes")  # fail before any work when an input is incomplete
+        if distributed.is_main():
+            mark_used(uri)
     key = stage_key(stage, cfg, inputs)
     uri = storage.normalize(out_uri if out_uri is not None else stage_uri(artifact_root, stage, key))
     if not distributed.is_main():
@@ -301,6 +324,7 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Calla
         raise ArtifactError(f"{stage}: its processes ended without committing {uri}")
     distributed.from_main(existing is not None and not force)  # the other ranks learn whether this is a hit
     if existing is not None and not force:
+        mark_used(uri)
         return StageOutput(uri, existing, cached=True)
     if not owned and existing is None:
         mark_writing(uri, stage, key)
@@ -346,16 +370,44 @@ def _compute_and_commit(stage: str, uri: str, compute: Callable[[Path], Mapping[
     return StageOutput(uri, manifest, cached=not wrote)
 
 
-def cached_outputs(root: str) -> list[dict[str, Any]]:
-    """Every committed stage output under `root`: stage, key, created, bytes, metrics."""
+def cached_outputs(root: str, files: dict[str, tuple] | None = None) -> list[dict[str, Any]]:
+    """Every committed stage output under `root`: stage, key, created, used (its last use, None when never
+    stamped), bytes, metrics. `files`: the root's `storage.list_file_times`, when the caller has it already."""
     rows = []
-    files = storage.list_files(root)
+    files = storage.list_file_times(root) if files is None else files
     for rel in files:
         parts = rel.split("/")
         if len(parts) == 3 and parts[2] == MANIFEST_NAME:
             uri = storage.join(root, parts[0], parts[1])
             manifest = storage.read_json(manifest_uri(uri))
             size = sum(f["size"] for f in manifest.get("files", {}).values())
-            rows.append({"stage": parts[0], "key": parts[1], "created": manifest.get("created", "?"),
-                         "bytes": size, "metrics": manifest.get("metrics", {}), "uri": uri})
+            used = files.get(f"{parts[0]}/{parts[1]}/{USED_NAME}", (0, None))[1]
+            rows.append({"stage": parts[0], "key": parts[1], "created": str(manifest.get("created", "?")),
+                         "used": used.isoformat() if used else None, "bytes": size,
+                         "metrics": manifest.get("metrics", {}), "uri": uri})
     return sorted(rows, key=lambda r: (r["created"], r["stage"]))
+
+
+CONTENT_KEY = re.compile(r"^[0-9a-f]{16}$")  # what `stage_key` makes
+
+
+def partial_outputs(root: str, files: dict[str, tuple] | None = None) -> list[dict[str, Any]]:
+    """Every partial output under `root` (files, no manifest: a failed or killed commit, an interrupted gc):
+    stage, key, uri, bytes, changed (its newest file's time). Only a content-addressed prefix, or one beside
+    committed outputs of its stage folder, counts: other files a user keeps under the root are not ours."""
+    files = storage.list_file_times(root) if files is None else files
+    prefixes: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+    for rel, meta in files.items():
+        parts = rel.split("/")
+        if len(parts) >= 3:
+            prefixes.setdefault((parts[0], parts[1]), []).append(("/".join(parts[2:]), *meta))
+    stages = {stage for (stage, _), listed in prefixes.items() if any(n == MANIFEST_NAME for n, *_ in listed)}
+    rows = []
+    for (stage, key), listed in sorted(prefixes.items()):
+        committed = any(n.split("/")[-1] == MANIFEST_NAME for n, *_ in listed)  # here, or an output nested in it
+        if committed or not (stage in stages or CONTENT_KEY.match(key)):
+            continue
+        changed = max((t for _, _, t in listed if t is not None), default=None)
+        rows.append({"stage": stage, "key": key, "uri": storage.join(root, stage, key),
+                     "bytes": sum(size for _, size, _ in listed), "changed": changed})
+    return rows

@@ -5,7 +5,7 @@ wrote it. Now a writer takes `{prefix}.lock` with a create-only write (S3 `If-No
 MinIO and moto honour; `O_EXCL` on a filesystem) before it touches the prefix, and drops it after the manifest.
 A writer that finds the lock held waits for the holder's manifest and becomes a cache hit. A lock whose holder
 died (same host and its pid is gone, or no refresh for `STALE_SECONDS`) is broken, so a SIGKILLed run's rerun
-goes on.
+goes on. The promoted pointer's lock and gc's hold on a partial prefix take their locks the same way (`acquire`).
 """
 from __future__ import annotations
 
@@ -89,8 +89,12 @@ def create_only(uri: str, data: bytes) -> bool:
     return _storage_call(uri, "lock", create)
 
 
-def _holder_is_dead(holder: dict, now: float) -> bool:
-    if now - float(holder.get("time", 0)) > STALE_SECONDS:
+def holder_is_dead(holder: dict, now: float, stale_seconds: float = STALE_SECONDS) -> bool:
+    try:
+        silent = now - float(holder.get("time", 0))
+    except (TypeError, ValueError):
+        return True  # not a time any writer wrote
+    if silent > stale_seconds:
         return True
     if holder.get("host") == socket.gethostname() and holder.get("pidns") == _pid_namespace():
         try:
@@ -102,7 +106,7 @@ def _holder_is_dead(holder: dict, now: float) -> bool:
     return False
 
 
-def _read_holder(uri: str) -> dict | None:
+def read_holder(uri: str) -> dict | None:
     try:
         holder = json.loads(storage.read_text(uri))
     except storage.StorageError:
@@ -125,6 +129,24 @@ class LockLost(storage.StorageError):
     """Another writer took our lock (it judged us dead): stop before touching the prefix again."""
 
 
+def acquire(uri: str, me: dict, *, wait_seconds: float, stale_seconds: float = STALE_SECONDS,
+            done: Callable[[], bool] = lambda: False) -> bool:
+    """Take the lock `uri` as writer `me`, breaking a dead holder's; False as soon as `done()` says it is no longer
+    needed. LockTimeout when a live holder keeps it for `wait_seconds` (0: one try)."""
+    deadline = time.monotonic() + wait_seconds
+    while not create_only(uri, json.dumps({**me, "time": time.time()}).encode()):  # taken now, however long we waited
+        if done():
+            return False
+        holder = read_holder(uri)
+        if holder is not None and holder_is_dead(holder, time.time(), stale_seconds):
+            delete_object(uri)  # the holder died holding it; what it left is cleared by whoever takes the lock
+            continue
+        if time.monotonic() >= deadline:
+            raise LockTimeout(f"{uri} is held by {holder}; waited {wait_seconds:.0f} s")
+        time.sleep(POLL_SECONDS)
+    return True
+
+
 @contextlib.contextmanager
 def held(prefix: str, done: Callable[[], bool], wait_seconds: float = 2 * STALE_SECONDS) -> Iterator[Callable | None]:
     """Hold the lock of `prefix` for the block, or yield None once `done()` says another writer committed it.
@@ -134,21 +156,12 @@ def held(prefix: str, done: Callable[[], bool], wait_seconds: float = 2 * STALE_
     """
     uri = lock_uri(prefix)
     me = writer_identity()
-    deadline = time.monotonic() + wait_seconds
-    while not create_only(uri, json.dumps(me).encode()):
-        if done():
-            yield None
-            return
-        holder = _read_holder(uri)
-        if holder is not None and _holder_is_dead(holder, time.time()):
-            delete_object(uri)  # the holder died mid-commit; its partial files are cleared by whoever takes the lock
-            continue
-        if time.monotonic() > deadline:
-            raise LockTimeout(f"{prefix} is being committed by {holder}; waited {wait_seconds:.0f} s")
-        time.sleep(POLL_SECONDS)
+    if not acquire(uri, me, wait_seconds=wait_seconds, done=done):
+        yield None
+        return
 
     def refresh() -> None:
-        holder = _read_holder(uri)
+        holder = read_holder(uri)
         if holder is None or holder.get("writer") != me["writer"]:
             raise LockLost(f"{prefix}: another writer took the commit lock ({holder}); this commit stops")
         storage.write_text(uri, json.dumps({**me, "time": time.time()}))
@@ -156,7 +169,7 @@ def held(prefix: str, done: Callable[[], bool], wait_seconds: float = 2 * STALE_
     try:
         yield refresh
     finally:
-        holder = _read_holder(uri)
+        holder = read_holder(uri)
         if holder is not None and holder.get("writer") == me["writer"]:
             with contextlib.suppress(storage.StorageError):  # never hide the block's own error
                 delete_object(uri)

@@ -7,6 +7,7 @@ they cannot end up in logs, manifests or compiled pipelines.
 """
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import os
@@ -295,13 +296,18 @@ def exists(uri: str) -> bool:
 
 def list_files(uri: str) -> dict[str, int]:
     """Every file below `uri` (recursively) as {relative path: size}; {} when the prefix does not exist."""
+    return {rel: size for rel, (size, _) in list_file_times(uri).items()}
+
+
+def list_file_times(uri: str) -> dict[str, tuple[int, dt.datetime | None]]:
+    """`list_files` with each file's last change: {relative path: (size, mtime in UTC)}."""
     fs, root = filesystem(uri)
 
-    def listing() -> dict[str, int]:
+    def listing() -> dict[str, tuple[int, dt.datetime | None]]:
         if fs.get_file_info(root).type == pafs.FileType.NotFound:
             return {}
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        return {i.path[len(root):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+        return {i.path[len(root):].lstrip("/"): (i.size, i.mtime) for i in infos if i.type == pafs.FileType.File}
     return dict(sorted(_call(uri, "list", listing).items()))
 
 

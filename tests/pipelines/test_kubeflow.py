@@ -402,6 +402,23 @@ def test_warmup_task_hands_on_the_promoted_adapters_and_reports_it(tmp_path):
     assert metrics.logged["warm_start"] == 1.0 and previous in report.read_text()
 
 
+
+def test_warm_start_in_a_copied_root_continues_from_the_copy_once_the_original_is_gone(tmp_path):
+    import shutil
+
+    from blueprint.stages.common import base_identity
+
+    root, copy = f"file://{tmp_path}/art", f"file://{tmp_path}/copy"
+    base = _commit(root, "bootstrap", {"config.json": "{}"}, "2026-01-01T00:00:00+00:00")
+    meta = json.dumps({"base": "bootstrap/20260101000000", "base_identity": base_identity(base)})
+    promoted = _commit(root, "ppo-round", {"base.json": meta}, "2026-02-01T00:00:00+00:00", {"base": base})
+    _promote(root, promoted, base)
+    shutil.copytree(tmp_path / "art", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "art")
+    copied = warm_start.promoted_adapters(copy, "blueprint", base.replace(root, copy))
+    assert copied == promoted.replace(root, copy)
+
+
 def test_empty_sections_of_a_cluster_file_mean_none():
     settings = cluster.from_mapping({"resources": None, "node_selector": None, "caching": None, "tolerations": None,
                                      "image_pull_secrets": None})

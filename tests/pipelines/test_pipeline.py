@@ -103,7 +103,10 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
     assert sorted({rel.split("/")[0] for rel in before}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round",
                                                               "shard", "shard-part", "warmup"]
     assert result["outputs"]["decision"] == "promote"  # the first run under a root has no champion
-    assert storage.read_json(storage.join(root, "promoted", "blueprint.json"))["models"] == models
+    from blueprint.store import promotion
+
+    assert promotion.read_pointer(root, "blueprint")[0]["models"] == models
+    assert storage.read_json(promotion.pointer_uri(root, "blueprint"))["models"] == artifacts.reference(models)
     again = local_run.run(plan, local_root=tmp_path / "kfp2")
     model_stages = lambda manifests: {k: v for k, v in manifests.items() if not k.startswith("gate/")}  # noqa: E731
     assert model_stages(_manifests(root)) == model_stages(before), "a rerun with nothing changed recomputed a stage"

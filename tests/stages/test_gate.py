@@ -156,3 +156,20 @@ def test_a_retried_promote_whose_write_went_through_is_promoted_once(world, tmp_
     assert promote_gated(record, root, "r")["promoted"] == 1.0  # the pod's retry
     pointer, _ = promotion.read_pointer(root, "blueprint")
     assert [p["run"] for p in promotion.history(pointer)] == ["r"]
+
+
+def test_a_copied_root_is_gated_against_its_own_champion_once_the_original_is_gone(world, tmp_path):
+    """`stage gate --force` in a copy of a root whose original was deleted reads the champion from the copy."""
+    import shutil
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    shutil.copytree(world["root"] / "artifacts", original)
+    moved = lambda run, where: {k: v.replace(world["art"], f"file://{where}") for k, v in run.items()}  # noqa: E731
+    promote_gated(judge(moved(world["runs"]["some"], original), f"file://{original}"), f"file://{original}", "first")
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    out = gate.run(parse(gate.GateConfig, RULE), **moved(world["runs"]["trained"], copy),
+                   artifact_root=f"file://{copy}", force=True, progress=False)
+    record = storage.read_json(storage.join(out.uri, gate.GATE_FILE))
+    assert record["decision"] == "promote" and record["champion"]["run"] == "first"
+    assert record["champion"]["evaluation"] == moved(world["runs"]["some"], copy)["evaluation"]

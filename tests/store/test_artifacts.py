@@ -123,3 +123,28 @@ def test_download_artifact_verifies_hashes(tmp_path):
     local, manifest = artifacts.download_artifact(out.uri, tmp_path / "dl")
     assert (local / "data" / "x.txt").read_text() == "hello"
     assert manifest["key"] == out.manifest["key"]
+
+
+def test_a_commit_that_fails_on_a_full_disk_removes_what_it_wrote(tmp_path):
+    """A real failed write: the committing process may not grow a file past 1 MiB (RLIMIT_FSIZE), so the second
+    file's upload fails half-way, as on a full disk."""
+    import os
+    import subprocess
+    import sys
+
+    from blueprint.store import commit_lock
+
+    local = tmp_path / "out"
+    local.mkdir()
+    (local / "a_small.txt").write_text("fits")
+    (local / "b_big.bin").write_bytes(b"0" * (2 << 20))
+    uri = f"file://{tmp_path}/art/warmup/0123456789abcdef"
+    script = ("import resource, signal, sys\nfrom pathlib import Path\nfrom blueprint.store import artifacts\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+              "artifacts.commit(Path(sys.argv[1]), sys.argv[2], stage='warmup', config={}, inputs={}, metrics={},"
+              " key='0123456789abcdef')\n")
+    out = subprocess.run([sys.executable, "-c", script, str(local), uri], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ))
+    assert out.returncode != 0 and "File too large" in out.stderr, out.stderr[-2000:]
+    assert storage.list_files(uri) == {} and not storage.exists(commit_lock.lock_uri(uri))
