@@ -384,7 +384,7 @@ def open_sandbox(settings: SandboxSettings | None = None) -> Sandbox:
                                                               "other users cannot run the interpreter)" if root else ""
                 where = f", in {python}" if python != sys.executable else ""
                 fallback = "" if mode == settings.sandbox or mode == "namespace" else \
-                    f" (no namespace: {problems['namespace'][0]})"
+                    f" (no namespace: {problems['namespace'][-1]})"
                 return dataclasses.replace(sandbox, why=f"{mode} mode{fallback}{users}{where}")
         if mode == "namespace" and settings.sandbox == "namespace":
             raise SandboxError(f"sandbox=namespace cannot run here: {'; '.join(problems['namespace'])}; use "

@@ -8,7 +8,10 @@ two epochs differ only by what training changed:
   This tells whether the reward can rank summaries at all; at 0.5 PPO optimises noise;
 - summary quality against the docstring (BLEU, ROUGE-L), and the coder alone: code rebuilt from the docstring
   (parses? BLEU, exact match);
-- lengths, EOS share and copy rate, the usual ways a policy games the reward (rambling, pasting code).
+- lengths, EOS share and copy rate, the usual ways a policy games the reward (rambling, pasting code);
+- where eval rows carry tests (a `tasks:` source): the code run against them in a sandbox
+  (blueprint.eval.execution): the canonical solutions, the coder's code from the docstring and from the
+  summarizer's summary (round-trip correctness), and with `code_samples > 1` the unbiased pass@k.
 
 Outputs: metrics.json (all numbers), samples.jsonl (every generation), report.md, history.json (this epoch
 appended to the `previous` evaluation's history) and metrics.png (key metrics across the epochs in history).
@@ -25,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from blueprint import distributed
 from blueprint.store import artifacts
-from blueprint.eval import metrics as text_metrics, report
+from blueprint.eval import execution, metrics as text_metrics, report
+from blueprint.eval.sandbox import SandboxSettings, open_sandbox
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
-from blueprint.progress import Progress
+from blueprint.progress import Progress, note
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens
 from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
@@ -45,7 +49,7 @@ OPTIONAL_INPUTS = ("previous", "coder_base")
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 
-class EvaluateConfig(RuntimeSettings, ParallelSettings):
+class EvaluateConfig(RuntimeSettings, ParallelSettings, SandboxSettings):
     """What the evaluation generates and scores on the held-out split."""
 
     max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)",
@@ -63,7 +67,12 @@ class EvaluateConfig(RuntimeSettings, ParallelSettings):
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     report_examples: int = setting(3, "example rows shown in report.md", ge=0)
     epoch: int = setting(0, "PPO rounds done (0 = after warmup): the x axis of the history", ge=0)
-    seed: int = setting(0, "fixes the docstring pairing of pairwise accuracy")
+    seed: int = setting(0, "fixes the docstring pairing of pairwise accuracy and the code samples")
+    code_samples: int = setting(1, "eval rows with tests: codes sampled per row from its docstring and from its "
+                                   "generated summary, for pass@k (1 = the greedy code only)", ge=1)
+    pass_k: tuple[int, ...] = setting((1, 5), "k values of the sampled pass@k (those <= code_samples are "
+                                              "reported; comma-separated)")
+    sample_temperature: float = setting(0.8, "temperature of the code samples", gt=0)
 
 
 
@@ -96,6 +105,71 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
                 done[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
     merged = {i: tokens for part in distributed.all_objects(done) for i, tokens in part.items()}
     return [merged[i] for i in range(len(ids))]
+
+
+def sample_texts(model, tokenizer, adapter: str, prompts: list[str], n: int, max_new_tokens: int, batch_size: int,
+                 temperature: float) -> list[list[str]]:
+    """`n` sampled completions (decoded, without EOS) of each prompt with `adapter` active; batches of
+    `batch_size` prompts, each generating its n samples at once (ranks split the batches as in `generate`)."""
+    import torch
+
+    from blueprint.models import lora
+    from blueprint.models.batching import pad_batch
+
+    ids = encode_prompts(tokenizer, prompts)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    done: dict[int, list[str]] = {}
+    with lora.use_adapter(model, adapter), torch.no_grad():
+        for _, batch in distributed.mine(batches):
+            input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 num_return_sequences=n, eos_token_id=eos, pad_token_id=pad)
+            for row, i in enumerate(batch):
+                texts = []
+                for tokens in gen[row * n:(row + 1) * n, input_ids.shape[1]:].tolist():
+                    texts.append(tokens[:tokens.index(eos)] if eos in tokens else tokens)
+                done[i] = tokenizer.batch_decode(texts, skip_special_tokens=True)
+    merged = {i: texts for part in distributed.all_objects(done) for i, texts in part.items()}
+    return [merged[i] for i in range(len(ids))]
+
+
+def tested_figures(roles: RoleModels, pairs: list[dict], summaries: list[str], rebuilt: list[str],
+                   cfg: EvaluateConfig, prompts: PromptConfig,
+                   progress: bool = True) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """Execution metrics of the rows of `pairs` that carry tests, and their per-row results by index ({} when no
+    row has tests). The coder writes code from each generated summary (round trip), and samples when asked."""
+    from blueprint.data.tasks import from_json
+
+    tested = [i for i, p in enumerate(pairs) if p.get("tests")]
+    if not tested:
+        return {}, {}
+    sandbox = open_sandbox(cfg)
+    note(f"{STAGE}-{cfg.epoch}", f"sandbox: {sandbox.why}; {len(tested)} eval rows with tests", progress)
+    tasks = [from_json(pairs[i]["tests"]) for i in tested]
+    coder, tokenizer = roles.coder, roles.coder_tokenizer
+    truths = clip_tokens(tokenizer, [pairs[i]["summary"] for i in tested], cfg.max_summary_tokens)
+    generated = clip_tokens(tokenizer, [summaries[i] for i in tested], cfg.max_summary_tokens)
+    _, roundtrip, _ = generate_texts(coder, tokenizer, "coder", [code_prompt(s, prompts) for s in generated],
+                                     cfg.max_code_tokens, cfg.batch_size)
+    sampled = {}
+    if cfg.code_samples > 1:
+        import torch
+
+        torch.manual_seed(cfg.seed)
+        for source, shown in (("docstring", truths), ("roundtrip", generated)):
+            sampled[source] = sample_texts(coder, tokenizer, "coder", [code_prompt(s, prompts) for s in shown],
+                                           cfg.code_samples, cfg.max_code_tokens, cfg.batch_size,
+                                           cfg.sample_temperature)
+    values, rows = execution.execute(sandbox, tasks, {"docstring": [rebuilt[i] for i in tested],
+                                                      "roundtrip": roundtrip}, sampled, cfg.pass_k)
+    if (message := execution.reference_note(values, rows)) is not None:
+        note(f"{STAGE}-{cfg.epoch}", message, True)
+    by_index = {i: {**row, "roundtrip_code": code} for i, row, code in zip(tested, rows, roundtrip)}
+    return values, by_index
 
 
 def partners(n: int, seed: int) -> list[int]:
@@ -208,6 +282,9 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         code_prompt(s, prompts) for s in shown_truths], cfg.max_code_tokens, cfg.batch_size)
     report_phase(3, phase="coder rebuilt the codes")
 
+    tested, executed = tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, progress is not None)
+    report_phase(4, phase="code run against the tests")
+
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
     copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
     parsed = [text_metrics.parses(c) for c in rebuilt]
@@ -219,8 +296,10 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended)]),
         "copy_rate": text_metrics.mean(copies), "code_parse_rate": text_metrics.mean(parsed),
         "eos_rate": text_metrics.mean(ended),
+        "summary_nonempty_rate": text_metrics.mean([bool(s.strip()) for s in summaries]),
         "code_truncated": int(gen_out.code_truncated.sum()),
         "summary_true_truncated": int(true_out.summary_truncated.sum()),
+        **tested,
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
     samples = [{
@@ -229,13 +308,15 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
         "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": ended[i],
         "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": scored[other[i]].get("id"),
+        **({"execution": executed[i]} if i in executed else {}),
     } for i, p in enumerate(pairs)]
     return values, samples
 
 
 def headline(values: dict[str, Any]) -> dict[str, Any]:
     """The numbers that go into the manifest (and so into KFP metrics, `blueprint ls` and `compare`)."""
-    return {k: values[k] for k in report.DESCRIPTIONS if k in values}
+    return {k: values[k] for k in report.DESCRIPTIONS if k in values} | {
+        k: values[k] for k in sorted(values) if execution.SAMPLED.match(k)}
 
 
 def previous_history(previous: str | None) -> list[dict[str, Any]]:
@@ -268,7 +349,7 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
         adapter_dir, meta = fetch_adapter_set(adapters, bases, Path(tmp) / "adapters")
         roles = load_roles(roles, adapter_dir, names=lora.ROLES, frozen=lora.ROLES)
     roles.summarizer.eval(), roles.coder.eval()
-    phases = Progress(f"{STAGE}-{cfg.epoch}", 3, progress)
+    phases = Progress(f"{STAGE}-{cfg.epoch}", 4, progress)
     values, samples = evaluate_pairs(roles, pairs, cfg, phases)
     phases.close()
     top = headline(values)  # the files hold no wall time: same inputs -> same bytes -> downstream cache hits
@@ -282,6 +363,8 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
                "previous": ref(previous) if previous else "-"}
     if not bases.shared:
         context["coder base"] = _named(bases.coder)
+    if values.get("reference_failures"):  # a broken task file or environment, named where the reader looks first
+        context["reference failures (canonical solution fails its tests)"] = ", ".join(values["reference_failures"])
     (out_dir / "metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history, indent=2, sort_keys=True) + "\n")
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
