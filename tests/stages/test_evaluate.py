@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 from blueprint.store import artifacts, storage
 from blueprint.eval import metrics
 from blueprint.models import lora
-from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets, summary_prompt
 from blueprint.stages import evaluate, merge
 from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
 from blueprint.stages.common import open_base
@@ -88,13 +88,38 @@ def train_coder(model, tokenizer, pairs: list[tuple[str, str]], steps: int) -> N
     model.eval()
 
 
-def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0) -> str:
-    """A committed adapter set (summarizer + coder) on `base`; the coder trained for `coder_steps` steps."""
+def train_summarizer(model, tokenizer, pairs: list[tuple[str, str]], steps: int) -> None:
+    """Full-batch SFT of the summarizer adapter on (code -> summary): it then writes finished, non-empty summaries,
+    as a model the gate's sanity floors let through must."""
+    prompts = encode_prompts(tokenizer, [summary_prompt(c, PromptConfig()) for c, _ in pairs])
+    targets, _ = encode_targets(tokenizer, [s for _, s in pairs])
+    width = max(len(p) + len(t) for p, t in zip(prompts, targets))
+    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+    labels = torch.full((len(pairs), width), -100)
+    for r, (p, t) in enumerate(zip(prompts, targets)):
+        ids[r, :len(p) + len(t)] = torch.tensor(p + t)
+        labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
+    opt = torch.optim.AdamW(lora.trainable_only(model, "summarizer"), lr=2e-2)
+    with lora.use_adapter(model, "summarizer"):
+        for _ in range(steps):
+            model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
+                  labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval()
+
+
+def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0, summarizer_steps: int = 0,
+                  summarizer_pairs: list[tuple[str, str]] = PAIRS) -> str:
+    """A committed adapter set (summarizer + coder) on `base`; the coder trained for `coder_steps` steps, the
+    summarizer for `summarizer_steps` on `summarizer_pairs`."""
     model, tokenizer = open_base(base)
     torch.manual_seed(1)
     model = lora.attach_adapters(model, lora.ROLES, LORA)
     if coder_steps:
         train_coder(model, tokenizer, PAIRS, coder_steps)
+    if summarizer_steps:
+        train_summarizer(model, tokenizer, summarizer_pairs, summarizer_steps)
     local = root / f"{name}-src"
     save_adapter_set(RoleModels(model, tokenizer, model, tokenizer), local, Bases.of(base), list(lora.ROLES),
                      {"round": coder_steps})
