@@ -133,9 +133,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     models, evaluation = result["outputs"]["models"], result["outputs"]["evaluation"]
     print(f"merged models: {storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}")
     print(f"report:        {storage.join(evaluation, 'report.md')}")
-    print(f"metrics:       {json.dumps(storage.read_json(storage.join(evaluation, 'metrics.json')), default=str)}")
+    metrics = storage.read_json(storage.join(evaluation, 'metrics.json'))
+    print(f"metrics:       {json.dumps(metrics, default=str)}")
     print(f"wall time:     {result['seconds']} s")
+    verdict = final_verdict(metrics, plan.arguments["gate_settings"])
+    print(f"gate:          {result['outputs'].get('decision', '?')}; {verdict}")
     return 0
+
+
+def final_verdict(metrics: dict[str, Any], gate_settings: dict[str, Any]) -> str:
+    """The run's last line: whether the final model clears every floor, and if not, which it missed."""
+    from blueprint.config import parse
+    from blueprint.eval.promotion_rule import PromotionRule, missed_floors
+
+    rule = parse(PromotionRule, {k: v for k, v in gate_settings.items() if k in PromotionRule.model_fields})
+    missed = missed_floors(metrics, rule)
+    if not missed:
+        return "the final model clears every floor"
+    return "THE FINAL MODEL FAILED A FLOOR, do not use it: " + "; ".join(missed)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

@@ -283,7 +283,8 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     report_phase(3, phase="coder rebuilt the codes")
 
     tested, executed = tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, progress is not None)
-    report_phase(4, phase="code run against the tests")
+    if executed:
+        report_phase(4, phase="code run against the tests")
 
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
     copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
@@ -349,7 +350,8 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
         adapter_dir, meta = fetch_adapter_set(adapters, bases, Path(tmp) / "adapters")
         roles = load_roles(roles, adapter_dir, names=lora.ROLES, frozen=lora.ROLES)
     roles.summarizer.eval(), roles.coder.eval()
-    phases = Progress(f"{STAGE}-{cfg.epoch}", 4, progress)
+    tests = any(p.get("tests") for p in pairs[:cfg.max_examples])
+    phases = Progress(f"{STAGE}-{cfg.epoch}", 4 if tests else 3, progress)
     values, samples = evaluate_pairs(roles, pairs, cfg, phases)
     phases.close()
     top = headline(values)  # the files hold no wall time: same inputs -> same bytes -> downstream cache hits

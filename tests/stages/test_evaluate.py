@@ -287,3 +287,37 @@ def test_merge_card_carries_the_evaluation(world, tmp_path):
     with pytest.raises(ValueError, match="its metrics would describe another model"):
         merge.run(merge.MergeConfig(), base=world["base"], adapters=world["untrained"],
                   evaluation=world["second"].uri, artifact_root=str(tmp_path), progress=False)
+
+
+EXAMPLE_TASKS = Path(__file__).resolve().parents[2] / "examples" / "tasks.jsonl"
+
+
+def test_rows_with_tests_report_execution_metrics_and_per_task_results(world, tmp_path):
+    """A task file as the source: the canonical solutions all pass, the coder's code from the docstring and from
+    the generated summary is run against the tests, and sampled codes give the unbiased pass@k."""
+    from blueprint.config import parse
+    from blueprint.data.readers import read_pairs
+    from blueprint.stages import shard
+
+    shards = shard.run(parse(shard.ShardConfig, {"source": f"tasks:{EXAMPLE_TASKS}", "eval_fraction": 0.2,
+                                                 "num_shards": 1, "workers": 1}),
+                       artifact_root=str(tmp_path / "art"), progress=False).uri
+    held_out = read_pairs(shards, "eval")
+    cfg = evaluate.EvaluateConfig(**{**CFG, "max_examples": len(held_out)}, code_samples=2, pass_k=(1, 2),
+                                  sandbox_timeout_s=5)
+    out = evaluate.run(cfg, shards=shards, base=world["base"], adapters=world["trained"],
+                       artifact_root=str(tmp_path / "art"), progress=False)
+    m = out.metrics
+    assert m["tested_examples"] == m["examples"] == len(held_out) > 0
+    assert m["reference_pass_rate"] == 1.0 and m["sandbox"] in ("namespace", "limits")
+    for key in ("pass_at_1_docstring", "pass_at_1_roundtrip", "sampled_pass_at_1_docstring",
+                "sampled_pass_at_2_docstring", "sampled_pass_at_1_roundtrip", "sampled_pass_at_2_roundtrip"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["sampled_pass_at_2_roundtrip"] >= m["sampled_pass_at_1_roundtrip"]
+    assert json.loads(local(out.uri, "metrics.json").read_text())["reference_failures"] == []
+    samples = [json.loads(line) for line in local(out.uri, "samples.jsonl").read_text().splitlines()]
+    ran = [s["execution"] for s in samples]
+    assert [r["task_id"] for r in ran] == [json.loads(p["tests"])["task_id"] for p in held_out]
+    assert all(r["reference"]["status"] == "pass" and r["docstring"]["status"] in ("pass", "fail", "error", "timeout")
+               and isinstance(r["roundtrip_code"], str) and 0 <= r["roundtrip_samples_passed"] <= 2 for r in ran)
+    assert "| pass_at_1_roundtrip |" in local(out.uri, "report.md").read_text()
