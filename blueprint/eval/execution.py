@@ -45,7 +45,8 @@ def execute(sandbox: Sandbox, tasks: Sequence[dict[str, str]], greedy: dict[str,
     n = len(tasks)
     reference = [next(outcomes) for _ in range(n)]
     by_source = {source: [next(outcomes) for _ in range(n)] for source in SOURCES}
-    by_sample = {source: [[next(outcomes) for _ in codes] for codes in per_task] for source, per_task in sampled.items()}
+    by_sample = {source: [[next(outcomes) for _ in codes] for codes in per_task]
+                 for source, per_task in sampled.items()}
     failures = [t["task_id"] for t, o in zip(tasks, reference) if not o.passed]
     values: dict[str, Any] = {
         "tested_examples": n, "sandbox": sandbox.mode,

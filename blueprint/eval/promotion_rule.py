@@ -51,7 +51,7 @@ class PromotionRule(Settings):
 def comparable_config(manifest: dict[str, Any]) -> dict[str, Any]:
     """An evaluate output's settings that decide its numbers (not its epoch label, placement or bases): two
     evaluations compare only when these and their eval split agree."""
-    skip = {"epoch", "base_name", "coder_base_name", *RuntimeSettings.model_fields}
+    skip = {"epoch", "base_name", "coder_base_name", "sandbox_workers", *RuntimeSettings.model_fields}
     return {k: v for k, v in manifest.get("config", {}).items() if k not in skip}
 
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,14 +42,14 @@ from typing import Literal
 from blueprint.config import setting, Settings
 from blueprint.errors import UserError
 
-MODES = ("auto", "namespace", "limits")
 STATUSES = ("pass", "fail", "error", "timeout")
 OUTPUT_BYTES = 2048      # of a program's output, kept with its outcome
 REASON_CHARS = 300       # of an outcome's reason
 SLOT_UID_BASE = 60000    # as root, slot k runs as uid/gid 60000 + k (Debian leaves 60000-64999 unassigned)
-STOP_SECONDS = 5.0        # past its wall time, a program's driver has this long to clean up before it is killed
+STOP_SECONDS = 5.0       # past its wall time, a program's driver has this long to clean up before it is killed
 SIGNAL_EXIT = 128        # the driver exits 128 + N when the program died of signal N
 SandboxMode = Literal["auto", "namespace", "limits"]
+MODES = typing.get_args(SandboxMode)
 
 
 class SandboxError(UserError, RuntimeError):

@@ -20,7 +20,7 @@ from test_evaluate import CFG, PAIRS, make_adapters, make_base, make_shards
 # parses (the micro coder writes parseable code from about 100 full-batch steps on).
 RULE = {"metric": "reward_true_mean", "floor": 0.0}
 SUMMARIZER_STEPS = 30
-LEVELS = (("untrained", 0), ("weak", 100), ("some", 150), ("trained", 200))  # coder steps; untrained never parses
+LEVELS = (("untrained", 0), ("weak", 100), ("some", 150), ("trained", 300))  # coder steps; untrained never parses
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def world(tmp_path_factory, micro_tokenizer):
         base = make_base(root, micro_tokenizer, seed=0)
         art = f"file://{root}/artifacts"
         runs = {}
-        levels = [(name, steps, PAIRS) for name, steps in LEVELS] + [("silent", 200, [(c, "") for c, _ in PAIRS])]
+        levels = [(name, steps, PAIRS) for name, steps in LEVELS] + [("silent", 150, [(c, "") for c, _ in PAIRS])]
         for name, steps, summaries in levels:
             adapters = make_adapters(root, base, name, coder_steps=steps, summarizer_steps=SUMMARIZER_STEPS,
                                      summarizer_pairs=summaries)
