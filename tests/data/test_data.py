@@ -77,7 +77,7 @@ def test_docstring_removed_code_parses_decorators_kept():
     pairs, result = _pairs(MODULE)
     assert set(pairs) == {"cached_square", "Outer.method", "Outer.Inner.fetch", "one_liner", "outer", "outer.inner"}
     assert result.dropped == {"no_docstring": 1, "stub": 1}
-    for _, name, code, summary, path, _ in pairs.values():
+    for _, name, code, summary, path, _, _ in pairs.values():
         ast.parse(code)  # still valid Python on its own
         assert summary not in code and summary.split()[0] not in ("", None)
         assert not code.startswith((" ", "\t")), "dedented"
