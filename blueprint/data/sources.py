@@ -287,7 +287,7 @@ class Source:
                     ("file", f.abs_path, f.rel_path, license)
             return
         if self.spec.kind == TASKS:
-            yield from self._task_units()
+            yield from tasks.units(self.data_files())
             return
         budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None
         for i, row in enumerate(self._rows()):
@@ -313,22 +313,6 @@ class Source:
                 budget -= len(code)
                 if budget < 0:
                     return
-
-    def _task_units(self) -> Iterator[tuple]:
-        """One ("task", task, path, None) unit per line of the task files; a line that is not a sound task fails
-        naming the file, the line and the field (a broken task never passes unnoticed)."""
-        seen: dict[str, str] = {}
-        for path in self.data_files():
-            for number, record in tasks.read_lines(path):
-                where = f"task file {path}, line {number}"
-                task = tasks.normalize(record, where)
-                if tasks.entry_function(task) is None:
-                    raise tasks.TaskFileError(f"{where} (task {task['task_id']}): prompt + canonical_solution does "
-                                              f"not parse or does not define its entry_point {task['entry_point']!r}")
-                if task["task_id"] in seen:
-                    raise tasks.TaskFileError(f"{where}: task_id {task['task_id']!r} repeats {seen[task['task_id']]}")
-                seen[task["task_id"]] = where
-                yield ("task", task, f"{Path(path).name}#{task['task_id']}", None)
 
     def _rows(self) -> Iterator[dict[str, Any]]:
         """Rows of a data-file or hub source, streamed (never the whole table in memory): S3 files through pyarrow,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +56,24 @@ def read_lines(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield number, record
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise TaskFileError(f"task file {path}: cannot be read ({exc})") from None
+
+
+def units(paths: list[str]) -> Iterator[tuple]:
+    """One ("task", task, "FILE#TASK_ID", None) unit of work per line of the task files (blueprint.data.extract);
+    a line that is not a sound task fails naming the file, the line and the field (a broken task never passes
+    unnoticed)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        for number, record in read_lines(path):
+            where = f"task file {path}, line {number}"
+            task = normalize(record, where)
+            if entry_function(task) is None:
+                raise TaskFileError(f"{where} (task {task['task_id']}): prompt + canonical_solution does not parse "
+                                    f"or does not define its entry_point {task['entry_point']!r}")
+            if task["task_id"] in seen:
+                raise TaskFileError(f"{where}: task_id {task['task_id']!r} repeats {seen[task['task_id']]}")
+            seen[task["task_id"]] = where
+            yield ("task", task, f"{os.path.basename(path)}#{task['task_id']}", None)
 
 
 def _text(record: dict[str, Any], field: str, where: str) -> str:

@@ -18,6 +18,7 @@ appended to the `previous` evaluation's history) and metrics.png (key metrics ac
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -29,15 +30,16 @@ from typing import TYPE_CHECKING, Any
 from blueprint import distributed
 from blueprint.store import artifacts
 from blueprint.eval import execution, metrics as text_metrics, report
-from blueprint.eval.sandbox import SandboxSettings, open_sandbox
+from blueprint.eval.sandbox import SandboxSettings
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
-from blueprint.progress import Progress, note
+from blueprint.progress import Progress
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens
 from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
+from blueprint.stages import code_tests
 from blueprint.stages.common import is_artifact
 
 if TYPE_CHECKING:
@@ -107,69 +109,10 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
     return [merged[i] for i in range(len(ids))]
 
 
-def sample_texts(model, tokenizer, adapter: str, prompts: list[str], n: int, max_new_tokens: int, batch_size: int,
-                 temperature: float) -> list[list[str]]:
-    """`n` sampled completions (decoded, without EOS) of each prompt with `adapter` active; batches of
-    `batch_size` prompts, each generating its n samples at once (ranks split the batches as in `generate`)."""
-    import torch
-
-    from blueprint.models import lora
-    from blueprint.models.batching import pad_batch
-
-    ids = encode_prompts(tokenizer, prompts)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    done: dict[int, list[str]] = {}
-    with lora.use_adapter(model, adapter), torch.no_grad():
-        for _, batch in distributed.mine(batches):
-            input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                 num_return_sequences=n, eos_token_id=eos, pad_token_id=pad)
-            for row, i in enumerate(batch):
-                texts = []
-                for tokens in gen[row * n:(row + 1) * n, input_ids.shape[1]:].tolist():
-                    texts.append(tokens[:tokens.index(eos)] if eos in tokens else tokens)
-                done[i] = tokenizer.batch_decode(texts, skip_special_tokens=True)
-    merged = {i: texts for part in distributed.all_objects(done) for i, texts in part.items()}
-    return [merged[i] for i in range(len(ids))]
-
-
-def tested_figures(roles: RoleModels, pairs: list[dict], summaries: list[str], rebuilt: list[str],
-                   cfg: EvaluateConfig, prompts: PromptConfig,
-                   progress: bool = True) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """Execution metrics of the rows of `pairs` that carry tests, and their per-row results by index ({} when no
-    row has tests). The coder writes code from each generated summary (round trip), and samples when asked."""
-    from blueprint.data.tasks import from_json
-
-    tested = [i for i, p in enumerate(pairs) if p.get("tests")]
-    if not tested:
-        return {}, {}
-    sandbox = open_sandbox(cfg)
-    note(f"{STAGE}-{cfg.epoch}", f"sandbox: {sandbox.why}; {len(tested)} eval rows with tests", progress)
-    tasks = [from_json(pairs[i]["tests"]) for i in tested]
-    coder, tokenizer = roles.coder, roles.coder_tokenizer
-    truths = clip_tokens(tokenizer, [pairs[i]["summary"] for i in tested], cfg.max_summary_tokens)
-    generated = clip_tokens(tokenizer, [summaries[i] for i in tested], cfg.max_summary_tokens)
-    _, roundtrip, _ = generate_texts(coder, tokenizer, "coder", [code_prompt(s, prompts) for s in generated],
-                                     cfg.max_code_tokens, cfg.batch_size)
-    sampled = {}
-    if cfg.code_samples > 1:
-        import torch
-
-        torch.manual_seed(cfg.seed)
-        for source, shown in (("docstring", truths), ("roundtrip", generated)):
-            sampled[source] = sample_texts(coder, tokenizer, "coder", [code_prompt(s, prompts) for s in shown],
-                                           cfg.code_samples, cfg.max_code_tokens, cfg.batch_size,
-                                           cfg.sample_temperature)
-    values, rows = execution.execute(sandbox, tasks, {"docstring": [rebuilt[i] for i in tested],
-                                                      "roundtrip": roundtrip}, sampled, cfg.pass_k)
-    if (message := execution.reference_note(values, rows)) is not None:
-        note(f"{STAGE}-{cfg.epoch}", message, True)
-    by_index = {i: {**row, "roundtrip_code": code} for i, row, code in zip(tested, rows, roundtrip)}
-    return values, by_index
+def greedy_codes(roles: RoleModels, prompts: PromptConfig, cfg: EvaluateConfig, summaries: list[str]) -> list[str]:
+    """The coder's greedy code from each of `summaries`."""
+    return generate_texts(roles.coder, roles.coder_tokenizer, "coder", [code_prompt(s, prompts) for s in summaries],
+                          cfg.max_code_tokens, cfg.batch_size)[1]
 
 
 def partners(n: int, seed: int) -> list[int]:
@@ -240,6 +183,7 @@ def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list
         "code_bleu": text_metrics.bleu(rebuilt, shown_codes),
         "code_exact_match": text_metrics.exact_match(rebuilt, shown_codes),
         "summary_tokens_mean": text_metrics.mean([len(s) for s in summary_ids]),
+        "summary_nonempty_rate": text_metrics.mean([bool(s) for s in stripped]),
         "summary_true_tokens_mean": text_metrics.mean(truth_tokens),
         "code_tokens_mean": text_metrics.mean(code_tokens),
         "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens)]),
@@ -256,8 +200,7 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
 
     pairs = scored[:cfg.max_examples]
     prompts, tokenizer = PromptConfig(style=cfg.prompt_style), roles.summarizer_tokenizer
-    codes = [p["code"] for p in pairs]
-    truths = [p["summary"] for p in pairs]
+    codes, truths = [p["code"] for p in pairs], [p["summary"] for p in pairs]
     shown_codes = clip_tokens(tokenizer, codes, cfg.max_code_tokens)  # what the models see (as in training)
     shown_truths = clip_tokens(roles.coder_tokenizer, truths, cfg.max_summary_tokens)
     coder_codes = shown_codes if roles.shared else clip_tokens(roles.coder_tokenizer, codes, cfg.max_code_tokens)
@@ -281,10 +224,8 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(roles.coder, roles.coder_tokenizer, "coder", [
         code_prompt(s, prompts) for s in shown_truths], cfg.max_code_tokens, cfg.batch_size)
     report_phase(3, phase="coder rebuilt the codes")
-
-    tested, executed = tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, progress is not None)
-    if executed:
-        report_phase(4, phase="code run against the tests")
+    tested, executed = code_tests.tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, functools.partial(
+        greedy_codes, roles, prompts, cfg), report_phase)
 
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
     copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
@@ -296,11 +237,8 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         **text_figures(tokenizer, codes, truths, summaries, summary_ids, rebuilt, coder_codes),
         "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended)]),
         "copy_rate": text_metrics.mean(copies), "code_parse_rate": text_metrics.mean(parsed),
-        "eos_rate": text_metrics.mean(ended),
-        "summary_nonempty_rate": text_metrics.mean([bool(s.strip()) for s in summaries]),
-        "code_truncated": int(gen_out.code_truncated.sum()),
-        "summary_true_truncated": int(true_out.summary_truncated.sum()),
-        **tested,
+        "eos_rate": text_metrics.mean(ended), "code_truncated": int(gen_out.code_truncated.sum()),
+        "summary_true_truncated": int(true_out.summary_truncated.sum()), **tested,
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
     samples = [{
@@ -309,7 +247,7 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
         "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": ended[i],
         "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": scored[other[i]].get("id"),
-        **({"execution": executed[i]} if i in executed else {}),
+        **executed.get(i, {}),
     } for i, p in enumerate(pairs)]
     return values, samples
 
