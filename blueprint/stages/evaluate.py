@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import field_validator
+
 from blueprint import distributed
 from blueprint.store import artifacts
 from blueprint.eval import execution, metrics as text_metrics, report
@@ -75,6 +77,13 @@ class EvaluateConfig(RuntimeSettings, ParallelSettings, SandboxSettings):
     pass_k: tuple[int, ...] = setting((1, 5), "k values of the sampled pass@k (those <= code_samples are "
                                               "reported; comma-separated)")
     sample_temperature: float = setting(0.8, "temperature of the code samples", gt=0)
+
+    @field_validator("pass_k")
+    @classmethod
+    def _positive_k(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in ks):
+            raise ValueError(f"{list(ks)}: every k of pass@k is at least 1")
+        return ks
 
 
 
