@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/shard_throughput.py
 	$(PY) benchmarks/reward_throughput.py
 	$(PY) benchmarks/ppo_throughput.py
+	$(PY) benchmarks/sandbox_throughput.py
 
 # ---- Images and Kubeflow delivery (README.md, section Run on Kubeflow) -------------------------------------------------------
 # IMAGE is the one image reference: `make push` pushes it, `make compile/submit/schedule` put it in the pipeline.

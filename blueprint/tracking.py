@@ -103,7 +103,7 @@ class MlflowSink:
 
     def _work(self) -> None:
         try:
-            from mlflow.entities import Metric, Param, RunTag
+            from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
 
             for name, value in CLIENT_DEFAULTS.items():

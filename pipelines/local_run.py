@@ -162,7 +162,7 @@ def keep_log(log_path: Path, artifact_root: str) -> str:
 
 def summary(plan_: RunPlan, result: dict[str, Any]) -> str:
     """What `blueprint run` prints at the end: how good the models are, the gate's decision, warnings, paths."""
-    from blueprint.eval.summary import run_summary
+    from blueprint.eval.summary import floor_verdict, run_summary
 
     root = storage.normalize(plan_.arguments["artifact_root"])
     models, evaluation = result["outputs"]["models"], result["outputs"]["evaluation"]
@@ -176,4 +176,5 @@ def summary(plan_: RunPlan, result: dict[str, Any]) -> str:
              "plots": f"{storage.join(evaluation, 'metrics.png')}, curves.png beside it",
              "curves": f"blueprint tensorboard {plan_.arguments['artifact_root']}",
              "log": result.get("log", ""), "wall time": f"{result['seconds']} s"}
-    return run_summary(history, gate, paths)
+    metrics = storage.read_json(storage.join(evaluation, "metrics.json"))
+    return run_summary(history, gate, paths, floor_verdict(metrics, plan_.arguments["gate_settings"]))

@@ -72,8 +72,9 @@ class Result:
     arrow_pairs: list | None = None  # reused: (record batch, offset, length) slices of the index the pairs came from
 
 
-# (digest, name, code, summary, path, license): digest = sha256 of the normalised code (dedupe, id, split, shard).
-PAIR_FIELDS = ("digest", "name", "code", "summary", "path", "license")
+# (digest, name, code, summary, path, license, tests): digest = sha256 of the normalised code (dedupe, id, split,
+# shard); tests = the task as JSON (blueprint.data.tasks) for a row of a task file, else None.
+PAIR_FIELDS = ("digest", "name", "code", "summary", "path", "license", "tests")
 
 
 def dedupe_key(code: str) -> str:
@@ -245,7 +246,7 @@ def extract_pairs(text: str, path: str, limits: Limits, license: str | None = No
         if reason:
             result.dropped[reason] += 1
             continue
-        result.pairs.append((code_digest(code), qualname, code, summary, path, license))
+        result.pairs.append((code_digest(code), qualname, code, summary, path, license, None))
     return result
 
 
@@ -273,7 +274,32 @@ def pair_from_columns(code: str, summary: str, path: str, limits: Limits, licens
     if reason:
         result.dropped[reason] += 1
         return result
-    result.pairs.append((code_digest(code), name, code, summary, path, license))
+    result.pairs.append((code_digest(code), name, code, summary, path, license, None))
+    return result
+
+
+def task_pair(task: dict[str, str], path: str, limits: Limits, license: str | None = None) -> Result:
+    """The pair of a task with tests (blueprint.data.tasks): its entry point without the docstring, the docstring's
+    first paragraph (or the task's description); the same filters; the task travels with it."""
+    from blueprint.data import tasks
+
+    program = tasks.solution(task)
+    result = Result(path=path, n_bytes=len(program.encode("utf-8", errors="replace")), functions=1)
+    lines, fn = tasks.entry_function(task)  # checked when the file was read: the source names a broken task
+    doc = _docstring_node(fn)
+    summary = (clean_summary(doc.value.value) if doc is not None else "") or clean_summary(task["description"])
+    code = function_source(lines, fn)
+    if code is None:
+        result.dropped["stub"] += 1
+        return result
+    code = code.rstrip()
+    reason = check_pair(code, summary, limits)
+    if reason is None and not _parses(code):
+        reason = "strip_failed"
+    if reason:
+        result.dropped[reason] += 1
+        return result
+    result.pairs.append((code_digest(code), fn.name, code, summary, path, license, tasks.to_json(task)))
     return result
 
 
@@ -284,8 +310,12 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
     ("object", s3_uri, rel_path, license, size, etag) a source file on S3, the same checks (size, ETag listed)
     ("text", text, rel_path, license)          a module's source from a dataset's code column
     ("pair", code, summary, rel_path, license) a row that already has a summary column
+    ("task", task, rel_path, license)          a task with tests (blueprint.data.tasks), checked by the source
     """
     kind = unit[0]
+    if kind == "task":
+        _, task, path, license = unit
+        return task_pair(task, path, limits, license)
     if kind == "pair":
         _, code, summary, path, license = unit
         return pair_from_columns(code, summary, path, limits, license)

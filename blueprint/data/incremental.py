@@ -23,14 +23,15 @@ import pyarrow.parquet as pq
 from blueprint.data.extract import UNREAD, Result, content_identity, read_regular
 from blueprint.store import artifacts, storage
 
-INDEX_VERSION = "blueprint-shard-index/3"  # 3: pairs by count per input; the local mtime_ns beside the identity
+INDEX_VERSION = "blueprint-shard-index/4"  # 3: pairs by count per input, the local mtime_ns; 4: tests column
 INPUTS_FILE, PAIRS_FILE = "index/inputs.parquet", "index/pairs.parquet"
 INPUT_SCHEMA = pa.schema([("path", pa.string()), ("identity", pa.string()), ("mtime_ns", pa.int64()),
                           ("n_bytes", pa.int64()), ("file_drop", pa.string()), ("functions", pa.int64()),
                           ("dropped", pa.string()), ("pairs", pa.int64())],
                          metadata={"blueprint.schema": INDEX_VERSION})
 PAIR_SCHEMA = pa.schema([("digest", pa.binary()), ("name", pa.string()), ("code", pa.string()),
-                         ("summary", pa.string()), ("path", pa.string()), ("license", pa.string())],
+                         ("summary", pa.string()), ("path", pa.string()), ("license", pa.string()),
+                         ("tests", pa.string())],
                         metadata={"blueprint.schema": INDEX_VERSION})
 BATCH = 4096
 

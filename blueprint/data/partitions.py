@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from blueprint.data.sources import FILE_KINDS, Source
+from blueprint.data.sources import FILE_KINDS, TASKS, Source
 
 
 def balanced(sizes: list[int], count: int) -> list[tuple[int, int]]:
@@ -39,7 +39,7 @@ def plan(source: Source, count: int) -> list[dict[str, Any]]:
     kind = source.spec.kind
     if kind in ("stdlib", "dir"):
         names, sizes = [f.rel_path for f in source.files()], [f.size for f in source.files()]
-    elif kind in FILE_KINDS and source.max_source_mb is None:  # a byte budget is one reader's: no fan-out then
+    elif kind in FILE_KINDS + (TASKS,) and source.max_source_mb is None:  # a byte budget is one reader's: no fan-out then
         if source.on_s3:
             names, sizes = [o.uri for o in source.objects()], [o.size for o in source.objects()]
         else:

@@ -17,6 +17,7 @@ Schema (one row per function):
     license       string?  license of the file when the source knows it (stdlib: PSF-2.0), else null
     n_code_chars  int32
     n_code_lines  int32
+    tests         string?  a task file's row: its task with tests as JSON (blueprint.data.tasks), else null
 
 Readers, each file checked against its manifest sha256 before it is used, streaming (memory bounded by one row
 group, never by the corpus):

@@ -22,8 +22,9 @@ SCHEMA = pa.schema(
         pa.field("license", pa.string(), nullable=True),
         pa.field("n_code_chars", pa.int32(), nullable=False),
         pa.field("n_code_lines", pa.int32(), nullable=False),
+        pa.field("tests", pa.string(), nullable=True),
     ],
-    metadata={"blueprint.schema": "code-summary-pairs/1"},
+    metadata={"blueprint.schema": "code-summary-pairs/2"},  # 2: the tests column
 )  # the columns are described in blueprint.data.readers, where the readers live
 COMPRESSION = "zstd"
 

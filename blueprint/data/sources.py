@@ -5,6 +5,8 @@
     hf:DATASET_ID[:CONFIG]  a Hugging Face dataset, streamed (e.g. hf:codeparrot/github-code)
     jsonl:PATH | parquet:PATH | csv:PATH   data files: a local path or glob, or on S3 a key, a prefix (every
                             .jsonl/.parquet/.csv below it) or a glob on keys (s3://B/data/*.parquet)
+    tasks:PATH              code with tests: a local HumanEval/MBPP-shaped .jsonl or .jsonl.gz file or glob
+                            (blueprint.data.tasks); each row keeps its task, so the eval split can run its tests
 
 S3 sources are read as they exist, never copied first (blueprint.data.remote): a corpus may be bigger than the pod.
 
@@ -33,12 +35,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from blueprint.data import remote
+from blueprint.data import remote, tasks
 from blueprint.store import storage
 from blueprint.errors import UserError
 
 FILE_KINDS = ("jsonl", "parquet", "csv")
-KINDS = ("stdlib", "dir", "hf") + FILE_KINDS
+TASKS = "tasks"
+KINDS = ("stdlib", "dir", "hf") + FILE_KINDS + (TASKS,)
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules"})
 TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 STDLIB_LICENSE = "PSF-2.0"
@@ -75,7 +78,9 @@ def parse_source(spec: str) -> SourceSpec:
     storage.refuse_credentials(rest, setting="source")
     if not sep or kind not in KINDS or not rest:
         raise SourceError(f"unknown source {spec!r}: use stdlib, dir:PATH, hf:DATASET_ID[:CONFIG], jsonl:PATH, "
-                         "parquet:PATH or csv:PATH")
+                         "parquet:PATH, csv:PATH or tasks:PATH")
+    if kind == TASKS and "://" in rest:
+        raise SourceError(f"source {spec!r}: a task file is read from a local path (copy it here first)")
     if kind == "hf":
         dataset_id, _, config = rest.partition(":")
         return SourceSpec("hf", dataset_id, config or None)
@@ -263,7 +268,7 @@ class Source:
             return {"kind": kind, "path": root, "files": len(self.files()), "sha256": digest.hexdigest()}
         if kind in FILE_KINDS and self.on_s3:
             return {"kind": kind, "files": [[o.uri, o.size, o.etag] for o in self.objects()]}
-        if kind in FILE_KINDS:
+        if kind in FILE_KINDS + (TASKS,):
             return {"kind": kind, "files": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.data_files()]}
         return {"kind": kind, "id": self.spec.target, "config": self.spec.config,
                 "revision": self.hf_revision or "main", "data_files": self.hf_data_files}
@@ -281,6 +286,9 @@ class Source:
             for f in self.files():
                 yield ("object", f.uri, f.rel_path, license, f.size, f.etag) if self.on_s3 else \
                     ("file", f.abs_path, f.rel_path, license)
+            return
+        if self.spec.kind == TASKS:
+            yield from tasks.units(self.data_files())
             return
         budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None
         for i, row in enumerate(self._rows()):

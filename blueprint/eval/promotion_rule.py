@@ -1,5 +1,8 @@
 """When a new model replaces the promoted one: beat it on one evaluation metric by a margin, and clear a floor.
 
+Besides the rule's own floor, every challenger must clear the SANITY_FLOORS, which no profile or setting lowers: a
+model whose summaries are empty or never end, or whose code (almost) never parses, is useless whatever it scores.
+
 A pure function of two sets of evaluate metrics, shared by the gate (which judges) and the promote stage (which
 judges again when another run promoted in between).
 """
@@ -11,11 +14,17 @@ from typing import Any
 from pydantic import field_validator
 
 from blueprint.config import ConfigError, Settings, setting
-from blueprint.eval.report import DESCRIPTIONS
+from blueprint.eval.report import DESCRIPTIONS, SAMPLED
 from blueprint.models.runtime import RuntimeSettings
 
 
-NOT_SCORES = ("epoch", "examples", "seconds")  # evaluate figures that say nothing about the model
+NOT_SCORES = ("epoch", "examples", "seconds", "tested_examples", "sandbox")  # figures that do not judge the model
+# metric -> (the least every promoted model reaches, what falling short means). Not settings: no profile lowers them.
+SANITY_FLOORS: dict[str, tuple[float, str]] = {
+    "summary_nonempty_rate": (0.5, "most of its summaries are empty"),
+    "eos_rate": (0.5, "most of its summaries never end"),
+    "code_parse_rate": (0.05, "the code it writes (almost) never parses"),
+}
 
 
 class PromotionRule(Settings):
@@ -30,7 +39,7 @@ class PromotionRule(Settings):
     @field_validator("metric", "floor_metric")
     @classmethod
     def _known_metric(cls, name: str) -> str:
-        if name not in DESCRIPTIONS or name in NOT_SCORES:
+        if (name not in DESCRIPTIONS and not SAMPLED.match(name)) or name in NOT_SCORES:
             raise ConfigError(f"{name!r} is not an evaluate metric; choose one of "
                               f"{', '.join(k for k in DESCRIPTIONS if k not in NOT_SCORES)}")
         return name
@@ -42,7 +51,7 @@ class PromotionRule(Settings):
 def comparable_config(manifest: dict[str, Any]) -> dict[str, Any]:
     """An evaluate output's settings that decide its numbers (not its epoch label, placement or bases): two
     evaluations compare only when these and their eval split agree."""
-    skip = {"epoch", "base_name", "coder_base_name", *RuntimeSettings.model_fields}
+    skip = {"epoch", "base_name", "coder_base_name", "sandbox_workers", *RuntimeSettings.model_fields}
     return {k: v for k, v in manifest.get("config", {}).items() if k not in skip}
 
 
@@ -52,13 +61,31 @@ def number(metrics: dict[str, Any] | None, key: str) -> float | None:
     return float(value) if ok else None
 
 
+def missed_floors(metrics: dict[str, Any], rule: PromotionRule | None = None) -> list[str]:
+    """Each floor the evaluation `metrics` fall short of, in words: the sanity floors, then the rule's own."""
+    missed = []
+    for name, (least, meaning) in SANITY_FLOORS.items():
+        value = number(metrics, name)
+        if value is None or value < least:
+            missed.append(f"sanity floor {name} >= {least:g} missed ({name} {_shown(value)}: {meaning})")
+    if rule is not None:
+        value = number(metrics, rule.floor_metric)
+        if value is None or value < rule.floor:
+            missed.append(f"floor {rule.floor_metric} >= {rule.floor:g} missed ({rule.floor_metric} {_shown(value)})")
+    return missed
+
+
+def _shown(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.4g}"
+
+
 def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rule: PromotionRule) -> tuple[bool, str]:
     """(promote?, why) from the challenger's and the champion's evaluation metrics (None: no champion yet)."""
     score, floor = number(challenger, rule.metric), number(challenger, rule.floor_metric)
     if score is None:
         return False, f"the challenger's evaluation has no {rule.metric}"
-    if floor is None or floor < rule.floor:
-        return False, f"{rule.floor_metric} {floor} is below the floor {rule.floor:g}"
+    if missed := missed_floors(challenger, rule):
+        return False, "; ".join(missed)
     if champion is None:
         return True, f"no champion yet, and {rule.floor_metric} {floor:.4f} clears the floor {rule.floor:g}"
     best = number(champion, rule.metric)

@@ -7,6 +7,7 @@ backend of a host program (a notebook importing blueprint) is left alone.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ DESCRIPTIONS: dict[str, str] = {
     "code_exact_match": "share of rebuilt code equal to the original (whitespace-normalised)",
     "copy_rate": "share of summary 4-grams copied verbatim from the code",
     "eos_rate": "share of generated summaries that ended (EOS) within max_new_tokens",
+    "summary_nonempty_rate": "share of generated summaries with any text in them",
+    "tested_examples": "evaluated functions that carry tests (a tasks: source)",
+    "reference_pass_rate": "share of canonical solutions passing their own tests (1.0 on a sound task file)",
+    "pass_at_1_docstring": "share of code rebuilt (greedy) from the true docstring that passes the tests",
+    "pass_at_1_roundtrip": "share of code rebuilt (greedy) from the generated summary that passes the tests "
+                           "(round-trip correctness)",
+    "sandbox": "how the tests ran: namespace (bubblewrap) or limits (resource limits only)",
     "summary_tokens_mean": "generated summary length, tokens",
     "summary_true_tokens_mean": "docstring length, tokens",
     "code_tokens_mean": "code length, tokens",
@@ -38,10 +46,14 @@ DESCRIPTIONS: dict[str, str] = {
     "seconds": "wall time of the evaluation",
 }
 
+# The sampled pass@k metrics, e.g. sampled_pass_at_5_roundtrip (k is a setting, so they are named by pattern).
+SAMPLED = re.compile(r"^sampled_pass_at_(\d+)_(docstring|roundtrip)$")
+
 # (panel title, metrics plotted in it)
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("round-trip reward (nats/token)", ("reward_gen_mean", "reward_true_mean", "gain_gen_mean")),
-    ("shares", ("pairwise_accuracy", "code_parse_rate", "eos_rate", "copy_rate")),
+    ("shares", ("pairwise_accuracy", "code_parse_rate", "eos_rate", "copy_rate", "pass_at_1_docstring",
+                "pass_at_1_roundtrip")),
     ("text similarity (0-100)", ("bleu_summary", "rougeL_summary", "code_bleu")),
     ("lengths (tokens)", ("summary_tokens_mean", "summary_true_tokens_mean")),
 )
@@ -85,7 +97,8 @@ def markdown_report(headline: Mapping[str, Any], history: Sequence[Mapping[str, 
     parts = [f"# BluePrint evaluation, epoch {headline.get('epoch', '?')}", ""]
     parts += [f"- {k}: `{v}`" for k, v in context.items()]
     parts += ["", "Greedy decoding on the held-out (eval) split. Summaries come from the summarizer; code is rebuilt "
-              "by the coder from the true docstring.", "", "## Metrics", ""]
+              "by the coder from the true docstring (and, where rows carry tests, from the generated summary too, "
+              "then run against the tests).", "", "## Metrics", ""]
     parts.append(table(["metric", "value", "meaning"],
                        [(k, headline[k], DESCRIPTIONS.get(k, "")) for k in DESCRIPTIONS if k in headline]))
     if plots:

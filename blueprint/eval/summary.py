@@ -67,15 +67,31 @@ def warnings(last: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def floor_verdict(metrics: Mapping[str, Any], gate_settings: Mapping[str, Any]) -> str:
+    """Whether the final model clears every floor of the gate's rule (the sanity floors included), and if not,
+    which it missed."""
+    from blueprint.config import parse
+    from blueprint.eval.promotion_rule import PromotionRule, missed_floors
+
+    rule = parse(PromotionRule, {k: v for k, v in gate_settings.items() if k in PromotionRule.model_fields})
+    missed = missed_floors(dict(metrics), rule)
+    if not missed:
+        return "the final model clears every floor"
+    return "THE FINAL MODEL FAILED A FLOOR, do not use it: " + "; ".join(missed)
+
+
 def run_summary(history: Sequence[Mapping[str, Any]], gate: Mapping[str, Any] | None,
-                paths: Mapping[str, str]) -> str:
-    """The end-of-run text: the epoch table, the gate's decision, warnings, then the paths (name: where)."""
+                paths: Mapping[str, str], verdict: str | None = None) -> str:
+    """The end-of-run text: the epoch table, the gate's decision and the floor verdict, warnings, then the paths
+    (name: where)."""
     lines = ["", "How good the models are (held-out functions, greedy decoding; the ceiling is the reward the true "
                  "docstrings earn):", ""]
     lines += epoch_table(history)
     if gate:
-        verdict = "promoted" if gate.get("decision") == "promote" else "not promoted (the champion stays)"
-        lines += ["", f"gate: {verdict}: {gate.get('why', '')}"]
+        decision = "promoted" if gate.get("decision") == "promote" else "not promoted"
+        lines += ["", f"gate: {decision}: {gate.get('why', '')}"]
+    if verdict:
+        lines += ([] if gate else [""]) + [f"final model: {verdict}"]
     found = warnings(history[-1]) if history else ["no evaluation was recorded"]
     lines += [""] + [f"warning: {w}" for w in found]
     width = max((len(k) for k in paths), default=0) + 1

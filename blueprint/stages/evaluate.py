@@ -8,7 +8,10 @@ two epochs differ only by what training changed:
   This tells whether the reward can rank summaries at all; at 0.5 PPO optimises noise;
 - summary quality against the docstring (BLEU, ROUGE-L), and the coder alone: code rebuilt from the docstring
   (parses? BLEU, exact match);
-- lengths, EOS share and copy rate, the usual ways a policy games the reward (rambling, pasting code).
+- lengths, EOS share and copy rate, the usual ways a policy games the reward (rambling, pasting code);
+- where eval rows carry tests (a `tasks:` source): the code run against them in a sandbox
+  (blueprint.eval.execution): the canonical solutions, the coder's code from the docstring and from the
+  summarizer's summary (round-trip correctness), and with `code_samples > 1` the unbiased pass@k.
 
 Outputs: metrics.json (all numbers), samples.jsonl (every generation), report.md, history.json (this epoch
 appended to the `previous` evaluation's history), metrics.png (key metrics across the epochs in history),
@@ -17,6 +20,7 @@ its plots embedded: what the KFP UI shows).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -25,9 +29,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import field_validator
+
 from blueprint import distributed
 from blueprint.store import artifacts
-from blueprint.eval import metrics as text_metrics, report
+from blueprint.eval import execution, metrics as text_metrics, report
+from blueprint.eval.sandbox import SandboxSettings
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
@@ -36,6 +43,7 @@ from blueprint.progress import Progress
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens
 from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
+from blueprint.stages import code_tests
 from blueprint.stages.common import is_artifact
 
 if TYPE_CHECKING:
@@ -47,7 +55,7 @@ OPTIONAL_INPUTS = ("previous", "coder_base")
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 
-class EvaluateConfig(RuntimeSettings, ParallelSettings):
+class EvaluateConfig(RuntimeSettings, ParallelSettings, SandboxSettings):
     """What the evaluation generates and scores on the held-out split."""
 
     max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)",
@@ -65,7 +73,19 @@ class EvaluateConfig(RuntimeSettings, ParallelSettings):
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     report_examples: int = setting(3, "example rows shown in report.md", ge=0)
     epoch: int = setting(0, "PPO rounds done (0 = after warmup): the x axis of the history", ge=0)
-    seed: int = setting(0, "fixes the docstring pairing of pairwise accuracy")
+    seed: int = setting(0, "fixes the docstring pairing of pairwise accuracy and the code samples")
+    code_samples: int = setting(1, "eval rows with tests: codes sampled per row from its docstring and from its "
+                                   "generated summary, for pass@k (1 = the greedy code only)", ge=1)
+    pass_k: tuple[int, ...] = setting((1, 5), "k values of the sampled pass@k (those <= code_samples are "
+                                              "reported; comma-separated)")
+    sample_temperature: float = setting(0.8, "temperature of the code samples", gt=0)
+
+    @field_validator("pass_k")
+    @classmethod
+    def _positive_k(cls, ks: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in ks):
+            raise ValueError(f"{list(ks)}: every k of pass@k is at least 1")
+        return ks
 
 
 
@@ -98,6 +118,12 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
                 done[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
     merged = {i: tokens for part in distributed.all_objects(done) for i, tokens in part.items()}
     return [merged[i] for i in range(len(ids))]
+
+
+def greedy_codes(roles: RoleModels, prompts: PromptConfig, cfg: EvaluateConfig, summaries: list[str]) -> list[str]:
+    """The coder's greedy code from each of `summaries`."""
+    return generate_texts(roles.coder, roles.coder_tokenizer, "coder", [code_prompt(s, prompts) for s in summaries],
+                          cfg.max_code_tokens, cfg.batch_size)[1]
 
 
 def partners(n: int, seed: int) -> list[int]:
@@ -168,6 +194,7 @@ def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list
         "code_bleu": text_metrics.bleu(rebuilt, shown_codes),
         "code_exact_match": text_metrics.exact_match(rebuilt, shown_codes),
         "summary_tokens_mean": text_metrics.mean([len(s) for s in summary_ids]),
+        "summary_nonempty_rate": text_metrics.mean([bool(s) for s in stripped]),
         "summary_true_tokens_mean": text_metrics.mean(truth_tokens),
         "code_tokens_mean": text_metrics.mean(code_tokens),
         "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens)]),
@@ -184,8 +211,7 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
 
     pairs = scored[:cfg.max_examples]
     prompts, tokenizer = PromptConfig(style=cfg.prompt_style), roles.summarizer_tokenizer
-    codes = [p["code"] for p in pairs]
-    truths = [p["summary"] for p in pairs]
+    codes, truths = [p["code"] for p in pairs], [p["summary"] for p in pairs]
     shown_codes = clip_tokens(tokenizer, codes, cfg.max_code_tokens)  # what the models see (as in training)
     shown_truths = clip_tokens(roles.coder_tokenizer, truths, cfg.max_summary_tokens)
     coder_codes = shown_codes if roles.shared else clip_tokens(roles.coder_tokenizer, codes, cfg.max_code_tokens)
@@ -209,6 +235,8 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(roles.coder, roles.coder_tokenizer, "coder", [
         code_prompt(s, prompts) for s in shown_truths], cfg.max_code_tokens, cfg.batch_size)
     report_phase(3, phase="coder rebuilt the codes")
+    tested, executed = code_tests.tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, functools.partial(
+        greedy_codes, roles, prompts, cfg), report_phase)
 
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
     copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
@@ -220,9 +248,8 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         **text_figures(tokenizer, codes, truths, summaries, summary_ids, rebuilt, coder_codes),
         "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended)]),
         "copy_rate": text_metrics.mean(copies), "code_parse_rate": text_metrics.mean(parsed),
-        "eos_rate": text_metrics.mean(ended),
-        "code_truncated": int(gen_out.code_truncated.sum()),
-        "summary_true_truncated": int(true_out.summary_truncated.sum()),
+        "eos_rate": text_metrics.mean(ended), "code_truncated": int(gen_out.code_truncated.sum()),
+        "summary_true_truncated": int(true_out.summary_truncated.sum()), **tested,
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
     samples = [{
@@ -231,13 +258,15 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
         "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": ended[i],
         "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": scored[other[i]].get("id"),
+        **executed.get(i, {}),
     } for i, p in enumerate(pairs)]
     return values, samples
 
 
 def headline(values: dict[str, Any]) -> dict[str, Any]:
     """The numbers that go into the manifest (and so into KFP metrics, `blueprint ls` and `compare`)."""
-    return {k: values[k] for k in report.DESCRIPTIONS if k in values}
+    return {k: values[k] for k in report.DESCRIPTIONS if k in values} | {
+        k: values[k] for k in sorted(values) if execution.SAMPLED.match(k)}
 
 
 def previous_history(previous: str | None) -> list[dict[str, Any]]:
@@ -270,7 +299,8 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
         adapter_dir, meta = fetch_adapter_set(adapters, bases, Path(tmp) / "adapters")
         roles = load_roles(roles, adapter_dir, names=lora.ROLES, frozen=lora.ROLES)
     roles.summarizer.eval(), roles.coder.eval()
-    phases = Progress(f"{STAGE}-{cfg.epoch}", 3, progress)
+    tests = any(p.get("tests") for p in pairs[:cfg.max_examples])
+    phases = Progress(f"{STAGE}-{cfg.epoch}", 4 if tests else 3, progress)
     values, samples = evaluate_pairs(roles, pairs, cfg, phases)
     phases.close()
     top = headline(values)  # the files hold no wall time: same inputs -> same bytes -> downstream cache hits
@@ -284,6 +314,8 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
                "previous": ref(previous) if previous else "-"}
     if not bases.shared:
         context["coder base"] = _named(bases.coder)
+    if values.get("reference_failures"):  # a broken task file or environment, named where the reader looks first
+        context["reference failures (canonical solution fails its tests)"] = ", ".join(values["reference_failures"])
     (out_dir / "metrics.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history, indent=2, sort_keys=True) + "\n")
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:

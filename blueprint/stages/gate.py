@@ -14,7 +14,7 @@ from typing import Any
 
 from blueprint.config import parse, setting
 from blueprint.errors import InputError
-from blueprint.eval.promotion_rule import PromotionRule, comparable_config, decide, number
+from blueprint.eval.promotion_rule import SANITY_FLOORS, PromotionRule, comparable_config, decide, missed_floors, number
 from blueprint.eval.report import comparison_table, html_page
 from blueprint.models.runtime import RuntimeSettings
 from blueprint.progress import note
@@ -66,6 +66,7 @@ def compute(cfg: GateConfig, challenger: dict[str, Any], root: str, out_dir: Pat
     promote, why = decide(ours, theirs, cfg)
     note(STAGE, f"{'promote' if promote else 'keep the champion'}: {why}", progress)
     record = {"decision": "promote" if promote else "keep", "why": why, "name": cfg.name,
+              "missed_floors": missed_floors(ours, cfg),
               "challenger": {**challenger, "metrics": ours},
               "champion": None if champion is None else {"version": version, "evaluation": judged,
                                                          "metrics": theirs, "run": champion.get("run")},
@@ -84,8 +85,12 @@ def gate_report(record: dict[str, Any]) -> str:
     if record["champion"]:
         runs.insert(0, (f"champion ({record['champion'].get('run') or '?'})", record["champion"]["metrics"]))
     rule = record["rule"]
-    return (f"# gate: {record['decision']}\n\n{record['why']}.\n\nRule: beat the champion on `{rule['metric']}` by "
-            f"more than {rule['margin']:g}, with `{rule['floor_metric']}` >= {rule['floor']:g}.\n\n"
+    sanity = ", ".join(f"`{name}` >= {least:g}" for name, (least, _) in SANITY_FLOORS.items())
+    missed = "".join(f"- {m}\n" for m in record.get("missed_floors", []))
+    return (f"# gate: {record['decision']}\n\n{record['why']}.\n\n"
+            + (f"Floors the challenger missed:\n\n{missed}\n" if missed else "")
+            + f"Rule: beat the champion on `{rule['metric']}` by more than {rule['margin']:g}, with "
+            f"`{rule['floor_metric']}` >= {rule['floor']:g}, and the sanity floors every profile keeps: {sanity}.\n\n"
             + comparison_table(runs) + "\n")
 
 

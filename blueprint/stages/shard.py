@@ -43,8 +43,9 @@ LANGUAGE = "python"
 class ShardConfig(Settings):
     """Which corpus to read, which (code, summary) pairs to keep, and how to lay out the shards."""
 
-    source: str = setting("stdlib", "stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH; "
-                                    "PATH may be s3://bucket/prefix (or an s3:// glob on keys for data files)")
+    source: str = setting("stdlib", "stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH | tasks:PATH "
+                                    "(code with tests, HumanEval/MBPP .jsonl[.gz]); PATH may be s3://bucket/prefix "
+                                    "(or an s3:// glob on keys for data files; task files are local)")
     num_shards: int = setting(4, "Parquet files per split", ge=1)
     eval_fraction: float = setting(0.05, "share of pairs held out for evaluation", ge=0, lt=1)
     split_salt: str = setting("blueprint", "changes which pairs go to eval")
@@ -165,7 +166,7 @@ def write_new_pairs(pairs: list[tuple], seen: set[bytes], writer: ShardWriter, c
     to its split (by salted hash) and shard (by hash); how many were written."""
     salt, kept = config.split_salt.encode("utf-8"), 0
     eval_fraction, num_shards = config.eval_fraction, config.num_shards
-    for digest, name, code, summary, path, license in pairs:
+    for digest, name, code, summary, path, license, tests in pairs:
         if room is not None and kept >= room:
             break
         key = digest[:16]
@@ -176,7 +177,7 @@ def write_new_pairs(pairs: list[tuple], seen: set[bytes], writer: ShardWriter, c
         split = "eval" if _eval_draw(salt, digest) < eval_fraction else "train"
         shard = int.from_bytes(digest[:8], "big") % num_shards
         writer.add(split, shard, (digest.hex()[:32], code, summary, name, LANGUAGE, source_name, path, license,
-                                  len(code), code.count("\n") + 1), new)
+                                  len(code), code.count("\n") + 1, tests), new)
         kept += 1
     return kept
 

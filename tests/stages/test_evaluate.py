@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 from blueprint.store import artifacts, storage
 from blueprint.eval import metrics
 from blueprint.models import lora
-from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets, summary_prompt
 from blueprint.stages import evaluate, merge
 from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
 from blueprint.stages.common import open_base
@@ -88,13 +88,38 @@ def train_coder(model, tokenizer, pairs: list[tuple[str, str]], steps: int) -> N
     model.eval()
 
 
-def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0) -> str:
-    """A committed adapter set (summarizer + coder) on `base`; the coder trained for `coder_steps` steps."""
+def train_summarizer(model, tokenizer, pairs: list[tuple[str, str]], steps: int) -> None:
+    """Full-batch SFT of the summarizer adapter on (code -> summary): it then writes finished, non-empty summaries,
+    as a model the gate's sanity floors let through must."""
+    prompts = encode_prompts(tokenizer, [summary_prompt(c, PromptConfig()) for c, _ in pairs])
+    targets, _ = encode_targets(tokenizer, [s for _, s in pairs])
+    width = max(len(p) + len(t) for p, t in zip(prompts, targets))
+    ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+    labels = torch.full((len(pairs), width), -100)
+    for r, (p, t) in enumerate(zip(prompts, targets)):
+        ids[r, :len(p) + len(t)] = torch.tensor(p + t)
+        labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
+    opt = torch.optim.AdamW(lora.trainable_only(model, "summarizer"), lr=2e-2)
+    with lora.use_adapter(model, "summarizer"):
+        for _ in range(steps):
+            model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
+                  labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval()
+
+
+def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0, summarizer_steps: int = 0,
+                  summarizer_pairs: list[tuple[str, str]] = PAIRS) -> str:
+    """A committed adapter set (summarizer + coder) on `base`; the coder trained for `coder_steps` steps, the
+    summarizer for `summarizer_steps` on `summarizer_pairs`."""
     model, tokenizer = open_base(base)
     torch.manual_seed(1)
     model = lora.attach_adapters(model, lora.ROLES, LORA)
     if coder_steps:
         train_coder(model, tokenizer, PAIRS, coder_steps)
+    if summarizer_steps:
+        train_summarizer(model, tokenizer, summarizer_pairs, summarizer_steps)
     local = root / f"{name}-src"
     save_adapter_set(RoleModels(model, tokenizer, model, tokenizer), local, Bases.of(base), list(lora.ROLES),
                      {"round": coder_steps})
@@ -262,3 +287,37 @@ def test_merge_card_carries_the_evaluation(world, tmp_path):
     with pytest.raises(ValueError, match="its metrics would describe another model"):
         merge.run(merge.MergeConfig(), base=world["base"], adapters=world["untrained"],
                   evaluation=world["second"].uri, artifact_root=str(tmp_path), progress=False)
+
+
+EXAMPLE_TASKS = Path(__file__).resolve().parents[2] / "examples" / "tasks.jsonl"
+
+
+def test_rows_with_tests_report_execution_metrics_and_per_task_results(world, tmp_path):
+    """A task file as the source: the canonical solutions all pass, the coder's code from the docstring and from
+    the generated summary is run against the tests, and sampled codes give the unbiased pass@k."""
+    from blueprint.config import parse
+    from blueprint.data.readers import read_pairs
+    from blueprint.stages import shard
+
+    shards = shard.run(parse(shard.ShardConfig, {"source": f"tasks:{EXAMPLE_TASKS}", "eval_fraction": 0.2,
+                                                 "num_shards": 1, "workers": 1}),
+                       artifact_root=str(tmp_path / "art"), progress=False).uri
+    held_out = read_pairs(shards, "eval")
+    cfg = evaluate.EvaluateConfig(**{**CFG, "max_examples": len(held_out)}, code_samples=2, pass_k=(1, 2),
+                                  sandbox_timeout_s=5)
+    out = evaluate.run(cfg, shards=shards, base=world["base"], adapters=world["trained"],
+                       artifact_root=str(tmp_path / "art"), progress=False)
+    m = out.metrics
+    assert m["tested_examples"] == m["examples"] == len(held_out) > 0
+    assert m["reference_pass_rate"] == 1.0 and m["sandbox"] in ("namespace", "limits")
+    for key in ("pass_at_1_docstring", "pass_at_1_roundtrip", "sampled_pass_at_1_docstring",
+                "sampled_pass_at_2_docstring", "sampled_pass_at_1_roundtrip", "sampled_pass_at_2_roundtrip"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["sampled_pass_at_2_roundtrip"] >= m["sampled_pass_at_1_roundtrip"]
+    assert json.loads(local(out.uri, "metrics.json").read_text())["reference_failures"] == []
+    samples = [json.loads(line) for line in local(out.uri, "samples.jsonl").read_text().splitlines()]
+    ran = [s["execution"] for s in samples]
+    assert [r["task_id"] for r in ran] == [json.loads(p["tests"])["task_id"] for p in held_out]
+    assert all(r["reference"]["status"] == "pass" and r["docstring"]["status"] in ("pass", "fail", "error", "timeout")
+               and isinstance(r["roundtrip_code"], str) and 0 <= r["roundtrip_samples_passed"] <= 2 for r in ran)
+    assert "| pass_at_1_roundtrip |" in local(out.uri, "report.md").read_text()

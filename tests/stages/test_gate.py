@@ -10,17 +10,23 @@ import torch
 from blueprint.config import parse
 from blueprint.eval.promotion_rule import PromotionRule, decide
 from blueprint.stages import evaluate, gate, merge, promote
+from blueprint.stages.profiles import stage_settings
 from blueprint.store import promotion, storage
 from test_evaluate import CFG, PAIRS, make_adapters, make_base, make_shards
 
-# The gate's metric here is the coder's reward on the true docstrings: at this scale the summarizer writes
-# nothing (reward_gen_mean is 0 for every model), while a coder trained on the pairs clearly reads them.
+# The gate's metric here is the coder's reward on the true docstrings: at this scale the summarizer's summaries
+# barely help the coder, while a coder trained on the pairs clearly reads them. Every promotable model must clear
+# the sanity floors: its summarizer is trained to write finished summaries, its coder long enough that some code
+# parses (the micro coder writes parseable code from about 100 full-batch steps on).
 RULE = {"metric": "reward_true_mean", "floor": 0.0}
+SUMMARIZER_STEPS = 30
+LEVELS = (("untrained", 0), ("weak", 100), ("some", 150), ("trained", 300))  # coder steps; untrained never parses
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, micro_tokenizer):
-    """One base and three adapter sets whose coder trained 0, 15 and 60 steps, each evaluated and merged."""
+    """One base and adapter sets whose coder trained for LEVELS steps, each evaluated and merged, and one whose
+    summarizer learnt to write empty summaries."""
     root = tmp_path_factory.mktemp("gate")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -29,8 +35,10 @@ def world(tmp_path_factory, micro_tokenizer):
         base = make_base(root, micro_tokenizer, seed=0)
         art = f"file://{root}/artifacts"
         runs = {}
-        for name, steps in (("untrained", 0), ("some", 15), ("trained", 60)):
-            adapters = make_adapters(root, base, name, coder_steps=steps)
+        levels = [(name, steps, PAIRS) for name, steps in LEVELS] + [("silent", 150, [(c, "") for c, _ in PAIRS])]
+        for name, steps, summaries in levels:
+            adapters = make_adapters(root, base, name, coder_steps=steps, summarizer_steps=SUMMARIZER_STEPS,
+                                     summarizer_pairs=summaries)
             ev = evaluate.run(evaluate.EvaluateConfig(**CFG), shards=shards, base=base, adapters=adapters,
                               artifact_root=art, progress=False)
             models = merge.run(merge.MergeConfig(), base=base, adapters=adapters, evaluation=ev.uri,
@@ -52,13 +60,14 @@ def promote_gated(record: dict, root: str, run: str) -> dict:
 
 def test_the_rule_promotes_only_a_winner_that_clears_the_floor():
     rule = PromotionRule(metric="gain_gen_mean", margin=0.1, floor_metric="pairwise_accuracy", floor=0.5)
-    ours = {"gain_gen_mean": 1.0, "pairwise_accuracy": 0.6}
+    ours = {"gain_gen_mean": 1.0, "pairwise_accuracy": 0.6, "summary_nonempty_rate": 1.0, "eos_rate": 0.9,
+            "code_parse_rate": 0.5}
     assert decide(ours, None, rule)[0]
     assert decide(ours, {"gain_gen_mean": 0.85}, rule) == (
         True, "gain_gen_mean 1.0000 beats the champion's 0.8500 by more than 0.1")
     assert not decide(ours, {"gain_gen_mean": 0.95}, rule)[0]  # better, but not by the margin
-    assert decide({**ours, "pairwise_accuracy": 0.4}, None, rule) == (False,
-                                                                      "pairwise_accuracy 0.4 is below the floor 0.5")
+    assert decide({**ours, "pairwise_accuracy": 0.4}, None, rule) == (
+        False, "floor pairwise_accuracy >= 0.5 missed (pairwise_accuracy 0.4)")
     assert not decide({**ours, "gain_gen_mean": float("nan")}, None, rule)[0]
     assert decide(ours, {}, rule)[0]  # a champion without the metric cannot defend
 
@@ -69,7 +78,7 @@ def test_a_first_run_is_promoted_then_a_better_one_replaces_it_and_a_worse_one_d
     assert first["decision"] == "promote" and first["champion"] is None
     assert promote_gated(first, root, "run-1")["promoted"] == 1.0
 
-    worse = judge(runs["untrained"], root)  # coder_steps=0: the untrained coder, as a bad retrain would leave it
+    worse = judge(runs["weak"], root)  # fewer coder steps, as a bad retrain would leave it
     assert worse["decision"] == "keep", worse["why"]
     assert worse["challenger"]["metrics"]["reward_true_mean"] < worse["champion"]["metrics"]["reward_true_mean"]
     report = storage.read_text(storage.join(worse["uri"], "report.md"))
@@ -84,22 +93,22 @@ def test_a_first_run_is_promoted_then_a_better_one_replaces_it_and_a_worse_one_d
 
 
 def test_the_floor_refuses_even_a_first_run(world, tmp_path):
-    record = judge(world["runs"]["untrained"], f"file://{tmp_path}/art", floor=0.9)
-    assert record["decision"] == "keep" and "below the floor 0.9" in record["why"]
+    record = judge(world["runs"]["trained"], f"file://{tmp_path}/art", floor_metric="code_parse_rate", floor=0.9)
+    assert record["decision"] == "keep" and "floor code_parse_rate >= 0.9 missed" in record["why"]
     with pytest.raises(ValueError, match="decided 'keep'"):
         promote_gated(record, f"file://{tmp_path}/art", "r")
 
 
 def test_the_champion_is_evaluated_again_on_a_new_eval_split(world, tmp_path):
     root, runs = f"file://{tmp_path}/art", world["runs"]
-    promote_gated(judge(runs["untrained"], root), root, "old")
+    promote_gated(judge(runs["weak"], root), root, "old")
     new_split = make_shards(tmp_path, PAIRS, PAIRS[:6])  # the data changed: six held-out functions, not ten
     challenger = dict(runs["trained"], shards=new_split)
     challenger["evaluation"] = evaluate.run(evaluate.EvaluateConfig(**CFG), shards=new_split, base=runs["trained"]["base"],
                                             adapters=runs["trained"]["adapters"], artifact_root=root,
                                             progress=False).uri
     record = judge(challenger, root)
-    assert record["champion"]["evaluation"] != runs["untrained"]["evaluation"]
+    assert record["champion"]["evaluation"] != runs["weak"]["evaluation"]
     assert record["champion"]["metrics"]["examples"] == 6 == record["challenger"]["metrics"]["examples"]
     assert record["decision"] == "promote"
 
@@ -121,7 +130,7 @@ def test_two_promotions_racing_lose_no_decision(world, tmp_path, store, request)
     with the other (or its refusal) on record: a compare-and-swap, never a lost write."""
     root = request.getfixturevalue("s3_bucket") + "/art" if store == "s3" else f"file://{tmp_path}/art"
     runs = world["runs"]
-    promote_gated(judge(runs["untrained"], root), root, "champion")
+    promote_gated(judge(runs["weak"], root), root, "champion")
     records = {name: judge(runs[name], root) for name in ("some", "trained")}
     assert all(r["decision"] == "promote" for r in records.values())
     results, barrier = {}, threading.Barrier(2)
@@ -173,3 +182,19 @@ def test_a_copied_root_is_gated_against_its_own_champion_once_the_original_is_go
     record = storage.read_json(storage.join(out.uri, gate.GATE_FILE))
     assert record["decision"] == "promote" and record["champion"]["run"] == "first"
     assert record["champion"]["evaluation"] == moved(world["runs"]["some"], copy)["evaluation"]
+
+
+@pytest.mark.parametrize("run, missed", [("silent", "summary_nonempty_rate"), ("untrained", "code_parse_rate")])
+def test_the_smoke_gate_refuses_a_useless_challenger_and_says_which_floor_it_missed(world, tmp_path, run, missed):
+    """The smoke profile's own floor is 0: the sanity floors still hold there (no champion to beat, either)."""
+    settings = {**stage_settings("smoke", "gate"), "metric": RULE["metric"]}
+    out = gate.run(parse(gate.GateConfig, settings), **world["runs"][run], artifact_root=f"file://{tmp_path}/art",
+                   progress=False)
+    record = storage.read_json(storage.join(out.uri, gate.GATE_FILE))
+    assert record["decision"] == "keep" and record["champion"] is None
+    assert f"sanity floor {missed} >= " in record["why"], record["why"]
+    assert [m for m in record["missed_floors"] if missed in m], record["missed_floors"]
+    report = storage.read_text(storage.join(out.uri, "report.md"))
+    assert "# gate: keep" in report and f"Floors the challenger missed:\n\n- sanity floor {missed}" in report
+    if run == "silent":
+        assert record["challenger"]["metrics"]["summary_nonempty_rate"] == 0.0
