@@ -16,7 +16,6 @@ import datetime as dt
 import hashlib
 import json
 import platform
-import re
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -386,28 +385,3 @@ def cached_outputs(root: str, files: dict[str, tuple] | None = None) -> list[dic
                          "used": used.isoformat() if used else None, "bytes": size,
                          "metrics": manifest.get("metrics", {}), "uri": uri})
     return sorted(rows, key=lambda r: (r["created"], r["stage"]))
-
-
-CONTENT_KEY = re.compile(r"^[0-9a-f]{16}$")  # what `stage_key` makes
-
-
-def partial_outputs(root: str, files: dict[str, tuple] | None = None) -> list[dict[str, Any]]:
-    """Every partial output under `root` (files, no manifest: a failed or killed commit, an interrupted gc):
-    stage, key, uri, bytes, changed (its newest file's time). Only a content-addressed prefix, or one beside
-    committed outputs of its stage folder, counts: other files a user keeps under the root are not ours."""
-    files = storage.list_file_times(root) if files is None else files
-    prefixes: dict[tuple[str, str], list[tuple[int, Any]]] = {}
-    for rel, meta in files.items():
-        parts = rel.split("/")
-        if len(parts) >= 3:
-            prefixes.setdefault((parts[0], parts[1]), []).append(("/".join(parts[2:]), *meta))
-    stages = {stage for (stage, _), listed in prefixes.items() if any(n == MANIFEST_NAME for n, *_ in listed)}
-    rows = []
-    for (stage, key), listed in sorted(prefixes.items()):
-        committed = any(n.split("/")[-1] == MANIFEST_NAME for n, *_ in listed)  # here, or an output nested in it
-        if committed or not (stage in stages or CONTENT_KEY.match(key)):
-            continue
-        changed = max((t for _, _, t in listed if t is not None), default=None)
-        rows.append({"stage": stage, "key": key, "uri": storage.join(root, stage, key),
-                     "bytes": sum(size for _, size, _ in listed), "changed": changed})
-    return rows

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import time
 from typing import Any
 
@@ -116,7 +117,7 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     doomed = [o for k, o in outputs.items() if k not in keep and k not in live]
     stale = [r["uri"] for r in records[:len(records) - len(kept_records)]
              if _age_seconds(now, r.get("created", "")) > grace_seconds]
-    partial = [p for p in artifacts.partial_outputs(root, files)
+    partial = [p for p in partial_outputs(root, files)
                if ours(p) and _age_seconds(now, p["changed"]) > grace_seconds and _unlocked(p["uri"])]
     return Collection(doomed=sorted(doomed, key=lambda o: o["uri"]), records=stale, kept=len(keep),
                       young=len(live), partial=partial, since=now - dt.timedelta(seconds=grace_seconds))
@@ -173,3 +174,28 @@ def collect(found: Collection, progress: Any = None) -> None:
         delete_partial(prefix["uri"])
     for uri in found.records:
         storage.delete_file(uri)
+
+
+CONTENT_KEY = re.compile(r"^[0-9a-f]{16}$")  # what `stage_key` makes
+
+
+def partial_outputs(root: str, files: dict[str, tuple] | None = None) -> list[dict[str, Any]]:
+    """Every partial output under `root` (files, no manifest: a failed or killed commit, an interrupted gc):
+    stage, key, uri, bytes, changed (its newest file's time). Only a content-addressed prefix, or one beside
+    committed outputs of its stage folder, counts: other files a user keeps under the root are not ours."""
+    files = storage.list_file_times(root) if files is None else files
+    prefixes: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+    for rel, meta in files.items():
+        parts = rel.split("/")
+        if len(parts) >= 3:
+            prefixes.setdefault((parts[0], parts[1]), []).append(("/".join(parts[2:]), *meta))
+    stages = {stage for (stage, _), listed in prefixes.items() if any(n == artifacts.MANIFEST_NAME for n, *_ in listed)}
+    rows = []
+    for (stage, key), listed in sorted(prefixes.items()):
+        committed = any(n.split("/")[-1] == artifacts.MANIFEST_NAME for n, *_ in listed)  # here, or an output nested in it
+        if committed or not (stage in stages or CONTENT_KEY.match(key)):
+            continue
+        changed = max((t for _, _, t in listed if t is not None), default=None)
+        rows.append({"stage": stage, "key": key, "uri": storage.join(root, stage, key),
+                     "bytes": sum(size for _, size, _ in listed), "changed": changed})
+    return rows
