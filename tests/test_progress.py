@@ -84,7 +84,7 @@ def test_run_with_a_relative_root_prints_a_line_per_task_and_each_rounds_progres
     done = _blueprint("run", "--profile", "smoke", "--artifact-root", "./rel", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) <= 80, done.stdout  # about 55 task and progress lines, then the end-of-run summary
+    assert len(lines) <= 90, done.stdout  # about 60 task and progress lines, then the end-of-run summary (~22)
     assert (tmp_path / "rel" / "merge").is_dir()
     for task in ("shard", "bootstrap", "warmup", "evaluate-0", "ppo-round-1", "evaluate-1", "ppo-round-2",
                  "evaluate-2", "merge"):
