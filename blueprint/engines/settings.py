@@ -52,7 +52,10 @@ def refusal(where: str) -> str:
 
 
 def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):  # a package hidden or half-installed
+        return False
 
 
 def require(cfg: EngineSettings) -> None:

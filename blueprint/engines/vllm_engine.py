@@ -101,6 +101,10 @@ class VLLMEngine:
         memory = memory if memory is not None else (GPU_MEMORY if self.gpu else CPU_MEMORY)
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         t0 = time.perf_counter()
+        # vLLM's CPU worker drops torch to 1 thread unless OMP_NUM_THREADS is set, and replaces torch.set_num_threads
+        # for the whole process: the trainer beside it keeps its threads and its setter
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        set_threads = torch.set_num_threads
         with tempfile.TemporaryDirectory() as tmp:
             config.save_pretrained(tmp)  # the architecture only: the weights come from `load`
             try:
@@ -113,7 +117,9 @@ class VLLMEngine:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise EngineStartError(
                     f"engine vllm could not start on base {base} ({type(exc).__name__}: {first}): set {setting}=hf, "
-                    f"or lower/raise {setting.replace('engine', 'engine_memory')} (now {memory})") from None
+                    f"or change {setting}_memory (now {memory}, the share of {'GPU memory' if self.gpu else 'host RAM'} it reserves)") from None
+            finally:
+                torch.set_num_threads = set_threads
         self.startup_s = time.perf_counter() - t0
         self.loaded: str | None = "<dummy>"
         self.asleep = False
@@ -131,14 +137,14 @@ class VLLMEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
-                 logprobs: bool = False) -> list[Sample]:
+                 logprobs: bool = False, min_new_tokens: int = 0) -> list[Sample]:
         """One completion per prompt: greedy (temperature 0) or sampled, each prompt under its own seed when given;
         stopped at the first EOS (kept) or after `max_new_tokens`."""
         from vllm import SamplingParams
 
         self.wake()
         params = [SamplingParams(
-            max_tokens=max_new_tokens, temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
+            max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
             seed=None if seeds is None else int(seeds[i]) % (2**63 - 1), stop_token_ids=[eos_token_id],
             logprobs=0 if logprobs else None, detokenize=False, skip_special_tokens=False)
             for i in range(len(prompts))]
@@ -163,9 +169,29 @@ class VLLMEngine:
             self.asleep = False
 
 
-def start(model: Any, where: Any, cfg: Any, max_model_len: int, stage: str, base: str, seed: int = 0) -> VLLMEngine:
-    """The stage's engine for `model` (settings from `cfg`, an EngineSettings), its start logged."""
-    engine = VLLMEngine(model, device=where.device, dtype=where.dtype, memory=cfg.engine_memory,
-                        max_model_len=max_model_len, seed=seed, base=base, setting=f"{stage}.engine")
-    return engine
+def open_engine(model: Any, cfg: Any, stage: str, base: str, need_tokens: int, progress: bool = True,
+                seed: int = 0) -> VLLMEngine | None:
+    """The stage's vLLM engine for `model` when `cfg.engine` resolves to vllm here, else None (generate() then).
+    `need_tokens`: the longest prompt plus its new tokens. `auto` falls back to hf when the engine cannot start,
+    and says so; an explicit `vllm` fails with one line naming the base and the setting."""
+    from blueprint import distributed
+    from blueprint.engines import settings
+    from blueprint.models import runtime
+    from blueprint.progress import note
 
+    where = runtime.place(cfg)
+    if settings.resolve(cfg, where.device, distributed.world_size()) != "vllm":
+        return None
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    longest = getattr(config.get_text_config(), "max_position_embeddings", None) or need_tokens
+    try:
+        engine = VLLMEngine(model, device=where.device, dtype=where.dtype, memory=cfg.engine_memory,
+                            max_model_len=min(longest, need_tokens), seed=seed, base=base, setting=f"{stage}.engine")
+    except EngineStartError as exc:
+        if cfg.engine == "vllm":
+            raise
+        note(stage, f"engine=auto: vLLM did not start ({exc}); generating with hf", progress)
+        return None
+    note(stage, f"engine vllm started in {engine.startup_s:.1f} s (memory share {cfg.engine_memory or 'default'})",
+         progress)
+    return engine

@@ -28,6 +28,7 @@ from blueprint.store import artifacts
 from blueprint.eval import metrics as text_metrics, report
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
+from blueprint.engines.settings import EngineSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.progress import Progress
@@ -45,7 +46,7 @@ OPTIONAL_INPUTS = ("previous", "coder_base")
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 
-class EvaluateConfig(RuntimeSettings, ParallelSettings):
+class EvaluateConfig(RuntimeSettings, EngineSettings, ParallelSettings):
     """What the evaluation generates and scores on the held-out split."""
 
     max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)",
@@ -68,8 +69,10 @@ class EvaluateConfig(RuntimeSettings, ParallelSettings):
 
 
 def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
-             batch_size: int) -> list[list[int]]:
+             batch_size: int, engine=None) -> list[list[int]]:
     """Greedy completion ids of each prompt with `adapter` active, cut after the first EOS (kept when emitted).
+
+    `engine` (a VLLMEngine): it generates instead, with `adapter`'s merged weights, in one call.
 
     Prompts are sorted by length before batching (little left padding), results come back in prompt order. On N
     data-parallel ranks each generates every N-th of those batches and the results are gathered: the same batches
@@ -82,6 +85,10 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
 
     ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if engine is not None:
+        if engine.loaded != adapter:
+            engine.load(model, adapter)
+        return [s.tokens for s in engine.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)]
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -130,11 +137,11 @@ def reward_stats(out, tag: str) -> dict[str, float]:
 
 
 def generate_texts(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
-                   batch_size: int) -> tuple[list[list[int]], list[str], list[bool]]:
+                   batch_size: int, engine=None) -> tuple[list[list[int]], list[str], list[bool]]:
     """(token ids without the final EOS, decoded texts, whether each ended with EOS) of `adapter`'s greedy
     completions."""
     eos = tokenizer.eos_token_id
-    generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size)
+    generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size, engine)
     ended = [bool(ids) and ids[-1] == eos for ids in generated]
     ids = [g[:-1] if e else g for g, e in zip(generated, ended)]
     return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), ended
@@ -188,9 +195,13 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     shown_truths = clip_tokens(roles.coder_tokenizer, truths, cfg.max_summary_tokens)
     coder_codes = shown_codes if roles.shared else clip_tokens(roles.coder_tokenizer, codes, cfg.max_code_tokens)
 
-    # The summarizer writes a summary of each code.
-    summary_ids, summaries, ended = generate_texts(roles.summarizer, tokenizer, "summarizer", [
-        summary_prompt(c, prompts) for c in shown_codes], cfg.max_new_tokens, cfg.batch_size)
+    # The summarizer writes a summary of each code (then the coder rebuilds codes: on one base the same engine
+    # serves both in turn; a second base's coder generates with hf rather than start a second engine).
+    summary_prompts = [summary_prompt(c, prompts) for c in shown_codes]
+    code_prompts = [code_prompt(s, prompts) for s in shown_truths]
+    engine = evaluation_engine(roles, cfg, summary_prompts, code_prompts)
+    summary_ids, summaries, ended = generate_texts(roles.summarizer, tokenizer, "summarizer", summary_prompts,
+                                                   cfg.max_new_tokens, cfg.batch_size, engine)
     report_phase = progress.update if progress is not None else (lambda done, **figures: None)
     report_phase(1, phase="summaries written")
 
@@ -204,8 +215,9 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     report_phase(2, phase="coder scored the summaries")
 
     # The coder rebuilds each code from its true docstring.
-    rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(roles.coder, roles.coder_tokenizer, "coder", [
-        code_prompt(s, prompts) for s in shown_truths], cfg.max_code_tokens, cfg.batch_size)
+    rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(roles.coder, roles.coder_tokenizer, "coder", code_prompts,
+                                                         cfg.max_code_tokens, cfg.batch_size,
+                                                         engine if roles.shared else None)
     report_phase(3, phase="coder rebuilt the codes")
 
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
@@ -231,6 +243,19 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": scored[other[i]].get("id"),
     } for i, p in enumerate(pairs)]
     return values, samples
+
+
+def evaluation_engine(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: list[str], code_prompts: list[str]):
+    """The vLLM engine of this evaluation when `cfg.engine` resolves to vllm, sized for its longest generation."""
+    from blueprint.engines.vllm_engine import open_engine
+
+    def longest(tokenizer, texts: list[str]) -> int:
+        return max((len(ids) for ids in encode_prompts(tokenizer, texts)), default=0)
+    need = longest(roles.summarizer_tokenizer, summary_prompts) + cfg.max_new_tokens
+    if roles.shared:
+        need = max(need, longest(roles.coder_tokenizer, code_prompts) + cfg.max_code_tokens)
+    base = getattr(roles.summarizer, "name_or_path", "") or "the summarizer's base"
+    return open_engine(roles.summarizer, cfg, STAGE, base, need, progress=False, seed=cfg.seed)
 
 
 def headline(values: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from blueprint.rl import data_parallel
 from blueprint.store import artifacts, storage
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
+from blueprint.engines.settings import EngineSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
@@ -37,7 +38,7 @@ STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (t
 OPTIONAL_INPUTS = ("coder_base",)
 
 
-class PPORoundConfig(PPOConfig, RuntimeSettings, ParallelSettings):
+class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSettings):
     """One round: PPO on the summarizer (every PPOConfig setting applies), then the coder's supervised step.
 
     The PPO settings are PPOConfig's own fields, inherited, not copied; the round re-declares only the defaults it
@@ -242,6 +243,26 @@ def _open_round(cfg: PPORoundConfig, bases: Bases, adapters: str, ckpt_uri: str,
     return roles, trainer, (meta if resumed else {}), resumed
 
 
+def round_engine(cfg: PPORoundConfig, trainer, tokenizer, codes: list[str], base: str,
+                 progress: bool) -> dict[str, Any]:
+    """Give the trainer a vLLM engine serving the summarizer when `cfg.engine` resolves to vllm; the figures that
+    say which engine sampled."""
+    from blueprint.engines import settings as engine_settings
+    from blueprint.engines.vllm_engine import open_engine
+    from blueprint.models import runtime
+
+    prompts = PromptConfig(style=cfg.prompt_style)
+    longest = max(len(q) for q in encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes]))
+    engine = open_engine(trainer.model, cfg, STAGE, base, longest + cfg.max_new_tokens, progress, rank_seed(cfg))
+    if engine is None:
+        return {"engine": "hf"}
+    from blueprint.engines.policy import PolicySampler
+
+    dtype = str(runtime.place(cfg).dtype).removeprefix("torch.")
+    trainer.engine = PolicySampler(engine, trainer.model, cfg.policy_adapter, engine_settings.max_gap(cfg, dtype))
+    return {"engine": "vllm", "engine_startup_s": round(engine.startup_s, 1)}
+
+
 def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: list[str], bases: Bases,
                ckpt_uri: str, done: int, stats_rows: list[dict], before: dict, progress: bool) -> str | None:
     """Run the PPO steps from `done` on (appending to `stats_rows`, checkpointing as configured); why it stopped
@@ -299,7 +320,7 @@ def resumed_written(meta: dict[str, Any], source: str) -> list[tuple[str, str]]:
 def step_summary(stats_rows: list[dict]) -> dict[str, float]:
     """First, last and mean of the per-step figures (skipped batches aside), and the seconds of each phase."""
     out: dict[str, float] = {}
-    for phase in ("generate", "score", "forward", "update"):
+    for phase in ("generate", "score", "forward", "update", "sync"):
         times = [r[f"time/{phase}"] for r in stats_rows if f"time/{phase}" in r]
         if times:
             out[f"seconds_{phase}"] = round(sum(times), 3)
@@ -309,6 +330,11 @@ def step_summary(stats_rows: list[dict]) -> dict[str, float]:
             name = key.replace("/", "_")
             out[f"{name}_first"], out[f"{name}_last"] = values[0], values[-1]
             out[f"{name}_mean"] = sum(values) / len(values)
+    gaps = [(r["engine_logprob_gap_mean"], r["engine_logprob_gap_max"]) for r in stats_rows
+            if "engine_logprob_gap_mean" in r]
+    if gaps:  # the proof that the engine sampled the trained policy, over the whole round
+        out["engine_logprob_gap_mean"] = sum(g for g, _ in gaps) / len(gaps)
+        out["engine_logprob_gap_max"] = max(g for _, g in gaps)
     return out
 
 
@@ -331,10 +357,11 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
     reward = RewardModel(roles.coder, roles.coder_tokenizer, PromptConfig(style=cfg.prompt_style), RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
         max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens))
+    metrics_engine = round_engine(cfg, trainer, tokenizer, codes, bases.summarizer, progress)
     probe = codes[: cfg.probe_size]
     before = {k: v for k, v in meta.items() if k.startswith("probe_")} if resumed else \
         probe_metrics(model, tokenizer, reward, probe, cfg, "before")
-    metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **before}
+    metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **metrics_engine, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = resumed_written(meta, ckpt_uri)
     stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress)
