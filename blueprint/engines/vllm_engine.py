@@ -113,6 +113,10 @@ class VLLMEngine:
                                gpu_memory_utilization=memory, max_model_len=max_model_len,
                                logprobs_mode="processed_logprobs", enable_sleep_mode=self.gpu,
                                enable_prefix_caching=False)
+                from vllm import SamplingParams  # one token: a shape its kernels refuse fails here, not mid-round
+
+                self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, detokenize=False),
+                                  use_tqdm=False)
             except Exception as exc:  # noqa: BLE001 - any start failure is the user's base or budget
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise EngineStartError(
