@@ -25,8 +25,8 @@ class EngineSettings(Settings):
         "auto", "what generates: hf (transformers generate()), vllm (a vLLM engine in this process, weights synced "
                 "from the trainer) or auto (vllm on CUDA when it is installed, else hf)")
     engine_memory: float | None = setting(
-        None, "share of the GPU's memory (on CPU: of host RAM) vLLM reserves for its weights and KV cache; None = "
-              "0.35 on a GPU (room for the update beside it), 0.1 on CPU", gt=0, lt=1)
+        None, "share of the GPU's memory vLLM reserves for its weights and KV cache (on CPU: the share of host RAM "
+              "its KV cache takes); None = 0.35 on a GPU (room for the update beside it), 0.05 on CPU", gt=0, lt=1)
     engine_max_gap: float | None = setting(
         None, "PPO round: mean |engine - trainer| log-prob of the sampled tokens (nats/token) above which the round "
               "stops (the engine would be sampling another policy); None = by dtype: 0.01 float32, 0.1 bfloat16, "

@@ -12,6 +12,7 @@ and receives every weight once; after that only the adapted projections change. 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -25,7 +26,7 @@ from blueprint.config import ConfigError
 from blueprint.errors import UserError
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: no spawn, no __main__ guard
-CPU_MEMORY, GPU_MEMORY = 0.1, 0.35
+CPU_MEMORY, GPU_MEMORY = 0.05, 0.35
 
 
 class EngineStartError(UserError, RuntimeError):
@@ -108,9 +109,13 @@ class VLLMEngine:
         with tempfile.TemporaryDirectory() as tmp:
             config.save_pretrained(tmp)  # the architecture only: the weights come from `load`
             try:
+                # on CPU the share is of host RAM and vLLM counts the whole process (trainer included) against
+                # it: the KV cache is sized directly instead
+                budget = dict(gpu_memory_utilization=memory) if self.gpu else dict(
+                    kv_cache_memory_bytes=int(memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
                 self.llm = LLM(model=tmp, skip_tokenizer_init=True, load_format="dummy",
                                dtype=str(dtype).removeprefix("torch."), seed=seed, enforce_eager=not self.gpu,
-                               gpu_memory_utilization=memory, max_model_len=max_model_len,
+                               max_model_len=max_model_len, **budget,
                                logprobs_mode="processed_logprobs", enable_sleep_mode=self.gpu,
                                enable_prefix_caching=False)
                 from vllm import SamplingParams  # one token: a shape its kernels refuse fails here, not mid-round
@@ -160,6 +165,17 @@ class VLLMEngine:
             lps = [step[t].logprob for step, t in zip(done.logprobs, tokens)] if logprobs else None
             samples.append(Sample(tokens, lps))
         return samples
+
+    def close(self) -> None:
+        """Stop the engine and free its memory (a stage's engine ends with the stage)."""
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
 
     def sleep(self) -> None:
         """Free the KV cache and move the weights to host memory while the trainer updates (GPU only)."""

@@ -200,10 +200,17 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     summary_prompts = [summary_prompt(c, prompts) for c in shown_codes]
     code_prompts = [code_prompt(s, prompts) for s in shown_truths]
     engine = evaluation_engine(roles, cfg, summary_prompts, code_prompts)
-    summary_ids, summaries, ended = generate_texts(roles.summarizer, tokenizer, "summarizer", summary_prompts,
-                                                   cfg.max_new_tokens, cfg.batch_size, engine)
+    try:
+        summary_ids, summaries, ended = generate_texts(roles.summarizer, tokenizer, "summarizer", summary_prompts,
+                                                       cfg.max_new_tokens, cfg.batch_size, engine)
+        rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(
+            roles.coder, roles.coder_tokenizer, "coder", code_prompts, cfg.max_code_tokens, cfg.batch_size,
+            engine if roles.shared else None)
+    finally:
+        if engine is not None:
+            engine.close()
     report_phase = progress.update if progress is not None else (lambda done, **figures: None)
-    report_phase(1, phase="summaries written")
+    report_phase(1, phase="summaries written, codes rebuilt")
 
     # The coder scores summaries (the reward PPO optimises, copy penalty off: copy rate is reported on its own).
     reward = RewardModel(roles.coder, roles.coder_tokenizer, prompts, RewardConfig(
@@ -213,12 +220,6 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     other = partners(len(scored), cfg.seed)
     pairwise = scored_pairwise(reward, scored, true_out.ce, other)
     report_phase(2, phase="coder scored the summaries")
-
-    # The coder rebuilds each code from its true docstring.
-    rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(roles.coder, roles.coder_tokenizer, "coder", code_prompts,
-                                                         cfg.max_code_tokens, cfg.batch_size,
-                                                         engine if roles.shared else None)
-    report_phase(3, phase="coder rebuilt the codes")
 
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
     copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
@@ -235,6 +236,7 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         "summary_true_truncated": int(true_out.summary_truncated.sum()),
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
+    report_phase(3, phase="figures computed")
     samples = [{
         "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": shown_codes[i],
         "summary": truths[i], "generated_summary": summaries[i], "rebuilt_code": rebuilt[i],

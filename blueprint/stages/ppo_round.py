@@ -364,7 +364,12 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **metrics_engine, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = resumed_written(meta, ckpt_uri)
-    stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress)
+    try:
+        stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress)
+    finally:  # the engine's memory back before the coder's update
+        if trainer.engine is not None:
+            trainer.engine.engine.close()
+            trainer.engine = None
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))

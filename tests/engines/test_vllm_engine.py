@@ -127,8 +127,9 @@ def test_smoke_round_and_evaluation_with_vllm_complete_and_agree_with_hf(engine_
     steps = [json.loads(line) for line in storage.read_text(storage.join(out.uri, "steps.jsonl")).splitlines()]
     assert all(row["engine_logprob_gap_mean"] <= 0.01 and "engine_logprob_gap_max" in row for row in steps)
 
+    smaller = {"max_examples": 6, "pairwise_examples": 6, "max_code_tokens": 64}  # test time: ~1 min each
     evals = {engine: evaluate.run(parse(evaluate.EvaluateConfig, {**registry.get("evaluate").defaults("smoke"),
-                                                                    "engine": engine}),
+                                                                    **smaller, "engine": engine}),
                                   **_inputs(engine_chain, out.uri), out_uri=f"file://{tmp_path}/{engine}",
                                   progress=False)
              for engine in ("hf", "vllm")}
@@ -149,7 +150,8 @@ def test_a_base_the_engine_cannot_serve_fails_with_one_line_naming_base_engine_a
 
 def test_a_round_whose_engine_is_not_synced_stops_and_commits_nothing(engine_chain, tmp_path, monkeypatch):
     monkeypatch.setattr(PolicySampler, "sync", lambda self, model: 0.0)
-    cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "engine": "vllm", "ppo_steps": 3, "lr": 0.05})
+    cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "engine": "vllm", "ppo_steps": 3, "lr": 0.05,
+                                                  "supervised_steps": 0, "probe_size": 1})
     out_uri = f"file://{tmp_path}/round"
     with pytest.raises(EngineGapError, match="engine vllm: at PPO step"):
         ppo_round.run(cfg, **_inputs(engine_chain), out_uri=out_uri, progress=False)
