@@ -40,7 +40,7 @@ def model_and_tokenizer():
     config = AutoConfig.for_model("qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
                                   vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None,
-                                  tie_word_embeddings=True)
+                                  tie_word_embeddings=False)
     base = AutoModelForCausalLM.from_config(config).eval()
     model = lora.attach_adapters(base, ["summarizer"], lora.LoraSettings(dropout=0.0))
     lora.add_reference_adapter(model, "summarizer")
