@@ -115,8 +115,11 @@ class VLLMEngine:
             try:
                 # on CPU the share is of host RAM and vLLM counts the whole process (trainer included) against
                 # it: the KV cache is sized directly instead
+                # Also on CPU: no chunked prefill. A seeded request whose prefill is cut into chunks makes vLLM
+                # 0.32 rewind its generator's offset, which a CPU generator refuses (RuntimeError mid-rollout).
                 budget = dict(gpu_memory_utilization=memory) if self.gpu else dict(
-                    kv_cache_memory_bytes=int(memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+                    kv_cache_memory_bytes=int(memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                    enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
                 self.llm = LLM(model=tmp, skip_tokenizer_init=True, load_format="dummy",
                                dtype=str(dtype).removeprefix("torch."), seed=seed, enforce_eager=not self.gpu,
                                max_model_len=max_model_len, **budget,
