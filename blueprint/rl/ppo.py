@@ -5,7 +5,9 @@ frozen `reference` adapter (or the bare base when `reference_adapter=None`), and
 hidden states. Roles are switched with `set_adapter`, never copied. One `ppo_step`:
 
 1. rollout: sample `samples_per_query` responses per query with `model.generate` (left-padded queries, temperature
-   T), cut each at its first EOS (the EOS is kept as the last action; tokens after it are masked);
+   T), cut each at its first EOS (the EOS is kept as the last action; tokens after it are masked); a rollout
+   engine (`engine`, blueprint.engines) samples instead when set: its log-probs of the samples are checked against
+   the trainer's after step 3, and it gets the policy's new weights after every update;
 2. score: `score_fn(query_ids, response_ids)` → scalar scores, minus `copy_penalty·copy_rate` (copy guard) and minus
    `missing_eos_penalty` for responses that never ended (Huang et al., "The N+ implementation details of RLHF");
 3. log π, log π_ref (at temperature T, dropout off) and values in one no-grad forward each;
