@@ -86,6 +86,7 @@ def lora_request_rate(model, steps: int) -> float:
         model.get_base_model().config.save_pretrained(tmp)
         llm = LLM(model=tmp, skip_tokenizer_init=True, load_format="dummy", dtype="float32", enforce_eager=True,
                   kv_cache_memory_bytes=1 << 30, max_model_len=256, enable_lora=True, max_lora_rank=16,
+                  enable_chunked_prefill=False, max_num_batched_tokens=8192,  # as VLLMEngine on CPU
                   enable_prefix_caching=False)
         rates = []  # the base keeps its dummy weights: exactly NEW_TOKENS are sampled, whatever the weights
         for i in range(steps + 1):
