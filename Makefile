@@ -8,14 +8,17 @@ PY := $(VENV)/bin/python
 install: $(VENV)/.installed
 
 # Exactly the lock (docker/requirements*.txt, written by `make lock`): torch first (TORCH_SPEC overrides it, e.g.
-# for a CUDA build), its own dependencies held to the lock, then every other pin, then the package without deps.
-LOCKS := docker/requirements.txt docker/requirements-test.txt docker/requirements-torch.txt
+# for a CUDA build), its own dependencies held to the lock, then every other pin, the CPU vLLM engine's pins without
+# their deps (ENGINE_LOCK= leaves it out; docker/lock.py says which packages it drops and why), then the package.
+ENGINE_LOCK ?= docker/requirements-engine-cpu.txt
+LOCKS := docker/requirements.txt docker/requirements-test.txt docker/requirements-torch.txt $(ENGINE_LOCK)
 $(VENV)/.installed: pyproject.toml $(LOCKS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c docker/requirements.txt "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r docker/requirements.txt -r docker/requirements-test.txt
+	$(if $(ENGINE_LOCK),$(PY) -m pip install -q --no-deps -r $(ENGINE_LOCK))
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -m pip check
+	$(PY) docker/lock.py --pip-check
 	touch $@
 
 test: install
@@ -41,6 +44,7 @@ bench: install
 	$(PY) benchmarks/reward_throughput.py
 	$(PY) benchmarks/ppo_throughput.py
 	$(PY) benchmarks/sandbox_throughput.py
+	$(PY) benchmarks/rollout_engines.py
 
 # ---- Images and Kubeflow delivery (README.md, section Run on Kubeflow) -------------------------------------------------------
 # IMAGE is the one image reference: `make push` pushes it, `make compile/submit/schedule` put it in the pipeline.
@@ -80,7 +84,8 @@ LOCK_VENV := .lock-venv
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(LOCK_VENV)/bin/python -m pip install -q ".[test]"
+	$(LOCK_VENV)/bin/python -m pip install -q ".[test,engine-cpu]"
+	$(LOCK_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(LOCK_VENV)/bin/python docker/lock.py
 	rm -rf $(LOCK_VENV)
 

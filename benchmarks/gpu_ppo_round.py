@@ -11,7 +11,11 @@ from the device name; FLOPs counted as 4 x parameters x tokens per pass: forward
 gradients, since LoRA weight gradients are negligible), reward-scoring samples/s, peak GPU memory, and the share of
 the step spent in generation. The last line is one JSON object.
 
-    .venv/bin/python benchmarks/gpu_ppo_round.py [--device cuda] [--dtype bfloat16] [--steps 3]
+`--engine vllm` samples the rollouts with a colocated vLLM engine (blueprint.engines; it sleeps during the update
+and gets the merged policy after each one): rollout tokens/s then include that sync, and the JSON adds
+vllm_startup_s, sync_s and the engine log-prob gap (bf16: compare with engine_max_gap's 0.1).
+
+    .venv/bin/python benchmarks/gpu_ppo_round.py [--device cuda] [--dtype bfloat16] [--steps 3] [--engine vllm]
     .venv/bin/python benchmarks/gpu_ppo_round.py --device cpu --dtype float32 --small --steps 1   # a CPU check
 """
 from __future__ import annotations
@@ -88,6 +92,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="a 1M-parameter shape (CPU check of the script)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
+    ap.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="what samples the rollouts")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = SMALL if args.small else QWEN2_05B
@@ -96,6 +101,17 @@ def main() -> None:
     cfg = PPOConfig(batch_size=args.batch, mini_batch_size=8, ppo_epochs=2, max_new_tokens=args.new_tokens,
                     min_new_tokens=args.new_tokens, lr=1e-4, missing_eos_penalty=0.0, copy_penalty=0.0)
     trainer = PPOTrainer(model, tok, cfg)
+    engine_figures = {}
+    if args.engine == "vllm":
+        from blueprint.engines.policy import PolicySampler
+        from blueprint.engines.settings import MAX_GAP
+        from blueprint.engines.vllm_engine import VLLMEngine
+
+        t0 = time.perf_counter()
+        engine = VLLMEngine(model, device=device, dtype=dtype, memory=None,
+                            max_model_len=args.prompt_len + args.new_tokens)
+        trainer.engine = PolicySampler(engine, model, "summarizer", MAX_GAP[args.dtype])
+        engine_figures["vllm_startup_s"] = round(time.perf_counter() - t0, 1)
     reward = RewardModel(model, tok, config=RewardConfig(max_code_tokens=args.prompt_len, copy_coef=0.0))
     gen = torch.Generator().manual_seed(1)
     queries = torch.randint(2, shape["vocab_size"], (args.batch, args.prompt_len), generator=gen)
@@ -114,8 +130,11 @@ def main() -> None:
     for i in range(1 + args.steps):
         t0 = time.perf_counter()
         stats = trainer.ppo_step(queries, score)
-        row = {"gen_s": stats["time/generate"], "score_s": timing["score_s"], "update_s": stats["time/update"],
-               "step_s": time.perf_counter() - t0}
+        row = {"gen_s": stats["time/generate"] + stats.get("time/sync", 0.0), "score_s": timing["score_s"],
+               "update_s": stats["time/update"], "step_s": time.perf_counter() - t0}
+        if "engine_logprob_gap_mean" in stats:
+            row.update(sync_s=stats["time/sync"], gap_mean=stats["engine_logprob_gap_mean"],
+                       gap_max=stats["engine_logprob_gap_max"])
         print(("warm-up " if i == 0 else f"step {i}   ") + "  ".join(f"{k}={v:.3f}" for k, v in row.items()),
               flush=True)
         if i:
@@ -125,6 +144,7 @@ def main() -> None:
     peak = peak_tflops(device, args.peak_tflops)
     result = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device), "dtype": args.dtype,
+        "engine": args.engine, **engine_figures,
         "parameters": n_params, "rollout_tokens_per_s": round(args.batch * args.new_tokens / med["gen_s"], 1),
         "update_tokens_per_s": round(update_tokens / med["update_s"], 1),
         "update_mfu": round(4 * n_params * update_tokens / med["update_s"] / (peak * 1e12), 4) if peak else None,

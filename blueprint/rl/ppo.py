@@ -5,7 +5,9 @@ frozen `reference` adapter (or the bare base when `reference_adapter=None`), and
 hidden states. Roles are switched with `set_adapter`, never copied. One `ppo_step`:
 
 1. rollout: sample `samples_per_query` responses per query with `model.generate` (left-padded queries, temperature
-   T), cut each at its first EOS (the EOS is kept as the last action; tokens after it are masked);
+   T), cut each at its first EOS (the EOS is kept as the last action; tokens after it are masked); a rollout
+   engine (`engine`, blueprint.engines) samples instead when set: its log-probs of the samples are checked against
+   the trainer's after step 3, and it gets the policy's new weights after every update;
 2. score: `score_fn(query_ids, response_ids)` → scalar scores, minus `copy_penalty·copy_rate` (copy guard) and minus
    `missing_eos_penalty` for responses that never ended (Huang et al., "The N+ implementation details of RLHF");
 3. log π, log π_ref (at temperature T, dropout off) and values in one no-grad forward each;
@@ -90,6 +92,7 @@ class PPOTrainer:
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
             repetition_penalty=1.0, no_repeat_ngram_size=0,  # override any hub defaults that would distort π
         )
+        self.engine = None       # a rollout engine (blueprint.engines.policy.PolicySampler) instead of generate()
         self.step = 0            # completed updates
         self.bad_batches = 0     # consecutive skipped batches
         self.skipped_total = 0
@@ -179,10 +182,15 @@ class PPOTrainer:
         self.model.eval()
         self._activate(cfg.policy_adapter)
         rows = rows_within(cfg.generate_batch_tokens, Q + cfg.max_new_tokens, B)
-        with torch.inference_mode(), self._autocast():
-            chunks = self._sample_per_query(query_ids[::k], seeds) if seeds is not None else [
-                self.model.generate(input_ids=input_ids[s:s + rows], attention_mask=attention_mask[s:s + rows],
-                                    generation_config=self.generation_config)[:, Q:] for s in range(0, B, rows)]
+        engine_logp = None
+        if self.engine is not None:  # the engine samples the same policy and returns its own log-probs of it
+            chunk, engine_logp = self.engine.sample(query_ids, k, seeds, cfg, self.eos_token_id, self.pad_token_id)
+            chunks = [chunk.to(self.device)]
+        else:
+            with torch.inference_mode(), self._autocast():
+                chunks = self._sample_per_query(query_ids[::k], seeds) if seeds is not None else [
+                    self.model.generate(input_ids=input_ids[s:s + rows], attention_mask=attention_mask[s:s + rows],
+                                        generation_config=self.generation_config)[:, Q:] for s in range(0, B, rows)]
         width = max(c.shape[1] for c in chunks)
         response = torch.cat([F.pad(c, (0, width - c.shape[1]), value=self.pad_token_id) for c in chunks]).clone()
         mask, lengths, has_eos = eos_cut(response, self.eos_token_id)
@@ -212,6 +220,8 @@ class PPOTrainer:
             t0 = time.perf_counter()
             self._score_forwards(r)
             timings["forward"] = time.perf_counter() - t0
+            if engine_logp is not None:  # stops the round when the engine did not sample this policy
+                r.engine_gap = self.engine.check(r.logp, engine_logp[:, :R], r.mask, self.step)
         return r
 
     # ---------------------------------------------------------------- step
@@ -277,14 +287,19 @@ class PPOTrainer:
             "returns/mean": masked_mean(returns, r.mask, reduce=reduce).item(),
         }
         stats.update({f"score/{k}": every(v).mean().item() for k, v in r.components.items()})
+        stats.update(r.engine_gap)
         if not math.isfinite(stats["kl"]) or stats["kl"] > cfg.max_kl:
             rolled_back = self._rollback()
             raise KLExplodedError(stats["kl"], cfg.max_kl, rolled_back, stats)
 
         self._last_good = self._snapshot()
+        if self.engine is not None:
+            self.engine.before_update()
         t0 = time.perf_counter()
         stats.update(self._update(r, advantages, returns))
         timings["update"] = time.perf_counter() - t0
+        if self.engine is not None:  # the next rollout samples the policy as updated now
+            timings["sync"] = self.engine.sync(self.model)
         self.kl_ctl.update(stats["kl"], B * distributed.world_size())
         self.step += 1
         stats["step"] = float(self.step)

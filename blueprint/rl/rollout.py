@@ -26,6 +26,7 @@ class Rollout:
     ref_logp: torch.Tensor | None = None
     values: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    engine_gap: dict[str, float] = field(default_factory=dict)  # engine_logprob_gap_mean/max when an engine sampled
 
     @property
     def finite(self) -> bool:

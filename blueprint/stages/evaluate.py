@@ -37,6 +37,7 @@ from blueprint.eval import execution, metrics as text_metrics, report
 from blueprint.eval.sandbox import SandboxSettings
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
+from blueprint.engines.settings import EngineSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.progress import Progress
@@ -55,7 +56,7 @@ OPTIONAL_INPUTS = ("previous", "coder_base")
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 
-class EvaluateConfig(RuntimeSettings, ParallelSettings, SandboxSettings):
+class EvaluateConfig(RuntimeSettings, EngineSettings, ParallelSettings, SandboxSettings):
     """What the evaluation generates and scores on the held-out split."""
 
     max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)",
@@ -90,8 +91,10 @@ class EvaluateConfig(RuntimeSettings, ParallelSettings, SandboxSettings):
 
 
 def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
-             batch_size: int) -> list[list[int]]:
+             batch_size: int, engine=None) -> list[list[int]]:
     """Greedy completion ids of each prompt with `adapter` active, cut after the first EOS (kept when emitted).
+
+    `engine` (a VLLMEngine): it generates instead, with `adapter`'s merged weights, in one call.
 
     Prompts are sorted by length before batching (little left padding), results come back in prompt order. On N
     data-parallel ranks each generates every N-th of those batches and the results are gathered: the same batches
@@ -104,6 +107,10 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
 
     ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if engine is not None:
+        if engine.loaded != adapter:
+            engine.load(model, adapter)
+        return [s.tokens for s in engine.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)]
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -158,11 +165,11 @@ def reward_stats(out, tag: str) -> dict[str, float]:
 
 
 def generate_texts(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
-                   batch_size: int) -> tuple[list[list[int]], list[str], list[bool]]:
+                   batch_size: int, engine=None) -> tuple[list[list[int]], list[str], list[bool]]:
     """(token ids without the final EOS, decoded texts, whether each ended with EOS) of `adapter`'s greedy
     completions."""
     eos = tokenizer.eos_token_id
-    generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size)
+    generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size, engine)
     ended = [bool(ids) and ids[-1] == eos for ids in generated]
     ids = [g[:-1] if e else g for g, e in zip(generated, ended)]
     return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), ended
@@ -216,11 +223,22 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     shown_truths = clip_tokens(roles.coder_tokenizer, truths, cfg.max_summary_tokens)
     coder_codes = shown_codes if roles.shared else clip_tokens(roles.coder_tokenizer, codes, cfg.max_code_tokens)
 
-    # The summarizer writes a summary of each code.
-    summary_ids, summaries, ended = generate_texts(roles.summarizer, tokenizer, "summarizer", [
-        summary_prompt(c, prompts) for c in shown_codes], cfg.max_new_tokens, cfg.batch_size)
+    # The summarizer writes a summary of each code (then the coder rebuilds codes: on one base the same engine
+    # serves both in turn; a second base's coder generates with hf rather than start a second engine).
+    summary_prompts = [summary_prompt(c, prompts) for c in shown_codes]
+    code_prompts = [code_prompt(s, prompts) for s in shown_truths]
+    engine = evaluation_engine(roles, cfg, summary_prompts, code_prompts)
+    try:
+        summary_ids, summaries, ended = generate_texts(roles.summarizer, tokenizer, "summarizer", summary_prompts,
+                                                       cfg.max_new_tokens, cfg.batch_size, engine)
+        rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(
+            roles.coder, roles.coder_tokenizer, "coder", code_prompts, cfg.max_code_tokens, cfg.batch_size,
+            engine if roles.shared else None)
+    finally:
+        if engine is not None:
+            engine.close()
     report_phase = progress.update if progress is not None else (lambda done, **figures: None)
-    report_phase(1, phase="summaries written")
+    report_phase(1, phase="summaries written, codes rebuilt")
 
     # The coder scores summaries (the reward PPO optimises, copy penalty off: copy rate is reported on its own).
     reward = RewardModel(roles.coder, roles.coder_tokenizer, prompts, RewardConfig(
@@ -231,13 +249,10 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     pairwise = scored_pairwise(reward, scored, true_out.ce, other)
     report_phase(2, phase="coder scored the summaries")
 
-    # The coder rebuilds each code from its true docstring.
-    rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(roles.coder, roles.coder_tokenizer, "coder", [
-        code_prompt(s, prompts) for s in shown_truths], cfg.max_code_tokens, cfg.batch_size)
-    report_phase(3, phase="coder rebuilt the codes")
+    # Code with tests: run in the sandbox (the round-trip code from the summaries generated with hf: the engine
+    # has served its two generations and is closed).
     tested, executed = code_tests.tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, functools.partial(
-        greedy_codes, roles, prompts, cfg), report_phase)
-
+        greedy_codes, roles, prompts, cfg), lambda _, **figures: report_phase(3, **figures))
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
     copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
     parsed = [text_metrics.parses(c) for c in rebuilt]
@@ -252,6 +267,7 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         "summary_true_truncated": int(true_out.summary_truncated.sum()), **tested,
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
+    report_phase(4 if executed else 3, phase="figures computed")
     samples = [{
         "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": shown_codes[i],
         "summary": truths[i], "generated_summary": summaries[i], "rebuilt_code": rebuilt[i],
@@ -261,6 +277,19 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
         **executed.get(i, {}),
     } for i, p in enumerate(pairs)]
     return values, samples
+
+
+def evaluation_engine(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: list[str], code_prompts: list[str]):
+    """The vLLM engine of this evaluation when `cfg.engine` resolves to vllm, sized for its longest generation."""
+    from blueprint.engines.vllm_engine import open_engine
+
+    def longest(tokenizer, texts: list[str]) -> int:
+        return max((len(ids) for ids in encode_prompts(tokenizer, texts)), default=0)
+    need = longest(roles.summarizer_tokenizer, summary_prompts) + cfg.max_new_tokens
+    if roles.shared:
+        need = max(need, longest(roles.coder_tokenizer, code_prompts) + cfg.max_code_tokens)
+    base = getattr(roles.summarizer, "name_or_path", "") or "the summarizer's base"
+    return open_engine(roles.summarizer, cfg, STAGE, base, need, progress=False, seed=cfg.seed)
 
 
 def headline(values: dict[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from blueprint import distributed, tracking
-from blueprint.rl import data_parallel
+from blueprint.rl import data_parallel, round_stats
+from blueprint.rl.probe import probe_metrics, probe_reward
 from blueprint.store import artifacts, storage
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
+from blueprint.engines.settings import EngineSettings
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
@@ -37,7 +39,7 @@ STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (t
 OPTIONAL_INPUTS = ("coder_base",)
 
 
-class PPORoundConfig(PPOConfig, RuntimeSettings, ParallelSettings):
+class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSettings):
     """One round: PPO on the summarizer (every PPOConfig setting applies), then the coder's supervised step.
 
     The PPO settings are PPOConfig's own fields, inherited, not copied; the round re-declares only the defaults it
@@ -157,39 +159,6 @@ class RoundScorer:
         return score, {"ce": out.ce, "gain": out.gain, "length_term": out.length_term}
 
 
-def probe_reward(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig, samples: int = 0) -> float:
-    """Mean reward of summaries of `codes`: greedy (samples=0), or `samples` draws per code at the PPO temperature
-    (the expected reward PPO maximises), from a fixed seed so before/after are paired and training RNG is untouched.
-    """
-    import torch
-
-    from blueprint.models import lora
-    from blueprint.models.batching import pad_batch
-
-    prompts = PromptConfig(style=cfg.prompt_style)
-    codes = [c for c in codes for _ in range(max(samples, 1))]
-    ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
-    batch, mask = pad_batch(ids, tokenizer.pad_token_id, "left", next(model.parameters()).device)
-    width = batch.shape[1]
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if samples else \
-        dict(do_sample=False)
-    cuda = [batch.device] if batch.device.type == "cuda" else []  # manual_seed seeds CUDA too: restore it after
-    with lora.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
-        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, **sampling,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    summaries = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return float(reward(codes, summaries).reward.mean())
-
-
-def probe_metrics(model, tokenizer, reward, codes: list[str], cfg: PPORoundConfig, when: str) -> dict[str, float]:
-    """`probe_reward_<when>` (greedy) and, with `probe_samples`, `probe_sampled_<when>` (expected reward)."""
-    out = {f"probe_reward_{when}": probe_reward(model, tokenizer, reward, codes, cfg)}
-    if cfg.probe_samples:
-        out[f"probe_sampled_{when}"] = probe_reward(model, tokenizer, reward, codes, cfg, cfg.probe_samples)
-    return out
-
-
 def task_name(cfg: PPORoundConfig) -> str:
     """The round's name in progress lines, as in the pipeline's task display names."""
     return f"{STAGE}-{cfg.round_index}"
@@ -242,20 +211,24 @@ def _open_round(cfg: PPORoundConfig, bases: Bases, adapters: str, ckpt_uri: str,
     return roles, trainer, (meta if resumed else {}), resumed
 
 
-def step_figures(cfg: PPORoundConfig, stats: dict[str, float]) -> dict[str, float]:
-    """A PPO step's figures as tracked: its statistics, its wall time and the rollout tokens per second."""
-    times = {k: v for k, v in stats.items() if k.startswith("time/")}
-    row = {k: v for k, v in stats.items() if k != "step"}
-    if times:
-        row["step_seconds"] = sum(times.values())
-    if stats.get("time/generate"):
-        row["rollout_tokens_per_s"] = stats.get("response_length", 0.0) * cfg.batch_size / stats["time/generate"]
-    return row
+def round_engine(cfg: PPORoundConfig, trainer, tokenizer, codes: list[str], base: str,
+                 progress: bool) -> dict[str, Any]:
+    """Give the trainer a vLLM engine serving the summarizer when `cfg.engine` resolves to vllm; the figures that
+    say which engine sampled."""
+    from blueprint.engines import settings as engine_settings
+    from blueprint.engines.vllm_engine import open_engine
+    from blueprint.models import runtime
 
+    prompts = PromptConfig(style=cfg.prompt_style)
+    longest = max(len(q) for q in encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes]))
+    engine = open_engine(trainer.model, cfg, STAGE, base, longest + cfg.max_new_tokens, progress, rank_seed(cfg))
+    if engine is None:
+        return {"engine": "hf"}
+    from blueprint.engines.policy import PolicySampler
 
-def global_step(cfg: PPORoundConfig, step: int, steps_per_round: int) -> int:
-    """The step across rounds (round r's step s), so the rounds' curves continue one another."""
-    return (cfg.round_index - 1) * steps_per_round + step
+    dtype = str(runtime.place(cfg).dtype).removeprefix("torch.")
+    trainer.engine = PolicySampler(engine, trainer.model, cfg.policy_adapter, engine_settings.max_gap(cfg, dtype))
+    return {"engine": "vllm", "engine_startup_s": round(engine.startup_s, 1)}
 
 
 def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: list[str], bases: Bases,
@@ -283,7 +256,8 @@ def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: l
             except KLExplodedError as exc:
                 return f"kl_exploded at step {step}: {exc}"
             stats_rows.append({"step": step, **stats})
-            tracker.log("summarizer", global_step(cfg, step + 1, cfg.ppo_steps), step_figures(cfg, stats))
+            tracker.log("summarizer", round_stats.global_step(cfg.round_index, step + 1, cfg.ppo_steps),
+                        round_stats.step_figures(stats, cfg.batch_size))
             bar.update(step + 1, reward=stats.get("score/mean", float("nan")), kl=stats.get("kl", 0.0))
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
                 with tempfile.TemporaryDirectory() as ck:
@@ -314,22 +288,6 @@ def resumed_written(meta: dict[str, Any], source: str) -> list[tuple[str, str]]:
     return [tuple(w) for w in (ranks[distributed.rank()] if ranks else meta.get("written", []))]
 
 
-def step_summary(stats_rows: list[dict]) -> dict[str, float]:
-    """First, last and mean of the per-step figures (skipped batches aside), and the seconds of each phase."""
-    out: dict[str, float] = {}
-    for phase in ("generate", "score", "forward", "update"):
-        times = [r[f"time/{phase}"] for r in stats_rows if f"time/{phase}" in r]
-        if times:
-            out[f"seconds_{phase}"] = round(sum(times), 3)
-    for key in ("score/mean", "score/gain", "kl", "kl_coef", "copy_rate", "response_length", "entropy", "clipfrac"):
-        values = [r[key] for r in stats_rows if key in r and not r.get("skipped")]
-        if values:
-            name = key.replace("/", "_")
-            out[f"{name}_first"], out[f"{name}_last"] = values[0], values[-1]
-            out[f"{name}_mean"] = sum(values) / len(values)
-    return out
-
-
 def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_dir: Path, out_uri: str,
             progress: bool = True) -> dict[str, Any]:
     with tracking.stage_tracker(task_name(cfg), out_dir, artifacts.config_dict(cfg), out_uri) as tracker:
@@ -355,14 +313,20 @@ def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_
     reward = RewardModel(roles.coder, roles.coder_tokenizer, PromptConfig(style=cfg.prompt_style), RewardConfig(
         length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
         max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens))
+    metrics_engine = round_engine(cfg, trainer, tokenizer, codes, bases.summarizer, progress)
     probe = codes[: cfg.probe_size]
     before = {k: v for k, v in meta.items() if k.startswith("probe_")} if resumed else \
         probe_metrics(model, tokenizer, reward, probe, cfg, "before")
-    metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **before}
+    metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **metrics_engine, **before}
     scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = resumed_written(meta, ckpt_uri)
-    stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress,
-                         tracker)
+    try:
+        stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress,
+                             tracker)
+    finally:  # the engine's memory back before the coder's update
+        if trainer.engine is not None:
+            trainer.engine.engine.close()
+            trainer.engine = None
     # The round's two halves, measured on the same codes: PPO improves the summaries for the current coder
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
@@ -374,7 +338,7 @@ def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_
     with open(out_dir / "steps.jsonl", "w") as f:  # content only: wall times go to the metrics
         for row in stats_rows:
             f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("time/")}, default=float) + "\n")
-    metrics.update(step_summary(stats_rows))
+    metrics.update(round_stats.step_summary(stats_rows))
     metrics.update(ppo_steps_done=len(stats_rows), skipped_batches=trainer.skipped_total, stopped=stopped or "",
                    seconds=round(time.time() - start, 1))
     return metrics
@@ -400,7 +364,7 @@ def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, s
                         progress=progress, task=task_name(cfg), lr_setting="coder_lr",
                         gradient_checkpointing=cfg.gradient_checkpointing,
                         track=tracker and step_logger(lambda step, row: tracker.log("coder", step, row),
-                                                      global_step(cfg, 0, cfg.supervised_steps)))
+                                                      round_stats.global_step(cfg.round_index, 0, cfg.supervised_steps)))
     roles.summarizer.set_adapter("summarizer")  # train_adapter made the coder active; the policy acts next
     return out
 

@@ -97,7 +97,7 @@ def stage_configs(settings: Mapping[str, Mapping[str, Any]], label: Callable[[st
                   here: bool = False) -> dict[str, Any]:
     """Each stage's config from `settings` ({stage: {key: value}}): the one place a run's settings are validated
     (by the API, `blueprint run` and `blueprint submit`), before any stage runs. An error names `label(stage)`.
-    `here`: the stages will run on this machine, so a `device=cuda` it cannot honour fails now too."""
+    `here`: the stages will run on this machine, so a `device=cuda` or `engine=vllm` it cannot honour fails now too."""
     check_stage_names(settings)
     configs = {}
     for stage, values in settings.items():
@@ -107,6 +107,10 @@ def stage_configs(settings: Mapping[str, Mapping[str, Any]], label: Callable[[st
                 from blueprint.models.runtime import resolve_device
 
                 resolve_device(configs[stage].device)
+            if here and getattr(configs[stage], "engine", None) == "vllm":
+                from blueprint.engines.settings import require
+
+                require(configs[stage])
         except ConfigError as exc:
             raise ConfigError(f"{label(stage)}: {exc}") from None
     return configs
