@@ -293,7 +293,7 @@ class PPOTrainer:
 
     def _update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         cfg, B = self.config, len(r.query_ids)
-        self.model.eval()  # dropout off even while training (Huang et al.): ratios must be 1 before the first step
+        checkpointing_without_dropout(self.model)
         self._activate(cfg.policy_adapter)
         totals: dict[str, float] = {}
         n, ranks, offset = 0, distributed.world_size(), distributed.rank() * B
@@ -389,6 +389,22 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self._last_good = None
 
+
+
+def checkpointing_without_dropout(model: nn.Module) -> int:
+    """Dropout off (Huang et al.: ratios must be 1 before the first step) with gradient checkpointing still live.
+
+    transformers checkpoints a decoder layer only while that layer is in training mode, so `eval()` alone turns
+    checkpointing off. Everything goes to eval, then the checkpointing layers themselves (not their children: the
+    attention and LoRA dropouts stay off) are flagged as training. Returns how many layers checkpoint.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer.training = True
+    return len(layers)
 
 
 def _std(x: torch.Tensor) -> float:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from blueprint.rl.copying import copy_rate, copy_rates
 from blueprint.rl.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead, eos_cut
@@ -530,3 +531,31 @@ def test_generation_in_token_budget_chunks_gives_whole_rollouts(micro_model, mic
     for i, ids in enumerate(chunked.response_ids):  # each row is its own sample, aligned after the chunks' padding
         assert chunked.response[i, :len(ids)].tolist() == ids
     assert torch.isfinite(chunked.logp[chunked.mask.bool()]).all()
+
+
+# ---------------------------------------------------------------- the GPU path on CPU (issue 31)
+
+
+def test_gradient_checkpointing_is_live_in_the_update_while_dropout_stays_off(micro_model, micro_tokenizer):
+    """transformers checkpoints a layer only in training mode; the update must still run without dropout."""
+    micro_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+    model = get_peft_model(micro_model, cfg(), adapter_name="summarizer")  # real dropout modules in every LoRA
+    model.add_adapter("reference", cfg())
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    assert len(layers) == micro_model.config.num_hidden_layers
+    checkpointed, dropout_in_training = set(), []
+    for layer in layers:  # count the checkpoint calls, each passed on to transformers' own function
+        def counted(fn, *args, _real=layer._gradient_checkpointing_func, _layer=layer, **kwargs):
+            checkpointed.add(id(_layer))
+            return _real(fn, *args, **kwargs)
+        layer._gradient_checkpointing_func = counted
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) or m.__class__.__name__.endswith("Attention"):
+            m.register_forward_pre_hook(lambda mod, args: dropout_in_training.append(mod) if mod.training else None)
+    trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=6))
+    trainer.make_rollout(code_queries(micro_tokenizer, 4), zero_score)
+    assert checkpointed == set()  # no backward in the rollout: nothing to checkpoint
+    trainer.ppo_step(code_queries(micro_tokenizer, 4), zero_score)
+    assert len(checkpointed) == len(layers)  # every decoder layer checkpointed during the update
+    assert dropout_in_training == []  # ... and no dropout or attention module ever ran in training mode
