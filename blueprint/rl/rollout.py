@@ -26,6 +26,8 @@ class Rollout:
     ref_logp: torch.Tensor | None = None
     values: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    permutation: torch.Tensor | None = None  # the update's first epoch, drawn before the no-grad forwards use it
+    padding: tuple[int, int] = (0, 0)         # (padding, all) token positions of the no-grad forwards
 
     @property
     def finite(self) -> bool:
