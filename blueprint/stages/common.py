@@ -124,7 +124,8 @@ def open_base(base: str, cfg: Any = None, progress: bool = True, task: str = "")
     if is_artifact(base) and not storage.is_s3(base):
         artifacts.read_manifest(base, verify="full")
         base = str(storage.local_path(base))
-    model, tokenizer = loading.load_base(base, dtype=where.dtype, attn_implementation=where.attn_implementation)
+    model, tokenizer = loading.load_base(base, dtype=where.dtype, attn_implementation=where.attn_implementation,
+                                         device=where.device)
     runtime.put(model, where)
     dtype, attention = str(where.dtype).removeprefix("torch."), model.config._attn_implementation
     note(task or "base", f"on {where.device} in {dtype} ({attention} attention"
