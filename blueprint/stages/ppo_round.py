@@ -98,6 +98,8 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, ParallelSettings):
 
 
 
+    scaled_batches = ("batch_size", "mini_batch_size", "coder_batch_size")
+
     def split_over_ranks(self) -> dict[str, int]:
         return {"batch_size/samples_per_query": self.batch_size // self.samples_per_query,
                 "coder_batch_size": self.coder_batch_size}
@@ -319,6 +321,7 @@ def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_d
     from blueprint.rl.reward import RewardConfig, RewardModel
 
     start = time.time()
+    cfg = cfg.totals(distributed.world_size())  # the trainer and the draw count the step's totals
     torch.manual_seed(rank_seed(cfg))
     ckpt_uri = storage.join(out_uri, CHECKPOINT)
     roles, trainer, meta, resumed = _open_round(cfg, bases, adapters, ckpt_uri, progress)
