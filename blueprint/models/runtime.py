@@ -130,6 +130,22 @@ def put(model: Any, where: Placement) -> Any:
     return model
 
 
+def checkpointing_without_dropout(model: Any) -> int:
+    """Dropout off (Huang et al.: ratios must be 1 before the first step) with gradient checkpointing still live.
+
+    transformers checkpoints a decoder layer only while that layer is in training mode, so `eval()` alone turns
+    checkpointing off. Everything goes to eval, then the checkpointing layers themselves (not their children: the
+    attention and LoRA dropouts stay off) are flagged as training. Returns how many layers checkpoint.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer.training = True
+    return len(layers)
+
+
 class OutOfMemory(UserError, RuntimeError):
     """A stage ran out of accelerator (or host) memory; the message names the settings that bound its memory."""
 

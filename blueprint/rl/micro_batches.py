@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from blueprint import distributed
+from blueprint.rl import data_parallel
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,32 @@ def pack(rows: torch.Tensor, query_len: torch.Tensor, response_len: torch.Tensor
         current.append(row)
     parts.append(current)
     return [trim(torch.tensor(p), query_len, response_len, query_width) for p in parts]
+
+
+def grouped_by_length(permutation: torch.Tensor, query_len: torch.Tensor, size: int) -> torch.Tensor:
+    """`permutation` (of the step's rows) reordered so that each run of `size` rows, a mini-batch, holds queries of
+    similar length: sorted by query length (ties keep the permutation's random order), cut into runs, the runs in
+    the order their earliest row comes in `permutation`. Rows of equal length: `permutation` itself. Every row is
+    still used once an epoch; what changes is which rows share a mini-batch (as transformers' group_by_length)."""
+    ordered = permutation[torch.sort(query_len[permutation], stable=True).indices]
+    position = torch.empty_like(permutation)
+    position[permutation] = torch.arange(len(permutation))
+    runs = sorted(ordered.split(size), key=lambda run: int(position[run].min()))
+    return torch.cat(runs)
+
+
+def epoch_layout(permutation: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, cfg: Any
+                 ) -> list[tuple[torch.Tensor, list[MicroBatch]]]:
+    """One epoch of a rank's rollout (`attention_mask`, response `mask`): the mini-batches of the global
+    `permutation` (grouped by length when `cfg.group_by_length`), each with this rank's micro-batches of it."""
+    n_local = mask.shape[0]
+    query_len, response_len = (t.cpu() for t in row_lengths(attention_mask, mask))
+    query_width, offset = attention_mask.shape[1] - mask.shape[1], distributed.rank() * n_local
+    max_rows = min(cfg.mini_batch_size, cfg.forward_batch_size or cfg.mini_batch_size)
+    if cfg.group_by_length:
+        permutation = grouped_by_length(permutation, distributed.all_cat(query_len), cfg.mini_batch_size)
+    return [(idx, pack(data_parallel.owned_rows(idx, offset, n_local), query_len, response_len, query_width,
+                       cfg.update_batch_tokens, max_rows)) for idx in permutation.split(cfg.mini_batch_size)]
 
 
 def padding_share(parts: Sequence[MicroBatch], query_len: torch.Tensor, response_len: torch.Tensor) -> tuple[int, int]:

@@ -34,7 +34,8 @@ from transformers import GenerationConfig
 from blueprint import distributed
 from blueprint.rl import data_parallel
 from blueprint.rl.copying import copy_rates
-from blueprint.rl.micro_batches import MicroBatch, pack, padding_share, row_lengths
+from blueprint.models import runtime
+from blueprint.rl.micro_batches import MicroBatch, epoch_layout, padding_share, row_lengths
 from blueprint.rl.rollout import Rollout, query_lists, rows_within
 from blueprint.errors import UserError
 from blueprint.models.batching import pad_batch
@@ -131,22 +132,13 @@ class PPOTrainer:
         return self._forward(r.input_ids[rows, part.start:part.stop], r.attention_mask[rows, part.start:part.stop],
                              part.width, with_values)
 
-    def _layout(self, r: Rollout, permutation: torch.Tensor) -> list[tuple[torch.Tensor, list[MicroBatch]]]:
-        """One epoch: the mini-batches of the global `permutation`, each with this rank's micro-batches of it."""
-        cfg, B = self.config, len(r.query_ids)
-        query_len, response_len = (t.cpu() for t in row_lengths(r.attention_mask, r.mask))
-        query_width, offset = r.input_ids.shape[1] - r.response.shape[1], distributed.rank() * B
-        max_rows = min(cfg.mini_batch_size, cfg.forward_batch_size or cfg.mini_batch_size)
-        return [(idx, pack(data_parallel.owned_rows(idx, offset, B), query_len, response_len, query_width,
-                           cfg.update_batch_tokens, max_rows)) for idx in permutation.split(cfg.mini_batch_size)]
-
     @torch.inference_mode()
     def _score_forwards(self, r: Rollout) -> None:
         """log π, log π_ref, values and entropy for the whole rollout, without grad, in eval mode (no dropout), in
         the micro-batches of the update's first epoch: old and new log-probs computed alike (`micro_batches`)."""
         T, (B, R) = self.config.temperature, r.response.shape
         out = {k: torch.zeros(B, R, device=self.device) for k in ("logp", "ref_logp", "values", "entropy")}
-        parts = [part for _, mini in self._layout(r, r.permutation) for part in mini]
+        parts = [part for _, mini in epoch_layout(r.permutation, r.attention_mask, r.mask, self.config) for part in mini]
         for part in parts:
             rows, resp = part.rows.to(self.device), r.response[part.rows.to(self.device), :part.width]
             self._activate(self.config.policy_adapter)
@@ -315,15 +307,15 @@ class PPOTrainer:
 
     def _update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         cfg, B = self.config, len(r.query_ids)
-        checkpointing_without_dropout(self.model)
+        runtime.checkpointing_without_dropout(self.model)
         self._activate(cfg.policy_adapter)
         totals: dict[str, float] = {}
         n, ranks = 0, distributed.world_size()
         valid_per_row = distributed.all_cat(r.mask.sum(1).cpu())  # every rank's rows, for the global token shares
         for epoch in range(cfg.ppo_epochs):
             first = r.permutation if epoch == 0 and r.permutation is not None else None
-            for idx, parts in self._layout(r, first if first is not None else
-                                           data_parallel.global_permutation(B * ranks)):
+            permutation = first if first is not None else data_parallel.global_permutation(B * ranks)
+            for idx, parts in epoch_layout(permutation, r.attention_mask, r.mask, cfg):
                 self.optimizer.zero_grad(set_to_none=True)
                 st = self._accumulate(r, parts, advantages, returns, valid_per_row[idx].sum().clamp(min=1),
                                       whole=ranks == 1 and len(parts) == 1)
@@ -390,15 +382,8 @@ class PPOTrainer:
             "step": self.step, "bad_batches": self.bad_batches, "skipped_total": self.skipped_total,
             "kl_ctl": self.kl_ctl.state_dict(), "optimizer": self.optimizer.state_dict(),
             "value_head": self.value_head.state_dict(), "config": self.config.to_dict(),
-            "rng": self._rng_states(),
+            "rng": data_parallel.rng_states(),
         }
-
-    @staticmethod
-    def _rng_states() -> dict:
-        """This process's RNG state; on N ranks also every rank's (a collective: every rank calls it), so a resumed
-        round continues each rank's own stream."""
-        own = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        return own if distributed.world_size() == 1 else {**own, "ranks": distributed.all_objects(own)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.bad_batches = int(state["step"]), int(state["bad_batches"])
@@ -406,30 +391,9 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
-        ranks = rng.get("ranks") or [rng]
-        rng = ranks[distributed.rank()] if len(ranks) == distributed.world_size() else rng
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        data_parallel.restore_rng(state["rng"])
         self._last_good = None
 
-
-
-def checkpointing_without_dropout(model: nn.Module) -> int:
-    """Dropout off (Huang et al.: ratios must be 1 before the first step) with gradient checkpointing still live.
-
-    transformers checkpoints a decoder layer only while that layer is in training mode, so `eval()` alone turns
-    checkpointing off. Everything goes to eval, then the checkpointing layers themselves (not their children: the
-    attention and LoRA dropouts stay off) are flagged as training. Returns how many layers checkpoint.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    model.eval()
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    for layer in layers:
-        layer.training = True
-    return len(layers)
 
 
 def _std(x: torch.Tensor) -> float:

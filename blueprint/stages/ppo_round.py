@@ -96,8 +96,6 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, ParallelSettings):
         0.0, "share of the round's codes drawn from the rows that are new since the dataset this one grew from "
              "(incremental sharding), so a scheduled retrain learns from what changed; 0 = a uniform draw", ge=0, le=1)
 
-
-
     scaled_batches = ("batch_size", "mini_batch_size", "coder_batch_size")
 
     def split_over_ranks(self) -> dict[str, int]:

@@ -593,3 +593,14 @@ def test_micro_batches_drop_padding_columns_and_group_rows_by_length():
     assert padding_share(split, query_len, response_len) == (66 - 49, 66)
     assert [p.rows.tolist() for p in pack(rows, query_len, response_len, 10, None, max_rows=4)] == [[5, 1, 3, 0],
                                                                                                     [4, 2]]
+
+
+def test_mini_batches_group_queries_of_similar_length_and_keep_equal_lengths_in_random_order():
+    from blueprint.rl.micro_batches import grouped_by_length
+
+    permutation = torch.tensor([4, 0, 5, 2, 1, 3])
+    query_len = torch.tensor([50, 10, 40, 12, 48, 11])
+    grouped = grouped_by_length(permutation, query_len, size=2)
+    assert [sorted(query_len[run].tolist()) for run in grouped.split(2)] == [[48, 50], [10, 11], [12, 40]]
+    assert sorted(grouped.tolist()) == list(range(6))  # every row once
+    assert torch.equal(grouped_by_length(permutation, torch.full((6,), 7), size=2), permutation)
