@@ -130,9 +130,12 @@ def init_from_env(timeout_s: int, device: str = "auto") -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     cuda = torch.cuda.is_available() and device != "cpu"
+    gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        torch.cuda.set_device(gpu)
+    # device_id binds NCCL to the rank's GPU at once (no guessing it at the first collective, no stray context)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                            **({"device_id": gpu} if cuda else {}))
 
 
 def shutdown() -> None:

@@ -604,3 +604,18 @@ def test_mini_batches_group_queries_of_similar_length_and_keep_equal_lengths_in_
     assert [sorted(query_len[run].tolist()) for run in grouped.split(2)] == [[48, 50], [10, 11], [12, 40]]
     assert sorted(grouped.tolist()) == list(range(6))  # every row once
     assert torch.equal(grouped_by_length(permutation, torch.full((6,), 7), size=2), permutation)
+
+
+def test_the_gpu_benchmark_tells_h100_variants_apart():
+    """MFU against the wrong peak misstates it by up to 1.3x: PCIe and NVL are not the SXM part."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_ppo_round.py"
+    spec = importlib.util.spec_from_file_location("gpu_ppo_round", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.peak_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_for("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_for("NVIDIA H100 NVL") == 835.0
+    assert bench.peak_for("NVIDIA H200") == 989.0 and bench.peak_for("Tesla T4") is None
