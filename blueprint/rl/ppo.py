@@ -138,7 +138,8 @@ class PPOTrainer:
         the micro-batches of the update's first epoch: old and new log-probs computed alike (`micro_batches`)."""
         T, (B, R) = self.config.temperature, r.response.shape
         out = {k: torch.zeros(B, R, device=self.device) for k in ("logp", "ref_logp", "values", "entropy")}
-        parts = [part for _, mini in epoch_layout(r.permutation, r.attention_mask, r.mask, self.config) for part in mini]
+        layout = epoch_layout(r.permutation, r.attention_mask, r.mask, self.config)
+        parts = [part for _, mini in layout for part in mini]
         for part in parts:
             rows, resp = part.rows.to(self.device), r.response[part.rows.to(self.device), :part.width]
             self._activate(self.config.policy_adapter)

@@ -253,7 +253,8 @@ def test_ranks_of_one_machine_download_an_s3_base_once(micro_model, micro_tokeni
     local = _save_base(micro_model, micro_tokenizer, tmp_path / "base")
     uri = f"{s3_bucket}/bootstrap/base"
     storage.upload_dir(local, uri)
-    storage.write_json(f"{uri}/_MANIFEST.json", {"files": {p.name: {"size": p.stat().st_size} for p in local.iterdir()}})
+    files = {p.name: {"size": p.stat().st_size} for p in local.iterdir()}
+    storage.write_json(f"{uri}/_MANIFEST.json", {"files": files})
     code = ("import sys; from blueprint.models.loading import fetch_s3_dir; "
             "print('->', fetch_s3_dir(sys.argv[1], sys.argv[2]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(tmp_path / "cache")], stdout=subprocess.PIPE,
