@@ -396,6 +396,5 @@ class PPOTrainer:
         self._last_good = None
 
 
-
 def _std(x: torch.Tensor) -> float:
     return x.std().item() if x.numel() > 1 else 0.0
