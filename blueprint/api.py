@@ -21,7 +21,7 @@ from blueprint.config import ConfigError, parse
 from blueprint.errors import UserError
 from blueprint.data.sources import resolve_source
 from blueprint.stages import registry
-from blueprint.stages.common import checked_bases
+from blueprint.stages.common import checked_bases, release_memory
 
 
 class BluePrint:
@@ -48,7 +48,10 @@ class BluePrint:
     def _stage(self, name: str, extra: dict[str, Any] | None = None, **inputs: str) -> artifacts.StageOutput:
         spec = registry.get(name)
         cfg = parse(spec.config_type(), {**self.settings[name], **(extra or {})})
-        return spec.load().run(cfg, **inputs, artifact_root=self.artifact_root, progress=self.progress)
+        try:
+            return spec.load().run(cfg, **inputs, artifact_root=self.artifact_root, progress=self.progress)
+        finally:
+            release_memory()  # this stage's model, before the next stage loads its own
 
     def prepare(self) -> None:
         """Shard the dataset, build the `tiny` base when asked for, and warm both adapters up (cached)."""

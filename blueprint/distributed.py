@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pydantic import field_validator
 
@@ -29,16 +29,33 @@ class ParallelSettings(Settings):
                             "processes (needs the Trainer operator; see README, Multi-node stages)", ge=1)
     collective_timeout: int = setting(600, "seconds a collective waits for the other ranks before the job fails "
                                            "(a dead or stuck rank)", ge=10)
+    batch_scope: Literal["rank", "global"] = setting(
+        "rank", 'what the stage\'s batch sizes count: "rank" (each process\'s own: the step\'s totals grow with '
+                'nproc x nodes, so any process count works and each rank keeps full batches) or "global" (the '
+                "step's totals, split evenly over the processes, refused where they do not split: a run that must "
+                "equal the one-process run)")
+
+    # the settings that count rows of a step (a stage's own): per rank or totals, as batch_scope says
+    scaled_batches: ClassVar[tuple[str, ...]] = ()
 
     def split_over_ranks(self) -> dict[str, int]:
         """{setting: count} of the batches each rank takes an equal share of (a stage's own)."""
         return {}
 
+    def totals(self, world: int) -> Any:
+        """This config with the step's totals in `scaled_batches` (per-rank sizes x `world` under batch_scope=rank):
+        what the stage computes with, written for totals."""
+        if self.batch_scope == "global" or world == 1:
+            return self
+        return self.model_copy(update={k: getattr(self, k) * world for k in self.scaled_batches})
+
     def check_world(self, world: int) -> None:
         """Refuse, before any work, a batch that does not split evenly over `world` processes, naming it."""
-        for name, count in self.split_over_ranks().items():
+        for name, count in self.totals(world).split_over_ranks().items():
             if count % world:
-                raise ConfigError(f"{name}={count} does not split evenly over {world} processes (nproc x nodes)")
+                raise ConfigError(f"{name}={count} does not split evenly over {world} processes (nproc x nodes)"
+                                  + (" (batch_scope=global; batch_scope=rank scales it)"
+                                     if self.batch_scope == "global" else ""))
 
     def to_dict(self) -> dict[str, Any]:
         """As Settings.to_dict, less collective_timeout: how long a collective may wait decides nothing in the
@@ -113,9 +130,12 @@ def init_from_env(timeout_s: int, device: str = "auto") -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     cuda = torch.cuda.is_available() and device != "cpu"
+    gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        torch.cuda.set_device(gpu)
+    # device_id binds NCCL to the rank's GPU at once (no guessing it at the first collective, no stray context)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                            **({"device_id": gpu} if cuda else {}))
 
 
 def shutdown() -> None:

@@ -86,3 +86,25 @@ def test_seed_snippet_runs_verbatim_in_a_folder_holding_a_model_named_base(smoke
     for path in ("out/code_to_summary", "out/summary_to_code"):
         assert AutoModelForCausalLM.from_pretrained(path).config.model_type == "llama"
         assert AutoTokenizer.from_pretrained(path).eos_token is not None
+
+
+def test_a_stage_run_by_the_api_leaves_no_model_behind(smoke_chain, tmp_path):
+    """Stages share one process under the API: a model kept alive by a reference cycle (accelerate's forward
+    patch makes one) would be freed only by a full collection, and the next stage would hold a second copy. With
+    the automatic collector off, only an explicit release at the end of the stage can free it."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    def alive() -> set[int]:
+        return {id(o) for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
+
+    base_dir = str(storage.local_path(smoke_chain["base"]))
+    bp = BluePrint(base_dir, base_dir, artifact_root=str(tmp_path / "artifacts"), settings=SMOKE, progress=False)
+    before = alive()
+    gc.disable()
+    try:
+        bp.prepare()  # shard, warmup (a model stage) and evaluate (another), in this process
+        assert alive() - before == set()
+    finally:
+        gc.enable()

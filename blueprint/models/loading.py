@@ -2,6 +2,7 @@
 spends time on it, with a tokenizer that can pad."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -101,23 +102,27 @@ def fetch_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
         files = json.loads(raw).get("files") or {}
     except (ValueError, AttributeError) as exc:
         raise ModelLoadError(f"base model {uri!r}: its {MANIFEST_NAME} is not a JSON object: {exc}") from None
-    tmp = target / f".partial-{digest[:32]}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        storage.download_dir(root, tmp, files=sorted(files) or None)
-        (tmp / MANIFEST_NAME).unlink(missing_ok=True)
-        for rel, meta in files.items():
-            if "sha256" in meta and sha256_file(tmp / rel) != meta["sha256"]:
-                raise ModelLoadError(f"base model {uri!r}: {rel} does not match its sha256 in {MANIFEST_NAME}")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():  # another process won the race: its copy is as good as ours
-                raise
-    except storage.StorageError as exc:
-        raise ModelLoadError(f"base model {uri!r}: download failed: {exc}") from exc
-    finally:
+    target.mkdir(parents=True, exist_ok=True)
+    # One download per machine: the ranks of a node (and pods sharing the cache) wait on one lock file, the first
+    # downloads, the others find its copy; 8 ranks never fetch 8 copies of a 15 GB base.
+    with open(target / f".lock-{digest[:32]}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():
+            return final
+        print(f"base model {uri}: downloading {len(files)} files to {final}", flush=True)
+        tmp = target / f".partial-{digest[:32]}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            storage.download_dir(root, tmp, files=sorted(files) or None)
+            (tmp / MANIFEST_NAME).unlink(missing_ok=True)
+            for rel, meta in files.items():
+                if "sha256" in meta and sha256_file(tmp / rel) != meta["sha256"]:
+                    raise ModelLoadError(f"base model {uri!r}: {rel} does not match its sha256 in {MANIFEST_NAME}")
+            os.replace(tmp, final)
+        except storage.StorageError as exc:
+            raise ModelLoadError(f"base model {uri!r}: download failed: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -126,12 +131,15 @@ def _is_local(name: str) -> bool:
 
 
 def load_base(name: str, *, dtype: torch.dtype | str = torch.float32, cache_dir: str | Path | None = None,
-              attn_implementation: str | None = None) -> tuple[PreTrainedModel, Any]:
+              attn_implementation: str | None = None, device: torch.device | str | None = None
+              ) -> tuple[PreTrainedModel, Any]:
     """(causal LM in eval mode, tokenizer) from a hub id, a local directory, or a committed `s3://` directory.
 
     Fails fast and names `name` on: a missing directory, a directory without config or weights, an unknown or
     unreachable hub id. Offline (HF_HUB_OFFLINE=1) hub ids are served from the local HF cache only. A tokenizer
     without a pad token gets pad = EOS (see `ensure_pad_token`). `cache_dir` is where s3 directories are cached.
+    `device`: the weights are loaded straight onto it (a device map of one device), never first to host memory,
+    where 8 ranks converting a checkpoint would hold 8 copies at once.
     """
     name = str(name)
     if name.startswith("s3://"):
@@ -152,7 +160,9 @@ def load_base(name: str, *, dtype: torch.dtype | str = torch.float32, cache_dir:
             check_sizes(name, Path(path), config)
         published = str(config.dtype or "float32").removeprefix("torch.")  # loading in `dtype` overwrites it
         attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **attention, **source)
+        placement = {"device_map": {"": torch.device(device)}} if device is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **attention, **placement,
+                                                     **source)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:

@@ -31,7 +31,7 @@ class RuntimeSettings(Settings):
     device: str = setting("auto", "auto (CUDA when visible, else CPU) | cpu | cuda | cuda:N")
     dtype: str = setting("auto", "weights' dtype: auto (bf16 on a GPU that has it, else fp16 on a GPU, fp32 on "
                                  "CPU) | float32 | bfloat16 | float16. LoRA weights and optimizer state stay fp32")
-    attn_implementation: str = setting("auto", "auto (flash_attention_2 on CUDA when installed, else what "
+    attn_implementation: str = setting("auto", "auto (flash_attention_2 on CUDA in bf16/fp16 when installed, else what "
                                                "transformers picks: sdpa where the architecture has it) | sdpa | "
                                                "eager | flash_attention_2")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory for "
@@ -91,12 +91,19 @@ def resolve_dtype(dtype: str, device: Any) -> Any:
     return getattr(torch, dtype)
 
 
-def resolve_attention(attn: str, device: Any) -> str | None:
-    installed = importlib.util.find_spec("flash_attn") is not None
+def resolve_attention(attn: str, device: Any, dtype: Any, flash_installed: bool | None = None) -> str | None:
+    """The attention transformers gets: flash-attention 2 only on CUDA, installed, with 16-bit weights (it rejects
+    fp32, the merge stage's default); `flash_installed` None = look for the flash-attn package."""
+    import torch
+
+    if flash_installed is None:
+        flash_installed = importlib.util.find_spec("flash_attn") is not None
+    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     if attn == "auto":
-        return "flash_attention_2" if device.type == "cuda" and installed else None
-    if attn == "flash_attention_2" and (not installed or device.type != "cuda"):
-        raise ConfigError("attn_implementation='flash_attention_2': needs CUDA and the flash-attn package; "
+        return "flash_attention_2" if device.type == "cuda" and flash_installed and sixteen_bit else None
+    if attn == "flash_attention_2" and (not flash_installed or device.type != "cuda" or not sixteen_bit):
+        raise ConfigError(f"attn_implementation='flash_attention_2': needs CUDA, the flash-attn package and "
+                          f"dtype bfloat16 or float16 (here {str(dtype).removeprefix('torch.')} on {device.type}); "
                           "use sdpa")
     return attn
 
@@ -109,8 +116,9 @@ def place(settings: RuntimeSettings) -> Placement:
         import torch
 
         torch.cuda.set_device(device)
-    return Placement(device, resolve_dtype(settings.dtype, device),
-                     resolve_attention(settings.attn_implementation, device), settings.gradient_checkpointing)
+    dtype = resolve_dtype(settings.dtype, device)
+    return Placement(device, dtype, resolve_attention(settings.attn_implementation, device, dtype),
+                     settings.gradient_checkpointing)
 
 
 def put(model: Any, where: Placement) -> Any:
@@ -120,6 +128,22 @@ def put(model: Any, where: Placement) -> Any:
     if where.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def checkpointing_without_dropout(model: Any) -> int:
+    """Dropout off (Huang et al.: ratios must be 1 before the first step) with gradient checkpointing still live.
+
+    transformers checkpoints a decoder layer only while that layer is in training mode, so `eval()` alone turns
+    checkpointing off. Everything goes to eval, then the checkpointing layers themselves (not their children: the
+    attention and LoRA dropouts stay off) are flagged as training. Returns how many layers checkpoint.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer.training = True
+    return len(layers)
 
 
 class OutOfMemory(UserError, RuntimeError):

@@ -70,3 +70,19 @@ def in_step_order(items: list, per_step: int) -> list:
     rank by rank within a step."""
     parts = distributed.all_objects(items)
     return [x for step in range(0, len(items), per_step) for part in parts for x in part[step:step + per_step]]
+
+
+def rng_states() -> dict:
+    """This process's RNG state; on N ranks also every rank's (a collective: every rank calls it), so a resumed
+    round continues each rank's own stream."""
+    own = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return own if distributed.world_size() == 1 else {**own, "ranks": distributed.all_objects(own)}
+
+
+def restore_rng(rng: dict) -> None:
+    """This rank's stream from `rng_states()` (the saved process's own when the rank counts differ)."""
+    ranks = rng.get("ranks") or [rng]
+    rng = ranks[distributed.rank()] if len(ranks) == distributed.world_size() else rng
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -36,6 +36,8 @@ from transformers import GenerationConfig
 from blueprint import distributed
 from blueprint.rl import data_parallel
 from blueprint.rl.copying import copy_rates
+from blueprint.models import runtime
+from blueprint.rl.micro_batches import MicroBatch, epoch_layout, padding_share, row_lengths
 from blueprint.rl.rollout import Rollout, query_lists, rows_within
 from blueprint.errors import UserError
 from blueprint.models.batching import pad_batch
@@ -126,30 +128,40 @@ class PPOTrainer:
         dtype = self.config.autocast_dtype
         return torch.autocast(self.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None)
 
+    def _forward_part(self, r: Rollout, part: MicroBatch, with_values: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_forward` of the rows and columns of one micro-batch (see `micro_batches`)."""
+        rows = part.rows.to(self.device)
+        return self._forward(r.input_ids[rows, part.start:part.stop], r.attention_mask[rows, part.start:part.stop],
+                             part.width, with_values)
+
     @torch.inference_mode()
     def _score_forwards(self, r: Rollout) -> None:
-        """log π, log π_ref, values and entropy for the whole rollout, without grad, in eval mode (no dropout)."""
-        chunk = self.config.forward_batch_size or len(r.query_ids)
-        T, R = self.config.temperature, r.response.shape[1]
-        parts: dict[str, list[torch.Tensor]] = {"logp": [], "ref_logp": [], "values": [], "entropy": []}
-        for s in range(0, len(r.query_ids), chunk):
-            ids, am, resp = r.input_ids[s:s + chunk], r.attention_mask[s:s + chunk], r.response[s:s + chunk]
+        """log π, log π_ref, values and entropy for the whole rollout, without grad, in eval mode (no dropout), in
+        the micro-batches of the update's first epoch: old and new log-probs computed alike (`micro_batches`)."""
+        T, (B, R) = self.config.temperature, r.response.shape
+        out = {k: torch.zeros(B, R, device=self.device) for k in ("logp", "ref_logp", "values", "entropy")}
+        layout = epoch_layout(r.permutation, r.attention_mask, r.mask, self.config)
+        parts = [part for _, mini in layout for part in mini]
+        for part in parts:
+            rows, resp = part.rows.to(self.device), r.response[part.rows.to(self.device), :part.width]
             self._activate(self.config.policy_adapter)
-            logits, values = self._forward(ids, am, R, with_values=True)
+            logits, values = self._forward_part(r, part, with_values=True)
             logp, entropy = logprobs_and_entropy(logits, resp, T)
             del logits
             if self.config.reference_adapter is None:
                 with self.model.disable_adapter():
-                    ref_logits, _ = self._forward(ids, am, R, with_values=False)
+                    ref_logits, _ = self._forward_part(r, part, with_values=False)
             else:
                 self._activate(self.config.reference_adapter)
-                ref_logits, _ = self._forward(ids, am, R, with_values=False)
+                ref_logits, _ = self._forward_part(r, part, with_values=False)
             ref_logp, _ = logprobs_and_entropy(ref_logits, resp, T, with_entropy=False)
-            for k, v in zip(parts, [logp, ref_logp, values, entropy]):
-                parts[k].append(v.float())
+            for k, v in zip(("logp", "ref_logp", "values", "entropy"), (logp, ref_logp, values, entropy)):
+                out[k][rows, :part.width] = v.float()
         self._activate(self.config.policy_adapter)
-        for k, v in parts.items():  # clone out of inference mode: these become constants inside the PPO loss
-            setattr(r, k, torch.cat(v).clone())
+        for k, v in out.items():  # clone out of inference mode: these become constants inside the PPO loss
+            setattr(r, k, v.clone())
+        r.padding = padding_share(parts, *row_lengths(r.attention_mask.cpu(), r.mask.cpu()))
 
     # ---------------------------------------------------------------- rollout
 
@@ -216,8 +228,9 @@ class PPOTrainer:
         r = Rollout(query_ids, response_ids, torch.cat([input_ids, response], 1),
                     torch.cat([attention_mask, torch.ones_like(response)], 1), response, mask, has_eos.cpu(),
                     raw, rate, scores, components)
-        if r.finite:
+        if data_parallel.all_finite(r.finite):  # a skipped batch draws nothing (and on no rank)
             t0 = time.perf_counter()
+            r.permutation = data_parallel.global_permutation(B * distributed.world_size())  # the first epoch's
             self._score_forwards(r)
             timings["forward"] = time.perf_counter() - t0
             if engine_logp is not None:  # stops the round when the engine did not sample this policy
@@ -288,6 +301,8 @@ class PPOTrainer:
         }
         stats.update({f"score/{k}": every(v).mean().item() for k, v in r.components.items()})
         stats.update(r.engine_gap)
+        padding, positions = distributed.all_sum(torch.tensor(r.padding, dtype=torch.float64)).tolist()
+        stats["padding_share"] = padding / positions if positions else 0.0  # of the no-grad forwards' positions
         if not math.isfinite(stats["kl"]) or stats["kl"] > cfg.max_kl:
             rolled_back = self._rollback()
             raise KLExplodedError(stats["kl"], cfg.max_kl, rolled_back, stats)
@@ -308,18 +323,18 @@ class PPOTrainer:
 
     def _update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         cfg, B = self.config, len(r.query_ids)
-        self.model.eval()  # dropout off even while training (Huang et al.): ratios must be 1 before the first step
+        runtime.checkpointing_without_dropout(self.model)
         self._activate(cfg.policy_adapter)
         totals: dict[str, float] = {}
-        n, ranks, offset = 0, distributed.world_size(), distributed.rank() * B
-        rows = rows_within(cfg.update_batch_tokens, r.input_ids.shape[1], cfg.mini_batch_size)
+        n, ranks = 0, distributed.world_size()
         valid_per_row = distributed.all_cat(r.mask.sum(1).cpu())  # every rank's rows, for the global token shares
-        for _ in range(cfg.ppo_epochs):
-            for idx in data_parallel.global_permutation(B * ranks).split(cfg.mini_batch_size):
+        for epoch in range(cfg.ppo_epochs):
+            first = r.permutation if epoch == 0 and r.permutation is not None else None
+            permutation = first if first is not None else data_parallel.global_permutation(B * ranks)
+            for idx, parts in epoch_layout(permutation, r.attention_mask, r.mask, cfg):
                 self.optimizer.zero_grad(set_to_none=True)
-                local = data_parallel.owned_rows(idx, offset, B)
-                st = self._accumulate(r, local.to(self.device), rows, advantages, returns,
-                                      valid_per_row[idx].sum().clamp(min=1), whole=ranks == 1)
+                st = self._accumulate(r, parts, advantages, returns, valid_per_row[idx].sum().clamp(min=1),
+                                      whole=ranks == 1 and len(parts) == 1)
                 bad, self._bad_loss = self._bad_loss, None
                 if not data_parallel.all_finite(bad is None):
                     self._rollback()  # minibatches already applied this step are undone too
@@ -334,20 +349,23 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {k: v / n for k, v in totals.items()}
 
-    def _accumulate(self, r: Rollout, idx: torch.Tensor, rows: int, advantages: torch.Tensor,
-                    returns: torch.Tensor, valid: torch.Tensor, whole: bool) -> dict[str, torch.Tensor]:
-        """Gradients of this rank's rows `idx` of one mini-batch's PPO loss, in micro-batches of `rows` sequences;
-        each micro-batch's token mean is weighted by its share of the mini-batch's `valid` tokens (on all ranks),
-        so the sum over micro-batches and ranks is the mini-batch's loss. `whole`: `idx` is the whole mini-batch."""
-        cfg, R = self.config, r.response.shape[1]
+    def _accumulate(self, r: Rollout, parts: list[MicroBatch], advantages: torch.Tensor, returns: torch.Tensor,
+                    valid: torch.Tensor, whole: bool) -> dict[str, torch.Tensor]:
+        """Gradients of this rank's micro-batches `parts` of one mini-batch's PPO loss; each micro-batch's token mean
+        is weighted by its share of the mini-batch's `valid` tokens (on all ranks), so the sum over micro-batches and
+        ranks is the mini-batch's loss. `whole`: `parts` is the whole mini-batch in one pass."""
+        cfg = self.config
         stats: dict[str, torch.Tensor] = {}
-        for part in idx.split(rows) if len(idx) else ():  # a rank may hold none of a mini-batch's rows
+        for part in parts:  # a rank may hold none of a mini-batch's rows
+            rows, cols = part.rows.to(self.device), slice(0, part.width)
+            mask = r.mask[rows, cols]
             # a whole mini-batch weighs exactly 1.0 (not valid/valid), so no budget leaves the numerics untouched
-            share = r.mask[part].sum() / valid.to(r.mask.device) if len(part) < len(idx) or not whole else 1.0
-            logits, values = self._forward(r.input_ids[part], r.attention_mask[part], R, with_values=True)
-            logp, _ = logprobs_and_entropy(logits, r.response[part], cfg.temperature, with_entropy=False)
-            pg_loss, vf_loss, st = ppo_losses(logp, r.logp[part], advantages[part], values.float(), r.values[part],
-                                              returns[part], r.mask[part], cfg.cliprange, cfg.cliprange_value)
+            share = 1.0 if whole else mask.sum() / valid.to(mask.device)
+            logits, values = self._forward_part(r, part, with_values=True)
+            logp, _ = logprobs_and_entropy(logits, r.response[rows, cols], cfg.temperature, with_entropy=False)
+            pg_loss, vf_loss, st = ppo_losses(logp, r.logp[rows, cols], advantages[rows, cols], values.float(),
+                                              r.values[rows, cols], returns[rows, cols], mask, cfg.cliprange,
+                                              cfg.cliprange_value)
             loss = (pg_loss + cfg.vf_coef * vf_loss) * share
             if not torch.isfinite(loss):  # raised by _update on every rank at once, never on one alone
                 self._bad_loss = f"policy {pg_loss.item()}, value {vf_loss.item()}"
@@ -380,15 +398,8 @@ class PPOTrainer:
             "step": self.step, "bad_batches": self.bad_batches, "skipped_total": self.skipped_total,
             "kl_ctl": self.kl_ctl.state_dict(), "optimizer": self.optimizer.state_dict(),
             "value_head": self.value_head.state_dict(), "config": self.config.to_dict(),
-            "rng": self._rng_states(),
+            "rng": data_parallel.rng_states(),
         }
-
-    @staticmethod
-    def _rng_states() -> dict:
-        """This process's RNG state; on N ranks also every rank's (a collective: every rank calls it), so a resumed
-        round continues each rank's own stream."""
-        own = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        return own if distributed.world_size() == 1 else {**own, "ranks": distributed.all_objects(own)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.bad_batches = int(state["step"]), int(state["bad_batches"])
@@ -396,14 +407,8 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
-        ranks = rng.get("ranks") or [rng]
-        rng = ranks[distributed.rank()] if len(ranks) == distributed.world_size() else rng
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        data_parallel.restore_rng(state["rng"])
         self._last_good = None
-
 
 
 def _std(x: torch.Tensor) -> float:

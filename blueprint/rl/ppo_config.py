@@ -52,6 +52,9 @@ class PPOConfig(Settings):
         None, "token budget of one forward/backward of the update: a mini-batch is split into micro-batches of at "
               "most this many tokens and their gradients summed, weighted by valid tokens, so the step is the "
               "mini-batch's (None = one pass per mini-batch)", gt=0)
+    group_by_length: bool = setting(
+        True, "mini-batches of queries of similar length (the epoch's random permutation sorted by query length, "
+              "ties in random order): far less padding in each pass; every rollout is still used once an epoch")
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     policy_adapter: str = setting("summarizer", "the adapter PPO trains")
     reference_adapter: str | None = setting("reference", "the KL anchor; None = the bare base (adapters off)")

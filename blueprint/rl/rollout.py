@@ -27,6 +27,8 @@ class Rollout:
     values: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     engine_gap: dict[str, float] = field(default_factory=dict)  # engine_logprob_gap_mean/max when an engine sampled
+    permutation: torch.Tensor | None = None  # the update's first epoch, drawn before the no-grad forwards use it
+    padding: tuple[int, int] = (0, 0)         # (padding, all) token positions of the no-grad forwards
 
     @property
     def finite(self) -> bool:

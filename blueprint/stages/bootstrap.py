@@ -57,6 +57,8 @@ class BootstrapConfig(RuntimeSettings, ParallelSettings):
             raise ConfigError("max_tokens: must cover at least one batch")
         return self
 
+    scaled_batches = ("batch_size",)
+
     def split_over_ranks(self) -> dict[str, int]:
         return {"batch_size": self.batch_size}
 
@@ -155,7 +157,10 @@ def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = T
     from blueprint.models import runtime
     from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
 
+    from blueprint import distributed
+
     start = time.time()
+    cfg = cfg.totals(distributed.world_size())  # the step's blocks, in total
     quiet_libraries(progress)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

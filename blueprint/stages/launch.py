@@ -24,6 +24,7 @@ from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, UserError
 from blueprint.stages import registry, stopping
 from blueprint.store import artifacts
+from blueprint.stages.common import release_memory
 
 WORKER_MODULE = "blueprint.stages.launch"
 
@@ -118,7 +119,11 @@ def run_stage(stage: str, cfg: Any, inputs: dict[str, str], *, artifact_root: st
     """The stage's committed output, computed on as many processes as `cfg` asks for (`nproc`, `nodes`)."""
     module = registry.get(stage).load()
     if not wants_launch(cfg):
-        return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force, progress=progress)
+        try:
+            return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force,
+                              progress=progress)
+        finally:
+            release_memory()  # stages of `blueprint run` share this process: free this one's model first
     started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     launch(stage, cfg, request(stage, cfg.model_dump(), inputs, artifact_root, force, out_uri, progress))
     with artifacts.committed_only():  # what the ranks committed, never a computation in this process

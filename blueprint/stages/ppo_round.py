@@ -98,7 +98,7 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSetting
         0.0, "share of the round's codes drawn from the rows that are new since the dataset this one grew from "
              "(incremental sharding), so a scheduled retrain learns from what changed; 0 = a uniform draw", ge=0, le=1)
 
-
+    scaled_batches = ("batch_size", "mini_batch_size", "coder_batch_size")
 
     def split_over_ranks(self) -> dict[str, int]:
         return {"batch_size/samples_per_query": self.batch_size // self.samples_per_query,
@@ -301,6 +301,7 @@ def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_
     from blueprint.rl.reward import RewardConfig, RewardModel
 
     start = time.time()
+    cfg = cfg.totals(distributed.world_size())  # the trainer and the draw count the step's totals
     torch.manual_seed(rank_seed(cfg))
     ckpt_uri = storage.join(out_uri, CHECKPOINT)
     roles, trainer, meta, resumed = _open_round(cfg, bases, adapters, ckpt_uri, progress)

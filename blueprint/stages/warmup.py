@@ -44,6 +44,8 @@ class WarmupConfig(RuntimeSettings, ParallelSettings):
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds LoRA init and data order")
 
+    scaled_batches = ("batch_size",)
+
     def split_over_ranks(self) -> dict[str, int]:
         return {"batch_size": self.batch_size}
 
@@ -69,7 +71,10 @@ def _compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progre
     from blueprint.models import lora
     from blueprint.data.readers import read_pairs
 
+    from blueprint import distributed
+
     start = time.time()
+    cfg = cfg.totals(distributed.world_size())  # train_adapter splits the step's total over the ranks
     roles = open_roles(bases, cfg, progress, STAGE)
     pairs = read_pairs(shards, "train", limit=cfg.max_pairs)
     held_out = read_pairs(shards, "eval", limit=cfg.eval_pairs)

@@ -263,8 +263,34 @@ def test_load_base_from_s3_downloads_once(micro_model, micro_tokenizer, ids, s3_
 
     model, _ = load_base(uri, cache_dir=tmp_path / "cache")
     torch.testing.assert_close(_logits(model, ids), _logits(micro_model, ids), rtol=0, atol=0)
-    cached = [p for p in (tmp_path / "cache").iterdir()]
+    cached = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".lock-")]
     assert len(cached) == 1 and not cached[0].name.startswith(".")
     storage.write_bytes(f"{uri}/model.safetensors", b"")  # the cache, keyed by the manifest, serves the rerun
     model, _ = load_base(uri, cache_dir=tmp_path / "cache")
     torch.testing.assert_close(_logits(model, ids), _logits(micro_model, ids), rtol=0, atol=0)
+
+
+def test_ranks_of_one_machine_download_an_s3_base_once(micro_model, micro_tokenizer, s3_bucket, tmp_path):
+    """Four processes (as torchrun's ranks would) open one s3:// base at once: one downloads, the others wait for
+    its copy; one folder, no partial leftovers."""
+    import subprocess
+    import sys
+
+    from blueprint.store import storage
+
+    local = _save_base(micro_model, micro_tokenizer, tmp_path / "base")
+    uri = f"{s3_bucket}/bootstrap/base"
+    storage.upload_dir(local, uri)
+    files = {p.name: {"size": p.stat().st_size} for p in local.iterdir()}
+    storage.write_json(f"{uri}/_MANIFEST.json", {"files": files})
+    code = ("import sys; from blueprint.models.loading import fetch_s3_dir; "
+            "print('->', fetch_s3_dir(sys.argv[1], sys.argv[2]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    assert sum("downloading" in out for out in outputs) == 1, outputs
+    assert len({out.split("-> ")[-1] for out in outputs}) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".lock-")] == \
+        [outputs[0].split("-> ")[-1].strip().rsplit("/", 1)[-1]]
+

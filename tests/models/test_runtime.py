@@ -113,3 +113,14 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_the_base(smoke_
     AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "cut")
     with pytest.raises(ModelLoadError, match=r"cut'.*tokenizer has \d+ tokens but the model's embedding has \d+ rows"):
         load_base(str(tmp_path / "cut"))
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, "flash_attention_2"), (torch.float16,
+                                             "flash_attention_2"), (torch.float32, None)])
+def test_auto_attention_picks_flash_attention_only_for_16_bit_weights(dtype, expected):
+    """flash-attention 2 rejects fp32: `auto` must not pick it for an fp32 stage (merge's default) on a GPU."""
+    cuda = torch.device("cuda", 0)  # resolve_attention only reads the device's type: no GPU is touched
+    assert runtime.resolve_attention("auto", cuda, dtype, flash_installed=True) == expected
+    assert runtime.resolve_attention("auto", torch.device("cpu"), torch.bfloat16, flash_installed=True) is None
+    with pytest.raises(ConfigError, match="float32"):
+        runtime.resolve_attention("flash_attention_2", cuda, torch.float32, flash_installed=True)

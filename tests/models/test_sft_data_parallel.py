@@ -19,7 +19,8 @@ LOSSES = [f"{role}_{split}_loss" for role in ("summarizer", "coder") for split i
 
 def test_warmup_on_two_ranks_matches_one_process_losses_and_adapters_to_float_rounding(smoke_chain, tmp_path):
     inputs = {"shards": smoke_chain["shards"], "base": smoke_chain["base"]}
-    outs = {n: launch.run_stage("warmup", parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "nproc": n}), inputs,
+    settings = {**SMOKE_WARMUP, "batch_scope": "global"}  # the same global batch on 1 and 2 processes
+    outs = {n: launch.run_stage("warmup", parse(warmup.WarmupConfig, {**settings, "nproc": n}), inputs,
                                 artifact_root=None, out_uri=f"file://{tmp_path}/n{n}", progress=False)
             for n in (1, 2)}
     one, two = outs[1].metrics, outs[2].metrics

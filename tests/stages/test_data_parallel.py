@@ -39,7 +39,7 @@ def test_ppo_round_on_two_ranks_trains_the_adapters_one_process_trains(smoke_cha
     """Same global batch, same per-query sampling seeds: the summarizer LoRA, the value head and the coder after
     its supervised step agree to float rounding (the ranks' float sums run in another order), and so do the
     round's statistics."""
-    settings = {**SMOKE_PPO, "rollout_seeds": "query"}
+    settings = {**SMOKE_PPO, "rollout_seeds": "query", "batch_scope": "global"}
     outs = {n: _run("ppo-round", ppo_round.PPORoundConfig, {**settings, "nproc": n}, smoke_chain, tmp_path / f"n{n}",
                     adapters=smoke_chain["adapters"]) for n in (1, 2)}
     assert not outs[2].cached
@@ -80,7 +80,8 @@ def _rank_pid(marker: str, local_rank: str) -> int | None:
 
 def test_a_killed_rank_fails_the_round_in_one_line_and_the_rerun_resumes_to_the_same_adapters(smoke_chain,
                                                                                                  tmp_path):
-    settings = {**SMOKE_PPO, "ppo_steps": 16, "checkpoint_every": 2, "supervised_steps": 0, "nproc": 2}
+    settings = {**SMOKE_PPO, "ppo_steps": 16, "checkpoint_every": 2, "supervised_steps": 0, "nproc": 2,
+                "batch_scope": "global"}
     out = tmp_path / "killed"
     failure: list[BaseException] = []
 
@@ -117,7 +118,7 @@ def test_a_killed_rank_fails_the_round_in_one_line_and_the_rerun_resumes_to_the_
 
 
 def test_a_setting_that_does_not_split_over_the_ranks_fails_in_one_line_naming_it(smoke_chain, tmp_path):
-    settings = {**SMOKE_PPO, "nproc": 2, "coder_batch_size": 3}
+    settings = {**SMOKE_PPO, "nproc": 2, "coder_batch_size": 3, "batch_scope": "global"}
     with pytest.raises(ConfigError, match=r"coder_batch_size=3 does not split evenly over 2 processes"):
         _run("ppo-round", ppo_round.PPORoundConfig, settings, smoke_chain, tmp_path / "out",
              adapters=smoke_chain["adapters"])
@@ -149,3 +150,24 @@ def test_one_process_needs_no_launch_and_reduces_nothing():
     x = torch.tensor([1.0, 2.0])
     assert distributed.all_sum(x) is x and distributed.all_cat(x) is x
     assert list(distributed.my_share(4)) == [0, 1, 2, 3] and distributed.mine(["a", "b"]) == [(0, "a"), (1, "b")]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_the_default_profile_runs_on_1_2_4_and_8_ranks_each_with_its_own_batches(world):
+    """nproc=auto on a node of 1-8 GPUs: no stage refuses the default profile, and each rank's PPO batches are
+    the profile's (the step's totals grow with the ranks) instead of 1/world of them. Checked without launching."""
+    from blueprint.distributed import ParallelSettings
+    from blueprint.stages import profiles, registry
+
+    for name, spec in registry.STAGES.items():
+        cfg = parse(spec.config_type(), profiles.stage_settings("default", name))
+        if isinstance(cfg, ParallelSettings):
+            cfg.check_world(world)
+    cfg = parse(ppo_round.PPORoundConfig, profiles.stage_settings("default", "ppo-round"))
+    totals = cfg.totals(world)
+    assert (totals.batch_size, totals.mini_batch_size, totals.coder_batch_size) == \
+        (cfg.batch_size * world, cfg.mini_batch_size * world, cfg.coder_batch_size * world)
+    assert ppo_round.queries_per_step(totals) // world == cfg.batch_size // cfg.samples_per_query
+    glob = parse(ppo_round.PPORoundConfig, {**profiles.stage_settings("default", "ppo-round"),
+                                            "batch_scope": "global"})
+    assert glob.totals(world) == glob  # the settings are the step's totals, split over the ranks

@@ -137,3 +137,37 @@ def test_merge_saves_in_the_base_models_published_dtype_unless_told_otherwise(sa
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     assert json.loads((folder / "config.json").read_text())["dtype"] == str(expected).removeprefix("torch.")
     assert reloaded.dtype == expected
+
+
+def test_a_bfloat16_merge_passes_its_check_and_a_corrupted_one_still_fails(trained, tmp_path, monkeypatch):
+    """bf16 is what dtype=auto picks on a GPU: the check's tolerance scales with the logits and the dtype, so an
+    honest bf16 merge (rounding only) ships and a merge that changed the function does not."""
+    out = merge.run(merge.MergeConfig(dtype="bfloat16"), base=trained["base"], adapters=trained["adapters"],
+                    artifact_root=str(tmp_path / "ok"), progress=False)
+    for role in lora.ROLES:
+        assert 0 < out.metrics[f"max_abs_logit_diff_{role}"]  # bf16 rounding shows ...
+        assert out.metrics[f"logit_diff_scaled_{role}"] <= merge.default_tolerance(torch.bfloat16)  # ... within it
+        assert out.metrics[f"greedy_agreement_{role}"] >= 0.9
+    real_merge = LoraModel.merge_and_unload
+
+    def corrupted_merge(self, *args, **kwargs):  # a changed function (the random micro model shifts its logits
+        merged = real_merge(self, *args, **kwargs)  # little: 5% of the largest for this, 1% for bf16 rounding)
+        with torch.no_grad():
+            merged.model.layers[1].mlp.down_proj.weight.mul_(-1)
+        return merged
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", corrupted_merge)
+    with pytest.raises(merge.MergeCheckError, match="nothing was committed"):
+        merge.run(merge.MergeConfig(dtype="bfloat16"), base=trained["base"], adapters=trained["adapters"],
+                  artifact_root=str(tmp_path / "bad"), progress=False)
+
+
+def test_a_cast_that_changes_the_model_beyond_its_dtypes_rounding_is_refused(trained, tmp_path):
+    """cast_logit_diff (the saved dtype's rounding) is checked, not only reported: fp16 at a tolerance meant for
+    fp32 must fail, at its own tolerance pass."""
+    with pytest.raises(merge.MergeCheckError, match="cast to float16"):
+        merge.run(merge.MergeConfig(save_dtype="float16", cast_tolerance=1e-6), base=trained["base"],
+                  adapters=trained["adapters"], artifact_root=str(tmp_path / "a"), progress=False)
+    out = merge.run(merge.MergeConfig(save_dtype="float16"), base=trained["base"], adapters=trained["adapters"],
+                    artifact_root=str(tmp_path / "b"), progress=False)
+    assert 0 < out.metrics["cast_logit_diff_coder"]
