@@ -20,7 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blueprint.data.extract import UNREAD, Result, content_identity, read_regular
+from blueprint.data.extract import UNREAD, Result
+from blueprint.data.file_reading import content_identity, read_regular
 from blueprint.store import artifacts, storage
 
 INDEX_VERSION = "blueprint-shard-index/4"  # 3: pairs by count per input, the local mtime_ns; 4: tests column

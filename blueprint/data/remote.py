@@ -20,7 +20,9 @@ import glob
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
+from urllib.parse import quote
 from typing import Any
 
 import pyarrow as pa
@@ -189,3 +191,16 @@ def read_object(uri: str, etag: str, limit: int | None = None) -> tuple[bytes, s
             return data, etag
     raise storage.StorageError(f"cannot read {uri}: it was replaced before each of {READ_ATTEMPTS} read(s) could "
                                "finish; run again once nothing writes to it")
+
+
+HUB_SPECIAL_REFS = re.compile(r"^refs/(convert/\w+|pr/\d+)$")  # the hub's own refs, kept unquoted
+
+
+def hub_files_url(dataset_id: str, pattern: str, revision: str | None) -> str:
+    """`hf://datasets/ID@REV/PATTERN`, the hub's files streamed as they are at `revision`. A revision with a '/'
+    is quoted (a branch `my/branch` -> `my%2Fbranch`), except the hub's own refs (`refs/convert/parquet`,
+    `refs/pr/N`), which its URL parser expects as they are."""
+    if not revision:
+        return f"hf://datasets/{dataset_id}/{pattern}"
+    rev = revision if HUB_SPECIAL_REFS.match(revision) else quote(revision, safe="")
+    return f"hf://datasets/{dataset_id}@{rev}/{pattern}"

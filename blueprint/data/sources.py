@@ -27,15 +27,14 @@ import hashlib
 import logging
 import os
 import platform
-import re
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from blueprint.data import remote, tasks
+from blueprint.data.remote import hub_files_url
 from blueprint.store import storage
 from blueprint.errors import UserError
 
@@ -46,7 +45,6 @@ SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_mo
 TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 STDLIB_LICENSE = "PSF-2.0"
 SCRIPT_FALLBACK_FILES = "data/*.parquet"  # where script-era hub datasets (codeparrot/github-code) keep their rows
-HUB_SPECIAL_REFS = re.compile(r"^refs/(convert/\w+|pr/\d+)$")
 
 
 class SourceError(UserError, ValueError):
@@ -395,13 +393,3 @@ class Source:
         if not files:
             raise SourceError(f"source {self.name}: no hub file matches {self.hf_data_files!r}")
         return files
-
-
-def hub_files_url(dataset_id: str, pattern: str, revision: str | None) -> str:
-    """`hf://datasets/ID@REV/PATTERN`, the hub's files streamed as they are at `revision`. A revision with a '/'
-    is quoted (a branch `my/branch` -> `my%2Fbranch`), except the hub's own refs (`refs/convert/parquet`,
-    `refs/pr/N`), which its URL parser expects as they are."""
-    if not revision:
-        return f"hf://datasets/{dataset_id}/{pattern}"
-    rev = revision if HUB_SPECIAL_REFS.match(revision) else quote(revision, safe="")
-    return f"hf://datasets/{dataset_id}@{rev}/{pattern}"

@@ -39,30 +39,19 @@ from blueprint.rl.copying import copy_rates
 from blueprint.models import runtime
 from blueprint.rl.micro_batches import MicroBatch, epoch_layout, padding_share, row_lengths
 from blueprint.rl.rollout import Rollout, query_lists, rows_within
-from blueprint.errors import UserError
+from blueprint.rl.ppo_errors import KLExplodedError, PPOError
 from blueprint.models.batching import pad_batch
 from blueprint.rl.value_head import ValueHead
 from blueprint.rl.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
 from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
-                                group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses)
+                                group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses,
+                                scalar_std)
 
 __all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExplodedError", "ScoreFn",
            "AdaptiveKLController", "FixedKLController", "eos_cut"]
 
 # score_fn(query_ids, response_ids) -> (scores [B], components {name: [B]}); response_ids are EOS-cut token lists.
 ScoreFn = Callable[[list[list[int]], list[list[int]]], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
-
-
-class PPOError(UserError, RuntimeError):
-    """PPO cannot go on (too many bad batches, non-finite loss)."""
-
-
-class KLExplodedError(PPOError):
-    """The policy drifted past `max_kl` from the reference; the trainer already rolled back to the last good state."""
-
-    def __init__(self, kl: float, max_kl: float, rolled_back: bool, stats: dict[str, float]):
-        super().__init__(f"KL {kl:.3f} > max_kl {max_kl}; rolled back to the last good state: {rolled_back}")
-        self.kl, self.max_kl, self.rolled_back, self.stats = kl, max_kl, rolled_back, stats
 
 
 class PPOTrainer:
@@ -290,8 +279,8 @@ class PPOTrainer:
 
         lengths = every(torch.tensor([float(len(x)) for x in r.response_ids]))
         stats: dict[str, float] = {
-            "skipped": 0.0, "score/mean": all_scores.mean().item(), "score/std": _std(all_scores),
-            "score/raw_mean": all_raw.mean().item(), "score/raw_std": _std(all_raw),
+            "skipped": 0.0, "score/mean": all_scores.mean().item(), "score/std": scalar_std(all_scores),
+            "score/raw_mean": all_raw.mean().item(), "score/raw_std": scalar_std(all_raw),
             "copy_rate": every(r.copy_rate).mean().item(), "no_eos_rate": (~every(r.has_eos)).float().mean().item(),
             "kl": kl_seq.mean().item(), "kl_coef": beta, "non_score_reward": (-beta * kl_seq).mean().item(),
             "entropy": masked_mean(r.entropy, r.mask, reduce=reduce).item(),
@@ -409,7 +398,3 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         data_parallel.restore_rng(state["rng"])
         self._last_good = None
-
-
-def _std(x: torch.Tensor) -> float:
-    return x.std().item() if x.numel() > 1 else 0.0

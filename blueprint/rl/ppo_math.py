@@ -211,3 +211,8 @@ class AdaptiveKLController:
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
         self.target, self.horizon = float(state["target"]), int(state["horizon"])
+
+
+def scalar_std(x: torch.Tensor) -> float:
+    """The standard deviation of a batch's figures as a number (0 for a single value, where torch gives nan)."""
+    return x.std().item() if x.numel() > 1 else 0.0

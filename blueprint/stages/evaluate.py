@@ -20,6 +20,7 @@ its plots embedded: what the KFP UI shows).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -31,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import field_validator
 
-from blueprint import distributed
 from blueprint.store import artifacts
 from blueprint.eval import execution, metrics as text_metrics, report
+from blueprint.eval.greedy import generate_texts
 from blueprint.eval.sandbox import SandboxSettings
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
@@ -90,43 +91,6 @@ class EvaluateConfig(RuntimeSettings, EngineSettings, ParallelSettings, SandboxS
 
 
 
-def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
-             batch_size: int, engine=None) -> list[list[int]]:
-    """Greedy completion ids of each prompt with `adapter` active, cut after the first EOS (kept when emitted).
-
-    `engine` (a VLLMEngine): it generates instead, with `adapter`'s merged weights, in one call.
-
-    Prompts are sorted by length before batching (little left padding), results come back in prompt order. On N
-    data-parallel ranks each generates every N-th of those batches and the results are gathered: the same batches
-    as one process, so the same tokens.
-    """
-    import torch
-
-    from blueprint.models import lora
-    from blueprint.models.batching import pad_batch
-
-    ids = encode_prompts(tokenizer, prompts)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if engine is not None:
-        if engine.loaded != adapter:
-            engine.load(model, adapter)
-        return [s.tokens for s in engine.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)]
-    device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    done: dict[int, list[int]] = {}
-    with lora.use_adapter(model, adapter), torch.no_grad():
-        for _, batch in distributed.mine(batches):
-            input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=pad)
-            for row, i in enumerate(batch):
-                tokens = gen[row, input_ids.shape[1]:].tolist()
-                done[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
-    merged = {i: tokens for part in distributed.all_objects(done) for i, tokens in part.items()}
-    return [merged[i] for i in range(len(ids))]
-
-
 def greedy_codes(roles: RoleModels, prompts: PromptConfig, cfg: EvaluateConfig, summaries: list[str]) -> list[str]:
     """The coder's greedy code from each of `summaries`."""
     return generate_texts(roles.coder, roles.coder_tokenizer, "coder", [code_prompt(s, prompts) for s in summaries],
@@ -164,17 +128,6 @@ def reward_stats(out, tag: str) -> dict[str, float]:
     return stats
 
 
-def generate_texts(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
-                   batch_size: int, engine=None) -> tuple[list[list[int]], list[str], list[bool]]:
-    """(token ids without the final EOS, decoded texts, whether each ended with EOS) of `adapter`'s greedy
-    completions."""
-    eos = tokenizer.eos_token_id
-    generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size, engine)
-    ended = [bool(ids) and ids[-1] == eos for ids in generated]
-    ids = [g[:-1] if e else g for g, e in zip(generated, ended)]
-    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), ended
-
-
 def scored_pairwise(reward, scored: list[dict], own_ce_first: "torch.Tensor", other: list[int]) -> float | None:
     """Pairwise accuracy: each scored code with its own docstring against another function's (the derangement
     `other`). The first len(own_ce_first) own-docstring CEs are already computed; only the rest are scored."""
@@ -208,6 +161,22 @@ def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list
     }
 
 
+def generate_both(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: list[str], code_prompts: list[str]):
+    """The summarizer's summaries of the codes, then the coder's codes from the docstrings (ids, texts, ended):
+    on one base the same engine serves both in turn; a second base's coder generates with hf rather than start a
+    second engine."""
+    engine = evaluation_engine(roles, cfg, summary_prompts, code_prompts)
+    try:
+        summaries = generate_texts(roles.summarizer, roles.summarizer_tokenizer, "summarizer", summary_prompts,
+                                   cfg.max_new_tokens, cfg.batch_size, engine)
+        codes = generate_texts(roles.coder, roles.coder_tokenizer, "coder", code_prompts, cfg.max_code_tokens,
+                               cfg.batch_size, engine if roles.shared else None)
+    finally:
+        if engine is not None:
+            engine.close()
+    return summaries, codes
+
+
 def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
                    progress: Any = None) -> tuple[dict[str, Any], list[dict]]:
     """All metrics of the summarizer and the coder: generation on the first `max_examples` of `scored`, pairwise
@@ -223,20 +192,8 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     shown_truths = clip_tokens(roles.coder_tokenizer, truths, cfg.max_summary_tokens)
     coder_codes = shown_codes if roles.shared else clip_tokens(roles.coder_tokenizer, codes, cfg.max_code_tokens)
 
-    # The summarizer writes a summary of each code (then the coder rebuilds codes: on one base the same engine
-    # serves both in turn; a second base's coder generates with hf rather than start a second engine).
-    summary_prompts = [summary_prompt(c, prompts) for c in shown_codes]
-    code_prompts = [code_prompt(s, prompts) for s in shown_truths]
-    engine = evaluation_engine(roles, cfg, summary_prompts, code_prompts)
-    try:
-        summary_ids, summaries, ended = generate_texts(roles.summarizer, tokenizer, "summarizer", summary_prompts,
-                                                       cfg.max_new_tokens, cfg.batch_size, engine)
-        rebuilt_ids, rebuilt, rebuilt_ended = generate_texts(
-            roles.coder, roles.coder_tokenizer, "coder", code_prompts, cfg.max_code_tokens, cfg.batch_size,
-            engine if roles.shared else None)
-    finally:
-        if engine is not None:
-            engine.close()
+    (summary_ids, summaries, ended), (rebuilt_ids, rebuilt, rebuilt_ended) = generate_both(
+        roles, cfg, [summary_prompt(c, prompts) for c in shown_codes], [code_prompt(s, prompts) for s in shown_truths])
     report_phase = progress.update if progress is not None else (lambda done, **figures: None)
     report_phase(1, phase="summaries written, codes rebuilt")
 
@@ -268,15 +225,33 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
     report_phase(4 if executed else 3, phase="figures computed")
-    samples = [{
-        "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": shown_codes[i],
-        "summary": truths[i], "generated_summary": summaries[i], "rebuilt_code": rebuilt[i],
+    samples = sample_rows(pairs, scored, other, SampleTexts(shown_codes, truths, summaries, rebuilt), gen_out,
+                          true_out, ended, copies, parsed, executed)
+    return values, samples
+
+
+@dataclasses.dataclass
+class SampleTexts:
+    """The texts of the generated pairs, by row: the code shown, its docstring, the summary, the rebuilt code."""
+
+    codes: list[str]
+    truths: list[str]
+    summaries: list[str]
+    rebuilt: list[str]
+
+
+def sample_rows(pairs: list[dict], scored: list[dict], other: list[int], texts: SampleTexts, gen_out, true_out,
+                ended: list[bool], copies: list[float], parsed: list[bool],
+                executed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One samples.jsonl row per generated pair: its texts, rewards, flags and (with tests) execution results."""
+    return [{
+        "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": texts.codes[i],
+        "summary": texts.truths[i], "generated_summary": texts.summaries[i], "rebuilt_code": texts.rebuilt[i],
         "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
         "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": ended[i],
         "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": scored[other[i]].get("id"),
         **executed.get(i, {}),
     } for i, p in enumerate(pairs)]
-    return values, samples
 
 
 def evaluation_engine(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: list[str], code_prompts: list[str]):

@@ -1,0 +1,54 @@
+"""Greedy generation for the evaluation: transformers' generate() in batches sorted by length and spread over the
+data-parallel ranks (the same batches, so the same tokens, as one process), or a vLLM engine in one call."""
+from __future__ import annotations
+
+from blueprint import distributed
+from blueprint.models.prompts import encode_prompts
+
+
+def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
+             batch_size: int, engine=None) -> list[list[int]]:
+    """Greedy completion ids of each prompt with `adapter` active, cut after the first EOS (kept when emitted).
+
+    `engine` (a VLLMEngine): it generates instead, with `adapter`'s merged weights, in one call.
+
+    Prompts are sorted by length before batching (little left padding), results come back in prompt order. On N
+    data-parallel ranks each generates every N-th of those batches and the results are gathered: the same batches
+    as one process, so the same tokens.
+    """
+    import torch
+
+    from blueprint.models import lora
+    from blueprint.models.batching import pad_batch
+
+    ids = encode_prompts(tokenizer, prompts)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if engine is not None:
+        if engine.loaded != adapter:
+            engine.load(model, adapter)
+        return [s.tokens for s in engine.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)]
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    done: dict[int, list[int]] = {}
+    with lora.use_adapter(model, adapter), torch.no_grad():
+        for _, batch in distributed.mine(batches):
+            input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            for row, i in enumerate(batch):
+                tokens = gen[row, input_ids.shape[1]:].tolist()
+                done[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+    merged = {i: tokens for part in distributed.all_objects(done) for i, tokens in part.items()}
+    return [merged[i] for i in range(len(ids))]
+
+
+def generate_texts(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
+                   batch_size: int, engine=None) -> tuple[list[list[int]], list[str], list[bool]]:
+    """(token ids without the final EOS, decoded texts, whether each ended with EOS) of `adapter`'s greedy
+    completions."""
+    eos = tokenizer.eos_token_id
+    generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size, engine)
+    ended = [bool(ids) and ids[-1] == eos for ids in generated]
+    ids = [g[:-1] if e else g for g, e in zip(generated, ended)]
+    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), ended
