@@ -68,7 +68,14 @@ def test_only_numbers_are_tracked_and_nested_settings_flatten_for_mlflow():
     assert tracking.flat_params({"a": 1, "b": {"c": "d"}}) == {"a": "1", "b.c": "d"}
 
 
-def test_warmup_and_a_ppo_round_leave_one_tensorboard_point_per_step(smoke_chain, tmp_path):
+def test_warmup_and_a_ppo_round_leave_one_point_per_step_in_tensorboard_and_mlflow(smoke_chain, tmp_path,
+                                                                                     mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri, _ = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "stages")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     root = f"file://{tmp_path}"
     settings = {**SMOKE_WARMUP, "steps": 3, "coder_steps": 2}
     adapters = warmup.run(parse(warmup.WarmupConfig, settings), shards=smoke_chain["shards"],
@@ -88,6 +95,15 @@ def test_warmup_and_a_ppo_round_leave_one_tensorboard_point_per_step(smoke_chain
         assert len(points[tag]) == cfg.ppo_steps, tag
     coder = scalar_points(storage.local_path(uri) / "tensorboard" / "coder")
     assert [s for s, _ in coder["loss"]] == [cfg.supervised_steps + i for i in range(1, cfg.supervised_steps + 1)]
+
+    client = MlflowClient(tracking_uri)  # one MLflow run per stage, each with its per-step histories
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("stages").experiment_id])}
+    assert set(runs) == {"warmup", "ppo-round-2"} and all(r.info.status == "FINISHED" for r in runs.values())
+    assert len(client.get_metric_history(runs["warmup"].info.run_id, "summarizer/loss")) == 3
+    kl = client.get_metric_history(runs["ppo-round-2"].info.run_id, "summarizer/kl")
+    assert sorted(m.step for m in kl) == list(range(first, first + cfg.ppo_steps))
+    assert runs["ppo-round-2"].data.params["ppo_steps"] == str(cfg.ppo_steps)
+    assert runs["ppo-round-2"].data.tags["blueprint.output_key"] == uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def test_a_stage_logs_its_settings_and_step_histories_to_mlflow_nested_under_the_task_run(mlflow_server, tmp_path,

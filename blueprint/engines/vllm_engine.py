@@ -93,6 +93,26 @@ def load_into(model: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
             method.process_weights_after_loading(layer)
 
 
+@contextlib.contextmanager
+def local_proxies_hidden() -> Iterator[None]:
+    """Modules holding werkzeug LocalProxy objects (flask.g, flask.request: Flask imported by an S3 test server or a
+    host application) left out of sys.modules while vLLM starts, then put back untouched. vLLM 0.32's CPU worker
+    rebinds its Triton kernels by scanning every module's globals with `hasattr`, which an unbound proxy answers
+    with RuntimeError instead of False."""
+    import sys
+
+    def holds_proxy(module: Any) -> bool:  # type() never goes through the proxy
+        namespace = getattr(module, "__dict__", None) or {}
+        return any(type(v).__module__ == "werkzeug.local" for v in list(namespace.values()))
+    hidden = {name: module for name, module in list(sys.modules.items()) if holds_proxy(module)}
+    for name in hidden:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 class VLLMEngine:
     """One vLLM `LLM` for one base, colocated: `load(model, adapter)` then `generate(...)`; `sleep`/`wake` on a
     GPU around the trainer's update."""
@@ -120,11 +140,12 @@ class VLLMEngine:
                 budget = dict(gpu_memory_utilization=memory) if self.gpu else dict(
                     kv_cache_memory_bytes=int(memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                     enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
-                self.llm = LLM(model=tmp, skip_tokenizer_init=True, load_format="dummy",
-                               dtype=str(dtype).removeprefix("torch."), seed=seed, enforce_eager=not self.gpu,
-                               max_model_len=max_model_len, **budget,
-                               logprobs_mode="processed_logprobs", enable_sleep_mode=self.gpu,
-                               enable_prefix_caching=False)
+                with local_proxies_hidden():
+                    self.llm = LLM(model=tmp, skip_tokenizer_init=True, load_format="dummy",
+                                   dtype=str(dtype).removeprefix("torch."), seed=seed, enforce_eager=not self.gpu,
+                                   max_model_len=max_model_len, **budget,
+                                   logprobs_mode="processed_logprobs", enable_sleep_mode=self.gpu,
+                                   enable_prefix_caching=False)
                 from vllm import SamplingParams  # one token: a shape its kernels refuse fails here, not mid-round
 
                 self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, detokenize=False),

@@ -30,6 +30,7 @@ MANIFEST_NAME = "_MANIFEST.json"
 WRITING_NAME = "_WRITING.json"  # present while a stage writes an explicit output location (not listed in manifests)
 USED_NAME = "_USED.json"  # rewritten whenever a run takes the output as a cache hit or an input (not in manifests)
 MANIFEST_FORMAT = 1
+VIEW_PREFIXES = ("tensorboard/",)  # files that show how a run went (event files with wall times), not its content
 
 
 class ArtifactError(UserError, RuntimeError):
@@ -163,6 +164,9 @@ def manifest_digest(uri: str) -> str:
     identity, so its consumers stay cache hits; any changed file changes it."""
     manifest = storage.read_json(manifest_uri(uri))
     identity = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+    if isinstance(identity.get("files"), dict):  # per-step curves carry wall times: a view of the run, not content
+        identity["files"] = {rel: meta for rel, meta in identity["files"].items()
+                             if not rel.startswith(VIEW_PREFIXES)}
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 
