@@ -153,10 +153,11 @@ class Tracker:
 
     def __init__(self, stage: str, out_dir: Path, *, settings: Mapping[str, Any] | None = None,
                  tags: Mapping[str, str] | None = None, live_uri: str | None = None, sync_seconds: float = 30.0,
-                 mlflow_uri: str | None = None, enabled: bool = True):
+                 mlflow_uri: str | None = None, enabled: bool = True, committed_uri: str | None = None):
         self.stage, self.enabled = stage, enabled
         self.logdir = Path(out_dir) / TENSORBOARD_DIR
         self.live_uri, self.sync_seconds, self.last_sync = live_uri, sync_seconds, time.monotonic()
+        self.committed_uri = committed_uri  # the output's manifest: once it exists, the live copy stops
         self.writers: dict[str, Any] = {}
         self.points = 0
         self.mlflow = None
@@ -185,14 +186,17 @@ class Tracker:
             self.sync()
 
     def sync(self) -> None:
-        """Copy the event files to the output's location, where `tensorboard --logdir` finds them mid-stage."""
+        """Copy the event files to the output's location, where `tensorboard --logdir` finds them mid-stage; never
+        into an output already committed there (another writer of the same key, or the one a --force replaces)."""
         from blueprint.store import storage
 
         for writer in self.writers.values():
             writer.flush()
         self.last_sync = time.monotonic()
         try:
-            if self.logdir.exists():
+            if self.committed_uri and storage.exists(self.committed_uri):
+                self.live_uri = None  # its manifest lists its own event files: leave them as they are
+            elif self.logdir.exists():
                 storage.upload_dir(self.logdir, self.live_uri)
         except Exception as exc:  # noqa: BLE001 - curves are a view; the committed output holds them anyway
             warn(f"could not copy the TensorBoard files to {self.live_uri} ({type(exc).__name__}); they are "
@@ -216,7 +220,7 @@ def stage_tracker(stage: str, out_dir: Path, settings: Mapping[str, Any], out_ur
     """The tracker a training stage opens: MLflow when MLFLOW_TRACKING_URI is set, main process only, tagged with
     the output's key and (under Kubeflow) the pipeline run."""
     from blueprint import distributed
-    from blueprint.store import storage
+    from blueprint.store import artifacts, storage
 
     tags = {}
     if out_uri:
@@ -226,6 +230,7 @@ def stage_tracker(stage: str, out_dir: Path, settings: Mapping[str, Any], out_ur
         tags["blueprint.pipeline_run"] = run
     return Tracker(stage, out_dir, settings=settings, tags=tags,
                    live_uri=storage.join(out_uri, TENSORBOARD_DIR) if out_uri else None,
+                   committed_uri=artifacts.manifest_uri(out_uri) if out_uri else None,
                    mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI") or None, enabled=distributed.is_main())
 
 

@@ -185,3 +185,20 @@ def test_without_a_tracking_uri_nothing_is_attempted(tmp_path, monkeypatch):
     tracker = tracking.stage_tracker("warmup", tmp_path, {}, None)
     assert tracker.mlflow is None
     tracker.close()
+
+
+def test_curves_are_copied_to_the_output_while_it_trains_and_never_into_a_committed_one(tmp_path):
+    out = tmp_path / "out"
+    live = f"file://{tmp_path}/root/ppo-round/k/tensorboard"
+    manifest = tmp_path / "root" / "ppo-round" / "k" / "_MANIFEST.json"
+    with tracking.Tracker("ppo-round-1", out, live_uri=live, sync_seconds=0.0,
+                          committed_uri=manifest.as_uri()) as tracker:
+        tracker.log("summarizer", 1, {"kl": 0.1})
+        copied = storage.local_path(live) / "summarizer"
+        assert [p for p in copied.iterdir() if p.name.startswith("events.out.tfevents")]
+        manifest.write_text("{}")  # another writer of the same key committed meanwhile
+        before = {p: p.stat().st_mtime_ns for p in copied.iterdir()}
+        for step in range(2, 5):
+            tracker.log("summarizer", step, {"kl": 0.1})
+        assert {p: p.stat().st_mtime_ns for p in copied.iterdir()} == before and tracker.live_uri is None
+    assert len(scalar_points(out / "tensorboard" / "summarizer")["kl"]) == 4
