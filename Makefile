@@ -3,7 +3,7 @@ VENV ?= .venv
 TORCH_SPEC ?= $(shell sed -n 's/^torch==/torch==/p' docker/requirements-torch.txt)
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-containers run compile bench clean
+.PHONY: install test test-containers run compile bench clean docs
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,12 @@ test-containers: install
 	BLUEPRINT_TEST_IMAGE=$(LOCAL_IMAGE) $(PY) -m pytest -q -m containers tests
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) artifacts .pytest_cache site
+
+# The docs site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or anchor. The settings reference
+# is generated from the stages' configs as it builds (docs/hooks.py).
+docs: install
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 run: install
 	$(VENV)/bin/blueprint run --profile default
@@ -46,7 +51,7 @@ bench: install
 	$(PY) benchmarks/sandbox_throughput.py
 	$(PY) benchmarks/rollout_engines.py
 
-# ---- Images and Kubeflow delivery (README.md, section Run on Kubeflow) -------------------------------------------------------
+# ---- Images and Kubeflow delivery (docs/kubeflow.md) ------------------------------------------------------------------------------------
 # IMAGE is the one image reference: `make push` pushes it, `make compile/submit/schedule` put it in the pipeline.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 REGISTRY ?= ghcr.io/blueprint-rt
@@ -96,7 +101,7 @@ wheelhouse: install
 
 check-engine:
 	@test -n "$(ENGINE)" || { echo "make: no container engine: neither a running docker daemon nor podman was" \
-	  "found. Install Docker (with BuildKit) or Podman, or build on CI; see README.md, section Run on Kubeflow." >&2; exit 1; }
+	  "found. Install Docker (with BuildKit) or Podman, or build on CI; see docs/kubeflow.md." >&2; exit 1; }
 
 images: image-cpu image-cuda
 
