@@ -51,7 +51,7 @@ bench: install
 	$(PY) benchmarks/sandbox_throughput.py
 	$(PY) benchmarks/rollout_engines.py
 
-# ---- Images and Kubeflow delivery (docs/kubeflow.md) 
+# ---- Images and Kubeflow delivery (docs/kubeflow.md) ------------------------------------------------------------------------------------
 # IMAGE is the one image reference: `make push` pushes it, `make compile/submit/schedule` put it in the pipeline.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 REGISTRY ?= ghcr.io/blueprint-rt
