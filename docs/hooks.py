@@ -32,7 +32,8 @@ def fields_table(config: type) -> str:
     rows = ["| setting | type | default | what it does |", "|---|---|---|---|"]
     for name, field in config.model_fields.items():
         default = field.get_default(call_default_factory=True)
-        rows.append(f"| **{name}** | {cell(type_name(field.annotation))} | {cell(repr(default))} "
+        shown = cell(repr(default))
+        rows.append(f"| **{name}** | {cell(type_name(field.annotation))} | {shown if '|' in shown else f'`{shown}`'} "
                     f"| {cell(field.description or '')} |")
     return "\n".join(rows)
 

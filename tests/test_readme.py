@@ -1,5 +1,6 @@
 """README is a door: short, its links lead somewhere, and every command it shows runs as written (the cheap ones
-are run; the expensive ones name make targets, subcommands and flags that exist)."""
+are run; the expensive ones name make targets, subcommands and flags that exist). Behind it, the docs' settings
+reference is generated from the stage configs."""
 from __future__ import annotations
 
 import ast
@@ -110,3 +111,17 @@ def test_readme_python_calls_the_api_with_names_it_has():
             continue
         signature = inspect.signature(getattr(BluePrint, method))
         signature.bind(None, *[None] * len(call.args), **{kw.arg: None for kw in call.keywords})
+
+
+def test_the_settings_reference_lists_every_setting_of_every_stage_with_its_help():
+    import runpy
+
+    from blueprint.stages.registry import STAGES
+
+    hooks = runpy.run_path(str(REPO / "docs" / "hooks.py"))
+    reference = hooks["settings_reference"]()
+    for spec in STAGES.values():
+        section = reference.split(f"## {spec.name}\n", 1)[1].split("\n## ", 1)[0]
+        for name, field in spec.config_type().model_fields.items():
+            row = next((line for line in section.splitlines() if line.startswith(f"| **{name}** |")), "")
+            assert row.endswith(f"| {hooks['cell'](field.description)} |"), f"{spec.name}.{name}: {row or 'missing'}"
