@@ -45,7 +45,8 @@ EXPENSIVE = [argv for argv in BLUEPRINT_COMMANDS if not is_cheap(argv)]
 
 def blueprint(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """The `blueprint` console script as pyproject.toml declares it, from this checkout."""
-    module, function = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["blueprint"].split(":")
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["blueprint"].split(":")
     code = f"import sys; sys.argv[0] = 'blueprint'; from {module} import {function}; sys.exit({function}())"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(cwd), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
