@@ -84,13 +84,15 @@ comma := ,
 
 # The one way to move versions: resolve pyproject.toml afresh in a throwaway venv and pin what it installed.
 # Then `make install` (the venv is rebuilt from the new lock) and `make test`. torch stays at TORCH_SPEC (the
-# locked one by default): `make lock TORCH_SPEC=torch==X.Y.Z` moves it too.
+# locked one by default): `make lock TORCH_SPEC=torch==X.Y.Z` moves it too. The CUDA image's vLLM closure is
+# resolved from metadata by uv (docker/lock.py; `docker/lock.py --cuda` redoes only that, where uv is installed).
 LOCK_VENV := .lock-venv
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(LOCK_VENV)/bin/python -m pip install -q ".[test,docs,engine-cpu]"
 	$(LOCK_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(LOCK_VENV)/bin/python -m pip install -q uv
 	$(LOCK_VENV)/bin/python docker/lock.py
 	rm -rf $(LOCK_VENV)
 
@@ -116,7 +118,7 @@ image-cpu: check-engine wheelhouse
 # CUDA_BASE_IMAGE empty: nvidia/cuda's base when it can be pulled, else the same local Debian base (the CUDA torch
 # wheels carry their CUDA libraries; the node's driver comes in through the NVIDIA container runtime).
 image-cuda: check-engine
-	base=$$(docker/base-image.sh $(ENGINE) $(or $(CUDA_BASE_IMAGE),nvidia/cuda:12.8.1-base-ubuntu22.04)) && \
+	base=$$(docker/base-image.sh $(ENGINE) $(or $(CUDA_BASE_IMAGE),nvidia/cuda:13.0.0-base-ubuntu22.04)) && \
 	$(if $(filter docker,$(ENGINE)),DOCKER_BUILDKIT=1) $(ENGINE) build -f docker/Dockerfile.cuda \
 	  $(if $(filter podman,$(ENGINE)),--ignorefile docker/Dockerfile.cuda.dockerignore) \
 	  $(BUILD_FLAGS) --build-arg BASE_IMAGE=$$base -t $(LOCAL_CUDA_IMAGE) .

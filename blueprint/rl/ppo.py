@@ -222,8 +222,9 @@ class PPOTrainer:
             r.permutation = data_parallel.global_permutation(B * distributed.world_size())  # the first epoch's
             self._score_forwards(r)
             timings["forward"] = time.perf_counter() - t0
-            if engine_logp is not None:  # stops the round when the engine did not sample this policy
-                r.engine_gap = self.engine.check(r.logp, engine_logp[:, :R], r.mask, self.step)
+            if engine_logp is not None:  # stops the round when the engine did not sample this policy (the step
+                # counted from 1, as steps.jsonl and the progress lines count it)
+                r.engine_gap = self.engine.check(r.logp, engine_logp[:, :R], r.mask, self.step + 1)
         return r
 
     # ---------------------------------------------------------------- step

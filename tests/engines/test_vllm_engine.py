@@ -1,7 +1,8 @@
 """A real vLLM engine on micro models (head_dim 32: vLLM's CPU attention refuses 16): greedy tokens as hf's, the gap
 check passing after PPO steps and stopping a round whose sync is withheld, and the smoke stages with engine=vllm.
 
-One engine serves the module's trainer-level tests; each stage run starts its own (as a stage does)."""
+One engine serves the module's trainer-level tests; each stage run starts its own (as a stage does). The stage chain
+is the smoke one cut to what the engine needs: a base vLLM can serve, trained a few steps, and real adapters."""
 from __future__ import annotations
 
 import json
@@ -87,12 +88,13 @@ def test_engine_logprobs_match_the_trainer_after_each_step_and_a_withheld_sync_s
         policy, engine, micro_tokenizer, monkeypatch):
     trainer = _trainer(policy, micro_tokenizer, engine)
     batch = prompts(micro_tokenizer, 2)
-    for _ in range(2):
-        stats = trainer.ppo_step(batch, low_id_score)
-        assert stats["engine_logprob_gap_mean"] <= 1e-4 and stats["engine_logprob_gap_max"] < 1e-3
-        assert stats["time/sync"] > 0
+    stats = trainer.ppo_step(batch, low_id_score)  # the weights loaded at start, then an update and its sync
+    assert stats["engine_logprob_gap_mean"] <= 1e-4 and stats["engine_logprob_gap_max"] < 1e-3
+    assert stats["time/sync"] > 0
     monkeypatch.setattr(PolicySampler, "sync", lambda self, model: 0.0)  # the engine keeps this step's weights
-    trainer.ppo_step(batch, low_id_score)  # samples of the synced policy, then an update the engine never sees
+    stats = trainer.ppo_step(batch, low_id_score)  # samples of the policy synced after step 1: the gap still ~0
+    assert stats["engine_logprob_gap_mean"] <= 1e-4 and stats["engine_logprob_gap_max"] < 1e-3
+    # step 3 samples weights from before step 2's update: the round stops there, naming the step as steps.jsonl does
     with pytest.raises(EngineGapError, match=r"engine vllm: at PPO step 3 .*engine_max_gap=0\.01"):
         trainer.ppo_step(batch, low_id_score)
 
@@ -108,10 +110,11 @@ def engine_chain(tmp_path_factory):
 
     root = f"file://{tmp_path_factory.mktemp('engine_chain')}"
     shards = shard.run(parse(shard.ShardConfig, SMOKE_SHARD), artifact_root=root, progress=False).uri
-    base = bootstrap.run(parse(bootstrap.BootstrapConfig, {**SMOKE_BOOTSTRAP, "preset": "tiny"}), shards=shards,
-                         artifact_root=root, progress=False).uri
-    adapters = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=shards, base=base, artifact_root=root,
-                          progress=False).uri
+    few = {"max_tokens": 2048, "max_pairs": 200}  # 2 pre-training steps: the engine needs weights, not skill
+    base = bootstrap.run(parse(bootstrap.BootstrapConfig, {**SMOKE_BOOTSTRAP, "preset": "tiny", **few}),
+                         shards=shards, artifact_root=root, progress=False).uri
+    adapters = warmup.run(parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 1, "eval_pairs": 4, "max_pairs": 64}),
+                          shards=shards, base=base, artifact_root=root, progress=False).uri
     return {"root": root, "shards": shards, "base": base, "adapters": adapters}
 
 
@@ -120,14 +123,15 @@ def _inputs(chain, adapters=None):
 
 
 def test_smoke_round_and_evaluation_with_vllm_complete_and_agree_with_hf(engine_chain, tmp_path):
-    out = ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "engine": "vllm"}), **_inputs(engine_chain),
+    cfg = {**SMOKE_PPO, "engine": "vllm", "probe_size": 1, "supervised_steps": 1}  # the coder's step needs no engine
+    out = ppo_round.run(parse(ppo_round.PPORoundConfig, cfg), **_inputs(engine_chain),
                         artifact_root=engine_chain["root"], progress=False)
     assert out.metrics["engine"] == "vllm" and out.metrics["ppo_steps_done"] == 2
     assert out.metrics["engine_logprob_gap_mean"] <= 0.01
     steps = [json.loads(line) for line in storage.read_text(storage.join(out.uri, "steps.jsonl")).splitlines()]
     assert all(row["engine_logprob_gap_mean"] <= 0.01 and "engine_logprob_gap_max" in row for row in steps)
 
-    smaller = {"max_examples": 6, "pairwise_examples": 6, "max_code_tokens": 64}  # test time: ~1 min each
+    smaller = {"max_examples": 4, "pairwise_examples": 4, "max_code_tokens": 48}  # test time: ~30 s each
     evals = {engine: evaluate.run(parse(evaluate.EvaluateConfig, {**registry.get("evaluate").defaults("smoke"),
                                                                     **smaller, "engine": engine}),
                                   **_inputs(engine_chain, out.uri), out_uri=f"file://{tmp_path}/{engine}",
@@ -136,6 +140,9 @@ def test_smoke_round_and_evaluation_with_vllm_complete_and_agree_with_hf(engine_
     rows = {engine: [json.loads(line) for line in (tmp_path / engine / "samples.jsonl").read_text().splitlines()]
             for engine in evals}
     assert [r["generated_summary"] for r in rows["vllm"]] == [r["generated_summary"] for r in rows["hf"]]
+    # the smoke-sized models repeat a token or two; the code side holds more than whitespace, so the agreement is
+    # over real tokens (non-trivial greedy agreement with an adapter far from zero: the first test)
+    assert any(r["rebuilt_code"].strip() for r in rows["hf"]), "whitespace alone would agree trivially"
     assert [r["rebuilt_code"] for r in rows["vllm"]] == [r["rebuilt_code"] for r in rows["hf"]]
 
 
