@@ -10,7 +10,6 @@ runs the image's code, which may differ from this process's.
 """
 from __future__ import annotations
 
-import builtins
 import contextlib
 import io
 import json
