@@ -18,7 +18,8 @@ import tempfile
 import time
 
 RUN = [sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke"]
-IMPORTS = "import kfp.local, torch, transformers, peft, blueprint.stages.ppo_round"
+IMPORTS = ("import kfp.local, pipelines.cli, pipelines.local_run; from blueprint.stages import registry; "
+           "[spec.config_type() for spec in registry.STAGES.values()]")  # what a run imports before its first task
 
 
 def timed(command: list[str]) -> tuple[float, str]:
