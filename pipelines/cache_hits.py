@@ -80,7 +80,8 @@ def answer_hit(full_command: list[str]) -> bool:
     with _ONE_AT_A_TIME, capturing() as lines:
         try:
             namespace: dict[str, Any] = {"__name__": "ephemeral_component"}
-            exec(compile(source, "ephemeral_component.py", "exec", dont_inherit=True), namespace)  # as the executor loads it
+            # as kfp's executor loads it (dont_inherit: this module's `annotations` future would make types text)
+            exec(compile(source, "ephemeral_component.py", "exec", dont_inherit=True), namespace)
             with hits_only.on():
                 Executor(executor_input=executor_input, function_to_execute=namespace[name]).execute()
         except (hits_only.NotCached, Exception, SystemExit):  # work to do, or a failure: its own process shows it
@@ -92,7 +93,8 @@ def answer_hit(full_command: list[str]) -> bool:
 
 @contextlib.contextmanager
 def answering_hits() -> Iterator[None]:
-    """Inside: kfp.local's subprocess runner answers a cache hit in this process (see the module docstring)."""
+    """Inside: kfp.local's subprocess runner answers a cache hit in this process (see the module docstring).
+    kfp.local (2.17) has no hook for this: it takes the handler class from this module attribute at each task."""
     original = subprocess_task_handler.SubprocessTaskHandler
 
     class HitFirstHandler(original):

@@ -119,7 +119,8 @@ def run_stage(stage: str, cfg: Any, inputs: dict[str, str], *, artifact_root: st
     """The stage's committed output, computed on as many processes as `cfg` asks for (`nproc`, `nodes`)."""
     module = registry.get(stage).load()
     if hits_only.active():  # a hit is read here, without launching; no model was loaded, none to free
-        return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force, progress=progress)
+        return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force,
+                          progress=progress)
     if not wants_launch(cfg):
         try:
             return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force,
