@@ -6,6 +6,7 @@ and pipeline parameters coerced to the field types. Any failure is one `ConfigEr
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -98,12 +99,20 @@ def _text(error: dict) -> str:
     return f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {_redacted(error['input'])}"
 
 
+def did_you_mean(unknown: list[str], known: typing.Iterable[str]) -> str:
+    """` (did you mean lr?)` for the known names closest to the mistyped ones, "" when none is close: the fix is
+    read at once instead of searched for in the list of every known name."""
+    known = list(known)
+    close = dict.fromkeys(m for name in unknown for m in difflib.get_close_matches(name, known, n=3, cutoff=0.6))
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def _details(exc: ValidationError, cls: type[Settings]) -> list[tuple[tuple, str]]:
     errors = exc.errors(include_url=False)
     unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        return [((), f"unknown {cls.unknown_label} {', '.join(unknown)} for {cls.__name__}; "
-                     f"known: {', '.join(sorted(cls.model_fields))}")]
+        return [((), f"unknown {cls.unknown_label} {', '.join(unknown)} for {cls.__name__}"
+                     f"{did_you_mean(unknown, cls.model_fields)}; known: {', '.join(sorted(cls.model_fields))}")]
     details = []
     for e in errors:
         loc = tuple(e["loc"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -236,7 +237,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+CLOSED_PIPE_STATUS = 141  # what a shell reports for a command that SIGPIPE ended (128 + 13)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a reader that stops early (`blueprint promoted --json | head -1`) ends it quietly."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not as a traceback at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's own flush at exit
+        return CLOSED_PIPE_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)

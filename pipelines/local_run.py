@@ -103,6 +103,7 @@ def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
     from kfp import local
 
     from pipelines import build_pipeline
+    from pipelines.cache_hits import answering_hits
 
     root = plan_.arguments["artifact_root"]
     local_root = Path(local_root or default_local_root(root)).resolve()
@@ -127,7 +128,9 @@ def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
     before = os.environ.get(RUN_ENV)
     os.environ[RUN_ENV] = name[:-len(".log")]  # the stages tag their MLflow runs with it
     try:
-        with condensed_output(verbose, display_names(pipeline), log_path):
+        # the subprocess runner runs this very code: a cache hit is answered here, without starting a process
+        hits = answering_hits() if runner == "subprocess" else contextlib.nullcontext()
+        with condensed_output(verbose, display_names(pipeline), log_path), hits:
             task = pipeline(**plan_.arguments)
     finally:
         log = keep_log(log_path, root)

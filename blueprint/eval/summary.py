@@ -92,6 +92,9 @@ def run_summary(history: Sequence[Mapping[str, Any]], gate: Mapping[str, Any] | 
         decision = "promoted" if gate.get("decision") == "promote" else "not promoted"
         lines += ["", f"gate: {decision}: {gate.get('why', '')}"]
     if verdict:
+        verdict_head, _, missed = verdict.partition(": ")
+        if gate and missed and missed == gate.get("why"):  # the gate refused it for these very floors: said once
+            verdict = f"{verdict_head} (the floors on the gate's line)"
         lines += ([] if gate else [""]) + [f"final model: {verdict}"]
     found = warnings(history[-1]) if history else ["no evaluation was recorded"]
     lines += [""] + [f"warning: {w}" for w in found]

@@ -23,7 +23,7 @@ from blueprint import distributed
 from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, UserError
 from blueprint.stages import registry, stopping
-from blueprint.store import artifacts
+from blueprint.store import artifacts, hits_only
 from blueprint.stages.common import release_memory
 
 WORKER_MODULE = "blueprint.stages.launch"
@@ -118,6 +118,9 @@ def run_stage(stage: str, cfg: Any, inputs: dict[str, str], *, artifact_root: st
               force: bool = False, progress: bool = True) -> Any:
     """The stage's committed output, computed on as many processes as `cfg` asks for (`nproc`, `nodes`)."""
     module = registry.get(stage).load()
+    if hits_only.active():  # a hit is read here, without launching; no model was loaded, none to free
+        return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force,
+                          progress=progress)
     if not wants_launch(cfg):
         try:
             return module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, force=force,

@@ -209,21 +209,64 @@ def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
     return dict(manifest.get("metrics", {}))
 
 
+PIPELINE_TAG = "text-generation"  # what the Hub's widget and search file a causal LM under
+BUILT_BASE_LICENSE = "apache-2.0"  # the `tiny` base is built by this project, under its own license
+
+
+def base_name(base: str) -> str:
+    """How a card names a base: a hub id as given, a folder (local or s3://) by its own name, a base built in the
+    store by its reference (stage/key). Never an absolute path: it says nothing off this machine, and the card is
+    content, the same wherever the root lives."""
+    from blueprint.models import loading
+
+    if is_artifact(base):
+        return artifacts.reference(base)
+    if storage.is_s3(base) or loading._is_local(base):
+        return base.rstrip("/").rsplit("/", 1)[-1]
+    return base
+
+
+def base_license(base: str) -> str:
+    """The license a merged model inherits from its base: the base's own card's (a folder's README.md, or the
+    hub's card when it is cached here), this project's for a base it built, else "other" (unknown: see the base)."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    from blueprint.models import loading
+
+    if is_artifact(base):
+        return BUILT_BASE_LICENSE
+    if storage.is_s3(base):
+        return "other"
+    card = Path(storage.local_path(storage.normalize(base))) / "README.md" if loading._is_local(base) else \
+        try_to_load_from_cache(base, "README.md")
+    if isinstance(card, (str, Path)) and Path(card).is_file():
+        return ModelCard.load(card).data.license or "other"
+    return "other"
+
+
+def card_metadata(base: str) -> str:
+    """The card's YAML header through huggingface_hub's ModelCardData: base_model (a hub id or the folder's name
+    the user gave; none for a base built in the store), license and pipeline_tag."""
+    from huggingface_hub import ModelCardData
+
+    built = is_artifact(base)
+    data = ModelCardData(library_name="transformers", tags=["blueprint", "code", "lora-merged"],
+                         base_model=None if built else base_name(base), license=base_license(base),
+                         pipeline_tag=PIPELINE_TAG)
+    return f"---\n{data.to_yaml()}\n---"
+
+
 def model_card(role: str, base: str, adapters: str, adapter_run: dict[str, Any], evaluation: str | None,
                scores: dict[str, Any], check: float) -> str:
     """README.md of a merged folder: what it is, where it came from, how it scored, how to load it."""
-    from blueprint.models import loading
-
     task = {"summarizer": "writes a one-paragraph summary (docstring) of a Python function",
             "coder": "writes a Python function from its summary (docstring)"}[role]
     prompt = PromptConfig()
     template = prompt.code_to_summary if role == "summarizer" else prompt.summary_to_code
-    hub_base = not (is_artifact(base) or storage.is_s3(base) or loading._is_local(base))  # a hub id
-    base = artifacts.reference(base) if is_artifact(base) else base  # the card is content: no root, no time
+    front = [card_metadata(base)]
+    base = base_name(base)  # the card is content: no root, no time, no local path
     adapters, evaluation = artifacts.reference(adapters), evaluation and artifacts.reference(evaluation)
-    front = ["---", "library_name: transformers", "tags: [blueprint, code, lora-merged]"]
-    front += [f"base_model: {base}"] if hub_base else []
-    lines = front + ["---", "", f"# BluePrint {role}", "",
+    lines = front + ["", f"# BluePrint {role}", "",
                      f"A causal LM that {task}: the `{role}` LoRA adapter of a BluePrint run merged into its base.",
                      "", f"- base model: `{base}`",
                      f"- adapters: `{adapters}` (stage `{adapter_run.get('stage')}`, key `{adapter_run.get('key')}`, "

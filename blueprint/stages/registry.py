@@ -14,7 +14,7 @@ from typing import Any
 
 from collections.abc import Callable, Iterable, Mapping
 
-from blueprint.config import ConfigError, parse
+from blueprint.config import ConfigError, did_you_mean, parse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,8 @@ def check_stage_names(names: Iterable[str]) -> None:
     """Refuse stage names the registry does not know (in a settings mapping, a config file, `--set`)."""
     unknown = sorted(set(names) - set(STAGES))
     if unknown:
-        raise ConfigError(f"unknown stage(s) in settings: {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage(s) in settings: {', '.join(unknown)}{did_you_mean(unknown, STAGES)}; "
+                          f"stages: {', '.join(STAGES)}")
 
 
 def stage_configs(settings: Mapping[str, Mapping[str, Any]], label: Callable[[str], str] = lambda stage: stage,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from blueprint import __version__, distributed
-from blueprint.store import storage
+from blueprint.store import hits_only, storage
 from blueprint.errors import UserError
 
 MANIFEST_NAME = "_MANIFEST.json"
@@ -323,6 +323,8 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Calla
     if not distributed.is_main():
         return _follow_main(stage, uri, compute)
     existing = check_target(uri, stage, key, owned, force)
+    if existing is None or force:
+        hits_only.check(uri)  # `blueprint run` asking for a hit only: stop here, before any work
     if existing is None and _COMMITTED_ONLY.get():
         raise ArtifactError(f"{stage}: its processes ended without committing {uri}")
     distributed.from_main(existing is not None and not force)  # the other ranks learn whether this is a hit

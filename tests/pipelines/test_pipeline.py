@@ -3,6 +3,7 @@ through kfp.local (the very same definition Kubeflow runs) to file:// and to a l
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,19 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
     again = local_run.run(plan, local_root=tmp_path / "kfp2")
     model_stages = lambda manifests: {k: v for k, v in manifests.items() if not k.startswith("gate/")}  # noqa: E731
     assert model_stages(_manifests(root)) == model_stages(before), "a rerun with nothing changed recomputed a stage"
-    assert again["outputs"]["decision"] == "keep"
+    assert again["outputs"] == result["outputs"]
+    assert_answered_without_a_task_process(again["log"])
+
+
+def assert_answered_without_a_task_process(log_uri: str) -> None:
+    """A rerun's log: every task finished, each answered as a cache hit in `blueprint run`'s own process (a task's
+    process starts with kfp's executor looking for its component, and that line is nowhere)."""
+    log = storage.read_text(log_uri)
+    tasks = log.count("Executing task")
+    assert tasks == 10, log  # promote runs only on "promote"
+    assert len(re.findall(r"Task .+ finished with status .*SUCCESS", log)) == tasks, log
+    assert "Looking for component" not in log, "a cached task started its own process"
+    assert log.count('"cached": true') == tasks - 1, log  # shard-plan has no output of its own
 
 
 @pytest.mark.slow

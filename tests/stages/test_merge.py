@@ -171,3 +171,25 @@ def test_a_cast_that_changes_the_model_beyond_its_dtypes_rounding_is_refused(tra
     out = merge.run(merge.MergeConfig(save_dtype="float16"), base=trained["base"], adapters=trained["adapters"],
                     artifact_root=str(tmp_path / "b"), progress=False)
     assert 0 < out.metrics["cast_logit_diff_coder"]
+
+
+def test_model_card_names_the_base_as_given_never_by_a_local_path_with_license_and_pipeline_tag(tmp_path):
+    """The card's header is huggingface_hub's ModelCardData: base_model is the hub id or the folder's own name,
+    the license is the base card's (this project's for the built base), pipeline_tag text-generation."""
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "models" / "Qwen2.5-Coder-0.5B"
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# a base\n")
+    built = commit(folder, str(tmp_path / "bootstrap" / "k1"), "bootstrap")
+    adapters = "file:///root/ppo-round/abc"
+    for base, base_model, license_ in [(str(folder), "Qwen2.5-Coder-0.5B", "mit"),
+                                       (f"file://{folder}", "Qwen2.5-Coder-0.5B", "mit"),
+                                       ("no-such-org/no-such-model", "no-such-org/no-such-model", "other"),
+                                       (built, None, "apache-2.0")]:
+        text = merge.model_card("coder", base, adapters, {"stage": "ppo-round", "key": "abc", "round": 1}, None,
+                                {}, 0.0)
+        data = ModelCard(text).data
+        assert (data.base_model, data.license, data.pipeline_tag) == (base_model, license_, "text-generation"), base
+        assert str(tmp_path) not in text
+        assert data.library_name == "transformers" and "lora-merged" in data.tags
