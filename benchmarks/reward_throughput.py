@@ -24,8 +24,8 @@ from transformers import LlamaForCausalLM
 
 from blueprint.models.lora import LoraSettings, attach_adapters, use_adapter
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
-from blueprint.rl.reward import RewardConfig, RewardModel
 from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
+from blueprint.rl.reward import RewardConfig, RewardModel
 
 
 def stdlib_sources(limit: int) -> list[str]:

@@ -14,10 +14,10 @@ import venv
 from pathlib import Path
 
 import pytest
+from kfp_launch import launcher_command
 from packaging.utils import canonicalize_name
 
 from blueprint.store import artifacts
-from kfp_launch import launcher_command
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

@@ -35,8 +35,8 @@ from typing import Any
 
 from blueprint.data import remote, tasks
 from blueprint.data.remote import hub_files_url
-from blueprint.store import storage
 from blueprint.errors import UserError
+from blueprint.store import storage
 
 FILE_KINDS = ("jsonl", "parquet", "csv")
 TASKS = "tasks"

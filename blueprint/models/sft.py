@@ -95,8 +95,8 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
     Trainer's own evaluation at the start (`eval_on_start`): an `evaluate()` before `train()` makes accelerate
     mark the model prepared and train it without DDP. Evaluation runs whole `batch_size` batches on every rank:
     trl's evaluation loss is a mean of per-batch token means, which depends on how rows are cut into batches."""
-    from transformers import PrinterCallback
     import torch
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     from blueprint.models import lora

@@ -34,18 +34,29 @@ from torch import nn
 from transformers import GenerationConfig
 
 from blueprint import distributed
+from blueprint.models import runtime
+from blueprint.models.batching import pad_batch
 from blueprint.rl import data_parallel
 from blueprint.rl.copying import copy_rates
-from blueprint.models import runtime
 from blueprint.rl.micro_batches import MicroBatch, epoch_layout, padding_share, row_lengths
-from blueprint.rl.rollout import Rollout, query_lists, rows_within
-from blueprint.rl.ppo_errors import KLExplodedError, PPOError
-from blueprint.models.batching import pad_batch
-from blueprint.rl.value_head import ValueHead
 from blueprint.rl.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
-from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
-                                group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses,
-                                scalar_std)
+from blueprint.rl.ppo_errors import KLExplodedError, PPOError
+from blueprint.rl.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    eos_cut,
+    group_baseline,
+    logprobs_and_entropy,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    position_ids,
+    ppo_losses,
+    scalar_std,
+)
+from blueprint.rl.rollout import Rollout, query_lists, rows_within
+from blueprint.rl.value_head import ValueHead
 
 __all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExplodedError", "ScoreFn",
            "AdaptiveKLController", "FixedKLController", "eos_cut"]

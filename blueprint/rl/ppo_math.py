@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 # reduce(t) -> t summed over every data-parallel rank (None: one process). The sums, not the means, are reduced,
 # so N ranks holding a batch's parts get the statistics of the whole batch.
 Reduce = Callable[[torch.Tensor], torch.Tensor]

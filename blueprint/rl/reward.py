@@ -25,10 +25,10 @@ from peft import PeftModel
 
 from blueprint import distributed
 from blueprint.config import Settings, setting
-from blueprint.rl.copying import copy_rate
 from blueprint.errors import UserError
 from blueprint.models.lora import use_adapter
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
+from blueprint.rl.copying import copy_rate
 
 
 class RewardError(UserError, RuntimeError):

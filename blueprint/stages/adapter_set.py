@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from blueprint.errors import InputError
-from blueprint.store import artifacts
 from blueprint.stages.common import base_identity, is_artifact, open_base, split_base
+from blueprint.store import artifacts
 
 ADAPTERS_DIR = "adapters"
 BASE_FILE = "base.json"

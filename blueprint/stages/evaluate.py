@@ -32,21 +32,22 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import field_validator
 
-from blueprint.store import artifacts
-from blueprint.eval import execution, metrics as text_metrics, report
-from blueprint.eval.greedy import generate_texts
-from blueprint.eval.sandbox import SandboxSettings
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
 from blueprint.engines.settings import EngineSettings
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
-from blueprint.progress import Progress
+from blueprint.eval import execution, report
+from blueprint.eval import metrics as text_metrics
+from blueprint.eval.greedy import generate_texts
+from blueprint.eval.sandbox import SandboxSettings
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import clip_tokens
-from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
+from blueprint.progress import Progress
 from blueprint.stages import code_tests
+from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
 from blueprint.stages.common import is_artifact
+from blueprint.store import artifacts
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +129,7 @@ def reward_stats(out, tag: str) -> dict[str, float]:
     return stats
 
 
-def scored_pairwise(reward, scored: list[dict], own_ce_first: "torch.Tensor", other: list[int]) -> float | None:
+def scored_pairwise(reward, scored: list[dict], own_ce_first: torch.Tensor, other: list[int]) -> float | None:
     """Pairwise accuracy: each scored code with its own docstring against another function's (the derangement
     `other`). The first len(own_ce_first) own-docstring CEs are already computed; only the rest are scored."""
     import torch
@@ -288,8 +289,8 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
           progress: bool = True) -> dict[str, Any]:
     import torch
 
-    from blueprint.models import lora
     from blueprint.data.readers import read_pairs
+    from blueprint.models import lora
 
     start = time.time()
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -24,15 +24,15 @@ from typing import Any
 
 from pydantic import model_validator
 
-from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, setting
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError, UserError
-from blueprint.progress import Progress
-from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.eval.report import DESCRIPTIONS, table
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
+from blueprint.progress import Progress
 from blueprint.stages.adapter_set import BASE_FILE, Bases, fetch_adapter_set, key_settings
 from blueprint.stages.common import is_artifact, open_base
+from blueprint.store import artifacts, storage
 
 STAGE = "merge"
 MEMORY_BUDGETS = ("check_batch",)  # the settings an out-of-memory error names

@@ -15,18 +15,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 from blueprint import distributed, tracking
-from blueprint.rl import data_parallel, round_stats
-from blueprint.rl.probe import probe_metrics, probe_reward
-from blueprint.store import artifacts, storage
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
 from blueprint.engines.settings import EngineSettings
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
-from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, step_logger, train_adapter
-from blueprint.stages.adapter_set import (Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles,
-                                          save_adapter_set)
+from blueprint.rl import data_parallel, round_stats
+from blueprint.rl.ppo_config import PPOConfig
+from blueprint.rl.probe import probe_metrics, probe_reward
+from blueprint.stages.adapter_set import (
+    Bases,
+    RoleModels,
+    fetch_adapter_set,
+    key_settings,
+    load_roles,
+    open_roles,
+    save_adapter_set,
+)
+from blueprint.store import artifacts, storage
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
 
 STAGE = "ppo-round"
@@ -236,8 +243,8 @@ def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: l
                tracker: tracking.Tracker) -> str | None:
     """Run the PPO steps from `done` on (appending to `stats_rows`, checkpointing as configured); why it stopped
     early, or None."""
-    from blueprint.rl.ppo import KLExplodedError
     from blueprint.progress import Progress
+    from blueprint.rl.ppo import KLExplodedError
 
     prompts, tokenizer = PromptConfig(style=cfg.prompt_style), roles.summarizer_tokenizer
     bar = Progress(task_name(cfg), cfg.ppo_steps, progress, start=done)

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from blueprint import tracking
-from blueprint.store import artifacts
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import sft_datasets, sft_length, step_logger, train_adapter
 from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_adapter_set
+from blueprint.store import artifacts
 
 STAGE = "warmup"
 MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
@@ -68,10 +68,9 @@ def _compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progre
              tracker: tracking.Tracker) -> dict[str, Any]:
     import torch
 
-    from blueprint.models import lora
-    from blueprint.data.readers import read_pairs
-
     from blueprint import distributed
+    from blueprint.data.readers import read_pairs
+    from blueprint.models import lora
 
     start = time.time()
     cfg = cfg.totals(distributed.world_size())  # train_adapter splits the step's total over the ranks

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from blueprint import __version__, distributed
-from blueprint.store import storage
 from blueprint.errors import UserError
+from blueprint.store import storage
 
 MANIFEST_NAME = "_MANIFEST.json"
 WRITING_NAME = "_WRITING.json"  # present while a stage writes an explicit output location (not listed in manifests)
@@ -248,7 +248,7 @@ def _manifest(files: dict[str, Path], *, stage: str, config: Mapping[str, Any], 
         "format": MANIFEST_FORMAT,
         "stage": stage,
         "key": key,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "producer": {"host": socket.gethostname(), "versions": versions()},
         "config": dict(config),
         "inputs": dict(inputs),
@@ -296,7 +296,7 @@ def mark_used(uri: str) -> None:
     running pipeline took as a cache hit or an input is not deleted under it. Best effort: an input in a root this
     run may only read is not ours to collect anyway."""
     with contextlib.suppress(storage.StorageError):
-        storage.write_json(storage.join(uri, USED_NAME), {"used": dt.datetime.now(dt.timezone.utc).isoformat()})
+        storage.write_json(storage.join(uri, USED_NAME), {"used": dt.datetime.now(dt.UTC).isoformat()})
 
 
 def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Callable[[Path], Mapping[str, Any]], *,

@@ -82,7 +82,7 @@ def _stamp(value: Any) -> dt.datetime | None:
             stamp = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         except ValueError:
             return None
-    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.timezone.utc)
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
 
 
 def _age_seconds(now: dt.datetime, *times: Any) -> float:
@@ -104,7 +104,7 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     if not records:
         raise InputError(f"{storage.join(root, runs.RUNS_DIR)} holds no run records: gc cannot tell what a run still "
                          "uses, so it deletes nothing (every pipeline run writes one at its gate)")
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     kept_records = records[-keep_runs:] if keep_runs > 0 else []
     roots = [u for r in kept_records for u in r["outputs"].values()] + promoted_roots(root)
     files = storage.list_file_times(root)

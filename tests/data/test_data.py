@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from blueprint.data import extract
-from blueprint.store import storage
 from blueprint.data.readers import read_pairs, sample_pairs
 from blueprint.data.sources import SourceError, parse_source
 from blueprint.stages import shard
+from blueprint.store import storage
 
 MODULE = textwrap.dedent('''
     import functools

@@ -12,11 +12,11 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from blueprint.store import artifacts
+from blueprint.config import ConfigError
 from blueprint.stages import profiles, warm_start
+from blueprint.store import artifacts
 from pipelines import cli, cluster
 from pipelines import cron as cron_module
-from blueprint.config import ConfigError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.pipelines import kfp_fake
 

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import micro_qwen2_base, stdlib_texts
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from blueprint.config import ConfigError
 from blueprint.eval.promotion_rule import missed_floors
 from blueprint.store import artifacts, storage
-from pipelines import local_run
-from blueprint.config import ConfigError
-from pipelines import golden
-from conftest import micro_qwen2_base, stdlib_texts
+from pipelines import golden, local_run
 
 REPO = Path(__file__).resolve().parents[2]
 

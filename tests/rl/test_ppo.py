@@ -9,15 +9,25 @@ import math
 
 import pytest
 import torch
+from conftest import stdlib_texts
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from blueprint.rl.copying import copy_rate, copy_rates
 from blueprint.rl.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead, eos_cut
-from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, masked_mean, masked_var,
-                                group_baseline, masked_whiten, per_token_rewards, ppo_losses, whiten)
-from conftest import stdlib_texts
+from blueprint.rl.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    group_baseline,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_token_rewards,
+    ppo_losses,
+    whiten,
+)
 
 ALL_LINEAR = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from blueprint.store import artifacts, storage
 from blueprint.eval import metrics
 from blueprint.models import lora
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets, summary_prompt
+from blueprint.models.tiny import tiny_llama_config
 from blueprint.stages import evaluate, merge
 from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
 from blueprint.stages.common import open_base
-from blueprint.models.tiny import tiny_llama_config
+from blueprint.store import artifacts, storage
 
 PAIRS = [
     ("def add(a, b):\n    return a + b\n", "Return the sum of two numbers."),

@@ -6,13 +6,13 @@ import threading
 
 import pytest
 import torch
+from test_evaluate import CFG, PAIRS, make_adapters, make_base, make_shards
 
 from blueprint.config import parse
 from blueprint.eval.promotion_rule import PromotionRule, decide
 from blueprint.stages import evaluate, gate, merge, promote
 from blueprint.stages.profiles import stage_settings
 from blueprint.store import promotion, storage
-from test_evaluate import CFG, PAIRS, make_adapters, make_base, make_shards
 
 # The gate's metric here is the coder's reward on the true docstrings: at this scale the summarizer's summaries
 # barely help the coder, while a coder trained on the pairs clearly reads them. Every promotable model must clear

@@ -12,13 +12,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, parse
+from blueprint.data import shard_writer
 from blueprint.data.readers import read_pairs
 from blueprint.data.sources import SourceError
-from blueprint.data import shard_writer
-from blueprint.stages import shard
 from blueprint.data.workers import WorkerError, WorkerPool
+from blueprint.stages import shard
+from blueprint.store import artifacts, storage
 
 
 def write_tree(root: Path, n_files: int = 30, per_file: int = 4) -> Path:

@@ -5,16 +5,16 @@ import json
 
 import pytest
 import torch
+from conftest import SMOKE_PPO, SMOKE_WARMUP
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from blueprint.store import artifacts, storage
-from blueprint.models import lora
-from blueprint.store.artifacts import ArtifactError
 from blueprint.config import parse
+from blueprint.models import lora
 from blueprint.stages import ppo_round, warmup
 from blueprint.stages.common import open_base
-from conftest import SMOKE_PPO, SMOKE_WARMUP
+from blueprint.store import artifacts, storage
+from blueprint.store.artifacts import ArtifactError
 
 
 def test_bootstrap_base_loads_with_plain_from_pretrained(smoke_chain):
@@ -85,8 +85,9 @@ def test_warmup_trains_only_the_adapter_in_training(smoke_chain):
 
 
 def test_warmup_to_s3_round_trips(smoke_chain, s3_bucket):
-    from blueprint.stages import shard
     from conftest import SMOKE_SHARD
+
+    from blueprint.stages import shard
 
     shards = shard.run(parse(shard.ShardConfig, {**SMOKE_SHARD, "max_pairs": 200}), artifact_root=s3_bucket,
                        progress=False).uri
