@@ -60,7 +60,7 @@ def kfp_cron(expr: str) -> str:
     if len(fields) != 6:
         raise CronError(f"invalid cron expression {expr!r}: expected 5 fields (minute hour day-of-month "
                         f"month day-of-week) or 6 (seconds first), got {len(fields)}")
-    for (field, lo, hi), value in zip(_CRON_FIELDS, fields):
+    for (field, lo, hi), value in zip(_CRON_FIELDS, fields, strict=True):
         for item in value.split(","):
             if item == "?" and field in ("day-of-month", "day-of-week"):
                 continue

@@ -190,7 +190,7 @@ class VLLMEngine:
         for out in outs:
             done = out.outputs[0]
             tokens = list(done.token_ids)
-            lps = [step[t].logprob for step, t in zip(done.logprobs, tokens)] if logprobs else None
+            lps = [step[t].logprob for step, t in zip(done.logprobs, tokens, strict=True)] if logprobs else None
             samples.append(Sample(tokens, lps))
         return samples
 

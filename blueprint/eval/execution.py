@@ -47,7 +47,7 @@ def execute(sandbox: Sandbox, tasks: Sequence[dict[str, str]], greedy: dict[str,
     by_source = {source: [next(outcomes) for _ in range(n)] for source in SOURCES}
     by_sample = {source: [[next(outcomes) for _ in codes] for codes in per_task]
                  for source, per_task in sampled.items()}
-    failures = [t["task_id"] for t, o in zip(tasks, reference) if not o.passed]
+    failures = [t["task_id"] for t, o in zip(tasks, reference, strict=True) if not o.passed]
     values: dict[str, Any] = {
         "tested_examples": n, "sandbox": sandbox.mode,
         "reference_pass_rate": _share(reference), "reference_failures": failures,

@@ -50,5 +50,5 @@ def generate_texts(model, tokenizer, adapter: str, prompts: list[str], max_new_t
     eos = tokenizer.eos_token_id
     generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size, engine)
     ended = [bool(ids) and ids[-1] == eos for ids in generated]
-    ids = [g[:-1] if e else g for g, e in zip(generated, ended)]
+    ids = [g[:-1] if e else g for g, e in zip(generated, ended, strict=True)]
     return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), ended

@@ -18,7 +18,7 @@ from blueprint.models.prompts import PromptConfig, code_prompt, summary_prompt
 def clip_tokens(tokenizer: Any, texts: list[str], max_tokens: int) -> list[str]:
     """Cut each text to its first `max_tokens` tokens, so a long code never pushes its completion out of view."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids)]
+    return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids, strict=True)]
 
 
 def sft_datasets(pairs: list[dict], tokenizer: Any, prompt_style: str, max_code_tokens: int,

@@ -156,7 +156,7 @@ class PPOTrainer:
                 self._activate(self.config.reference_adapter)
                 ref_logits, _ = self._forward_part(r, part, with_values=False)
             ref_logp, _ = logprobs_and_entropy(ref_logits, resp, T, with_entropy=False)
-            for k, v in zip(("logp", "ref_logp", "values", "entropy"), (logp, ref_logp, values, entropy)):
+            for k, v in zip(("logp", "ref_logp", "values", "entropy"), (logp, ref_logp, values, entropy), strict=True):
                 out[k][rows, :part.width] = v.float()
         self._activate(self.config.policy_adapter)
         for k, v in out.items():  # clone out of inference mode: these become constants inside the PPO loss
@@ -169,7 +169,7 @@ class PPOTrainer:
         """Each query's k samples drawn under its own seed (the training RNG untouched): what a query gets does not
         depend on the other queries of its batch, nor on which data-parallel rank holds it."""
         k, out = self.config.samples_per_query, []
-        for q, seed in zip(queries, seeds):
+        for q, seed in zip(queries, seeds, strict=True):
             ids = torch.tensor([q] * k, device=self.device)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(seed)
@@ -387,7 +387,7 @@ class PPOTrainer:
         if self._last_good is None:
             return False
         with torch.no_grad():
-            for p, saved in zip(self.params, self._last_good["params"]):
+            for p, saved in zip(self.params, self._last_good["params"], strict=True):
                 p.copy_(saved)
         self.optimizer.load_state_dict(self._last_good["optimizer"])
         return True

@@ -90,7 +90,7 @@ def checked_samples(codes: Sequence[str], summaries: Sequence[str]) -> tuple[lis
     if len(codes) != len(summaries) or not codes:
         raise ValueError(f"need equally many codes and summaries, at least one (got {len(codes)} and "
                          f"{len(summaries)})")
-    for i, (c, s) in enumerate(zip(codes, summaries)):
+    for i, (c, s) in enumerate(zip(codes, summaries, strict=True)):
         if not isinstance(c, str) or not c.strip():
             raise ValueError(f"sample {i}: code must be a non-empty string, got {c!r:.60}")
         if not isinstance(s, str):
@@ -168,7 +168,7 @@ class RewardModel:
         # Summaries: cut to max_summary_tokens (the coder sees the cut text); length counts what was written.
         summary_ids = tok(summaries, add_special_tokens=False)["input_ids"]
         shown = [s if len(ids) <= cfg.max_summary_tokens else tok.decode(ids[:cfg.max_summary_tokens])
-                 for s, ids in zip(summaries, summary_ids)]
+                 for s, ids in zip(summaries, summary_ids, strict=True)]
         prompts = encode_prompts(tok, [code_prompt(s, self.prompts) for s in shown] + [code_prompt("", self.prompts)])
         empty_prompt = prompts.pop()
 
@@ -183,7 +183,7 @@ class RewardModel:
                 seqs.append((prompt, j))
             return seq_index[key]
 
-        sample_seq = [add(p, slot[c]) for p, c in zip(prompts, codes)]
+        sample_seq = [add(p, slot[c]) for p, c in zip(prompts, codes, strict=True)]
         empty_seq = [add(empty_prompt, j) for j in range(len(unique))]
         ce_seq = self._score(seqs, code_ids)
 
@@ -200,7 +200,7 @@ class RewardModel:
         n_code = torch.tensor([max(len(raw_code[j]), 1) for j in j_of.tolist()], dtype=torch.float32)
         length = torch.tensor([len(ids) for ids in summary_ids], dtype=torch.float32) / n_code
         copy = torch.tensor([copy_rate(s, raw_code[slot[c]], cfg.copy_ngram) if cfg.copy_coef else 0.0
-                             for s, c in zip(summary_ids, codes)], dtype=torch.float32)
+                             for s, c in zip(summary_ids, codes, strict=True)], dtype=torch.float32)
         gain = ce_empty - ce
         length_term, copy_term = cfg.length_coef * length, cfg.copy_coef * copy
         reward = (gain if cfg.use_gain else -ce) - length_term - copy_term

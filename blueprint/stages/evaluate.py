@@ -158,7 +158,7 @@ def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list
         "summary_nonempty_rate": text_metrics.mean([bool(s) for s in stripped]),
         "summary_true_tokens_mean": text_metrics.mean(truth_tokens),
         "code_tokens_mean": text_metrics.mean(code_tokens),
-        "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens)]),
+        "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens, strict=True)]),
     }
 
 
@@ -212,14 +212,14 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     tested, executed = code_tests.tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, functools.partial(
         greedy_codes, roles, prompts, cfg), lambda _, **figures: report_phase(3, **figures))
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
-    copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
+    copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids, strict=True)]
     parsed = [text_metrics.parses(c) for c in rebuilt]
     values: dict[str, Any] = {
         "epoch": cfg.epoch, "examples": len(pairs),
         **reward_stats(gen_out, "gen"), **reward_stats(true_out, "true"),
         "pairwise_accuracy": pairwise, "pairwise_examples": len(scored),
         **text_figures(tokenizer, codes, truths, summaries, summary_ids, rebuilt, coder_codes),
-        "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended)]),
+        "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended, strict=True)]),
         "copy_rate": text_metrics.mean(copies), "code_parse_rate": text_metrics.mean(parsed),
         "eos_rate": text_metrics.mean(ended), "code_truncated": int(gen_out.code_truncated.sum()),
         "summary_true_truncated": int(true_out.summary_truncated.sum()), **tested,
@@ -383,5 +383,5 @@ def compare(uris: list[str]) -> str:
         metrics = manifest.get("metrics", {})
         label = f"epoch {metrics.get('epoch', '?')} ({manifest.get('key') or uri.rstrip('/').rsplit('/', 1)[-1]})"
         runs.append((label, metrics))
-    legend = "\n".join(f"- {label}: `{uri}`" for (label, _), uri in zip(runs, uris))
+    legend = "\n".join(f"- {label}: `{uri}`" for (label, _), uri in zip(runs, uris, strict=True))
     return report.comparison_table(runs) + "\n\n" + legend + "\n"

@@ -161,7 +161,7 @@ class RoundScorer:
     def __call__(self, query_ids, response_ids):
         summaries = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         out = self.reward(self.codes, summaries)
-        self.written.extend(zip(summaries, self.codes))
+        self.written.extend(zip(summaries, self.codes, strict=True))
         score = out.reward if self.use_gain else -out.ce - (out.length_term)
         return score, {"ce": out.ce, "gain": out.gain, "length_term": out.length_term}
 

@@ -302,7 +302,7 @@ def test_eos_as_first_token_gives_an_empty_response_that_still_trains(micro_mode
     assert stats["response_length"] == 0.0 and stats["no_eos_rate"] == 0.0 and stats["copy_rate"] == 0.0
     assert stats["score/len"] == 0.0
     assert all(math.isfinite(v) for v in stats.values())
-    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.policy_params))
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.policy_params, strict=True))
 
 
 # ---------------------------------------------------------------- training behaviour
@@ -345,7 +345,7 @@ def test_base_reference_and_coder_stay_bit_identical(micro_model, micro_tokenize
     now = dict(list(model.named_parameters()) + list(model.named_buffers()))
     assert [n for n, t in frozen.items() if not torch.equal(t, now[n])] == []
     assert any(not torch.equal(p, now[n]) for n, p in policy.items())
-    assert any(not torch.equal(a, b) for a, b in zip(head, trainer.value_head.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(head, trainer.value_head.parameters(), strict=True))
     assert model.active_adapter == "summarizer"
 
 
@@ -400,11 +400,11 @@ def test_samples_per_query_samples_each_query_k_times_and_ignores_query_difficul
     stats = grouped.ppo_step(queries, by_query)
     assert seen == [queries[0]] * 4 + [queries[1]] * 4
     assert stats["score/raw_std"] > 40  # the batch's scores differ a lot ...
-    assert all(torch.equal(a, b) for a, b in zip(before, grouped.policy_params))  # ... but no sample beat its query
+    assert all(torch.equal(a, b) for a, b in zip(before, grouped.policy_params, strict=True))  # ... but no sample beat its query
     batchwide = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
                                                              whiten_rewards=True))
     batchwide.ppo_step(queries * 4, by_query)  # the same scores against a batch-wide baseline do move the policy
-    assert any(not torch.equal(a, b) for a, b in zip(before, batchwide.policy_params))
+    assert any(not torch.equal(a, b) for a, b in zip(before, batchwide.policy_params, strict=True))
     with pytest.raises(ValueError, match="batch_size/samples_per_query/ranks = 2"):
         grouped.ppo_step(queries * 4, by_query)
 
@@ -449,7 +449,7 @@ def test_nan_scores_skip_the_batch_and_abort_past_the_threshold(micro_model, mic
     for i, fn in enumerate([nan, inf], 1):
         stats = trainer.ppo_step(queries, fn)
         assert stats["skipped"] == 1.0 and trainer.bad_batches == i and trainer.step == 0
-    assert all(torch.equal(b, p) for b, p in zip(before, trainer.params))  # nothing was updated
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))  # nothing was updated
     assert trainer.ppo_step(queries, zero_score)["skipped"] == 0.0  # a good batch resets the streak
     assert trainer.bad_batches == 0 and trainer.step == 1
     trainer.ppo_step(queries, nan)
@@ -470,7 +470,7 @@ def test_kl_explosion_rolls_back_to_the_last_good_adapter_and_raises(micro_model
     with pytest.raises(KLExplodedError) as err:
         trainer.ppo_step(queries, score)
     assert err.value.rolled_back and err.value.kl > 0.5 and "kl" in err.value.stats
-    assert all(torch.equal(g, p) for g, p in zip(good, trainer.params))
+    assert all(torch.equal(g, p) for g, p in zip(good, trainer.params, strict=True))
     assert trainer.ppo_step(queries, score)["kl"] == 0.0  # back at the reference: the round could go on
 
 
@@ -495,7 +495,7 @@ def test_state_dict_resumes_a_round_exactly(micro_model, micro_tokenizer):
     again = resumed.ppo_step(queries, score)
     assert {k: v for k, v in straight.items() if not k.startswith("time/")} == \
            {k: v for k, v in again.items() if not k.startswith("time/")}
-    assert all(torch.equal(a, b) for a, b in zip(trainer.params, resumed.params))
+    assert all(torch.equal(a, b) for a, b in zip(trainer.params, resumed.params, strict=True))
 
 
 def _token_score(q, r):
@@ -523,8 +523,8 @@ def test_micro_batched_update_equals_the_whole_mini_batch(micro_model, micro_tok
         stats = trainer._update(r, advantages, returns)
         after.append(([p.detach().clone() for p in trainer.params], stats))
     (whole, whole_stats), (micro, micro_stats) = after
-    assert any(not torch.equal(p, q) for p, q in zip(whole, before)), "the update moved nothing"
-    for p, q in zip(whole, micro):
+    assert any(not torch.equal(p, q) for p, q in zip(whole, before, strict=True)), "the update moved nothing"
+    for p, q in zip(whole, micro, strict=True):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
     assert math.isclose(whole_stats["loss/policy"], micro_stats["loss/policy"], rel_tol=1e-4, abs_tol=1e-6)
 

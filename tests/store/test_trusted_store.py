@@ -104,7 +104,7 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         time.sleep(0.5)
     outputs = [run.communicate(timeout=900) for run in runs]
-    for run, (out, err) in zip(runs, outputs):
+    for run, (out, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, out[-3000:] + err[-3000:]
     models = [next(line for line in out.splitlines() if line.startswith("merged models:")) for out, _ in outputs]
     assert models[0] == models[1]
