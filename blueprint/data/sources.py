@@ -289,7 +289,7 @@ class Source:
             yield from tasks.units(self.data_files())
             return
         budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None
-        for i, row in enumerate(self._rows()):
+        for row in self._rows():
             if self.code_column not in row:
                 raise SourceError(f"source {self.name}: no column {self.code_column!r} "
                                   f"(columns: {', '.join(sorted(row))}); set code_column")

@@ -36,8 +36,8 @@ from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
 from blueprint.engines.settings import EngineSettings
 from blueprint.errors import InputError
-from blueprint.eval import execution, report
 from blueprint.eval import metrics as text_metrics
+from blueprint.eval import report
 from blueprint.eval.greedy import generate_texts
 from blueprint.eval.sandbox import SandboxSettings
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
@@ -271,7 +271,7 @@ def evaluation_engine(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: l
 def headline(values: dict[str, Any]) -> dict[str, Any]:
     """The numbers that go into the manifest (and so into KFP metrics, `blueprint ls` and `compare`)."""
     return {k: values[k] for k in report.DESCRIPTIONS if k in values} | {
-        k: values[k] for k in sorted(values) if execution.SAMPLED.match(k)}
+        k: values[k] for k in sorted(values) if report.SAMPLED.match(k)}
 
 
 def previous_history(previous: str | None) -> list[dict[str, Any]]:

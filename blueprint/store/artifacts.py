@@ -214,7 +214,10 @@ def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, A
     files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
     if MANIFEST_NAME in files:
         raise ArtifactError(f"stage {stage} wrote its own {MANIFEST_NAME}; only commit() may")
-    committed = lambda: storage.exists(manifest_uri(out_uri))  # noqa: E731
+
+    def committed() -> bool:
+        return storage.exists(manifest_uri(out_uri))
+
     with commit_lock.held(out_uri, done=lambda: not replace and committed()) as refresh:
         if refresh is None or (not replace and committed()):
             theirs = read_manifest(out_uri, verify="sizes")
@@ -314,7 +317,7 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Calla
         raise ValueError("give exactly one of artifact_root or out_uri")
     owned = out_uri is None if owned is None else owned
     cfg = config_dict(config)
-    for name, uri in inputs.items():
+    for uri in inputs.values():
         read_manifest(uri, verify="sizes")  # fail before any work when an input is incomplete
         if distributed.is_main():
             mark_used(uri)

@@ -91,6 +91,11 @@ def _age_seconds(now: dt.datetime, *times: Any) -> float:
     return (now - max(stamps)).total_seconds() if stamps else 0.0
 
 
+def _ours(output: dict[str, Any]) -> bool:
+    """A stage's output (not a run record, not the promoted pointer)."""
+    return output["stage"] not in (runs.RUNS_DIR, promotion.POINTER_DIR)
+
+
 def _unlocked(uri: str) -> bool:
     """Whether no live writer holds the commit lock of `uri` (a dead one's does not count)."""
     holder = commit_lock.read_holder(commit_lock.lock_uri(uri))
@@ -108,8 +113,7 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     kept_records = records[-keep_runs:] if keep_runs > 0 else []
     roots = [u for r in kept_records for u in r["outputs"].values()] + promoted_roots(root)
     files = storage.list_file_times(root)
-    ours = lambda o: o["stage"] not in (runs.RUNS_DIR, promotion.POINTER_DIR)  # noqa: E731
-    outputs = {_key(o["uri"]): o for o in artifacts.cached_outputs(root, files) if ours(o)}
+    outputs = {_key(o["uri"]): o for o in artifacts.cached_outputs(root, files) if _ours(o)}
     keep = reachable(roots, outputs)
     # an output used inside the grace period belongs to a run that may still be going: it and all it reads stay
     recent = [o["uri"] for o in outputs.values() if _age_seconds(now, o["created"], o["used"]) <= grace_seconds]
@@ -118,7 +122,7 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     stale = [r["uri"] for r in records[:len(records) - len(kept_records)]
              if _age_seconds(now, r.get("created", "")) > grace_seconds]
     partial = [p for p in partial_outputs(root, files)
-               if ours(p) and _age_seconds(now, p["changed"]) > grace_seconds and _unlocked(p["uri"])]
+               if _ours(p) and _age_seconds(now, p["changed"]) > grace_seconds and _unlocked(p["uri"])]
     return Collection(doomed=sorted(doomed, key=lambda o: o["uri"]), records=stale, kept=len(keep),
                       young=len(live), partial=partial, since=now - dt.timedelta(seconds=grace_seconds))
 

@@ -39,8 +39,10 @@ def peft_roles(base: nn.Module, targets: list[str] = ("q_proj", "v_proj"), r: in
     `random_init` gives the LoRA B matrices random values, so the policy differs from the bare base and a
     bit-identical reference is a real test rather than two zero adapters.
     """
-    cfg = lambda: LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
-                             init_lora_weights=not random_init)
+    def cfg() -> LoraConfig:
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
+                          init_lora_weights=not random_init)
+
     model = get_peft_model(base, cfg(), adapter_name="summarizer")
     model.add_adapter("reference", cfg())
     model.add_adapter("coder", cfg())
@@ -94,6 +96,15 @@ def one_thread():
 
 def zero_score(q, r):
     return torch.zeros(len(r)), {}
+
+
+def random_score(q, r):
+    return torch.randn(len(r)), {}
+
+
+def length_score(q, r):
+    """Longer responses score higher."""
+    return torch.tensor([float(len(x)) for x in r]), {}
 
 
 # ---------------------------------------------------------------- maths by hand
@@ -312,7 +323,7 @@ def test_kl_is_exactly_zero_on_the_first_step_when_policy_equals_reference(micro
     model = peft_roles(micro_model)
     cfg = PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6, lr=1e-2, kl_target=0.01, kl_horizon=100)
     trainer = PPOTrainer(model, micro_tokenizer, cfg)
-    score = lambda q, r: (torch.tensor([float(len(x)) for x in r]), {})
+    score = length_score
     queries = code_queries(micro_tokenizer, 8)
     first = trainer.ppo_step(queries, score)
     assert first["kl"] == 0.0 and first["non_score_reward"] == 0.0
@@ -339,7 +350,7 @@ def test_base_reference_and_coder_stay_bit_identical(micro_model, micro_tokenize
     trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
                                                            lr=5e-2))
     head = [p.detach().clone() for p in trainer.value_head.parameters()]
-    score = lambda q, r: (torch.randn(len(r)), {})
+    score = random_score
     for _ in range(3):
         trainer.ppo_step(code_queries(micro_tokenizer, 8), score)
     now = dict(list(model.named_parameters()) + list(model.named_buffers()))
@@ -351,7 +362,7 @@ def test_base_reference_and_coder_stay_bit_identical(micro_model, micro_tokenize
 
 def test_clipping_engages_with_a_large_learning_rate(micro_model, micro_tokenizer):
     queries = code_queries(micro_tokenizer, 8)
-    score = lambda q, r: (torch.randn(len(r)), {})
+    score = random_score
     model = peft_roles(micro_model, targets=ALL_LINEAR)
     base = copy.deepcopy(model)
     big = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=2, max_new_tokens=6, lr=0.1))
@@ -375,7 +386,10 @@ def test_toy_reward_rises_within_a_few_dozen_steps_while_kl_stays_bounded(micro_
     queries = code_queries(micro_tokenizer, 32)
     first = trainer.make_rollout(queries, zero_score)  # the reward: +1 per occurrence of a token it already knows
     target = collections.Counter(t for ids in first.response_ids for t in ids).most_common(1)[0][0]
-    score = lambda q, r: (torch.tensor([float(ids.count(target)) for ids in r]), {})
+
+    def score(q, r):
+        return torch.tensor([float(ids.count(target)) for ids in r]), {}
+
     history = [trainer.ppo_step(queries, score) for _ in range(30)]
     early = sum(s["score/mean"] for s in history[:3]) / 3
     late = sum(s["score/mean"] for s in history[-5:]) / 5
@@ -421,7 +435,10 @@ def _copy_run(micro_model, micro_tokenizer, penalty: float) -> tuple[float, floa
     first = trainer.make_rollout(queries, zero_score)
     top = [t for t, _ in collections.Counter(t for ids in first.response_ids for t in ids).most_common(3)]
     code = [top * 4 for _ in queries]
-    score = lambda q, r: (8.0 * copy_rates(r, code, n=1), {})
+
+    def score(q, r):
+        return 8.0 * copy_rates(r, code, n=1), {}
+
     history = [trainer.ppo_step(queries, score, code_ids=code) for _ in range(25)]
     rates = [s["copy_rate"] for s in history]
     return sum(rates[:3]) / 3, sum(rates[-5:]) / 5, max(s["kl"] for s in history)
@@ -443,8 +460,13 @@ def test_nan_scores_skip_the_batch_and_abort_past_the_threshold(micro_model, mic
     trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=4,
                                                            max_bad_batches=2))
     queries = code_queries(micro_tokenizer, 4)
-    nan = lambda q, r: (torch.tensor([0.0, float("nan"), 0.0, 0.0]), {})
-    inf = lambda q, r: (torch.tensor([0.0, 0.0, float("inf"), 0.0]), {})
+
+    def nan(q, r):
+        return torch.tensor([0.0, float("nan"), 0.0, 0.0]), {}
+
+    def inf(q, r):
+        return torch.tensor([0.0, 0.0, float("inf"), 0.0]), {}
+
     before = [p.detach().clone() for p in trainer.params]
     for i, fn in enumerate([nan, inf], 1):
         stats = trainer.ppo_step(queries, fn)
@@ -464,7 +486,7 @@ def test_kl_explosion_rolls_back_to_the_last_good_adapter_and_raises(micro_model
     trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=2, max_new_tokens=6,
                                                            lr=5e-2, max_kl=0.5))
     queries = code_queries(micro_tokenizer, 8)
-    score = lambda q, r: (torch.randn(len(r)), {})
+    score = random_score
     good = [p.detach().clone() for p in trainer.params]
     assert trainer.ppo_step(queries, score)["kl"] == 0.0  # passes the check, then updates
     with pytest.raises(KLExplodedError) as err:
@@ -479,7 +501,7 @@ def test_state_dict_resumes_a_round_exactly(micro_model, micro_tokenizer):
     cfg = PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=6, lr=1e-2, kl_horizon=100)
     trainer = PPOTrainer(model, micro_tokenizer, cfg)
     queries = code_queries(micro_tokenizer, 4)
-    score = lambda q, r: (torch.tensor([float(len(x)) for x in r]), {})
+    score = length_score
     for _ in range(2):
         trainer.ppo_step(queries, score)
     buffer = io.BytesIO()
@@ -553,7 +575,10 @@ def test_generation_in_token_budget_chunks_gives_whole_rollouts(micro_model, mic
 def test_gradient_checkpointing_is_live_in_the_update_while_dropout_stays_off(micro_model, micro_tokenizer):
     """transformers checkpoints a layer only in training mode; the update must still run without dropout."""
     micro_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+
+    def cfg() -> LoraConfig:
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+
     model = get_peft_model(micro_model, cfg(), adapter_name="summarizer")  # real dropout modules in every LoRA
     model.add_adapter("reference", cfg())
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]

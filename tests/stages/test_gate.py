@@ -173,7 +173,10 @@ def test_a_copied_root_is_gated_against_its_own_champion_once_the_original_is_go
 
     original, copy = tmp_path / "original", tmp_path / "copy"
     shutil.copytree(world["root"] / "artifacts", original)
-    moved = lambda run, where: {k: v.replace(world["art"], f"file://{where}") for k, v in run.items()}  # noqa: E731
+
+    def moved(run: dict[str, str], where) -> dict[str, str]:
+        return {k: v.replace(world["art"], f"file://{where}") for k, v in run.items()}
+
     promote_gated(judge(moved(world["runs"]["some"], original), f"file://{original}"), f"file://{original}", "first")
     shutil.copytree(original, copy)
     shutil.rmtree(original)

@@ -175,8 +175,11 @@ def test_workers_not_in_key_and_cache_hit(tmp_path, monkeypatch):
     root = str(tmp_path / "artifacts")
     first = shard.run(cfg(src), artifact_root=root, progress=False)
     assert not first.cached
-    content = lambda: {p: p.stat().st_mtime_ns for p in storage.local_path(first.uri).rglob("*")  # noqa: E731
-                       if p.name != artifacts.USED_NAME}  # the last-use stamp a hit rewrites, for gc
+
+    def content() -> dict:
+        return {p: p.stat().st_mtime_ns for p in storage.local_path(first.uri).rglob("*")
+                if p.name != artifacts.USED_NAME}  # the last-use stamp a hit rewrites, for gc
+
     mtimes = content()
     monkeypatch.setattr(shard, "compute", lambda *a, **k: pytest.fail("cache hit must not rebuild"))
     hit = shard.run(cfg(src, workers=2), artifact_root=root, progress=False)

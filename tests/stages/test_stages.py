@@ -175,7 +175,10 @@ def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_cha
     monkeypatch.setattr(PPOTrainer, "ppo_step", real_step)
     resumed = ppo_round.run(cfg, out_uri=f"file://{tmp_path}/resumed", **args)
     assert resumed.metrics["resumed_at_step"] == 2
-    pick = lambda o: {k: v["sha256"] for k, v in o.manifest["files"].items() if k.startswith("adapters/summarizer")}
+
+    def pick(o) -> dict[str, str]:
+        return {k: v["sha256"] for k, v in o.manifest["files"].items() if k.startswith("adapters/summarizer")}
+
     assert pick(resumed) == pick(straight)
 
 
