@@ -1,4 +1,4 @@
-"""Pin every Python dependency: `make lock` re-resolves in a throwaway venv; `make install` and the images install the pins.
+"""Pin every dependency: `make lock` re-resolves in a throwaway venv; `make install` and the images install the pins.
 
 The lock is pyproject.toml's [project].dependencies plus everything they pull in (docker/requirements.txt, what the
 images install), and the `test` extra's closure beyond that (docker/requirements-test.txt, what `make install` adds

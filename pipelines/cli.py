@@ -98,7 +98,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'stage':<10} {'key':<16} {'created':<25} {'size':>10}  metrics")
     for r in rows:
-        print(f"{r['stage']:<10} {r['key']:<16} {r['created']:<25} {r['bytes'] / 1e6:>8.2f}MB  {_key_metrics(r['metrics'])}")
+        print(f"{r['stage']:<10} {r['key']:<16} {r['created']:<25} {r['bytes'] / 1e6:>8.2f}MB  "
+              f"{_key_metrics(r['metrics'])}")
     return 0
 
 

@@ -303,8 +303,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     stale = [(run_id, why) for run_id, why in failed if run_id in remaining]  # another caller may have got it
     if stale:
         raise ReplaceIncomplete("; ".join(
-            f"recurring run {keep.recurring_run_id} replaces {run_id} ({args.name!r}), but deleting {run_id} failed, "
-            f"so both are scheduled now: remove the stale one with "
+            f"recurring run {keep.recurring_run_id} replaces {run_id} ({args.name!r}), "
+            f"but deleting {run_id} failed, so both are scheduled now: remove the stale one with "
             f"`{_unschedule_command(run_id, host, args.namespace)}` (the cause: {why})" for run_id, why in stale))
     return 0
 

@@ -3,8 +3,9 @@ many pods at once.
 
 A tree's sorted files (or a data-file source's files) are cut into contiguous ranges of about equal bytes, as
 half-open name ranges whose ends are open, so every file falls in exactly one partition; a streamed hub dataset
-(or a source cut by `max_source_mb`, a budget only one reader can keep) is one partition. Contiguous in the source's own order, so the fan-in
-sees every input in the order a single task would, and the dataset it commits is the same.
+(or a source cut by `max_source_mb`, a budget only one reader can keep) is one partition. Contiguous in the
+source's own order, so the fan-in sees every input in the order a single task would, and the dataset it commits is
+the same.
 """
 from __future__ import annotations
 

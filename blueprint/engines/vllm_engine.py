@@ -1,8 +1,9 @@
 """A vLLM engine in the stage's own process, serving the adapter that generates as merged weights.
 
 Why merged weights and not a `LoRARequest`: on CPU vLLM's LoRA path ran about 7x slower per token than its base path
-(issue 26's trial; here, 27M parameters, 64 x 32 tokens, its sync included: 72 tokens/s against 303 merged), and merging costs one low-rank product per adapted projection after each update, which the
-benchmark (benchmarks/rollout_engines.py) counts in the rollout's time. The merge is computed from the adapter's
+(issue 26's trial; here, 27M parameters, 64 x 32 tokens, its sync included: 72 tokens/s against 303 merged), and
+merging costs one low-rank product per adapted projection after each update, which the benchmark
+(benchmarks/rollout_engines.py) counts in the rollout's time. The merge is computed from the adapter's
 factors without touching the trainer's model (peft's `merge_adapter`/`unmerge_adapter` round trip would add
 rounding error to the base weights at every step).
 
@@ -154,7 +155,8 @@ class VLLMEngine:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise EngineStartError(
                     f"engine vllm could not start on base {base} ({type(exc).__name__}: {first}): set {setting}=hf, "
-                    f"or change {setting}_memory (now {memory}, the share of {'GPU memory' if self.gpu else 'host RAM'} it reserves)") from None
+                    f"or change {setting}_memory (now {memory}, the share of "
+                    f"{'GPU memory' if self.gpu else 'host RAM'} it reserves)") from None
             finally:
                 torch.set_num_threads = set_threads
         self.startup_s = time.perf_counter() - t0

@@ -3,8 +3,8 @@
 The comparison means something only on the same eval split with the same evaluation settings, so when the data or
 the settings changed since the champion was evaluated, the champion's adapters are evaluated again here, on this
 run's split with this run's evaluation settings (an ordinary, cached evaluate output). The decision is a pure
-function of the two sets of metrics (`blueprint.eval.promotion_rule`); the output records both sides, and the promote stage (behind a
-`dsl.If` on the decision) writes the pointer.
+function of the two sets of metrics (`blueprint.eval.promotion_rule`); the output records both sides, and the
+promote stage (behind a `dsl.If` on the decision) writes the pointer.
 """
 from __future__ import annotations
 
