@@ -15,11 +15,13 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from blueprint.rl.copying import copy_rate, copy_rates
-from blueprint.rl.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead, eos_cut
+from blueprint.rl.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead
 from blueprint.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    Targets,
     compute_gae,
+    eos_cut,
     group_baseline,
     masked_mean,
     masked_var,
@@ -171,20 +173,23 @@ def test_clipped_loss_engages_only_when_the_ratio_leaves_the_range():
     mask = torch.ones(2, 3)
     logp = torch.zeros(2, 3)
     zeros = torch.zeros(2, 3)
-    common = dict(values=zeros, old_values=zeros, returns=zeros, mask=mask, cliprange=0.2, cliprange_value=0.2)
+
+    def old(old_logp, advantages, returns=zeros):
+        return Targets(logp=old_logp, values=zeros, advantages=advantages, returns=returns, mask=mask)
+
     # ratio e^1 > 1.2 with positive advantages: the clipped branch is the pessimistic one on every token
-    pg, _, st = ppo_losses(logp, logp - 1.0, torch.ones(2, 3), **common)
+    pg, _, st = ppo_losses(logp, zeros, old(logp - 1.0, torch.ones(2, 3)), cliprange=0.2, cliprange_value=0.2)
     assert st["clipfrac"].item() == 1.0 and pg.item() == pytest.approx(-1.2)
     assert st["approxkl"].item() == pytest.approx(0.5)
     # same ratio, negative advantages: the unclipped term is already the pessimistic one, nothing is clipped
-    pg, _, st = ppo_losses(logp, logp - 1.0, -torch.ones(2, 3), **common)
+    pg, _, st = ppo_losses(logp, zeros, old(logp - 1.0, -torch.ones(2, 3)), cliprange=0.2, cliprange_value=0.2)
     assert st["clipfrac"].item() == 0.0 and pg.item() == pytest.approx(math.e)
     # inside the range: no clipping, policy loss = -mean(A * ratio)
-    pg, _, st = ppo_losses(logp, logp - 0.1, torch.ones(2, 3), **common)
+    pg, _, st = ppo_losses(logp, zeros, old(logp - 0.1, torch.ones(2, 3)), cliprange=0.2, cliprange_value=0.2)
     assert st["clipfrac"].item() == 0.0 and pg.item() == pytest.approx(-math.exp(0.1))
     # the value loss is clipped around the old values
-    _, vf, st = ppo_losses(logp, logp, zeros, values=torch.full((2, 3), 1.0), old_values=zeros,
-                           returns=torch.full((2, 3), 2.0), mask=mask, cliprange=0.2, cliprange_value=0.2)
+    _, vf, st = ppo_losses(logp, torch.full((2, 3), 1.0), old(logp, zeros, returns=torch.full((2, 3), 2.0)),
+                           cliprange=0.2, cliprange_value=0.2)
     assert vf.item() == pytest.approx(0.5 * (2.0 - 0.2) ** 2) and st["vf_clipfrac"].item() == 1.0
 
 
@@ -542,7 +547,7 @@ def test_micro_batched_update_equals_the_whole_mini_batch(micro_model, micro_tok
         gen = torch.Generator().manual_seed(1)
         advantages, returns = torch.randn(r.mask.shape, generator=gen), torch.randn(r.mask.shape, generator=gen)
         torch.manual_seed(6)
-        stats = trainer._update(r, advantages, returns)
+        stats = trainer._update(r, r.targets(advantages, returns))
         after.append(([p.detach().clone() for p in trainer.params], stats))
     (whole, whole_stats), (micro, micro_stats) = after
     assert any(not torch.equal(p, q) for p, q in zip(whole, before, strict=True)), "the update moved nothing"
