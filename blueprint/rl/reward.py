@@ -264,3 +264,19 @@ class RewardModel:
                                               reduction="none") for i in range(0, len(targets), step)])
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         return F.cross_entropy(logits[rows, cols].float(), targets, reduction="none")
+
+
+class SummaryScorer:
+    """score_fn for PPO: decode the summaries, score them with the coder, keep them for back-translation."""
+
+    def __init__(self, reward, tokenizer, use_gain: bool):
+        self.reward, self.tokenizer, self.use_gain = reward, tokenizer, use_gain
+        self.codes: list[str] = []
+        self.written: list[tuple[str, str]] = []  # (generated summary, code)
+
+    def __call__(self, query_ids, response_ids):
+        summaries = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        out = self.reward(self.codes, summaries)
+        self.written.extend(zip(summaries, self.codes, strict=True))
+        score = out.reward if self.use_gain else -out.ce - (out.length_term)
+        return score, {"ce": out.ce, "gain": out.gain, "length_term": out.length_term}

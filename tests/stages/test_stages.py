@@ -77,8 +77,9 @@ def test_warmup_trains_only_the_adapter_in_training(smoke_chain):
     data = sft.sft_datasets(pairs, tokenizer, cfg.prompt_style, cfg.max_code_tokens,
                             cfg.max_summary_tokens)["summarizer"]
     before = {k: v.detach().clone() for k, v in peft_model.named_parameters() if ".summarizer." in k}
-    sft.train_adapter(peft_model, tokenizer, "summarizer", data, data, 3, batch_size=cfg.batch_size, lr=cfg.lr,
-                      seed=cfg.seed, max_length=256, progress=False, task="test", lr_setting="lr")
+    run = sft.SFTRun(steps=3, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=256, task="test",
+                     lr_setting="lr", progress=False)
+    sft.train_adapter(peft_model, tokenizer, "summarizer", data, data, run)
     after = dict(peft_model.named_parameters())
     assert all(torch.equal(v, after[k]) for k, v in frozen.items()), "base or coder moved"
     assert any(not torch.equal(v, after[k]) for k, v in before.items()), "summarizer did not train"
