@@ -47,6 +47,19 @@ class Sample:
     logprobs: list[float] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each completion is drawn: greedy at temperature 0; top_k 0 keeps every token; no EOS ends it before
+    `min_new_tokens`."""
+
+    max_new_tokens: int
+    eos_token_id: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+
+
 def vllm_name(name: str) -> str:
     """A peft parameter name as the base checkpoint (and vLLM's `load_weights`) spells it."""
     return name.removeprefix("base_model.model.").replace(".base_layer", "")
@@ -174,17 +187,18 @@ class VLLMEngine:
         self.loaded = adapter
         return time.perf_counter() - t0
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
-                 logprobs: bool = False, min_new_tokens: int = 0) -> list[Sample]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None = None,
+                 logprobs: bool = False) -> list[Sample]:
         """One completion per prompt: greedy (temperature 0) or sampled, each prompt under its own seed when given;
         stopped at the first EOS (kept) or after `max_new_tokens`."""
         from vllm import SamplingParams
 
         self.wake()
+        s = sampling
         params = [SamplingParams(
-            max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
-            seed=None if seeds is None else int(seeds[i]) % (2**63 - 1), stop_token_ids=[eos_token_id],
+            max_tokens=s.max_new_tokens, min_tokens=s.min_new_tokens, temperature=s.temperature,
+            top_k=s.top_k if s.top_k > 0 else -1, top_p=s.top_p,
+            seed=None if seeds is None else int(seeds[i]) % (2**63 - 1), stop_token_ids=[s.eos_token_id],
             logprobs=0 if logprobs else None, detokenize=False, skip_special_tokens=False)
             for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)

@@ -226,31 +226,34 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
     report_phase(4 if executed else 3, phase="figures computed")
-    samples = sample_rows(pairs, scored, other, SampleTexts(shown_codes, truths, summaries, rebuilt), gen_out,
-                          true_out, ended, copies, parsed, executed)
+    rows = SampleColumns(shown_codes, truths, summaries, rebuilt, ended, copies, parsed)
+    samples = sample_rows(pairs, scored, other, rows, gen_out, true_out, executed)
     return values, samples
 
 
 @dataclasses.dataclass
-class SampleTexts:
-    """The texts of the generated pairs, by row: the code shown, its docstring, the summary, the rebuilt code."""
+class SampleColumns:
+    """What was generated and measured per pair, by row: the code shown, its docstring, the summary, the rebuilt
+    code, whether the summary ended, its copy rate, whether the rebuilt code parses."""
 
     codes: list[str]
     truths: list[str]
     summaries: list[str]
     rebuilt: list[str]
+    ended: list[bool]
+    copies: list[float]
+    parsed: list[bool]
 
 
-def sample_rows(pairs: list[dict], scored: list[dict], other: list[int], texts: SampleTexts, gen_out, true_out,
-                ended: list[bool], copies: list[float], parsed: list[bool],
+def sample_rows(pairs: list[dict], scored: list[dict], other: list[int], rows: SampleColumns, gen_out, true_out,
                 executed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """One samples.jsonl row per generated pair: its texts, rewards, flags and (with tests) execution results."""
     return [{
-        "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": texts.codes[i],
-        "summary": texts.truths[i], "generated_summary": texts.summaries[i], "rebuilt_code": texts.rebuilt[i],
+        "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": rows.codes[i],
+        "summary": rows.truths[i], "generated_summary": rows.summaries[i], "rebuilt_code": rows.rebuilt[i],
         "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
-        "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": ended[i],
-        "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": scored[other[i]].get("id"),
+        "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": rows.ended[i],
+        "copy_rate": rows.copies[i], "rebuilt_parses": rows.parsed[i], "pair_with": scored[other[i]].get("id"),
         **executed.get(i, {}),
     } for i, p in enumerate(pairs)]
 

@@ -18,7 +18,7 @@ from conftest import SMOKE_PPO, stdlib_texts
 from blueprint.config import parse
 from blueprint.engines.gap import EngineGapError
 from blueprint.engines.policy import PolicySampler
-from blueprint.engines.vllm_engine import VLLMEngine
+from blueprint.engines.vllm_engine import Sampling, VLLMEngine
 from blueprint.models import lora
 from blueprint.models.tiny import tiny_llama_config
 from blueprint.rl.ppo import PPOConfig, PPOTrainer
@@ -65,7 +65,7 @@ def test_greedy_tokens_from_vllm_equal_hf_with_and_without_an_adapter(policy, en
     batch = prompts(micro_tokenizer)
     for adapter in ("summarizer", None):
         engine.load(policy, adapter)
-        got = [s.tokens for s in engine.generate(batch, max_new_tokens=16, eos_token_id=eos)]
+        got = [s.tokens for s in engine.generate(batch, Sampling(16, eos))]
         with torch.no_grad(), (lora.use_adapter(policy, adapter) if adapter else policy.disable_adapter()):
             want = [hf_greedy(policy, ids, eos, pad, 16) for ids in batch]
         assert got == want, adapter
