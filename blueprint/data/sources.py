@@ -157,11 +157,12 @@ class Source:
     are counted in `self.skipped`, so the stage can report them with the workers' drops.
     """
 
-    def __init__(self, spec: str, *, skip_tests: bool = True, max_file_bytes: int = 1_000_000,
-                 max_source_mb: float | None = None, code_column: str = "code", summary_column: str | None = "summary",
-                 language_column: str = "language", languages: tuple[str, ...] = ("python",),
-                 path_column: str = "path", license_column: str = "license", hf_revision: str | None = None,
-                 hf_data_files: str | None = None) -> None:
+    def __init__(  # noqa: PLR0913 - ShardConfig's source settings, keyword-only with defaults
+            self, spec: str, *, skip_tests: bool = True, max_file_bytes: int = 1_000_000,
+            max_source_mb: float | None = None, code_column: str = "code", summary_column: str | None = "summary",
+            language_column: str = "language", languages: tuple[str, ...] = ("python",),
+            path_column: str = "path", license_column: str = "license", hf_revision: str | None = None,
+            hf_data_files: str | None = None) -> None:
         self.spec = parse_source(spec)
         self.name = str(self.spec)
         self.skip_tests, self.max_file_bytes, self.max_source_mb = skip_tests, max_file_bytes, max_source_mb

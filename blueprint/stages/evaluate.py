@@ -356,7 +356,8 @@ def _named(base: str) -> str:
     return artifacts.reference(base) if is_artifact(base) else base
 
 
-def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previous: str | None = None,
+def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
+        config: EvaluateConfig, *, shards: str, base: str, adapters: str, previous: str | None = None,
         coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed evaluation of the adapter set `adapters` on the eval split of `shards`.

@@ -94,7 +94,8 @@ def gate_report(record: dict[str, Any]) -> str:
             + comparison_table(runs) + "\n")
 
 
-def run(config: GateConfig, *, shards: str, base: str, adapters: str, evaluation: str, models: str,
+def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
+        config: GateConfig, *, shards: str, base: str, adapters: str, evaluation: str, models: str,
         coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """The committed decision on the challenger (`models`, evaluated by `evaluation`) against the promoted model

@@ -277,7 +277,8 @@ def compute(cfg: MergeConfig, bases: Bases, adapters: str, evaluation: str | Non
     return metrics
 
 
-def run(config: MergeConfig, *, base: str, adapters: str, evaluation: str | None = None,
+def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
+        config: MergeConfig, *, base: str, adapters: str, evaluation: str | None = None,
         coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed `summarizer/` (on `base`) and `coder/` (on `coder_base`, empty: `base`) standalone model folders,

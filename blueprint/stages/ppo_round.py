@@ -378,7 +378,8 @@ def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, s
     return out
 
 
-def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, coder_base: str | None = None,
+def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
+        config: PPORoundConfig, *, shards: str, base: str, adapters: str, coder_base: str | None = None,
         artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
         progress: bool = True) -> artifacts.StageOutput:
     """Committed adapter set after one round (summarizer, coder, reference, value head, optimizer state)."""
