@@ -3,7 +3,7 @@ VENV ?= .venv
 TORCH_SPEC ?= $(shell sed -n 's/^torch==/torch==/p' docker/requirements-torch.txt)
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-containers run compile bench clean docs
+.PHONY: install test test-containers lint run compile bench clean docs
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml $(LOCKS)
 
 test: install
 	$(PY) -m pytest -q -m "not containers" tests
+
+# ruff's rules and line length are in pyproject.toml ([tool.ruff]).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Builds the CPU image (local Debian base and torch wheelhouse where no registry is reachable), runs a stage inside
 # it exactly as the compiled pipeline states it, and runs the smoke pipeline through kfp.local.DockerRunner.

@@ -77,7 +77,10 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     base = Qwen2ForCausalLM(Qwen2Config(**shape, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None))
     base = base.to(device=device, dtype=dtype).eval()
-    lora = lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+    def lora() -> LoraConfig:
+        return LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
     model = get_peft_model(base, lora(), adapter_name="summarizer")  # peft keeps LoRA weights in fp32
     for name in ("reference", "coder"):
         model.add_adapter(name, lora())

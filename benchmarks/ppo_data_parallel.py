@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blueprint.config import parse  # noqa: E402
-from blueprint.stages import bootstrap, launch, ppo_round, shard, warmup  # noqa: E402
-from blueprint.stages.profiles import stage_settings  # noqa: E402
+from blueprint.config import parse
+from blueprint.stages import bootstrap, launch, ppo_round, shard, warmup
+from blueprint.stages.profiles import stage_settings
 
 PHASES = ("generate", "score", "forward", "update")
 

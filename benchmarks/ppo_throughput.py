@@ -40,7 +40,10 @@ def micro_model() -> tuple[torch.nn.Module, SimpleNamespace]:
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                          eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None, tie_word_embeddings=True)
     base = LlamaForCausalLM(config).eval()
-    lora = lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+    def lora() -> LoraConfig:
+        return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
     model = get_peft_model(base, lora(), adapter_name="summarizer")
     model.add_adapter("reference", lora())
     model.add_adapter("coder", lora())
@@ -69,7 +72,10 @@ def main() -> None:
     trainer = PPOTrainer(model, tokenizer, cfg)
     gen = torch.Generator().manual_seed(1)
     queries = torch.randint(2, VOCAB, (BATCH, QUERY_LEN), generator=gen)
-    score_fn = lambda q, r: (torch.randn(len(r), generator=gen), {})
+
+    def score_fn(q, r):
+        return torch.randn(len(r), generator=gen), {}
+
 
     rows = []
     for i in range(1 + args.steps):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blueprint.store import storage  # noqa: E402
-from pipelines import cli, local_run  # noqa: E402
+from blueprint.store import storage
+from pipelines import cli, local_run
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from transformers import LlamaForCausalLM
 
 from blueprint.models.lora import LoraSettings, attach_adapters, use_adapter
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
-from blueprint.rl.reward import RewardConfig, RewardModel
 from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
+from blueprint.rl.reward import RewardConfig, RewardModel
 
 
 def stdlib_sources(limit: int) -> list[str]:
@@ -60,7 +60,7 @@ def loop_rewards(model, tok, prompts: PromptConfig, codes: list[str], summaries:
     """The seed's way: per sample, a full forward (full logits) per prompt, CE over the code positions."""
     out = []
     with use_adapter(model, "coder"), torch.no_grad():
-        for code, summary in zip(codes, summaries):
+        for code, summary in zip(codes, summaries, strict=True):
             (code_ids,), _ = encode_targets(tok, [code], max_tokens=max_code)
             ces = []
             for s in ([summary, ""] if with_empty else [summary]):

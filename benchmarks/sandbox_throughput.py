@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blueprint.data import tasks  # noqa: E402
-from blueprint.eval.sandbox import SandboxError, SandboxSettings, cores, open_sandbox  # noqa: E402
+from blueprint.data import tasks
+from blueprint.eval.sandbox import SandboxError, SandboxSettings, cores, open_sandbox
 
 TRIVIAL = ("def add(a, b):\n    return a + b\n\n\n"
            "def check(candidate):\n    assert candidate(2, 3) == 5\n\n\ncheck(add)\n")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blueprint.config import parse  # noqa: E402
-from blueprint.data.sources import list_python_files, stdlib_root  # noqa: E402
-from blueprint.stages import shard, shard_fanout  # noqa: E402
+from blueprint.config import parse
+from blueprint.data.sources import list_python_files, stdlib_root
+from blueprint.stages import shard, shard_fanout
 
 PART = """
 import json, sys

@@ -67,7 +67,10 @@ def main() -> None:
             uri, proc = start_mlflow(Path(tmp))
             os.environ["MLFLOW_TRACKING_URI"] = uri
         root = f"file://{tmp}/art"
-        s = lambda stage: stage_settings("smoke", stage)  # noqa: E731
+
+        def s(stage: str) -> dict:
+            return stage_settings("smoke", stage)
+
         shards = shard.run(parse(shard.ShardConfig, s("shard")), artifact_root=root, progress=False).uri
         base = bootstrap.run(parse(bootstrap.BootstrapConfig, s("bootstrap")), shards=shards, artifact_root=root,
                              progress=False).uri

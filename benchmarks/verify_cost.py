@@ -11,10 +11,10 @@ import time
 
 import pyarrow.parquet as pq
 
-from blueprint.store import artifacts, storage
 from blueprint.config import parse
 from blueprint.data.readers import read_pairs, shard_files
 from blueprint.stages import shard
+from blueprint.store import artifacts, storage
 
 
 def unverified(uri: str, split: str) -> int:

@@ -15,13 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from blueprint.store import artifacts, storage
-from blueprint.stages import profiles
 from blueprint.config import ConfigError, parse
-from blueprint.errors import UserError
 from blueprint.data.sources import resolve_source
-from blueprint.stages import registry
+from blueprint.errors import UserError
+from blueprint.stages import profiles, registry
 from blueprint.stages.common import checked_bases, release_memory
+from blueprint.store import artifacts, storage
 
 
 class BluePrint:

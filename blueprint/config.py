@@ -209,7 +209,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(text) or {}
-    except Exception as exc:  # noqa: BLE001 - any parse error is the file's fault
+    except Exception as exc:  # any parse error is the file's fault
         raise ConfigError(f"config file {path} cannot be parsed: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")

@@ -39,9 +39,10 @@ class Progress:
     Off when `enabled` is False; a tqdm bar when `bar` (default: stderr is a terminal), else lines.
     """
 
-    def __init__(self, task: str, total: int | None, enabled: bool = True, *, start: int = 0, unit: str = "step",
-                 every_seconds: float = 30.0, quiet_seconds: float = 3.0, bar: bool | None = None,
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(  # noqa: PLR0913 - display options, keyword-only with defaults
+            self, task: str, total: int | None, enabled: bool = True, *, start: int = 0, unit: str = "step",
+            every_seconds: float = 30.0, quiet_seconds: float = 3.0, bar: bool | None = None,
+            stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
         self.task, self.enabled, self.unit, self.quiet_seconds = task, enabled, unit, quiet_seconds
         self.total = None if total is None else max(int(total), 0)
         self.stream, self.clock, self.every_seconds = stream or sys.stdout, clock, every_seconds

@@ -151,9 +151,10 @@ class Tracker:
     Only the main process tracks (the others' calls are ignored), so N ranks write one set of curves.
     """
 
-    def __init__(self, stage: str, out_dir: Path, *, settings: Mapping[str, Any] | None = None,
-                 tags: Mapping[str, str] | None = None, live_uri: str | None = None, sync_seconds: float = 30.0,
-                 mlflow_uri: str | None = None, enabled: bool = True, committed_uri: str | None = None):
+    def __init__(  # noqa: PLR0913 - where curves go, keyword-only with defaults
+            self, stage: str, out_dir: Path, *, settings: Mapping[str, Any] | None = None,
+            tags: Mapping[str, str] | None = None, live_uri: str | None = None, sync_seconds: float = 30.0,
+            mlflow_uri: str | None = None, enabled: bool = True, committed_uri: str | None = None):
         self.stage, self.enabled = stage, enabled
         self.logdir = Path(out_dir) / TENSORBOARD_DIR
         self.live_uri, self.sync_seconds, self.last_sync = live_uri, sync_seconds, time.monotonic()

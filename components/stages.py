@@ -8,7 +8,7 @@ The same definitions run on Kubeflow and under `kfp.local` (SubprocessRunner run
 """
 
 import os
-from typing import Any, List, NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Metrics, Output
@@ -36,7 +36,7 @@ def shard_part(artifact_root: str, source: str, partition: dict, settings: dict,
     return part_task({**settings, "source": source}, partition, artifact_root, force, metrics, report.path)
 
 
-def shard(artifact_root: str, source: str, parts: List[str], settings: dict, force: bool,
+def shard(artifact_root: str, source: str, parts: list[str], settings: dict, force: bool,
           metrics: Output[Metrics], report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
     """The dataset over every part: de-duplicated, split and sharded as one task would."""
     from blueprint.stages.shard_fanout import dataset_task

@@ -17,14 +17,17 @@ from typing import Any, NamedTuple
 
 from kfp import compiler, dsl
 
-from blueprint.stages import profiles
 from blueprint.config import ConfigError
+from blueprint.stages import profiles
 from components import DEFAULT_IMAGE, build_components
 
 PIPELINE_NAME = "blueprint"
 DESCRIPTION = ("Round-trip PPO: a code summarizer and a code generator trained against each other as LoRA adapters "
                "on one base model (or one base each), promoted only when they beat the promoted model.")
-Outputs = NamedTuple("Outputs", models=str, evaluation=str, decision=str)
+class Outputs(NamedTuple):
+    models: str
+    evaluation: str
+    decision: str
 
 
 def build_pipeline(epochs: int = 2, profile: str = "default", image: str = DEFAULT_IMAGE,

@@ -12,13 +12,12 @@ import sys
 from typing import Any
 
 from blueprint import __version__
-from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, describe, load_file, parse, parse_assignments
-from blueprint.errors import USER_ERRORS, TaskFailed
 from blueprint.data.sources import resolve_source
+from blueprint.errors import USER_ERRORS, TaskFailed
 from blueprint.stages import launch, registry
 from blueprint.stages.common import resolve_input
-
+from blueprint.store import artifacts, storage
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,7 +99,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'stage':<10} {'key':<16} {'created':<25} {'size':>10}  metrics")
     for r in rows:
-        print(f"{r['stage']:<10} {r['key']:<16} {r['created']:<25} {r['bytes'] / 1e6:>8.2f}MB  {_key_metrics(r['metrics'])}")
+        print(f"{r['stage']:<10} {r['key']:<16} {r['created']:<25} {r['bytes'] / 1e6:>8.2f}MB  "
+              f"{_key_metrics(r['metrics'])}")
     return 0
 
 
@@ -136,8 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines import kubeflow
     from components import DEFAULT_IMAGE
+    from pipelines import kubeflow
 
     args.image = DEFAULT_IMAGE if args.image is None else args.image
     # cluster flags / --cluster-config -> validated ClusterSettings -> the pipeline's configure_task hook

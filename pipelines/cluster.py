@@ -300,20 +300,8 @@ def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
                 kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory")
         if multi:
             _launches_trainjob(task, settings, stage)
-        if settings.s3_secret:
-            kubernetes.use_secret_as_env(task, secret_name=settings.s3_secret, secret_key_to_env={
-                settings.s3_access_key_field: "AWS_ACCESS_KEY_ID",
-                settings.s3_secret_key_field: "AWS_SECRET_ACCESS_KEY"})
-        if settings.s3_endpoint:
-            task.set_env_variable("AWS_ENDPOINT_URL", settings.s3_endpoint)
-        if settings.s3_region:
-            task.set_env_variable("AWS_DEFAULT_REGION", settings.s3_region)
-        for key, value in settings.node_selector.items():
-            kubernetes.add_node_selector(task, label_key=key, label_value=value)
-        for tol in settings.tolerations:
-            kubernetes.add_toleration(task, **tol.model_dump(exclude_none=True))
-        if settings.image_pull_secrets:
-            kubernetes.set_image_pull_secrets(task, list(settings.image_pull_secrets))
+        _s3_access(task, settings)
+        _placement(task, settings)
         if stage in settings.caching:
             task.set_caching_options(settings.caching[stage])
         if settings.retries:
@@ -323,6 +311,32 @@ def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
         return task
 
     return apply
+
+
+def _s3_access(task: Any, settings: ClusterSettings) -> None:
+    """The store's credentials (from a Kubernetes secret), endpoint and region as the AWS SDK's variables."""
+    from kfp import kubernetes
+
+    if settings.s3_secret:
+        kubernetes.use_secret_as_env(task, secret_name=settings.s3_secret, secret_key_to_env={
+            settings.s3_access_key_field: "AWS_ACCESS_KEY_ID",
+            settings.s3_secret_key_field: "AWS_SECRET_ACCESS_KEY"})
+    if settings.s3_endpoint:
+        task.set_env_variable("AWS_ENDPOINT_URL", settings.s3_endpoint)
+    if settings.s3_region:
+        task.set_env_variable("AWS_DEFAULT_REGION", settings.s3_region)
+
+
+def _placement(task: Any, settings: ClusterSettings) -> None:
+    """Where the pod may run and what it may pull: node selector, tolerations, image pull secrets."""
+    from kfp import kubernetes
+
+    for key, value in settings.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in settings.tolerations:
+        kubernetes.add_toleration(task, **tol.model_dump(exclude_none=True))
+    if settings.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(settings.image_pull_secrets))
 
 
 def _set_resources(task: Any, res: Resources) -> None:

@@ -48,29 +48,39 @@ def kfp_cron(expr: str) -> str:
     if text in _CRON_DESCRIPTORS:
         return text
     if text.startswith("@every "):
-        if not re.fullmatch(r"@every (\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", text):
-            raise CronError(f"invalid cron expression {expr!r}: @every needs a duration like 6h or 90m")
-        parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text[len("@every "):])
-        if sum(float(n) * _SECONDS[unit] for n, unit in parts) < 60:  # the controller would start a run each second
-            raise CronError(f"invalid cron expression {expr!r}: @every needs at least 1m between runs")
-        return text
+        return _every(expr, text)
     fields = text.split(" ") if text else []
     if len(fields) == 5:
         fields = ["0", *fields]
     if len(fields) != 6:
         raise CronError(f"invalid cron expression {expr!r}: expected 5 fields (minute hour day-of-month "
                         f"month day-of-week) or 6 (seconds first), got {len(fields)}")
-    for (field, lo, hi), value in zip(_CRON_FIELDS, fields):
+    for (field, lo, hi), value in zip(_CRON_FIELDS, fields, strict=True):
         for item in value.split(","):
-            if item == "?" and field in ("day-of-month", "day-of-week"):
-                continue
-            span, slash, step = item.partition("/")
-            if slash and (not step.isdigit() or int(step) < 1):
-                raise CronError(f"invalid cron expression {expr!r}: {field} step {step!r} must be >= 1")
-            if span == "*":
-                continue
-            first, dash, last = span.partition("-")
-            start = _cron_value(expr, field, first, lo, hi)
-            if dash and _cron_value(expr, field, last, lo, hi) < start:
-                raise CronError(f"invalid cron expression {expr!r}: {field} range {span!r} runs backwards")
+            _check_item(expr, field, item, lo, hi)
     return " ".join(fields)
+
+
+def _every(expr: str, text: str) -> str:
+    """An `@every DURATION` expression, checked: Go's duration syntax, at least a minute."""
+    if not re.fullmatch(r"@every (\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", text):
+        raise CronError(f"invalid cron expression {expr!r}: @every needs a duration like 6h or 90m")
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text[len("@every "):])
+    if sum(float(n) * _SECONDS[unit] for n, unit in parts) < 60:  # the controller would start a run each second
+        raise CronError(f"invalid cron expression {expr!r}: @every needs at least 1m between runs")
+    return text
+
+
+def _check_item(expr: str, field: str, item: str, lo: int, hi: int) -> None:
+    """One comma-separated item of a field: `?`, `*`, a value, or a range, each with an optional `/step`."""
+    if item == "?" and field in ("day-of-month", "day-of-week"):
+        return
+    span, slash, step = item.partition("/")
+    if slash and (not step.isdigit() or int(step) < 1):
+        raise CronError(f"invalid cron expression {expr!r}: {field} step {step!r} must be >= 1")
+    if span == "*":
+        return
+    first, dash, last = span.partition("-")
+    start = _cron_value(expr, field, first, lo, hi)
+    if dash and _cron_value(expr, field, last, lo, hi) < start:
+        raise CronError(f"invalid cron expression {expr!r}: {field} range {span!r} runs backwards")

@@ -15,8 +15,8 @@ import os
 from typing import Any
 
 from blueprint import __version__
-from blueprint.store import storage
 from blueprint.config import ConfigError
+from blueprint.store import storage
 
 DEFAULT_LOCAL_IMAGE = f"blueprint:{__version__}"  # what `make image-cpu` tags
 PASSED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
+from blueprint.config import ConfigError
+from blueprint.errors import UserError
 from blueprint.store import storage
 from pipelines import cluster
-from blueprint.config import ConfigError
 from pipelines.package import parse_params, pipeline_parameters, read_package, s3_secret_names
-from blueprint.errors import UserError
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"

@@ -175,7 +175,7 @@ def _upload_version(client, args: argparse.Namespace, package: str) -> tuple[str
             raise KubeflowError(f"pipeline {args.pipeline!r} ({pipeline.pipeline_id}) was created without a version")
         version = versions[0]
     else:  # version names are unique within a pipeline: the time and the content make this one's
-        name = f"{args.name} {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} {digest}"
+        name = f"{args.name} {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} {digest}"
         version = client.upload_pipeline_version(package, name, pipeline_id=pipelines[0].pipeline_id,
                                                  description=described)
     return version.pipeline_id, version.pipeline_version_id
@@ -235,7 +235,7 @@ def newest(runs: list):
     """The run every caller keeps: the latest created, ties broken by id, so concurrent callers pick the same one."""
     def created(run) -> dt.datetime:  # a time without a zone is UTC, as the API means it
         when = run.created_at or dt.datetime.min
-        return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
     return max(runs, key=lambda run: (created(run), run.recurring_run_id))
 
 
@@ -303,8 +303,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     stale = [(run_id, why) for run_id, why in failed if run_id in remaining]  # another caller may have got it
     if stale:
         raise ReplaceIncomplete("; ".join(
-            f"recurring run {keep.recurring_run_id} replaces {run_id} ({args.name!r}), but deleting {run_id} failed, "
-            f"so both are scheduled now: remove the stale one with "
+            f"recurring run {keep.recurring_run_id} replaces {run_id} ({args.name!r}), "
+            f"but deleting {run_id} failed, so both are scheduled now: remove the stale one with "
             f"`{_unschedule_command(run_id, host, args.namespace)}` (the cause: {why})" for run_id, why in stale))
     return 0
 
@@ -327,7 +327,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
               run.experiment_id or "") for run in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

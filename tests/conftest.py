@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-from blueprint.stages.profiles import stage_settings
 from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
+from blueprint.stages.profiles import stage_settings
 
 TEST_ACCESS_KEY = "AKIATESTBLUEPRINT0001"
 TEST_SECRET_KEY = "blueprint-test-secret-do-not-log-0123456789"

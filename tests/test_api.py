@@ -1,14 +1,13 @@
 """The seed's Python API: the usage snippet as written (model names replaced by a local tiny base folder)."""
 from __future__ import annotations
 
-
 import pytest
+from conftest import SMOKE_PPO, SMOKE_SHARD, SMOKE_WARMUP, micro_qwen2_base, stdlib_texts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blueprint import BluePrint
-from blueprint.store import storage
 from blueprint.models.tiny import train_bpe_tokenizer
-from conftest import SMOKE_PPO, SMOKE_SHARD, SMOKE_WARMUP, micro_qwen2_base, stdlib_texts
+from blueprint.store import storage
 
 SMOKE = {"shard": {k: v for k, v in SMOKE_SHARD.items() if k != "source"}, "warmup": SMOKE_WARMUP,
          "ppo-round": {k: v for k, v in SMOKE_PPO.items() if k not in ("ppo_steps", "supervised_steps")},

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from blueprint.store import artifacts, storage
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from kfp_launch import launcher_command
+
+from blueprint.store import artifacts, storage
 
 REPO = Path(__file__).resolve().parent.parent
 NO_ENGINE = ("no container engine: neither `podman info` nor `docker info` answers; install Podman or Docker "

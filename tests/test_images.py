@@ -14,10 +14,10 @@ import venv
 from pathlib import Path
 
 import pytest
+from kfp_launch import launcher_command
 from packaging.utils import canonicalize_name
 
 from blueprint.store import artifacts
-from kfp_launch import launcher_command
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -55,7 +55,10 @@ def test_lock_is_a_consistent_closure_of_what_pyproject_declares():
     """Every locked package's own requirements are met by the lock and nothing unneeded is pinned (read from the
     installed metadata of exactly the locked versions: see the next test)."""
     runtime, test = LOCK["locked_closures"]()
-    strip = lambda d: {n: v.split("+")[0] for n, v in d.items()}  # noqa: E731 - torch's local build tag
+
+    def strip(d: dict[str, str]) -> dict[str, str]:
+        return {n: v.split("+")[0] for n, v in d.items()}  # torch's local build tag
+
     assert (strip(runtime), strip(test)) == _locked(), "the lock is not the closure of pyproject.toml: run `make lock`"
 
 

@@ -307,32 +307,41 @@ def process(unit: tuple[Any, ...], limits: Limits) -> Result:
     ("pair", code, summary, rel_path, license) a row that already has a summary column
     ("task", task, rel_path, license)          a task with tests (blueprint.data.tasks), checked by the source
     """
-    kind = unit[0]
+    kind, *fields = unit
     if kind == "task":
-        _, task, path, license = unit
+        task, path, license = fields
         return task_pair(task, path, limits, license)
     if kind == "pair":
-        _, code, summary, path, license = unit
+        code, summary, path, license = fields
         return pair_from_columns(code, summary, path, limits, license)
     if kind == "text":
-        _, text, path, license = unit
-        n_bytes = len(text.encode("utf-8", errors="replace"))
-        if n_bytes > limits.max_file_bytes:
-            return Result(path=path, n_bytes=n_bytes, file_drop="too_large")
-        return extract_pairs(text, path, limits, license, result=Result(path=path, n_bytes=n_bytes))
+        return _text_unit(*fields, limits)
     if kind == "object":
-        _, uri, path, license, size, etag = unit
-        if size > limits.max_file_bytes:
-            return Result(path=path, n_bytes=size, file_drop="too_large", identity=f"{size}:{etag}")
-        from blueprint.data import remote  # pyarrow and boto3: imported by the workers that read S3 only
+        return _object_unit(*fields, limits)
+    return _file_unit(*fields, limits)
 
-        # A failed read raises (storage names the object): dropping it would commit a corpus that does not match
-        # the fingerprint it is cached under. The object is read as the listing saw it, or as it is now.
-        raw, etag = remote.read_object(uri, etag, limits.max_file_bytes)
-        if len(raw) > limits.max_file_bytes:  # replaced by a larger one after the listing: limit + 1 bytes read
-            return Result(path=path, n_bytes=len(raw), file_drop="too_large")
-        return dataclasses.replace(file_pairs(raw, path, limits, license), identity=f"{len(raw)}:{etag}")
-    _, abs_path, path, license = unit
+
+def _text_unit(text: str, path: str, license: str | None, limits: Limits) -> Result:
+    n_bytes = len(text.encode("utf-8", errors="replace"))
+    if n_bytes > limits.max_file_bytes:
+        return Result(path=path, n_bytes=n_bytes, file_drop="too_large")
+    return extract_pairs(text, path, limits, license, result=Result(path=path, n_bytes=n_bytes))
+
+
+def _object_unit(uri: str, path: str, license: str | None, size: int, etag: str, limits: Limits) -> Result:
+    if size > limits.max_file_bytes:
+        return Result(path=path, n_bytes=size, file_drop="too_large", identity=f"{size}:{etag}")
+    from blueprint.data import remote  # pyarrow and boto3: imported by the workers that read S3 only
+
+    # A failed read raises (storage names the object): dropping it would commit a corpus that does not match
+    # the fingerprint it is cached under. The object is read as the listing saw it, or as it is now.
+    raw, etag = remote.read_object(uri, etag, limits.max_file_bytes)
+    if len(raw) > limits.max_file_bytes:  # replaced by a larger one after the listing: limit + 1 bytes read
+        return Result(path=path, n_bytes=len(raw), file_drop="too_large")
+    return dataclasses.replace(file_pairs(raw, path, limits, license), identity=f"{len(raw)}:{etag}")
+
+
+def _file_unit(abs_path: str, path: str, license: str | None, limits: Limits) -> Result:
     try:
         st = os.stat(abs_path)
         if not stat.S_ISREG(st.st_mode):  # a device reads forever, a FIFO blocks: neither is source code

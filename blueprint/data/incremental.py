@@ -54,7 +54,7 @@ class IndexWriter:
     def add(self, result: Result) -> None:
         row = (result.path, result.identity, result.mtime_ns, result.n_bytes, result.file_drop, result.functions,
                json.dumps(dict(result.dropped)), len(result.pairs))
-        for column, value in zip(self._input_columns.values(), row):
+        for column, value in zip(self._input_columns.values(), row, strict=True):
             column.append(value)
         if result.arrow_pairs is None:
             self._parsed += result.pairs
@@ -70,7 +70,7 @@ class IndexWriter:
 
     def _seal_parsed(self) -> None:
         if self._parsed:
-            columns = [pa.array(col, type=field.type) for col, field in zip(zip(*self._parsed), PAIR_SCHEMA)]
+            columns = [pa.array(col, type=field.type) for col, field in zip(zip(*self._parsed, strict=True), PAIR_SCHEMA, strict=True)]
             batch = pa.RecordBatch.from_arrays(columns, schema=PAIR_SCHEMA)
             self._pieces.append((batch, 0, batch.num_rows))
             self._parsed = []
@@ -151,7 +151,7 @@ class _PairCursor:
             k = min(n, self._batch.num_rows - self._at)
             if keep:
                 if self._rows is None:  # column by column: far cheaper than a dict per row
-                    self._rows = list(zip(*(column.to_pylist() for column in self._batch.columns)))
+                    self._rows = list(zip(*(column.to_pylist() for column in self._batch.columns), strict=True))
                 rows += self._rows[self._at:self._at + k]
                 pieces.append((self._batch, self._at, k))
             self._at, n = self._at + k, n - k
@@ -183,7 +183,7 @@ class PreviousIndex:
     def _rows(self, columns: list[str]) -> Iterator[tuple]:
         """The inputs' rows as tuples of `columns`, in order."""
         for batch in self._batches(INPUTS_FILE, columns):
-            yield from zip(*(column.to_pylist() for column in batch.columns))
+            yield from zip(*(column.to_pylist() for column in batch.columns), strict=True)
 
     def recorded(self) -> dict[str, tuple[str, int | None]]:
         """{path: (identity, mtime_ns)} of every input that may be reused (not one that could not be read)."""

@@ -3,8 +3,9 @@ many pods at once.
 
 A tree's sorted files (or a data-file source's files) are cut into contiguous ranges of about equal bytes, as
 half-open name ranges whose ends are open, so every file falls in exactly one partition; a streamed hub dataset
-(or a source cut by `max_source_mb`, a budget only one reader can keep) is one partition. Contiguous in the source's own order, so the fan-in
-sees every input in the order a single task would, and the dataset it commits is the same.
+(or a source cut by `max_source_mb`, a budget only one reader can keep) is one partition. Contiguous in the
+source's own order, so the fan-in sees every input in the order a single task would, and the dataset it commits is
+the same.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def balanced(sizes: list[int], count: int) -> list[tuple[int, int]]:
         cut = next((i + 1 for i, c in enumerate(cumulative) if c >= target), len(sizes))
         bounds.append(min(max(cut, bounds[-1] + 1), len(sizes) - (n - k)))  # every range keeps one input at least
     bounds.append(len(sizes))
-    return [(a, b) for a, b in zip(bounds, bounds[1:])]
+    return list(itertools.pairwise(bounds))
 
 
 def normalized(partition: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -48,7 +49,7 @@ def plan(source: Source, count: int) -> list[dict[str, Any]]:
             names = source.data_files()
             sizes = [os.stat(p).st_size for p in names]
     elif kind == "hf" and source.hf_data_files and source.max_source_mb is None:  # the hub's files, e.g. 1,126
-        names, sizes = map(list, zip(*source.hub_files()))  # Parquet files of codeparrot/github-code
+        names, sizes = map(list, zip(*source.hub_files(), strict=True))  # Parquet files of codeparrot/github-code
     else:
         return [{"index": 0, "of": 1}]  # a streamed dataset: one reader
     ranges = balanced(sizes, count)

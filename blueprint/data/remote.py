@@ -22,8 +22,8 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
 

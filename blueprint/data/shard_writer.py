@@ -73,8 +73,8 @@ class ShardWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writers[name] = pq.ParquetWriter(path, SCHEMA, compression=COMPRESSION)
         if rows:
-            columns = list(zip(*rows))
-            table = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA)],
+            columns = list(zip(*rows, strict=True))
+            table = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA, strict=True)],
                                          schema=SCHEMA)
             self._writers[name].write_table(table, row_group_size=len(rows))
 

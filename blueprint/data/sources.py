@@ -35,8 +35,8 @@ from typing import Any
 
 from blueprint.data import remote, tasks
 from blueprint.data.remote import hub_files_url
-from blueprint.store import storage
 from blueprint.errors import UserError
+from blueprint.store import storage
 
 FILE_KINDS = ("jsonl", "parquet", "csv")
 TASKS = "tasks"
@@ -157,11 +157,12 @@ class Source:
     are counted in `self.skipped`, so the stage can report them with the workers' drops.
     """
 
-    def __init__(self, spec: str, *, skip_tests: bool = True, max_file_bytes: int = 1_000_000,
-                 max_source_mb: float | None = None, code_column: str = "code", summary_column: str | None = "summary",
-                 language_column: str = "language", languages: tuple[str, ...] = ("python",),
-                 path_column: str = "path", license_column: str = "license", hf_revision: str | None = None,
-                 hf_data_files: str | None = None) -> None:
+    def __init__(  # noqa: PLR0913 - ShardConfig's source settings, keyword-only with defaults
+            self, spec: str, *, skip_tests: bool = True, max_file_bytes: int = 1_000_000,
+            max_source_mb: float | None = None, code_column: str = "code", summary_column: str | None = "summary",
+            language_column: str = "language", languages: tuple[str, ...] = ("python",),
+            path_column: str = "path", license_column: str = "license", hf_revision: str | None = None,
+            hf_data_files: str | None = None) -> None:
         self.spec = parse_source(spec)
         self.name = str(self.spec)
         self.skip_tests, self.max_file_bytes, self.max_source_mb = skip_tests, max_file_bytes, max_source_mb
@@ -289,7 +290,7 @@ class Source:
             yield from tasks.units(self.data_files())
             return
         budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None
-        for i, row in enumerate(self._rows()):
+        for row in self._rows():
             if self.code_column not in row:
                 raise SourceError(f"source {self.name}: no column {self.code_column!r} "
                                   f"(columns: {', '.join(sorted(row))}); set code_column")

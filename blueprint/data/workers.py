@@ -118,7 +118,7 @@ def _remote_error(exc_bytes: bytes | None, remote_tb: str) -> BaseException:
     """The worker's exception as itself, its traceback attached as a note; WorkerError when it does not unpickle."""
     try:
         exc = pickle.loads(exc_bytes) if exc_bytes is not None else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - unpickling runs the exception's own code: anything can fail
         exc = None
     if not isinstance(exc, BaseException):
         return WorkerError(f"a worker process failed:\n{remote_tb}")
@@ -197,7 +197,7 @@ def _failure(exc: BaseException) -> bytes:
     remote_tb = "".join(traceback.format_exception(exc))
     try:
         exc_bytes: bytes | None = pickle.dumps(exc, _PROTOCOL)
-    except Exception:
+    except Exception:  # noqa: BLE001 - pickling runs the exception's own code: anything can fail
         exc_bytes = None
     return pickle.dumps((False, exc_bytes, remote_tb), _PROTOCOL)
 
@@ -205,7 +205,7 @@ def _failure(exc: BaseException) -> bytes:
 def _answer(fn: Callable[[Any], Any], frame: bytes) -> bytes:
     try:
         return pickle.dumps((True, fn(pickle.loads(frame)), ""), _PROTOCOL)
-    except Exception as exc:  # an unpicklable result lands here too
+    except Exception as exc:  # noqa: BLE001 - the task's failure is the caller's to raise (an unpicklable result too)
         return _failure(exc)
 
 
@@ -220,7 +220,7 @@ def main() -> None:
         sys.path[:] = [_PACKAGE_ROOT] + [p for p in sys_path if p != _PACKAGE_ROOT]
         try:
             fn, setup_error = pickle.loads(fn_bytes), None
-        except Exception as exc:  # reported as the answer to every task, so the caller sees why
+        except Exception as exc:  # noqa: BLE001 - reported as the answer to every task, so the caller sees why
             fn, setup_error = None, _failure(exc)
         while (frame := read_frame(inp)) is not None:
             write_frame(out, setup_error or _answer(fn, frame))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from blueprint.engines.gap import check_gap, logprob_gap
-from blueprint.engines.vllm_engine import VLLMEngine
+from blueprint.engines.vllm_engine import Sampling, VLLMEngine
 
 
 class PolicySampler:
@@ -32,9 +32,8 @@ class PolicySampler:
             row_seeds = torch.randint(0, 2**62, (len(query_ids),)).tolist()
         else:
             row_seeds = [random.Random(f"{s}/{j}").getrandbits(62) for s in seeds for j in range(k)]
-        samples = self.engine.generate(query_ids, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                       seeds=row_seeds, logprobs=True, min_new_tokens=cfg.min_new_tokens)
+        sampling = Sampling(cfg.max_new_tokens, eos, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_new_tokens)
+        samples = self.engine.generate(query_ids, sampling, seeds=row_seeds, logprobs=True)
         width = max(1, max(len(s.tokens) for s in samples))
         tokens = torch.full((len(samples), width), pad, dtype=torch.long)
         logp = torch.zeros((len(samples), width))

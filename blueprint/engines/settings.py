@@ -33,7 +33,7 @@ class EngineSettings(Settings):
               "0.05 float16", gt=0)
 
     @model_validator(mode="after")
-    def _one_engine_per_process(self) -> "EngineSettings":
+    def _one_engine_per_process(self) -> EngineSettings:
         nproc, nodes = str(getattr(self, "nproc", "1")), int(getattr(self, "nodes", 1))
         if self.engine == "vllm" and ((re.fullmatch(r"\d+", nproc) and int(nproc) > 1) or nodes > 1):
             raise ConfigError(refusal(f"nproc={nproc}, nodes={nodes}"))

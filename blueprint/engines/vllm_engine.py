@@ -1,8 +1,9 @@
 """A vLLM engine in the stage's own process, serving the adapter that generates as merged weights.
 
 Why merged weights and not a `LoRARequest`: on CPU vLLM's LoRA path ran about 7x slower per token than its base path
-(issue 26's trial; here, 27M parameters, 64 x 32 tokens, its sync included: 72 tokens/s against 303 merged), and merging costs one low-rank product per adapted projection after each update, which the
-benchmark (benchmarks/rollout_engines.py) counts in the rollout's time. The merge is computed from the adapter's
+(issue 26's trial; here, 27M parameters, 64 x 32 tokens, its sync included: 72 tokens/s against 303 merged), and
+merging costs one low-rank product per adapted projection after each update, which the benchmark
+(benchmarks/rollout_engines.py) counts in the rollout's time. The merge is computed from the adapter's
 factors without touching the trainer's model (peft's `merge_adapter`/`unmerge_adapter` round trip would add
 rounding error to the base weights at every step).
 
@@ -44,6 +45,19 @@ class Sample:
 
     tokens: list[int]
     logprobs: list[float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each completion is drawn: greedy at temperature 0; top_k 0 keeps every token; no EOS ends it before
+    `min_new_tokens`."""
+
+    max_new_tokens: int
+    eos_token_id: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
 
 
 def vllm_name(name: str) -> str:
@@ -154,7 +168,8 @@ class VLLMEngine:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise EngineStartError(
                     f"engine vllm could not start on base {base} ({type(exc).__name__}: {first}): set {setting}=hf, "
-                    f"or change {setting}_memory (now {memory}, the share of {'GPU memory' if self.gpu else 'host RAM'} it reserves)") from None
+                    f"or change {setting}_memory (now {memory}, the share of "
+                    f"{'GPU memory' if self.gpu else 'host RAM'} it reserves)") from None
             finally:
                 torch.set_num_threads = set_threads
         self.startup_s = time.perf_counter() - t0
@@ -172,17 +187,18 @@ class VLLMEngine:
         self.loaded = adapter
         return time.perf_counter() - t0
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
-                 logprobs: bool = False, min_new_tokens: int = 0) -> list[Sample]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None = None,
+                 logprobs: bool = False) -> list[Sample]:
         """One completion per prompt: greedy (temperature 0) or sampled, each prompt under its own seed when given;
         stopped at the first EOS (kept) or after `max_new_tokens`."""
         from vllm import SamplingParams
 
         self.wake()
+        s = sampling
         params = [SamplingParams(
-            max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=temperature, top_k=top_k if top_k > 0 else -1, top_p=top_p,
-            seed=None if seeds is None else int(seeds[i]) % (2**63 - 1), stop_token_ids=[eos_token_id],
+            max_tokens=s.max_new_tokens, min_tokens=s.min_new_tokens, temperature=s.temperature,
+            top_k=s.top_k if s.top_k > 0 else -1, top_p=s.top_p,
+            seed=None if seeds is None else int(seeds[i]) % (2**63 - 1), stop_token_ids=[s.eos_token_id],
             logprobs=0 if logprobs else None, detokenize=False, skip_special_tokens=False)
             for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
@@ -190,7 +206,7 @@ class VLLMEngine:
         for out in outs:
             done = out.outputs[0]
             tokens = list(done.token_ids)
-            lps = [step[t].logprob for step, t in zip(done.logprobs, tokens)] if logprobs else None
+            lps = [step[t].logprob for step, t in zip(done.logprobs, tokens, strict=True)] if logprobs else None
             samples.append(Sample(tokens, lps))
         return samples
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from blueprint.data import tasks as task_format
 from blueprint.eval.pass_at_k import mean_pass_at_k
-from blueprint.eval.report import SAMPLED  # noqa: F401 - the names of the sampled pass@k metrics
 from blueprint.eval.sandbox import Outcome, Sandbox
 
 SOURCES = ("docstring", "roundtrip")  # what the coder's code was written from
@@ -39,7 +38,7 @@ def execute(sandbox: Sandbox, tasks: Sequence[dict[str, str]], greedy: dict[str,
     programs = [task_format.reference_program(t) for t in tasks]
     for source in SOURCES:
         programs += [task_format.program(t, code) for t, code in zip(tasks, greedy[source], strict=True)]
-    for source, per_task in sampled.items():
+    for per_task in sampled.values():
         programs += [task_format.program(t, code) for t, codes in zip(tasks, per_task, strict=True) for code in codes]
     outcomes = iter(sandbox.run_many(programs))
     n = len(tasks)
@@ -47,7 +46,7 @@ def execute(sandbox: Sandbox, tasks: Sequence[dict[str, str]], greedy: dict[str,
     by_source = {source: [next(outcomes) for _ in range(n)] for source in SOURCES}
     by_sample = {source: [[next(outcomes) for _ in codes] for codes in per_task]
                  for source, per_task in sampled.items()}
-    failures = [t["task_id"] for t, o in zip(tasks, reference) if not o.passed]
+    failures = [t["task_id"] for t, o in zip(tasks, reference, strict=True) if not o.passed]
     values: dict[str, Any] = {
         "tested_examples": n, "sandbox": sandbox.mode,
         "reference_pass_rate": _share(reference), "reference_failures": failures,

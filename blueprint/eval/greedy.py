@@ -24,9 +24,11 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
     ids = encode_prompts(tokenizer, prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if engine is not None:
+        from blueprint.engines.vllm_engine import Sampling
+
         if engine.loaded != adapter:
             engine.load(model, adapter)
-        return [s.tokens for s in engine.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos)]
+        return [s.tokens for s in engine.generate(ids, Sampling(max_new_tokens, eos))]
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -50,5 +52,5 @@ def generate_texts(model, tokenizer, adapter: str, prompts: list[str], max_new_t
     eos = tokenizer.eos_token_id
     generated = generate(model, tokenizer, adapter, prompts, max_new_tokens, batch_size, engine)
     ended = [bool(ids) and ids[-1] == eos for ids in generated]
-    ids = [g[:-1] if e else g for g, e in zip(generated, ended)]
+    ids = [g[:-1] if e else g for g, e in zip(generated, ended, strict=True)]
     return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), ended

@@ -38,7 +38,7 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     if not hypotheses:
         return 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
+    scores = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references, strict=True)]
     return 100.0 * sum(scores) / len(scores)
 
 
@@ -68,7 +68,7 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     _check(hypotheses, references)
     if not hypotheses:
         return 0.0
-    return sum(strip_trivia(h) == strip_trivia(r) for h, r in zip(hypotheses, references)) / len(hypotheses)
+    return sum(strip_trivia(h) == strip_trivia(r) for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)
 
 
 def mean(values: Sequence[float]) -> float:

@@ -17,7 +17,6 @@ from blueprint.config import ConfigError, Settings, setting
 from blueprint.eval.report import DESCRIPTIONS, SAMPLED
 from blueprint.models.runtime import RuntimeSettings
 
-
 NOT_SCORES = ("epoch", "examples", "seconds", "tested_examples", "sandbox")  # figures that do not judge the model
 # metric -> (the least every promoted model reaches, what falling short means). Not settings: no profile lowers them.
 SANITY_FLOORS: dict[str, tuple[float, str]] = {

@@ -126,11 +126,11 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: Path) -> None:
     epochs = [h.get("epoch", i) for i, h in enumerate(rows)]
     fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, (title, keys) in zip(fig.subplots(2, 2).flat, PANELS):
+    for ax, (title, keys) in zip(fig.subplots(2, 2).flat, PANELS, strict=True):
         for key in keys:
-            points = [(e, h[key]) for e, h in zip(epochs, rows) if isinstance(h.get(key), (int, float))]
+            points = [(e, h[key]) for e, h in zip(epochs, rows, strict=True) if isinstance(h.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), marker="o", label=key)
+                ax.plot(*zip(*points, strict=True), marker="o", label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_xticks(epochs)
@@ -166,11 +166,11 @@ def plot_steps(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Non
     rows = [r for r in rows if not r.get("skipped")]
     fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, (panel, keys) in zip(fig.subplots(2, 2).flat, STEP_PANELS):
+    for ax, (panel, keys) in zip(fig.subplots(2, 2).flat, STEP_PANELS, strict=True):
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), marker=".", label=key)
+                ax.plot(*zip(*points, strict=True), marker=".", label=key)
         ax.set_title(panel)
         ax.set_xlabel("PPO step (the trainer's, across rounds)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from blueprint.config import setting, Settings
+from blueprint.config import Settings, setting
 from blueprint.errors import UserError
 
 STATUSES = ("pass", "fail", "error", "timeout")

@@ -44,7 +44,7 @@ def epoch_table(history: Sequence[Mapping[str, Any]]) -> list[str]:
         share = f"{gen / true:.0%}" if isinstance(gen, float) and isinstance(true, float) and true > 0 else "-"
         rows.append([cell(row.get(k)) for _, k in columns] + [share])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in [header] + rows]
 
 

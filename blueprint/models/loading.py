@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from blueprint.errors import UserError
 
-
 MANIFEST_NAME = "_MANIFEST.json"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 HUB_PROBE_TIMEOUT_S = 3.0

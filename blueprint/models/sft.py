@@ -5,6 +5,7 @@ limits the reward uses, so what a role learns on is what it is later judged on.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from blueprint.models.prompts import PromptConfig, code_prompt, summary_prompt
 def clip_tokens(tokenizer: Any, texts: list[str], max_tokens: int) -> list[str]:
     """Cut each text to its first `max_tokens` tokens, so a long code never pushes its completion out of view."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids)]
+    return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids, strict=True)]
 
 
 def sft_datasets(pairs: list[dict], tokenizer: Any, prompt_style: str, max_code_tokens: int,
@@ -83,25 +84,39 @@ def step_logger(track: Callable[[int, dict[str, float]], None], step_offset: int
     return StepLogger()
 
 
-def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, batch_size: int, lr: float,
-                  seed: int, max_length: int, progress: bool, task: str, lr_setting: str,
-                  gradient_checkpointing: bool = False, track=None) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class SFTRun:
+    """How one adapter is fine-tuned, and what the run is called in progress lines and errors."""
+
+    steps: int
+    batch_size: int  # rows per optimizer step, over all ranks
+    lr: float
+    seed: int
+    max_length: int  # tokens of prompt + completion
+    task: str  # the stage (or round) the progress lines and errors name
+    lr_setting: str  # the setting a non-finite loss names, the one most likely at fault
+    progress: bool = True
+    gradient_checkpointing: bool = False
+
+
+def train_adapter(model, tokenizer, adapter: str, train, evals, run: SFTRun, track=None) -> dict[str, float]:
     """SFT of one adapter with trl's SFTTrainer (only its weights train); held-out and train loss before and
-    after. A non-finite loss fails naming `lr_setting`, the setting most likely at fault. `track` (a
-    `step_logger` callback) receives each step's figures.
+    after. A non-finite loss fails naming `run.lr_setting`. `track` (a `step_logger` callback) receives each
+    step's figures.
 
     Under torchrun the Trainer (accelerate) runs DDP over the ranks by itself; each takes `batch_size / ranks`
     rows a step, so the global batch is the same whatever the process count. The before-losses come from the
     Trainer's own evaluation at the start (`eval_on_start`): an `evaluate()` before `train()` makes accelerate
     mark the model prepared and train it without DDP. Evaluation runs whole `batch_size` batches on every rank:
     trl's evaluation loss is a mean of per-batch token means, which depends on how rows are cut into batches."""
-    from transformers import PrinterCallback
     import torch
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     from blueprint.models import lora
     from blueprint.progress import interactive, trainer_progress_callback
 
+    steps, batch_size, task, progress = run.steps, run.batch_size, run.task, run.progress
     bar = progress and interactive()
     ranks = distributed.world_size()  # the stage's config checked that batch_size splits (check_world)
 
@@ -112,14 +127,14 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
         # bf16, 7x slower on CPU, and rounded each rank's gradient before the all-reduce (N ranks != 1 process)
         args = SFTConfig(
             output_dir=tmp, max_steps=max(steps, 1), per_device_train_batch_size=batch_size // ranks,
-            per_device_eval_batch_size=batch_size, learning_rate=lr, lr_scheduler_type="cosine",
+            per_device_eval_batch_size=batch_size, learning_rate=run.lr, lr_scheduler_type="cosine",
             warmup_steps=min(10, max(steps // 10, 0)), logging_steps=1, save_strategy="no",  # a point per step
-            report_to="none", use_cpu=next(model.parameters()).device.type == "cpu", seed=seed, data_seed=seed,
+            report_to="none", use_cpu=next(model.parameters()).device.type == "cpu", seed=run.seed, data_seed=run.seed,
             disable_tqdm=not bar, eval_on_start=steps > 0, ddp_find_unused_parameters=False,
             bf16=getattr(model, "dtype", None) == torch.bfloat16,
-            max_length=max_length, dataloader_num_workers=0,
-            completion_only_loss=True, gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+            max_length=run.max_length, dataloader_num_workers=0,
+            completion_only_loss=True, gradient_checkpointing=run.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if run.gradient_checkpointing else None,
         )
         probe = train.select(range(min(len(train), len(evals))))
         start = start_losses()
@@ -140,5 +155,5 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, steps: int, *, b
     before, after = ({"eval_loss": m["eval_eval_loss"], "train_loss": m["eval_train_loss"]} for m in (before, after))
     model.eval()
     for name, value in after.items():
-        check_finite_loss(value, f"{task} ({adapter} {name})", lr_setting, lr)
+        check_finite_loss(value, f"{task} ({adapter} {name})", run.lr_setting, run.lr)
     return {f"{adapter}_{k}_before": v for k, v in before.items()} | {f"{adapter}_{k}_after": v for k, v in after.items()}

@@ -43,4 +43,4 @@ def copy_rates(summaries: Sequence[TokenIds], codes: Sequence[TokenIds], n: int 
     """`copy_rate` for each (summary, code) pair, as a float tensor [B]."""
     if len(summaries) != len(codes):
         raise ValueError(f"{len(summaries)} summaries but {len(codes)} codes")
-    return torch.tensor([copy_rate(s, c, n) for s, c in zip(summaries, codes)], dtype=torch.float32)
+    return torch.tensor([copy_rate(s, c, n) for s, c in zip(summaries, codes, strict=True)], dtype=torch.float32)

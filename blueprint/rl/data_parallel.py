@@ -41,7 +41,7 @@ def sync_gradients(params: list[torch.Tensor]) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = distributed.all_sum(torch.cat([g.reshape(-1) for g in grads]))
     start = 0
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         p.grad = flat[start:start + g.numel()].view_as(g).to(g.dtype)
         start += g.numel()
 

@@ -34,21 +34,17 @@ from torch import nn
 from transformers import GenerationConfig
 
 from blueprint import distributed
-from blueprint.rl import data_parallel
-from blueprint.rl.copying import copy_rates
 from blueprint.models import runtime
-from blueprint.rl.micro_batches import MicroBatch, epoch_layout, padding_share, row_lengths
-from blueprint.rl.rollout import Rollout, query_lists, rows_within
-from blueprint.rl.ppo_errors import KLExplodedError, PPOError
 from blueprint.models.batching import pad_batch
-from blueprint.rl.value_head import ValueHead
+from blueprint.rl import data_parallel, ppo_math
+from blueprint.rl.copying import copy_rates
+from blueprint.rl.micro_batches import MicroBatch, epoch_layout, padding_share, row_lengths
 from blueprint.rl.ppo_config import PPOConfig  # torch-free, so stages can validate without torch
-from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, eos_cut, logprobs_and_entropy,
-                                group_baseline, masked_mean, masked_whiten, per_token_rewards, position_ids, ppo_losses,
-                                scalar_std)
+from blueprint.rl.ppo_errors import KLExplodedError, PPOError
+from blueprint.rl.rollout import Rollout, query_lists, rows_within
+from blueprint.rl.value_head import ValueHead
 
-__all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExplodedError", "ScoreFn",
-           "AdaptiveKLController", "FixedKLController", "eos_cut"]
+__all__ = ["PPOConfig", "PPOTrainer", "ValueHead", "Rollout", "PPOError", "KLExplodedError", "ScoreFn"]
 
 # score_fn(query_ids, response_ids) -> (scores [B], components {name: [B]}); response_ids are EOS-cut token lists.
 ScoreFn = Callable[[list[list[int]], list[list[int]]], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -75,8 +71,8 @@ class PPOTrainer:
             raise ValueError(f"no parameters belong to adapter {config.policy_adapter!r}")
         self.params = self.policy_params + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
-                       if config.adaptive_kl else FixedKLController(config.init_kl_coef))
+        self.kl_ctl = (ppo_math.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
+                       if config.adaptive_kl else ppo_math.FixedKLController(config.init_kl_coef))
         self.generation_config = GenerationConfig(
             do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
             max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
@@ -105,7 +101,7 @@ class PPOTrainer:
         """
         with self._autocast():
             out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                               position_ids=position_ids(attention_mask), use_cache=False)
+                                               position_ids=ppo_math.position_ids(attention_mask), use_cache=False)
             hidden = out.last_hidden_state[:, -n_response - 1:-1]
             logits = self.causal_lm.get_output_embeddings()(hidden).float()
         cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
@@ -136,7 +132,7 @@ class PPOTrainer:
             rows, resp = part.rows.to(self.device), r.response[part.rows.to(self.device), :part.width]
             self._activate(self.config.policy_adapter)
             logits, values = self._forward_part(r, part, with_values=True)
-            logp, entropy = logprobs_and_entropy(logits, resp, T)
+            logp, entropy = ppo_math.logprobs_and_entropy(logits, resp, T)
             del logits
             if self.config.reference_adapter is None:
                 with self.model.disable_adapter():
@@ -144,8 +140,8 @@ class PPOTrainer:
             else:
                 self._activate(self.config.reference_adapter)
                 ref_logits, _ = self._forward_part(r, part, with_values=False)
-            ref_logp, _ = logprobs_and_entropy(ref_logits, resp, T, with_entropy=False)
-            for k, v in zip(("logp", "ref_logp", "values", "entropy"), (logp, ref_logp, values, entropy)):
+            ref_logp, _ = ppo_math.logprobs_and_entropy(ref_logits, resp, T, with_entropy=False)
+            for k, v in zip(("logp", "ref_logp", "values", "entropy"), (logp, ref_logp, values, entropy), strict=True):
                 out[k][rows, :part.width] = v.float()
         self._activate(self.config.policy_adapter)
         for k, v in out.items():  # clone out of inference mode: these become constants inside the PPO loss
@@ -158,7 +154,7 @@ class PPOTrainer:
         """Each query's k samples drawn under its own seed (the training RNG untouched): what a query gets does not
         depend on the other queries of its batch, nor on which data-parallel rank holds it."""
         k, out = self.config.samples_per_query, []
-        for q, seed in zip(queries, seeds):
+        for q, seed in zip(queries, seeds, strict=True):
             ids = torch.tensor([q] * k, device=self.device)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(seed)
@@ -194,7 +190,7 @@ class PPOTrainer:
                                         generation_config=self.generation_config)[:, Q:] for s in range(0, B, rows)]
         width = max(c.shape[1] for c in chunks)
         response = torch.cat([F.pad(c, (0, width - c.shape[1]), value=self.pad_token_id) for c in chunks]).clone()
-        mask, lengths, has_eos = eos_cut(response, self.eos_token_id)
+        mask, lengths, has_eos = ppo_math.eos_cut(response, self.eos_token_id)
         R = int(mask.sum(1).max())  # drop columns that are padding in every row
         response, mask = response[:, :R], mask[:, :R]
         response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_token_id))
@@ -271,23 +267,23 @@ class PPOTrainer:
         # every figure over the GLOBAL batch: per-rollout scalars gathered in rank order, token sums reduced
         every = distributed.all_cat
         all_scores, all_raw = every(r.scores), every(r.raw_scores)  # one gather each, for the baseline and stats
-        scores = group_baseline(all_scores, cfg.samples_per_query, scale=cfg.whiten_rewards)
+        scores = ppo_math.group_baseline(all_scores, cfg.samples_per_query, scale=cfg.whiten_rewards)
         scores = scores[distributed.my_share(len(scores))]
-        rewards, kl = per_token_rewards(scores.to(self.device), r.logp, r.ref_logp, r.mask, beta)
+        rewards, kl = ppo_math.per_token_rewards(scores.to(self.device), r.logp, r.ref_logp, r.mask, beta)
         kl_seq = every(kl.sum(1))
-        advantages, returns = compute_gae(rewards, r.values, r.mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, r.mask, reduce=reduce)
+        advantages, returns = ppo_math.compute_gae(rewards, r.values, r.mask, cfg.gamma, cfg.lam)
+        advantages = ppo_math.masked_whiten(advantages, r.mask, reduce=reduce)
 
         lengths = every(torch.tensor([float(len(x)) for x in r.response_ids]))
         stats: dict[str, float] = {
-            "skipped": 0.0, "score/mean": all_scores.mean().item(), "score/std": scalar_std(all_scores),
-            "score/raw_mean": all_raw.mean().item(), "score/raw_std": scalar_std(all_raw),
+            "skipped": 0.0, "score/mean": all_scores.mean().item(), "score/std": ppo_math.scalar_std(all_scores),
+            "score/raw_mean": all_raw.mean().item(), "score/raw_std": ppo_math.scalar_std(all_raw),
             "copy_rate": every(r.copy_rate).mean().item(), "no_eos_rate": (~every(r.has_eos)).float().mean().item(),
             "kl": kl_seq.mean().item(), "kl_coef": beta, "non_score_reward": (-beta * kl_seq).mean().item(),
-            "entropy": masked_mean(r.entropy, r.mask, reduce=reduce).item(),
+            "entropy": ppo_math.masked_mean(r.entropy, r.mask, reduce=reduce).item(),
             "response_length": float(lengths.sum()) / len(lengths),
-            "values/mean": masked_mean(r.values, r.mask, reduce=reduce).item(),
-            "returns/mean": masked_mean(returns, r.mask, reduce=reduce).item(),
+            "values/mean": ppo_math.masked_mean(r.values, r.mask, reduce=reduce).item(),
+            "returns/mean": ppo_math.masked_mean(returns, r.mask, reduce=reduce).item(),
         }
         stats.update({f"score/{k}": every(v).mean().item() for k, v in r.components.items()})
         stats.update(r.engine_gap)
@@ -301,7 +297,7 @@ class PPOTrainer:
         if self.engine is not None:
             self.engine.before_update()
         t0 = time.perf_counter()
-        stats.update(self._update(r, advantages, returns))
+        stats.update(self._update(r, r.targets(advantages, returns)))
         timings["update"] = time.perf_counter() - t0
         if self.engine is not None:  # the next rollout samples the policy as updated now
             timings["sync"] = self.engine.sync(self.model)
@@ -311,7 +307,7 @@ class PPOTrainer:
         stats.update({f"time/{k}": v for k, v in timings.items()})
         return stats
 
-    def _update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+    def _update(self, r: Rollout, targets: ppo_math.Targets) -> dict[str, float]:
         cfg, B = self.config, len(r.query_ids)
         runtime.checkpointing_without_dropout(self.model)
         self._activate(cfg.policy_adapter)
@@ -323,7 +319,7 @@ class PPOTrainer:
             permutation = first if first is not None else data_parallel.global_permutation(B * ranks)
             for idx, parts in epoch_layout(permutation, r.attention_mask, r.mask, cfg):
                 self.optimizer.zero_grad(set_to_none=True)
-                st = self._accumulate(r, parts, advantages, returns, valid_per_row[idx].sum().clamp(min=1),
+                st = self._accumulate(r, parts, targets, valid_per_row[idx].sum().clamp(min=1),
                                       whole=ranks == 1 and len(parts) == 1)
                 bad, self._bad_loss = self._bad_loss, None
                 if not data_parallel.all_finite(bad is None):
@@ -339,8 +335,8 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {k: v / n for k, v in totals.items()}
 
-    def _accumulate(self, r: Rollout, parts: list[MicroBatch], advantages: torch.Tensor, returns: torch.Tensor,
-                    valid: torch.Tensor, whole: bool) -> dict[str, torch.Tensor]:
+    def _accumulate(self, r: Rollout, parts: list[MicroBatch], targets: ppo_math.Targets, valid: torch.Tensor,
+                    whole: bool) -> dict[str, torch.Tensor]:
         """Gradients of this rank's micro-batches `parts` of one mini-batch's PPO loss; each micro-batch's token mean
         is weighted by its share of the mini-batch's `valid` tokens (on all ranks), so the sum over micro-batches and
         ranks is the mini-batch's loss. `whole`: `parts` is the whole mini-batch in one pass."""
@@ -348,14 +344,12 @@ class PPOTrainer:
         stats: dict[str, torch.Tensor] = {}
         for part in parts:  # a rank may hold none of a mini-batch's rows
             rows, cols = part.rows.to(self.device), slice(0, part.width)
-            mask = r.mask[rows, cols]
+            old = targets[rows, cols]
             # a whole mini-batch weighs exactly 1.0 (not valid/valid), so no budget leaves the numerics untouched
-            share = 1.0 if whole else mask.sum() / valid.to(mask.device)
+            share = 1.0 if whole else old.mask.sum() / valid.to(old.mask.device)
             logits, values = self._forward_part(r, part, with_values=True)
-            logp, _ = logprobs_and_entropy(logits, r.response[rows, cols], cfg.temperature, with_entropy=False)
-            pg_loss, vf_loss, st = ppo_losses(logp, r.logp[rows, cols], advantages[rows, cols], values.float(),
-                                              r.values[rows, cols], returns[rows, cols], mask, cfg.cliprange,
-                                              cfg.cliprange_value)
+            logp, _ = ppo_math.logprobs_and_entropy(logits, r.response[rows, cols], cfg.temperature, with_entropy=False)
+            pg_loss, vf_loss, st = ppo_math.ppo_losses(logp, values.float(), old, cfg.cliprange, cfg.cliprange_value)
             loss = (pg_loss + cfg.vf_coef * vf_loss) * share
             if not torch.isfinite(loss):  # raised by _update on every rank at once, never on one alone
                 self._bad_loss = f"policy {pg_loss.item()}, value {vf_loss.item()}"
@@ -377,7 +371,7 @@ class PPOTrainer:
         if self._last_good is None:
             return False
         with torch.no_grad():
-            for p, saved in zip(self.params, self._last_good["params"]):
+            for p, saved in zip(self.params, self._last_good["params"], strict=True):
                 p.copy_(saved)
         self.optimizer.load_state_dict(self._last_good["optimizer"])
         return True

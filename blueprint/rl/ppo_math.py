@@ -7,11 +7,10 @@ and including the first EOS) and 0.0 after it. Valid tokens always form a prefix
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-
 
 # reduce(t) -> t summed over every data-parallel rank (None: one process). The sums, not the means, are reduced,
 # so N ranks holding a batch's parts get the statistics of the whole batch.
@@ -146,21 +145,38 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, (advantages + values) * mask
 
 
-def ppo_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
-               old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange: float,
+@dataclass(frozen=True)
+class Targets:
+    """What the rollout fixed for the update, [B, T] each: the sampling policy's log-probs and values, the
+    advantages and returns computed from them, and the valid tokens."""
+
+    logp: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+
+    def __getitem__(self, index) -> Targets:
+        """The same tokens of each tensor (a micro-batch's rows and columns)."""
+        return Targets(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def ppo_losses(logp: torch.Tensor, values: torch.Tensor, old: Targets, cliprange: float,
                cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate policy loss and clipped value loss, token-averaged over valid tokens.
+    """Clipped surrogate policy loss and clipped value loss of the current `logp` and `values`, token-averaged over
+    the valid tokens of `old`.
 
     Returns (policy_loss, value_loss, stats); stats are detached scalars: clipfrac (share of tokens where the
     clipped branch is active), approxkl = 0.5·mean(logratio²), vf_clipfrac.
     """
-    logratio = logp - old_logp
+    mask, advantages, returns = old.mask, old.advantages, old.returns
+    logratio = logp - old.logp
     ratio = torch.exp(logratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     policy_loss = masked_mean(torch.maximum(pg1, pg2), mask)
 
-    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    v_clipped = old.values + torch.clamp(values - old.values, -cliprange_value, cliprange_value)
     vf1, vf2 = (values - returns) ** 2, (v_clipped - returns) ** 2
     value_loss = 0.5 * masked_mean(torch.maximum(vf1, vf2), mask)
 

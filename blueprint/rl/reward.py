@@ -25,10 +25,10 @@ from peft import PeftModel
 
 from blueprint import distributed
 from blueprint.config import Settings, setting
-from blueprint.rl.copying import copy_rate
 from blueprint.errors import UserError
 from blueprint.models.lora import use_adapter
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets
+from blueprint.rl.copying import copy_rate
 
 
 class RewardError(UserError, RuntimeError):
@@ -90,7 +90,7 @@ def checked_samples(codes: Sequence[str], summaries: Sequence[str]) -> tuple[lis
     if len(codes) != len(summaries) or not codes:
         raise ValueError(f"need equally many codes and summaries, at least one (got {len(codes)} and "
                          f"{len(summaries)})")
-    for i, (c, s) in enumerate(zip(codes, summaries)):
+    for i, (c, s) in enumerate(zip(codes, summaries, strict=True)):
         if not isinstance(c, str) or not c.strip():
             raise ValueError(f"sample {i}: code must be a non-empty string, got {c!r:.60}")
         if not isinstance(s, str):
@@ -168,7 +168,7 @@ class RewardModel:
         # Summaries: cut to max_summary_tokens (the coder sees the cut text); length counts what was written.
         summary_ids = tok(summaries, add_special_tokens=False)["input_ids"]
         shown = [s if len(ids) <= cfg.max_summary_tokens else tok.decode(ids[:cfg.max_summary_tokens])
-                 for s, ids in zip(summaries, summary_ids)]
+                 for s, ids in zip(summaries, summary_ids, strict=True)]
         prompts = encode_prompts(tok, [code_prompt(s, self.prompts) for s in shown] + [code_prompt("", self.prompts)])
         empty_prompt = prompts.pop()
 
@@ -183,7 +183,7 @@ class RewardModel:
                 seqs.append((prompt, j))
             return seq_index[key]
 
-        sample_seq = [add(p, slot[c]) for p, c in zip(prompts, codes)]
+        sample_seq = [add(p, slot[c]) for p, c in zip(prompts, codes, strict=True)]
         empty_seq = [add(empty_prompt, j) for j in range(len(unique))]
         ce_seq = self._score(seqs, code_ids)
 
@@ -200,7 +200,7 @@ class RewardModel:
         n_code = torch.tensor([max(len(raw_code[j]), 1) for j in j_of.tolist()], dtype=torch.float32)
         length = torch.tensor([len(ids) for ids in summary_ids], dtype=torch.float32) / n_code
         copy = torch.tensor([copy_rate(s, raw_code[slot[c]], cfg.copy_ngram) if cfg.copy_coef else 0.0
-                             for s, c in zip(summary_ids, codes)], dtype=torch.float32)
+                             for s, c in zip(summary_ids, codes, strict=True)], dtype=torch.float32)
         gain = ce_empty - ce
         length_term, copy_term = cfg.length_coef * length, cfg.copy_coef * copy
         reward = (gain if cfg.use_gain else -ce) - length_term - copy_term
@@ -264,3 +264,19 @@ class RewardModel:
                                               reduction="none") for i in range(0, len(targets), step)])
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         return F.cross_entropy(logits[rows, cols].float(), targets, reduction="none")
+
+
+class SummaryScorer:
+    """score_fn for PPO: decode the summaries, score them with the coder, keep them for back-translation."""
+
+    def __init__(self, reward, tokenizer, use_gain: bool):
+        self.reward, self.tokenizer, self.use_gain = reward, tokenizer, use_gain
+        self.codes: list[str] = []
+        self.written: list[tuple[str, str]] = []  # (generated summary, code)
+
+    def __call__(self, query_ids, response_ids):
+        summaries = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        out = self.reward(self.codes, summaries)
+        self.written.extend(zip(summaries, self.codes, strict=True))
+        score = out.reward if self.use_gain else -out.ce - (out.length_term)
+        return score, {"ce": out.ce, "gain": out.gain, "length_term": out.length_term}

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blueprint.rl.ppo_math import Targets
+
 
 @dataclass
 class Rollout:
@@ -33,6 +35,11 @@ class Rollout:
     @property
     def finite(self) -> bool:
         return bool(torch.isfinite(self.raw_scores).all())
+
+    def targets(self, advantages: torch.Tensor, returns: torch.Tensor) -> Targets:
+        """What the update's losses are measured against: this rollout's log-probs and values, with `advantages`
+        and `returns` computed from them."""
+        return Targets(self.logp, self.values, advantages, returns, self.mask)
 
 
 def rows_within(budget: int | None, tokens_per_row: int, default: int) -> int:

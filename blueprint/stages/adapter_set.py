@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from blueprint.errors import InputError
-from blueprint.store import artifacts
 from blueprint.stages.common import base_identity, is_artifact, open_base, split_base
+from blueprint.store import artifacts
 
 ADAPTERS_DIR = "adapters"
 BASE_FILE = "base.json"
@@ -144,7 +144,7 @@ def fetch_adapter_set(uri: str, bases: Bases, local_dir: Path) -> tuple[Path, di
         raise artifacts.ArtifactError(f"adapters {uri} is a {manifest.get('stage')!r} output, not an adapter set "
                                       "(a warmup or ppo-round output)")
     meta = json.loads((local / BASE_FILE).read_text())
-    for role, recorded, base in zip(("summarizer", CODER), trained_on(meta), (bases.summarizer, bases.coder)):
+    for role, recorded, base in zip(("summarizer", CODER), trained_on(meta), (bases.summarizer, bases.coder), strict=True):
         if recorded != base_identity(base):
             trained = meta["base"] if role == "summarizer" else meta.get("coder_base", meta["base"])
             setting = "base" if role == "summarizer" else "coder_base"

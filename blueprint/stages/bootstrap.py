@@ -15,14 +15,14 @@ from typing import Any
 
 from pydantic import model_validator
 
-from blueprint.store import artifacts
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError, check_finite_loss
-from blueprint.progress import note
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, summary_prompt
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
+from blueprint.progress import note
 from blueprint.stages.common import quiet_libraries
+from blueprint.store import artifacts
 
 PRESETS = ("micro", "tiny")  # sizes in blueprint.models.tiny.PRESETS
 
@@ -111,7 +111,6 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: 
     import torch
 
     from blueprint import distributed
-
     from blueprint.progress import Progress
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -153,11 +152,10 @@ def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = T
     import torch
     from transformers import LlamaForCausalLM
 
+    from blueprint import distributed
     from blueprint.data.readers import read_pairs
     from blueprint.models import runtime
     from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
-
-    from blueprint import distributed
 
     start = time.time()
     cfg = cfg.totals(distributed.world_size())  # the step's blocks, in total

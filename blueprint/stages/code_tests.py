@@ -78,4 +78,4 @@ def tested_figures(roles: RoleModels, pairs: list[dict], summaries: list[str], r
     if (message := execution.reference_note(values, rows)) is not None:
         note(f"evaluate-{cfg.epoch}", message, True)
     report_phase(4, phase="code run against the tests")
-    return values, {i: {"execution": {**row, "roundtrip_code": code}} for i, row, code in zip(tested, rows, roundtrip)}
+    return values, {i: {"execution": {**row, "roundtrip_code": code}} for i, row, code in zip(tested, rows, roundtrip, strict=True)}

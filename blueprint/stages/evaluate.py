@@ -32,21 +32,22 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import field_validator
 
-from blueprint.store import artifacts
-from blueprint.eval import execution, metrics as text_metrics, report
-from blueprint.eval.greedy import generate_texts
-from blueprint.eval.sandbox import SandboxSettings
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
 from blueprint.engines.settings import EngineSettings
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
-from blueprint.progress import Progress
+from blueprint.eval import metrics as text_metrics
+from blueprint.eval import report
+from blueprint.eval.greedy import generate_texts
+from blueprint.eval.sandbox import SandboxSettings
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import clip_tokens
-from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
+from blueprint.progress import Progress
 from blueprint.stages import code_tests
+from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
 from blueprint.stages.common import is_artifact
+from blueprint.store import artifacts
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +129,7 @@ def reward_stats(out, tag: str) -> dict[str, float]:
     return stats
 
 
-def scored_pairwise(reward, scored: list[dict], own_ce_first: "torch.Tensor", other: list[int]) -> float | None:
+def scored_pairwise(reward, scored: list[dict], own_ce_first: torch.Tensor, other: list[int]) -> float | None:
     """Pairwise accuracy: each scored code with its own docstring against another function's (the derangement
     `other`). The first len(own_ce_first) own-docstring CEs are already computed; only the rest are scored."""
     import torch
@@ -157,7 +158,7 @@ def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list
         "summary_nonempty_rate": text_metrics.mean([bool(s) for s in stripped]),
         "summary_true_tokens_mean": text_metrics.mean(truth_tokens),
         "code_tokens_mean": text_metrics.mean(code_tokens),
-        "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens)]),
+        "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens, strict=True)]),
     }
 
 
@@ -211,45 +212,48 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     tested, executed = code_tests.tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, functools.partial(
         greedy_codes, roles, prompts, cfg), lambda _, **figures: report_phase(3, **figures))
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
-    copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids)]
+    copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids, strict=True)]
     parsed = [text_metrics.parses(c) for c in rebuilt]
     values: dict[str, Any] = {
         "epoch": cfg.epoch, "examples": len(pairs),
         **reward_stats(gen_out, "gen"), **reward_stats(true_out, "true"),
         "pairwise_accuracy": pairwise, "pairwise_examples": len(scored),
         **text_figures(tokenizer, codes, truths, summaries, summary_ids, rebuilt, coder_codes),
-        "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended)]),
+        "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended, strict=True)]),
         "copy_rate": text_metrics.mean(copies), "code_parse_rate": text_metrics.mean(parsed),
         "eos_rate": text_metrics.mean(ended), "code_truncated": int(gen_out.code_truncated.sum()),
         "summary_true_truncated": int(true_out.summary_truncated.sum()), **tested,
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
     report_phase(4 if executed else 3, phase="figures computed")
-    samples = sample_rows(pairs, scored, other, SampleTexts(shown_codes, truths, summaries, rebuilt), gen_out,
-                          true_out, ended, copies, parsed, executed)
+    rows = SampleColumns(shown_codes, truths, summaries, rebuilt, ended, copies, parsed)
+    samples = sample_rows(pairs, scored, other, rows, gen_out, true_out, executed)
     return values, samples
 
 
 @dataclasses.dataclass
-class SampleTexts:
-    """The texts of the generated pairs, by row: the code shown, its docstring, the summary, the rebuilt code."""
+class SampleColumns:
+    """What was generated and measured per pair, by row: the code shown, its docstring, the summary, the rebuilt
+    code, whether the summary ended, its copy rate, whether the rebuilt code parses."""
 
     codes: list[str]
     truths: list[str]
     summaries: list[str]
     rebuilt: list[str]
+    ended: list[bool]
+    copies: list[float]
+    parsed: list[bool]
 
 
-def sample_rows(pairs: list[dict], scored: list[dict], other: list[int], texts: SampleTexts, gen_out, true_out,
-                ended: list[bool], copies: list[float], parsed: list[bool],
+def sample_rows(pairs: list[dict], scored: list[dict], other: list[int], rows: SampleColumns, gen_out, true_out,
                 executed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """One samples.jsonl row per generated pair: its texts, rewards, flags and (with tests) execution results."""
     return [{
-        "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": texts.codes[i],
-        "summary": texts.truths[i], "generated_summary": texts.summaries[i], "rebuilt_code": texts.rebuilt[i],
+        "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": rows.codes[i],
+        "summary": rows.truths[i], "generated_summary": rows.summaries[i], "rebuilt_code": rows.rebuilt[i],
         "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
-        "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": ended[i],
-        "copy_rate": copies[i], "rebuilt_parses": parsed[i], "pair_with": scored[other[i]].get("id"),
+        "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": rows.ended[i],
+        "copy_rate": rows.copies[i], "rebuilt_parses": rows.parsed[i], "pair_with": scored[other[i]].get("id"),
         **executed.get(i, {}),
     } for i, p in enumerate(pairs)]
 
@@ -270,7 +274,7 @@ def evaluation_engine(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: l
 def headline(values: dict[str, Any]) -> dict[str, Any]:
     """The numbers that go into the manifest (and so into KFP metrics, `blueprint ls` and `compare`)."""
     return {k: values[k] for k in report.DESCRIPTIONS if k in values} | {
-        k: values[k] for k in sorted(values) if execution.SAMPLED.match(k)}
+        k: values[k] for k in sorted(values) if report.SAMPLED.match(k)}
 
 
 def previous_history(previous: str | None) -> list[dict[str, Any]]:
@@ -288,8 +292,8 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
           progress: bool = True) -> dict[str, Any]:
     import torch
 
-    from blueprint.models import lora
     from blueprint.data.readers import read_pairs
+    from blueprint.models import lora
 
     start = time.time()
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -352,7 +356,8 @@ def _named(base: str) -> str:
     return artifacts.reference(base) if is_artifact(base) else base
 
 
-def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previous: str | None = None,
+def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
+        config: EvaluateConfig, *, shards: str, base: str, adapters: str, previous: str | None = None,
         coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed evaluation of the adapter set `adapters` on the eval split of `shards`.
@@ -382,5 +387,5 @@ def compare(uris: list[str]) -> str:
         metrics = manifest.get("metrics", {})
         label = f"epoch {metrics.get('epoch', '?')} ({manifest.get('key') or uri.rstrip('/').rsplit('/', 1)[-1]})"
         runs.append((label, metrics))
-    legend = "\n".join(f"- {label}: `{uri}`" for (label, _), uri in zip(runs, uris))
+    legend = "\n".join(f"- {label}: `{uri}`" for (label, _), uri in zip(runs, uris, strict=True))
     return report.comparison_table(runs) + "\n\n" + legend + "\n"

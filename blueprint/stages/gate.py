@@ -3,8 +3,8 @@
 The comparison means something only on the same eval split with the same evaluation settings, so when the data or
 the settings changed since the champion was evaluated, the champion's adapters are evaluated again here, on this
 run's split with this run's evaluation settings (an ordinary, cached evaluate output). The decision is a pure
-function of the two sets of metrics (`blueprint.eval.promotion_rule`); the output records both sides, and the promote stage (behind a
-`dsl.If` on the decision) writes the pointer.
+function of the two sets of metrics (`blueprint.eval.promotion_rule`); the output records both sides, and the
+promote stage (behind a `dsl.If` on the decision) writes the pointer.
 """
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def gate_report(record: dict[str, Any]) -> str:
             + comparison_table(runs) + "\n")
 
 
-def run(config: GateConfig, *, shards: str, base: str, adapters: str, evaluation: str, models: str,
+def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
+        config: GateConfig, *, shards: str, base: str, adapters: str, evaluation: str, models: str,
         coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """The committed decision on the challenger (`models`, evaluated by `evaluation`) against the promoted model

@@ -23,8 +23,8 @@ from blueprint import distributed
 from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, UserError
 from blueprint.stages import registry, stopping
-from blueprint.store import artifacts, hits_only
 from blueprint.stages.common import release_memory
+from blueprint.store import artifacts, hits_only
 
 WORKER_MODULE = "blueprint.stages.launch"
 
@@ -127,7 +127,7 @@ def run_stage(stage: str, cfg: Any, inputs: dict[str, str], *, artifact_root: st
                               progress=progress)
         finally:
             release_memory()  # stages of `blueprint run` share this process: free this one's model first
-    started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    started = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     launch(stage, cfg, request(stage, cfg.model_dump(), inputs, artifact_root, force, out_uri, progress))
     with artifacts.committed_only():  # what the ranks committed, never a computation in this process
         out = module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, progress=progress)

@@ -24,15 +24,15 @@ from typing import Any
 
 from pydantic import model_validator
 
-from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, setting
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError, UserError
-from blueprint.progress import Progress
-from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.eval.report import DESCRIPTIONS, table
+from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
+from blueprint.progress import Progress
 from blueprint.stages.adapter_set import BASE_FILE, Bases, fetch_adapter_set, key_settings
 from blueprint.stages.common import is_artifact, open_base
+from blueprint.store import artifacts, storage
 
 STAGE = "merge"
 MEMORY_BUDGETS = ("check_batch",)  # the settings an out-of-memory error names
@@ -320,7 +320,8 @@ def compute(cfg: MergeConfig, bases: Bases, adapters: str, evaluation: str | Non
     return metrics
 
 
-def run(config: MergeConfig, *, base: str, adapters: str, evaluation: str | None = None,
+def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
+        config: MergeConfig, *, base: str, adapters: str, evaluation: str | None = None,
         coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed `summarizer/` (on `base`) and `coder/` (on `coder_base`, empty: `base`) standalone model folders,

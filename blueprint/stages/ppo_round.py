@@ -7,27 +7,38 @@ does not drift. A killed round resumes from its last checkpoint (every `checkpoi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from blueprint import distributed, tracking
-from blueprint.rl import data_parallel, round_stats
-from blueprint.rl.probe import probe_metrics, probe_reward
-from blueprint.store import artifacts, storage
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
 from blueprint.engines.settings import EngineSettings
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
-from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
-from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, step_logger, train_adapter
-from blueprint.stages.adapter_set import (Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles,
-                                          save_adapter_set)
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
+from blueprint.models.sft import SFTRun, clip_tokens, sft_datasets, sft_length, step_logger, train_adapter
+from blueprint.rl import data_parallel, round_stats
+from blueprint.rl.ppo_config import PPOConfig
+from blueprint.rl.probe import probe_metrics, probe_reward
+from blueprint.stages.adapter_set import (
+    Bases,
+    RoleModels,
+    fetch_adapter_set,
+    key_settings,
+    load_roles,
+    open_roles,
+    save_adapter_set,
+)
+from blueprint.store import artifacts, storage
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
+
+if TYPE_CHECKING:  # torch
+    from blueprint.rl.reward import SummaryScorer
 
 STAGE = "ppo-round"
 # the settings an out-of-memory error names
@@ -143,22 +154,6 @@ def round_batch(shards: str, cfg: PPORoundConfig) -> list[dict]:
     return sample_pairs(shards, "train", draw)
 
 
-class RoundScorer:
-    """score_fn for PPO: decode the summaries, score them with the coder, keep them for back-translation."""
-
-    def __init__(self, reward, tokenizer, use_gain: bool):
-        self.reward, self.tokenizer, self.use_gain = reward, tokenizer, use_gain
-        self.codes: list[str] = []
-        self.written: list[tuple[str, str]] = []  # (generated summary, code)
-
-    def __call__(self, query_ids, response_ids):
-        summaries = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        out = self.reward(self.codes, summaries)
-        self.written.extend(zip(summaries, self.codes))
-        score = out.reward if self.use_gain else -out.ce - (out.length_term)
-        return score, {"ce": out.ce, "gain": out.gain, "length_term": out.length_term}
-
-
 def task_name(cfg: PPORoundConfig) -> str:
     """The round's name in progress lines, as in the pipeline's task display names."""
     return f"{STAGE}-{cfg.round_index}"
@@ -231,15 +226,29 @@ def round_engine(cfg: PPORoundConfig, trainer, tokenizer, codes: list[str], base
     return {"engine": "vllm", "engine_startup_s": round(engine.startup_s, 1)}
 
 
-def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: list[str], bases: Bases,
-               ckpt_uri: str, done: int, stats_rows: list[dict], before: dict, progress: bool,
-               tracker: tracking.Tracker) -> str | None:
-    """Run the PPO steps from `done` on (appending to `stats_rows`, checkpointing as configured); why it stopped
-    early, or None."""
-    from blueprint.rl.ppo import KLExplodedError
-    from blueprint.progress import Progress
+@dataclasses.dataclass
+class Round:
+    """A round's live state, as its PPO steps and checkpoints share it."""
 
-    prompts, tokenizer = PromptConfig(style=cfg.prompt_style), roles.summarizer_tokenizer
+    cfg: PPORoundConfig
+    bases: Bases
+    roles: RoleModels
+    trainer: Any
+    scorer: SummaryScorer
+    ckpt_uri: str
+    tracker: tracking.Tracker
+    stats_rows: list[dict]  # one per step done, resumed ones included
+    before: dict[str, Any]  # the probe's figures before the round, carried by each checkpoint
+
+
+def _ppo_steps(rnd: Round, codes: list[str], done: int, progress: bool) -> str | None:
+    """Run the PPO steps from `done` on (appending to `rnd.stats_rows`, checkpointing as configured); why it stopped
+    early, or None."""
+    from blueprint.progress import Progress
+    from blueprint.rl.ppo import KLExplodedError
+
+    cfg, trainer, scorer, stats_rows = rnd.cfg, rnd.trainer, rnd.scorer, rnd.stats_rows
+    prompts, tokenizer = PromptConfig(style=cfg.prompt_style), rnd.roles.summarizer_tokenizer
     bar = Progress(task_name(cfg), cfg.ppo_steps, progress, start=done)
     q = queries_per_step(cfg)
     share = distributed.my_share(q)  # this rank's queries of each step (all of them in one process)
@@ -256,15 +265,15 @@ def _ppo_steps(cfg: PPORoundConfig, roles: RoleModels, trainer, scorer, codes: l
             except KLExplodedError as exc:
                 return f"kl_exploded at step {step}: {exc}"
             stats_rows.append({"step": step, **stats})
-            tracker.log("summarizer", round_stats.global_step(cfg.round_index, step + 1, cfg.ppo_steps),
-                        round_stats.step_figures(stats, cfg.batch_size))
+            rnd.tracker.log("summarizer", round_stats.global_step(cfg.round_index, step + 1, cfg.ppo_steps),
+                            round_stats.step_figures(stats, cfg.batch_size))
             bar.update(step + 1, reward=stats.get("score/mean", float("nan")), kl=stats.get("kl", 0.0))
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
                 with tempfile.TemporaryDirectory() as ck:
-                    _save(roles, trainer, Path(ck), bases, {
-                        "ppo_steps_done": step + 1, "stats": stats_rows, **written_state(scorer.written), **before})
+                    _save(rnd.roles, trainer, Path(ck), rnd.bases, {
+                        "ppo_steps_done": step + 1, "stats": stats_rows, **written_state(scorer.written), **rnd.before})
                     if distributed.is_main():  # every rank saved (collectives); one commits
-                        artifacts.commit(Path(ck), ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
+                        artifacts.commit(Path(ck), rnd.ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
                                          metrics={"ppo_steps_done": step + 1})
     finally:
         bar.close()
@@ -298,7 +307,7 @@ def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_
              progress: bool, tracker: tracking.Tracker) -> dict[str, Any]:
     import torch
 
-    from blueprint.rl.reward import RewardConfig, RewardModel
+    from blueprint.rl.reward import RewardConfig, RewardModel, SummaryScorer
 
     start = time.time()
     cfg = cfg.totals(distributed.world_size())  # the trainer and the draw count the step's totals
@@ -319,11 +328,11 @@ def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_
     before = {k: v for k, v in meta.items() if k.startswith("probe_")} if resumed else \
         probe_metrics(model, tokenizer, reward, probe, cfg, "before")
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **metrics_engine, **before}
-    scorer = RoundScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
+    scorer = SummaryScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = resumed_written(meta, ckpt_uri)
     try:
-        stopped = _ppo_steps(cfg, roles, trainer, scorer, codes, bases, ckpt_uri, done, stats_rows, before, progress,
-                             tracker)
+        rnd = Round(cfg, bases, roles, trainer, scorer, ckpt_uri, tracker, stats_rows, before)
+        stopped = _ppo_steps(rnd, codes, done, progress)
     finally:  # the engine's memory back before the coder's update
         if trainer.engine is not None:
             trainer.engine.engine.close()
@@ -359,18 +368,18 @@ def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, s
     held_out = generated[-16:] or batch[:16]
     limits = (cfg.prompt_style, cfg.max_code_tokens, cfg.max_summary_tokens)
     train, evals = sft_datasets(pairs, tokenizer, *limits)["coder"], sft_datasets(held_out, tokenizer, *limits)["coder"]
-    out = train_adapter(model, tokenizer, "coder", train, evals, cfg.supervised_steps, batch_size=cfg.coder_batch_size,
-                        lr=cfg.coder_lr, seed=cfg.seed, max_length=sft_length(cfg.max_code_tokens,
-                                                                              cfg.max_summary_tokens),
-                        progress=progress, task=task_name(cfg), lr_setting="coder_lr",
-                        gradient_checkpointing=cfg.gradient_checkpointing,
+    run = SFTRun(steps=cfg.supervised_steps, batch_size=cfg.coder_batch_size, lr=cfg.coder_lr, seed=cfg.seed,
+                 max_length=sft_length(cfg.max_code_tokens, cfg.max_summary_tokens), task=task_name(cfg),
+                 lr_setting="coder_lr", progress=progress, gradient_checkpointing=cfg.gradient_checkpointing)
+    out = train_adapter(model, tokenizer, "coder", train, evals, run,
                         track=tracker and step_logger(lambda step, row: tracker.log("coder", step, row),
                                                       round_stats.global_step(cfg.round_index, 0, cfg.supervised_steps)))
     roles.summarizer.set_adapter("summarizer")  # train_adapter made the coder active; the policy acts next
     return out
 
 
-def run(config: PPORoundConfig, *, shards: str, base: str, adapters: str, coder_base: str | None = None,
+def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
+        config: PPORoundConfig, *, shards: str, base: str, adapters: str, coder_base: str | None = None,
         artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
         progress: bool = True) -> artifacts.StageOutput:
     """Committed adapter set after one round (summarizer, coder, reference, value head, optimizer state)."""

@@ -9,10 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any
-
-from collections.abc import Callable, Iterable, Mapping
 
 from blueprint.config import ConfigError, did_you_mean, parse
 

@@ -25,15 +25,15 @@ from typing import Any
 
 from pydantic import field_validator, model_validator
 
-from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, Settings, setting
 from blueprint.data import incremental
 from blueprint.data.extract import Limits, Result, process_many
 from blueprint.data.incremental import IndexWriter
-from blueprint.progress import Progress
-from blueprint.data.sources import Source, SourceError, parse_source
 from blueprint.data.shard_writer import SPLITS, ShardWriter
+from blueprint.data.sources import Source, SourceError, parse_source
 from blueprint.data.workers import WorkerPool
+from blueprint.progress import Progress
+from blueprint.store import artifacts, storage
 
 STAGE = "shard"
 LANGUAGE = "python"

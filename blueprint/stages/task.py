@@ -11,10 +11,10 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from blueprint.store import artifacts, storage
 from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, USER_ERRORS
 from blueprint.stages import launch, registry
+from blueprint.store import artifacts, storage
 
 
 @contextlib.contextmanager

@@ -102,7 +102,8 @@ class JobPlan:
 
     def sdk_arguments(self) -> tuple[Any, list]:
         """(trainer, options) for `TrainerClient.train`."""
-        from kubeflow.trainer import CustomTrainerContainer, options as o
+        from kubeflow.trainer import CustomTrainerContainer
+        from kubeflow.trainer import options as o
 
         trainer = CustomTrainerContainer(image=self.image, num_nodes=self.nodes,
                                          resources_per_node=dict(self.node.resources) or None,
@@ -169,8 +170,8 @@ class _Owned:
 def trainjob_spec(plan: JobPlan) -> dict[str, Any]:
     """The TrainJob object `run_trainjob` creates for `plan`, built by the SDK's own `KubernetesBackend.train` (with
     a locally described ClusterTrainingRuntime), so a golden file pins what the cluster receives."""
-    from kubeflow.trainer.types import types
     from kubeflow.trainer.backends.kubernetes.backend import KubernetesBackend
+    from kubeflow.trainer.types import types
 
     backend = object.__new__(KubernetesBackend)  # no kubeconfig and no cluster: nothing is sent
     capture = _Capture()
@@ -242,7 +243,7 @@ def run_trainjob(stage: str, request: dict[str, Any], *, nodes: int, nproc_per_n
         client.backend.custom_api = _Owned(client.backend.custom_api, plan)
         trainer, options = plan.sdk_arguments()
         client.train(runtime=RUNTIME, trainer=trainer, options=options)
-    except Exception as exc:  # noqa: BLE001 - the SDK wraps every API error in RuntimeError/ValueError
+    except Exception as exc:  # the SDK wraps every API error in RuntimeError/ValueError
         raise _api_error(exc, plan, "create") from exc
     log(f"{stage}: TrainJob {plan.namespace}/{plan.name}: {nodes} node(s) x {nproc_per_node} process(es)")
     with stopping.passing_on(stopping.raise_stopped):  # a terminated KFP run: the job goes now, not at its deadline
@@ -271,7 +272,7 @@ def _wait(client: Any, plan: JobPlan, log: Callable[[str], Any], poll_s: float) 
             raise _api_error(exc, plan, "get") from exc
         _delete(client, plan.name, log)
         raise TrainJobError(_failure(plan, f"did not finish within {timeout:g}s (deleted)", tail)) from None
-    except Exception as exc:  # noqa: BLE001 - RuntimeError from the SDK, whatever the API said
+    except Exception as exc:  # RuntimeError from the SDK, whatever the API said
         done.set()
         _delete(client, plan.name, log)  # the task gives up on it: its nodes must not stay held for a day
         raise _api_error(exc, plan, "get") from exc

@@ -27,9 +27,10 @@ def promoted_adapters(artifact_root: str, name: str, base: str, coder_base: str 
     return pointer["adapters"] if recorded == (base_identity(bases.summarizer), base_identity(bases.coder)) else None
 
 
-def warmup_task(settings: dict[str, Any], shards: str, base: str, artifact_root: str, force: bool,
-                warm_start: bool, metrics: Any = None, report_path: str | None = None,
-                coder_base: str = "", promotion_name: str = "blueprint") -> tuple[str, str]:
+def warmup_task(  # noqa: PLR0913 - the warmup component's parameters, passed on
+        settings: dict[str, Any], shards: str, base: str, artifact_root: str, force: bool,
+        warm_start: bool, metrics: Any = None, report_path: str | None = None,
+        coder_base: str = "", promotion_name: str = "blueprint") -> tuple[str, str]:
     """The warmup component's body: on `warm_start`, hand on the promoted model's adapters.
 
     Otherwise (or when nothing compatible is promoted) the warmup stage runs as always. Returns (uri, key) like

@@ -6,19 +6,20 @@ bit-identical. Afterwards PPO has a policy that already writes summaries and a r
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 from blueprint import tracking
-from blueprint.store import artifacts
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
-from blueprint.models.sft import sft_datasets, sft_length, step_logger, train_adapter
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
+from blueprint.models.sft import SFTRun, sft_datasets, sft_length, step_logger, train_adapter
 from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_adapter_set
+from blueprint.store import artifacts
 
 STAGE = "warmup"
 MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
@@ -68,10 +69,9 @@ def _compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progre
              tracker: tracking.Tracker) -> dict[str, Any]:
     import torch
 
-    from blueprint.models import lora
-    from blueprint.data.readers import read_pairs
-
     from blueprint import distributed
+    from blueprint.data.readers import read_pairs
+    from blueprint.models import lora
 
     start = time.time()
     cfg = cfg.totals(distributed.world_size())  # train_adapter splits the step's total over the ranks
@@ -85,14 +85,14 @@ def _compute(cfg: WarmupConfig, shards: str, bases: Bases, out_dir: Path, progre
     roles = roles.wrapped(lambda model, names: lora.attach_adapters(model, names, cfg.lora()), lora.ROLES)
     metrics: dict[str, Any] = {"train_pairs": len(pairs), "eval_pairs": len(held_out)}
     steps = {"summarizer": cfg.steps, "coder": cfg.steps if cfg.coder_steps is None else cfg.coder_steps}
+    run = SFTRun(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, task=STAGE, lr_setting="lr",
+                 max_length=sft_length(cfg.max_code_tokens, cfg.max_summary_tokens), progress=progress,
+                 gradient_checkpointing=cfg.gradient_checkpointing)
     for role in lora.ROLES:
         tokenizer = roles.tokenizer(role)  # each role's texts are clipped by its own base's tokenizer
         train, evals = sft_datasets(pairs, tokenizer, *limits)[role], sft_datasets(held_out, tokenizer, *limits)[role]
-        metrics.update(train_adapter(roles.model(role), tokenizer, role, train, evals, steps[role],
-                                     batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                                     max_length=sft_length(cfg.max_code_tokens, cfg.max_summary_tokens),
-                                     progress=progress, task=STAGE, lr_setting="lr",
-                                     gradient_checkpointing=cfg.gradient_checkpointing,
+        metrics.update(train_adapter(roles.model(role), tokenizer, role, train, evals,
+                                     dataclasses.replace(run, steps=steps[role]),
                                      track=step_logger(lambda step, row, r=role: tracker.log(r, step, row))))
     save_adapter_set(roles, out_dir, bases, list(lora.ROLES), {"round": 0})
     metrics["seconds"] = round(time.time() - start, 1)

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from blueprint import __version__, distributed
-from blueprint.store import hits_only, storage
 from blueprint.errors import UserError
+from blueprint.store import hits_only, storage
 
 MANIFEST_NAME = "_MANIFEST.json"
 WRITING_NAME = "_WRITING.json"  # present while a stage writes an explicit output location (not listed in manifests)
@@ -214,7 +214,10 @@ def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, A
     files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
     if MANIFEST_NAME in files:
         raise ArtifactError(f"stage {stage} wrote its own {MANIFEST_NAME}; only commit() may")
-    committed = lambda: storage.exists(manifest_uri(out_uri))  # noqa: E731
+
+    def committed() -> bool:
+        return storage.exists(manifest_uri(out_uri))
+
     with commit_lock.held(out_uri, done=lambda: not replace and committed()) as refresh:
         if refresh is None or (not replace and committed()):
             theirs = read_manifest(out_uri, verify="sizes")
@@ -248,7 +251,7 @@ def _manifest(files: dict[str, Path], *, stage: str, config: Mapping[str, Any], 
         "format": MANIFEST_FORMAT,
         "stage": stage,
         "key": key,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "producer": {"host": socket.gethostname(), "versions": versions()},
         "config": dict(config),
         "inputs": dict(inputs),
@@ -296,7 +299,7 @@ def mark_used(uri: str) -> None:
     running pipeline took as a cache hit or an input is not deleted under it. Best effort: an input in a root this
     run may only read is not ours to collect anyway."""
     with contextlib.suppress(storage.StorageError):
-        storage.write_json(storage.join(uri, USED_NAME), {"used": dt.datetime.now(dt.timezone.utc).isoformat()})
+        storage.write_json(storage.join(uri, USED_NAME), {"used": dt.datetime.now(dt.UTC).isoformat()})
 
 
 def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Callable[[Path], Mapping[str, Any]], *,
@@ -314,7 +317,7 @@ def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Calla
         raise ValueError("give exactly one of artifact_root or out_uri")
     owned = out_uri is None if owned is None else owned
     cfg = config_dict(config)
-    for name, uri in inputs.items():
+    for uri in inputs.values():
         read_manifest(uri, verify="sizes")  # fail before any work when an input is incomplete
         if distributed.is_main():
             mark_used(uri)

@@ -167,7 +167,10 @@ def write_pointer(root: str, name: str, pointer: dict[str, Any], expected: str |
     uri = pointer_uri(root, name)
     root = storage.normalize(root)
     entries = _entries(uri, {**pointer, "history": pointer.get("history") or []})  # never write what reads refuse
-    rel = lambda field, value: relative(root, value)  # noqa: E731
+
+    def rel(field: str, value: str) -> str:
+        return relative(root, value)
+
     current, *replaced = [_entry(e, rel) for e in entries]
     stored = {"format": FORMAT, **current, "history": replaced}
     data = (json.dumps(stored, indent=2, sort_keys=True) + "\n").encode()

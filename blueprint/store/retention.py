@@ -82,13 +82,18 @@ def _stamp(value: Any) -> dt.datetime | None:
             stamp = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         except ValueError:
             return None
-    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.timezone.utc)
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
 
 
 def _age_seconds(now: dt.datetime, *times: Any) -> float:
     """Seconds since the newest of `times` (creation, last use); 0 when none is a time: unknown age is young."""
     stamps = [s for s in map(_stamp, times) if s is not None]
     return (now - max(stamps)).total_seconds() if stamps else 0.0
+
+
+def _ours(output: dict[str, Any]) -> bool:
+    """A stage's output (not a run record, not the promoted pointer)."""
+    return output["stage"] not in (runs.RUNS_DIR, promotion.POINTER_DIR)
 
 
 def _unlocked(uri: str) -> bool:
@@ -104,12 +109,11 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     if not records:
         raise InputError(f"{storage.join(root, runs.RUNS_DIR)} holds no run records: gc cannot tell what a run still "
                          "uses, so it deletes nothing (every pipeline run writes one at its gate)")
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     kept_records = records[-keep_runs:] if keep_runs > 0 else []
     roots = [u for r in kept_records for u in r["outputs"].values()] + promoted_roots(root)
     files = storage.list_file_times(root)
-    ours = lambda o: o["stage"] not in (runs.RUNS_DIR, promotion.POINTER_DIR)  # noqa: E731
-    outputs = {_key(o["uri"]): o for o in artifacts.cached_outputs(root, files) if ours(o)}
+    outputs = {_key(o["uri"]): o for o in artifacts.cached_outputs(root, files) if _ours(o)}
     keep = reachable(roots, outputs)
     # an output used inside the grace period belongs to a run that may still be going: it and all it reads stay
     recent = [o["uri"] for o in outputs.values() if _age_seconds(now, o["created"], o["used"]) <= grace_seconds]
@@ -118,7 +122,7 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     stale = [r["uri"] for r in records[:len(records) - len(kept_records)]
              if _age_seconds(now, r.get("created", "")) > grace_seconds]
     partial = [p for p in partial_outputs(root, files)
-               if ours(p) and _age_seconds(now, p["changed"]) > grace_seconds and _unlocked(p["uri"])]
+               if _ours(p) and _age_seconds(now, p["changed"]) > grace_seconds and _unlocked(p["uri"])]
     return Collection(doomed=sorted(doomed, key=lambda o: o["uri"]), records=stale, kept=len(keep),
                       young=len(live), partial=partial, since=now - dt.timedelta(seconds=grace_seconds))
 

@@ -24,7 +24,6 @@ import pyarrow.fs as pafs
 
 from blueprint.errors import UserError
 
-
 T = TypeVar("T")
 
 # Time limits on every S3 request. A frozen endpoint (TCP accepted, nothing answers) costs one request
@@ -154,8 +153,14 @@ _HEALTHY_BUCKETS: set[tuple[str, str | None]] = set()
 
 def _diagnose_bucket(bucket: str, endpoint: str | None) -> str | None:
     """Why `bucket` cannot be used, in one sentence, or None when it looks fine (only successes are remembered)."""
-    from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
-                                     NoCredentialsError, ReadTimeoutError)
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
     where = endpoint or "AWS S3"
     if (bucket, endpoint) in _HEALTHY_BUCKETS:

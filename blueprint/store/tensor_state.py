@@ -12,7 +12,6 @@ from typing import Any
 
 from blueprint.errors import UserError
 
-
 TENSOR = "__tensor__"
 ITEMS = "__items__"  # a dict whose keys are not all strings (optimizer state is keyed by parameter index)
 TUPLE = "__tuple__"

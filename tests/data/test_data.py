@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import operator
 import random
 import textwrap
 from pathlib import Path
@@ -10,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from blueprint.data import extract
-from blueprint.store import storage
 from blueprint.data.readers import read_pairs, sample_pairs
 from blueprint.data.sources import SourceError, parse_source
 from blueprint.stages import shard
+from blueprint.store import storage
 
 MODULE = textwrap.dedent('''
     import functools
@@ -77,7 +78,7 @@ def test_docstring_removed_code_parses_decorators_kept():
     pairs, result = _pairs(MODULE)
     assert set(pairs) == {"cached_square", "Outer.method", "Outer.Inner.fetch", "one_liner", "outer", "outer.inner"}
     assert result.dropped == {"no_docstring": 1, "stub": 1}
-    for _, name, code, summary, path, _, _ in pairs.values():
+    for _, _, code, summary, _, _, _ in pairs.values():
         ast.parse(code)  # still valid Python on its own
         assert summary not in code and summary.split()[0] not in ("", None)
         assert not code.startswith((" ", "\t")), "dedented"
@@ -217,7 +218,7 @@ def test_parquet_source_reshards_our_own_output(shards, tmp_path):
     out = shard.run(shard.ShardConfig(source=spec, num_shards=1, eval_fraction=0.0, workers=1),
                     out_uri=str(tmp_path / "again"), progress=False)
     assert len(files) == 3 and out.metrics["pairs"] == shards.metrics["rows"]["train"]
-    key = lambda r: r["id"]  # noqa: E731
+    key = operator.itemgetter("id")
     again = sorted(read_pairs(out.uri, "train"), key=key)
     before = sorted(read_pairs(shards.uri, "train"), key=key)
     assert [(r["id"], r["code"], r["summary"]) for r in again] == [(r["id"], r["code"], r["summary"]) for r in before]

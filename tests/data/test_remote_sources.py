@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 from blueprint.config import parse
 from blueprint.data import remote, sources
@@ -16,7 +17,6 @@ from blueprint.data.readers import read_pairs
 from blueprint.data.sources import Source, SourceError
 from blueprint.stages import shard
 from blueprint.store import storage
-from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 # The GitHub Code dataset's columns (codeparrot/github-code), in its order.
 GITHUB_CODE = pa.schema([("code", pa.string()), ("repo_name", pa.string()), ("path", pa.string()),

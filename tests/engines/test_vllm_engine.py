@@ -14,16 +14,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 pytest.importorskip("vllm")
 
-from blueprint.config import parse  # noqa: E402
-from blueprint.engines.gap import EngineGapError  # noqa: E402
-from blueprint.engines.policy import PolicySampler  # noqa: E402
-from blueprint.engines.vllm_engine import VLLMEngine  # noqa: E402
-from blueprint.models import lora  # noqa: E402
-from blueprint.models.tiny import tiny_llama_config  # noqa: E402
-from blueprint.rl.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from blueprint.stages import evaluate, ppo_round, registry  # noqa: E402
-from blueprint.store import storage  # noqa: E402
-from conftest import SMOKE_PPO, stdlib_texts  # noqa: E402
+from conftest import SMOKE_PPO, stdlib_texts
+
+from blueprint.config import parse
+from blueprint.engines.gap import EngineGapError
+from blueprint.engines.policy import PolicySampler
+from blueprint.engines.vllm_engine import Sampling, VLLMEngine
+from blueprint.models import lora
+from blueprint.models.tiny import tiny_llama_config
+from blueprint.rl.ppo import PPOConfig, PPOTrainer
+from blueprint.stages import evaluate, ppo_round, registry
+from blueprint.store import storage
 
 ENGINE_PRESET = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=2, max_position_embeddings=512)
@@ -65,7 +66,7 @@ def test_greedy_tokens_from_vllm_equal_hf_with_and_without_an_adapter(policy, en
     batch = prompts(micro_tokenizer)
     for adapter in ("summarizer", None):
         engine.load(policy, adapter)
-        got = [s.tokens for s in engine.generate(batch, max_new_tokens=16, eos_token_id=eos)]
+        got = [s.tokens for s in engine.generate(batch, Sampling(16, eos))]
         with torch.no_grad(), (lora.use_adapter(policy, adapter) if adapter else policy.disable_adapter()):
             want = [hf_greedy(policy, ids, eos, pad, 16) for ids in batch]
         assert got == want, adapter
@@ -105,8 +106,9 @@ ENGINE_CHAIN = {"bootstrap": {**registry.get("bootstrap").defaults("smoke"), "pr
 @pytest.fixture(scope="module")
 def engine_chain(tmp_path_factory):
     """The smoke chain on the `tiny` preset (head_dim 32, which vLLM's CPU attention serves)."""
-    from blueprint.stages import bootstrap, shard, warmup
     from conftest import SMOKE_BOOTSTRAP, SMOKE_SHARD, SMOKE_WARMUP
+
+    from blueprint.stages import bootstrap, shard, warmup
 
     root = f"file://{tmp_path_factory.mktemp('engine_chain')}"
     shards = shard.run(parse(shard.ShardConfig, SMOKE_SHARD), artifact_root=root, progress=False).uri

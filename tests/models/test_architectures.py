@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SMOKE_PPO, SMOKE_WARMUP
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from blueprint.config import parse
 from blueprint.models.targets import NoLoraTargets, discover_targets
 from blueprint.store import storage
-from conftest import SMOKE_PPO, SMOKE_WARMUP
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512)

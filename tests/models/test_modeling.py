@@ -9,8 +9,17 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from blueprint.models.loading import ModelLoadError, ensure_pad_token, load_base
-
-from blueprint.models.lora import REFERENCE, LoraSettings, adapter_parameters, add_reference_adapter, attach_adapters, load_adapters, save_adapters, trainable_only, use_adapter
+from blueprint.models.lora import (
+    REFERENCE,
+    LoraSettings,
+    adapter_parameters,
+    add_reference_adapter,
+    attach_adapters,
+    load_adapters,
+    save_adapters,
+    trainable_only,
+    use_adapter,
+)
 from blueprint.models.tiny import EOS_TOKEN
 
 LORA = LoraSettings(r=4, alpha=8.0, dropout=0.0)

@@ -7,12 +7,11 @@ float32 rounding (the all-reduce sums the two halves' gradients in another order
 from __future__ import annotations
 
 import pytest
+from conftest import SMOKE_WARMUP
 from safetensors.torch import load_file
 
 from blueprint.config import parse
 from blueprint.stages import launch, warmup
-
-from conftest import SMOKE_WARMUP
 
 LOSSES = [f"{role}_{split}_loss" for role in ("summarizer", "coder") for split in ("eval", "train")]
 

@@ -63,7 +63,7 @@ class FakeKFP(ThreadingHTTPServer):
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _matches(record: dict, filter_json: str | None) -> bool:

@@ -75,9 +75,9 @@ def test_run_with_the_docker_runner_and_no_engine_says_how_to_start_one_without_
 def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
     """One error model: only UserError (settings, inputs, storage) is one line and exit 2; a bug keeps its
     traceback (here a plain ValueError raised inside `blueprint ls`)."""
+    from blueprint.errors import UserError
     from blueprint.store import artifacts
     from pipelines.cli import main
-    from blueprint.errors import UserError
 
     def broken(root):
         raise ValueError("a bug, not the user's fault")

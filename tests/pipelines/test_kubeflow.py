@@ -12,11 +12,11 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from blueprint.store import artifacts
+from blueprint.config import ConfigError
 from blueprint.stages import profiles, warm_start
+from blueprint.store import artifacts
 from pipelines import cli, cluster
 from pipelines import cron as cron_module
-from blueprint.config import ConfigError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.pipelines import kfp_fake
 
@@ -371,7 +371,10 @@ def test_warm_start_continues_from_the_promoted_adapters_not_the_newest_round(tm
     base = _commit(root, "bootstrap", {"config.json": "{}"}, "2026-01-01T00:00:00+00:00")
     other = _commit(root, "bootstrap", {"config.json": '{"x": 1}'}, "2026-01-01T00:00:01+00:00")
     assert warm_start.promoted_adapters(root, "blueprint", base) is None  # nothing promoted yet
-    meta = lambda b: json.dumps({"base": b, "base_identity": base_identity(b)})  # noqa: E731
+
+    def meta(b: str) -> str:
+        return json.dumps({"base": b, "base_identity": base_identity(b)})
+
     promoted = _commit(root, "ppo-round", {"base.json": meta(base)}, "2026-02-01T00:00:00+00:00", {"base": base})
     _commit(root, "ppo-round", {"base.json": meta(base)}, "2026-03-01T00:00:00+00:00", {"base": base})  # lost its gate
     _promote(root, promoted, base)

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import micro_qwen2_base, stdlib_texts
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from blueprint.config import ConfigError
 from blueprint.eval.promotion_rule import missed_floors
 from blueprint.store import artifacts, storage
-from pipelines import local_run
-from blueprint.config import ConfigError
-from pipelines import golden
-from conftest import micro_qwen2_base, stdlib_texts
+from pipelines import golden, local_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,7 +108,10 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
     assert result["outputs"]["decision"] == "keep"
     assert missed_floors(metrics) and not storage.exists(storage.join(root, "promoted", "blueprint.json"))
     again = local_run.run(plan, local_root=tmp_path / "kfp2")
-    model_stages = lambda manifests: {k: v for k, v in manifests.items() if not k.startswith("gate/")}  # noqa: E731
+
+    def model_stages(manifests: dict) -> dict:
+        return {k: v for k, v in manifests.items() if not k.startswith("gate/")}
+
     assert model_stages(_manifests(root)) == model_stages(before), "a rerun with nothing changed recomputed a stage"
     assert again["outputs"] == result["outputs"]
     assert_answered_without_a_task_process(again["log"])
@@ -166,8 +168,10 @@ def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke
     assert not (Path(storage.local_path(victim_uri)) / artifacts.MANIFEST_NAME).exists()
     rerun = subprocess.run(blueprint + settings + ["--out", victim_uri], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    pick = lambda uri: {k: v["sha256"] for k, v in artifacts.read_manifest(uri)["files"].items()
-                        if k.endswith(".safetensors")}
+
+    def pick(uri: str) -> dict[str, str]:
+        return {k: v["sha256"] for k, v in artifacts.read_manifest(uri)["files"].items() if k.endswith(".safetensors")}
+
     assert pick(victim_uri) == pick(f"file://{tmp_path}/straight")
 
 

@@ -9,15 +9,27 @@ import math
 
 import pytest
 import torch
+from conftest import stdlib_texts
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from blueprint.rl.copying import copy_rate, copy_rates
-from blueprint.rl.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead, eos_cut
-from blueprint.rl.ppo_math import (AdaptiveKLController, FixedKLController, compute_gae, masked_mean, masked_var,
-                                group_baseline, masked_whiten, per_token_rewards, ppo_losses, whiten)
-from conftest import stdlib_texts
+from blueprint.rl.ppo import KLExplodedError, PPOConfig, PPOError, PPOTrainer, ValueHead
+from blueprint.rl.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    Targets,
+    compute_gae,
+    eos_cut,
+    group_baseline,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_token_rewards,
+    ppo_losses,
+    whiten,
+)
 
 ALL_LINEAR = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -29,8 +41,10 @@ def peft_roles(base: nn.Module, targets: list[str] = ("q_proj", "v_proj"), r: in
     `random_init` gives the LoRA B matrices random values, so the policy differs from the bare base and a
     bit-identical reference is a real test rather than two zero adapters.
     """
-    cfg = lambda: LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
-                             init_lora_weights=not random_init)
+    def cfg() -> LoraConfig:
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
+                          init_lora_weights=not random_init)
+
     model = get_peft_model(base, cfg(), adapter_name="summarizer")
     model.add_adapter("reference", cfg())
     model.add_adapter("coder", cfg())
@@ -84,6 +98,15 @@ def one_thread():
 
 def zero_score(q, r):
     return torch.zeros(len(r)), {}
+
+
+def random_score(q, r):
+    return torch.randn(len(r)), {}
+
+
+def length_score(q, r):
+    """Longer responses score higher."""
+    return torch.tensor([float(len(x)) for x in r]), {}
 
 
 # ---------------------------------------------------------------- maths by hand
@@ -150,20 +173,23 @@ def test_clipped_loss_engages_only_when_the_ratio_leaves_the_range():
     mask = torch.ones(2, 3)
     logp = torch.zeros(2, 3)
     zeros = torch.zeros(2, 3)
-    common = dict(values=zeros, old_values=zeros, returns=zeros, mask=mask, cliprange=0.2, cliprange_value=0.2)
+
+    def old(old_logp, advantages, returns=zeros):
+        return Targets(logp=old_logp, values=zeros, advantages=advantages, returns=returns, mask=mask)
+
     # ratio e^1 > 1.2 with positive advantages: the clipped branch is the pessimistic one on every token
-    pg, _, st = ppo_losses(logp, logp - 1.0, torch.ones(2, 3), **common)
+    pg, _, st = ppo_losses(logp, zeros, old(logp - 1.0, torch.ones(2, 3)), cliprange=0.2, cliprange_value=0.2)
     assert st["clipfrac"].item() == 1.0 and pg.item() == pytest.approx(-1.2)
     assert st["approxkl"].item() == pytest.approx(0.5)
     # same ratio, negative advantages: the unclipped term is already the pessimistic one, nothing is clipped
-    pg, _, st = ppo_losses(logp, logp - 1.0, -torch.ones(2, 3), **common)
+    pg, _, st = ppo_losses(logp, zeros, old(logp - 1.0, -torch.ones(2, 3)), cliprange=0.2, cliprange_value=0.2)
     assert st["clipfrac"].item() == 0.0 and pg.item() == pytest.approx(math.e)
     # inside the range: no clipping, policy loss = -mean(A * ratio)
-    pg, _, st = ppo_losses(logp, logp - 0.1, torch.ones(2, 3), **common)
+    pg, _, st = ppo_losses(logp, zeros, old(logp - 0.1, torch.ones(2, 3)), cliprange=0.2, cliprange_value=0.2)
     assert st["clipfrac"].item() == 0.0 and pg.item() == pytest.approx(-math.exp(0.1))
     # the value loss is clipped around the old values
-    _, vf, st = ppo_losses(logp, logp, zeros, values=torch.full((2, 3), 1.0), old_values=zeros,
-                           returns=torch.full((2, 3), 2.0), mask=mask, cliprange=0.2, cliprange_value=0.2)
+    _, vf, st = ppo_losses(logp, torch.full((2, 3), 1.0), old(logp, zeros, returns=torch.full((2, 3), 2.0)),
+                           cliprange=0.2, cliprange_value=0.2)
     assert vf.item() == pytest.approx(0.5 * (2.0 - 0.2) ** 2) and st["vf_clipfrac"].item() == 1.0
 
 
@@ -292,7 +318,7 @@ def test_eos_as_first_token_gives_an_empty_response_that_still_trains(micro_mode
     assert stats["response_length"] == 0.0 and stats["no_eos_rate"] == 0.0 and stats["copy_rate"] == 0.0
     assert stats["score/len"] == 0.0
     assert all(math.isfinite(v) for v in stats.values())
-    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.policy_params))
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.policy_params, strict=True))
 
 
 # ---------------------------------------------------------------- training behaviour
@@ -302,7 +328,7 @@ def test_kl_is_exactly_zero_on_the_first_step_when_policy_equals_reference(micro
     model = peft_roles(micro_model)
     cfg = PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6, lr=1e-2, kl_target=0.01, kl_horizon=100)
     trainer = PPOTrainer(model, micro_tokenizer, cfg)
-    score = lambda q, r: (torch.tensor([float(len(x)) for x in r]), {})
+    score = length_score
     queries = code_queries(micro_tokenizer, 8)
     first = trainer.ppo_step(queries, score)
     assert first["kl"] == 0.0 and first["non_score_reward"] == 0.0
@@ -329,19 +355,19 @@ def test_base_reference_and_coder_stay_bit_identical(micro_model, micro_tokenize
     trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
                                                            lr=5e-2))
     head = [p.detach().clone() for p in trainer.value_head.parameters()]
-    score = lambda q, r: (torch.randn(len(r)), {})
+    score = random_score
     for _ in range(3):
         trainer.ppo_step(code_queries(micro_tokenizer, 8), score)
     now = dict(list(model.named_parameters()) + list(model.named_buffers()))
     assert [n for n, t in frozen.items() if not torch.equal(t, now[n])] == []
     assert any(not torch.equal(p, now[n]) for n, p in policy.items())
-    assert any(not torch.equal(a, b) for a, b in zip(head, trainer.value_head.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(head, trainer.value_head.parameters(), strict=True))
     assert model.active_adapter == "summarizer"
 
 
 def test_clipping_engages_with_a_large_learning_rate(micro_model, micro_tokenizer):
     queries = code_queries(micro_tokenizer, 8)
-    score = lambda q, r: (torch.randn(len(r)), {})
+    score = random_score
     model = peft_roles(micro_model, targets=ALL_LINEAR)
     base = copy.deepcopy(model)
     big = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=2, max_new_tokens=6, lr=0.1))
@@ -365,7 +391,10 @@ def test_toy_reward_rises_within_a_few_dozen_steps_while_kl_stays_bounded(micro_
     queries = code_queries(micro_tokenizer, 32)
     first = trainer.make_rollout(queries, zero_score)  # the reward: +1 per occurrence of a token it already knows
     target = collections.Counter(t for ids in first.response_ids for t in ids).most_common(1)[0][0]
-    score = lambda q, r: (torch.tensor([float(ids.count(target)) for ids in r]), {})
+
+    def score(q, r):
+        return torch.tensor([float(ids.count(target)) for ids in r]), {}
+
     history = [trainer.ppo_step(queries, score) for _ in range(30)]
     early = sum(s["score/mean"] for s in history[:3]) / 3
     late = sum(s["score/mean"] for s in history[-5:]) / 5
@@ -390,11 +419,11 @@ def test_samples_per_query_samples_each_query_k_times_and_ignores_query_difficul
     stats = grouped.ppo_step(queries, by_query)
     assert seen == [queries[0]] * 4 + [queries[1]] * 4
     assert stats["score/raw_std"] > 40  # the batch's scores differ a lot ...
-    assert all(torch.equal(a, b) for a, b in zip(before, grouped.policy_params))  # ... but no sample beat its query
+    assert all(torch.equal(a, b) for a, b in zip(before, grouped.policy_params, strict=True))  # ... but no sample beat its query
     batchwide = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
                                                              whiten_rewards=True))
     batchwide.ppo_step(queries * 4, by_query)  # the same scores against a batch-wide baseline do move the policy
-    assert any(not torch.equal(a, b) for a, b in zip(before, batchwide.policy_params))
+    assert any(not torch.equal(a, b) for a, b in zip(before, batchwide.policy_params, strict=True))
     with pytest.raises(ValueError, match="batch_size/samples_per_query/ranks = 2"):
         grouped.ppo_step(queries * 4, by_query)
 
@@ -411,7 +440,10 @@ def _copy_run(micro_model, micro_tokenizer, penalty: float) -> tuple[float, floa
     first = trainer.make_rollout(queries, zero_score)
     top = [t for t, _ in collections.Counter(t for ids in first.response_ids for t in ids).most_common(3)]
     code = [top * 4 for _ in queries]
-    score = lambda q, r: (8.0 * copy_rates(r, code, n=1), {})
+
+    def score(q, r):
+        return 8.0 * copy_rates(r, code, n=1), {}
+
     history = [trainer.ppo_step(queries, score, code_ids=code) for _ in range(25)]
     rates = [s["copy_rate"] for s in history]
     return sum(rates[:3]) / 3, sum(rates[-5:]) / 5, max(s["kl"] for s in history)
@@ -433,13 +465,18 @@ def test_nan_scores_skip_the_batch_and_abort_past_the_threshold(micro_model, mic
     trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=4,
                                                            max_bad_batches=2))
     queries = code_queries(micro_tokenizer, 4)
-    nan = lambda q, r: (torch.tensor([0.0, float("nan"), 0.0, 0.0]), {})
-    inf = lambda q, r: (torch.tensor([0.0, 0.0, float("inf"), 0.0]), {})
+
+    def nan(q, r):
+        return torch.tensor([0.0, float("nan"), 0.0, 0.0]), {}
+
+    def inf(q, r):
+        return torch.tensor([0.0, 0.0, float("inf"), 0.0]), {}
+
     before = [p.detach().clone() for p in trainer.params]
     for i, fn in enumerate([nan, inf], 1):
         stats = trainer.ppo_step(queries, fn)
         assert stats["skipped"] == 1.0 and trainer.bad_batches == i and trainer.step == 0
-    assert all(torch.equal(b, p) for b, p in zip(before, trainer.params))  # nothing was updated
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))  # nothing was updated
     assert trainer.ppo_step(queries, zero_score)["skipped"] == 0.0  # a good batch resets the streak
     assert trainer.bad_batches == 0 and trainer.step == 1
     trainer.ppo_step(queries, nan)
@@ -454,13 +491,13 @@ def test_kl_explosion_rolls_back_to_the_last_good_adapter_and_raises(micro_model
     trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=2, max_new_tokens=6,
                                                            lr=5e-2, max_kl=0.5))
     queries = code_queries(micro_tokenizer, 8)
-    score = lambda q, r: (torch.randn(len(r)), {})
+    score = random_score
     good = [p.detach().clone() for p in trainer.params]
     assert trainer.ppo_step(queries, score)["kl"] == 0.0  # passes the check, then updates
     with pytest.raises(KLExplodedError) as err:
         trainer.ppo_step(queries, score)
     assert err.value.rolled_back and err.value.kl > 0.5 and "kl" in err.value.stats
-    assert all(torch.equal(g, p) for g, p in zip(good, trainer.params))
+    assert all(torch.equal(g, p) for g, p in zip(good, trainer.params, strict=True))
     assert trainer.ppo_step(queries, score)["kl"] == 0.0  # back at the reference: the round could go on
 
 
@@ -469,7 +506,7 @@ def test_state_dict_resumes_a_round_exactly(micro_model, micro_tokenizer):
     cfg = PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=6, lr=1e-2, kl_horizon=100)
     trainer = PPOTrainer(model, micro_tokenizer, cfg)
     queries = code_queries(micro_tokenizer, 4)
-    score = lambda q, r: (torch.tensor([float(len(x)) for x in r]), {})
+    score = length_score
     for _ in range(2):
         trainer.ppo_step(queries, score)
     buffer = io.BytesIO()
@@ -485,7 +522,7 @@ def test_state_dict_resumes_a_round_exactly(micro_model, micro_tokenizer):
     again = resumed.ppo_step(queries, score)
     assert {k: v for k, v in straight.items() if not k.startswith("time/")} == \
            {k: v for k, v in again.items() if not k.startswith("time/")}
-    assert all(torch.equal(a, b) for a, b in zip(trainer.params, resumed.params))
+    assert all(torch.equal(a, b) for a, b in zip(trainer.params, resumed.params, strict=True))
 
 
 def _token_score(q, r):
@@ -510,11 +547,11 @@ def test_micro_batched_update_equals_the_whole_mini_batch(micro_model, micro_tok
         gen = torch.Generator().manual_seed(1)
         advantages, returns = torch.randn(r.mask.shape, generator=gen), torch.randn(r.mask.shape, generator=gen)
         torch.manual_seed(6)
-        stats = trainer._update(r, advantages, returns)
+        stats = trainer._update(r, r.targets(advantages, returns))
         after.append(([p.detach().clone() for p in trainer.params], stats))
     (whole, whole_stats), (micro, micro_stats) = after
-    assert any(not torch.equal(p, q) for p, q in zip(whole, before)), "the update moved nothing"
-    for p, q in zip(whole, micro):
+    assert any(not torch.equal(p, q) for p, q in zip(whole, before, strict=True)), "the update moved nothing"
+    for p, q in zip(whole, micro, strict=True):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
     assert math.isclose(whole_stats["loss/policy"], micro_stats["loss/policy"], rel_tol=1e-4, abs_tol=1e-6)
 
@@ -543,7 +580,10 @@ def test_generation_in_token_budget_chunks_gives_whole_rollouts(micro_model, mic
 def test_gradient_checkpointing_is_live_in_the_update_while_dropout_stays_off(micro_model, micro_tokenizer):
     """transformers checkpoints a layer only in training mode; the update must still run without dropout."""
     micro_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+
+    def cfg() -> LoraConfig:
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+
     model = get_peft_model(micro_model, cfg(), adapter_name="summarizer")  # real dropout modules in every LoRA
     model.add_adapter("reference", cfg())
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]

@@ -81,7 +81,7 @@ def test_batched_equals_per_sample(coder_model, micro_tokenizer):
     codes = [CODE, LONG_CODE, "import os\nprint(os.sep)\n", CODE, "x = [i * i for i in range(10)]\n"]
     summaries = [SUMMARY, "Helpers.", "Print the path separator.", "Adds two things together, returning it.", ""]
     batched = rm(codes, summaries)
-    for i, (c, s) in enumerate(zip(codes, summaries)):
+    for i, (c, s) in enumerate(zip(codes, summaries, strict=True)):
         single = rm([c], [s])
         for field in ("reward", "ce", "ce_empty", "gain", "length_term"):
             assert getattr(batched, field)[i].item() == pytest.approx(getattr(single, field)[0].item(), abs=1e-5)

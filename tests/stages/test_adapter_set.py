@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import SMOKE_PPO, SMOKE_WARMUP, micro_qwen2_base, stdlib_texts
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -17,7 +18,6 @@ from blueprint.stages.adapter_set import Bases, open_roles
 from blueprint.stages.common import checked_bases
 from blueprint.stages.task import bootstrap_task
 from blueprint.store import artifacts, storage
-from conftest import SMOKE_PPO, SMOKE_WARMUP, micro_qwen2_base, stdlib_texts
 
 CODER_VOCAB = 384  # not the summarizer's 512: the two tokenizers differ
 

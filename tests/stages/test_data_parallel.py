@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMOKE_PPO
 from safetensors.torch import load_file
 
 from blueprint import distributed
 from blueprint.config import ConfigError, parse
 from blueprint.stages import evaluate, launch, ppo_round
 from blueprint.store import artifacts, storage
-
-from conftest import SMOKE_PPO
 from pipelines import cli
 
 SMOKE_EVALUATE = {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128}

@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from blueprint.store import artifacts, storage
 from blueprint.eval import metrics
 from blueprint.models import lora
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets, summary_prompt
+from blueprint.models.tiny import tiny_llama_config
 from blueprint.stages import evaluate, merge
 from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
 from blueprint.stages.common import open_base
-from blueprint.models.tiny import tiny_llama_config
+from blueprint.store import artifacts, storage
 
 PAIRS = [
     ("def add(a, b):\n    return a + b\n", "Return the sum of two numbers."),
@@ -72,10 +72,10 @@ def train_coder(model, tokenizer, pairs: list[tuple[str, str]], steps: int) -> N
     """Full-batch SFT of the coder adapter on (summary -> code): loss on the code tokens only."""
     prompts = encode_prompts(tokenizer, [code_prompt(s, PromptConfig()) for _, s in pairs])
     targets, _ = encode_targets(tokenizer, [c for c, _ in pairs])
-    width = max(len(p) + len(t) for p, t in zip(prompts, targets))
+    width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
     ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
     labels = torch.full((len(pairs), width), -100)
-    for r, (p, t) in enumerate(zip(prompts, targets)):
+    for r, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         ids[r, :len(p) + len(t)] = torch.tensor(p + t)
         labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
     opt = torch.optim.AdamW(lora.trainable_only(model, "coder"), lr=2e-2)
@@ -93,10 +93,10 @@ def train_summarizer(model, tokenizer, pairs: list[tuple[str, str]], steps: int)
     as a model the gate's sanity floors let through must."""
     prompts = encode_prompts(tokenizer, [summary_prompt(c, PromptConfig()) for c, _ in pairs])
     targets, _ = encode_targets(tokenizer, [s for _, s in pairs])
-    width = max(len(p) + len(t) for p, t in zip(prompts, targets))
+    width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
     ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
     labels = torch.full((len(pairs), width), -100)
-    for r, (p, t) in enumerate(zip(prompts, targets)):
+    for r, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         ids[r, :len(p) + len(t)] = torch.tensor(p + t)
         labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
     opt = torch.optim.AdamW(lora.trainable_only(model, "summarizer"), lr=2e-2)

@@ -6,13 +6,13 @@ import threading
 
 import pytest
 import torch
+from test_evaluate import CFG, PAIRS, make_adapters, make_base, make_shards
 
 from blueprint.config import parse
 from blueprint.eval.promotion_rule import PromotionRule, decide
 from blueprint.stages import evaluate, gate, merge, promote
 from blueprint.stages.profiles import stage_settings
 from blueprint.store import promotion, storage
-from test_evaluate import CFG, PAIRS, make_adapters, make_base, make_shards
 
 # The gate's metric here is the coder's reward on the true docstrings: at this scale the summarizer's summaries
 # barely help the coder, while a coder trained on the pairs clearly reads them. Every promotable model must clear
@@ -173,7 +173,10 @@ def test_a_copied_root_is_gated_against_its_own_champion_once_the_original_is_go
 
     original, copy = tmp_path / "original", tmp_path / "copy"
     shutil.copytree(world["root"] / "artifacts", original)
-    moved = lambda run, where: {k: v.replace(world["art"], f"file://{where}") for k, v in run.items()}  # noqa: E731
+
+    def moved(run: dict[str, str], where) -> dict[str, str]:
+        return {k: v.replace(world["art"], f"file://{where}") for k, v in run.items()}
+
     promote_gated(judge(moved(world["runs"]["some"], original), f"file://{original}"), f"file://{original}", "first")
     shutil.copytree(original, copy)
     shutil.rmtree(original)

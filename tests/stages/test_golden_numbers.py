@@ -6,10 +6,10 @@ They are exact on one machine; another CPU instruction-set level or thread count
 from __future__ import annotations
 
 import pytest
+from conftest import SMOKE_PPO
 
 from blueprint.config import parse
 from blueprint.stages import ppo_round
-from conftest import SMOKE_PPO
 
 RTOL, ATOL = 1e-4, 1e-5
 

@@ -10,12 +10,12 @@ import torch
 from peft.tuners.lora import LoraModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from blueprint.store import artifacts, storage
 from blueprint.models import lora
+from blueprint.models.tiny import tiny_llama_config
 from blueprint.stages import merge
 from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
 from blueprint.stages.common import open_base
-from blueprint.models.tiny import tiny_llama_config
+from blueprint.store import artifacts, storage
 
 
 def commit(local: Path, uri: str, stage: str) -> str:

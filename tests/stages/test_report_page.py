@@ -12,8 +12,8 @@ import pytest
 from blueprint.config import parse
 from blueprint.eval import report
 from blueprint.stages import evaluate, ppo_round
-from blueprint.store import storage
 from blueprint.stages.profiles import stage_settings
+from blueprint.store import storage
 from tests.conftest import SMOKE_PPO
 
 SMOKE_EVALUATE = {**stage_settings("smoke", "evaluate"), "max_examples": 8}

@@ -12,13 +12,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from blueprint.store import artifacts, storage
 from blueprint.config import ConfigError, parse
+from blueprint.data import shard_writer
 from blueprint.data.readers import read_pairs
 from blueprint.data.sources import SourceError
-from blueprint.data import shard_writer
-from blueprint.stages import shard
 from blueprint.data.workers import WorkerError, WorkerPool
+from blueprint.stages import shard
+from blueprint.store import artifacts, storage
 
 
 def write_tree(root: Path, n_files: int = 30, per_file: int = 4) -> Path:
@@ -175,8 +175,11 @@ def test_workers_not_in_key_and_cache_hit(tmp_path, monkeypatch):
     root = str(tmp_path / "artifacts")
     first = shard.run(cfg(src), artifact_root=root, progress=False)
     assert not first.cached
-    content = lambda: {p: p.stat().st_mtime_ns for p in storage.local_path(first.uri).rglob("*")  # noqa: E731
-                       if p.name != artifacts.USED_NAME}  # the last-use stamp a hit rewrites, for gc
+
+    def content() -> dict:
+        return {p: p.stat().st_mtime_ns for p in storage.local_path(first.uri).rglob("*")
+                if p.name != artifacts.USED_NAME}  # the last-use stamp a hit rewrites, for gc
+
     mtimes = content()
     monkeypatch.setattr(shard, "compute", lambda *a, **k: pytest.fail("cache hit must not rebuild"))
     hit = shard.run(cfg(src, workers=2), artifact_root=root, progress=False)

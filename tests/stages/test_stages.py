@@ -5,16 +5,16 @@ import json
 
 import pytest
 import torch
+from conftest import SMOKE_PPO, SMOKE_WARMUP
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from blueprint.store import artifacts, storage
-from blueprint.models import lora
-from blueprint.store.artifacts import ArtifactError
 from blueprint.config import parse
+from blueprint.models import lora
 from blueprint.stages import ppo_round, warmup
 from blueprint.stages.common import open_base
-from conftest import SMOKE_PPO, SMOKE_WARMUP
+from blueprint.store import artifacts, storage
+from blueprint.store.artifacts import ArtifactError
 
 
 def test_bootstrap_base_loads_with_plain_from_pretrained(smoke_chain):
@@ -77,16 +77,18 @@ def test_warmup_trains_only_the_adapter_in_training(smoke_chain):
     data = sft.sft_datasets(pairs, tokenizer, cfg.prompt_style, cfg.max_code_tokens,
                             cfg.max_summary_tokens)["summarizer"]
     before = {k: v.detach().clone() for k, v in peft_model.named_parameters() if ".summarizer." in k}
-    sft.train_adapter(peft_model, tokenizer, "summarizer", data, data, 3, batch_size=cfg.batch_size, lr=cfg.lr,
-                      seed=cfg.seed, max_length=256, progress=False, task="test", lr_setting="lr")
+    run = sft.SFTRun(steps=3, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=256, task="test",
+                     lr_setting="lr", progress=False)
+    sft.train_adapter(peft_model, tokenizer, "summarizer", data, data, run)
     after = dict(peft_model.named_parameters())
     assert all(torch.equal(v, after[k]) for k, v in frozen.items()), "base or coder moved"
     assert any(not torch.equal(v, after[k]) for k, v in before.items()), "summarizer did not train"
 
 
 def test_warmup_to_s3_round_trips(smoke_chain, s3_bucket):
-    from blueprint.stages import shard
     from conftest import SMOKE_SHARD
+
+    from blueprint.stages import shard
 
     shards = shard.run(parse(shard.ShardConfig, {**SMOKE_SHARD, "max_pairs": 200}), artifact_root=s3_bucket,
                        progress=False).uri
@@ -174,7 +176,10 @@ def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_cha
     monkeypatch.setattr(PPOTrainer, "ppo_step", real_step)
     resumed = ppo_round.run(cfg, out_uri=f"file://{tmp_path}/resumed", **args)
     assert resumed.metrics["resumed_at_step"] == 2
-    pick = lambda o: {k: v["sha256"] for k, v in o.manifest["files"].items() if k.startswith("adapters/summarizer")}
+
+    def pick(o) -> dict[str, str]:
+        return {k: v["sha256"] for k, v in o.manifest["files"].items() if k.startswith("adapters/summarizer")}
+
     assert pick(resumed) == pick(straight)
 
 

@@ -10,7 +10,7 @@ import pytest
 from blueprint.errors import InputError
 from blueprint.store import artifacts, retention, runs, storage
 
-LATER = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+LATER = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
 
 
 def output(root: str, stage: str, name: str, tmp_path: Path, **inputs: str) -> str:
@@ -100,7 +100,7 @@ def backdate(uri: str, days: float) -> None:
     """Rewrite an output's `created` as if it was committed `days` ago (its identity leaves the time out)."""
     muri = artifacts.manifest_uri(uri)
     manifest = storage.read_json(muri)
-    manifest["created"] = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)).isoformat(timespec="seconds")
+    manifest["created"] = (dt.datetime.now(dt.UTC) - dt.timedelta(days=days)).isoformat(timespec="seconds")
     storage.write_json(muri, manifest)
 
 
@@ -152,7 +152,7 @@ def test_what_an_output_used_within_the_grace_period_reads_stays_with_it(store, 
 
 
 def test_a_manifest_created_without_a_timezone_is_read_as_utc(store):
-    an_hour_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     for name, created in (("a", "2020-01-01T00:00:00"), ("b", an_hour_ago.strftime("%Y-%m-%dT%H:%M:%S"))):
         muri = artifacts.manifest_uri(store[name])
         storage.write_json(muri, storage.read_json(muri) | {"created": created})

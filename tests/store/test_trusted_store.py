@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SMOKE_PPO
 
-from blueprint.store import artifacts, storage
 from blueprint.config import parse
 from blueprint.stages import ppo_round
-from conftest import SMOKE_PPO
+from blueprint.store import artifacts, storage
 
 
 class Planted:
@@ -76,9 +76,10 @@ def test_numbers_that_cannot_be_are_refused_naming_the_setting(setting, value, t
 
 
 def test_a_diverging_warmup_fails_naming_lr_and_commits_nothing(smoke_chain, tmp_path):
+    from conftest import SMOKE_WARMUP
+
     from blueprint.errors import NonFiniteLoss
     from blueprint.stages import warmup
-    from conftest import SMOKE_WARMUP
 
     cfg = parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 1e38})
     with pytest.raises(NonFiniteLoss, match="lower 'lr'"):
@@ -103,7 +104,7 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         time.sleep(0.5)
     outputs = [run.communicate(timeout=900) for run in runs]
-    for run, (out, err) in zip(runs, outputs):
+    for run, (out, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, out[-3000:] + err[-3000:]
     models = [next(line for line in out.splitlines() if line.startswith("merged models:")) for out, _ in outputs]
     assert models[0] == models[1]
@@ -130,9 +131,10 @@ def _copy_artifact(uri: str, target: str, tmp_path: Path) -> str:
 @pytest.mark.parametrize("where", ["middle", "footer"])
 def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_trains_on_it(smoke_chain, tmp_path,
                                                                                          request, store, where):
+    from conftest import SMOKE_WARMUP
+
     from blueprint.data.readers import read_pairs
     from blueprint.stages import warmup
-    from conftest import SMOKE_WARMUP
 
     root = f"file://{tmp_path}/root" if store == "file" else request.getfixturevalue("s3_bucket") + "/root"
     shards = _copy_artifact(smoke_chain["shards"], storage.join(root, "shard", "copy"), tmp_path)
@@ -168,8 +170,9 @@ def test_a_base_that_cannot_load_is_refused_before_the_first_stage(base, offline
 
 def _chain(root: str) -> dict[str, artifacts.StageOutput]:
     """shard -> bootstrap -> warmup -> ppo-round -> evaluate -> merge with the smoke settings, under `root`."""
-    from blueprint.stages import bootstrap, evaluate, merge, shard, warmup
     from conftest import SMOKE_BOOTSTRAP, SMOKE_SHARD, SMOKE_WARMUP
+
+    from blueprint.stages import bootstrap, evaluate, merge, shard, warmup
 
     kw = dict(artifact_root=root, progress=False)
     out = {"shard": shard.run(parse(shard.ShardConfig, SMOKE_SHARD), **kw)}
