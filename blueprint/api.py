@@ -20,23 +20,23 @@ from blueprint.stages import profiles
 from blueprint.config import ConfigError, parse
 from blueprint.errors import UserError
 from blueprint.data.sources import resolve_source
-from blueprint.stages import registry
-from blueprint.stages.common import checked_bases, release_memory
+from blueprint.stages import launch, registry
+from blueprint.stages.common import checked_bases
 
 
 class BluePrint:
     """Round-trip training of a code summarizer and a code generator, on one shared base or one base each."""
 
-    def __init__(self, code_to_summary_model: str = "tiny", summary_to_code_model: str | None = None, *,
-                 dataset: str = "stdlib", artifact_root: str = "./artifacts", profile: str = "default",
+    def __init__(self, code_to_summary_model: str = profiles.DEFAULT_BASE, summary_to_code_model: str | None = None,
+                 *, dataset: str = "stdlib", artifact_root: str = profiles.ARTIFACT_ROOT,
+                 profile: str = profiles.DEFAULT_PROFILE,
                  settings: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> None:
         # paths as the user typed them (relative ones included) are resolved here, once; "" = the same base
         self.base_name, self.coder_base = checked_bases(code_to_summary_model, summary_to_code_model or "")
         self.dataset, self.progress = resolve_source(dataset), progress
         self.artifact_root = storage.normalize(artifact_root)
         self.profile = profile
-        self.settings = {s: {**profiles.stage_settings(profile, s), **(settings or {}).get(s, {})}
-                         for s in registry.STAGES}
+        self.settings = profiles.merged_settings(profile, settings)
         self.settings["shard"]["source"] = self.dataset
         registry.stage_configs(self.settings, here=True)  # fail now, not after an hour
         self.shards: str | None = None
@@ -46,12 +46,9 @@ class BluePrint:
         self.history: list[dict[str, Any]] = []
 
     def _stage(self, name: str, extra: dict[str, Any] | None = None, **inputs: str) -> artifacts.StageOutput:
-        spec = registry.get(name)
-        cfg = parse(spec.config_type(), {**self.settings[name], **(extra or {})})
-        try:
-            return spec.load().run(cfg, **inputs, artifact_root=self.artifact_root, progress=self.progress)
-        finally:
-            release_memory()  # this stage's model, before the next stage loads its own
+        """The stage through the launcher `blueprint stage` and the components use: its `nproc`/`nodes` hold."""
+        cfg = parse(registry.get(name).config_type(), {**self.settings[name], **(extra or {})})
+        return launch.run_stage(name, cfg, inputs, artifact_root=self.artifact_root, progress=self.progress)
 
     def prepare(self) -> None:
         """Shard the dataset, build the `tiny` base when asked for, and warm both adapters up (cached)."""

@@ -7,6 +7,7 @@ and evaluate and the gate an `HTML` page with their plots and tables.
 The same definitions run on Kubeflow and under `kfp.local` (SubprocessRunner runs lightweight components only).
 """
 
+import inspect
 import os
 from typing import Any, List, NamedTuple
 
@@ -110,17 +111,24 @@ def promote(artifact_root: str, run_id: str, settings: dict, force: bool, metric
     return promote_task(settings, run_id, artifact_root, force, metrics, report.path)
 
 
-STAGE_FUNCTIONS = (shard_plan, shard_part, shard, bootstrap, warmup, ppo_round, evaluate, merge, gate, promote)
+def body(task: str) -> Any:
+    """The component body of pipeline task kind `task` (a registry stage or one of its fan-out tasks), found by
+    name: `ppo-round` -> `ppo_round` above; a stage of the registry without one is named."""
+    fn = globals().get(task.replace("-", "_"))
+    if fn is None:
+        raise AssertionError(f"stage task {task!r} of the registry has no component body in {__name__}")
+    return fn
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
-    """{stage name: its component} for every stage of the registry, bound to container `image` (an empty tag is
-    refused)."""
+    """{task kind: its component} for every stage of the registry and its fan-out tasks, bound to container
+    `image` (an empty tag is refused). A stage's component returns the outputs its registry entry names."""
     if not image or image.endswith(":") or image.strip() != image:
         raise ConfigError(f"component image {image!r} is not a valid image reference")
     component = dsl.component(base_image=image, install_kfp_package=False)
-    comps = {fn.__name__.replace("_", "-"): component(fn) for fn in STAGE_FUNCTIONS}
-    missing, extra = set(registry.task_names()) - set(comps), set(comps) - set(registry.task_names())
-    if missing or extra:
-        raise AssertionError(f"components and the stage registry disagree: missing {missing}, extra {extra}")
+    comps = {task: component(body(task)) for task in registry.task_names()}
+    for name, spec in registry.STAGES.items():
+        outputs = inspect.signature(body(name)).return_annotation._fields
+        if outputs != spec.outputs:
+            raise AssertionError(f"component {name} returns {outputs}, its registry entry says {spec.outputs}")
     return comps

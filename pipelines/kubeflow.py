@@ -28,6 +28,7 @@ from pipelines import cluster
 from blueprint.config import ConfigError
 from pipelines.package import parse_params, pipeline_parameters, read_package, s3_secret_names
 from blueprint.errors import UserError
+from blueprint.stages import registry
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
@@ -55,7 +56,7 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s3-endpoint", default=None, help="AWS_ENDPOINT_URL for the pods, e.g. "
                                                        "http://minio-service.kubeflow:9000")
     g.add_argument("--gpu", action="store_true", default=None, help="request an accelerator for "
-                                                                    "warmup/ppo-round/evaluate/merge")
+                                                                    f"{'/'.join(registry.accelerator_stages())}")
     g.add_argument("--accelerator", default=None, help="accelerator resource, default nvidia.com/gpu")
     g.add_argument("--gpu-count", type=int, default=None, help="accelerators per GPU stage (default 1)")
     g.add_argument("--retries", type=int, default=None, help="retries per stage, exponential backoff")

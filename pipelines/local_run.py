@@ -35,15 +35,14 @@ class RunPlan:
     arguments: dict[str, Any]
 
 
-def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./artifacts", source: str | None = None,
-         base: str = "tiny", overrides: dict[str, dict[str, Any]] | None = None, force: bool = False,
+def plan(profile: str = profiles.DEFAULT_PROFILE, epochs: int = profiles.EPOCHS,
+         artifact_root: str = profiles.ARTIFACT_ROOT, source: str | None = None,
+         base: str = profiles.DEFAULT_BASE, overrides: dict[str, dict[str, Any]] | None = None, force: bool = False,
          coder_base: str = "") -> RunPlan:
     """Merge profile defaults with `overrides` ({stage: {key: value}}) and validate every stage's settings."""
     if epochs < 1:
         raise ConfigError(f"parameter 'epochs' must be at least 1, got {epochs}")
-    overrides = overrides or {}
-    registry.check_stage_names(overrides)  # named before anything else
-    settings = {s: {**profiles.stage_settings(profile, s), **overrides.get(s, {})} for s in PIPELINE_STAGES}
+    settings = profiles.merged_settings(profile, overrides)  # an unknown stage is named before anything else
     if source is not None:
         settings["shard"]["source"] = source
     base, coder_base = checked_bases(base, coder_base)

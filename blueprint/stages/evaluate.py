@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 STAGE = "evaluate"
 MEMORY_BUDGETS = ("batch_size", "score_batch_tokens")  # the settings an out-of-memory error names
-OPTIONAL_INPUTS = ("previous", "coder_base")
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 

@@ -18,10 +18,10 @@ from blueprint.eval.promotion_rule import SANITY_FLOORS, PromotionRule, comparab
 from blueprint.eval.report import comparison_table, html_page
 from blueprint.models.runtime import RuntimeSettings
 from blueprint.progress import note
+from blueprint.stages import profiles
 from blueprint.store import artifacts, promotion, storage
 
 STAGE = "gate"
-OPTIONAL_INPUTS = ("coder_base",)
 GATE_FILE = "gate.json"
 RUNTIME_FIELDS = tuple(RuntimeSettings.model_fields)
 
@@ -31,7 +31,7 @@ class GateConfig(PromotionRule, RuntimeSettings):
 
     error_prefix = ""
 
-    name: str = setting("blueprint", "promotion name: the pointer promoted/{name}.json this run competes for")
+    name: str = setting(profiles.PROMOTION_NAME, "promotion name: the pointer promoted/{name}.json this run competes for")
 
 
 def champion_metrics(cfg: GateConfig, champion: dict[str, Any], shards: str, evaluation: dict[str, Any],

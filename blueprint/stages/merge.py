@@ -37,7 +37,6 @@ from blueprint.stages.common import is_artifact, open_base
 STAGE = "merge"
 MEMORY_BUDGETS = ("check_batch",)  # the settings an out-of-memory error names
 SAVE_DTYPES = ("base", "float32", "bfloat16", "float16")
-OPTIONAL_INPUTS = ("evaluation", "coder_base")
 
 # Fixed check inputs: real-looking prompts of the role's own format, so the adapted attention paths are exercised.
 CHECK_CODES = (

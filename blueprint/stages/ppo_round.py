@@ -36,7 +36,6 @@ MEMORY_BUDGETS = ("generate_batch_tokens", "update_batch_tokens", "score_batch_t
 CHECKPOINT = "_checkpoint"
 VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (the rest): never a pickle
-OPTIONAL_INPUTS = ("coder_base",)
 
 
 class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSettings):
@@ -58,7 +57,6 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSetting
     samples_per_query: int = setting(
         4, "summaries sampled per code: each is judged against its siblings, so the advantage says 'better "
            "summary', not 'easier code'", gt=0)
-    ppo_epochs: int = setting(2, "passes over each batch of rollouts", gt=0)
     lr: float = setting(1e-3, "learning rate of the summarizer's LoRA and the value head", gt=0)
     temperature: float = setting(0.5, "sampling and log-prob temperature: nearer greedy than 0.7, so what PPO "
                                       "learns from shows in greedy summaries", gt=0)

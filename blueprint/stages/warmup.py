@@ -22,7 +22,6 @@ from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_a
 
 STAGE = "warmup"
 MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
-OPTIONAL_INPUTS = ("coder_base",)
 
 
 class WarmupConfig(RuntimeSettings, ParallelSettings):
