@@ -24,6 +24,7 @@ import json, resource, sys
 sys.path.insert(0, {repo!r})
 from blueprint.config import parse
 from blueprint.stages import ppo_round, profiles
+from blueprint.stages import registry
 cfg = parse(ppo_round.PPORoundConfig, profiles.stage_settings("smoke", "ppo-round"))
 out = ppo_round.run(cfg, shards={shards!r}, base={base!r}, adapters={adapters!r}, artifact_root={root!r},
                     progress=False, force=True)
@@ -47,7 +48,7 @@ def variants(shards: str, copies: int, out_uri: str) -> int:
                     values = {**row, "code": code, "id": f"{row['id'][:28]}{k:04x}", "n_code_chars": len(code)}
                     writer.add(split, i % 4, tuple(values[f.name] for f in SCHEMA))
         rows = writer.close()
-        artifacts.commit(Path(tmp), out_uri, stage="shard", config={"variants_of": shards, "copies": copies},
+        artifacts.commit(Path(tmp), out_uri, stage=registry.SHARD, config={"variants_of": shards, "copies": copies},
                          inputs={}, metrics={"rows_per_shard": rows})
     return sum(n for rel, n in rows.items() if rel.startswith("train/"))
 
@@ -64,9 +65,9 @@ def main() -> None:
     shutil.rmtree(args.root, ignore_errors=True)
     root = f"file://{args.root}/art"
     one = shard.run(parse(shard.ShardConfig, {"source": "stdlib"}), artifact_root=root, progress=False).uri
-    base = bootstrap.run(parse(bootstrap.BootstrapConfig, profiles.stage_settings("smoke", "bootstrap")),
+    base = bootstrap.run(parse(bootstrap.BootstrapConfig, profiles.stage_settings("smoke", registry.BOOTSTRAP)),
                          shards=one, artifact_root=root, progress=False).uri
-    adapters = warmup.run(parse(warmup.WarmupConfig, profiles.stage_settings("smoke", "warmup")), shards=one,
+    adapters = warmup.run(parse(warmup.WarmupConfig, profiles.stage_settings("smoke", registry.WARMUP)), shards=one,
                           base=base, artifact_root=root, progress=False).uri
     many = f"{root}/shard-variants"
     sizes = {"stdlib": len(read_pairs(one, "train", columns=["id"])), f"{args.copies}x": variants(one, args.copies,

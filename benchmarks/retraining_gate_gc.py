@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blueprint.store import storage  # noqa: E402
 from pipelines import cli, local_run  # noqa: E402
+from blueprint.stages import registry
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.root, ignore_errors=True)
     root = f"file://{args.root}/art"
-    runs = {"promoted": {}, "worse": {"ppo-round": {"lr": 1e-9, "coder_lr": 1e-9}}}
+    runs = {"promoted": {}, "worse": {registry.PPO_ROUND: {"lr": 1e-9, "coder_lr": 1e-9}}}
     for name, overrides in runs.items():
         start = time.time()
         plan = local_run.plan(profile="smoke", epochs=1, artifact_root=root, overrides=overrides)

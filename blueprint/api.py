@@ -37,7 +37,7 @@ class BluePrint:
         self.artifact_root = storage.normalize(artifact_root)
         self.profile = profile
         self.settings = profiles.merged_settings(profile, settings)
-        self.settings["shard"]["source"] = self.dataset
+        self.settings[registry.SHARD]["source"] = self.dataset
         registry.stage_configs(self.settings, here=True)  # fail now, not after an hour
         self.shards: str | None = None
         self.base: str | None = None
@@ -52,9 +52,9 @@ class BluePrint:
 
     def prepare(self) -> None:
         """Shard the dataset, build the `tiny` base when asked for, and warm both adapters up (cached)."""
-        self.shards = self._stage("shard").uri
-        self.base = self._stage("bootstrap", shards=self.shards).uri if self.base_name == "tiny" else self.base_name
-        self.adapters = self._stage("warmup", shards=self.shards, **self._bases()).uri
+        self.shards = self._stage(registry.SHARD).uri
+        self.base = self._stage(registry.BOOTSTRAP, shards=self.shards).uri if self.base_name == "tiny" else self.base_name
+        self.adapters = self._stage(registry.WARMUP, shards=self.shards, **self._bases()).uri
         self._evaluate(0)
 
     def _bases(self) -> dict[str, str]:
@@ -64,7 +64,7 @@ class BluePrint:
         inputs = {"shards": self.shards, **self._bases(), "adapters": self.adapters}
         if self.evaluation:
             inputs["previous"] = self.evaluation
-        out = self._stage("evaluate", {"epoch": epoch}, **inputs)
+        out = self._stage(registry.EVALUATE, {"epoch": epoch}, **inputs)
         self.evaluation = out.uri
         self.history.append(out.metrics)
 
@@ -77,7 +77,7 @@ class BluePrint:
         self.history, self.evaluation = [], None
         self.prepare()
         for epoch in range(1, num_epochs + 1):
-            self.adapters = self._stage("ppo-round", {"round_index": epoch, "ppo_steps": ppo_steps,
+            self.adapters = self._stage(registry.PPO_ROUND, {"round_index": epoch, "ppo_steps": ppo_steps,
                                                       "supervised_steps": supervised_steps},
                                         shards=self.shards, **self._bases(), adapters=self.adapters).uri
             self._evaluate(epoch)
@@ -102,7 +102,7 @@ class BluePrint:
         """
         if self.adapters is None:
             raise UserError("nothing trained yet: call train() first")
-        merged = self._stage("merge", **self._bases(), adapters=self.adapters, evaluation=self.evaluation)
+        merged = self._stage(registry.MERGE, **self._bases(), adapters=self.adapters, evaluation=self.evaluation)
         for role, target in (("summarizer", code_to_summary_path), ("coder", summary_to_code_path)):
             _publish(storage.join(merged.uri, role), merged.manifest, role, storage.normalize(str(target)),
                      overwrite)

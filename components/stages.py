@@ -66,29 +66,34 @@ def warmup(artifact_root: str, shards: str, base: str, coder_base: str, settings
 def ppo_round(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, round_index: int,
               ppo_steps: int, supervised_steps: int, settings: dict, force: bool, metrics: Output[Metrics],
               report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages import registry
     from blueprint.stages.task import model_inputs, run_stage_task
     settings = {**settings, "round_index": round_index, "ppo_steps": ppo_steps,
                 "supervised_steps": supervised_steps}
-    return run_stage_task("ppo-round", settings, model_inputs(base, coder_base, shards=shards, adapters=adapters),
-                          artifact_root, force, metrics, report.path)
+    return run_stage_task(registry.PPO_ROUND, settings,
+                          model_inputs(base, coder_base, shards=shards, adapters=adapters), artifact_root, force,
+                          metrics, report.path)
 
 
 def evaluate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, previous: str,
              epoch: int, settings: dict, force: bool, metrics: Output[Metrics],
              report: Output[Markdown], page: Output[HTML]) -> NamedTuple("StageResult", uri=str, key=str):
     """The report and its plots also as an HTML page (the KFP UI's HTML viewer)."""
+    from blueprint.stages import registry
     from blueprint.stages.task import model_inputs, run_stage_task
     inputs = model_inputs(base, coder_base, shards=shards, adapters=adapters, previous=previous)
-    return run_stage_task("evaluate", {**settings, "epoch": epoch}, inputs, artifact_root, force,
+    return run_stage_task(registry.EVALUATE, {**settings, "epoch": epoch}, inputs, artifact_root, force,
                           metrics, report.path, page.path)
 
 
 def merge(artifact_root: str, base: str, coder_base: str, adapters: str, evaluation: str, settings: dict,
           force: bool, metrics: Output[Metrics],
           report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages import registry
     from blueprint.stages.task import model_inputs, run_stage_task
-    return run_stage_task("merge", settings, model_inputs(base, coder_base, adapters=adapters, evaluation=evaluation),
-                          artifact_root, force, metrics, report.path)
+    return run_stage_task(registry.MERGE, settings,
+                          model_inputs(base, coder_base, adapters=adapters, evaluation=evaluation), artifact_root, force,
+                          metrics, report.path)
 
 
 def gate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, evaluation: str, models: str,

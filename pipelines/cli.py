@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"blueprint {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shard", help="extract (code, summary) pairs into Parquet shards")
+    s = sub.add_parser(registry.SHARD, help="extract (code, summary) pairs into Parquet shards")
     s.add_argument("--source", default=None, help="stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH")
     s.add_argument("--num-shards", type=int, default=None)
     s.add_argument("--eval-fraction", type=float, default=None)

@@ -82,7 +82,7 @@ def compile_package(path: str, *, epochs: int, profile: str, image: str, artifac
     from blueprint.stages import profiles
     from pipelines import compile_pipeline
 
-    profiles.stage_settings(profile, "shard")  # unknown profile -> ValueError naming it
+    profiles.stage_settings(profile, registry.SHARD)  # unknown profile -> ValueError naming it
     storage.refuse_credentials(artifact_root, setting="--artifact-root")  # it becomes a YAML default
     compile_pipeline(path, epochs=epochs, profile=profile, image=image, artifact_root=artifact_root,
                      configure_task=cluster.configure_task(settings), defaults=cluster.stage_defaults(settings),
@@ -186,7 +186,7 @@ def pipeline_package(args: argparse.Namespace, warm_start: bool = False) -> Iter
 
     settings = cluster_settings(args)
     if warm_start:  # same parameters every run: a KFP cache hit would hand back last run's warmup forever
-        settings = settings.model_copy(update={"caching": {**settings.caching, "warmup": False}})
+        settings = settings.model_copy(update={"caching": {**settings.caching, registry.WARMUP: False}})
     with tempfile.TemporaryDirectory(prefix="blueprint-kfp-") as tmp:
         yield compile_package(str(Path(tmp) / "pipeline.yaml"), epochs=2 if args.epochs is None else args.epochs,
                               profile="default" if args.profile is None else args.profile,

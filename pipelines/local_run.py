@@ -44,13 +44,13 @@ def plan(profile: str = profiles.DEFAULT_PROFILE, epochs: int = profiles.EPOCHS,
         raise ConfigError(f"parameter 'epochs' must be at least 1, got {epochs}")
     settings = profiles.merged_settings(profile, overrides)  # an unknown stage is named before anything else
     if source is not None:
-        settings["shard"]["source"] = source
+        settings[registry.SHARD]["source"] = source
     base, coder_base = checked_bases(base, coder_base)
     configs = registry.stage_configs(settings, lambda stage: f"parameter {PARAM_OF_STAGE[stage]}", here=True)
     from blueprint.data.sources import Source, parse_source, resolve_source
 
     try:
-        source_spec = settings["shard"]["source"] = resolve_source(settings["shard"].get("source", "stdlib"))
+        source_spec = settings[registry.SHARD]["source"] = resolve_source(settings[registry.SHARD].get("source", "stdlib"))
         if parse_source(source_spec).kind == "dir":
             Source(source_spec).root()
     except ValueError as exc:
@@ -59,7 +59,7 @@ def plan(profile: str = profiles.DEFAULT_PROFILE, epochs: int = profiles.EPOCHS,
         artifact_root = storage.normalize(artifact_root)
     storage.check_writable(artifact_root)
     # the seed's knobs and the source are also flat pipeline parameters; the components let those win
-    ppo = configs["ppo-round"]
+    ppo = configs[registry.PPO_ROUND]
     args = {"artifact_root": artifact_root, "source": source_spec, "base": base, "coder_base": coder_base,
             "ppo_steps": ppo.ppo_steps,
             "supervised_steps": ppo.supervised_steps, "force": force}
@@ -168,8 +168,8 @@ def summary(plan_: RunPlan, result: dict[str, Any]) -> str:
     history = storage.read_json(storage.join(evaluation, "history.json"))
     gate = None
     record = runs.latest_record(root, evaluation=evaluation)
-    if record and record["outputs"].get("gate"):
-        gate = storage.read_json(storage.join(record["outputs"]["gate"], "gate.json"))
+    if record and record["outputs"].get(registry.GATE):
+        gate = storage.read_json(storage.join(record["outputs"][registry.GATE], "gate.json"))
     paths = {"merged models": f"{storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}",
              "report": storage.join(evaluation, "report.html"),
              "plots": f"{storage.join(evaluation, 'metrics.png')}, curves.png beside it",

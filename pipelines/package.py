@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from blueprint.config import ConfigError
+from blueprint.stages import registry
 
 
 def read_package(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -102,8 +103,8 @@ def _check_stage_settings(arguments: dict[str, Any], spec: dict[str, Any]) -> No
 
     params, param_of = pipeline_parameters(spec), registry.param_of_stage()
     settings = {stage: dict(arguments[param]) for stage, param in param_of.items() if param in arguments}
-    if "shard" in settings:
-        settings["shard"].setdefault("source", arguments.get("source", params.get("source", {}).get("defaultValue")))
+    if registry.SHARD in settings:
+        settings[registry.SHARD].setdefault("source", arguments.get("source", params.get("source", {}).get("defaultValue")))
     registry.stage_configs(settings, lambda stage: f"--param {param_of[stage]}")
 
 

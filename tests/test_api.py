@@ -108,3 +108,14 @@ def test_a_stage_run_by_the_api_leaves_no_model_behind(smoke_chain, tmp_path):
         assert alive() - before == set()
     finally:
         gc.enable()
+
+
+def test_the_api_runs_a_stage_on_the_processes_its_nproc_asks_for(smoke_chain, tmp_path, capsys):
+    """The API goes through the same launcher as `blueprint stage` and the components: warmup with nproc=2
+    starts two ranks under torchrun (gloo on this CPU) instead of silently running one process."""
+    base_dir = str(storage.local_path(smoke_chain["base"]))
+    settings = {**SMOKE, "warmup": {**SMOKE_WARMUP, "nproc": 2}}
+    bp = BluePrint(base_dir, base_dir, artifact_root=str(tmp_path / "artifacts"), settings=settings)
+    bp.prepare()
+    assert "warmup: starting 2 processes" in capsys.readouterr().out
+    assert bp.adapters and bp.history[0]["examples"] > 0

@@ -23,10 +23,11 @@ from blueprint.errors import InputError, check_finite_loss
 from blueprint.progress import note
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, summary_prompt
 from blueprint.stages.common import quiet_libraries
+from blueprint.stages import registry
 
 PRESETS = ("micro", "tiny")  # sizes in blueprint.models.tiny.PRESETS
 
-STAGE = "bootstrap"
+STAGE = registry.BOOTSTRAP
 MEMORY_BUDGETS = ("batch_size", "seq_len")  # the settings an out-of-memory error names
 
 
@@ -124,7 +125,7 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: 
     model.train()
     order = torch.randperm(len(blocks), generator=gen)
     losses: list[float] = []
-    bar = Progress("bootstrap", steps, progress)
+    bar = Progress(registry.BOOTSTRAP, steps, progress)
     for step in range(steps):
         idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)][share.start:share.stop]
         batch = blocks[idx].to(where.device)

@@ -47,11 +47,12 @@ from blueprint.models.sft import clip_tokens
 from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
 from blueprint.stages import code_tests
 from blueprint.stages.common import is_artifact
+from blueprint.stages import registry
 
 if TYPE_CHECKING:
     import torch
 
-STAGE = "evaluate"
+STAGE = registry.EVALUATE
 MEMORY_BUDGETS = ("batch_size", "score_batch_tokens")  # the settings an out-of-memory error names
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 

@@ -33,8 +33,9 @@ from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, 
 from blueprint.eval.report import DESCRIPTIONS, table
 from blueprint.stages.adapter_set import BASE_FILE, Bases, fetch_adapter_set, key_settings
 from blueprint.stages.common import is_artifact, open_base
+from blueprint.stages import registry
 
-STAGE = "merge"
+STAGE = registry.MERGE
 MEMORY_BUDGETS = ("check_batch",)  # the settings an out-of-memory error names
 SAVE_DTYPES = ("base", "float32", "bfloat16", "float16")
 
@@ -198,7 +199,7 @@ def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
     if not evaluation:
         return {}
     manifest = artifacts.read_manifest(evaluation, verify="sizes")
-    if manifest.get("stage") != "evaluate":
+    if manifest.get("stage") != registry.EVALUATE:
         raise artifacts.ArtifactError(f"evaluation {evaluation} is a {manifest.get('stage')!r} output, "
                                       "not an evaluate output")
     evaluated = manifest.get("input_manifests", {}).get("adapters")

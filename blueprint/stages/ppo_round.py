@@ -28,8 +28,9 @@ from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, step_log
 from blueprint.stages.adapter_set import (Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles,
                                           save_adapter_set)
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
+from blueprint.stages import registry
 
-STAGE = "ppo-round"
+STAGE = registry.PPO_ROUND
 # the settings an out-of-memory error names
 MEMORY_BUDGETS = ("generate_batch_tokens", "update_batch_tokens", "score_batch_tokens", "forward_batch_size",
                   "coder_batch_size")

@@ -34,8 +34,9 @@ from blueprint.progress import Progress
 from blueprint.data.sources import Source, SourceError, parse_source
 from blueprint.data.shard_writer import SPLITS, ShardWriter
 from blueprint.data.workers import WorkerPool
+from blueprint.stages import registry
 
-STAGE = "shard"
+STAGE = registry.SHARD
 LANGUAGE = "python"
 # SPLITS, SCHEMA and ShardWriter live in blueprint.data.shard_writer, beside the readers' description
 

@@ -19,8 +19,9 @@ from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
 from blueprint.models.sft import sft_datasets, sft_length, step_logger, train_adapter
 from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_adapter_set
+from blueprint.stages import registry
 
-STAGE = "warmup"
+STAGE = registry.WARMUP
 MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
 
 

@@ -22,8 +22,9 @@ from typing import Any
 
 from blueprint.errors import InputError
 from blueprint.store import artifacts, commit_lock, promotion, runs, storage
+from blueprint.stages import registry
 
-POINTER_FIELDS = ("models", "evaluation", "adapters", "base", "coder_base", "shards", "gate")
+POINTER_FIELDS = ("models", "evaluation", "adapters", "base", "coder_base", "shards", registry.GATE)
 
 
 @dataclasses.dataclass
