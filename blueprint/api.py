@@ -53,7 +53,8 @@ class BluePrint:
     def prepare(self) -> None:
         """Shard the dataset, build the `tiny` base when asked for, and warm both adapters up (cached)."""
         self.shards = self._stage(registry.SHARD).uri
-        self.base = self._stage(registry.BOOTSTRAP, shards=self.shards).uri if self.base_name == "tiny" else self.base_name
+        self.base = (self._stage(registry.BOOTSTRAP, shards=self.shards).uri if self.base_name == "tiny"
+                     else self.base_name)
         self.adapters = self._stage(registry.WARMUP, shards=self.shards, **self._bases()).uri
         self._evaluate(0)
 

@@ -171,8 +171,8 @@ def _add_run_command(sub) -> None:
                    help=f"named set of settings over the stages' defaults: {' | '.join(profiles.PROFILE_NAMES)}")
     r.add_argument("--epochs", type=int, default=profiles.EPOCHS, help="PPO rounds")
     r.add_argument("--source", default=None, help="corpus (default: the profile's, stdlib)")
-    r.add_argument("--base", default=profiles.DEFAULT_BASE, help="the summarizer's base (and the coder's): tiny | hub id | local "
-                                                  "dir | s3:// dir")
+    r.add_argument("--base", default=profiles.DEFAULT_BASE,
+                   help="the summarizer's base (and the coder's): tiny | hub id | local dir | s3:// dir")
     r.add_argument("--coder-base", default="", help="the coder's own base, when it is another model (default: --base)")
     r.add_argument("--artifact-root", default=profiles.ARTIFACT_ROOT)
     r.add_argument("--runner", default="subprocess", choices=["subprocess", "docker"])

@@ -21,7 +21,8 @@ GOLDEN_IMAGE = "ghcr.io/blueprint-rt/blueprint:golden"
 CASES = {"pipeline_epochs1.yaml": {"epochs": 1}, "pipeline_epochs3.yaml": {"epochs": 3}}
 TRAINJOB_CASE = "trainjob_ppo_round.yaml"
 GOLDEN_POD_UID = "00000000-0000-4000-8000-000000000000"  # the task's pod, as the downward API would give it
-TRAINJOB_CLUSTER = {"gpu": True, "gpu_count": 4, "nodes": {registry.PPO_ROUND: 2}, "s3_secret": "mlpipeline-minio-artifact",
+TRAINJOB_CLUSTER = {"gpu": True, "gpu_count": 4, "nodes": {registry.PPO_ROUND: 2},
+                    "s3_secret": "mlpipeline-minio-artifact",
                     "s3_access_key_field": "accesskey", "s3_secret_key_field": "secretkey",
                     "s3_endpoint": "http://minio-service.kubeflow:9000", "node_selector": {"pool": "gpu"},
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
@@ -57,8 +58,8 @@ def trainjob_case() -> dict:
                trainjob.ENV_POD_NAME: "blueprint-ppo-round-task", trainjob.ENV_POD_UID: GOLDEN_POD_UID}
     root = "s3://blueprint/artifacts"
     inputs = {name: f"{root}/{name}/0123abcd" for name in ("shards", "base", "adapters")}
-    request = launch.request(registry.PPO_ROUND, {**cluster.stage_defaults(settings)[registry.PPO_ROUND], "round_index": 1},
-                             inputs, root, False)
+    round_settings = {**cluster.stage_defaults(settings)[registry.PPO_ROUND], "round_index": 1}
+    request = launch.request(registry.PPO_ROUND, round_settings, inputs, root, False)
     plan = trainjob.plan_from_env(registry.PPO_ROUND, request, nodes=2, nproc_per_node=4, environ=environ,
                                   name="blueprint-ppo-round-golden")
     return trainjob.trainjob_spec(plan)

@@ -50,7 +50,8 @@ def plan(profile: str = profiles.DEFAULT_PROFILE, epochs: int = profiles.EPOCHS,
     from blueprint.data.sources import Source, parse_source, resolve_source
 
     try:
-        source_spec = settings[registry.SHARD]["source"] = resolve_source(settings[registry.SHARD].get("source", "stdlib"))
+        shard_settings = settings[registry.SHARD]
+        source_spec = shard_settings["source"] = resolve_source(shard_settings.get("source", "stdlib"))
         if parse_source(source_spec).kind == "dir":
             Source(source_spec).root()
     except ValueError as exc:

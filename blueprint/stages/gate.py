@@ -14,13 +14,13 @@ from typing import Any
 
 from blueprint.config import parse, setting
 from blueprint.errors import InputError
-from blueprint.eval.promotion_rule import KEEP, PROMOTE, SANITY_FLOORS, PromotionRule, comparable_config, decide, missed_floors, number
+from blueprint.eval.promotion_rule import (KEEP, PROMOTE, SANITY_FLOORS, PromotionRule, comparable_config, decide,
+                                          missed_floors, number)
 from blueprint.eval.report import comparison_table, html_page
 from blueprint.models.runtime import RuntimeSettings
 from blueprint.progress import note
-from blueprint.stages import profiles
+from blueprint.stages import profiles, registry
 from blueprint.store import artifacts, promotion, storage
-from blueprint.stages import registry
 
 STAGE = registry.GATE
 GATE_FILE = "gate.json"
@@ -32,7 +32,8 @@ class GateConfig(PromotionRule, RuntimeSettings):
 
     error_prefix = ""
 
-    name: str = setting(profiles.PROMOTION_NAME, "promotion name: the pointer promoted/{name}.json this run competes for")
+    name: str = setting(profiles.PROMOTION_NAME,
+                        "promotion name: the pointer promoted/{name}.json this run competes for")
 
 
 def champion_metrics(cfg: GateConfig, champion: dict[str, Any], shards: str, evaluation: dict[str, Any],
@@ -131,6 +132,7 @@ def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, art
         record = storage.read_json(storage.join(uri, GATE_FILE))
         if run_id:  # the champion's re-evaluation too, so gc keeps what this judgement read
             judged = (record.get("champion") or {}).get("evaluation")
-            runs.write_record(artifact_root, run_id, {**inputs, registry.GATE: uri, "champion_evaluation": judged or ""},
+            runs.write_record(artifact_root, run_id,
+                              {**inputs, registry.GATE: uri, "champion_evaluation": judged or ""},
                               {"decision": record["decision"]})
     return record["decision"]

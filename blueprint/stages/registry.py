@@ -23,8 +23,14 @@ from blueprint.config import ConfigError, parse
 
 
 # The stage names: the one place they are spelled.
-SHARD, BOOTSTRAP, WARMUP, PPO_ROUND, EVALUATE, MERGE, GATE, PROMOTE = (
-    "shard", "bootstrap", "warmup", "ppo-round", "evaluate", "merge", "gate", "promote")
+SHARD = "shard"
+BOOTSTRAP = "bootstrap"
+WARMUP = "warmup"
+PPO_ROUND = "ppo-round"
+EVALUATE = "evaluate"
+MERGE = "merge"
+GATE = "gate"
+PROMOTE = "promote"
 SHARD_PLAN, SHARD_PART = f"{SHARD}-plan", f"{SHARD}-part"  # the shard stage's fan-out tasks (`tasks` below)
 STAGE_RESULT = ("uri", "key")  # what a stage's component returns: its output's URI and cache key
 

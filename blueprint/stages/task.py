@@ -110,5 +110,6 @@ def bootstrap_task(base: str, coder_base: str, shards: str, settings: dict[str, 
             with open(report_path, "w", encoding="utf-8") as f:
                 f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
         return base, "", coder
-    uri, key = run_stage_task(registry.BOOTSTRAP, settings, {"shards": shards}, artifact_root, force, metrics, report_path)
+    uri, key = run_stage_task(registry.BOOTSTRAP, settings, {"shards": shards}, artifact_root, force, metrics,
+                              report_path)
     return uri, key, coder
