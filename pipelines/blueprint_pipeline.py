@@ -5,11 +5,12 @@ only) -> warmup -> ppo_round(1..N) -> merge -> gate -> [promote], evaluate(e) be
 the run's final evaluation with the promoted model of `promotion_name`; promote runs only when the challenger
 wins (a `dsl.If` on the gate's decision, visible in the KFP graph).
 
-Epochs are unrolled at compile time. Every stage's settings are a pipeline parameter (a dict with the profile's
-defaults) and the common knobs are flat parameters. Every task output is a content-addressed URI, so KFP's own
-cache (which keys on parameter values) can only hit when the upstream content is the same; the shard-plan and
-shard-part tasks, whose input is a source outside the store, are never KFP-cached and rely on their own manifest
-cache instead, and the gate and promote tasks, which read the promoted pointer, are never KFP-cached either.
+Epochs are unrolled at compile time. Every stage's settings are a pipeline parameter (a dict holding the profile's
+overrides of its config's defaults), derived from the stage registry with its description, and the common knobs are
+flat parameters. Every task output is a content-addressed URI, so KFP's own cache (which keys on parameter values)
+can only hit when the upstream content is the same; the shard-plan and shard-part tasks, whose input is a source
+outside the store, are never KFP-cached and rely on their own manifest cache instead, and the gate and promote tasks,
+which read the promoted pointer, are never KFP-cached either.
 """
 import functools
 import inspect
