@@ -69,17 +69,20 @@ class BluePrint:
         self.evaluation = out.uri
         self.history.append(out.metrics)
 
-    def train(self, num_epochs: int = 3, ppo_steps: int = 10, supervised_steps: int = 10) -> list[dict[str, Any]]:
+    def train(self, num_epochs: int = 3, ppo_steps: int | None = None,
+              supervised_steps: int | None = None) -> list[dict[str, Any]]:
         """Warmup, then per epoch `ppo_steps` PPO steps on the summarizer and `supervised_steps` on the coder,
-        with an evaluation after each; returns the evaluation metrics, warmup first."""
-        for name, value in (("num_epochs", num_epochs), ("ppo_steps", ppo_steps), ("supervised_steps", supervised_steps)):
+        with an evaluation after each; returns the evaluation metrics, warmup first. Steps left out are the
+        ppo-round settings' (the profile's, under `settings`), as `blueprint run` takes them."""
+        steps = {name: value for name, value in (("ppo_steps", ppo_steps), ("supervised_steps", supervised_steps))
+                 if value is not None}
+        for name, value in (("num_epochs", num_epochs), *steps.items()):
             if not isinstance(value, int) or value < (1 if name == "num_epochs" else 0):
                 raise ConfigError(f"{name} must be an integer >= {1 if name == 'num_epochs' else 0}, got {value!r}")
         self.history, self.evaluation = [], None
         self.prepare()
         for epoch in range(1, num_epochs + 1):
-            self.adapters = self._stage(registry.PPO_ROUND, {"round_index": epoch, "ppo_steps": ppo_steps,
-                                                      "supervised_steps": supervised_steps},
+            self.adapters = self._stage(registry.PPO_ROUND, {"round_index": epoch, **steps},
                                         shards=self.shards, **self._bases(), adapters=self.adapters).uri
             self._evaluate(epoch)
         if self.progress:

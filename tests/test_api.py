@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blueprint import BluePrint
-from blueprint.store import storage
+from blueprint.store import artifacts, storage
 from blueprint.models.tiny import train_bpe_tokenizer
 from conftest import SMOKE_PPO, SMOKE_SHARD, SMOKE_WARMUP, micro_qwen2_base, stdlib_texts
 
@@ -119,3 +119,12 @@ def test_the_api_runs_a_stage_on_the_processes_its_nproc_asks_for(smoke_chain, t
     bp.prepare()
     assert "warmup: starting 2 processes" in capsys.readouterr().out
     assert bp.adapters and bp.history[0]["examples"] > 0
+
+
+def test_train_without_step_counts_takes_them_from_the_settings_as_blueprint_run_does(smoke_chain, tmp_path):
+    base_dir = str(storage.local_path(smoke_chain["base"]))
+    settings = {**SMOKE, "ppo-round": {**SMOKE["ppo-round"], "ppo_steps": 1, "supervised_steps": 1}}
+    bp = BluePrint(base_dir, base_dir, artifact_root=str(tmp_path / "artifacts"), settings=settings, progress=False)
+    bp.train(num_epochs=1)
+    manifest = artifacts.read_manifest(bp.adapters)
+    assert (manifest["config"]["ppo_steps"], manifest["config"]["supervised_steps"]) == (1, 1)
