@@ -19,30 +19,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blueprint.config import parse
-from blueprint.stages import bootstrap, launch, ppo_round, shard, warmup
+from blueprint.stages import bootstrap, launch, ppo_round, registry, shard, warmup
 from blueprint.stages.profiles import stage_settings
 
 PHASES = ("generate", "score", "forward", "update")
 
 
 def chain(root: str) -> dict[str, str]:
-    shards = shard.run(parse(shard.ShardConfig, stage_settings("smoke", "shard")), artifact_root=root,
+    shards = shard.run(parse(shard.ShardConfig, stage_settings("smoke", registry.SHARD)), artifact_root=root,
                        progress=False).uri
-    base = bootstrap.run(parse(bootstrap.BootstrapConfig, stage_settings("smoke", "bootstrap")), shards=shards,
+    base = bootstrap.run(parse(bootstrap.BootstrapConfig, stage_settings("smoke", registry.BOOTSTRAP)), shards=shards,
                          artifact_root=root, progress=False).uri
-    adapters = warmup.run(parse(warmup.WarmupConfig, stage_settings("smoke", "warmup")), shards=shards, base=base,
+    adapters = warmup.run(parse(warmup.WarmupConfig, stage_settings("smoke", registry.WARMUP)), shards=shards, base=base,
                           artifact_root=root, progress=False).uri
     return {"shards": shards, "base": base, "adapters": adapters}
 
 
 def round_at(n: int, inputs: dict[str, str], out: Path, args) -> tuple[dict, float]:
-    settings = {**stage_settings("smoke", "ppo-round"), "ppo_steps": args.steps, "batch_size": args.batch_size,
+    settings = {**stage_settings("smoke", registry.PPO_ROUND), "ppo_steps": args.steps, "batch_size": args.batch_size,
                 "mini_batch_size": args.batch_size // 4, "samples_per_query": 2, "ppo_epochs": 2,
                 "max_new_tokens": 24, "supervised_steps": 0, "rollout_seeds": "query", "nproc": n,
                 "probe_size": 4}
     cfg = parse(ppo_round.PPORoundConfig, settings)
     start = time.time()
-    result = launch.run_stage("ppo-round", cfg, inputs, artifact_root=None, out_uri=f"file://{out}", progress=False)
+    result = launch.run_stage(registry.PPO_ROUND, cfg, inputs, artifact_root=None, out_uri=f"file://{out}", progress=False)
     return result.metrics, time.time() - start
 
 

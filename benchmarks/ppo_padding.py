@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from blueprint.stages import registry
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -37,10 +39,10 @@ def main() -> None:
     shutil.rmtree(args.root, ignore_errors=True)
     shards = shard.run(parse(shard.ShardConfig, {"source": "stdlib"}), artifact_root=f"file://{args.root}",
                        progress=False).uri
-    boot = parse(bootstrap.BootstrapConfig, profiles.stage_settings("default", "bootstrap"))
+    boot = parse(bootstrap.BootstrapConfig, profiles.stage_settings("default", registry.BOOTSTRAP))
     tokenizer = train_bpe_tokenizer([p["code"] for p in read_pairs(shards, "train", limit=boot.max_pairs)],
                                     vocab_size=boot.vocab_size)
-    cfg = parse(ppo_round.PPORoundConfig, profiles.stage_settings("default", "ppo-round"))
+    cfg = parse(ppo_round.PPORoundConfig, profiles.stage_settings("default", registry.PPO_ROUND))
     codes = clip_tokens(tokenizer, [p["code"] for p in ppo_round.round_batch(shards, cfg)], cfg.max_code_tokens)
     q, k, rng = ppo_round.queries_per_step(cfg), cfg.samples_per_query, random.Random(0)
     gen = torch.Generator().manual_seed(0)

@@ -23,8 +23,8 @@ ROUND = """
 import json, resource, sys
 sys.path.insert(0, {repo!r})
 from blueprint.config import parse
-from blueprint.stages import ppo_round, profiles
-cfg = parse(ppo_round.PPORoundConfig, profiles.stage_settings("smoke", "ppo-round"))
+from blueprint.stages import ppo_round, profiles, registry
+cfg = parse(ppo_round.PPORoundConfig, profiles.stage_settings("smoke", registry.PPO_ROUND))
 out = ppo_round.run(cfg, shards={shards!r}, base={base!r}, adapters={adapters!r}, artifact_root={root!r},
                     progress=False, force=True)
 print(json.dumps({{"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -36,6 +36,7 @@ def variants(shards: str, copies: int, out_uri: str) -> int:
     """A committed shard artifact with `copies` distinct variants of every train row (eval rows as they are)."""
     from blueprint.data.readers import read_pairs
     from blueprint.data.shard_writer import SCHEMA, ShardWriter
+    from blueprint.stages import registry
     from blueprint.store import artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +48,7 @@ def variants(shards: str, copies: int, out_uri: str) -> int:
                     values = {**row, "code": code, "id": f"{row['id'][:28]}{k:04x}", "n_code_chars": len(code)}
                     writer.add(split, i % 4, tuple(values[f.name] for f in SCHEMA))
         rows = writer.close()
-        artifacts.commit(Path(tmp), out_uri, stage="shard", config={"variants_of": shards, "copies": copies},
+        artifacts.commit(Path(tmp), out_uri, stage=registry.SHARD, config={"variants_of": shards, "copies": copies},
                          inputs={}, metrics={"rows_per_shard": rows})
     return sum(n for rel, n in rows.items() if rel.startswith("train/"))
 
@@ -55,7 +56,7 @@ def variants(shards: str, copies: int, out_uri: str) -> int:
 def main() -> None:
     from blueprint.config import parse
     from blueprint.data.readers import read_pairs
-    from blueprint.stages import bootstrap, profiles, shard, warmup
+    from blueprint.stages import bootstrap, profiles, registry, shard, warmup
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=8)
@@ -64,9 +65,9 @@ def main() -> None:
     shutil.rmtree(args.root, ignore_errors=True)
     root = f"file://{args.root}/art"
     one = shard.run(parse(shard.ShardConfig, {"source": "stdlib"}), artifact_root=root, progress=False).uri
-    base = bootstrap.run(parse(bootstrap.BootstrapConfig, profiles.stage_settings("smoke", "bootstrap")),
+    base = bootstrap.run(parse(bootstrap.BootstrapConfig, profiles.stage_settings("smoke", registry.BOOTSTRAP)),
                          shards=one, artifact_root=root, progress=False).uri
-    adapters = warmup.run(parse(warmup.WarmupConfig, profiles.stage_settings("smoke", "warmup")), shards=one,
+    adapters = warmup.run(parse(warmup.WarmupConfig, profiles.stage_settings("smoke", registry.WARMUP)), shards=one,
                           base=base, artifact_root=root, progress=False).uri
     many = f"{root}/shard-variants"
     sizes = {"stdlib": len(read_pairs(one, "train", columns=["id"])), f"{args.copies}x": variants(one, args.copies,

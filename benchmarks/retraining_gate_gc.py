@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from blueprint.stages import registry
 from blueprint.store import storage
 from pipelines import cli, local_run
 
@@ -25,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.root, ignore_errors=True)
     root = f"file://{args.root}/art"
-    runs = {"promoted": {}, "worse": {"ppo-round": {"lr": 1e-9, "coder_lr": 1e-9}}}
+    runs = {"promoted": {}, "worse": {registry.PPO_ROUND: {"lr": 1e-9, "coder_lr": 1e-9}}}
     for name, overrides in runs.items():
         start = time.time()
         plan = local_run.plan(profile="smoke", epochs=1, artifact_root=root, overrides=overrides)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from blueprint import tracking
 from blueprint.config import parse
-from blueprint.stages import bootstrap, ppo_round, shard, warmup
+from blueprint.stages import bootstrap, ppo_round, registry, shard, warmup
 from blueprint.stages.profiles import stage_settings
 
 SPENT = {"seconds": 0.0}
@@ -71,14 +71,14 @@ def main() -> None:
         def s(stage: str) -> dict:
             return stage_settings("smoke", stage)
 
-        shards = shard.run(parse(shard.ShardConfig, s("shard")), artifact_root=root, progress=False).uri
-        base = bootstrap.run(parse(bootstrap.BootstrapConfig, s("bootstrap")), shards=shards, artifact_root=root,
+        shards = shard.run(parse(shard.ShardConfig, s(registry.SHARD)), artifact_root=root, progress=False).uri
+        base = bootstrap.run(parse(bootstrap.BootstrapConfig, s(registry.BOOTSTRAP)), shards=shards, artifact_root=root,
                              progress=False).uri
         start = time.perf_counter()
-        adapters = warmup.run(parse(warmup.WarmupConfig, s("warmup")), shards=shards, base=base, artifact_root=root,
+        adapters = warmup.run(parse(warmup.WarmupConfig, s(registry.WARMUP)), shards=shards, base=base, artifact_root=root,
                               progress=False).uri
         for index in (1, 2):
-            cfg = parse(ppo_round.PPORoundConfig, {**s("ppo-round"), "round_index": index})
+            cfg = parse(ppo_round.PPORoundConfig, {**s(registry.PPO_ROUND), "round_index": index})
             adapters = ppo_round.run(cfg, shards=shards, base=base, adapters=adapters, artifact_root=root,
                                      progress=False).uri
         wall = time.perf_counter() - start

@@ -18,25 +18,25 @@ from typing import Any
 from blueprint.config import ConfigError, parse
 from blueprint.data.sources import resolve_source
 from blueprint.errors import UserError
-from blueprint.stages import profiles, registry
-from blueprint.stages.common import checked_bases, release_memory
+from blueprint.stages import launch, profiles, registry
+from blueprint.stages.common import checked_bases
 from blueprint.store import artifacts, storage
 
 
 class BluePrint:
     """Round-trip training of a code summarizer and a code generator, on one shared base or one base each."""
 
-    def __init__(self, code_to_summary_model: str = "tiny", summary_to_code_model: str | None = None, *,
-                 dataset: str = "stdlib", artifact_root: str = "./artifacts", profile: str = "default",
+    def __init__(self, code_to_summary_model: str = profiles.DEFAULT_BASE, summary_to_code_model: str | None = None,
+                 *, dataset: str = "stdlib", artifact_root: str = profiles.ARTIFACT_ROOT,
+                 profile: str = profiles.DEFAULT_PROFILE,
                  settings: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> None:
         # paths as the user typed them (relative ones included) are resolved here, once; "" = the same base
         self.base_name, self.coder_base = checked_bases(code_to_summary_model, summary_to_code_model or "")
         self.dataset, self.progress = resolve_source(dataset), progress
         self.artifact_root = storage.normalize(artifact_root)
         self.profile = profile
-        self.settings = {s: {**profiles.stage_settings(profile, s), **(settings or {}).get(s, {})}
-                         for s in registry.STAGES}
-        self.settings["shard"]["source"] = self.dataset
+        self.settings = profiles.merged_settings(profile, settings)
+        self.settings[registry.SHARD]["source"] = self.dataset
         registry.stage_configs(self.settings, here=True)  # fail now, not after an hour
         self.shards: str | None = None
         self.base: str | None = None
@@ -45,18 +45,16 @@ class BluePrint:
         self.history: list[dict[str, Any]] = []
 
     def _stage(self, name: str, extra: dict[str, Any] | None = None, **inputs: str) -> artifacts.StageOutput:
-        spec = registry.get(name)
-        cfg = parse(spec.config_type(), {**self.settings[name], **(extra or {})})
-        try:
-            return spec.load().run(cfg, **inputs, artifact_root=self.artifact_root, progress=self.progress)
-        finally:
-            release_memory()  # this stage's model, before the next stage loads its own
+        """The stage through the launcher `blueprint stage` and the components use: its `nproc`/`nodes` hold."""
+        cfg = parse(registry.get(name).config_type(), {**self.settings[name], **(extra or {})})
+        return launch.run_stage(name, cfg, inputs, artifact_root=self.artifact_root, progress=self.progress)
 
     def prepare(self) -> None:
         """Shard the dataset, build the `tiny` base when asked for, and warm both adapters up (cached)."""
-        self.shards = self._stage("shard").uri
-        self.base = self._stage("bootstrap", shards=self.shards).uri if self.base_name == "tiny" else self.base_name
-        self.adapters = self._stage("warmup", shards=self.shards, **self._bases()).uri
+        self.shards = self._stage(registry.SHARD).uri
+        self.base = (self._stage(registry.BOOTSTRAP, shards=self.shards).uri if self.base_name == "tiny"
+                     else self.base_name)
+        self.adapters = self._stage(registry.WARMUP, shards=self.shards, **self._bases()).uri
         self._evaluate(0)
 
     def _bases(self) -> dict[str, str]:
@@ -66,21 +64,24 @@ class BluePrint:
         inputs = {"shards": self.shards, **self._bases(), "adapters": self.adapters}
         if self.evaluation:
             inputs["previous"] = self.evaluation
-        out = self._stage("evaluate", {"epoch": epoch}, **inputs)
+        out = self._stage(registry.EVALUATE, {"epoch": epoch}, **inputs)
         self.evaluation = out.uri
         self.history.append(out.metrics)
 
-    def train(self, num_epochs: int = 3, ppo_steps: int = 10, supervised_steps: int = 10) -> list[dict[str, Any]]:
+    def train(self, num_epochs: int = 3, ppo_steps: int | None = None,
+              supervised_steps: int | None = None) -> list[dict[str, Any]]:
         """Warmup, then per epoch `ppo_steps` PPO steps on the summarizer and `supervised_steps` on the coder,
-        with an evaluation after each; returns the evaluation metrics, warmup first."""
-        for name, value in (("num_epochs", num_epochs), ("ppo_steps", ppo_steps), ("supervised_steps", supervised_steps)):
+        with an evaluation after each; returns the evaluation metrics, warmup first. Steps left out are the
+        ppo-round settings' (the profile's, under `settings`), as `blueprint run` takes them."""
+        steps = {name: value for name, value in (("ppo_steps", ppo_steps), ("supervised_steps", supervised_steps))
+                 if value is not None}
+        for name, value in (("num_epochs", num_epochs), *steps.items()):
             if not isinstance(value, int) or value < (1 if name == "num_epochs" else 0):
                 raise ConfigError(f"{name} must be an integer >= {1 if name == 'num_epochs' else 0}, got {value!r}")
         self.history, self.evaluation = [], None
         self.prepare()
         for epoch in range(1, num_epochs + 1):
-            self.adapters = self._stage("ppo-round", {"round_index": epoch, "ppo_steps": ppo_steps,
-                                                      "supervised_steps": supervised_steps},
+            self.adapters = self._stage(registry.PPO_ROUND, {"round_index": epoch, **steps},
                                         shards=self.shards, **self._bases(), adapters=self.adapters).uri
             self._evaluate(epoch)
         if self.progress:
@@ -104,7 +105,7 @@ class BluePrint:
         """
         if self.adapters is None:
             raise UserError("nothing trained yet: call train() first")
-        merged = self._stage("merge", **self._bases(), adapters=self.adapters, evaluation=self.evaluation)
+        merged = self._stage(registry.MERGE, **self._bases(), adapters=self.adapters, evaluation=self.evaluation)
         for role, target in (("summarizer", code_to_summary_path), ("coder", summary_to_code_path)):
             _publish(storage.join(merged.uri, role), merged.manifest, role, storage.normalize(str(target)),
                      overwrite)

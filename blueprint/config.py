@@ -13,6 +13,7 @@ import re
 import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -174,12 +175,14 @@ def parse(cls: type[S], values: dict[str, Any] | None = None, **overrides: Any) 
     return cls(**{**(values or {}), **overrides})
 
 
-def describe(cls: type[Settings]) -> str:
-    """One line per setting: name, type, default and help (the `--help` of a stage)."""
+def describe(cls: type[Settings], profile: Mapping[str, Any] | None = None, profile_name: str = "") -> str:
+    """One line per setting: name, type, default and help (the `--help` of a stage); with `profile`, the value
+    that profile gives beside the default it overrides."""
     lines = []
     for name, field in cls.model_fields.items():
         kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-        lines.append(f"  {name} ({kind}, default {field.get_default(call_default_factory=True)!r})")
+        given = f"; {profile_name} profile: {profile[name]!r}" if profile and name in profile else ""
+        lines.append(f"  {name} ({kind}, default {field.get_default(call_default_factory=True)!r}{given})")
         if field.description:
             lines.append(textwrap.fill(field.description, 110, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from blueprint.stages import registry
+
 TENSORBOARD_DIR = "tensorboard"
 RUN_ENV = "BLUEPRINT_PIPELINE_RUN"  # the pipeline run a stage belongs to, for its MLflow tags
 EXPERIMENT = "blueprint"  # the MLflow experiment when neither KFP's run nor MLFLOW_EXPERIMENT_NAME names one
@@ -238,7 +240,7 @@ def stage_tracker(stage: str, out_dir: Path, settings: Mapping[str, Any], out_ur
 def run_name(stage: str, manifest: Mapping[str, Any]) -> str:
     """A training output's name in a combined view: `warmup`, `ppo-round-2`."""
     index = (manifest.get("config") or {}).get("round_index")
-    return f"{stage}-{index}" if stage == "ppo-round" and index is not None else stage
+    return f"{stage}-{index}" if stage == registry.PPO_ROUND and index is not None else stage
 
 
 def gather_logdir(root: str, into: Path, run: str | None = None) -> dict[str, str]:

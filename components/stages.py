@@ -7,6 +7,7 @@ and evaluate and the gate an `HTML` page with their plots and tables.
 The same definitions run on Kubeflow and under `kfp.local` (SubprocessRunner runs lightweight components only).
 """
 
+import inspect
 import os
 from typing import Any, NamedTuple
 
@@ -65,29 +66,34 @@ def warmup(artifact_root: str, shards: str, base: str, coder_base: str, settings
 def ppo_round(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, round_index: int,
               ppo_steps: int, supervised_steps: int, settings: dict, force: bool, metrics: Output[Metrics],
               report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages import registry
     from blueprint.stages.task import model_inputs, run_stage_task
     settings = {**settings, "round_index": round_index, "ppo_steps": ppo_steps,
                 "supervised_steps": supervised_steps}
-    return run_stage_task("ppo-round", settings, model_inputs(base, coder_base, shards=shards, adapters=adapters),
-                          artifact_root, force, metrics, report.path)
+    return run_stage_task(registry.PPO_ROUND, settings,
+                          model_inputs(base, coder_base, shards=shards, adapters=adapters), artifact_root, force,
+                          metrics, report.path)
 
 
 def evaluate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, previous: str,
              epoch: int, settings: dict, force: bool, metrics: Output[Metrics],
              report: Output[Markdown], page: Output[HTML]) -> NamedTuple("StageResult", uri=str, key=str):
     """The report and its plots also as an HTML page (the KFP UI's HTML viewer)."""
+    from blueprint.stages import registry
     from blueprint.stages.task import model_inputs, run_stage_task
     inputs = model_inputs(base, coder_base, shards=shards, adapters=adapters, previous=previous)
-    return run_stage_task("evaluate", {**settings, "epoch": epoch}, inputs, artifact_root, force,
+    return run_stage_task(registry.EVALUATE, {**settings, "epoch": epoch}, inputs, artifact_root, force,
                           metrics, report.path, page.path)
 
 
 def merge(artifact_root: str, base: str, coder_base: str, adapters: str, evaluation: str, settings: dict,
           force: bool, metrics: Output[Metrics],
           report: Output[Markdown]) -> NamedTuple("StageResult", uri=str, key=str):
+    from blueprint.stages import registry
     from blueprint.stages.task import model_inputs, run_stage_task
-    return run_stage_task("merge", settings, model_inputs(base, coder_base, adapters=adapters, evaluation=evaluation),
-                          artifact_root, force, metrics, report.path)
+    return run_stage_task(registry.MERGE, settings,
+                          model_inputs(base, coder_base, adapters=adapters, evaluation=evaluation), artifact_root, force,
+                          metrics, report.path)
 
 
 def gate(artifact_root: str, shards: str, base: str, coder_base: str, adapters: str, evaluation: str, models: str,
@@ -110,17 +116,24 @@ def promote(artifact_root: str, run_id: str, settings: dict, force: bool, metric
     return promote_task(settings, run_id, artifact_root, force, metrics, report.path)
 
 
-STAGE_FUNCTIONS = (shard_plan, shard_part, shard, bootstrap, warmup, ppo_round, evaluate, merge, gate, promote)
+def body(task: str) -> Any:
+    """The component body of pipeline task kind `task` (a registry stage or one of its fan-out tasks), found by
+    name: `ppo-round` -> `ppo_round` above; a stage of the registry without one is named."""
+    fn = globals().get(task.replace("-", "_"))
+    if fn is None:
+        raise AssertionError(f"stage task {task!r} of the registry has no component body in {__name__}")
+    return fn
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
-    """{stage name: its component} for every stage of the registry, bound to container `image` (an empty tag is
-    refused)."""
+    """{task kind: its component} for every stage of the registry and its fan-out tasks, bound to container
+    `image` (an empty tag is refused). A stage's component returns the outputs its registry entry names."""
     if not image or image.endswith(":") or image.strip() != image:
         raise ConfigError(f"component image {image!r} is not a valid image reference")
     component = dsl.component(base_image=image, install_kfp_package=False)
-    comps = {fn.__name__.replace("_", "-"): component(fn) for fn in STAGE_FUNCTIONS}
-    missing, extra = set(registry.task_names()) - set(comps), set(comps) - set(registry.task_names())
-    if missing or extra:
-        raise AssertionError(f"components and the stage registry disagree: missing {missing}, extra {extra}")
+    comps = {task: component(body(task)) for task in registry.task_names()}
+    for name, spec in registry.STAGES.items():
+        outputs = inspect.signature(body(name)).return_annotation._fields
+        if outputs != spec.outputs:
+            raise AssertionError(f"component {name} returns {outputs}, its registry entry says {spec.outputs}")
     return comps

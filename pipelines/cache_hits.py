@@ -84,7 +84,8 @@ def answer_hit(full_command: list[str]) -> bool:
             exec(compile(source, "ephemeral_component.py", "exec", dont_inherit=True), namespace)
             with hits_only.on():
                 Executor(executor_input=executor_input, function_to_execute=namespace[name]).execute()
-        except (hits_only.NotCached, Exception, SystemExit):  # work to do, or a failure: its own process shows it
+        # work to do, or any failure at all: the task's own process runs it and shows what went wrong
+        except (hits_only.NotCached, Exception, SystemExit):  # noqa: BLE001
             return False
     for line in lines.getvalue().splitlines(keepends=True):
         print(line, end="")  # through kfp.local's print, as the task's own process's lines are

@@ -15,7 +15,7 @@ from blueprint import __version__
 from blueprint.config import ConfigError, describe, load_file, parse, parse_assignments
 from blueprint.data.sources import resolve_source
 from blueprint.errors import USER_ERRORS, TaskFailed
-from blueprint.stages import launch, registry
+from blueprint.stages import launch, profiles, registry
 from blueprint.stages.common import resolve_input
 from blueprint.store import artifacts, storage
 
@@ -55,24 +55,26 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
-class _StageHelp(argparse.Action):
-    """`blueprint stage NAME --help`: the flags, then every setting of the stage with its type, default and help
-    (read from the stage's config class only when asked, so the command starts without importing every stage)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        spec = registry.get(parser.prog.split()[-1])
-        parser.epilog = f"settings (--set KEY=VALUE, or --config FILE):\n{describe(spec.config_type())}"
-        parser.print_help()
-        parser.exit()
+def _stage_help(args: argparse.Namespace) -> None:
+    """`blueprint stage NAME --help [--profile P]`: the flags, then every setting of the stage with its type, default,
+    the value profile P gives it and help (read from the stage's config class only when asked, so the command starts
+    without importing every stage; after every flag is read, so `--profile` counts wherever it stands)."""
+    spec = registry.get(args.name)
+    given = profiles.stage_settings(args.profile, spec.name)
+    args.parser.epilog = (f"settings (--set KEY=VALUE, or --config FILE, over the {args.profile} profile's):\n"
+                          f"{describe(spec.config_type(), given, args.profile)}")
+    args.parser.print_help()
+    args.parser.exit()
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    if args.help:
+        _stage_help(args)
     spec = registry.get(args.name)
-    module = spec.load()
-    cfg = parse(spec.config_type(), _settings(args))
+    cfg = parse(spec.config_type(), {**profiles.stage_settings(args.profile, spec.name), **_settings(args)})
     inputs = {name: resolve_input(name, str(uri)) for name, uri in parse_assignments(args.input).items()}
     missing = [name for name in spec.inputs if name not in inputs]
-    unknown = sorted(set(inputs) - set(spec.inputs) - set(getattr(module, "OPTIONAL_INPUTS", ())))
+    unknown = sorted(set(inputs) - set(spec.inputs) - set(spec.optional_inputs))
     if missing or unknown:
         raise ConfigError(f"stage {spec.name} takes inputs {', '.join(spec.inputs) or '(none)'}: "
                           f"missing {missing or 'none'}, unknown {unknown or 'none'}")
@@ -155,7 +157,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifact-root", default="./artifacts",
+    p.add_argument("--artifact-root", default=profiles.ARTIFACT_ROOT,
                    help="root of the content-addressed stage cache (file:// path or s3://bucket/prefix)")
     p.add_argument("--out", default=None, help="explicit output URI instead of the content-addressed one")
     p.add_argument("--force", action="store_true", help="recompute even when a committed output exists")
@@ -166,13 +168,14 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_run_command(sub) -> None:
     r = sub.add_parser("run", help="run the whole pipeline locally through kfp.local (the embedded default)")
-    r.add_argument("--profile", default="default", help="settings bundle: default | smoke")
-    r.add_argument("--epochs", type=int, default=2)
+    r.add_argument("--profile", default=profiles.DEFAULT_PROFILE,
+                   help=f"named set of settings over the stages' defaults: {' | '.join(profiles.PROFILE_NAMES)}")
+    r.add_argument("--epochs", type=int, default=profiles.EPOCHS, help="PPO rounds")
     r.add_argument("--source", default=None, help="corpus (default: the profile's, stdlib)")
-    r.add_argument("--base", default="tiny", help="the summarizer's base (and the coder's): tiny | hub id | local "
-                                                  "dir | s3:// dir")
+    r.add_argument("--base", default=profiles.DEFAULT_BASE,
+                   help="the summarizer's base (and the coder's): tiny | hub id | local dir | s3:// dir")
     r.add_argument("--coder-base", default="", help="the coder's own base, when it is another model (default: --base)")
-    r.add_argument("--artifact-root", default="./artifacts")
+    r.add_argument("--artifact-root", default=profiles.ARTIFACT_ROOT)
     r.add_argument("--runner", default="subprocess", choices=["subprocess", "docker"])
     r.add_argument("--image", default=None, help="component image for --runner docker (default: blueprint:VERSION, what `make image-cpu` builds)")
     r.add_argument("--config", default=None, help="YAML/JSON file: {stage: {setting: value}}")
@@ -188,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"blueprint {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shard", help="extract (code, summary) pairs into Parquet shards")
+    s = sub.add_parser(registry.SHARD, help="extract (code, summary) pairs into Parquet shards")
     s.add_argument("--source", default=None, help="stdlib | dir:PATH | hf:ID[:CONFIG] | jsonl:/parquet:/csv:PATH")
     s.add_argument("--num-shards", type=int, default=None)
     s.add_argument("--eval-fraction", type=float, default=None)
@@ -203,18 +206,21 @@ def parser() -> argparse.ArgumentParser:
     for spec in registry.STAGES.values():
         one = names.add_parser(spec.name, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                                help=f"inputs: {', '.join(spec.inputs) or '(none)'}")
-        one.add_argument("-h", "--help", action=_StageHelp, nargs=0, help="show this stage's settings and exit")
+        one.add_argument("-h", "--help", action="store_true", help="show this stage's settings (with --profile: "
+                                                                   "the values it gives) and exit")
+        one.add_argument("--profile", default=profiles.DEFAULT_PROFILE,
+                         help=f"named set of settings under --config/--set: {' | '.join(profiles.PROFILE_NAMES)}")
         one.add_argument("--input", action="append", metavar="NAME=URI",
                          help=f"an input ({', '.join(spec.inputs) or 'none'}), e.g. shards=s3://b/shard/KEY")
         _add_output_flags(one)
-        one.set_defaults(func=cmd_stage)
+        one.set_defaults(func=cmd_stage, parser=one)
 
     _add_run_command(sub)
 
     c = sub.add_parser("compile", help="write the pipeline's KFP IR YAML")
     c.add_argument("--out", default="pipeline.yaml")
-    c.add_argument("--epochs", type=int, default=2)
-    c.add_argument("--profile", default="default")
+    c.add_argument("--epochs", type=int, default=profiles.EPOCHS, help="PPO rounds (unrolled at compile time)")
+    c.add_argument("--profile", default=profiles.DEFAULT_PROFILE, help=' | '.join(profiles.PROFILE_NAMES))
     c.add_argument("--image", default=None, help="component image (default: $BLUEPRINT_IMAGE or the release tag)")
     c.add_argument("--artifact-root", default="s3://blueprint/artifacts", help="default of the artifact_root parameter")
     c.set_defaults(func=cmd_compile)
@@ -231,7 +237,7 @@ def parser() -> argparse.ArgumentParser:
     store_commands.add_commands(sub)
 
     ls = sub.add_parser("ls", help="list committed stage outputs under an artifact root")
-    ls.add_argument("artifact_root", nargs="?", default="./artifacts")
+    ls.add_argument("artifact_root", nargs="?", default=profiles.ARTIFACT_ROOT)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
     return p

@@ -76,18 +76,8 @@ def _resources(cpu_request: str, cpu_limit: str, memory_request: str, memory_lim
                      memory_limit=memory_limit)
 
 
-# Sized for the default profile (a tiny base) on a modest cluster; a real base needs more (override per stage).
-# Memory limits guard the node against a runaway pod; CPU limits are generous because throttling only slows.
-DEFAULT_RESOURCES: dict[str, Resources] = {
-    "shard": _resources("1", "4", "2Gi", "8Gi"),
-    "bootstrap": _resources("2", "4", "4Gi", "8Gi"),
-    "warmup": _resources("2", "8", "8Gi", "16Gi"),
-    "ppo-round": _resources("2", "8", "8Gi", "16Gi"),
-    "evaluate": _resources("2", "8", "8Gi", "16Gi"),
-    "merge": _resources("1", "4", "8Gi", "16Gi"),
-    "gate": _resources("2", "8", "8Gi", "16Gi"),  # may evaluate the champion again, as evaluate does
-    "promote": _resources("250m", "1", "512Mi", "1Gi"),
-}
+DEFAULT_RESOURCES: dict[str, Resources] = {name: _resources(*spec.resources)
+                                            for name, spec in registry.STAGES.items()}  # from the registry
 # The task of a multi-node stage creates its TrainJob, streams its log and finds the committed output afterwards.
 LAUNCHER_RESOURCES = _resources("500m", "2", "2Gi", "4Gi")
 SHM_VOLUME = "dshm"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from blueprint.stages import registry
 from pipelines import cluster, compile_pipeline
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
@@ -20,7 +21,8 @@ GOLDEN_IMAGE = "ghcr.io/blueprint-rt/blueprint:golden"
 CASES = {"pipeline_epochs1.yaml": {"epochs": 1}, "pipeline_epochs3.yaml": {"epochs": 3}}
 TRAINJOB_CASE = "trainjob_ppo_round.yaml"
 GOLDEN_POD_UID = "00000000-0000-4000-8000-000000000000"  # the task's pod, as the downward API would give it
-TRAINJOB_CLUSTER = {"gpu": True, "gpu_count": 4, "nodes": {"ppo-round": 2}, "s3_secret": "mlpipeline-minio-artifact",
+TRAINJOB_CLUSTER = {"gpu": True, "gpu_count": 4, "nodes": {registry.PPO_ROUND: 2},
+                    "s3_secret": "mlpipeline-minio-artifact",
                     "s3_access_key_field": "accesskey", "s3_secret_key_field": "secretkey",
                     "s3_endpoint": "http://minio-service.kubeflow:9000", "node_selector": {"pool": "gpu"},
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
@@ -51,14 +53,14 @@ def trainjob_case() -> dict:
 
     settings = cluster.from_mapping(TRAINJOB_CLUSTER)
     environ = {trainjob.ENV_IMAGE: GOLDEN_IMAGE, trainjob.ENV_NAMESPACE: "kubeflow",
-               trainjob.ENV_NODE: cluster.node_settings(settings, "ppo-round").model_dump_json(),
+               trainjob.ENV_NODE: cluster.node_settings(settings, registry.PPO_ROUND).model_dump_json(),
                trainjob.ENV_SERVICE_ACCOUNT: "pipeline-runner", "AWS_ENDPOINT_URL": settings.s3_endpoint,
                trainjob.ENV_POD_NAME: "blueprint-ppo-round-task", trainjob.ENV_POD_UID: GOLDEN_POD_UID}
     root = "s3://blueprint/artifacts"
     inputs = {name: f"{root}/{name}/0123abcd" for name in ("shards", "base", "adapters")}
-    request = launch.request("ppo-round", {**cluster.stage_defaults(settings)["ppo-round"], "round_index": 1},
-                             inputs, root, False)
-    plan = trainjob.plan_from_env("ppo-round", request, nodes=2, nproc_per_node=4, environ=environ,
+    round_settings = {**cluster.stage_defaults(settings)[registry.PPO_ROUND], "round_index": 1}
+    request = launch.request(registry.PPO_ROUND, round_settings, inputs, root, False)
+    plan = trainjob.plan_from_env(registry.PPO_ROUND, request, nodes=2, nproc_per_node=4, environ=environ,
                                   name="blueprint-ppo-round-golden")
     return trainjob.trainjob_spec(plan)
 

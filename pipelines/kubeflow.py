@@ -24,6 +24,7 @@ from typing import Any
 
 from blueprint.config import ConfigError
 from blueprint.errors import UserError
+from blueprint.stages import registry
 from blueprint.store import storage
 from pipelines import cluster
 from pipelines.package import parse_params, pipeline_parameters, read_package, s3_secret_names
@@ -54,7 +55,7 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s3-endpoint", default=None, help="AWS_ENDPOINT_URL for the pods, e.g. "
                                                        "http://minio-service.kubeflow:9000")
     g.add_argument("--gpu", action="store_true", default=None, help="request an accelerator for "
-                                                                    "warmup/ppo-round/evaluate/merge")
+                                                                    f"{'/'.join(registry.accelerator_stages())}")
     g.add_argument("--accelerator", default=None, help="accelerator resource, default nvidia.com/gpu")
     g.add_argument("--gpu-count", type=int, default=None, help="accelerators per GPU stage (default 1)")
     g.add_argument("--retries", type=int, default=None, help="retries per stage, exponential backoff")
@@ -80,7 +81,7 @@ def compile_package(path: str, *, epochs: int, profile: str, image: str, artifac
     from blueprint.stages import profiles
     from pipelines import compile_pipeline
 
-    profiles.stage_settings(profile, "shard")  # unknown profile -> ValueError naming it
+    profiles.stage_settings(profile, registry.SHARD)  # unknown profile -> ValueError naming it
     storage.refuse_credentials(artifact_root, setting="--artifact-root")  # it becomes a YAML default
     compile_pipeline(path, epochs=epochs, profile=profile, image=image, artifact_root=artifact_root,
                      configure_task=cluster.configure_task(settings), defaults=cluster.stage_defaults(settings),
@@ -184,7 +185,7 @@ def pipeline_package(args: argparse.Namespace, warm_start: bool = False) -> Iter
 
     settings = cluster_settings(args)
     if warm_start:  # same parameters every run: a KFP cache hit would hand back last run's warmup forever
-        settings = settings.model_copy(update={"caching": {**settings.caching, "warmup": False}})
+        settings = settings.model_copy(update={"caching": {**settings.caching, registry.WARMUP: False}})
     with tempfile.TemporaryDirectory(prefix="blueprint-kfp-") as tmp:
         yield compile_package(str(Path(tmp) / "pipeline.yaml"), epochs=2 if args.epochs is None else args.epochs,
                               profile="default" if args.profile is None else args.profile,

@@ -34,23 +34,23 @@ class RunPlan:
     arguments: dict[str, Any]
 
 
-def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./artifacts", source: str | None = None,
-         base: str = "tiny", overrides: dict[str, dict[str, Any]] | None = None, force: bool = False,
+def plan(profile: str = profiles.DEFAULT_PROFILE, epochs: int = profiles.EPOCHS,
+         artifact_root: str = profiles.ARTIFACT_ROOT, source: str | None = None,
+         base: str = profiles.DEFAULT_BASE, overrides: dict[str, dict[str, Any]] | None = None, force: bool = False,
          coder_base: str = "") -> RunPlan:
     """Merge profile defaults with `overrides` ({stage: {key: value}}) and validate every stage's settings."""
     if epochs < 1:
         raise ConfigError(f"parameter 'epochs' must be at least 1, got {epochs}")
-    overrides = overrides or {}
-    registry.check_stage_names(overrides)  # named before anything else
-    settings = {s: {**profiles.stage_settings(profile, s), **overrides.get(s, {})} for s in PIPELINE_STAGES}
+    settings = profiles.merged_settings(profile, overrides)  # an unknown stage is named before anything else
     if source is not None:
-        settings["shard"]["source"] = source
+        settings[registry.SHARD]["source"] = source
     base, coder_base = checked_bases(base, coder_base)
     configs = registry.stage_configs(settings, lambda stage: f"parameter {PARAM_OF_STAGE[stage]}", here=True)
     from blueprint.data.sources import Source, parse_source, resolve_source
 
     try:
-        source_spec = settings["shard"]["source"] = resolve_source(settings["shard"].get("source", "stdlib"))
+        shard_settings = settings[registry.SHARD]
+        source_spec = shard_settings["source"] = resolve_source(shard_settings.get("source", "stdlib"))
         if parse_source(source_spec).kind == "dir":
             Source(source_spec).root()
     except ValueError as exc:
@@ -59,7 +59,7 @@ def plan(profile: str = "default", epochs: int = 2, artifact_root: str = "./arti
         artifact_root = storage.normalize(artifact_root)
     storage.check_writable(artifact_root)
     # the seed's knobs and the source are also flat pipeline parameters; the components let those win
-    ppo = configs["ppo-round"]
+    ppo = configs[registry.PPO_ROUND]
     args = {"artifact_root": artifact_root, "source": source_spec, "base": base, "coder_base": coder_base,
             "ppo_steps": ppo.ppo_steps,
             "supervised_steps": ppo.supervised_steps, "force": force}
@@ -171,8 +171,8 @@ def summary(plan_: RunPlan, result: dict[str, Any]) -> str:
     history = storage.read_json(storage.join(evaluation, "history.json"))
     gate = None
     record = runs.latest_record(root, evaluation=evaluation)
-    if record and record["outputs"].get("gate"):
-        gate = storage.read_json(storage.join(record["outputs"]["gate"], "gate.json"))
+    if record and record["outputs"].get(registry.GATE):
+        gate = storage.read_json(storage.join(record["outputs"][registry.GATE], "gate.json"))
     paths = {"merged models": f"{storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}",
              "report": storage.join(evaluation, "report.html"),
              "plots": f"{storage.join(evaluation, 'metrics.png')}, curves.png beside it",

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from blueprint.config import ConfigError
+from blueprint.stages import registry
 
 
 def read_package(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -98,13 +99,18 @@ def parse_params(items: list[str] | None, spec: dict[str, Any]) -> dict[str, Any
 
 def _check_stage_settings(arguments: dict[str, Any], spec: dict[str, Any]) -> None:
     """Build every stage config the run will get, so a bad setting fails here, naming its parameter."""
-    from blueprint.stages import registry
-
     params, param_of = pipeline_parameters(spec), registry.param_of_stage()
     settings = {stage: dict(arguments[param]) for stage, param in param_of.items() if param in arguments}
-    if "shard" in settings:
-        settings["shard"].setdefault("source", arguments.get("source", params.get("source", {}).get("defaultValue")))
+    if registry.SHARD in settings:
+        settings[registry.SHARD].setdefault("source", arguments.get("source",
+                                                                    params.get("source", {}).get("defaultValue")))
     registry.stage_configs(settings, lambda stage: f"--param {param_of[stage]}")
+
+
+def warmup_cached(spec: dict[str, Any]) -> bool:
+    """Whether the compiled pipeline `spec` KFP-caches its warmup task (a warm start would get the first run's)."""
+    task = spec["root"].get("dag", {}).get("tasks", {}).get(registry.WARMUP, {})
+    return bool(task.get("cachingOptions", {}).get("enableCache"))
 
 
 def s3_secret_names(platform: dict[str, Any]) -> set[str]:

@@ -28,7 +28,7 @@ from blueprint.errors import UserError
 from pipelines import kubeflow
 from pipelines.cron import kfp_cron
 from pipelines.kubeflow import KubeflowError, talking_to
-from pipelines.package import pipeline_parameters, read_package
+from pipelines.package import pipeline_parameters, read_package, warmup_cached
 
 PAGE_SIZE = 100
 
@@ -137,7 +137,7 @@ def _warm_start(args: argparse.Namespace, spec: dict[str, Any], source: str) -> 
     if "warm_start" not in pipeline_parameters(spec):
         raise ConfigError("--warm-start: this pipeline has no warm_start parameter (wire "
                           "blueprint.stages.warm_start.warmup_task into the warmup component)")
-    if spec["root"].get("dag", {}).get("tasks", {}).get("warmup", {}).get("cachingOptions", {}).get("enableCache"):
+    if warmup_cached(spec):
         raise ConfigError(f"--warm-start: {source} KFP-caches its warmup task, so every run would get the first "
                           "run's warmup back; let schedule compile it (drop the pinned version)")
     return {"warm_start": True}

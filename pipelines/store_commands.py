@@ -11,6 +11,7 @@ import json
 import re
 
 from blueprint.config import ConfigError
+from blueprint.stages import profiles
 from blueprint.store import promotion, retention, storage
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -108,7 +109,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("promoted", help="show the promoted model of a name and its history")
     p.add_argument("artifact_root")
-    p.add_argument("--name", default="blueprint", help="promotion name (the pipeline's promotion_name)")
+    p.add_argument("--name", default=profiles.PROMOTION_NAME, help="promotion name (the pipeline's promotion_name)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_promoted)
 

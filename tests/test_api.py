@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blueprint import BluePrint
 from blueprint.models.tiny import train_bpe_tokenizer
-from blueprint.store import storage
+from blueprint.store import artifacts, storage
 
 SMOKE = {"shard": {k: v for k, v in SMOKE_SHARD.items() if k != "source"}, "warmup": SMOKE_WARMUP,
          "ppo-round": {k: v for k, v in SMOKE_PPO.items() if k not in ("ppo_steps", "supervised_steps")},
@@ -107,3 +107,23 @@ def test_a_stage_run_by_the_api_leaves_no_model_behind(smoke_chain, tmp_path):
         assert alive() - before == set()
     finally:
         gc.enable()
+
+
+def test_the_api_runs_a_stage_on_the_processes_its_nproc_asks_for(smoke_chain, tmp_path, capsys):
+    """The API goes through the same launcher as `blueprint stage` and the components: warmup with nproc=2
+    starts two ranks under torchrun (gloo on this CPU) instead of silently running one process."""
+    base_dir = str(storage.local_path(smoke_chain["base"]))
+    settings = {**SMOKE, "warmup": {**SMOKE_WARMUP, "nproc": 2}}
+    bp = BluePrint(base_dir, base_dir, artifact_root=str(tmp_path / "artifacts"), settings=settings)
+    bp.prepare()
+    assert "warmup: starting 2 processes" in capsys.readouterr().out
+    assert bp.adapters and bp.history[0]["examples"] > 0
+
+
+def test_train_without_step_counts_takes_them_from_the_settings_as_blueprint_run_does(smoke_chain, tmp_path):
+    base_dir = str(storage.local_path(smoke_chain["base"]))
+    settings = {**SMOKE, "ppo-round": {**SMOKE["ppo-round"], "ppo_steps": 1, "supervised_steps": 1}}
+    bp = BluePrint(base_dir, base_dir, artifact_root=str(tmp_path / "artifacts"), settings=settings, progress=False)
+    bp.train(num_epochs=1)
+    manifest = artifacts.read_manifest(bp.adapters)
+    assert (manifest["config"]["ppo_steps"], manifest["config"]["supervised_steps"]) == (1, 1)

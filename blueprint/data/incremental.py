@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from blueprint.data.extract import UNREAD, Result
 from blueprint.data.file_reading import content_identity, read_regular
+from blueprint.stages import registry
 from blueprint.store import artifacts, storage
 
 INDEX_VERSION = "blueprint-shard-index/4"  # 3: pairs by count per input, the local mtime_ns; 4: tests column
@@ -121,9 +122,9 @@ def extraction_key(config: dict[str, Any]) -> dict[str, Any]:
 def find_previous(root: str, key: dict[str, Any], exclude: str | None = None) -> str | None:
     """The newest committed shard output under `root` with an index and the same extraction key, or None. A whole
     dataset (every input) comes before a fan-out part (one partition's inputs)."""
-    rows = [r for r in artifacts.cached_outputs(root) if r["stage"] in ("shard", "shard-part")
+    rows = [r for r in artifacts.cached_outputs(root) if r["stage"] in (registry.SHARD, registry.SHARD_PART)
             and (exclude is None or storage.normalize(r["uri"]) != storage.normalize(exclude))]  # not itself (force)
-    for row in sorted(rows, key=lambda r: (r["stage"] == "shard", r["created"]), reverse=True):
+    for row in sorted(rows, key=lambda r: (r["stage"] == registry.SHARD, r["created"]), reverse=True):
         manifest = storage.read_json(artifacts.manifest_uri(row["uri"]))
         if INPUTS_FILE in manifest.get("files", {}) and extraction_key(manifest.get("config", {})) == key:
             return row["uri"]

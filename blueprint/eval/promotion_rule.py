@@ -17,6 +17,7 @@ from blueprint.config import ConfigError, Settings, setting
 from blueprint.eval.report import DESCRIPTIONS, SAMPLED
 from blueprint.models.runtime import RuntimeSettings
 
+PROMOTE, KEEP = "promote", "keep"  # the gate's decisions (also its 0/1 figure, named PROMOTE)
 NOT_SCORES = ("epoch", "examples", "seconds", "tested_examples", "sandbox")  # figures that do not judge the model
 # metric -> (the least every promoted model reaches, what falling short means). Not settings: no profile lowers them.
 SANITY_FLOORS: dict[str, tuple[float, str]] = {

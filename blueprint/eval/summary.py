@@ -89,7 +89,9 @@ def run_summary(history: Sequence[Mapping[str, Any]], gate: Mapping[str, Any] | 
                  "docstrings earn):", ""]
     lines += epoch_table(history)
     if gate:
-        decision = "promoted" if gate.get("decision") == "promote" else "not promoted"
+        from blueprint.eval.promotion_rule import PROMOTE
+
+        decision = "promoted" if gate.get("decision") == PROMOTE else "not promoted"
         lines += ["", f"gate: {decision}: {gate.get('why', '')}"]
     if verdict:
         verdict_head, _, missed = verdict.partition(": ")

@@ -21,12 +21,13 @@ from blueprint.errors import InputError, check_finite_loss
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, summary_prompt
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.progress import note
+from blueprint.stages import registry
 from blueprint.stages.common import quiet_libraries
 from blueprint.store import artifacts
 
 PRESETS = ("micro", "tiny")  # sizes in blueprint.models.tiny.PRESETS
 
-STAGE = "bootstrap"
+STAGE = registry.BOOTSTRAP
 MEMORY_BUDGETS = ("batch_size", "seq_len")  # the settings an out-of-memory error names
 
 
@@ -123,7 +124,7 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: 
     model.train()
     order = torch.randperm(len(blocks), generator=gen)
     losses: list[float] = []
-    bar = Progress("bootstrap", steps, progress)
+    bar = Progress(registry.BOOTSTRAP, steps, progress)
     for step in range(steps):
         idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)][share.start:share.stop]
         batch = blocks[idx].to(where.device)

@@ -44,7 +44,7 @@ from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, enc
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import clip_tokens
 from blueprint.progress import Progress
-from blueprint.stages import code_tests
+from blueprint.stages import code_tests, registry
 from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
 from blueprint.stages.common import is_artifact
 from blueprint.store import artifacts
@@ -52,9 +52,8 @@ from blueprint.store import artifacts
 if TYPE_CHECKING:
     import torch
 
-STAGE = "evaluate"
+STAGE = registry.EVALUATE
 MEMORY_BUDGETS = ("batch_size", "score_batch_tokens")  # the settings an out-of-memory error names
-OPTIONAL_INPUTS = ("previous", "coder_base")
 COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 
 

@@ -14,14 +14,23 @@ from typing import Any
 
 from blueprint.config import parse, setting
 from blueprint.errors import InputError
-from blueprint.eval.promotion_rule import SANITY_FLOORS, PromotionRule, comparable_config, decide, missed_floors, number
+from blueprint.eval.promotion_rule import (
+    KEEP,
+    PROMOTE,
+    SANITY_FLOORS,
+    PromotionRule,
+    comparable_config,
+    decide,
+    missed_floors,
+    number,
+)
 from blueprint.eval.report import comparison_table, html_page
 from blueprint.models.runtime import RuntimeSettings
 from blueprint.progress import note
+from blueprint.stages import profiles, registry
 from blueprint.store import artifacts, promotion, storage
 
-STAGE = "gate"
-OPTIONAL_INPUTS = ("coder_base",)
+STAGE = registry.GATE
 GATE_FILE = "gate.json"
 RUNTIME_FIELDS = tuple(RuntimeSettings.model_fields)
 
@@ -31,7 +40,8 @@ class GateConfig(PromotionRule, RuntimeSettings):
 
     error_prefix = ""
 
-    name: str = setting("blueprint", "promotion name: the pointer promoted/{name}.json this run competes for")
+    name: str = setting(profiles.PROMOTION_NAME,
+                        "promotion name: the pointer promoted/{name}.json this run competes for")
 
 
 def champion_metrics(cfg: GateConfig, champion: dict[str, Any], shards: str, evaluation: dict[str, Any],
@@ -48,7 +58,7 @@ def champion_metrics(cfg: GateConfig, champion: dict[str, Any], shards: str, eva
     if same_split and comparable_config(judged) == comparable_config(evaluation):
         return dict(judged.get("metrics", {})), champion["evaluation"]
     note(STAGE, f"the champion was evaluated on other data or settings: evaluating it on {shards}", progress)
-    spec = registry.get("evaluate")
+    spec = registry.get(registry.EVALUATE)
     values = {**comparable_config(evaluation), **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}}
     out = spec.load().run(parse(spec.config_type(), values), shards=shards, base=champion["base"],
                           coder_base=champion.get("coder_base") or None, adapters=champion["adapters"],
@@ -64,8 +74,9 @@ def compute(cfg: GateConfig, challenger: dict[str, Any], root: str, out_dir: Pat
                       if champion else (None, None))
     ours = dict(evaluation.get("metrics", {}))
     promote, why = decide(ours, theirs, cfg)
-    note(STAGE, f"{'promote' if promote else 'keep the champion'}: {why}", progress)
-    record = {"decision": "promote" if promote else "keep", "why": why, "name": cfg.name,
+    decision = PROMOTE if promote else KEEP
+    note(STAGE, f"{PROMOTE if promote else 'keep the champion'}: {why}", progress)
+    record = {"decision": decision, "why": why, "name": cfg.name,
               "missed_floors": missed_floors(ours, cfg),
               "challenger": {**challenger, "metrics": ours},
               "champion": None if champion is None else {"version": version, "evaluation": judged,
@@ -75,7 +86,7 @@ def compute(cfg: GateConfig, challenger: dict[str, Any], root: str, out_dir: Pat
     text = gate_report(record)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     (out_dir / "report.html").write_text(html_page(text, f"BluePrint gate: {record['decision']}"), encoding="utf-8")
-    return {"promote": float(promote), f"challenger_{cfg.metric}": number(ours, cfg.metric),
+    return {PROMOTE: float(promote), f"challenger_{cfg.metric}": number(ours, cfg.metric),
             **({f"champion_{cfg.metric}": number(theirs, cfg.metric)} if theirs else {})}
 
 
@@ -130,6 +141,7 @@ def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, art
         record = storage.read_json(storage.join(uri, GATE_FILE))
         if run_id:  # the champion's re-evaluation too, so gc keeps what this judgement read
             judged = (record.get("champion") or {}).get("evaluation")
-            runs.write_record(artifact_root, run_id, {**inputs, "gate": uri, "champion_evaluation": judged or ""},
+            runs.write_record(artifact_root, run_id,
+                              {**inputs, registry.GATE: uri, "champion_evaluation": judged or ""},
                               {"decision": record["decision"]})
     return record["decision"]

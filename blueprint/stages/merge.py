@@ -30,14 +30,14 @@ from blueprint.eval.report import DESCRIPTIONS, table
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.progress import Progress
+from blueprint.stages import registry
 from blueprint.stages.adapter_set import BASE_FILE, Bases, fetch_adapter_set, key_settings
 from blueprint.stages.common import is_artifact, open_base
 from blueprint.store import artifacts, storage
 
-STAGE = "merge"
+STAGE = registry.MERGE
 MEMORY_BUDGETS = ("check_batch",)  # the settings an out-of-memory error names
 SAVE_DTYPES = ("base", "float32", "bfloat16", "float16")
-OPTIONAL_INPUTS = ("evaluation", "coder_base")
 
 # Fixed check inputs: real-looking prompts of the role's own format, so the adapted attention paths are exercised.
 CHECK_CODES = (
@@ -199,7 +199,7 @@ def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
     if not evaluation:
         return {}
     manifest = artifacts.read_manifest(evaluation, verify="sizes")
-    if manifest.get("stage") != "evaluate":
+    if manifest.get("stage") != registry.EVALUATE:
         raise artifacts.ArtifactError(f"evaluation {evaluation} is a {manifest.get('stage')!r} output, "
                                       "not an evaluate output")
     evaluated = manifest.get("input_manifests", {}).get("adapters")

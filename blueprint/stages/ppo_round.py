@@ -25,6 +25,7 @@ from blueprint.models.sft import SFTRun, clip_tokens, sft_datasets, sft_length, 
 from blueprint.rl import data_parallel, round_stats
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.rl.probe import probe_metrics, probe_reward
+from blueprint.stages import registry
 from blueprint.stages.adapter_set import (
     Bases,
     RoleModels,
@@ -40,14 +41,13 @@ from blueprint.store.tensor_state import StateFileError, load_state, save_state
 if TYPE_CHECKING:  # torch
     from blueprint.rl.reward import SummaryScorer
 
-STAGE = "ppo-round"
+STAGE = registry.PPO_ROUND
 # the settings an out-of-memory error names
 MEMORY_BUDGETS = ("generate_batch_tokens", "update_batch_tokens", "score_batch_tokens", "forward_batch_size",
                   "coder_batch_size")
 CHECKPOINT = "_checkpoint"
 VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (the rest): never a pickle
-OPTIONAL_INPUTS = ("coder_base",)
 
 
 class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSettings):
@@ -69,7 +69,6 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSetting
     samples_per_query: int = setting(
         4, "summaries sampled per code: each is judged against its siblings, so the advantage says 'better "
            "summary', not 'easier code'", gt=0)
-    ppo_epochs: int = setting(2, "passes over each batch of rollouts", gt=0)
     lr: float = setting(1e-3, "learning rate of the summarizer's LoRA and the value head", gt=0)
     temperature: float = setting(0.5, "sampling and log-prob temperature: nearer greedy than 0.7, so what PPO "
                                       "learns from shows in greedy summaries", gt=0)

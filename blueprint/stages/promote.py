@@ -12,11 +12,12 @@ from typing import Any
 
 from blueprint.config import Settings, setting
 from blueprint.errors import InputError
-from blueprint.eval.promotion_rule import PromotionRule, comparable_config, decide
+from blueprint.eval.promotion_rule import PROMOTE, PromotionRule, comparable_config, decide
 from blueprint.progress import note
+from blueprint.stages import registry
 from blueprint.store import artifacts, promotion, storage
 
-STAGE = "promote"
+STAGE = registry.PROMOTE
 
 
 class PromoteConfig(Settings):
@@ -30,7 +31,7 @@ class PromoteConfig(Settings):
 
 def gate_record(gate: str) -> dict[str, Any]:
     manifest = artifacts.read_manifest(gate, verify="sizes")
-    if manifest.get("stage") != "gate":
+    if manifest.get("stage") != registry.GATE:
         raise InputError(f"gate {gate} is a {manifest.get('stage')!r} output, not a gate output")
     return dict(storage.read_json(storage.join(gate, "gate.json")))
 
@@ -42,7 +43,7 @@ def new_pointer(record: dict[str, Any], previous: dict[str, Any] | None, run: st
     return {"name": record["name"], "models": ours["models"], "summarizer": storage.join(ours["models"], "summarizer"),
             "coder": storage.join(ours["models"], "coder"), "evaluation": ours["evaluation"],
             "adapters": ours["adapters"], "base": ours["base"], "coder_base": ours.get("coder_base", ""),
-            "shards": ours["shards"], "metrics": ours["metrics"], "why": record["why"], "gate": gate, "run": run,
+            "shards": ours["shards"], "metrics": ours["metrics"], "why": record["why"], registry.GATE: gate, "run": run,
             "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "history": promotion.history(previous)[:keep]}
 
@@ -64,12 +65,12 @@ def rejudge(record: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str
 def promote(config: PromoteConfig, gate: str, artifact_root: str, progress: bool = True) -> dict[str, Any]:
     """Write the pointer (or, when a newer champion wins, leave it); returns what happened."""
     record = gate_record(gate)
-    if record["decision"] != "promote":
+    if record["decision"] != PROMOTE:
         raise InputError(f"gate {gate} decided {record['decision']!r}: {record['why']}; nothing to promote")
     name, expected = record["name"], (record.get("champion") or {}).get("version")
     for attempt in range(config.attempts):
         champion, version = promotion.read_pointer(artifact_root, name)
-        if champion is not None and champion.get("gate") == gate:  # a retried task whose write went through
+        if champion is not None and champion.get(registry.GATE) == gate:  # a retried task whose write went through
             return {"promoted": 1.0, "why": champion["why"], "attempts": attempt + 1}
         if version != expected:  # another run promoted since the gate: decide again, against its model
             wins, why = rejudge(record, champion) if champion else (True, record["why"])
@@ -106,8 +107,8 @@ def promote_task(settings: dict[str, Any], run_id: str, artifact_root: str, forc
     from blueprint.store import runs
 
     with user_errors_exit(STAGE):
-        gate = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get("gate")
+        gate = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get(registry.GATE)
         if not gate:
             raise InputError(f"run record {runs.record_uri(artifact_root, run_id)} names no gate output")
-    return run_stage_task(STAGE, {**settings, "run": run_id}, {"gate": gate}, artifact_root, force, metrics,
+    return run_stage_task(STAGE, {**settings, "run": run_id}, {registry.GATE: gate}, artifact_root, force, metrics,
                           report_path)

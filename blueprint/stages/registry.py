@@ -1,8 +1,12 @@
-"""The stages, written once: name, module, config class, inputs, pipeline parameter, accelerator, profile defaults.
+"""The stages, written once: name, module, config class, inputs (required and optional), outputs, pipeline
+parameter, default pod resources, accelerator, profile overrides.
 
-Everything else derives from this table: the CLI's stage names, the components, the pipeline's settings
-parameters, the cluster settings (which stages get a GPU), the local runner, the API, the profiles and the tests.
-A new stage is one new module plus one entry here.
+Everything else derives from this table: the CLI's stage names and inputs, the components (each stage's body in
+components/stages.py is found by its name), the pipeline's settings parameters and their descriptions, the cluster
+settings (which stages get a GPU, what each pod asks for), the local runner, the API, the profiles and the tests.
+A new stage is one new module, one component body plus one entry here. Code outside this table and the DAG
+(pipelines/blueprint_pipeline.py) names a stage through the constants below, never as a string literal
+(tests/stages/test_registry.py).
 """
 from __future__ import annotations
 
@@ -11,9 +15,30 @@ import dataclasses
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from blueprint.config import ConfigError, did_you_mean, parse
+
+# The stage names: the one place they are spelled.
+SHARD = "shard"
+BOOTSTRAP = "bootstrap"
+WARMUP = "warmup"
+PPO_ROUND = "ppo-round"
+EVALUATE = "evaluate"
+MERGE = "merge"
+GATE = "gate"
+PROMOTE = "promote"
+SHARD_PLAN, SHARD_PART = f"{SHARD}-plan", f"{SHARD}-part"  # the shard stage's fan-out tasks (`tasks` below)
+STAGE_RESULT = ("uri", "key")  # what a stage's component returns: its output's URI and cache key
+
+
+class PodResources(NamedTuple):
+    """A stage pod's CPU/memory requests and limits on a cluster, in Kubernetes quantity syntax."""
+
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,12 +46,21 @@ class StageSpec:
     name: str
     module: str
     config_class: str
-    inputs: tuple[str, ...]
+    inputs: tuple[str, ...]                     # the input URIs it needs
     param: str                                  # the pipeline parameter holding its settings (a dict)
+    resources: PodResources                     # its pod's default resources on a cluster (cluster settings add)
+    summary: str                                # what it does, in a few words (the parameter's description)
+    optional_inputs: tuple[str, ...] = ()       # input URIs it can take besides those
+    outputs: tuple[str, ...] = STAGE_RESULT     # its component's named results
     accelerator: bool = False                   # gets the accelerator when the cluster settings ask for GPUs
     figures: tuple[str, ...] = ()               # metrics a one-line summary of a finished task shows
-    profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # settings per profile name
+    profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # overrides per profile name
     tasks: tuple[str, ...] = ()                 # the stage's fan-out tasks beside its own: "plan" -> "shard-plan"
+
+    @property
+    def body(self) -> str:
+        """The name of its component body in components/stages.py (`ppo-round` -> `ppo_round`)."""
+        return self.name.replace("-", "_")
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -35,45 +69,61 @@ class StageSpec:
         return getattr(self.load(), self.config_class)
 
     def defaults(self, profile: str) -> dict[str, Any]:
-        """A copy of the settings `profile` gives this stage."""
+        """A copy of the settings `profile` gives this stage: only those it sets other than the config's defaults."""
         return copy.deepcopy(self.profiles.get(profile, {}))
 
 
 PROFILE_NAMES = ("smoke", "default")  # smoke: seconds, for tests; default: shows learning on 2 CPU cores (README)
 
+# Pod resources are sized for the default profile (a tiny base) on a modest cluster; a real base needs more
+# (cluster settings override them per stage). Memory limits guard the node against a runaway pod; CPU limits are
+# generous because throttling only slows.
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec("shard", "blueprint.stages.shard", "ShardConfig", (), "shard_settings",
+    StageSpec(SHARD, "blueprint.stages.shard", "ShardConfig", (), "shard_settings",
+              PodResources("1", "4", "2Gi", "8Gi"), "extracts (code, summary) pairs into Parquet shards",
               figures=("pairs", "inputs_parsed", "inputs_reused"), tasks=("plan", "part"), profiles={
-                  "smoke": {"source": "stdlib", "num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600},
-                  "default": {"source": "stdlib", "num_shards": 4, "eval_fraction": 0.05, "partitions": 2}}),
-    StageSpec("bootstrap", "blueprint.stages.bootstrap", "BootstrapConfig", ("shards",), "bootstrap_settings",
-              figures=("parameters", "loss_start", "loss_end"), profiles={
+                  "smoke": {"num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600},
+                  "default": {"partitions": 2}}),
+    StageSpec(BOOTSTRAP, "blueprint.stages.bootstrap", "BootstrapConfig", ("shards",), "bootstrap_settings",
+              PodResources("2", "4", "4Gi", "8Gi"), "builds the tiny base model when base is tiny",
+              outputs=(*STAGE_RESULT, "coder_base"), figures=("parameters", "loss_start", "loss_end"), profiles={
                   "smoke": {"preset": "micro", "vocab_size": 512, "seq_len": 128, "batch_size": 8,
-                            "max_tokens": 16_384, "max_pairs": 600},
-                  "default": {"preset": "tiny", "max_tokens": 3_145_728, "batch_size": 4, "seq_len": 384}}),
-    StageSpec("warmup", "blueprint.stages.warmup", "WarmupConfig", ("shards", "base"), "warmup_settings",
-              accelerator=True, figures=("summarizer_eval_loss_after", "coder_eval_loss_after"), profiles={
+                            "max_tokens": 16_384, "max_pairs": 600}}),
+    StageSpec(WARMUP, "blueprint.stages.warmup", "WarmupConfig", ("shards", "base"), "warmup_settings",
+              PodResources("2", "8", "8Gi", "16Gi"), "supervised warmup of both LoRA adapters",
+              optional_inputs=("coder_base",), accelerator=True,
+              figures=("summarizer_eval_loss_after", "coder_eval_loss_after"), profiles={
                   "smoke": {"steps": 4, "batch_size": 4, "max_code_tokens": 128, "max_summary_tokens": 32},
                   "default": {"steps": 30, "coder_steps": 120, "lr": 5e-3}}),
-    StageSpec("ppo-round", "blueprint.stages.ppo_round", "PPORoundConfig", ("shards", "base", "adapters"),
-              "ppo_settings", accelerator=True, figures=("probe_reward_before", "probe_reward_after", "kl_mean"),
-              profiles={
+    StageSpec(PPO_ROUND, "blueprint.stages.ppo_round", "PPORoundConfig", ("shards", "base", "adapters"),
+              "ppo_settings", PodResources("2", "8", "8Gi", "16Gi"),
+              "one round-trip PPO round on the summarizer and supervised steps on the coder",
+              optional_inputs=("coder_base",), accelerator=True,
+              figures=("probe_reward_before", "probe_reward_after", "kl_mean"), profiles={
                   "smoke": {"ppo_steps": 2, "supervised_steps": 2, "batch_size": 4, "mini_batch_size": 2,
                             "ppo_epochs": 1, "samples_per_query": 2, "max_new_tokens": 16, "max_code_tokens": 128,
                             "probe_size": 4},
-                  "default": {"ppo_steps": 16, "supervised_steps": 20, "batch_size": 32, "samples_per_query": 4,
-                              "mini_batch_size": 8, "ppo_epochs": 4, "init_kl_coef": 0.1, "probe_samples": 4}}),
-    StageSpec("evaluate", "blueprint.stages.evaluate", "EvaluateConfig", ("shards", "base", "adapters"),
-              "evaluate_settings", accelerator=True, figures=("reward_gen_mean", "gain_gen_mean", "pairwise_accuracy"),
-              profiles={"smoke": {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128},
-                        "default": {"max_examples": 64}}),
-    StageSpec("merge", "blueprint.stages.merge", "MergeConfig", ("base", "adapters"), "merge_settings",
-              accelerator=True, figures=("saved_dtype", "max_abs_logit_diff_summarizer")),
-    StageSpec("gate", "blueprint.stages.gate", "GateConfig", ("shards", "base", "adapters", "evaluation", "models"),
-              "gate_settings", accelerator=True, figures=("promote", "challenger_reward_gen_mean",
-                                                          "champion_reward_gen_mean"),
+                  "default": {"ppo_steps": 16, "supervised_steps": 20, "batch_size": 32, "mini_batch_size": 8,
+                              "init_kl_coef": 0.1, "probe_samples": 4}}),
+    StageSpec(EVALUATE, "blueprint.stages.evaluate", "EvaluateConfig", ("shards", "base", "adapters"),
+              "evaluate_settings", PodResources("2", "8", "8Gi", "16Gi"),
+              "scores both adapters on the held-out split, after warmup and after each round",
+              optional_inputs=("previous", "coder_base"), accelerator=True,
+              figures=("reward_gen_mean", "gain_gen_mean", "pairwise_accuracy"),
+              profiles={"smoke": {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128}}),
+    StageSpec(MERGE, "blueprint.stages.merge", "MergeConfig", ("base", "adapters"), "merge_settings",
+              PodResources("1", "4", "8Gi", "16Gi"), "merges each adapter into its base as a standalone model",
+              optional_inputs=("evaluation", "coder_base"), accelerator=True,
+              figures=("saved_dtype", "max_abs_logit_diff_summarizer")),
+    # the gate may evaluate the champion again, as evaluate does
+    StageSpec(GATE, "blueprint.stages.gate", "GateConfig", ("shards", "base", "adapters", "evaluation", "models"),
+              "gate_settings", PodResources("2", "8", "8Gi", "16Gi"),
+              "judges the run's models against the promoted ones: promote or keep",
+              optional_inputs=("coder_base",), outputs=("Output",), accelerator=True,
+              figures=("promote", "challenger_reward_gen_mean", "champion_reward_gen_mean"),
               profiles={"smoke": {"floor": 0.0}}),  # smoke models rank summaries near chance
-    StageSpec("promote", "blueprint.stages.promote", "PromoteConfig", ("gate",), "promote_settings",
+    StageSpec(PROMOTE, "blueprint.stages.promote", "PromoteConfig", ("gate",), "promote_settings",
+              PodResources("250m", "1", "512Mi", "1Gi"), "points the promotion name at the gate's winner",
               figures=("promoted",)),
 ]}
 
@@ -123,6 +173,14 @@ def task_names() -> tuple[str, ...]:
 
 def accelerator_stages() -> tuple[str, ...]:
     return tuple(name for name, spec in STAGES.items() if spec.accelerator)
+
+
+def stage_of_task(task: str) -> str:
+    """The stage a pipeline task kind belongs to: `shard-plan` -> `shard`."""
+    for name, spec in STAGES.items():
+        if task == name or task in (f"{name}-{t}" for t in spec.tasks):
+            return name
+    raise ConfigError(f"unknown task {task!r}; tasks: {', '.join(task_names())}")
 
 
 def param_of_stage() -> dict[str, str]:

@@ -33,9 +33,10 @@ from blueprint.data.shard_writer import SPLITS, ShardWriter
 from blueprint.data.sources import Source, SourceError, parse_source
 from blueprint.data.workers import WorkerPool
 from blueprint.progress import Progress
+from blueprint.stages import registry
 from blueprint.store import artifacts, storage
 
-STAGE = "shard"
+STAGE = registry.SHARD
 LANGUAGE = "python"
 # SPLITS, SCHEMA and ShardWriter live in blueprint.data.shard_writer, beside the readers' description
 

@@ -18,10 +18,10 @@ from blueprint.data import incremental, partitions
 from blueprint.data.sources import SourceError
 from blueprint.errors import InputError
 from blueprint.progress import Progress
-from blueprint.stages import shard
+from blueprint.stages import registry, shard
 from blueprint.store import artifacts
 
-PART_STAGE = "shard-part"
+PART_STAGE = registry.SHARD_PART
 
 
 def plan(config: shard.ShardConfig) -> list[dict[str, Any]]:
@@ -160,7 +160,7 @@ def plan_task(settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The plan component's body: the partitions, which the pipeline's ParallelFor fans out over."""
     from blueprint.stages.task import user_errors_exit
 
-    with user_errors_exit("shard-plan"):
+    with user_errors_exit(registry.SHARD_PLAN):
         found = plan(_config(settings))
     print(f"shard-plan: {len(found)} partition(s) of {settings.get('source')}", flush=True)
     return found

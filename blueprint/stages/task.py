@@ -102,7 +102,7 @@ def bootstrap_task(base: str, coder_base: str, shards: str, settings: dict[str, 
     through. The coder base comes back "" when the coder shares the summarizer's base."""
     from blueprint.stages.adapter_set import Bases
 
-    with user_errors_exit("bootstrap"):
+    with user_errors_exit(registry.BOOTSTRAP):
         bases = Bases.of(base, coder_base)
     coder = "" if bases.shared else bases.coder
     if base != "tiny":
@@ -110,5 +110,6 @@ def bootstrap_task(base: str, coder_base: str, shards: str, settings: dict[str, 
             with open(report_path, "w", encoding="utf-8") as f:
                 f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
         return base, "", coder
-    uri, key = run_stage_task("bootstrap", settings, {"shards": shards}, artifact_root, force, metrics, report_path)
+    uri, key = run_stage_task(registry.BOOTSTRAP, settings, {"shards": shards}, artifact_root, force, metrics,
+                              report_path)
     return uri, key, coder

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from blueprint.stages import registry
 from blueprint.store import artifacts, promotion, storage
 
 
@@ -38,15 +39,15 @@ def warmup_task(  # noqa: PLR0913 - the warmup component's parameters, passed on
     """
     from blueprint.stages.task import run_stage_task, user_errors_exit
 
-    with user_errors_exit("warmup"):  # a corrupted pointer: one line naming it
+    with user_errors_exit(registry.WARMUP):  # a corrupted pointer: one line naming it
         previous = promoted_adapters(artifact_root, promotion_name, base, coder_base) if warm_start and not force \
             else None
     if previous is None:
         inputs = {"shards": shards, "base": base, **({"coder_base": coder_base} if coder_base else {})}
-        return run_stage_task("warmup", settings, inputs, artifact_root, force, metrics, report_path)
+        return run_stage_task(registry.WARMUP, settings, inputs, artifact_root, force, metrics, report_path)
     manifest = artifacts.read_manifest(previous, verify="sizes")
     artifacts.mark_used(previous)
-    print(json.dumps({"stage": "warmup", "warm_start": previous, "promoted": promotion_name}))
+    print(json.dumps({"stage": registry.WARMUP, "warm_start": previous, "promoted": promotion_name}))
     if metrics is not None:
         metrics.log_metric("warm_start", 1.0)
         metrics.log_metric("cache_hit", 1.0)

@@ -18,12 +18,12 @@ from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import SFTRun, sft_datasets, sft_length, step_logger, train_adapter
+from blueprint.stages import registry
 from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_adapter_set
 from blueprint.store import artifacts
 
-STAGE = "warmup"
+STAGE = registry.WARMUP
 MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names
-OPTIONAL_INPUTS = ("coder_base",)
 
 
 class WarmupConfig(RuntimeSettings, ParallelSettings):

@@ -20,12 +20,13 @@ import sys
 from typing import Any
 
 from blueprint.errors import UserError
+from blueprint.stages import registry
 from blueprint.store import artifacts, commit_lock, storage
 
 POINTER_DIR = "promoted"
 FORMAT = 2
 REQUIRED = ("name", "models", "evaluation", "adapters", "base", "shards", "metrics", "promoted_at")
-LOCATIONS = ("models", "summarizer", "coder", "evaluation", "adapters", "shards", "gate")  # always stage outputs
+LOCATIONS = ("models", "summarizer", "coder", "evaluation", "adapters", "shards", registry.GATE)  # always stage outputs
 MODELS = ("base", "coder_base")  # a stage output, or a model named by its id ("org/name")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 LOCK_WAIT_SECONDS = 30.0

@@ -21,9 +21,10 @@ import time
 from typing import Any
 
 from blueprint.errors import InputError
+from blueprint.stages import registry
 from blueprint.store import artifacts, commit_lock, promotion, runs, storage
 
-POINTER_FIELDS = ("models", "evaluation", "adapters", "base", "coder_base", "shards", "gate")
+POINTER_FIELDS = ("models", "evaluation", "adapters", "base", "coder_base", "shards", registry.GATE)
 
 
 @dataclasses.dataclass
