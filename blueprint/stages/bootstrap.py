@@ -40,7 +40,7 @@ class BootstrapConfig(RuntimeSettings, ParallelSettings):
                            ge=16)
     batch_size: int = setting(4, "sequences per optimizer step", ge=1)
     lr: float = setting(3e-3, "peak learning rate (cosine schedule with warmup)", gt=0)
-    warmup_steps: int = setting(30, "learning-rate warmup steps", ge=0)
+    warmup_steps: int = setting(30, "learning-rate warmup steps (at most a tenth of the run's steps)", ge=0)
     max_tokens: int = setting(3_145_728, "pre-training budget: fixed tokens, so reruns are reproducible")
     max_pairs: int = setting(20_000, "pairs read from the train shards", ge=1)
     prompt_format_share: float = setting(0.8, "share of documents in the two prompt formats (the rest: plain "
@@ -105,6 +105,15 @@ def _packed_blocks(docs: list[str], tokenizer, seq_len: int):
     return blocks
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
+    """The share of the peak learning rate at `step`: a linear warmup, then a cosine to 0 at `steps`.
+
+    The warmup is at most a tenth of the run: a warmup as long as a short run (30 of the smoke profile's 16 steps)
+    kept the rate under a sixth of its peak, and the model stayed at the uniform distribution's loss."""
+    warmup = min(warmup_steps, steps // 10)
+    return min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: bool = True) -> dict:
     """Causal-LM pre-training over shuffled packed blocks with AdamW and a warmup + cosine schedule, on
     `where.device`, autocast to `where.dtype` unless that is fp32. On N data-parallel ranks the model is wrapped
@@ -117,8 +126,7 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: 
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = max(1, cfg.max_tokens // (cfg.batch_size * cfg.seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
-                                              * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup_steps))
     share = distributed.my_share(cfg.batch_size)
     trained = model if distributed.world_size() == 1 else torch.nn.parallel.DistributedDataParallel(model)
     model.train()

@@ -103,8 +103,9 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
     before = _manifests(root)
     assert sorted({rel.split("/")[0] for rel in before}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round",
                                                               "shard", "shard-part", "warmup"]
-    # Issue 27 left the smoke profile untuned: its model writes empty summaries, and the sanity floors every
-    # profile keeps refuse it even with no champion (once tuned, this is "promote" and the pointer names `models`).
+    # Issue 27 left the smoke profile untuned: its micro model's summaries never end (eos_rate 0), and the sanity
+    # floors every profile keeps refuse it even with no champion (once tuned, this is "promote" and the pointer
+    # names `models`).
     assert result["outputs"]["decision"] == "keep"
     assert missed_floors(metrics) and not storage.exists(storage.join(root, "promoted", "blueprint.json"))
     again = local_run.run(plan, local_root=tmp_path / "kfp2")
@@ -192,7 +193,7 @@ def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
     assert again.cached and again.uri == second.uri
 
 
-@pytest.mark.xfail(strict=True, reason="issue 27, left open: the smoke model writes empty summaries, so the gate's "
+@pytest.mark.xfail(strict=True, reason="issue 27, left open: the smoke model's summaries never end, so the gate's "
                    "sanity floors (kept by every profile) refuse it; the smoke profile is still to be tuned so its "
                    "model clears them (strict: this fails loudly, to be removed, once it does)")
 @pytest.mark.slow
