@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blueprint.config import parse  # noqa: E402
-from blueprint.stages import bootstrap, launch, ppo_round, shard, warmup  # noqa: E402
+from blueprint.runtime import launch  # noqa: E402
+from blueprint.stages import bootstrap, ppo_round, shard, warmup  # noqa: E402
 from blueprint.stages.profiles import stage_settings  # noqa: E402
 
 PHASES = ("generate", "score", "forward", "update")

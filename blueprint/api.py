@@ -21,7 +21,8 @@ from blueprint.config import ConfigError, parse
 from blueprint.errors import UserError
 from blueprint.data.sources import resolve_source
 from blueprint.stages import registry
-from blueprint.stages.common import checked_bases, release_memory
+from blueprint.models.bases import checked_bases
+from blueprint.models.runtime import release_memory
 
 
 class BluePrint:

@@ -20,7 +20,7 @@ from blueprint.store import runs, storage
 from blueprint.tracking import RUN_ENV
 from blueprint.config import ConfigError
 from blueprint.stages import registry
-from blueprint.stages.common import checked_bases
+from blueprint.models.bases import checked_bases
 
 PIPELINE_STAGES = tuple(registry.STAGES)
 PARAM_OF_STAGE = registry.param_of_stage()

@@ -22,7 +22,7 @@ from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError, check_finite_loss
 from blueprint.progress import note
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, summary_prompt
-from blueprint.stages.common import quiet_libraries
+from blueprint.models.bases import quiet_libraries
 
 PRESETS = ("micro", "tiny")  # sizes in blueprint.models.tiny.PRESETS
 

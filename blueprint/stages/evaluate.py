@@ -44,9 +44,9 @@ from blueprint.errors import InputError
 from blueprint.progress import Progress
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens
-from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
-from blueprint.stages import code_tests
-from blueprint.stages.common import is_artifact
+from blueprint.models.adapter_set import RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
+from blueprint.eval import code_tests
+from blueprint.models.bases import Bases, is_artifact
 
 if TYPE_CHECKING:
     import torch

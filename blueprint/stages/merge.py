@@ -31,8 +31,8 @@ from blueprint.errors import InputError, UserError
 from blueprint.progress import Progress
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.eval.report import DESCRIPTIONS, table
-from blueprint.stages.adapter_set import BASE_FILE, Bases, fetch_adapter_set, key_settings
-from blueprint.stages.common import is_artifact, open_base
+from blueprint.models.adapter_set import BASE_FILE, fetch_adapter_set, key_settings
+from blueprint.models.bases import Bases, is_artifact, open_base
 
 STAGE = "merge"
 MEMORY_BUDGETS = ("check_batch",)  # the settings an out-of-memory error names

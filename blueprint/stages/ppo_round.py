@@ -25,8 +25,9 @@ from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
 from blueprint.models.sft import clip_tokens, sft_datasets, sft_length, step_logger, train_adapter
-from blueprint.stages.adapter_set import (Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles,
+from blueprint.models.adapter_set import (RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles,
                                           save_adapter_set)
+from blueprint.models.bases import Bases
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
 
 STAGE = "ppo-round"

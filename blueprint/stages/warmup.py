@@ -18,7 +18,8 @@ from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.errors import InputError
 from blueprint.models.prompts import PromptStyle
 from blueprint.models.sft import sft_datasets, sft_length, step_logger, train_adapter
-from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_adapter_set
+from blueprint.models.adapter_set import key_settings, open_roles, save_adapter_set
+from blueprint.models.bases import Bases
 
 STAGE = "warmup"
 MEMORY_BUDGETS = ("batch_size", "max_code_tokens")  # the settings an out-of-memory error names

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from blueprint import __version__, distributed
+from blueprint import distributed
+from blueprint.version import __version__
 from blueprint.store import storage
 from blueprint.errors import UserError
 

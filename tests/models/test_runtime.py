@@ -6,7 +6,7 @@ import torch
 
 from blueprint.config import ConfigError, parse
 from blueprint.models import runtime
-from blueprint.stages.common import open_base
+from blueprint.models.bases import open_base
 from conftest import SMOKE_PPO
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from blueprint.config import parse
-from blueprint.stages import launch, warmup
+from blueprint.runtime import launch
+from blueprint.stages import warmup
 
 from conftest import SMOKE_WARMUP
 

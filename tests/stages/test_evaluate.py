@@ -15,8 +15,8 @@ from blueprint.eval import metrics
 from blueprint.models import lora
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets, summary_prompt
 from blueprint.stages import evaluate, merge
-from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
-from blueprint.stages.common import open_base
+from blueprint.models.adapter_set import RoleModels, save_adapter_set
+from blueprint.models.bases import Bases, open_base
 from blueprint.models.tiny import tiny_llama_config
 
 PAIRS = [

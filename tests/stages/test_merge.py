@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from blueprint.store import artifacts, storage
 from blueprint.models import lora
 from blueprint.stages import merge
-from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
-from blueprint.stages.common import open_base
+from blueprint.models.adapter_set import RoleModels, save_adapter_set
+from blueprint.models.bases import Bases, open_base
 from blueprint.models.tiny import tiny_llama_config
 
 

@@ -13,7 +13,7 @@ from blueprint.models import lora
 from blueprint.store.artifacts import ArtifactError
 from blueprint.config import parse
 from blueprint.stages import ppo_round, warmup
-from blueprint.stages.common import open_base
+from blueprint.models.bases import open_base
 from conftest import SMOKE_PPO, SMOKE_WARMUP
 
 

@@ -16,8 +16,10 @@ from typing import Any
 
 from blueprint.data import incremental, partitions
 from blueprint.data.sources import SourceError
-from blueprint.errors import InputError
+from blueprint.config import parse
+from blueprint.errors import InputError, user_errors_exit
 from blueprint.progress import Progress
+from blueprint.runtime.task import report_task
 from blueprint.stages import shard
 from blueprint.store import artifacts
 
@@ -151,15 +153,11 @@ def run_dataset(config: shard.ShardConfig, parts: list[str], *, artifact_root: s
 
 # ------------------------------------------------------------------------------------------- component bodies
 def _config(settings: dict[str, Any]) -> shard.ShardConfig:
-    from blueprint.config import parse
-
     return parse(shard.ShardConfig, settings)
 
 
 def plan_task(settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The plan component's body: the partitions, which the pipeline's ParallelFor fans out over."""
-    from blueprint.stages.task import user_errors_exit
-
     with user_errors_exit("shard-plan"):
         found = plan(_config(settings))
     print(f"shard-plan: {len(found)} partition(s) of {settings.get('source')}", flush=True)
@@ -169,8 +167,6 @@ def plan_task(settings: dict[str, Any]) -> list[dict[str, Any]]:
 def part_task(settings: dict[str, Any], partition: dict[str, Any], artifact_root: str, force: bool = False,
               metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
     """A part component's body; a failure names its partition (the retry of that task resumes from the cache)."""
-    from blueprint.stages.task import report_task, user_errors_exit
-
     partition = partitions.normalized(partition)
     label = f"shard-part-{partition.get('index', 0)}"
     with user_errors_exit(label, f"partition {partition.get('index', 0)} ({_describe(partition)})"):
@@ -181,8 +177,6 @@ def part_task(settings: dict[str, Any], partition: dict[str, Any], artifact_root
 def dataset_task(settings: dict[str, Any], parts: list[str], artifact_root: str, force: bool = False,
                  metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
     """The fan-in component's body: the dataset over every part, as a `shard` output."""
-    from blueprint.stages.task import report_task, user_errors_exit
-
     with user_errors_exit(shard.STAGE):
         out = run_dataset(_config(settings), list(parts), artifact_root=artifact_root, force=force)
     return report_task(shard.STAGE, out, metrics, report_path)

@@ -12,7 +12,7 @@ from blueprint.eval.sandbox import open_sandbox
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts
 from blueprint.models.sft import clip_tokens
 from blueprint.progress import note
-from blueprint.stages.adapter_set import RoleModels
+from blueprint.models.adapter_set import RoleModels
 
 
 def sample_texts(model, tokenizer, adapter: str, prompts: list[str], n: int, max_new_tokens: int, batch_size: int,

@@ -13,9 +13,9 @@ from blueprint.errors import InputError
 from blueprint.models.loading import ModelLoadError
 from blueprint.models.tiny import train_bpe_tokenizer
 from blueprint.stages import evaluate, merge, ppo_round, warmup
-from blueprint.stages.adapter_set import Bases, open_roles
-from blueprint.stages.common import checked_bases
-from blueprint.stages.task import bootstrap_task
+from blueprint.models.adapter_set import open_roles
+from blueprint.models.bases import Bases, checked_bases
+from blueprint.runtime.task import bootstrap_task
 from blueprint.store import artifacts, storage
 from conftest import SMOKE_PPO, SMOKE_WARMUP, micro_qwen2_base, stdlib_texts
 
