@@ -83,7 +83,7 @@ def save_adapter_set(roles: RoleModels, out_dir: Path, bases: Bases, names: Sequ
     identities, under `out_dir`."""
     from blueprint.models import lora
 
-    named = {role: artifacts.reference(b) if is_artifact(b) else b  # no artifact root inside the files
+    named = {role: artifacts.portable_name(b) if is_artifact(b) else b  # no artifact root inside the files
              for role, b in (("summarizer", bases.summarizer), (CODER, bases.coder))}
     sides = [("summarizer", [n for n in names if n != CODER or roles.shared])]
     if not roles.shared and CODER in names:

@@ -67,7 +67,7 @@ def run_part(config: shard.ShardConfig, partition: dict[str, Any], *, artifact_r
             index.close()
         return {"partition": partition, "inputs": index.count, "inputs_parsed": counts["inputs_parsed"],
                 "inputs_reused": counts["inputs_reused"], "skipped": dict(source.skipped)}
-    return artifacts.run_stage(PART_STAGE, key, {}, build, artifact_root=artifact_root, force=force)
+    return artifacts.reuse_or_commit(PART_STAGE, key, {}, build, artifact_root=artifact_root, force=force)
 
 
 def check_parts(parts: list[str]) -> list[dict[str, Any]]:
@@ -141,11 +141,11 @@ def compute_dataset(config: shard.ShardConfig, parts: list[str], out_dir: Path, 
 def run_dataset(config: shard.ShardConfig, parts: list[str], *, artifact_root: str, force: bool = False,
                 progress: bool = True) -> artifacts.StageOutput:
     """The dataset over all `parts` (in partition order), committed as a `shard` output."""
-    check_parts(parts)  # before run_stage reads their manifests: the error names the part
+    check_parts(parts)  # before reuse_or_commit reads their manifests: the error names the part
     key = shard.key_config(config, {"parts": "inputs"})
     inputs = {f"part-{i:05d}": uri for i, uri in enumerate(parts)}
     target = artifacts.stage_uri(artifact_root, shard.STAGE, artifacts.stage_key(shard.STAGE, key, inputs))
-    return artifacts.run_stage(
+    return artifacts.reuse_or_commit(
         shard.STAGE, key, inputs,
         lambda d: compute_dataset(config, parts, d, progress, previous_inputs(config, key, artifact_root, target)),
         artifact_root=artifact_root, force=force)

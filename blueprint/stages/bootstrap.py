@@ -197,5 +197,6 @@ def run(config: BootstrapConfig, *, shards: str, artifact_root: str | None = Non
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed, content-addressed `tiny` base model folder (loadable with `from_pretrained`)."""
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, config, {"shards": shards}, lambda d: compute(config, shards, d, progress),
-                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(STAGE, config, {"shards": shards},
+                                         lambda d: compute(config, shards, d, progress),
+                                         artifact_root=artifact_root, out_uri=out_uri, force=force)

@@ -310,12 +310,12 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
     top = headline(values)  # the files hold no wall time: same inputs -> same bytes -> downstream cache hits
 
     # One history row per epoch: a rerun of an epoch replaces its row, so the plot never doubles back.
-    ref = artifacts.reference
-    history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": ref(adapters)}]
+    portable = artifacts.portable_name
+    history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": portable(adapters)}]
     history.sort(key=lambda h: h.get("epoch", 0))
-    context = {"adapters": ref(adapters), "adapter round": str(meta.get("round", "?")),
-               "base": _named(bases.summarizer), "shards": ref(shards),
-               "previous": ref(previous) if previous else "-"}
+    context = {"adapters": portable(adapters), "adapter round": str(meta.get("round", "?")),
+               "base": _named(bases.summarizer), "shards": portable(shards),
+               "previous": portable(previous) if previous else "-"}
     if not bases.shared:
         context["coder base"] = _named(bases.coder)
     if values.get("reference_failures"):  # a broken task file or environment, named where the reader looks first
@@ -349,7 +349,7 @@ def round_steps(adapters: str) -> list[dict[str, Any]]:
 
 
 def _named(base: str) -> str:
-    return artifacts.reference(base) if is_artifact(base) else base
+    return artifacts.portable_name(base) if is_artifact(base) else base
 
 
 def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previous: str | None = None,
@@ -365,9 +365,9 @@ def run(config: EvaluateConfig, *, shards: str, base: str, adapters: str, previo
     if previous:
         inputs["previous"] = previous
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, key_settings(config, bases), inputs,
-                                   lambda d: compute(config, shards, bases, adapters, previous, d, progress),
-                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(STAGE, key_settings(config, bases), inputs,
+                                         lambda d: compute(config, shards, bases, adapters, previous, d, progress),
+                                         artifact_root=artifact_root, out_uri=out_uri, force=force)
 
 
 def compare(uris: list[str]) -> str:

@@ -110,6 +110,6 @@ def run(config: GateConfig, *, shards: str, base: str, adapters: str, evaluation
     base_inputs, base_settings = bases.key_parts()
     inputs = {"shards": shards, "adapters": adapters, "evaluation": evaluation, "models": models, **base_inputs}
     settings = {**config.to_dict(), "champion_version": version or "none", **base_settings}
-    return artifacts.run_stage(STAGE, settings, inputs,
-                               lambda d: compute(config, challenger, artifact_root, d, progress),
-                               artifact_root=artifact_root, out_uri=out_uri, force=force)
+    return artifacts.reuse_or_commit(STAGE, settings, inputs,
+                                     lambda d: compute(config, challenger, artifact_root, d, progress),
+                                     artifact_root=artifact_root, out_uri=out_uri, force=force)

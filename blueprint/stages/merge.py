@@ -10,7 +10,7 @@ stage's device and in its dtype, in memory, after the cast to the saved dtype, a
 (onto the same device, in the same dtype). Differences are scaled by the largest logit and checked against a
 tolerance of a few rounding steps of the dtype (fp32 is exact up to float sums, bf16 rounds every product), so a
 bf16 merge on a GPU passes and a merge that changed the function does not. Above it the stage raises, and since
-run_stage commits only when compute returns, nothing is committed.
+reuse_or_commit commits only when compute returns, nothing is committed.
 """
 from __future__ import annotations
 
@@ -219,8 +219,8 @@ def model_card(role: str, base: str, adapters: str, adapter_run: dict[str, Any],
     prompt = PromptConfig()
     template = prompt.code_to_summary if role == "summarizer" else prompt.summary_to_code
     hub_base = not (is_artifact(base) or storage.is_s3(base) or loading._is_local(base))  # a hub id
-    base = artifacts.reference(base) if is_artifact(base) else base  # the card is content: no root, no time
-    adapters, evaluation = artifacts.reference(adapters), evaluation and artifacts.reference(evaluation)
+    base = artifacts.portable_name(base) if is_artifact(base) else base  # the card is content: no root, no time
+    adapters, evaluation = artifacts.portable_name(adapters), evaluation and artifacts.portable_name(evaluation)
     front = ["---", "library_name: transformers", "tags: [blueprint, code, lora-merged]"]
     front += [f"base_model: {base}"] if hub_base else []
     lines = front + ["---", "", f"# BluePrint {role}", "",
@@ -288,7 +288,7 @@ def run(config: MergeConfig, *, base: str, adapters: str, evaluation: str | None
     if evaluation:
         inputs["evaluation"] = evaluation
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, key_settings(config, bases), inputs,
-                                   lambda d: compute(config, bases, adapters, evaluation, d, progress),
-                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(STAGE, key_settings(config, bases), inputs,
+                                         lambda d: compute(config, bases, adapters, evaluation, d, progress),
+                                         artifact_root=artifact_root, out_uri=out_uri, force=force)
 

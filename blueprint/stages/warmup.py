@@ -110,6 +110,6 @@ def run(config: WarmupConfig, *, shards: str, base: str, coder_base: str | None 
     settings = key_settings(config, bases)
     live = out_uri or artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, artifacts.config_dict(settings), inputs))
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, settings, inputs,
-                                   lambda d: compute(config, shards, bases, d, progress, live),
-                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(STAGE, settings, inputs,
+                                         lambda d: compute(config, shards, bases, d, progress, live),
+                                         artifact_root=artifact_root, out_uri=out_uri, force=force)

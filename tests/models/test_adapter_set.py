@@ -1,4 +1,5 @@
-"""The seed's two models: the summarizer on one base and the coder on another, each base held once, tokenizers apart."""
+"""The original API's two models: the summarizer on one base and the coder on another, each base held once,
+tokenizers apart."""
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ def two_bases(smoke_chain, coder_tokenizer, tmp_path_factory):
 
 def test_each_role_is_trained_saved_and_merged_on_its_own_base(two_bases):
     rnd, merged = storage.local_path(two_bases["rnd"].uri), storage.local_path(two_bases["merged"].uri)
-    named = {"summarizer": artifacts.reference(two_bases["summarizer"]), "coder": two_bases["coder"]}  # committed
+    named = {"summarizer": artifacts.portable_name(two_bases["summarizer"]), "coder": two_bases["coder"]}  # committed
     for role, base in (("summarizer", "summarizer"), ("reference", "summarizer"), ("coder", "coder")):
         recorded = json.loads((rnd / "adapters" / role / "adapter_config.json").read_text())
         assert recorded["base_model_name_or_path"] == named[base]
