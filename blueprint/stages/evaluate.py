@@ -329,7 +329,7 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
     plots = [("metrics across epochs", "metrics.png")]
     steps = round_steps(adapters)
     if steps:
-        report.plot_steps(steps, out_dir / "curves.png", f"PPO steps of the round evaluated ({ref(adapters)})")
+        report.plot_steps(steps, out_dir / "curves.png", f"PPO steps of the round evaluated ({portable(adapters)})")
         plots.append(("the evaluated round's PPO steps", "curves.png"))
     text = report.markdown_report(top, history, samples[:cfg.report_examples], context, plots)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
