@@ -6,7 +6,8 @@ stage module, so that a cache hit (the common case on a rerun) answers without l
 
 A base that is a committed artifact (the bootstrap output, or any folder committed with a manifest) is a stage
 *input*, so its manifest enters the cache key; a hub id or a plain directory is a *setting* named by itself.
-An adapter set (`blueprint.models.adapter_set`) records the identity of its bases, so adapters are never silently applied to another.
+An adapter set (`blueprint.models.adapter_set`) records the identity of its bases, so adapters are never silently
+applied to another.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 from blueprint.errors import InputError
 from blueprint.store import artifacts, storage
 
-CODER = "coder"
+CODER = "coder"  # the role that lives on `coder_base`
 
 
 def quiet_libraries(progress: bool) -> None:
