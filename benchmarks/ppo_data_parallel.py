@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blueprint.config import parse
-from blueprint.stages import bootstrap, launch, ppo_round, registry, shard, warmup
+from blueprint.runtime import launch
+from blueprint.stages import bootstrap, ppo_round, registry, shard, warmup
 from blueprint.stages.profiles import stage_settings
 
 PHASES = ("generate", "score", "forward", "update")

@@ -1,9 +1,10 @@
-"""Reward throughput: batched `RewardModel` vs the seed's per-sample loop, on real stdlib (code, docstring) pairs.
+"""Reward throughput: batched `RewardModel` vs the original prototype's per-sample loop, on real stdlib
+(code, docstring) pairs.
 
-The loop is the seed's way: one full forward per sequence with full-vocabulary logits, CE over the code positions,
-for the summary prompt and again for the empty prompt (both are needed for the gain). The batched model does the
-same arithmetic in sorted, padded batches with the LM head only at the scored positions. Both run the `tiny` preset
-with its LoRA coder active. The last line printed is one JSON object.
+The loop is the original prototype's way: one full forward per sequence with full-vocabulary logits, CE over the
+code positions, for the summary prompt and again for the empty prompt (both are needed for the gain). The batched
+model does the same arithmetic in sorted, padded batches with the LM head only at the scored positions. Both run the
+`tiny` preset with its LoRA coder active. The last line printed is one JSON object.
 
     .venv/bin/python benchmarks/reward_throughput.py [--samples 48] [--repeats 3] [--vocab 8192]
 """
@@ -57,7 +58,7 @@ def function_pairs(sources: list[str]) -> list[tuple[str, str]]:
 
 def loop_rewards(model, tok, prompts: PromptConfig, codes: list[str], summaries: list[str], max_code: int,
                  with_empty: bool = True) -> list[tuple[float, float]]:
-    """The seed's way: per sample, a full forward (full logits) per prompt, CE over the code positions."""
+    """The original prototype's way: per sample, a full forward (full logits) per prompt, CE over the code positions."""
     out = []
     with use_adapter(model, "coder"), torch.no_grad():
         for code, summary in zip(codes, summaries, strict=True):

@@ -19,13 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blueprint.config import parse
 from blueprint.data.sources import list_python_files, stdlib_root
-from blueprint.stages import shard, shard_fanout
+from blueprint.runtime import shard_fanout
+from blueprint.stages import shard
 
 PART = """
 import json, sys
 sys.path.insert(0, {repo!r})
 from blueprint.config import parse
-from blueprint.stages import shard, shard_fanout
+from blueprint.runtime import shard_fanout
+from blueprint.stages import shard
 cfg = parse(shard.ShardConfig, {settings!r})
 print(shard_fanout.run_part(cfg, {partition!r}, artifact_root={root!r}, progress=False).uri)
 """

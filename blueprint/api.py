@@ -18,8 +18,9 @@ from typing import Any
 from blueprint.config import ConfigError, parse
 from blueprint.data.sources import resolve_source
 from blueprint.errors import UserError
-from blueprint.stages import launch, profiles, registry
-from blueprint.stages.common import checked_bases
+from blueprint.models.bases import checked_bases
+from blueprint.runtime import launch
+from blueprint.stages import profiles, registry
 from blueprint.store import artifacts, storage
 
 

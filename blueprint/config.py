@@ -133,6 +133,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
     error_prefix: ClassVar[str] = ""  # what an error names before the field: "" for stage settings
     unknown_label: ClassVar[str] = "setting(s)"
+    renamed: ClassVar[dict[str, str]] = {}  # {old name: new name}: the old name is refused, naming the new one
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -146,6 +147,8 @@ class Settings(BaseModel):
         if not isinstance(values, dict):
             return values
         fields = cls.model_fields
+        for old in values.keys() & cls.renamed.keys():
+            raise ConfigError(f"{cls.error_prefix}{old}: renamed {cls.error_prefix}{cls.renamed[old]} (same values)")
         for name, value in values.items():
             kind = _bare(fields[name].annotation)[0] if name in fields else None
             if isinstance(value, bool) and kind is int:

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 
 DISTRIBUTION = "blueprint-rt"
 # What a stage process imports first: the component entry point and the heavy libraries it lazily loads.
-RUNTIME_MODULES = ("blueprint.stages.task", "kfp.dsl.executor_main", "torch", "transformers", "peft", "trl",
+RUNTIME_MODULES = ("blueprint.runtime.task", "kfp.dsl.executor_main", "torch", "transformers", "peft", "trl",
                    "pyarrow.fs", "boto3")
 
 

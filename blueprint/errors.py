@@ -7,7 +7,10 @@ A stage running inside a pipeline task prints the same one line with `TASK_ERROR
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from collections.abc import Iterator
 
 TASK_ERROR_PREFIX = "blueprint task error: "
 
@@ -21,6 +24,17 @@ class UserError(BluePrintError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+
+
+@contextlib.contextmanager
+def user_errors_exit(stage: str, context: str = "") -> Iterator[None]:
+    """Inside a task: a user error is the one line `blueprint stage` would print, then exit 2 (no traceback).
+    `context` goes before the error (the run's error line keeps what follows `stage: `), e.g. which partition."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        print(f"{TASK_ERROR_PREFIX}{stage}: {context + ': ' if context else ''}{exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 class InputError(UserError, ValueError):

@@ -256,7 +256,7 @@ def gather_logdir(root: str, into: Path, run: str | None = None) -> dict[str, st
     if record is None:
         raise InputError(f"no run record {'named ' + repr(run) + ' ' if run else ''}under {root}/{runs.RUNS_DIR}: "
                          "a pipeline run writes one when it reaches its gate")
-    outputs = {artifacts.reference(o["uri"]): o for o in artifacts.cached_outputs(root)}
+    outputs = {artifacts.portable_name(o["uri"]): o for o in artifacts.cached_outputs(root)}
     used = retention.reachable(list(record["outputs"].values()), outputs)
     into.mkdir(parents=True, exist_ok=True)
     found: dict[str, str] = {}

@@ -15,8 +15,9 @@ from blueprint import __version__
 from blueprint.config import ConfigError, describe, load_file, parse, parse_assignments
 from blueprint.data.sources import resolve_source
 from blueprint.errors import USER_ERRORS, TaskFailed
-from blueprint.stages import launch, profiles, registry
-from blueprint.stages.common import resolve_input
+from blueprint.models.bases import resolve_input
+from blueprint.runtime import launch
+from blueprint.stages import profiles, registry
 from blueprint.store import artifacts, storage
 
 
@@ -229,9 +230,10 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("uris", nargs="+")
     cmp.set_defaults(func=cmd_compare)
 
-    from pipelines import kubeflow  # submit / schedule (and cluster flags of compile) live beside the KFP client code
+    from pipelines import kubeflow, schedules  # submit, the cluster flags of compile, and the schedule commands
 
     kubeflow.add_commands(sub, c)
+    schedules.add_commands(sub)
     from pipelines import store_commands  # promoted / gc: the artifact root only
 
     store_commands.add_commands(sub)

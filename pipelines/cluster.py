@@ -6,7 +6,7 @@ Credentials never pass through this module: only the NAME of a Kubernetes secret
 from it at run time (kfp-kubernetes `use_secret_as_env`). Without a secret, pods rely on the node's IAM role or
 IRSA (a service account bound to an IAM role), which is why a missing secret is a warning, not an error.
 
-A stage with `nodes` above 1 runs as a Kubeflow Trainer TrainJob (blueprint.stages.trainjob): its own task only
+A stage with `nodes` above 1 runs as a Kubeflow Trainer TrainJob (blueprint.runtime.trainjob): its own task only
 creates and watches the job, so it gets LAUNCHER_RESOURCES and no accelerator, and the stage's resources and GPUs
 go to each node, described in the task's environment (trainjob.ENV_NODE) by names only, like the secret here.
 """
@@ -20,7 +20,8 @@ from kubernetes.utils import parse_quantity
 from pydantic import Field, StrictBool, field_validator, model_validator
 
 from blueprint.config import ConfigError, Settings, load_file, setting
-from blueprint.stages import registry, trainjob
+from blueprint.runtime import trainjob
+from blueprint.stages import registry
 
 STAGES = tuple(registry.STAGES)
 GPU_STAGES = registry.accelerator_stages()  # shard and bootstrap (tiny base) are CPU work

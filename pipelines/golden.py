@@ -49,7 +49,7 @@ def compile_case(name: str, out_dir: Path) -> Path:
 def trainjob_case() -> dict:
     """The TrainJob of a ppo-round on 2 nodes x 4 GPUs, from the cluster settings through the environment the
     compile gives its task (what the task's pod reads) to the body the SDK sends."""
-    from blueprint.stages import launch, trainjob
+    from blueprint.runtime import launch, trainjob
 
     settings = cluster.from_mapping(TRAINJOB_CLUSTER)
     environ = {trainjob.ENV_IMAGE: GOLDEN_IMAGE, trainjob.ENV_NAMESPACE: "kubeflow",

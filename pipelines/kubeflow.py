@@ -6,7 +6,7 @@ parameter names and types, every stage's settings, cluster settings), so a typo 
 run. Network failures become one line naming the host (exit 2), never a traceback.
 
 Recurring retraining (`schedule`, `schedules`, `unschedule`, by name) lives in `pipelines.schedules`; cron
-normalisation in `pipelines.cron`; what a warm-started warmup pod does, in `blueprint.stages.warm_start`.
+normalisation in `pipelines.cron`; what a warm-started warmup pod does, in `blueprint.runtime.warm_start`.
 """
 from __future__ import annotations
 
@@ -266,14 +266,11 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction, compile_parser: argparse.ArgumentParser) -> None:
-    """Register `submit`, the schedule commands (`pipelines.schedules`) and the cluster flags on `compile`."""
+    """Register `submit` and the cluster flags on `compile` (the schedule commands, `pipelines.schedules`, build on
+    this module and register themselves)."""
     add_cluster_flags(compile_parser)
 
     s = sub.add_parser("submit", help="compile and start one run on Kubeflow Pipelines")
     add_run_flags(s)
     s.add_argument("--run-name", default=None)
     s.set_defaults(func=cmd_submit)
-
-    from pipelines import schedules  # it builds on this module: imported here, when the commands are registered
-
-    schedules.add_commands(sub)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from blueprint.config import ConfigError
+from blueprint.models.bases import checked_bases
 from blueprint.stages import profiles, registry
-from blueprint.stages.common import checked_bases
 from blueprint.store import runs, storage
 from blueprint.tracking import RUN_ENV
 

@@ -136,7 +136,7 @@ def _warm_start(args: argparse.Namespace, spec: dict[str, Any], source: str) -> 
         return {}
     if "warm_start" not in pipeline_parameters(spec):
         raise ConfigError("--warm-start: this pipeline has no warm_start parameter (wire "
-                          "blueprint.stages.warm_start.warmup_task into the warmup component)")
+                          "blueprint.runtime.warm_start.warmup_task into the warmup component)")
     if warmup_cached(spec):
         raise ConfigError(f"--warm-start: {source} KFP-caches its warmup task, so every run would get the first "
                           "run's warmup back; let schedule compile it (drop the pinned version)")

@@ -1,4 +1,4 @@
-"""The seed's Python API: the usage snippet as written (model names replaced by a local tiny base folder)."""
+"""The original Python API: the usage snippet as written (model names replaced by a local tiny base folder)."""
 from __future__ import annotations
 
 import pytest
@@ -54,7 +54,7 @@ def test_save_models_to_an_unwritable_target_fails_clearly(trained, unwritable_d
 
 
 def test_two_different_models_train_and_save_each_on_its_own_base(smoke_chain, tmp_path):
-    """The seed's BluePrint(code_to_summary_model, summary_to_code_model) with two models and two tokenizers."""
+    """The original API's BluePrint(code_to_summary_model, summary_to_code_model) with two models and two tokenizers."""
     summarizer = str(storage.local_path(smoke_chain["base"]))
     coder = micro_qwen2_base(tmp_path / "coder", train_bpe_tokenizer(stdlib_texts(30)[::-1], vocab_size=384))
     bp = BluePrint(summarizer, coder, artifact_root=str(tmp_path / "artifacts"), settings=SMOKE, progress=False)
@@ -72,7 +72,7 @@ def test_bad_settings_fail_at_construction_naming_them(tmp_path):
 
 
 def test_seed_snippet_runs_verbatim_in_a_folder_holding_a_model_named_base(smoke_chain, tmp_path, monkeypatch):
-    """The seed's own lines, relative paths and all, next to a local model folder `base`."""
+    """The original API's own lines, relative paths and all, next to a local model folder `base`."""
     import shutil
 
     shutil.copytree(storage.local_path(smoke_chain["base"]), tmp_path / "base")

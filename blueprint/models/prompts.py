@@ -4,8 +4,8 @@ Every component that builds a prompt (PPO rollouts, coder SFT, the reward, evalu
 template change cannot make training and scoring disagree. Two styles:
 
 - `plain`: a bare instruction-free format that a small model trained from scratch picks up quickly.
-- `structured`: the seed's format; the summary is asked for under four headings (`SECTIONS`), which gives an
-  instruction-tuned hub model something concrete to fill in.
+- `structured`: the original prototype's format; the summary is asked for under four headings (`SECTIONS`), which
+  gives an instruction-tuned hub model something concrete to fill in.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class PromptConfig(Settings):
 
     error_prefix = "PromptConfig."
 
-    style: str = setting("plain", "plain | structured (the seed's four headings)")
+    style: str = setting("plain", "plain | structured (the original prototype's four headings)")
     code_to_summary: str | None = setting(None, "the summarizer's template with one {code}; None = the style's")
     summary_to_code: str | None = setting(None, "the coder's template with one {summary}; None = the style's")
 

@@ -163,3 +163,15 @@ def named_out_of_memory(stage: str, budgets: Sequence[str]) -> Iterator[None]:
         hint = ", ".join(f"{stage}.{b}" for b in budgets)
         raise OutOfMemory(f"{stage}: out of memory ({str(exc).splitlines()[0][:160]}): lower {hint}, or set "
                           f"{stage}.dtype=bfloat16 or {stage}.gradient_checkpointing=true") from None
+
+
+def release_memory() -> None:
+    """Free what a finished stage left in reference cycles (a model patched by accelerate refers to itself, so only
+    a full collection frees it), and the allocator's cached blocks: the next stage in this process (the API, the
+    CLI's `run`) starts with the accelerator empty instead of beside a second copy of the base."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -57,7 +57,8 @@ class PPOConfig(Settings):
               "ties in random order): far less padding in each pass; every rollout is still used once an epoch")
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     policy_adapter: str = setting("summarizer", "the adapter PPO trains")
-    reference_adapter: str | None = setting("reference", "the KL anchor; None = the bare base (adapters off)")
+    reference_adapter: str | None = setting("reference", "the frozen KL reference adapter; None = the bare base "
+                                                         "(adapters off)")
     autocast_dtype: str | None = setting(None, '"bfloat16"/"float16": autocast the model (AMX CPUs, GPUs); None '
                                                "= as loaded")
 

@@ -5,7 +5,7 @@ For a (code, summary) pair, with the `coder` adapter active and the model in eva
     ce        mean token cross-entropy of the code tokens (+ EOS) given the coder prompt built from the summary
     ce_empty  the same given an empty summary: how predictable the code is on its own (the per-code baseline)
     gain      ce_empty - ce: the information the summary carries about the code
-    reward    gain (use_gain, for PPO) or -ce (the seed's), minus length and copy penalties
+    reward    gain (use_gain, for PPO) or -ce (the original prototype's), minus length and copy penalties
 
 Speed comes from three things: every distinct sequence goes through the model once per call (so `ce_empty` is
 computed once per code and an empty summary costs nothing), sequences are sorted by length before batching (little

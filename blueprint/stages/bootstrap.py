@@ -18,11 +18,11 @@ from pydantic import model_validator
 from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
 from blueprint.errors import InputError, check_finite_loss
+from blueprint.models.bases import quiet_libraries
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, summary_prompt
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.progress import note
 from blueprint.stages import registry
-from blueprint.stages.common import quiet_libraries
 from blueprint.store import artifacts
 
 PRESETS = ("micro", "tiny")  # sizes in blueprint.models.tiny.PRESETS
@@ -204,5 +204,6 @@ def run(config: BootstrapConfig, *, shards: str, artifact_root: str | None = Non
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """Committed, content-addressed `tiny` base model folder (loadable with `from_pretrained`)."""
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, config, {"shards": shards}, lambda d: compute(config, shards, d, progress),
-                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(STAGE, config, {"shards": shards},
+                                         lambda d: compute(config, shards, d, progress),
+                                         artifact_root=artifact_root, out_uri=out_uri, force=force)

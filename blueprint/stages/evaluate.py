@@ -36,17 +36,17 @@ from blueprint.config import ConfigError, setting
 from blueprint.distributed import ParallelSettings
 from blueprint.engines.settings import EngineSettings
 from blueprint.errors import InputError
+from blueprint.eval import code_tests, report
 from blueprint.eval import metrics as text_metrics
-from blueprint.eval import report
 from blueprint.eval.greedy import generate_texts
 from blueprint.eval.sandbox import SandboxSettings
+from blueprint.models.adapter_set import RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
+from blueprint.models.bases import Bases, is_artifact
 from blueprint.models.prompts import PromptConfig, PromptStyle, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import clip_tokens
 from blueprint.progress import Progress
-from blueprint.stages import code_tests, registry
-from blueprint.stages.adapter_set import Bases, RoleModels, fetch_adapter_set, key_settings, load_roles, open_roles
-from blueprint.stages.common import is_artifact
+from blueprint.stages import registry
 from blueprint.store import artifacts
 
 if TYPE_CHECKING:
@@ -313,12 +313,12 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
     top = headline(values)  # the files hold no wall time: same inputs -> same bytes -> downstream cache hits
 
     # One history row per epoch: a rerun of an epoch replaces its row, so the plot never doubles back.
-    ref = artifacts.reference
-    history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": ref(adapters)}]
+    portable = artifacts.portable_name
+    history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": portable(adapters)}]
     history.sort(key=lambda h: h.get("epoch", 0))
-    context = {"adapters": ref(adapters), "adapter round": str(meta.get("round", "?")),
-               "base": _named(bases.summarizer), "shards": ref(shards),
-               "previous": ref(previous) if previous else "-"}
+    context = {"adapters": portable(adapters), "adapter round": str(meta.get("round", "?")),
+               "base": _named(bases.summarizer), "shards": portable(shards),
+               "previous": portable(previous) if previous else "-"}
     if not bases.shared:
         context["coder base"] = _named(bases.coder)
     if values.get("reference_failures"):  # a broken task file or environment, named where the reader looks first
@@ -332,7 +332,7 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
     plots = [("metrics across epochs", "metrics.png")]
     steps = round_steps(adapters)
     if steps:
-        report.plot_steps(steps, out_dir / "curves.png", f"PPO steps of the round evaluated ({ref(adapters)})")
+        report.plot_steps(steps, out_dir / "curves.png", f"PPO steps of the round evaluated ({portable(adapters)})")
         plots.append(("the evaluated round's PPO steps", "curves.png"))
     text = report.markdown_report(top, history, samples[:cfg.report_examples], context, plots)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
@@ -352,7 +352,7 @@ def round_steps(adapters: str) -> list[dict[str, Any]]:
 
 
 def _named(base: str) -> str:
-    return artifacts.reference(base) if is_artifact(base) else base
+    return artifacts.portable_name(base) if is_artifact(base) else base
 
 
 def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
@@ -369,9 +369,9 @@ def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the 
     if previous:
         inputs["previous"] = previous
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, key_settings(config, bases), inputs,
-                                   lambda d: compute(config, shards, bases, adapters, previous, d, progress),
-                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(STAGE, key_settings(config, bases), inputs,
+                                         lambda d: compute(config, shards, bases, adapters, previous, d, progress),
+                                         artifact_root=artifact_root, out_uri=out_uri, force=force)
 
 
 def compare(uris: list[str]) -> str:

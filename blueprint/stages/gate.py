@@ -111,7 +111,7 @@ def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the 
         force: bool = False, progress: bool = True) -> artifacts.StageOutput:
     """The committed decision on the challenger (`models`, evaluated by `evaluation`) against the promoted model
     of `config.name`; keyed by the champion's pointer version, so a new champion means a new judgement."""
-    from blueprint.stages.adapter_set import Bases
+    from blueprint.models.bases import Bases
 
     if artifact_root is None:
         raise InputError("the gate reads the promoted pointer under the artifact root: give artifact_root")
@@ -122,26 +122,6 @@ def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the 
     base_inputs, base_settings = bases.key_parts()
     inputs = {"shards": shards, "adapters": adapters, "evaluation": evaluation, "models": models, **base_inputs}
     settings = {**config.to_dict(), "champion_version": version or "none", **base_settings}
-    return artifacts.run_stage(STAGE, settings, inputs,
-                               lambda d: compute(config, challenger, artifact_root, d, progress),
-                               artifact_root=artifact_root, out_uri=out_uri, force=force)
-
-
-def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, artifact_root: str, force: bool = False,
-              metrics: Any = None, report_path: str | None = None, page_path: str | None = None) -> str:
-    """The gate component's body: write the run record (what the run ended with, for retention), then judge.
-    Returns the decision; the record names the gate's output, for the promote task."""
-    from blueprint.stages.task import run_stage_task, user_errors_exit
-    from blueprint.store import runs
-
-    with user_errors_exit(STAGE):
-        if run_id:  # first without the gate, so a run whose gate fails is still known
-            runs.write_record(artifact_root, run_id, inputs)
-        uri, _ = run_stage_task(STAGE, settings, inputs, artifact_root, force, metrics, report_path, page_path)
-        record = storage.read_json(storage.join(uri, GATE_FILE))
-        if run_id:  # the champion's re-evaluation too, so gc keeps what this judgement read
-            judged = (record.get("champion") or {}).get("evaluation")
-            runs.write_record(artifact_root, run_id,
-                              {**inputs, registry.GATE: uri, "champion_evaluation": judged or ""},
-                              {"decision": record["decision"]})
-    return record["decision"]
+    return artifacts.reuse_or_commit(STAGE, settings, inputs,
+                                     lambda d: compute(config, challenger, artifact_root, d, progress),
+                                     artifact_root=artifact_root, out_uri=out_uri, force=force)

@@ -10,7 +10,7 @@ stage's device and in its dtype, in memory, after the cast to the saved dtype, a
 (onto the same device, in the same dtype). Differences are scaled by the largest logit and checked against a
 tolerance of a few rounding steps of the dtype (fp32 is exact up to float sums, bf16 rounds every product), so a
 bf16 merge on a GPU passes and a merge that changed the function does not. Above it the stage raises, and since
-run_stage commits only when compute returns, nothing is committed.
+reuse_or_commit commits only when compute returns, nothing is committed.
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ from pydantic import model_validator
 from blueprint.config import ConfigError, setting
 from blueprint.errors import InputError, UserError
 from blueprint.eval.report import DESCRIPTIONS, table
+from blueprint.models.adapter_set import BASE_FILE, fetch_adapter_set, key_settings
+from blueprint.models.bases import Bases, is_artifact, open_base
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, summary_prompt
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.progress import Progress
 from blueprint.stages import registry
-from blueprint.stages.adapter_set import BASE_FILE, Bases, fetch_adapter_set, key_settings
-from blueprint.stages.common import is_artifact, open_base
 from blueprint.store import artifacts, storage
 
 STAGE = registry.MERGE
@@ -265,7 +265,7 @@ def model_card(role: str, base: str, adapters: str, adapter_run: dict[str, Any],
     template = prompt.code_to_summary if role == "summarizer" else prompt.summary_to_code
     front = [card_metadata(base)]
     base = base_name(base)  # the card is content: no root, no time, no local path
-    adapters, evaluation = artifacts.reference(adapters), evaluation and artifacts.reference(evaluation)
+    adapters, evaluation = artifacts.portable_name(adapters), evaluation and artifacts.portable_name(evaluation)
     lines = front + ["", f"# BluePrint {role}", "",
                      f"A causal LM that {task}: the `{role}` LoRA adapter of a BluePrint run merged into its base.",
                      "", f"- base model: `{base}`",
@@ -332,7 +332,7 @@ def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the 
     if evaluation:
         inputs["evaluation"] = evaluation
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, key_settings(config, bases), inputs,
-                                   lambda d: compute(config, bases, adapters, evaluation, d, progress),
-                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(STAGE, key_settings(config, bases), inputs,
+                                         lambda d: compute(config, bases, adapters, evaluation, d, progress),
+                                         artifact_root=artifact_root, out_uri=out_uri, force=force)
 

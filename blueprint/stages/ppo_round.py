@@ -1,4 +1,4 @@
-"""PPO round stage: the seed's `ppo_steps` on the summarizer, then `supervised_steps` on the coder.
+"""PPO round stage: the original API's `ppo_steps` on the summarizer, then `supervised_steps` on the coder.
 
 The summarizer writes summaries of this round's code; the reward is how much those summaries help the coder
 rebuild the code (information gain, minus length and copy penalties). Then the coder learns to rebuild the code
@@ -19,15 +19,7 @@ from blueprint import distributed, tracking
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
 from blueprint.engines.settings import EngineSettings
-from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
-from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
-from blueprint.models.sft import SFTRun, clip_tokens, sft_datasets, sft_length, step_logger, train_adapter
-from blueprint.rl import data_parallel, round_stats
-from blueprint.rl.ppo_config import PPOConfig
-from blueprint.rl.probe import probe_metrics, probe_reward
-from blueprint.stages import registry
-from blueprint.stages.adapter_set import (
-    Bases,
+from blueprint.models.adapter_set import (
     RoleModels,
     fetch_adapter_set,
     key_settings,
@@ -35,6 +27,14 @@ from blueprint.stages.adapter_set import (
     open_roles,
     save_adapter_set,
 )
+from blueprint.models.bases import Bases
+from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
+from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
+from blueprint.models.sft import SFTRun, clip_tokens, sft_datasets, sft_length, step_logger, train_adapter
+from blueprint.rl import data_parallel, round_stats
+from blueprint.rl.ppo_config import PPOConfig
+from blueprint.rl.probe import probe_metrics, probe_reward
+from blueprint.stages import registry
 from blueprint.store import artifacts, storage
 from blueprint.store.tensor_state import StateFileError, load_state, save_state
 
@@ -58,14 +58,16 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSetting
     """
 
     error_prefix = ""
+    renamed = {"reference": "kl_anchor"}  # it named both this choice and the adapter the choice makes
 
     # the round builds these adapters itself: which one PPO trains and which is its anchor are not choices
     policy_adapter: Literal["summarizer"] = setting("summarizer", "the adapter PPO trains (always the summarizer)")
-    reference_adapter: Literal["reference"] = setting("reference", "the KL anchor the round builds (see reference)")
+    reference_adapter: Literal["reference"] = setting("reference", "the KL reference adapter the round builds "
+                                                                   "(from kl_anchor)")
     round_index: int = setting(1, "which round this is (1 = the first after warmup): seeds the round's draw", ge=1)
-    ppo_steps: int = setting(10, "PPO steps on the summarizer (the seed's ppo_steps)", ge=0)
-    supervised_steps: int = setting(10, "optimizer steps of the coder on this round's summaries (the seed's "
-                                        "supervised_steps)", ge=0)
+    ppo_steps: int = setting(10, "PPO steps on the summarizer (the original API's ppo_steps)", ge=0)
+    supervised_steps: int = setting(10, "optimizer steps of the coder on this round's summaries (the original "
+                                        "API's supervised_steps)", ge=0)
     samples_per_query: int = setting(
         4, "summaries sampled per code: each is judged against its siblings, so the advantage says 'better "
            "summary', not 'easier code'", gt=0)
@@ -80,7 +82,7 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSetting
                                               "summary in 32 dominated the whitened batch", ge=0)
     length_coef: float = setting(0.01, "weight of len(summary) / len(code) in the reward", ge=0)
     reward: Literal["gain", "neg_ce"] = setting("gain", '"gain" (information gain, low variance) or "neg_ce" '
-                                                        "(the seed's -CE)")
+                                                        "(the original prototype's -CE)")
     coder_lr: float = setting(1e-3, "learning rate of the coder's supervised step", gt=0)
     coder_batch_size: int = setting(8, "pairs per coder optimizer step", ge=1)
     ground_truth_fraction: float = setting(0.5, "share of the coder's pairs that use the true docstring", ge=0,
@@ -94,9 +96,10 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSetting
                                    "and after (paired, so small changes show)", ge=1)
     probe_samples: int = setting(0, ">0: also the expected reward, this many sampled summaries per probe code",
                                  ge=0)
-    reference: Literal["round", "warmup"] = setting(
-        "round", 'KL anchor: "round" (the summarizer as this round starts: a per-round trust region, so a '
-                 'recurring retraining never drifts into max_kl) or "warmup" (the summarizer after warmup)')
+    kl_anchor: Literal["round", "warmup"] = setting(
+        "round", 'where the KL reference adapter is taken from: "round" (the summarizer as this round starts: a '
+                 'per-round trust region, so a recurring retraining never drifts into max_kl) or "warmup" (the '
+                 'summarizer after warmup)')
     checkpoint_every: int = setting(5, "PPO steps between resumable checkpoints", ge=1)
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds the round's draw of codes, the probe and sampling")
@@ -194,10 +197,10 @@ def _open_round(cfg: PPORoundConfig, bases: Bases, adapters: str, ckpt_uri: str,
         adapter_dir, meta = fetch_adapter_set(source, bases, Path(tmp) / "in")
         roles = load_roles(roles, adapter_dir)
         model = roles.summarizer
-        if not resumed and cfg.reference == "round" and "reference" in model.peft_config:
-            model.delete_adapter("reference")
-        if "reference" not in model.peft_config:
-            lora.add_reference_adapter(model, "summarizer")
+        if not resumed and cfg.kl_anchor == "round" and cfg.reference_adapter in model.peft_config:
+            model.delete_adapter(cfg.reference_adapter)
+        if cfg.reference_adapter not in model.peft_config:
+            lora.add_reference_adapter(model, cfg.policy_adapter, cfg.reference_adapter)
         head_path = adapter_dir.parent / VALUE_HEAD_FILE
         value_head = ValueHead.load(head_path) if head_path.exists() else None
         trainer = PPOTrainer(model, roles.summarizer_tokenizer, cfg, value_head)
@@ -393,6 +396,6 @@ def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the 
         storage.delete_prefix(storage.join(out_uri, CHECKPOINT))
     distributed.barrier()
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, settings, inputs,
-                                   lambda d: compute(config, shards, bases, adapters, d, out_uri, progress),
-                                   out_uri=out_uri, force=force, owned=owned)
+        return artifacts.reuse_or_commit(STAGE, settings, inputs,
+                                         lambda d: compute(config, shards, bases, adapters, d, out_uri, progress),
+                                         out_uri=out_uri, force=force, owned=owned)

@@ -98,17 +98,3 @@ def run(config: PromoteConfig, *, gate: str, artifact_root: str | None = None, o
     name = gate_record(gate)["name"]
     return artifacts.StageOutput(promotion.pointer_uri(artifact_root, name), {"metrics": metrics, "key": ""},
                                  cached=False)
-
-
-def promote_task(settings: dict[str, Any], run_id: str, artifact_root: str, force: bool = False,
-                 metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
-    """The promote component's body: the gate output of run `run_id` is the one its run record names."""
-    from blueprint.stages.task import run_stage_task, user_errors_exit
-    from blueprint.store import runs
-
-    with user_errors_exit(STAGE):
-        gate = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get(registry.GATE)
-        if not gate:
-            raise InputError(f"run record {runs.record_uri(artifact_root, run_id)} names no gate output")
-    return run_stage_task(STAGE, {**settings, "run": run_id}, {registry.GATE: gate}, artifact_root, force, metrics,
-                          report_path)

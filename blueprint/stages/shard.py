@@ -5,7 +5,7 @@ Flow, with memory bounded whatever the corpus size:
       -> parsed on `workers` fresh-interpreter processes (ordered map over batches, a bounded window in flight)
       -> exact de-duplication on whitespace-collapsed code (only 16-byte hashes are kept)
       -> split by hash(split_salt, code) < eval_fraction, shard = hash(code) % num_shards
-      -> ShardWriter (row groups of bounded size) -> committed via artifacts.run_stage.
+      -> ShardWriter (row groups of bounded size) -> committed via artifacts.reuse_or_commit.
 
 Determinism: results come back in input order, so the same input and config give byte-identical shards for any
 `workers`; that is why `workers` is left out of the cache key. The source fingerprint goes in instead.
@@ -293,7 +293,7 @@ def compute(config: ShardConfig, out_dir: Path, source: Source | None = None, pr
         "inputs_parsed": counts["inputs_parsed"] if index is not None else files,
         "inputs_reused": counts["inputs_reused"],
         # against an earlier run: which rows are new (a retrain may draw them first)
-        **({"reused_from": artifacts.reference(previous), incremental.NEW_ROWS: writer.new_rows()}
+        **({"reused_from": artifacts.portable_name(previous), incremental.NEW_ROWS: writer.new_rows()}
            if previous and counts["inputs_reused"] else {}),
     }
 
@@ -340,7 +340,7 @@ def run(config: ShardConfig, *, artifact_root: str | None = None, out_uri: str |
             target = out_uri or artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, key, {}))
             previous = incremental.find_previous(artifact_root, incremental.extraction_key(key), exclude=target)
         return compute(config, out_dir, source, progress, previous)
-    return artifacts.run_stage(STAGE, key, {}, build, artifact_root=artifact_root, out_uri=out_uri, force=force)
+    return artifacts.reuse_or_commit(STAGE, key, {}, build, artifact_root=artifact_root, out_uri=out_uri, force=force)
 
 
 def summary_line(out: artifacts.StageOutput | dict[str, Any]) -> str:

@@ -15,11 +15,12 @@ from blueprint import tracking
 from blueprint.config import setting
 from blueprint.distributed import ParallelSettings
 from blueprint.errors import InputError
+from blueprint.models.adapter_set import key_settings, open_roles, save_adapter_set
+from blueprint.models.bases import Bases
 from blueprint.models.prompts import PromptStyle
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import SFTRun, sft_datasets, sft_length, step_logger, train_adapter
 from blueprint.stages import registry
-from blueprint.stages.adapter_set import Bases, key_settings, open_roles, save_adapter_set
 from blueprint.store import artifacts
 
 STAGE = registry.WARMUP
@@ -109,6 +110,6 @@ def run(config: WarmupConfig, *, shards: str, base: str, coder_base: str | None 
     settings = key_settings(config, bases)
     live = out_uri or artifacts.stage_uri(artifact_root, STAGE, artifacts.stage_key(STAGE, artifacts.config_dict(settings), inputs))
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.run_stage(STAGE, settings, inputs,
-                                   lambda d: compute(config, shards, bases, d, progress, live),
-                                   artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(STAGE, settings, inputs,
+                                         lambda d: compute(config, shards, bases, d, progress, live),
+                                         artifact_root=artifact_root, out_uri=out_uri, force=force)

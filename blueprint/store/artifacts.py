@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from blueprint import __version__, distributed
+from blueprint import distributed
 from blueprint.errors import UserError
 from blueprint.store import hits_only, storage
+from blueprint.version import __version__
 
 MANIFEST_NAME = "_MANIFEST.json"
 WRITING_NAME = "_WRITING.json"  # present while a stage writes an explicit output location (not listed in manifests)
@@ -152,7 +153,7 @@ def verify_file(uri: str, rel: str, manifest: dict[str, Any], chunk_bytes: int =
 IDENTITY_FIELDS = ("stage", "key", "config", "input_manifests", "files")
 
 
-def reference(uri: str) -> str:
+def portable_name(uri: str) -> str:
     """How an output names another artifact in its own files: `stage/key`, never the root (a root copied to
     another bucket keeps the same bytes, so every cache hit holds)."""
     return "/".join(str(uri).rstrip("/").split("/")[-2:])
@@ -302,10 +303,11 @@ def mark_used(uri: str) -> None:
         storage.write_json(storage.join(uri, USED_NAME), {"used": dt.datetime.now(dt.UTC).isoformat()})
 
 
-def run_stage(stage: str, config: Any, inputs: Mapping[str, str], compute: Callable[[Path], Mapping[str, Any]], *,
-              artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
-              owned: bool | None = None) -> StageOutput:
-    """Run one stage under the commit protocol.
+def reuse_or_commit(stage: str, config: Any, inputs: Mapping[str, str], compute: Callable[[Path], Mapping[str, Any]], *,
+                    artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
+                    owned: bool | None = None) -> StageOutput:
+    """A stage's output under the commit protocol: the committed one of this key, reused, or computed and committed
+    (not `launch.run_stage`, which runs a stage's function, on several processes when asked).
 
     `compute(local_dir)` writes the stage's files into a fresh local directory and returns its metrics. The output
     goes to `out_uri`, or to the content-addressed `{artifact_root}/{stage}/{key}` (`owned`: `out_uri` is that

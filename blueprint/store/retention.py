@@ -45,7 +45,7 @@ class Collection:
 
 def _key(uri: str) -> str:
     """An output's identity within any root: `stage/key` (a copied root keeps its outputs reachable)."""
-    return artifacts.reference(storage.normalize(uri))
+    return artifacts.portable_name(storage.normalize(uri))
 
 
 def promoted_roots(root: str) -> list[str]:

@@ -7,7 +7,7 @@ from conftest import SMOKE_PPO
 
 from blueprint.config import ConfigError, parse
 from blueprint.models import runtime
-from blueprint.stages.common import open_base
+from blueprint.models.bases import open_base
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 

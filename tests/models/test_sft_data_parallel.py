@@ -11,7 +11,8 @@ from conftest import SMOKE_WARMUP
 from safetensors.torch import load_file
 
 from blueprint.config import parse
-from blueprint.stages import launch, warmup
+from blueprint.runtime import launch
+from blueprint.stages import warmup
 
 LOSSES = [f"{role}_{split}_loss" for role in ("summarizer", "coder") for split in ("eval", "train")]
 

@@ -13,7 +13,8 @@ from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from blueprint.config import ConfigError
-from blueprint.stages import profiles, warm_start
+from blueprint.runtime import warm_start
+from blueprint.stages import profiles
 from blueprint.store import artifacts
 from pipelines import cli, cluster
 from pipelines import cron as cron_module
@@ -365,7 +366,7 @@ def _promote(root: str, adapters: str, base: str) -> None:
 
 
 def test_warm_start_continues_from_the_promoted_adapters_not_the_newest_round(tmp_path):
-    from blueprint.stages.common import base_identity
+    from blueprint.models.bases import base_identity
 
     root = f"file://{tmp_path}/art"
     base = _commit(root, "bootstrap", {"config.json": "{}"}, "2026-01-01T00:00:00+00:00")
@@ -385,7 +386,7 @@ def test_warm_start_continues_from_the_promoted_adapters_not_the_newest_round(tm
 
 
 def test_warmup_task_hands_on_the_promoted_adapters_and_reports_it(tmp_path):
-    from blueprint.stages.common import base_identity
+    from blueprint.models.bases import base_identity
 
     root = f"file://{tmp_path}/art"
     base = _commit(root, "bootstrap", {"config.json": "{}"}, "2026-01-01T00:00:00+00:00")
@@ -409,7 +410,7 @@ def test_warmup_task_hands_on_the_promoted_adapters_and_reports_it(tmp_path):
 def test_warm_start_in_a_copied_root_continues_from_the_copy_once_the_original_is_gone(tmp_path):
     import shutil
 
-    from blueprint.stages.common import base_identity
+    from blueprint.models.bases import base_identity
 
     root, copy = f"file://{tmp_path}/art", f"file://{tmp_path}/copy"
     base = _commit(root, "bootstrap", {"config.json": "{}"}, "2026-01-01T00:00:00+00:00")

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from blueprint import distributed
 from blueprint.config import ConfigError, parse
-from blueprint.stages import evaluate, launch, ppo_round
+from blueprint.runtime import launch
+from blueprint.stages import evaluate, ppo_round
 from blueprint.store import artifacts, storage
 from pipelines import cli
 
@@ -71,7 +72,7 @@ def _rank_pid(marker: str, local_rank: str) -> int | None:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "blueprint.stages.launch" in cmdline and marker in cmdline and \
+        if "blueprint.runtime.worker" in cmdline and marker in cmdline and \
                 f"LOCAL_RANK={local_rank}".encode() in environ:
             return int(pid)
     return None

@@ -12,11 +12,11 @@ from transformers import LlamaForCausalLM
 
 from blueprint.eval import metrics
 from blueprint.models import lora
+from blueprint.models.adapter_set import RoleModels, save_adapter_set
+from blueprint.models.bases import Bases, open_base
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts, encode_targets, summary_prompt
 from blueprint.models.tiny import tiny_llama_config
 from blueprint.stages import evaluate, merge
-from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
-from blueprint.stages.common import open_base
 from blueprint.store import artifacts, storage
 
 PAIRS = [
@@ -226,14 +226,14 @@ def test_report_plot_and_history_across_two_runs(world):
     history = json.loads(local(second.uri, "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
     # references, not URIs: the files stay the same when the root is copied elsewhere
-    assert [h["adapters"] for h in history] == [artifacts.reference(world["untrained"]),
-                                                artifacts.reference(world["trained"])]
+    assert [h["adapters"] for h in history] == [artifacts.portable_name(world["untrained"]),
+                                                artifacts.portable_name(world["trained"])]
     assert history[0]["pairwise_accuracy"] == first.metrics["pairwise_accuracy"]
     png = local(second.uri, "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     text = local(second.uri, "report.md").read_text()
     assert "## Metrics" in text and "## History" in text and "## Examples" in text
-    assert "| pairwise_accuracy |" in text and artifacts.reference(world["trained"]) in text
+    assert "| pairwise_accuracy |" in text and artifacts.portable_name(world["trained"]) in text
     assert text.count("### ") == CFG["report_examples"]
     assert repr(PAIRS[0][1]) in text and "def add(a, b):" in text
     table = evaluate.compare([first.uri, second.uri])
@@ -279,7 +279,7 @@ def test_merge_card_carries_the_evaluation(world, tmp_path):
     out = merge.run(merge.MergeConfig(keep_adapters=False), base=world["base"], adapters=world["trained"],
                     evaluation=world["second"].uri, artifact_root=str(tmp_path), progress=False)
     card = local(out.uri, "coder", "README.md").read_text()
-    ref = artifacts.reference
+    ref = artifacts.portable_name
     assert ref(world["second"].uri) in card and "| pairwise_accuracy |" in card and ref(world["trained"]) in card
     assert str(world["root"]) not in card
     assert out.metrics["eval_pairwise_accuracy"] == world["second"].metrics["pairwise_accuracy"]

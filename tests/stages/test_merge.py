@@ -11,10 +11,10 @@ from peft.tuners.lora import LoraModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from blueprint.models import lora
+from blueprint.models.adapter_set import RoleModels, save_adapter_set
+from blueprint.models.bases import Bases, open_base
 from blueprint.models.tiny import tiny_llama_config
 from blueprint.stages import merge
-from blueprint.stages.adapter_set import Bases, RoleModels, save_adapter_set
-from blueprint.stages.common import open_base
 from blueprint.store import artifacts, storage
 
 
@@ -76,13 +76,13 @@ def test_merged_models_match_adapters_and_load_with_plain_transformers(trained, 
         assert generated.shape[1] > len(merged_tok("def f(x):")["input_ids"])
         weights[role] = merged.model.layers[0].self_attn.q_proj.weight.detach().clone()
         card = (folder / "README.md").read_text()
-        ref = artifacts.reference
+        ref = artifacts.portable_name
         assert ref(trained["base"]) in card and ref(trained["adapters"]) in card and "round 2" in card
     assert not torch.equal(weights["summarizer"], weights["coder"])  # each role merged into its own base copy
     base_q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert not torch.equal(weights["coder"], base_q)  # and the shared training base was left untouched by merging
     meta = json.loads((storage.local_path(out.uri) / "adapters" / "base.json").read_text())
-    assert meta["base"] == artifacts.reference(trained["base"])  # the base by reference, no artifact root
+    assert meta["base"] == artifacts.portable_name(trained["base"])  # the base by reference, no artifact root
 
 
 def test_failed_logit_check_commits_nothing(trained, tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def test_a_page_whose_image_is_missing_shows_it_unrendered(tmp_path):
 
 
 def test_the_kfp_page_of_a_stage_without_its_own_is_its_markdown_report(smoke_chain, tmp_path):
-    from blueprint.stages import task
+    from blueprint.runtime import task
 
     page = tmp_path / "page.html"
     task.run_stage_task("evaluate", {**SMOKE_EVALUATE}, {"shards": smoke_chain["shards"], "base": smoke_chain["base"],

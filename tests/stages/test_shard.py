@@ -267,7 +267,7 @@ def test_cpu_count_default(monkeypatch):
 
 
 def test_unguarded_script_shards_with_workers_and_runs_its_code_once(tmp_path):
-    """The seed's usage: top-level code, no __main__ guard. Workers must not re-run the script (spawn would)."""
+    """The original API's usage: top-level code, no __main__ guard. Workers must not re-run the script (spawn would)."""
     script = tmp_path / "plain.py"
     script.write_text(textwrap.dedent(f"""\
         import os

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from blueprint.config import parse
 from blueprint.models import lora
+from blueprint.models.bases import open_base
 from blueprint.stages import ppo_round, warmup
-from blueprint.stages.common import open_base
 from blueprint.store import artifacts, storage
 from blueprint.store.artifacts import ArtifactError
 
@@ -139,11 +139,19 @@ def _adapter_sha(out, name):
     return out.manifest["files"][f"adapters/{name}/adapter_model.safetensors"]["sha256"]
 
 
+def test_the_old_reference_setting_is_refused_naming_kl_anchor():
+    from blueprint.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^reference: renamed kl_anchor"):
+        parse(ppo_round.PPORoundConfig, {"reference": "warmup"})
+    assert parse(ppo_round.PPORoundConfig, {"kl_anchor": "warmup"}).kl_anchor == "warmup"
+
+
 def test_second_round_keeps_the_warmup_reference_or_takes_its_own_start_as_reference(smoke_chain, tmp_path):
     first = _round(smoke_chain)
     args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=first.uri, progress=False)
-    kept, reset = (ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "round_index": 2, "reference": ref}),
-                                 out_uri=f"file://{tmp_path}/{ref}", **args) for ref in ("warmup", "round"))
+    kept, reset = (ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "round_index": 2, "kl_anchor": anchor}),
+                                 out_uri=f"file://{tmp_path}/{anchor}", **args) for anchor in ("warmup", "round"))
     assert _adapter_sha(kept, "reference") == _adapter_sha(first, "reference")
     assert _adapter_sha(reset, "reference") == _adapter_sha(first, "summarizer") != _adapter_sha(first, "reference")
     assert reset.metrics["kl_first"] == 0.0 != kept.metrics["kl_first"]
@@ -196,9 +204,9 @@ def test_adapters_from_another_base_are_refused(smoke_chain, tmp_path):
     other = f"file://{tmp_path}/other-base"
     model, tokenizer = open_base(smoke_chain["base"])
     torch.nn.init.normal_(model.lm_head.weight)
-    out = artifacts.run_stage("bootstrap", {"other": 1}, {},
-                              lambda d: model.save_pretrained(d) or tokenizer.save_pretrained(d) and {},
-                              out_uri=other)
+    out = artifacts.reuse_or_commit("bootstrap", {"other": 1}, {},
+                                    lambda d: model.save_pretrained(d) or tokenizer.save_pretrained(d) and {},
+                                    out_uri=other)
     with pytest.raises(ArtifactError, match="trained on base"):
         ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=smoke_chain["shards"], base=out.uri,
                       adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/x", progress=False)

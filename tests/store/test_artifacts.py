@@ -27,7 +27,7 @@ def _writer(text: str, calls: list[int] | None = None):
 
 
 def test_commit_writes_manifest_with_sizes_hashes_and_metrics(root):
-    out = artifacts.run_stage("demo", {"a": 1}, {}, _writer("hello"), artifact_root=root)
+    out = artifacts.reuse_or_commit("demo", {"a": 1}, {}, _writer("hello"), artifact_root=root)
     assert not out.cached
     assert out.uri.endswith(f"/demo/{out.manifest['key']}")
     manifest = artifacts.read_manifest(out.uri)
@@ -38,10 +38,10 @@ def test_commit_writes_manifest_with_sizes_hashes_and_metrics(root):
 
 def test_existing_manifest_is_a_cache_hit_and_force_recomputes(root):
     calls: list[int] = []
-    first = artifacts.run_stage("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root)
-    again = artifacts.run_stage("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root)
+    first = artifacts.reuse_or_commit("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root)
+    again = artifacts.reuse_or_commit("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root)
     assert again.cached and again.uri == first.uri and len(calls) == 1
-    forced = artifacts.run_stage("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root, force=True)
+    forced = artifacts.reuse_or_commit("demo", {"a": 1}, {}, _writer("x", calls), artifact_root=root, force=True)
     assert not forced.cached and len(calls) == 2
 
 
@@ -51,7 +51,7 @@ def test_partial_prefix_is_never_read_and_is_rewritten(root):
     storage.write_text(storage.join(out_uri, "stale.txt"), "half")
     with pytest.raises(ArtifactError, match="partial output"):
         artifacts.read_manifest(out_uri)
-    out = artifacts.run_stage("demo", {}, {}, _writer("fresh"), out_uri=out_uri)
+    out = artifacts.reuse_or_commit("demo", {}, {}, _writer("fresh"), out_uri=out_uri)
     assert set(storage.list_files(out.uri)) == {"data/x.txt", artifacts.MANIFEST_NAME}
 
 
@@ -59,20 +59,20 @@ def test_an_explicit_output_holding_anything_else_is_refused_and_kept(root):
     out_uri = storage.join(root, "mine")
     storage.write_text(storage.join(out_uri, "important.txt"), "x")
     with pytest.raises(ArtifactError, match="important.txt.*refusing to replace"):
-        artifacts.run_stage("demo", {}, {}, _writer("fresh"), out_uri=out_uri, force=True)
-    other = artifacts.run_stage("other", {}, {}, _writer("theirs"), out_uri=storage.join(root, "theirs"))
+        artifacts.reuse_or_commit("demo", {}, {}, _writer("fresh"), out_uri=out_uri, force=True)
+    other = artifacts.reuse_or_commit("other", {}, {}, _writer("theirs"), out_uri=storage.join(root, "theirs"))
     with pytest.raises(ArtifactError, match="'other' output: a demo output never replaces it"):
-        artifacts.run_stage("demo", {}, {}, _writer("fresh"), out_uri=other.uri, force=True)
+        artifacts.reuse_or_commit("demo", {}, {}, _writer("fresh"), out_uri=other.uri, force=True)
     assert storage.read_text(storage.join(out_uri, "important.txt")) == "x"
     assert artifacts.read_manifest(other.uri)["stage"] == "other"
 
 
 def test_an_explicit_output_of_the_same_stage_with_other_settings_needs_force(root):
     out_uri = storage.join(root, "o")
-    artifacts.run_stage("demo", {"a": 1}, {}, _writer("one"), out_uri=out_uri)
+    artifacts.reuse_or_commit("demo", {"a": 1}, {}, _writer("one"), out_uri=out_uri)
     with pytest.raises(ArtifactError, match="other settings or inputs; pass --force"):
-        artifacts.run_stage("demo", {"a": 2}, {}, _writer("two"), out_uri=out_uri)
-    out = artifacts.run_stage("demo", {"a": 2}, {}, _writer("two"), out_uri=out_uri, force=True)
+        artifacts.reuse_or_commit("demo", {"a": 2}, {}, _writer("two"), out_uri=out_uri)
+    out = artifacts.reuse_or_commit("demo", {"a": 2}, {}, _writer("two"), out_uri=out_uri, force=True)
     assert not out.cached and storage.read_text(storage.join(out_uri, "data/x.txt")) == "two"
 
 
@@ -81,12 +81,12 @@ def test_failed_build_leaves_no_manifest(root):
         (local / "f").write_text("x")
         raise ValueError("boom")
     with pytest.raises(ValueError, match="boom"):
-        artifacts.run_stage("demo", {}, {}, broken, out_uri=storage.join(root, "o"))
+        artifacts.reuse_or_commit("demo", {}, {}, broken, out_uri=storage.join(root, "o"))
     assert not storage.exists(storage.join(root, "o", artifacts.MANIFEST_NAME))
 
 
 def test_missing_or_tampered_file_is_detected(root):
-    out = artifacts.run_stage("demo", {}, {}, _writer("hello"), artifact_root=root)
+    out = artifacts.reuse_or_commit("demo", {}, {}, _writer("hello"), artifact_root=root)
     storage.write_text(storage.join(out.uri, "data/x.txt"), "HELLO")  # same size, other bytes
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         artifacts.read_manifest(out.uri)
@@ -100,12 +100,12 @@ def test_missing_or_tampered_file_is_detected(root):
 
 def test_key_changes_with_config_and_with_input_content_not_with_input_path(tmp_path):
     root = f"file://{tmp_path}"
-    up = artifacts.run_stage("up", {}, {}, _writer("v1"), out_uri=f"{root}/same-path")
-    k1 = artifacts.run_stage("down", {"n": 1}, {"up": up.uri}, _writer("d"), artifact_root=root)
-    k2 = artifacts.run_stage("down", {"n": 2}, {"up": up.uri}, _writer("d"), artifact_root=root)
+    up = artifacts.reuse_or_commit("up", {}, {}, _writer("v1"), out_uri=f"{root}/same-path")
+    k1 = artifacts.reuse_or_commit("down", {"n": 1}, {"up": up.uri}, _writer("d"), artifact_root=root)
+    k2 = artifacts.reuse_or_commit("down", {"n": 2}, {"up": up.uri}, _writer("d"), artifact_root=root)
     assert k1.uri != k2.uri
-    up2 = artifacts.run_stage("up", {}, {}, _writer("v2"), out_uri=f"{root}/same-path", force=True)
-    k3 = artifacts.run_stage("down", {"n": 1}, {"up": up2.uri}, _writer("d"), artifact_root=root)
+    up2 = artifacts.reuse_or_commit("up", {}, {}, _writer("v2"), out_uri=f"{root}/same-path", force=True)
+    k3 = artifacts.reuse_or_commit("down", {"n": 1}, {"up": up2.uri}, _writer("d"), artifact_root=root)
     assert k3.uri != k1.uri and not k3.cached
 
 
@@ -113,13 +113,13 @@ def test_stage_refuses_an_incomplete_input_before_any_work(tmp_path):
     calls: list[int] = []
     storage.write_text(f"{tmp_path}/half/file.txt", "x")
     with pytest.raises(ArtifactError, match="half"):
-        artifacts.run_stage("down", {}, {"up": f"file://{tmp_path}/half"}, _writer("d", calls),
-                            artifact_root=f"file://{tmp_path}")
+        artifacts.reuse_or_commit("down", {}, {"up": f"file://{tmp_path}/half"}, _writer("d", calls),
+                                  artifact_root=f"file://{tmp_path}")
     assert calls == []
 
 
 def test_download_artifact_verifies_hashes(tmp_path):
-    out = artifacts.run_stage("demo", {}, {}, _writer("hello"), out_uri=f"file://{tmp_path}/a")
+    out = artifacts.reuse_or_commit("demo", {}, {}, _writer("hello"), out_uri=f"file://{tmp_path}/a")
     local, manifest = artifacts.download_artifact(out.uri, tmp_path / "dl")
     assert (local / "data" / "x.txt").read_text() == "hello"
     assert manifest["key"] == out.manifest["key"]

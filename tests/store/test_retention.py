@@ -121,24 +121,25 @@ def root(request, tmp_path):
 def test_an_old_output_a_running_pipeline_took_as_a_cache_hit_is_not_collected_under_it(root):
     from pipelines import cli
 
-    shards = artifacts.run_stage("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).uri
-    finished = artifacts.run_stage("shard", {"rows": 2}, {}, writes("other rows"), artifact_root=root).uri
+    shards = artifacts.reuse_or_commit("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).uri
+    finished = artifacts.reuse_or_commit("shard", {"rows": 2}, {}, writes("other rows"), artifact_root=root).uri
     runs.write_record(root, "finished", {"shards": finished})
     backdate(shards, days=10)
-    hit = artifacts.run_stage("shard", {"rows": 1}, {}, writes("never computed"), artifact_root=root)  # a new run
+    hit = artifacts.reuse_or_commit("shard", {"rows": 1}, {}, writes("never computed"), artifact_root=root)  # a new run
     assert hit.cached and hit.uri == shards
     assert cli.main(["gc", root, "--keep-runs", "1", "--older-than", "1d", "--yes"]) == 0
-    adapters = artifacts.run_stage("warmup", {}, {"shards": shards}, writes("adapters"), artifact_root=root)
+    adapters = artifacts.reuse_or_commit("warmup", {}, {"shards": shards}, writes("adapters"), artifact_root=root)
     assert not adapters.cached  # the run's next stage still reads its input
 
 
 def test_an_output_a_run_takes_between_gc_plan_and_delete_is_spared(root):
-    shards = artifacts.run_stage("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).uri
+    shards = artifacts.reuse_or_commit("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).uri
     runs.write_record(root, "finished", {})
     backdate(shards, days=10)
     found = retention.plan(root, keep_runs=1, grace_seconds=86_400)
     assert [o["uri"] for o in found.doomed] == [shards]
-    assert artifacts.run_stage("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).cached  # a run starts
+    # a run starts
+    assert artifacts.reuse_or_commit("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).cached
     retention.collect(found)
     assert artifacts.read_manifest(shards)["key"] == shards.rsplit("/", 1)[1]
 

@@ -255,9 +255,9 @@ def test_a_failed_forced_rebuild_leaves_the_committed_output_as_it_was(tmp_path)
     def broken(local: Path) -> dict:
         raise ValueError("boom")
 
-    out = artifacts.run_stage("demo", {}, {}, writer, out_uri=f"file://{tmp_path}/o")
+    out = artifacts.reuse_or_commit("demo", {}, {}, writer, out_uri=f"file://{tmp_path}/o")
     with pytest.raises(ValueError, match="boom"):
-        artifacts.run_stage("demo", {}, {}, broken, out_uri=out.uri, force=True)
+        artifacts.reuse_or_commit("demo", {}, {}, broken, out_uri=out.uri, force=True)
     assert set(storage.list_files(out.uri)) == {"x.txt", artifacts.MANIFEST_NAME}
     artifacts.read_manifest(out.uri, verify="full")
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from blueprint.errors import user_errors_exit
+from blueprint.models.adapter_set import BASE_FILE, trained_on
+from blueprint.models.bases import Bases, base_identity
+from blueprint.runtime.task import run_stage_task
 from blueprint.stages import registry
 from blueprint.store import artifacts, promotion, storage
 
@@ -17,9 +21,6 @@ from blueprint.store import artifacts, promotion, storage
 def promoted_adapters(artifact_root: str, name: str, base: str, coder_base: str | None = None) -> str | None:
     """URI of the adapters of the promoted model `name` under `artifact_root` when they were trained on `base`
     (and `coder_base`, empty: the same), else None (nothing promoted yet, or promoted on other bases)."""
-    from blueprint.stages.adapter_set import BASE_FILE, Bases, trained_on
-    from blueprint.stages.common import base_identity
-
     pointer, _ = promotion.read_pointer(artifact_root, name)
     if pointer is None:
         return None
@@ -35,10 +36,8 @@ def warmup_task(  # noqa: PLR0913 - the warmup component's parameters, passed on
     """The warmup component's body: on `warm_start`, hand on the promoted model's adapters.
 
     Otherwise (or when nothing compatible is promoted) the warmup stage runs as always. Returns (uri, key) like
-    `blueprint.stages.task.run_stage_task`.
+    `task.run_stage_task`.
     """
-    from blueprint.stages.task import run_stage_task, user_errors_exit
-
     with user_errors_exit(registry.WARMUP):  # a corrupted pointer: one line naming it
         previous = promoted_adapters(artifact_root, promotion_name, base, coder_base) if warm_start and not force \
             else None

@@ -5,27 +5,15 @@ in the package installed in the image, so it is tested without KFP.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 from blueprint.config import parse
-from blueprint.errors import TASK_ERROR_PREFIX, USER_ERRORS
-from blueprint.stages import launch, registry
+from blueprint.errors import user_errors_exit
+from blueprint.models.bases import Bases
+from blueprint.runtime import launch
+from blueprint.stages import registry
 from blueprint.store import artifacts, storage
-
-
-@contextlib.contextmanager
-def user_errors_exit(stage: str, context: str = "") -> Iterator[None]:
-    """Inside a task: a user error is the one line `blueprint stage` would print, then exit 2 (no traceback).
-    `context` goes before the error (the run's error line keeps what follows `stage: `), e.g. which partition."""
-    try:
-        yield
-    except USER_ERRORS as exc:
-        print(f"{TASK_ERROR_PREFIX}{stage}: {context + ': ' if context else ''}{exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
 
 
 def numeric_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -100,8 +88,6 @@ def bootstrap_task(base: str, coder_base: str, shards: str, settings: dict[str, 
                    force: bool = False, metrics: Any = None, report_path: str | None = None) -> tuple[str, str, str]:
     """The bootstrap component's body: (base URI, key, coder base). The `tiny` base is built; any other base passes
     through. The coder base comes back "" when the coder shares the summarizer's base."""
-    from blueprint.stages.adapter_set import Bases
-
     with user_errors_exit(registry.BOOTSTRAP):
         bases = Bases.of(base, coder_base)
     coder = "" if bases.shared else bases.coder

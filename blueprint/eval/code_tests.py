@@ -9,10 +9,10 @@ from typing import Any
 from blueprint import distributed
 from blueprint.eval import execution
 from blueprint.eval.sandbox import open_sandbox
+from blueprint.models.adapter_set import RoleModels
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts
 from blueprint.models.sft import clip_tokens
 from blueprint.progress import note
-from blueprint.stages.adapter_set import RoleModels
 
 
 def sample_texts(model, tokenizer, adapter: str, prompts: list[str], n: int, max_new_tokens: int, batch_size: int,

@@ -12,7 +12,8 @@ import pytest
 from blueprint.config import parse
 from blueprint.data.partitions import balanced
 from blueprint.errors import InputError
-from blueprint.stages import shard, shard_fanout
+from blueprint.runtime import shard_fanout
+from blueprint.stages import shard
 from blueprint.store import artifacts
 
 FILES = sorted(Path(os.__file__).parent.glob("[a-p]*.py"))[:40]

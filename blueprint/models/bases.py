@@ -1,18 +1,24 @@
-"""What the model stages share: resolving a base, its identity and cache-key part, and opening it on its device.
+"""The bases a model stage runs on: resolving one, its identity and cache-key part, which base each role uses
+(`Bases`), and opening it on its device.
 
 Heavy libraries (torch, transformers, peft) are imported inside the functions that use them, here and in every
 stage module, so that a cache hit (the common case on a rerun) answers without loading them.
 
 A base that is a committed artifact (the bootstrap output, or any folder committed with a manifest) is a stage
 *input*, so its manifest enters the cache key; a hub id or a plain directory is a *setting* named by itself.
-An adapter set (`adapter_set`) records the identity of its bases, so adapters are never silently applied to another.
+An adapter set (`blueprint.models.adapter_set`) records the identity of its bases, so adapters are never silently
+applied to another.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
+from blueprint.errors import InputError
 from blueprint.store import artifacts, storage
+
+CODER = "coder"  # the role that lives on `coder_base`
 
 
 def quiet_libraries(progress: bool) -> None:
@@ -32,19 +38,6 @@ def quiet_libraries(progress: bool) -> None:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
-
-
-def release_memory() -> None:
-    """Free what a finished stage left in reference cycles (a model patched by accelerate refers to itself, so only
-    a full collection frees it), and the allocator's cached blocks: the next stage in this process (the API, the
-    CLI's `run`) starts with the accelerator empty instead of beside a second copy of the base."""
-    import gc
-    import sys
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def resolve_base(base: str) -> str:
@@ -79,8 +72,6 @@ def checked_bases(base: str, coder_base: str = "") -> tuple[str, str]:
             checked.append(checked_base(value) if value else "")
         except UserError as exc:
             raise ConfigError(f"parameter {name}: {exc}") from None
-    from blueprint.stages.adapter_set import Bases
-
     try:
         bases = Bases.of(*checked)
     except UserError as exc:
@@ -106,6 +97,39 @@ def base_identity(base: str) -> str:
 def split_base(base: str) -> tuple[dict[str, str], dict[str, str]]:
     """(inputs, settings) contribution of `base` to a stage's cache key."""
     return ({"base": base}, {}) if is_artifact(base) else ({}, {"base_name": base})
+
+
+@dataclasses.dataclass(frozen=True)
+class Bases:
+    """The summarizer's base and the coder's (the same string when the roles share one base)."""
+
+    summarizer: str
+    coder: str
+
+    @classmethod
+    def of(cls, base: str, coder_base: str | None = None) -> Bases:
+        """`coder_base` empty or None means the summarizer's own base."""
+        coder_base = coder_base or base
+        if coder_base == "tiny" and base != "tiny":
+            raise InputError("coder_base 'tiny': the tiny base is built from the corpus for both roles; name a model "
+                             "for coder_base, or leave it empty to share the summarizer's base")
+        return cls(base, coder_base)
+
+    @property
+    def shared(self) -> bool:
+        return self.summarizer == self.coder
+
+    def of_adapter(self, name: str) -> str:
+        return self.coder if name == CODER else self.summarizer
+
+    def key_parts(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(inputs, settings) contribution to a stage's cache key: a second base adds its own, one base nothing."""
+        inputs, settings = split_base(self.summarizer)
+        if not self.shared:
+            coder_inputs, coder_settings = split_base(self.coder)
+            inputs.update({f"coder_{k}": v for k, v in coder_inputs.items()})
+            settings.update({f"coder_{k}": v for k, v in coder_settings.items()})
+        return inputs, settings
 
 
 def open_base(base: str, cfg: Any = None, progress: bool = True, task: str = "") -> tuple[Any, Any]:

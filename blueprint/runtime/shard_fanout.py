@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blueprint.config import parse
 from blueprint.data import incremental, partitions
 from blueprint.data.sources import SourceError
-from blueprint.errors import InputError
+from blueprint.errors import InputError, user_errors_exit
 from blueprint.progress import Progress
+from blueprint.runtime.task import report_task
 from blueprint.stages import registry, shard
 from blueprint.store import artifacts
 
@@ -65,7 +67,7 @@ def run_part(config: shard.ShardConfig, partition: dict[str, Any], *, artifact_r
             index.close()
         return {"partition": partition, "inputs": index.count, "inputs_parsed": counts["inputs_parsed"],
                 "inputs_reused": counts["inputs_reused"], "skipped": dict(source.skipped)}
-    return artifacts.run_stage(PART_STAGE, key, {}, build, artifact_root=artifact_root, force=force)
+    return artifacts.reuse_or_commit(PART_STAGE, key, {}, build, artifact_root=artifact_root, force=force)
 
 
 def check_parts(parts: list[str]) -> list[dict[str, Any]]:
@@ -139,11 +141,11 @@ def compute_dataset(config: shard.ShardConfig, parts: list[str], out_dir: Path, 
 def run_dataset(config: shard.ShardConfig, parts: list[str], *, artifact_root: str, force: bool = False,
                 progress: bool = True) -> artifacts.StageOutput:
     """The dataset over all `parts` (in partition order), committed as a `shard` output."""
-    check_parts(parts)  # before run_stage reads their manifests: the error names the part
+    check_parts(parts)  # before reuse_or_commit reads their manifests: the error names the part
     key = shard.key_config(config, {"parts": "inputs"})
     inputs = {f"part-{i:05d}": uri for i, uri in enumerate(parts)}
     target = artifacts.stage_uri(artifact_root, shard.STAGE, artifacts.stage_key(shard.STAGE, key, inputs))
-    return artifacts.run_stage(
+    return artifacts.reuse_or_commit(
         shard.STAGE, key, inputs,
         lambda d: compute_dataset(config, parts, d, progress, previous_inputs(config, key, artifact_root, target)),
         artifact_root=artifact_root, force=force)
@@ -151,15 +153,11 @@ def run_dataset(config: shard.ShardConfig, parts: list[str], *, artifact_root: s
 
 # ------------------------------------------------------------------------------------------- component bodies
 def _config(settings: dict[str, Any]) -> shard.ShardConfig:
-    from blueprint.config import parse
-
     return parse(shard.ShardConfig, settings)
 
 
 def plan_task(settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The plan component's body: the partitions, which the pipeline's ParallelFor fans out over."""
-    from blueprint.stages.task import user_errors_exit
-
     with user_errors_exit(registry.SHARD_PLAN):
         found = plan(_config(settings))
     print(f"shard-plan: {len(found)} partition(s) of {settings.get('source')}", flush=True)
@@ -169,8 +167,6 @@ def plan_task(settings: dict[str, Any]) -> list[dict[str, Any]]:
 def part_task(settings: dict[str, Any], partition: dict[str, Any], artifact_root: str, force: bool = False,
               metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
     """A part component's body; a failure names its partition (the retry of that task resumes from the cache)."""
-    from blueprint.stages.task import report_task, user_errors_exit
-
     partition = partitions.normalized(partition)
     label = f"shard-part-{partition.get('index', 0)}"
     with user_errors_exit(label, f"partition {partition.get('index', 0)} ({_describe(partition)})"):
@@ -181,8 +177,6 @@ def part_task(settings: dict[str, Any], partition: dict[str, Any], artifact_root
 def dataset_task(settings: dict[str, Any], parts: list[str], artifact_root: str, force: bool = False,
                  metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
     """The fan-in component's body: the dataset over every part, as a `shard` output."""
-    from blueprint.stages.task import report_task, user_errors_exit
-
     with user_errors_exit(shard.STAGE):
         out = run_dataset(_config(settings), list(parts), artifact_root=artifact_root, force=force)
     return report_task(shard.STAGE, out, metrics, report_path)

@@ -3,7 +3,7 @@ stage's own KFP task through the `kubeflow` SDK (0.5: TrainerClient, CustomTrain
 
 Why a TrainJob and not pods of our own: the Trainer operator starts the nodes together (a JobSet) and hands torchrun
 its rendezvous in PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT. Each node runs the task's own image
-and `torchrun --nproc-per-node N -m blueprint.stages.launch '<request>'`; rank 0 commits the output to the artifact
+and `torchrun --nproc-per-node N -m blueprint.runtime.worker '<request>'`; rank 0 commits the output to the artifact
 store, the only state the nodes share, where the task then finds it as a cache hit. What the task's pod cannot know
 by itself (the image, per-node resources, the S3 secret's NAME, scheduling) the compile puts in its environment
 (ENV_IMAGE, ENV_NODE); credentials reach the nodes as secret references, never as values. The SDK is imported
@@ -23,7 +23,8 @@ from typing import Any
 
 from blueprint.config import Settings, setting
 from blueprint.errors import TASK_ERROR_PREFIX, UserError
-from blueprint.stages import stopping
+from blueprint.runtime import stopping
+from blueprint.runtime.worker import worker_module_args
 
 RUNTIME = "torch-distributed"                  # the ClusterTrainingRuntime the Trainer operator installs
 ENV_IMAGE = "BLUEPRINT_IMAGE"                  # the component's image: the nodes run the same one
@@ -96,8 +97,6 @@ class JobPlan:
     def command(self) -> list[str]:
         """torchrun takes --nnodes, --node-rank and the master's address from the PET_* variables the runtime sets;
         --nproc-per-node is given here, so it never depends on what the runtime guesses from the resources."""
-        from blueprint.stages.launch import worker_module_args
-
         return ["torchrun", f"--nproc-per-node={self.nproc_per_node}", *worker_module_args(self.request)]
 
     def sdk_arguments(self) -> tuple[Any, list]:

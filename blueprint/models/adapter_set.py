@@ -1,7 +1,8 @@
-"""The roles' bases and adapters: which base each role lives on, opened once each, saved and fetched as one set.
+"""The roles' models and adapters: each base (`bases.Bases`) opened once, the adapters saved and fetched as one set.
 
-The summarizer, its reference and the value head live on `base`; the coder lives on `coder_base`, which is `base`
-itself unless the user names another model (the seed's `BluePrint(code_to_summary_model, summary_to_code_model)`).
+The summarizer, its KL reference and the value head live on `base`; the coder lives on `coder_base`, which is `base`
+itself unless the user names another model (the original API's
+`BluePrint(code_to_summary_model, summary_to_code_model)`).
 Each distinct base is held in memory once: with one base, every role is an adapter of ONE PeftModel, as always;
 with two, the summaries pass between them as text, so their tokenizers may differ.
 """
@@ -13,47 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from blueprint.errors import InputError
-from blueprint.stages.common import base_identity, is_artifact, open_base, split_base
+from blueprint.models.bases import CODER, Bases, base_identity, is_artifact, open_base
 from blueprint.store import artifacts
 
 ADAPTERS_DIR = "adapters"
 BASE_FILE = "base.json"
-CODER = "coder"
 TOKENIZER_DIRS = {"summarizer": "tokenizer", CODER: "coder_tokenizer"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Bases:
-    """The summarizer's base and the coder's (the same string when the roles share one base)."""
-
-    summarizer: str
-    coder: str
-
-    @classmethod
-    def of(cls, base: str, coder_base: str | None = None) -> Bases:
-        """`coder_base` empty or None means the summarizer's own base."""
-        coder_base = coder_base or base
-        if coder_base == "tiny" and base != "tiny":
-            raise InputError("coder_base 'tiny': the tiny base is built from the corpus for both roles; name a model "
-                             "for coder_base, or leave it empty to share the summarizer's base")
-        return cls(base, coder_base)
-
-    @property
-    def shared(self) -> bool:
-        return self.summarizer == self.coder
-
-    def of_adapter(self, name: str) -> str:
-        return self.coder if name == CODER else self.summarizer
-
-    def key_parts(self) -> tuple[dict[str, str], dict[str, str]]:
-        """(inputs, settings) contribution to a stage's cache key: a second base adds its own, one base nothing."""
-        inputs, settings = split_base(self.summarizer)
-        if not self.shared:
-            coder_inputs, coder_settings = split_base(self.coder)
-            inputs.update({f"coder_{k}": v for k, v in coder_inputs.items()})
-            settings.update({f"coder_{k}": v for k, v in coder_settings.items()})
-        return inputs, settings
 
 
 def key_settings(config: Any, bases: Bases) -> dict[str, Any]:
@@ -117,7 +83,7 @@ def save_adapter_set(roles: RoleModels, out_dir: Path, bases: Bases, names: Sequ
     identities, under `out_dir`."""
     from blueprint.models import lora
 
-    named = {role: artifacts.reference(b) if is_artifact(b) else b  # no artifact root inside the files
+    named = {role: artifacts.portable_name(b) if is_artifact(b) else b  # no artifact root inside the files
              for role, b in (("summarizer", bases.summarizer), (CODER, bases.coder))}
     sides = [("summarizer", [n for n in names if n != CODER or roles.shared])]
     if not roles.shared and CODER in names:

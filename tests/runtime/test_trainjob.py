@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from blueprint.config import ConfigError
-from blueprint.stages import trainjob
+from blueprint.runtime import trainjob
 from pipelines import cli, cluster, golden
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.pipelines import k8s_fake
@@ -119,7 +119,7 @@ def test_trainjob_matches_golden_snapshot():
 def test_trainjob_runs_the_stage_under_torchrun_on_the_torch_distributed_runtime():
     job = golden.trainjob_case()
     command = job["spec"]["trainer"]["command"]
-    assert command[:4] == ["torchrun", "--nproc-per-node=4", "-m", "blueprint.stages.launch"]
+    assert command[:4] == ["torchrun", "--nproc-per-node=4", "-m", "blueprint.runtime.worker"]
     assert json.loads(command[4])["stage"] == "ppo-round"
     assert job["spec"]["runtimeRef"] == {"kind": "ClusterTrainingRuntime", "name": "torch-distributed"}
     assert not any(e["name"].startswith("PET_") for e in job["spec"]["trainer"]["env"])  # the runtime's own
@@ -195,7 +195,7 @@ def test_sigterm_to_the_waiting_task_deletes_its_trainjob(kube, tmp_path):
     import os
     import signal
 
-    from blueprint.stages.stopping import Stopped
+    from blueprint.runtime.stopping import Stopped
 
     kube.outcome = None  # it would run until its deadline
     received = []
@@ -273,7 +273,7 @@ def test_importing_the_module_leaves_the_sdk_unimported():
     import subprocess
     import sys
 
-    code = "import sys, blueprint.stages.trainjob, pipelines.cluster; print('kubeflow' in sys.modules)"
+    code = "import sys, blueprint.runtime.trainjob, pipelines.cluster; print('kubeflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -22,7 +22,7 @@ time.sleep(600)
 LAUNCHER = """
 import sys
 from blueprint import distributed
-from blueprint.stages import launch
+from blueprint.runtime import launch
 launch.worker_module_args = lambda req: [sys.argv[1], sys.argv[2]]  # the ranks run the test's sleeper, not a stage
 launch.launch("evaluate", distributed.ParallelSettings(nproc="2"), {"progress": True})
 """

@@ -1,4 +1,5 @@
-"""The seed's two models: the summarizer on one base and the coder on another, each base held once, tokenizers apart."""
+"""The original API's two models: the summarizer on one base and the coder on another, each base held once,
+tokenizers apart."""
 from __future__ import annotations
 
 import json
@@ -11,12 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blueprint.config import parse
 from blueprint.errors import InputError
+from blueprint.models.adapter_set import open_roles
+from blueprint.models.bases import Bases, checked_bases
 from blueprint.models.loading import ModelLoadError
 from blueprint.models.tiny import train_bpe_tokenizer
+from blueprint.runtime.task import bootstrap_task
 from blueprint.stages import evaluate, merge, ppo_round, warmup
-from blueprint.stages.adapter_set import Bases, open_roles
-from blueprint.stages.common import checked_bases
-from blueprint.stages.task import bootstrap_task
 from blueprint.store import artifacts, storage
 
 CODER_VOCAB = 384  # not the summarizer's 512: the two tokenizers differ
@@ -45,7 +46,7 @@ def two_bases(smoke_chain, coder_tokenizer, tmp_path_factory):
 
 def test_each_role_is_trained_saved_and_merged_on_its_own_base(two_bases):
     rnd, merged = storage.local_path(two_bases["rnd"].uri), storage.local_path(two_bases["merged"].uri)
-    named = {"summarizer": artifacts.reference(two_bases["summarizer"]), "coder": two_bases["coder"]}  # committed
+    named = {"summarizer": artifacts.portable_name(two_bases["summarizer"]), "coder": two_bases["coder"]}  # committed
     for role, base in (("summarizer", "summarizer"), ("reference", "summarizer"), ("coder", "coder")):
         recorded = json.loads((rnd / "adapters" / role / "adapter_config.json").read_text())
         assert recorded["base_model_name_or_path"] == named[base]

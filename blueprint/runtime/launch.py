@@ -1,32 +1,30 @@
-"""Running a data-parallel stage on several processes: torchrun inside one pod (or on this machine), a Kubeflow
-Trainer TrainJob across nodes, and the worker entry point both of them start on every rank.
+"""Running a data-parallel stage on several processes: torchrun inside one pod (or on this machine), or a Kubeflow
+Trainer TrainJob across nodes (`trainjob`); both start `worker` on every rank.
 
 The launcher is the process the user (or the KFP component) started: it starts the ranks and waits. Each rank runs
 the very same stage function with the same settings; rank 0 alone writes to the artifact store, so when the
 launcher runs the stage function itself afterwards it finds the committed output, a cache hit, and reports it as
 any stage does. Nothing but the artifact root is shared between the launcher and the ranks.
 
-    torchrun --standalone --nproc_per_node N -m blueprint.stages.launch '<request JSON>'
+    torchrun --standalone --nproc_per_node N -m blueprint.runtime.worker '<request JSON>'
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import datetime
-import json
 import os
 import subprocess
 import sys
 from typing import Any
 
 from blueprint import distributed
-from blueprint.config import parse
 from blueprint.errors import TASK_ERROR_PREFIX, UserError
-from blueprint.stages import registry, stopping
-from blueprint.stages.common import release_memory
+from blueprint.models.runtime import release_memory
+from blueprint.runtime import stopping, trainjob
+from blueprint.runtime.worker import worker_module_args
+from blueprint.stages import registry
 from blueprint.store import artifacts, hits_only
-
-WORKER_MODULE = "blueprint.stages.launch"
 
 
 class LaunchError(UserError, RuntimeError):
@@ -54,11 +52,6 @@ def request(stage: str, settings: dict[str, Any], inputs: dict[str, str], artifa
             "force": force, "out_uri": out_uri, "progress": progress}
 
 
-def worker_module_args(req: dict[str, Any]) -> list[str]:
-    """The arguments after torchrun's own options: the worker module and its request."""
-    return ["-m", WORKER_MODULE, json.dumps(req, sort_keys=True)]
-
-
 def torchrun_command(n: int, req: dict[str, Any]) -> list[str]:
     """torchrun on this machine: `n` ranks on a free local rendezvous port."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
@@ -69,11 +62,9 @@ def launch(stage: str, cfg: Any, req: dict[str, Any]) -> None:
     """Run the stage on its ranks and wait: a TrainJob when `cfg.nodes > 1`, else torchrun here. Raises
     LaunchError naming the stage, the process count and the ranks' last lines when they fail."""
     if cfg.nodes > 1:  # this pod only watches the job: the nodes' GPUs, not its own, decide nproc
-        from blueprint.stages.trainjob import node_processes, run_trainjob
-
-        per_node = node_processes(cfg.nproc)
+        per_node = trainjob.node_processes(cfg.nproc)
         cfg.check_world(cfg.nodes * per_node)
-        run_trainjob(stage, req, nodes=cfg.nodes, nproc_per_node=per_node)
+        trainjob.run_trainjob(stage, req, nodes=cfg.nodes, nproc_per_node=per_node)
         return
     n = processes(cfg)
     cfg.check_world(n)
@@ -132,24 +123,3 @@ def run_stage(stage: str, cfg: Any, inputs: dict[str, str], *, artifact_root: st
     with artifacts.committed_only():  # what the ranks committed, never a computation in this process
         out = module.run(cfg, **inputs, artifact_root=artifact_root, out_uri=out_uri, progress=progress)
     return dataclasses.replace(out, cached=out.manifest.get("created", "") < started)
-
-
-def run_worker(req: dict[str, Any]) -> None:
-    """One rank: join the process group, run the stage (rank 0 commits, only rank 0 prints progress)."""
-    from blueprint.stages.task import user_errors_exit
-
-    stage = req["stage"]
-    spec = registry.get(stage)
-    with user_errors_exit(stage):
-        cfg = parse(spec.config_type(), req["settings"])
-        distributed.init_from_env(cfg.collective_timeout, getattr(cfg, "device", "auto"))
-        cfg.check_world(distributed.world_size())
-        try:
-            spec.load().run(cfg, **req["inputs"], artifact_root=req["artifact_root"], out_uri=req.get("out_uri"),
-                            force=req["force"], progress=req.get("progress", True) and distributed.is_main())
-        finally:
-            distributed.shutdown()
-
-
-if __name__ == "__main__":
-    run_worker(json.loads(sys.argv[1]))
