@@ -7,6 +7,7 @@ then the import floor (an interpreter importing what a run imports, nothing else
 
     .venv/bin/python benchmarks/cached_rerun.py [--root DIR] [--reruns 3]   # --root: reuse a root already run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,10 @@ import tempfile
 import time
 
 RUN = [sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke"]
-IMPORTS = ("import kfp.local, pipelines.cli, pipelines.local_run; from blueprint.stages import registry; "
-           "[spec.config_type() for spec in registry.STAGES.values()]")  # what a run imports before its first task
+IMPORTS = (
+    "import kfp.local, pipelines.cli, pipelines.local_run; from blueprint.stages import registry; "
+    "[spec.config_type() for spec in registry.STAGES.values()]"
+)  # what a run imports before its first task
 
 
 def timed(command: list[str]) -> tuple[float, str]:
@@ -52,8 +55,11 @@ def main() -> None:
         print(f"cached rerun: {seconds:.2f} s (pipeline {reruns[-1][1]} s)")
     floor, _ = timed([sys.executable, "-c", IMPORTS])
     print(f"import floor: {floor:.2f} s")
-    figures.update(cached_rerun_s=min(r[0] for r in reruns), cached_rerun_pipeline_s=min(r[1] for r in reruns),
-                   import_floor_s=round(floor, 2))
+    figures.update(
+        cached_rerun_s=min(r[0] for r in reruns),
+        cached_rerun_pipeline_s=min(r[1] for r in reruns),
+        import_floor_s=round(floor, 2),
+    )
     print(json.dumps(figures))
 
 

@@ -23,6 +23,7 @@ vllm_startup_s, sync_s and the engine log-prob gap (bf16: compare with engine_ma
                                                  [--engine vllm] [--gradient-checkpointing]
     .venv/bin/python benchmarks/gpu_ppo_round.py --device cpu --dtype float32 --shape small --steps 1   # CPU check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,48 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from blueprint.rl.ppo import PPOConfig, PPOTrainer
 from blueprint.rl.reward import RewardConfig, RewardModel
 
-QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
-QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
-SMALL = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+QWEN2_05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+QWEN25_15B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+SMALL = dict(
+    vocab_size=4096,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
 SHAPES = {"0.5b": QWEN2_05B, "1.5b": QWEN25_15B, "small": SMALL}
 # dense bf16 peaks (NVIDIA datasheets), most specific name first: "H100 PCIe" must not match the SXM figure
-PEAK_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
-                    ("L40S", 362.0), ("A10G", 125.0), ("L4", 121.0))
+PEAK_BF16_TFLOPS = (
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 125.0),
+    ("L4", 121.0),
+)
 EOS, PAD = 0, 1
 
 
@@ -119,8 +152,16 @@ def main() -> None:
     if args.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tok = IdTokenizer(shape["vocab_size"])
-    cfg = PPOConfig(batch_size=args.batch, mini_batch_size=8, ppo_epochs=2, max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens, lr=1e-4, missing_eos_penalty=0.0, copy_penalty=0.0)
+    cfg = PPOConfig(
+        batch_size=args.batch,
+        mini_batch_size=8,
+        ppo_epochs=2,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        lr=1e-4,
+        missing_eos_penalty=0.0,
+        copy_penalty=0.0,
+    )
     trainer = PPOTrainer(model, tok, cfg)
     engine_figures = {}
     if args.engine == "vllm":
@@ -129,8 +170,9 @@ def main() -> None:
         from blueprint.engines.vllm_engine import VLLMEngine
 
         t0 = time.perf_counter()
-        engine = VLLMEngine(model, device=device, dtype=dtype, memory=None,
-                            max_model_len=args.prompt_len + args.new_tokens)
+        engine = VLLMEngine(
+            model, device=device, dtype=dtype, memory=None, max_model_len=args.prompt_len + args.new_tokens
+        )
         trainer.engine = PolicySampler(engine, model, "summarizer", MAX_GAP[args.dtype])
         engine_figures["vllm_startup_s"] = round(time.perf_counter() - t0, 1)
     reward = RewardModel(model, tok, config=RewardConfig(max_code_tokens=args.prompt_len, copy_coef=0.0))
@@ -157,14 +199,22 @@ def main() -> None:
         t0 = time.perf_counter()
         stats = trainer.ppo_step(queries, score)
         sync()
-        row = {"gen_s": stats["time/generate"] + stats.get("time/sync", 0.0), "score_s": timing["score_s"],
-               "update_s": stats["time/update"], "step_s": time.perf_counter() - t0,
-               "padding_share": stats["padding_share"]}
+        row = {
+            "gen_s": stats["time/generate"] + stats.get("time/sync", 0.0),
+            "score_s": timing["score_s"],
+            "update_s": stats["time/update"],
+            "step_s": time.perf_counter() - t0,
+            "padding_share": stats["padding_share"],
+        }
         if "engine_logprob_gap_mean" in stats:
-            row.update(sync_s=stats["time/sync"], gap_mean=stats["engine_logprob_gap_mean"],
-                       gap_max=stats["engine_logprob_gap_max"])
-        print(("warm-up " if i == 0 else f"step {i}   ") + "  ".join(f"{k}={v:.3f}" for k, v in row.items()),
-              flush=True)
+            row.update(
+                sync_s=stats["time/sync"],
+                gap_mean=stats["engine_logprob_gap_mean"],
+                gap_max=stats["engine_logprob_gap_max"],
+            )
+        print(
+            ("warm-up " if i == 0 else f"step {i}   ") + "  ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True
+        )
         if i:
             rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
@@ -174,23 +224,31 @@ def main() -> None:
     flops = passes * n_params * update_tokens + 4 * shape["hidden_size"] * shape["vocab_size"] * head_tokens
     peak = peak_tflops(device, args.peak_tflops)
     result = {
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device), "dtype": args.dtype,
-        "engine": args.engine, **engine_figures,
-        "parameters": n_params, "rollout_tokens_per_s": round(args.batch * args.new_tokens / med["gen_s"], 1),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "dtype": args.dtype,
+        "engine": args.engine,
+        **engine_figures,
+        "parameters": n_params,
+        "rollout_tokens_per_s": round(args.batch * args.new_tokens / med["gen_s"], 1),
         "update_tokens_per_s": round(update_tokens / med["update_s"], 1),
-        "update_mfu": round(flops / med["update_s"] / (peak * 1e12), 4) if peak else None, "peak_tflops": peak,
+        "update_mfu": round(flops / med["update_s"] / (peak * 1e12), 4) if peak else None,
+        "peak_tflops": peak,
         "score_samples_per_s": round(args.batch / med["score_s"], 1),
         "generation_share": round(med["gen_s"] / med["step_s"], 3),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda"
         else None,
-        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2) if device.type == "cuda"
+        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        if device.type == "cuda"
         else None,
         **{k: round(v, 4) for k, v in med.items()},
     }
-    print(f"rollouts {result['rollout_tokens_per_s']:.0f} tok/s, update {result['update_tokens_per_s']:.0f} tok/s "
-          f"(MFU {result['update_mfu']}), scoring {result['score_samples_per_s']:.0f} samples/s, generation "
-          f"{result['generation_share']:.0%} of the step, padding {result['padding_share']:.0%} of the forwards, peak "
-          f"GPU memory {result['peak_gpu_memory_gib']} GiB allocated, {result['peak_gpu_reserved_gib']} GiB reserved")
+    print(
+        f"rollouts {result['rollout_tokens_per_s']:.0f} tok/s, update {result['update_tokens_per_s']:.0f} tok/s "
+        f"(MFU {result['update_mfu']}), scoring {result['score_samples_per_s']:.0f} samples/s, generation "
+        f"{result['generation_share']:.0%} of the step, padding {result['padding_share']:.0%} of the forwards, peak "
+        f"GPU memory {result['peak_gpu_memory_gib']} GiB allocated, {result['peak_gpu_reserved_gib']} GiB reserved"
+    )
     print(json.dumps(result))
 
 

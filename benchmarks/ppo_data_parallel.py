@@ -8,6 +8,7 @@ forwards, update), the wall time, the scaling efficiency (throughput ratio / N) 
 adapters are apart. On a 2-core CPU, N=2 means 1 thread per rank against 2 threads in one process: it measures
 the data-parallel overhead, not what GPUs gain.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,23 +28,44 @@ PHASES = ("generate", "score", "forward", "update")
 
 
 def chain(root: str) -> dict[str, str]:
-    shards = shard.run(parse(shard.ShardConfig, stage_settings("smoke", registry.SHARD)), artifact_root=root,
-                       progress=False).uri
-    base = bootstrap.run(parse(bootstrap.BootstrapConfig, stage_settings("smoke", registry.BOOTSTRAP)), shards=shards,
-                         artifact_root=root, progress=False).uri
-    adapters = warmup.run(parse(warmup.WarmupConfig, stage_settings("smoke", registry.WARMUP)), shards=shards, base=base,
-                          artifact_root=root, progress=False).uri
+    shards = shard.run(
+        parse(shard.ShardConfig, stage_settings("smoke", registry.SHARD)), artifact_root=root, progress=False
+    ).uri
+    base = bootstrap.run(
+        parse(bootstrap.BootstrapConfig, stage_settings("smoke", registry.BOOTSTRAP)),
+        shards=shards,
+        artifact_root=root,
+        progress=False,
+    ).uri
+    adapters = warmup.run(
+        parse(warmup.WarmupConfig, stage_settings("smoke", registry.WARMUP)),
+        shards=shards,
+        base=base,
+        artifact_root=root,
+        progress=False,
+    ).uri
     return {"shards": shards, "base": base, "adapters": adapters}
 
 
 def round_at(n: int, inputs: dict[str, str], out: Path, args) -> tuple[dict, float]:
-    settings = {**stage_settings("smoke", registry.PPO_ROUND), "ppo_steps": args.steps, "batch_size": args.batch_size,
-                "mini_batch_size": args.batch_size // 4, "samples_per_query": 2, "ppo_epochs": 2,
-                "max_new_tokens": 24, "supervised_steps": 0, "rollout_seeds": "query", "nproc": n,
-                "probe_size": 4}
+    settings = {
+        **stage_settings("smoke", registry.PPO_ROUND),
+        "ppo_steps": args.steps,
+        "batch_size": args.batch_size,
+        "mini_batch_size": args.batch_size // 4,
+        "samples_per_query": 2,
+        "ppo_epochs": 2,
+        "max_new_tokens": 24,
+        "supervised_steps": 0,
+        "rollout_seeds": "query",
+        "nproc": n,
+        "probe_size": 4,
+    }
     cfg = parse(ppo_round.PPORoundConfig, settings)
     start = time.time()
-    result = launch.run_stage(registry.PPO_ROUND, cfg, inputs, artifact_root=None, out_uri=f"file://{out}", progress=False)
+    result = launch.run_stage(
+        registry.PPO_ROUND, cfg, inputs, artifact_root=None, out_uri=f"file://{out}", progress=False
+    )
     return result.metrics, time.time() - start
 
 
@@ -71,10 +93,13 @@ def main() -> None:
         busy = sum(metrics.get(f"seconds_{p}", 0.0) for p in PHASES)
         rates[n] = args.steps * args.batch_size / busy
         phases = ", ".join(f"{p} {metrics.get(f'seconds_{p}', 0.0):.2f} s" for p in PHASES)
-        print(f"nproc={n}: {rates[n]:.1f} rollouts/s in the PPO steps ({phases}); wall {wall:.1f} s "
-              f"(start-up included)")
-    print(f"scaling efficiency 1 -> {args.nproc}: {rates[args.nproc] / rates[1] / args.nproc:.0%}; summarizer "
-          f"adapters differ by at most {adapter_gap(root / 'n1', root / f'n{args.nproc}'):.2g}")
+        print(
+            f"nproc={n}: {rates[n]:.1f} rollouts/s in the PPO steps ({phases}); wall {wall:.1f} s (start-up included)"
+        )
+    print(
+        f"scaling efficiency 1 -> {args.nproc}: {rates[args.nproc] / rates[1] / args.nproc:.0%}; summarizer "
+        f"adapters differ by at most {adapter_gap(root / 'n1', root / f'n{args.nproc}'):.2g}"
+    )
 
 
 if __name__ == "__main__":

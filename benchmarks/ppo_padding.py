@@ -9,6 +9,7 @@ gives each rollout a response length drawn uniformly from 1..max_new_tokens (the
 anywhere in that range; a trained summarizer's lengths would shift the figures a little). The layout is the
 trainer's own (`blueprint.rl.micro_batches`) over the first epoch's permutation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,13 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/blueprint-padding")
     args = ap.parse_args()
     shutil.rmtree(args.root, ignore_errors=True)
-    shards = shard.run(parse(shard.ShardConfig, {"source": "stdlib"}), artifact_root=f"file://{args.root}",
-                       progress=False).uri
+    shards = shard.run(
+        parse(shard.ShardConfig, {"source": "stdlib"}), artifact_root=f"file://{args.root}", progress=False
+    ).uri
     boot = parse(bootstrap.BootstrapConfig, profiles.stage_settings("default", registry.BOOTSTRAP))
-    tokenizer = train_bpe_tokenizer([p["code"] for p in read_pairs(shards, "train", limit=boot.max_pairs)],
-                                    vocab_size=boot.vocab_size)
+    tokenizer = train_bpe_tokenizer(
+        [p["code"] for p in read_pairs(shards, "train", limit=boot.max_pairs)], vocab_size=boot.vocab_size
+    )
     cfg = parse(ppo_round.PPORoundConfig, profiles.stage_settings("default", registry.PPO_ROUND))
     codes = clip_tokens(tokenizer, [p["code"] for p in ppo_round.round_batch(shards, cfg)], cfg.max_code_tokens)
     q, k, rng = ppo_round.queries_per_step(cfg), cfg.samples_per_query, random.Random(0)
@@ -49,7 +52,9 @@ def main() -> None:
     cases = {"before": None, "after: trimmed": False, "after: trimmed, grouped by length": True}
     figures = {name: [0, 0] for name in cases}
     for step in range(cfg.ppo_steps):
-        queries = encode_prompts(tokenizer, [summary_prompt(c, PromptConfig()) for c in codes[step * q:(step + 1) * q]])
+        queries = encode_prompts(
+            tokenizer, [summary_prompt(c, PromptConfig()) for c in codes[step * q : (step + 1) * q]]
+        )
         query_len = torch.tensor([len(x) for x in queries for _ in range(k)])
         response_len = torch.tensor([rng.randint(1, cfg.max_new_tokens) for _ in query_len])
         width, rows = int(query_len.max()), torch.arange(len(query_len))
@@ -60,14 +65,18 @@ def main() -> None:
                 parts = [whole]
             else:
                 order = grouped_by_length(permutation, query_len, cfg.mini_batch_size) if case else permutation
-                parts = [p for idx in order.split(cfg.mini_batch_size)
-                         for p in pack(idx, query_len, response_len, width, cfg.update_batch_tokens,
-                                       cfg.mini_batch_size)]
+                parts = [
+                    p
+                    for idx in order.split(cfg.mini_batch_size)
+                    for p in pack(idx, query_len, response_len, width, cfg.update_batch_tokens, cfg.mini_batch_size)
+                ]
             pad, total = padding_share(parts, query_len, response_len)
             figures[name][0] += pad
             figures[name][1] += total
-    print(f"default profile, stdlib, round 1: {cfg.ppo_steps} steps of {len(query_len)} rollouts "
-          f"(code <= {cfg.max_code_tokens} tokens, responses 1..{cfg.max_new_tokens})")
+    print(
+        f"default profile, stdlib, round 1: {cfg.ppo_steps} steps of {len(query_len)} rollouts "
+        f"(code <= {cfg.max_code_tokens} tokens, responses 1..{cfg.max_new_tokens})"
+    )
     for name, (pad, total) in figures.items():
         print(f"  {name:<52} padding {pad / total:6.1%} of {total} forward positions")
 

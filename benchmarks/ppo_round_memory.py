@@ -7,6 +7,7 @@ Shards the whole stdlib, builds a micro base and warm adapters on it (smoke sett
 artifact holding `copies` distinct variants of every row (the code gets a `# variant k` line, so no row repeats),
 then runs the same smoke PPO round on each, every run in a fresh process, and prints rows and peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ def variants(shards: str, copies: int, out_uri: str) -> int:
                     values = {**row, "code": code, "id": f"{row['id'][:28]}{k:04x}", "n_code_chars": len(code)}
                     writer.add(split, i % 4, tuple(values[f.name] for f in SCHEMA))
         rows = writer.close()
-        artifacts.commit(Path(tmp), out_uri, stage=registry.SHARD, config={"variants_of": shards, "copies": copies},
-                         inputs={}, metrics={"rows_per_shard": rows})
+        artifacts.commit(
+            Path(tmp),
+            out_uri,
+            stage=registry.SHARD,
+            config={"variants_of": shards, "copies": copies},
+            inputs={},
+            metrics={"rows_per_shard": rows},
+        )
     return sum(n for rel, n in rows.items() if rel.startswith("train/"))
 
 
@@ -65,20 +72,37 @@ def main() -> None:
     shutil.rmtree(args.root, ignore_errors=True)
     root = f"file://{args.root}/art"
     one = shard.run(parse(shard.ShardConfig, {"source": "stdlib"}), artifact_root=root, progress=False).uri
-    base = bootstrap.run(parse(bootstrap.BootstrapConfig, profiles.stage_settings("smoke", registry.BOOTSTRAP)),
-                         shards=one, artifact_root=root, progress=False).uri
-    adapters = warmup.run(parse(warmup.WarmupConfig, profiles.stage_settings("smoke", registry.WARMUP)), shards=one,
-                          base=base, artifact_root=root, progress=False).uri
+    base = bootstrap.run(
+        parse(bootstrap.BootstrapConfig, profiles.stage_settings("smoke", registry.BOOTSTRAP)),
+        shards=one,
+        artifact_root=root,
+        progress=False,
+    ).uri
+    adapters = warmup.run(
+        parse(warmup.WarmupConfig, profiles.stage_settings("smoke", registry.WARMUP)),
+        shards=one,
+        base=base,
+        artifact_root=root,
+        progress=False,
+    ).uri
     many = f"{root}/shard-variants"
-    sizes = {"stdlib": len(read_pairs(one, "train", columns=["id"])), f"{args.copies}x": variants(one, args.copies,
-                                                                                                    many)}
+    sizes = {
+        "stdlib": len(read_pairs(one, "train", columns=["id"])),
+        f"{args.copies}x": variants(one, args.copies, many),
+    }
     for label, shards in (("stdlib", one), (f"{args.copies}x", many)):
-        code = ROUND.format(repo=str(Path(__file__).resolve().parent.parent), shards=shards, base=base,
-                            adapters=adapters, root=root)
-        figures = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                            check=True).stdout.strip().splitlines()[-1])
-        print(f"{label:>7}: {sizes[label]:>7} train rows, peak RSS {figures['peak_rss_mib']:.0f} MiB, "
-              f"round {figures['seconds']:.1f} s")
+        code = ROUND.format(
+            repo=str(Path(__file__).resolve().parent.parent), shards=shards, base=base, adapters=adapters, root=root
+        )
+        figures = json.loads(
+            subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        print(
+            f"{label:>7}: {sizes[label]:>7} train rows, peak RSS {figures['peak_rss_mib']:.0f} MiB, "
+            f"round {figures['seconds']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

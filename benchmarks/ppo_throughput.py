@@ -14,6 +14,7 @@ Set OMP_WAIT_POLICY=PASSIVE in the environment (it must be set before torch load
 
     .venv/bin/python benchmarks/ppo_throughput.py [--threads 2] [--steps 5] [--bf16] [--device cpu] [--profile]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,19 @@ BATCH, QUERY_LEN, RESPONSE_LEN = 16, 128, 48
 
 def micro_model() -> tuple[torch.nn.Module, SimpleNamespace]:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     base = LlamaForCausalLM(config).eval()
 
     def lora() -> LoraConfig:
@@ -66,9 +77,16 @@ def main() -> None:
 
     model, tokenizer = micro_model()
     model.to(args.device)
-    cfg = PPOConfig(batch_size=BATCH, mini_batch_size=4, ppo_epochs=4, max_new_tokens=RESPONSE_LEN,
-                    min_new_tokens=RESPONSE_LEN, lr=1e-4, missing_eos_penalty=0.0,
-                    autocast_dtype="bfloat16" if args.bf16 else None)
+    cfg = PPOConfig(
+        batch_size=BATCH,
+        mini_batch_size=4,
+        ppo_epochs=4,
+        max_new_tokens=RESPONSE_LEN,
+        min_new_tokens=RESPONSE_LEN,
+        lr=1e-4,
+        missing_eos_penalty=0.0,
+        autocast_dtype="bfloat16" if args.bf16 else None,
+    )
     trainer = PPOTrainer(model, tokenizer, cfg)
     gen = torch.Generator().manual_seed(1)
     queries = torch.randint(2, VOCAB, (BATCH, QUERY_LEN), generator=gen)
@@ -76,17 +94,21 @@ def main() -> None:
     def score_fn(q, r):
         return torch.randn(len(r), generator=gen), {}
 
-
     rows = []
     for i in range(1 + args.steps):
         t0 = time.perf_counter()
         stats = trainer.ppo_step(queries, score_fn)
         step_s = time.perf_counter() - t0
         assert stats["response_length"] == RESPONSE_LEN, stats["response_length"]
-        row = {"gen_s": stats["time/generate"], "forward_s": stats["time/forward"],
-               "update_s": stats["time/update"], "step_s": step_s}
-        print(("warm-up " if i == 0 else f"step {i}   ") + "  ".join(f"{k}={v:.3f}" for k, v in row.items()),
-              flush=True)
+        row = {
+            "gen_s": stats["time/generate"],
+            "forward_s": stats["time/forward"],
+            "update_s": stats["time/update"],
+            "step_s": step_s,
+        }
+        print(
+            ("warm-up " if i == 0 else f"step {i}   ") + "  ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True
+        )
         if i:
             rows.append(row)
 
@@ -99,7 +121,9 @@ def main() -> None:
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "forward_s": round(med["forward_s"], 4),
         "step_s": round(med["step_s"], 4),
-        "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "bf16": args.bf16,
+        "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "bf16": args.bf16,
         "device": args.device,
     }
     if args.profile:
@@ -108,10 +132,12 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.ppo_step(queries, score_fn)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    print(f"median of {args.steps}: generate {med['gen_s']:.3f}s ({result['gen_tokens_per_s']:.0f} tok/s), "
-          f"scoring forwards {med['forward_s']:.3f}s, update {med['update_s']:.3f}s "
-          f"({result['update_tokens_per_s']:.0f} tok/s), step {med['step_s']:.3f}s, "
-          f"peak RSS {result['peak_rss_mib']:.0f} MiB")
+    print(
+        f"median of {args.steps}: generate {med['gen_s']:.3f}s ({result['gen_tokens_per_s']:.0f} tok/s), "
+        f"scoring forwards {med['forward_s']:.3f}s, update {med['update_s']:.3f}s "
+        f"({result['update_tokens_per_s']:.0f} tok/s), step {med['step_s']:.3f}s, "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+    )
     print(json.dumps(result))
 
 

@@ -7,6 +7,7 @@ reference LoRA adapters, `--batch` random prompts of `--prompt-len` tokens, 8 sa
 one mini-batch. Printed: the process's peak RSS after the rollout and after the update, and how many decoder layers
 the update checkpointed (transformers only checkpoints layers in training mode: before the fix this was 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,13 +63,19 @@ def main() -> None:
     repo = str(Path(__file__).resolve().parent.parent)
     print(f"micro Qwen2 (hidden 256, {args.layers} layers), {args.batch} x ({args.prompt_len} + 8) tokens, fp32, CPU")
     for checkpointing in (False, True):
-        code = RUN.format(repo=repo, layers=args.layers, batch=args.batch, prompt_len=args.prompt_len,
-                          checkpointing=checkpointing)
-        out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                        check=True).stdout.strip().splitlines()[-1])
-        print(f"  gradient_checkpointing={str(checkpointing).lower():<5}: peak RSS {out['rollout_mib']:6.0f} MiB after "
-              f"the rollout, {out['update_mib']:6.0f} MiB after the update; {out['checkpointed']} of "
-              f"{out['layers']} layers checkpointed")
+        code = RUN.format(
+            repo=repo, layers=args.layers, batch=args.batch, prompt_len=args.prompt_len, checkpointing=checkpointing
+        )
+        out = json.loads(
+            subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        print(
+            f"  gradient_checkpointing={str(checkpointing).lower():<5}: peak RSS {out['rollout_mib']:6.0f} MiB after "
+            f"the rollout, {out['update_mib']:6.0f} MiB after the update; {out['checkpointed']} of "
+            f"{out['layers']} layers checkpointed"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the first is promoted, the second loses its gate; then gc keeping no recent run,
 
 Prints each run's wall time and decision, the losing gate's report and gc's lines (README, Leaving it running).
 """
+
 from __future__ import annotations
 
 import argparse

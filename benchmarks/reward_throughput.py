@@ -8,6 +8,7 @@ model does the same arithmetic in sorted, padded batches with the LM head only a
 
     .venv/bin/python benchmarks/reward_throughput.py [--samples 48] [--repeats 3] [--vocab 8192]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,24 +52,25 @@ def function_pairs(sources: list[str]) -> list[tuple[str, str]]:
                 continue
             first = node.body[0]
             start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
-            code = lines[start:first.lineno - 1] + lines[first.end_lineno:node.end_lineno]
+            code = lines[start : first.lineno - 1] + lines[first.end_lineno : node.end_lineno]
             pairs.append(("\n".join(code) + "\n", doc.split("\n\n")[0].strip()))
     return pairs
 
 
-def loop_rewards(model, tok, prompts: PromptConfig, codes: list[str], summaries: list[str], max_code: int,
-                 with_empty: bool = True) -> list[tuple[float, float]]:
+def loop_rewards(
+    model, tok, prompts: PromptConfig, codes: list[str], summaries: list[str], max_code: int, with_empty: bool = True
+) -> list[tuple[float, float]]:
     """The original prototype's way: per sample, a full forward (full logits) per prompt, CE over the code positions."""
     out = []
     with use_adapter(model, "coder"), torch.no_grad():
         for code, summary in zip(codes, summaries, strict=True):
             (code_ids,), _ = encode_targets(tok, [code], max_tokens=max_code)
             ces = []
-            for s in ([summary, ""] if with_empty else [summary]):
+            for s in [summary, ""] if with_empty else [summary]:
                 (prompt,) = encode_prompts(tok, [code_prompt(s, prompts)])
                 ids = torch.tensor([prompt + code_ids])
                 logits = model(input_ids=ids).logits[0]
-                ces.append(F.cross_entropy(logits[len(prompt) - 1:-1], ids[0, len(prompt):]).item())
+                ces.append(F.cross_entropy(logits[len(prompt) - 1 : -1], ids[0, len(prompt) :]).item())
             out.append((ces[0], ces[-1]))
     return out
 
@@ -82,8 +84,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--max-code-tokens", type=int, default=384)
     ap.add_argument("--files", type=int, default=60, help="stdlib files for the tokenizer and the pairs")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); 1 gives "
-                    "steadier numbers on a CPU that other jobs share")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 gives steadier numbers on a CPU that other jobs share",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,16 +103,26 @@ def main() -> None:
 
     pairs = [(c, s) for c, s in function_pairs(sources) if 24 <= len(tok(c)["input_ids"]) <= args.max_code_tokens]
     random.Random(0).shuffle(pairs)
-    pairs = pairs[:args.samples]
+    pairs = pairs[: args.samples]
     codes, summaries = [c for c, _ in pairs], [s for _, s in pairs]
     n_code = [len(tok(c)["input_ids"]) for c in codes]
-    print(f"model: tiny preset, {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params, vocab {len(tok)}; "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"data: {len(pairs)} stdlib (function, docstring) pairs, code tokens mean {sum(n_code) / len(n_code):.0f} "
-          f"max {max(n_code)}")
+    print(
+        f"model: tiny preset, {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params, vocab {len(tok)}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"data: {len(pairs)} stdlib (function, docstring) pairs, code tokens mean {sum(n_code) / len(n_code):.0f} "
+        f"max {max(n_code)}"
+    )
 
-    rm = RewardModel(model, tok, prompts, RewardConfig(batch_size=args.batch_size, max_batch_tokens=args.batch_tokens,
-                                                       max_code_tokens=args.max_code_tokens))
+    rm = RewardModel(
+        model,
+        tok,
+        prompts,
+        RewardConfig(
+            batch_size=args.batch_size, max_batch_tokens=args.batch_tokens, max_code_tokens=args.max_code_tokens
+        ),
+    )
     rm(codes[:2], summaries[:2])  # warm-up (allocator, kernels)
     loop_rewards(model, tok, prompts, codes[:2], summaries[:2], args.max_code_tokens)
 
@@ -136,11 +152,16 @@ def main() -> None:
         "speedup": round(loop_s / batched_s, 2),
         "peak_rss_mib": round(peak_mib, 1),
         "loop_ce_only_samples_per_s": round(n / loop_ce_only_s, 2),
-        "samples": n, "repeats": args.repeats, "threads": torch.get_num_threads(), "max_abs_diff": float(f"{diff:.2e}"),
+        "samples": n,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "max_abs_diff": float(f"{diff:.2e}"),
     }
     print(f"batched RewardModel: {n / batched_s:7.2f} samples/s ({batched_s:.2f} s, ce and ce_empty)")
-    print(f"per-sample loop:     {n / loop_s:7.2f} samples/s ({loop_s:.2f} s, ce and ce_empty; "
-          f"{n / loop_ce_only_s:.2f} samples/s for ce alone)")
+    print(
+        f"per-sample loop:     {n / loop_s:7.2f} samples/s ({loop_s:.2f} s, ce and ce_empty; "
+        f"{n / loop_ce_only_s:.2f} samples/s for ce alone)"
+    )
     print(f"speedup {loop_s / batched_s:.2f}x, max |ce diff| {diff:.1e}, peak RSS {peak_mib:.0f} MiB")
     print(json.dumps(result))
 

@@ -15,6 +15,7 @@ on dummy base weights, since exactly 32 tokens are sampled whatever the weights)
 
     .venv/bin/python benchmarks/rollout_engines.py [--steps 2] [--lora-request]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,20 @@ PROMPTS, NEW_TOKENS, TEMPERATURE = 64, 32, 0.5
 
 def model_and_tokenizer():
     torch.manual_seed(0)
-    config = AutoConfig.for_model("qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                                  vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None,
-                                  tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        "qwen2",
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        vocab_size=VOCAB,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     base = AutoModelForCausalLM.from_config(config).eval()
     model = lora.attach_adapters(base, ["summarizer"], lora.LoraSettings(dropout=0.0))
     lora.add_reference_adapter(model, "summarizer")
@@ -58,8 +69,16 @@ def score(queries, responses):  # varies between samples, so every update moves 
 
 
 def config() -> PPOConfig:
-    return PPOConfig(batch_size=PROMPTS, mini_batch_size=16, ppo_epochs=1, max_new_tokens=NEW_TOKENS,
-                     min_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, lr=1e-3, missing_eos_penalty=0.0)
+    return PPOConfig(
+        batch_size=PROMPTS,
+        mini_batch_size=16,
+        ppo_epochs=1,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        temperature=TEMPERATURE,
+        lr=1e-3,
+        missing_eos_penalty=0.0,
+    )
 
 
 def run_steps(trainer: PPOTrainer, steps: int) -> list[dict]:
@@ -84,19 +103,31 @@ def lora_request_rate(model, steps: int) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         model.get_base_model().config.save_pretrained(tmp)
-        llm = LLM(model=tmp, skip_tokenizer_init=True, load_format="dummy", dtype="float32", enforce_eager=True,
-                  kv_cache_memory_bytes=1 << 30, max_model_len=256, enable_lora=True, max_lora_rank=16,
-                  enable_chunked_prefill=False, max_num_batched_tokens=8192,  # as VLLMEngine on CPU
-                  enable_prefix_caching=False)
+        llm = LLM(
+            model=tmp,
+            skip_tokenizer_init=True,
+            load_format="dummy",
+            dtype="float32",
+            enforce_eager=True,
+            kv_cache_memory_bytes=1 << 30,
+            max_model_len=256,
+            enable_lora=True,
+            max_lora_rank=16,
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=8192,  # as VLLMEngine on CPU
+            enable_prefix_caching=False,
+        )
         rates = []  # the base keeps its dummy weights: exactly NEW_TOKENS are sampled, whatever the weights
         for i in range(steps + 1):
             t0 = time.perf_counter()
             model.save_pretrained(f"{tmp}/adapter{i}", selected_adapters=["summarizer"])
             request = LoRARequest(f"summarizer{i}", i + 1, f"{tmp}/adapter{i}/summarizer")
-            params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=TEMPERATURE,
-                                    detokenize=False, seed=i)
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, lora_request=request,
-                                use_tqdm=False)
+            params = SamplingParams(
+                max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=TEMPERATURE, detokenize=False, seed=i
+            )
+            outs = llm.generate(
+                [{"prompt_token_ids": p} for p in prompts()], params, lora_request=request, use_tqdm=False
+            )
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             if i:
                 rates.append(tokens / (time.perf_counter() - t0))
@@ -127,13 +158,21 @@ def main() -> None:
     startup = time.perf_counter() - t0  # the engine's start plus the first weight load
     vl = run_steps(trainer, args.steps)
     vllm_rate = tokens / (med(vl, "time/generate") + med(vl, "time/sync"))
-    print(f"vllm: {vllm_rate:.0f} tokens/s (sync {med(vl, 'time/sync'):.2f} s), step {med(vl, 'step_s'):.1f} s, "
-          f"gap per step {[round(r['engine_logprob_gap_mean'], 6) for r in vl]}", flush=True)
-    figures = {"hf_tokens_per_s": round(hf_rate, 1), "vllm_tokens_per_s": round(vllm_rate, 1),
-               "vllm_startup_s": round(startup, 1), "hf_step_s": round(med(hf, "step_s"), 2),
-               "vllm_step_s": round(med(vl, "step_s"), 2), "vllm_sync_s": round(med(vl, "time/sync"), 3),
-               "engine_logprob_gap_mean": max(r["engine_logprob_gap_mean"] for r in vl),
-               "engine_logprob_gap_max": max(r["engine_logprob_gap_max"] for r in vl)}
+    print(
+        f"vllm: {vllm_rate:.0f} tokens/s (sync {med(vl, 'time/sync'):.2f} s), step {med(vl, 'step_s'):.1f} s, "
+        f"gap per step {[round(r['engine_logprob_gap_mean'], 6) for r in vl]}",
+        flush=True,
+    )
+    figures = {
+        "hf_tokens_per_s": round(hf_rate, 1),
+        "vllm_tokens_per_s": round(vllm_rate, 1),
+        "vllm_startup_s": round(startup, 1),
+        "hf_step_s": round(med(hf, "step_s"), 2),
+        "vllm_step_s": round(med(vl, "step_s"), 2),
+        "vllm_sync_s": round(med(vl, "time/sync"), 3),
+        "engine_logprob_gap_mean": max(r["engine_logprob_gap_mean"] for r in vl),
+        "engine_logprob_gap_max": max(r["engine_logprob_gap_max"] for r in vl),
+    }
     engine.close()
     print(json.dumps(figures) if not args.lora_request else "lora-request: timing vLLM's LoRA path", flush=True)
     if args.lora_request:

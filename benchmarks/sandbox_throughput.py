@@ -6,6 +6,7 @@ use, as in the stage. The last line printed is one JSON object.
 
     python benchmarks/sandbox_throughput.py [--candidates 200] [--workers 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from blueprint.data import tasks
 from blueprint.eval.sandbox import SandboxError, SandboxSettings, cores, open_sandbox
 
-TRIVIAL = ("def add(a, b):\n    return a + b\n\n\n"
-           "def check(candidate):\n    assert candidate(2, 3) == 5\n\n\ncheck(add)\n")
+TRIVIAL = (
+    "def add(a, b):\n    return a + b\n\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n\n\ncheck(add)\n"
+)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tasks.jsonl"
 
 
@@ -46,8 +48,10 @@ def main() -> None:
             continue
         trivial, passed = rate(box, [TRIVIAL] * args.candidates)
         example, example_passed = rate(box, references)
-        print(f"{mode}: {box.why}; {box.workers()} workers: {trivial:.1f} trivial candidates/s ({passed} passed), "
-              f"{example:.1f} example tasks/s ({example_passed}/{len(references)} passed)")
+        print(
+            f"{mode}: {box.why}; {box.workers()} workers: {trivial:.1f} trivial candidates/s ({passed} passed), "
+            f"{example:.1f} example tasks/s ({example_passed}/{len(references)} passed)"
+        )
         figures[f"{mode}_candidates_per_s"] = round(trivial, 1)
         figures[f"{mode}_example_tasks_per_s"] = round(example, 1)
     print(json.dumps(figures))

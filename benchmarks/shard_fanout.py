@@ -5,6 +5,7 @@
 
 Prints the wall time of each and whether the two datasets are identical (every file's sha256).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,18 @@ def fan_out(settings: dict, root: str, count: int) -> tuple[list[str], float]:
     cfg = parse(shard.ShardConfig, {**settings, "partitions": count})
     repo = str(Path(__file__).resolve().parent.parent)
     start = time.time()
-    procs = [subprocess.Popen([sys.executable, "-c", PART.format(repo=repo, settings={**settings, "partitions": count},
-                                                                 partition=p, root=root)],
-                              stdout=subprocess.PIPE, text=True) for p in shard_fanout.plan(cfg)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PART.format(repo=repo, settings={**settings, "partitions": count}, partition=p, root=root),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in shard_fanout.plan(cfg)
+    ]
     uris = [p.communicate()[0].strip().splitlines()[-1] for p in procs]
     return uris, time.time() - start
 
@@ -62,11 +72,14 @@ def main() -> None:
         root = f"file://{args.root}/art-{count}"
         parts, parse_s = fan_out(settings, root, count)
         start = time.time()
-        out = shard_fanout.run_dataset(parse(shard.ShardConfig, {**settings, "partitions": count}), parts,
-                                       artifact_root=root, progress=False)
+        out = shard_fanout.run_dataset(
+            parse(shard.ShardConfig, {**settings, "partitions": count}), parts, artifact_root=root, progress=False
+        )
         datasets[count] = {r: m["sha256"] for r, m in out.manifest["files"].items()}
-        print(f"{count} partition(s): parse {parse_s:.1f} s, dataset {time.time() - start:.1f} s, "
-              f"{out.metrics['pairs']} pairs from {out.metrics['files_seen']} files")
+        print(
+            f"{count} partition(s): parse {parse_s:.1f} s, dataset {time.time() - start:.1f} s, "
+            f"{out.metrics['pairs']} pairs from {out.metrics['files_seen']} files"
+        )
     print(f"identical datasets: {datasets[1] == datasets[args.partitions]}")
 
 

@@ -13,6 +13,7 @@ that has not finished within --timeout seconds counts as hung; its process group
 `--pool fork` swaps in the pool as it was before the fix (a copy of the old `shard.ordered_map`), `--pool new`
 uses the code in this checkout. The last line is one JSON object: {pool: {runs, hung, failed, median_s}}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def fork_ordered_map(fn: Callable[[list[Any]], list[Any]], items: Iterable[Any], workers: int, batch: int = 8,
-                     window: int = 4) -> Iterator[Any]:
+def fork_ordered_map(
+    fn: Callable[[list[Any]], list[Any]], items: Iterable[Any], workers: int, batch: int = 8, window: int = 4
+) -> Iterator[Any]:
     """The shard pool before the fix (`git show 4c35161^:blueprint/stages/shard.py`), kept to measure against."""
     from blueprint.stages.shard import _batched
 
@@ -62,8 +64,9 @@ def start_threads(tmp: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     path = tmp / "t.parquet"
-    pq.write_table(pa.table({"x": list(range(200_000)), "s": [str(i) for i in range(200_000)]}), path,
-                   row_group_size=10_000)
+    pq.write_table(
+        pa.table({"x": list(range(200_000)), "s": [str(i) for i in range(200_000)]}), path, row_group_size=10_000
+    )
     pq.read_table(path, use_threads=True)
     a = torch.randn(512, 512)
     (a @ a).sum().item()
@@ -100,8 +103,7 @@ def child(pool: str, busy: bool, limit_mb: float, max_pairs: int) -> None:
         start_threads(Path(tmp))
         stop = threading.Event()
         busy_thread = keep_busy(Path(tmp), stop) if busy else None
-        cfg = shard.ShardConfig(source="stdlib", workers=2, max_source_mb=limit_mb or None,
-                                max_pairs=max_pairs or None)
+        cfg = shard.ShardConfig(source="stdlib", workers=2, max_source_mb=limit_mb or None, max_pairs=max_pairs or None)
         metrics = shard.compute(cfg, Path(tmp) / "out", progress=False)
         stop.set()
         if busy_thread:
@@ -124,8 +126,17 @@ def group_states(pgid: int) -> list[str]:
 
 def repetition(pool: str, args: argparse.Namespace) -> tuple[str, float, str]:
     """('ok' | 'hung' | 'failed', seconds, detail) for one fresh subprocess."""
-    cmd = [sys.executable, __file__, "--child", "--pool", pool, "--limit-mb", str(args.limit_mb),
-           "--max-pairs", str(args.max_pairs)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--pool",
+        pool,
+        "--limit-mb",
+        str(args.limit_mb),
+        "--max-pairs",
+        str(args.max_pairs),
+    ]
     cmd += ["--busy"] if args.busy else []
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -165,12 +176,19 @@ def main() -> None:
             status, seconds, detail = repetition(pool, args)
             outcomes[pool].append((status, seconds))
             print(f"{i + 1:3d} {pool:4s} {status:6s} {seconds:5.1f} s  {detail}", flush=True)
-    summary = {pool: {"runs": len(r), "hung": sum(s == "hung" for s, _ in r),
-                      "failed": sum(s == "failed" for s, _ in r),
-                      "median_s": round(statistics.median([t for _, t in r]), 2) if r else None}
-               for pool, r in outcomes.items()}
-    print(", ".join(f"{pool}: {m['hung']}/{m['runs']} hung ({m['failed']} failed)" for pool, m in summary.items())
-          + (" [busy threads]" if args.busy else ""))
+    summary = {
+        pool: {
+            "runs": len(r),
+            "hung": sum(s == "hung" for s, _ in r),
+            "failed": sum(s == "failed" for s, _ in r),
+            "median_s": round(statistics.median([t for _, t in r]), 2) if r else None,
+        }
+        for pool, r in outcomes.items()
+    }
+    print(
+        ", ".join(f"{pool}: {m['hung']}/{m['runs']} hung ({m['failed']} failed)" for pool, m in summary.items())
+        + (" [busy threads]" if args.busy else "")
+    )
     print(json.dumps(summary))
 
 

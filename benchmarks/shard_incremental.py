@@ -6,6 +6,7 @@ sharded; then the held-out 1% added back and sharded again.
 Prints the full and the incremental wall time, inputs_parsed / inputs_reused, and whether the incremental output
 holds exactly the files (sha256) of a full re-shard of the grown tree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def main() -> None:
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     src = root / "src"
-    corpus = [(f, "stdlib") for f in list_python_files(stdlib_root())] + \
-        [(f, "site") for f in list_python_files(Path(sysconfig.get_paths()["purelib"]))]
+    corpus = [(f, "stdlib") for f in list_python_files(stdlib_root())] + [
+        (f, "site") for f in list_python_files(Path(sysconfig.get_paths()["purelib"]))
+    ]
     step = max(1, round(1 / args.grow))
     held_out = [pair for i, pair in enumerate(corpus) if i % step == step // 2]
     out = {(tree, f.rel_path) for f, tree in held_out}
@@ -54,12 +56,15 @@ def main() -> None:
         shutil.copy2(f.abs_path, src / tree / f.rel_path)
     grown, grown_s = timed(src, root / "art")
     fresh, fresh_s = timed(src, root / "fresh", incremental=False)
-    same = {r: m["sha256"] for r, m in grown.manifest["files"].items()} == \
-        {r: m["sha256"] for r, m in fresh.manifest["files"].items()}
+    same = {r: m["sha256"] for r, m in grown.manifest["files"].items()} == {
+        r: m["sha256"] for r, m in fresh.manifest["files"].items()
+    }
     print(f"tree: {len(files)} files; full shard {full_s:.2f} s ({full.metrics['pairs']} pairs)")
-    print(f"grown by {len(extra)} files: incremental {grown_s:.2f} s ({grown_s / fresh_s:.1%} of a full re-shard's "
-          f"{fresh_s:.2f} s), inputs_parsed {grown.metrics['inputs_parsed']}, "
-          f"inputs_reused {grown.metrics['inputs_reused']}; identical to the full re-shard: {same}")
+    print(
+        f"grown by {len(extra)} files: incremental {grown_s:.2f} s ({grown_s / fresh_s:.1%} of a full re-shard's "
+        f"{fresh_s:.2f} s), inputs_parsed {grown.metrics['inputs_parsed']}, "
+        f"inputs_reused {grown.metrics['inputs_reused']}; identical to the full re-shard: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ corpus size: the run at a quarter of the corpus is there to compare against.
 
 The last line is one JSON object: mb_per_s_1, mb_per_s_all, functions_per_s_all, workers, peak_rss_mib, ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,32 @@ def child(workers: int, limit_mb: float, num_shards: int) -> dict:
         seconds = time.perf_counter() - start
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
-        "cpu_main_s": me.ru_utime + me.ru_stime, "cpu_workers_s": kids.ru_utime + kids.ru_stime,
-        "workers": workers, "limit_mb": limit_mb, "seconds": seconds, "mb": m["source_bytes"] / 1e6,
-        "files": m["files_seen"], "functions": m["functions_seen"], "pairs": m["pairs"],
-        "rss_main_mib": me.ru_maxrss / 1024, "rss_worker_mib": kids.ru_maxrss / 1024,
+        "cpu_main_s": me.ru_utime + me.ru_stime,
+        "cpu_workers_s": kids.ru_utime + kids.ru_stime,
+        "workers": workers,
+        "limit_mb": limit_mb,
+        "seconds": seconds,
+        "mb": m["source_bytes"] / 1e6,
+        "files": m["files_seen"],
+        "functions": m["functions_seen"],
+        "pairs": m["pairs"],
+        "rss_main_mib": me.ru_maxrss / 1024,
+        "rss_worker_mib": kids.ru_maxrss / 1024,
     }
 
 
 def measure(workers: int, limit_mb: float, num_shards: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--workers", str(workers), "--limit-mb", str(limit_mb),
-           "--num-shards", str(num_shards)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--workers",
+        str(workers),
+        "--limit-mb",
+        str(limit_mb),
+        "--num-shards",
+        str(num_shards),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"benchmark run {' '.join(cmd[2:])} failed:\n{proc.stderr}")
@@ -51,11 +68,13 @@ def measure(workers: int, limit_mb: float, num_shards: int) -> dict:
     # all processes at once, bounded above: the main process plus every worker at its own peak
     r["peak_rss_mib"] = r["rss_main_mib"] + (r["rss_worker_mib"] * workers if workers > 1 else 0)
     r["mb_per_s"], r["functions_per_s"] = r["mb"] / r["seconds"], r["functions"] / r["seconds"]
-    print(f"workers={workers:<2} {r['mb']:6.2f} MB  {r['files']:5d} files  {r['seconds']:6.2f} s  "
-          f"{r['mb_per_s']:5.2f} MB/s  {r['functions_per_s']:7.0f} functions/s  {r['pairs']:6d} pairs  "
-          f"peak RSS {r['peak_rss_mib']:.0f} MiB (main {r['rss_main_mib']:.0f}, worker {r['rss_worker_mib']:.0f})  "
-          f"CPU s main {r['cpu_main_s']:.2f} workers {r['cpu_workers_s']:.2f}",
-          flush=True)
+    print(
+        f"workers={workers:<2} {r['mb']:6.2f} MB  {r['files']:5d} files  {r['seconds']:6.2f} s  "
+        f"{r['mb_per_s']:5.2f} MB/s  {r['functions_per_s']:7.0f} functions/s  {r['pairs']:6d} pairs  "
+        f"peak RSS {r['peak_rss_mib']:.0f} MiB (main {r['rss_main_mib']:.0f}, worker {r['rss_worker_mib']:.0f})  "
+        f"CPU s main {r['cpu_main_s']:.2f} workers {r['cpu_workers_s']:.2f}",
+        flush=True,
+    )
     return r
 
 
@@ -74,18 +93,22 @@ def main() -> None:
     one = measure(1, args.limit_mb, args.num_shards)
     full = measure(workers, args.limit_mb, args.num_shards)
     quarter = measure(workers, args.limit_mb / 4, args.num_shards)
-    print(json.dumps({
-        "mb_per_s_1": round(one["mb_per_s"], 2),
-        "mb_per_s_all": round(full["mb_per_s"], 2),
-        "speedup": round(full["mb_per_s"] / one["mb_per_s"], 2),
-        "functions_per_s_1": round(one["functions_per_s"]),
-        "functions_per_s_all": round(full["functions_per_s"]),
-        "workers": workers,
-        "mb": round(full["mb"], 2),
-        "peak_rss_mib": round(full["peak_rss_mib"], 1),
-        "peak_rss_mib_quarter_corpus": round(quarter["peak_rss_mib"], 1),
-        "load_average": round(os.getloadavg()[0], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "mb_per_s_1": round(one["mb_per_s"], 2),
+                "mb_per_s_all": round(full["mb_per_s"], 2),
+                "speedup": round(full["mb_per_s"] / one["mb_per_s"], 2),
+                "functions_per_s_1": round(one["functions_per_s"]),
+                "functions_per_s_all": round(full["functions_per_s"]),
+                "workers": workers,
+                "mb": round(full["mb"], 2),
+                "peak_rss_mib": round(full["peak_rss_mib"], 1),
+                "peak_rss_mib_quarter_corpus": round(quarter["peak_rss_mib"], 1),
+                "load_average": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The last line is one JSON object: wall_s, tracking_s, overhead_pct, mlflow.
 
     .venv/bin/python benchmarks/tracking_overhead.py [--mlflow]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def timed(fn):
             return fn(*args, **kwargs)
         finally:
             SPENT["seconds"] += time.perf_counter() - start
+
     return wrapper
 
 
@@ -43,9 +45,24 @@ def start_mlflow(home: Path) -> tuple[str, subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port",
-                             str(port), "--backend-store-uri", f"sqlite:///{home}/db.sqlite", "--default-artifact-root",
-                             f"{home}/a", "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{home}/db.sqlite",
+            "--default-artifact-root",
+            f"{home}/a",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(240):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -72,21 +89,32 @@ def main() -> None:
             return stage_settings("smoke", stage)
 
         shards = shard.run(parse(shard.ShardConfig, s(registry.SHARD)), artifact_root=root, progress=False).uri
-        base = bootstrap.run(parse(bootstrap.BootstrapConfig, s(registry.BOOTSTRAP)), shards=shards, artifact_root=root,
-                             progress=False).uri
+        base = bootstrap.run(
+            parse(bootstrap.BootstrapConfig, s(registry.BOOTSTRAP)), shards=shards, artifact_root=root, progress=False
+        ).uri
         start = time.perf_counter()
-        adapters = warmup.run(parse(warmup.WarmupConfig, s(registry.WARMUP)), shards=shards, base=base, artifact_root=root,
-                              progress=False).uri
+        adapters = warmup.run(
+            parse(warmup.WarmupConfig, s(registry.WARMUP)), shards=shards, base=base, artifact_root=root, progress=False
+        ).uri
         for index in (1, 2):
             cfg = parse(ppo_round.PPORoundConfig, {**s(registry.PPO_ROUND), "round_index": index})
-            adapters = ppo_round.run(cfg, shards=shards, base=base, adapters=adapters, artifact_root=root,
-                                     progress=False).uri
+            adapters = ppo_round.run(
+                cfg, shards=shards, base=base, adapters=adapters, artifact_root=root, progress=False
+            ).uri
         wall = time.perf_counter() - start
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    print(json.dumps({"wall_s": round(wall, 2), "tracking_s": round(SPENT["seconds"], 3),
-                      "overhead_pct": round(100 * SPENT["seconds"] / wall, 2), "mlflow": args.mlflow}))
+    print(
+        json.dumps(
+            {
+                "wall_s": round(wall, 2),
+                "tracking_s": round(SPENT["seconds"], 3),
+                "overhead_pct": round(100 * SPENT["seconds"] / wall, 2),
+                "mlflow": args.mlflow,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

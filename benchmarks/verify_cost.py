@@ -3,6 +3,7 @@
 
     python benchmarks/verify_cost.py [SHARDS_URI]   (default: shards the stdlib into a temp dir first)
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,12 +30,15 @@ def main() -> None:
     uri = sys.argv[1] if len(sys.argv) > 1 else None
     if uri is None:
         root = tempfile.mkdtemp()
-        uri = shard.run(parse(shard.ShardConfig, {"source": "stdlib", "num_shards": 4}), artifact_root=root,
-                        progress=False).uri
+        uri = shard.run(
+            parse(shard.ShardConfig, {"source": "stdlib", "num_shards": 4}), artifact_root=root, progress=False
+        ).uri
     manifest = artifacts.read_manifest(uri, verify="sizes")
     mb = sum(manifest["files"][r]["size"] for r in shard_files(manifest, "train")) / 1e6
-    for name, fn in (("unverified decode", lambda: unverified(uri, "train")),
-                     ("verified read_pairs", lambda: len(read_pairs(uri, "train")))):
+    for name, fn in (
+        ("unverified decode", lambda: unverified(uri, "train")),
+        ("verified read_pairs", lambda: len(read_pairs(uri, "train"))),
+    ):
         start = time.perf_counter()
         rows = fn()
         seconds = time.perf_counter() - start

@@ -1,4 +1,5 @@
 """BluePrint: round-trip PPO for a code summarizer and a code generator, LoRA adapters on one base model."""
+
 from blueprint.version import __version__
 
 __all__ = ["__version__", "BluePrint"]

@@ -9,6 +9,7 @@ summarizer (and its PPO reference and value head) lives on the first, the coder 
 pass between them as text, so their tokenizers may differ. Each distinct base is loaded once per stage.
 Every stage output is committed under `artifact_root`, so a second `train` with the same settings is a cache hit.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -27,10 +28,17 @@ from blueprint.store import artifacts, storage
 class BluePrint:
     """Round-trip training of a code summarizer and a code generator, on one shared base or one base each."""
 
-    def __init__(self, code_to_summary_model: str = profiles.DEFAULT_BASE, summary_to_code_model: str | None = None,
-                 *, dataset: str = "stdlib", artifact_root: str = profiles.ARTIFACT_ROOT,
-                 profile: str = profiles.DEFAULT_PROFILE,
-                 settings: dict[str, dict[str, Any]] | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        code_to_summary_model: str = profiles.DEFAULT_BASE,
+        summary_to_code_model: str | None = None,
+        *,
+        dataset: str = "stdlib",
+        artifact_root: str = profiles.ARTIFACT_ROOT,
+        profile: str = profiles.DEFAULT_PROFILE,
+        settings: dict[str, dict[str, Any]] | None = None,
+        progress: bool = True,
+    ) -> None:
         # paths as the user typed them (relative ones included) are resolved here, once; "" = the same base
         self.base_name, self.coder_base = checked_bases(code_to_summary_model, summary_to_code_model or "")
         self.dataset, self.progress = resolve_source(dataset), progress
@@ -53,8 +61,9 @@ class BluePrint:
     def prepare(self) -> None:
         """Shard the dataset, build the `tiny` base when asked for, and warm both adapters up (cached)."""
         self.shards = self._stage(registry.SHARD).uri
-        self.base = (self._stage(registry.BOOTSTRAP, shards=self.shards).uri if self.base_name == "tiny"
-                     else self.base_name)
+        self.base = (
+            self._stage(registry.BOOTSTRAP, shards=self.shards).uri if self.base_name == "tiny" else self.base_name
+        )
         self.adapters = self._stage(registry.WARMUP, shards=self.shards, **self._bases()).uri
         self._evaluate(0)
 
@@ -69,21 +78,30 @@ class BluePrint:
         self.evaluation = out.uri
         self.history.append(out.metrics)
 
-    def train(self, num_epochs: int = 3, ppo_steps: int | None = None,
-              supervised_steps: int | None = None) -> list[dict[str, Any]]:
+    def train(
+        self, num_epochs: int = 3, ppo_steps: int | None = None, supervised_steps: int | None = None
+    ) -> list[dict[str, Any]]:
         """Warmup, then per epoch `ppo_steps` PPO steps on the summarizer and `supervised_steps` on the coder,
         with an evaluation after each; returns the evaluation metrics, warmup first. Steps left out are the
         ppo-round settings' (the profile's, under `settings`), as `blueprint run` takes them."""
-        steps = {name: value for name, value in (("ppo_steps", ppo_steps), ("supervised_steps", supervised_steps))
-                 if value is not None}
+        steps = {
+            name: value
+            for name, value in (("ppo_steps", ppo_steps), ("supervised_steps", supervised_steps))
+            if value is not None
+        }
         for name, value in (("num_epochs", num_epochs), *steps.items()):
             if not isinstance(value, int) or value < (1 if name == "num_epochs" else 0):
                 raise ConfigError(f"{name} must be an integer >= {1 if name == 'num_epochs' else 0}, got {value!r}")
         self.history, self.evaluation = [], None
         self.prepare()
         for epoch in range(1, num_epochs + 1):
-            self.adapters = self._stage(registry.PPO_ROUND, {"round_index": epoch, **steps},
-                                        shards=self.shards, **self._bases(), adapters=self.adapters).uri
+            self.adapters = self._stage(
+                registry.PPO_ROUND,
+                {"round_index": epoch, **steps},
+                shards=self.shards,
+                **self._bases(),
+                adapters=self.adapters,
+            ).uri
             self._evaluate(epoch)
         if self.progress:
             print(self.summary(), end="", flush=True)
@@ -94,8 +112,10 @@ class BluePrint:
         from blueprint.eval.summary import run_summary
 
         history = storage.read_json(storage.join(self.evaluation, "history.json")) if self.evaluation else []
-        paths = {"report": storage.join(self.evaluation, "report.html") if self.evaluation else "",
-                 "curves": f"tensorboard/ under each warmup and ppo-round output of {self.artifact_root}"}
+        paths = {
+            "report": storage.join(self.evaluation, "report.html") if self.evaluation else "",
+            "curves": f"tensorboard/ under each warmup and ppo-round output of {self.artifact_root}",
+        }
         return run_summary(history, None, paths)
 
     def save_models(self, code_to_summary_path: str, summary_to_code_path: str, overwrite: bool = False) -> None:
@@ -108,20 +128,19 @@ class BluePrint:
             raise UserError("nothing trained yet: call train() first")
         merged = self._stage(registry.MERGE, **self._bases(), adapters=self.adapters, evaluation=self.evaluation)
         for role, target in (("summarizer", code_to_summary_path), ("coder", summary_to_code_path)):
-            _publish(storage.join(merged.uri, role), merged.manifest, role, storage.normalize(str(target)),
-                     overwrite)
+            _publish(storage.join(merged.uri, role), merged.manifest, role, storage.normalize(str(target)), overwrite)
 
 
 def _publish(source: str, manifest: dict[str, Any], role: str, target: str, overwrite: bool) -> None:
     """Copy one merged model folder to `target`, refusing to replace a different model silently."""
-    files = {rel[len(role) + 1:]: meta for rel, meta in manifest["files"].items() if rel.startswith(f"{role}/")}
-    existing = storage.list_files(target) if storage.is_s3(target) or Path(storage.local_path(target)).exists() \
-        else {}
+    files = {rel[len(role) + 1 :]: meta for rel, meta in manifest["files"].items() if rel.startswith(f"{role}/")}
+    existing = storage.list_files(target) if storage.is_s3(target) or Path(storage.local_path(target)).exists() else {}
     if existing and not overwrite:
         same = set(existing) == set(files) and all(existing[r] == files[r]["size"] for r in files)
         if not same:
-            raise FileExistsError(f"{target} already holds another model ({len(existing)} files); "
-                                  "pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{target} already holds another model ({len(existing)} files); pass overwrite=True to replace it"
+            )
         return
     if not storage.is_s3(target):
         storage.check_writable(storage.local_path(target).parent.as_uri())

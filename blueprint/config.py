@@ -4,6 +4,7 @@ Every config (each stage's, PPO's, the reward's, LoRA's, the prompts', the clust
 typed fields with constraints and a description, unknown keys refused by name, strings from the command line
 and pipeline parameters coerced to the field types. Any failure is one `ConfigError` naming the setting.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -112,8 +113,13 @@ def _details(exc: ValidationError, cls: type[Settings]) -> list[tuple[tuple, str
     errors = exc.errors(include_url=False)
     unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        return [((), f"unknown {cls.unknown_label} {', '.join(unknown)} for {cls.__name__}"
-                     f"{did_you_mean(unknown, cls.model_fields)}; known: {', '.join(sorted(cls.model_fields))}")]
+        return [
+            (
+                (),
+                f"unknown {cls.unknown_label} {', '.join(unknown)} for {cls.__name__}"
+                f"{did_you_mean(unknown, cls.model_fields)}; known: {', '.join(sorted(cls.model_fields))}",
+            )
+        ]
     details = []
     for e in errors:
         loc = tuple(e["loc"])
@@ -159,8 +165,10 @@ class Settings(BaseModel):
                 except ValueError:
                     continue  # pydantic names it
                 check_number(cls.error_prefix + name, number)
-        return {k: _from_string(cls.error_prefix + k, v, fields[k].annotation)
-                if isinstance(v, str) and k in fields else v for k, v in values.items()}
+        return {
+            k: _from_string(cls.error_prefix + k, v, fields[k].annotation) if isinstance(v, str) and k in fields else v
+            for k, v in values.items()
+        }
 
     @model_validator(mode="after")
     def _numbers_that_can_be(self) -> Settings:

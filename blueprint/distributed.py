@@ -5,6 +5,7 @@ One process (no process group) is world size 1, and every helper then returns it
 single-process path computes exactly what it computed before data parallelism existed. Collectives run on gloo on
 CPU and NCCL on GPUs, with a timeout, so a rank that dies or hangs takes the job down instead of stalling it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,18 +23,28 @@ WORKER_ENV = "BLUEPRINT_WORKER"  # set in every process a launcher starts: a wor
 class ParallelSettings(Settings):
     """How many processes (and machines) a data-parallel stage runs on."""
 
-    nproc: str = setting("auto", "processes on this machine, each with its share of the batch: auto (one per "
-                                 "visible GPU, 1 on CPU) or a number (on CPU: gloo, for tests); >1 launches the "
-                                 "stage under torchrun --standalone")
-    nodes: int = setting(1, ">1: the stage runs as a Kubeflow Trainer TrainJob of this many nodes, each with nproc "
-                            "processes (needs the Trainer operator; see README, Multi-node stages)", ge=1)
-    collective_timeout: int = setting(600, "seconds a collective waits for the other ranks before the job fails "
-                                           "(a dead or stuck rank)", ge=10)
+    nproc: str = setting(
+        "auto",
+        "processes on this machine, each with its share of the batch: auto (one per "
+        "visible GPU, 1 on CPU) or a number (on CPU: gloo, for tests); >1 launches the "
+        "stage under torchrun --standalone",
+    )
+    nodes: int = setting(
+        1,
+        ">1: the stage runs as a Kubeflow Trainer TrainJob of this many nodes, each with nproc "
+        "processes (needs the Trainer operator; see README, Multi-node stages)",
+        ge=1,
+    )
+    collective_timeout: int = setting(
+        600, "seconds a collective waits for the other ranks before the job fails (a dead or stuck rank)", ge=10
+    )
     batch_scope: Literal["rank", "global"] = setting(
-        "rank", 'what the stage\'s batch sizes count: "rank" (each process\'s own: the step\'s totals grow with '
-                'nproc x nodes, so any process count works and each rank keeps full batches) or "global" (the '
-                "step's totals, split evenly over the processes, refused where they do not split: a run that must "
-                "equal the one-process run)")
+        "rank",
+        "what the stage's batch sizes count: \"rank\" (each process's own: the step's totals grow with "
+        'nproc x nodes, so any process count works and each rank keeps full batches) or "global" (the '
+        "step's totals, split evenly over the processes, refused where they do not split: a run that must "
+        "equal the one-process run)",
+    )
 
     # the settings that count rows of a step (a stage's own): per rank or totals, as batch_scope says
     scaled_batches: ClassVar[tuple[str, ...]] = ()
@@ -53,9 +64,10 @@ class ParallelSettings(Settings):
         """Refuse, before any work, a batch that does not split evenly over `world` processes, naming it."""
         for name, count in self.totals(world).split_over_ranks().items():
             if count % world:
-                raise ConfigError(f"{name}={count} does not split evenly over {world} processes (nproc x nodes)"
-                                  + (" (batch_scope=global; batch_scope=rank scales it)"
-                                     if self.batch_scope == "global" else ""))
+                raise ConfigError(
+                    f"{name}={count} does not split evenly over {world} processes (nproc x nodes)"
+                    + (" (batch_scope=global; batch_scope=rank scales it)" if self.batch_scope == "global" else "")
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """As Settings.to_dict, less collective_timeout: how long a collective may wait decides nothing in the
@@ -85,11 +97,15 @@ def resolve_nproc(nproc: str, device: str = "auto") -> int:
         return max(gpus, 1)
     n = int(nproc)
     if n > 1 and re.fullmatch(r"cuda:\d+", device):
-        raise ConfigError(f"nproc={n} with device={device}: every process would use that one GPU; set device=cuda "
-                          "(each process takes its own) or nproc=1")
+        raise ConfigError(
+            f"nproc={n} with device={device}: every process would use that one GPU; set device=cuda "
+            "(each process takes its own) or nproc=1"
+        )
     if n > gpus and (gpus or device.startswith("cuda")):
-        raise ConfigError(f"nproc={n}: only {gpus} GPU(s) visible on this machine; set nproc=auto or at most {gpus}"
-                          + ("" if device.startswith("cuda") else ", or device=cpu to run CPU processes"))
+        raise ConfigError(
+            f"nproc={n}: only {gpus} GPU(s) visible on this machine; set nproc=auto or at most {gpus}"
+            + ("" if device.startswith("cuda") else ", or device=cpu to run CPU processes")
+        )
     if not gpus and n > (os.cpu_count() or 1):
         raise ConfigError(f"nproc={n}: this machine has {os.cpu_count()} CPU core(s) and no GPU")
     return n
@@ -134,8 +150,11 @@ def init_from_env(timeout_s: int, device: str = "auto") -> None:
     if cuda:
         torch.cuda.set_device(gpu)
     # device_id binds NCCL to the rank's GPU at once (no guessing it at the first collective, no stray context)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-                            **({"device_id": gpu} if cuda else {}))
+    dist.init_process_group(
+        "cpu:gloo,cuda:nccl" if cuda else "gloo",
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **({"device_id": gpu} if cuda else {}),
+    )
 
 
 def shutdown() -> None:

@@ -4,6 +4,7 @@ Run as the last step of every image build (docker/Dockerfile*), so an image that
 holds one at a version outside its range, fails to build with the dependency's name instead of failing later in a
 pod. Users can run it inside any image or venv to diagnose the same.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,16 @@ from packaging.requirements import Requirement
 
 DISTRIBUTION = "blueprint-rt"
 # What a stage process imports first: the component entry point and the heavy libraries it lazily loads.
-RUNTIME_MODULES = ("blueprint.runtime.task", "kfp.dsl.executor_main", "torch", "transformers", "peft", "trl",
-                   "pyarrow.fs", "boto3")
+RUNTIME_MODULES = (
+    "blueprint.runtime.task",
+    "kfp.dsl.executor_main",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "pyarrow.fs",
+    "boto3",
+)
 
 
 def problems(distribution: str = DISTRIBUTION, modules: tuple[str, ...] = RUNTIME_MODULES) -> list[str]:

@@ -5,6 +5,7 @@ else is a bug and shows its traceback (exit 1).
 A stage running inside a pipeline task prints the same one line with `TASK_ERROR_PREFIX` and exits 2, so
 `blueprint run` (and whoever reads the pod's log) finds the cause without reading a traceback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ class NonFiniteLoss(UserError, ValueError):
 def check_finite_loss(value: float, where: str, setting: str, current: object) -> None:
     """Raise NonFiniteLoss when `value` is inf or NaN."""
     if not math.isfinite(value):
-        raise NonFiniteLoss(f"{where}: the loss became {value}: training diverged; lower {setting!r} "
-                            f"(now {current}) or check the data")
+        raise NonFiniteLoss(
+            f"{where}: the loss became {value}: training diverged; lower {setting!r} (now {current}) or check the data"
+        )
 
 
 class TaskFailed(BluePrintError):

@@ -5,6 +5,7 @@ kfp.local streams a task's output line by line and `kubectl logs` shows a pod's,
 bounded rate: whenever another tenth of the work is done or `every_seconds` have passed, and at the last step;
 a loop that is over within `quiet_seconds` prints its last step only (a 2-second shard needs no ten lines).
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,9 @@ def format_figure(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def progress_line(task: str, done: int, total: int | None, figures: dict[str, Any], eta: float | None,
-                  unit: str = "step") -> str:
+def progress_line(
+    task: str, done: int, total: int | None, figures: dict[str, Any], eta: float | None, unit: str = "step"
+) -> str:
     """`ppo-round-1: step 4/16 reward 0.031 kl 0.020 eta 48s` (figures in the order given; no /N when unknown)."""
     parts = [f"{task}: {unit} {done}" + (f"/{total}" if total is not None else "")]
     parts += [f"{k} {format_figure(v)}" for k, v in figures.items()]
@@ -40,9 +42,19 @@ class Progress:
     """
 
     def __init__(  # noqa: PLR0913 - display options, keyword-only with defaults
-            self, task: str, total: int | None, enabled: bool = True, *, start: int = 0, unit: str = "step",
-            every_seconds: float = 30.0, quiet_seconds: float = 3.0, bar: bool | None = None,
-            stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
+        self,
+        task: str,
+        total: int | None,
+        enabled: bool = True,
+        *,
+        start: int = 0,
+        unit: str = "step",
+        every_seconds: float = 30.0,
+        quiet_seconds: float = 3.0,
+        bar: bool | None = None,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.task, self.enabled, self.unit, self.quiet_seconds = task, enabled, unit, quiet_seconds
         self.total = None if total is None else max(int(total), 0)
         self.stream, self.clock, self.every_seconds = stream or sys.stdout, clock, every_seconds
@@ -62,7 +74,9 @@ class Progress:
 
     def eta(self, done: int, now: float) -> float | None:
         rate_steps = done - self.start_step
-        return None if rate_steps <= 0 or self.total is None else (now - self.started) / rate_steps * (self.total - done)
+        return (
+            None if rate_steps <= 0 or self.total is None else (now - self.started) / rate_steps * (self.total - done)
+        )
 
     def update(self, done: int, **figures: Any) -> None:
         if not self.enabled:

@@ -5,6 +5,7 @@ location as training goes (`sync_seconds`), so `tensorboard --logdir` on the art
 still running. MLflow gets the same scalars from a background thread: a tracking server that is down or slow costs
 one warning line and never the training (a bounded queue, bounded waits, tracking off after the first failure).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,11 @@ TENSORBOARD_DIR = "tensorboard"
 RUN_ENV = "BLUEPRINT_PIPELINE_RUN"  # the pipeline run a stage belongs to, for its MLflow tags
 EXPERIMENT = "blueprint"  # the MLflow experiment when neither KFP's run nor MLFLOW_EXPERIMENT_NAME names one
 # the MLflow client retries for minutes by default; a stage's run should not wait that long on a dead server
-CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
@@ -68,8 +72,9 @@ class MlflowSink:
     (redacted) server and ends tracking; `close` waits at most `close_seconds`.
     """
 
-    def __init__(self, uri: str, run_name: str, params: Mapping[str, str], tags: Mapping[str, str],
-                 max_queue: int = 100_000):
+    def __init__(
+        self, uri: str, run_name: str, params: Mapping[str, str], tags: Mapping[str, str], max_queue: int = 100_000
+    ):
         self.uri, self.run_name, self.params, self.tags = uri, run_name, dict(params), dict(tags)
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.failed = threading.Event()
@@ -98,8 +103,10 @@ class MlflowSink:
                     break
         self.thread.join(max(deadline - time.monotonic(), 0.0))
         if self.thread.is_alive() and not self.failed.is_set():
-            warn(f"MLflow server {redact(self.uri)} did not take the last points within {close_seconds:.0f} s; "
-                 "training is unaffected")
+            warn(
+                f"MLflow server {redact(self.uri)} did not take the last points within {close_seconds:.0f} s; "
+                "training is unaffected"
+            )
         elif self.dropped and not self.failed.is_set():
             warn(f"{self.dropped} step(s) not sent to MLflow (the queue was full)")
 
@@ -127,7 +134,7 @@ class MlflowSink:
             print(f"tracking: MLflow run {self.run_id} ({self.run_name}) on {redact(self.uri)}", flush=True)
             params = [Param(k, v) for k, v in self.params.items()]
             for i in range(0, len(params), 100):
-                client.log_batch(self.run_id, params=params[i:i + 100])
+                client.log_batch(self.run_id, params=params[i : i + 100])
             while True:
                 item = self.queue.get()
                 if isinstance(item, tuple):  # (None, status): the stage ended
@@ -143,8 +150,9 @@ class MlflowSink:
         except Exception as exc:  # noqa: BLE001 - any failure of tracking is one line, never the training's
             self.failed.set()
             reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
-            warn(f"MLflow server {redact(self.uri)} failed ({type(exc).__name__}: {reason}); training goes on "
-                 "without it")
+            warn(
+                f"MLflow server {redact(self.uri)} failed ({type(exc).__name__}: {reason}); training goes on without it"
+            )
 
 
 class Tracker:
@@ -154,9 +162,18 @@ class Tracker:
     """
 
     def __init__(  # noqa: PLR0913 - where curves go, keyword-only with defaults
-            self, stage: str, out_dir: Path, *, settings: Mapping[str, Any] | None = None,
-            tags: Mapping[str, str] | None = None, live_uri: str | None = None, sync_seconds: float = 30.0,
-            mlflow_uri: str | None = None, enabled: bool = True, committed_uri: str | None = None):
+        self,
+        stage: str,
+        out_dir: Path,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        live_uri: str | None = None,
+        sync_seconds: float = 30.0,
+        mlflow_uri: str | None = None,
+        enabled: bool = True,
+        committed_uri: str | None = None,
+    ):
         self.stage, self.enabled = stage, enabled
         self.logdir = Path(out_dir) / TENSORBOARD_DIR
         self.live_uri, self.sync_seconds, self.last_sync = live_uri, sync_seconds, time.monotonic()
@@ -165,8 +182,9 @@ class Tracker:
         self.points = 0
         self.mlflow = None
         if enabled and mlflow_uri:
-            self.mlflow = MlflowSink(mlflow_uri, stage, flat_params(settings or {}),
-                                     {"blueprint.stage": stage, **(tags or {})})
+            self.mlflow = MlflowSink(
+                mlflow_uri, stage, flat_params(settings or {}), {"blueprint.stage": stage, **(tags or {})}
+            )
 
     def writer(self, role: str):
         if role not in self.writers:
@@ -202,8 +220,10 @@ class Tracker:
             elif self.logdir.exists():
                 storage.upload_dir(self.logdir, self.live_uri)
         except Exception as exc:  # noqa: BLE001 - curves are a view; the committed output holds them anyway
-            warn(f"could not copy the TensorBoard files to {self.live_uri} ({type(exc).__name__}); they are "
-                 "committed with the output")
+            warn(
+                f"could not copy the TensorBoard files to {self.live_uri} ({type(exc).__name__}); they are "
+                "committed with the output"
+            )
             self.live_uri = None
 
     def close(self, failed: bool = False) -> None:
@@ -231,10 +251,16 @@ def stage_tracker(stage: str, out_dir: Path, settings: Mapping[str, Any], out_ur
     run = os.environ.get(RUN_ENV)
     if run:
         tags["blueprint.pipeline_run"] = run
-    return Tracker(stage, out_dir, settings=settings, tags=tags,
-                   live_uri=storage.join(out_uri, TENSORBOARD_DIR) if out_uri else None,
-                   committed_uri=artifacts.manifest_uri(out_uri) if out_uri else None,
-                   mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI") or None, enabled=distributed.is_main())
+    return Tracker(
+        stage,
+        out_dir,
+        settings=settings,
+        tags=tags,
+        live_uri=storage.join(out_uri, TENSORBOARD_DIR) if out_uri else None,
+        committed_uri=artifacts.manifest_uri(out_uri) if out_uri else None,
+        mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+        enabled=distributed.is_main(),
+    )
 
 
 def run_name(stage: str, manifest: Mapping[str, Any]) -> str:
@@ -254,8 +280,10 @@ def gather_logdir(root: str, into: Path, run: str | None = None) -> dict[str, st
     records = runs.list_records(root)
     record = next((r for r in records if r.get("run") == run), None) if run else (records[-1] if records else None)
     if record is None:
-        raise InputError(f"no run record {'named ' + repr(run) + ' ' if run else ''}under {root}/{runs.RUNS_DIR}: "
-                         "a pipeline run writes one when it reaches its gate")
+        raise InputError(
+            f"no run record {'named ' + repr(run) + ' ' if run else ''}under {root}/{runs.RUNS_DIR}: "
+            "a pipeline run writes one when it reaches its gate"
+        )
     outputs = {artifacts.portable_name(o["uri"]): o for o in artifacts.cached_outputs(root)}
     used = retention.reachable(list(record["outputs"].values()), outputs)
     into.mkdir(parents=True, exist_ok=True)
@@ -263,8 +291,13 @@ def gather_logdir(root: str, into: Path, run: str | None = None) -> dict[str, st
     for ref in sorted(used):
         uri = outputs[ref]["uri"]
         manifest = artifacts.read_manifest(uri, verify="sizes")
-        roles = sorted({rel.split("/")[1] for rel in manifest.get("files", {})
-                        if rel.startswith(f"{TENSORBOARD_DIR}/") and rel.count("/") >= 2})
+        roles = sorted(
+            {
+                rel.split("/")[1]
+                for rel in manifest.get("files", {})
+                if rel.startswith(f"{TENSORBOARD_DIR}/") and rel.count("/") >= 2
+            }
+        )
         for role in roles:
             name = f"{run_name(manifest['stage'], manifest)}/{role}"
             source = storage.join(uri, TENSORBOARD_DIR, role)

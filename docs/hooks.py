@@ -3,6 +3,7 @@
 A page holding the marker `<!-- settings -->` gets one section per stage of the registry (each setting's name,
 type, default and help, read from the stage's pydantic config), then the cluster settings.
 """
+
 from __future__ import annotations
 
 import html
@@ -33,8 +34,10 @@ def fields_table(config: type) -> str:
     for name, field in config.model_fields.items():
         default = field.get_default(call_default_factory=True)
         shown = cell(repr(default))
-        rows.append(f"| **{name}** | {cell(type_name(field.annotation))} | {shown if '|' in shown else f'`{shown}`'} "
-                    f"| {cell(field.description or '')} |")
+        rows.append(
+            f"| **{name}** | {cell(type_name(field.annotation))} | {shown if '|' in shown else f'`{shown}`'} "
+            f"| {cell(field.description or '')} |"
+        )
     return "\n".join(rows)
 
 
@@ -45,10 +48,14 @@ def settings_reference() -> str:
 
     parts = []
     for spec in STAGES.values():
-        parts.append(f"## {spec.name}\n\n`blueprint stage {spec.name} --help` prints the same list; "
-                     f"`--set {spec.name}.KEY=VALUE` sets one.\n\n{fields_table(spec.config_type())}\n")
-    parts.append("## Cluster settings\n\nThe keys of `--cluster-config cluster.yaml` "
-                 f"([Run on Kubeflow](../kubeflow.md#3-cluster-settings)).\n\n{fields_table(ClusterSettings)}\n")
+        parts.append(
+            f"## {spec.name}\n\n`blueprint stage {spec.name} --help` prints the same list; "
+            f"`--set {spec.name}.KEY=VALUE` sets one.\n\n{fields_table(spec.config_type())}\n"
+        )
+    parts.append(
+        "## Cluster settings\n\nThe keys of `--cluster-config cluster.yaml` "
+        f"([Run on Kubeflow](../kubeflow.md#3-cluster-settings)).\n\n{fields_table(ClusterSettings)}\n"
+    )
     return "\n".join(parts)
 
 

@@ -8,6 +8,7 @@ lines its process would have; a task with work to do (or one that fails) stops b
 dropped, and it runs in its own process as before. Only the subprocess runner is answered this way: a container
 runs the image's code, which may differ from this process's.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 Errors a user can fix (bad settings, missing inputs, unreachable storage) print one line naming the input and
 exit 2; nothing half-written is left behind because every stage commits through the manifest protocol.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,13 @@ def cmd_shard(args: argparse.Namespace) -> int:
     if "source" in values:
         values["source"] = resolve_source(str(values["source"]))
     cfg = parse(shard.ShardConfig, values)
-    out = shard.run(cfg, out_uri=_resolved(args.out),
-                    artifact_root=None if args.out else _resolved(args.artifact_root), force=args.force,
-                    progress=not args.quiet)
+    out = shard.run(
+        cfg,
+        out_uri=_resolved(args.out),
+        artifact_root=None if args.out else _resolved(args.artifact_root),
+        force=args.force,
+        progress=not args.quiet,
+    )
     print(shard.summary_line(out))
     print(f"shards: {out.uri}")
     return 0
@@ -62,8 +67,10 @@ def _stage_help(args: argparse.Namespace) -> None:
     without importing every stage; after every flag is read, so `--profile` counts wherever it stands)."""
     spec = registry.get(args.name)
     given = profiles.stage_settings(args.profile, spec.name)
-    args.parser.epilog = (f"settings (--set KEY=VALUE, or --config FILE, over the {args.profile} profile's):\n"
-                          f"{describe(spec.config_type(), given, args.profile)}")
+    args.parser.epilog = (
+        f"settings (--set KEY=VALUE, or --config FILE, over the {args.profile} profile's):\n"
+        f"{describe(spec.config_type(), given, args.profile)}"
+    )
     args.parser.print_help()
     args.parser.exit()
 
@@ -77,12 +84,21 @@ def cmd_stage(args: argparse.Namespace) -> int:
     missing = [name for name in spec.inputs if name not in inputs]
     unknown = sorted(set(inputs) - set(spec.inputs) - set(spec.optional_inputs))
     if missing or unknown:
-        raise ConfigError(f"stage {spec.name} takes inputs {', '.join(spec.inputs) or '(none)'}: "
-                          f"missing {missing or 'none'}, unknown {unknown or 'none'}")
+        raise ConfigError(
+            f"stage {spec.name} takes inputs {', '.join(spec.inputs) or '(none)'}: "
+            f"missing {missing or 'none'}, unknown {unknown or 'none'}"
+        )
     if args.out is None and args.artifact_root is None:
         raise ConfigError("give --artifact-root (content-addressed output) or --out URI")
-    out = launch.run_stage(spec.name, cfg, inputs, artifact_root=None if args.out else _resolved(args.artifact_root),
-                           out_uri=_resolved(args.out), force=args.force, progress=not args.quiet)
+    out = launch.run_stage(
+        spec.name,
+        cfg,
+        inputs,
+        artifact_root=None if args.out else _resolved(args.artifact_root),
+        out_uri=_resolved(args.out),
+        force=args.force,
+        progress=not args.quiet,
+    )
     _print_output(out, spec.name)
     return 0
 
@@ -102,8 +118,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'stage':<10} {'key':<16} {'created':<25} {'size':>10}  metrics")
     for r in rows:
-        print(f"{r['stage']:<10} {r['key']:<16} {r['created']:<25} {r['bytes'] / 1e6:>8.2f}MB  "
-              f"{_key_metrics(r['metrics'])}")
+        print(
+            f"{r['stage']:<10} {r['key']:<16} {r['created']:<25} {r['bytes'] / 1e6:>8.2f}MB  "
+            f"{_key_metrics(r['metrics'])}"
+        )
     return 0
 
 
@@ -115,13 +133,16 @@ def _stage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.config:
         for stage, values in load_file(args.config).items():
             if not isinstance(values, dict):
-                raise ConfigError(f"config file {args.config}: {stage!r} must map settings, e.g. {stage}: {{steps: 10}}")
+                raise ConfigError(
+                    f"config file {args.config}: {stage!r} must map settings, e.g. {stage}: {{steps: 10}}"
+                )
             nested.setdefault(stage.replace("_", "-"), {}).update(values)
     for key, value in parse_assignments(args.set).items():
         stage, dot, name = key.partition(".")
         if not dot:
-            raise ConfigError(f"--set {key}=...: name the stage, e.g. --set warmup.steps=20 "
-                              f"(stages: {', '.join(PIPELINE_STAGES)})")
+            raise ConfigError(
+                f"--set {key}=...: name the stage, e.g. --set warmup.steps=20 (stages: {', '.join(PIPELINE_STAGES)})"
+            )
         nested.setdefault(stage.replace("_", "-"), {})[name] = value
     return nested
 
@@ -129,10 +150,19 @@ def _stage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import local_run
 
-    plan = local_run.plan(profile=args.profile, epochs=args.epochs, artifact_root=args.artifact_root,
-                          source=args.source, base=args.base, coder_base=args.coder_base,
-                          overrides=_stage_overrides(args), force=args.force)
-    print(f"blueprint run: profile {plan.profile}, {plan.epochs} epoch(s), artifacts in {plan.arguments['artifact_root']}")
+    plan = local_run.plan(
+        profile=args.profile,
+        epochs=args.epochs,
+        artifact_root=args.artifact_root,
+        source=args.source,
+        base=args.base,
+        coder_base=args.coder_base,
+        overrides=_stage_overrides(args),
+        force=args.force,
+    )
+    print(
+        f"blueprint run: profile {plan.profile}, {plan.epochs} epoch(s), artifacts in {plan.arguments['artifact_root']}"
+    )
     result = local_run.run(plan, runner=args.runner, image=args.image, verbose=args.verbose)
     print(local_run.summary(plan, result), end="")
     return 0
@@ -144,8 +174,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     args.image = DEFAULT_IMAGE if args.image is None else args.image
     # cluster flags / --cluster-config -> validated ClusterSettings -> the pipeline's configure_task hook
-    kubeflow.compile_package(args.out, epochs=args.epochs, profile=args.profile, image=args.image,
-                             artifact_root=args.artifact_root, settings=kubeflow.cluster_settings(args))
+    kubeflow.compile_package(
+        args.out,
+        epochs=args.epochs,
+        profile=args.profile,
+        image=args.image,
+        artifact_root=args.artifact_root,
+        settings=kubeflow.cluster_settings(args),
+    )
     print(f"compiled {args.epochs}-epoch pipeline ({args.profile} profile, image {args.image}) -> {args.out}")
     return 0
 
@@ -158,8 +194,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifact-root", default=profiles.ARTIFACT_ROOT,
-                   help="root of the content-addressed stage cache (file:// path or s3://bucket/prefix)")
+    p.add_argument(
+        "--artifact-root",
+        default=profiles.ARTIFACT_ROOT,
+        help="root of the content-addressed stage cache (file:// path or s3://bucket/prefix)",
+    )
     p.add_argument("--out", default=None, help="explicit output URI instead of the content-addressed one")
     p.add_argument("--force", action="store_true", help="recompute even when a committed output exists")
     p.add_argument("--config", default=None, help="YAML/JSON file of settings")
@@ -169,21 +208,34 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_run_command(sub) -> None:
     r = sub.add_parser("run", help="run the whole pipeline locally through kfp.local (the embedded default)")
-    r.add_argument("--profile", default=profiles.DEFAULT_PROFILE,
-                   help=f"named set of settings over the stages' defaults: {' | '.join(profiles.PROFILE_NAMES)}")
+    r.add_argument(
+        "--profile",
+        default=profiles.DEFAULT_PROFILE,
+        help=f"named set of settings over the stages' defaults: {' | '.join(profiles.PROFILE_NAMES)}",
+    )
     r.add_argument("--epochs", type=int, default=profiles.EPOCHS, help="PPO rounds")
     r.add_argument("--source", default=None, help="corpus (default: the profile's, stdlib)")
-    r.add_argument("--base", default=profiles.DEFAULT_BASE,
-                   help="the summarizer's base (and the coder's): tiny | hub id | local dir | s3:// dir")
+    r.add_argument(
+        "--base",
+        default=profiles.DEFAULT_BASE,
+        help="the summarizer's base (and the coder's): tiny | hub id | local dir | s3:// dir",
+    )
     r.add_argument("--coder-base", default="", help="the coder's own base, when it is another model (default: --base)")
     r.add_argument("--artifact-root", default=profiles.ARTIFACT_ROOT)
     r.add_argument("--runner", default="subprocess", choices=["subprocess", "docker"])
-    r.add_argument("--image", default=None, help="component image for --runner docker (default: blueprint:VERSION, what `make image-cpu` builds)")
+    r.add_argument(
+        "--image",
+        default=None,
+        help="component image for --runner docker (default: blueprint:VERSION, what `make image-cpu` builds)",
+    )
     r.add_argument("--config", default=None, help="YAML/JSON file: {stage: {setting: value}}")
     r.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE", help="one stage setting (repeatable)")
     r.add_argument("--force", action="store_true", help="recompute every stage")
-    r.add_argument("--verbose", action="store_true",
-                   help="show kfp.local's own output (executor input, task outputs) instead of a line per task")
+    r.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show kfp.local's own output (executor input, task outputs) instead of a line per task",
+    )
     r.set_defaults(func=cmd_run)
 
 
@@ -202,17 +254,36 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_shard)
 
     st = sub.add_parser("stage", help="run one stage from input URIs (cache hit when its output exists)")
-    names = st.add_subparsers(dest="name", required=True, metavar="STAGE",
-                              help=f"{' | '.join(registry.STAGES)} (blueprint stage STAGE --help: its settings)")
+    names = st.add_subparsers(
+        dest="name",
+        required=True,
+        metavar="STAGE",
+        help=f"{' | '.join(registry.STAGES)} (blueprint stage STAGE --help: its settings)",
+    )
     for spec in registry.STAGES.values():
-        one = names.add_parser(spec.name, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-                               help=f"inputs: {', '.join(spec.inputs) or '(none)'}")
-        one.add_argument("-h", "--help", action="store_true", help="show this stage's settings (with --profile: "
-                                                                   "the values it gives) and exit")
-        one.add_argument("--profile", default=profiles.DEFAULT_PROFILE,
-                         help=f"named set of settings under --config/--set: {' | '.join(profiles.PROFILE_NAMES)}")
-        one.add_argument("--input", action="append", metavar="NAME=URI",
-                         help=f"an input ({', '.join(spec.inputs) or 'none'}), e.g. shards=s3://b/shard/KEY")
+        one = names.add_parser(
+            spec.name,
+            add_help=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            help=f"inputs: {', '.join(spec.inputs) or '(none)'}",
+        )
+        one.add_argument(
+            "-h",
+            "--help",
+            action="store_true",
+            help="show this stage's settings (with --profile: the values it gives) and exit",
+        )
+        one.add_argument(
+            "--profile",
+            default=profiles.DEFAULT_PROFILE,
+            help=f"named set of settings under --config/--set: {' | '.join(profiles.PROFILE_NAMES)}",
+        )
+        one.add_argument(
+            "--input",
+            action="append",
+            metavar="NAME=URI",
+            help=f"an input ({', '.join(spec.inputs) or 'none'}), e.g. shards=s3://b/shard/KEY",
+        )
         _add_output_flags(one)
         one.set_defaults(func=cmd_stage, parser=one)
 
@@ -221,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="write the pipeline's KFP IR YAML")
     c.add_argument("--out", default="pipeline.yaml")
     c.add_argument("--epochs", type=int, default=profiles.EPOCHS, help="PPO rounds (unrolled at compile time)")
-    c.add_argument("--profile", default=profiles.DEFAULT_PROFILE, help=' | '.join(profiles.PROFILE_NAMES))
+    c.add_argument("--profile", default=profiles.DEFAULT_PROFILE, help=" | ".join(profiles.PROFILE_NAMES))
     c.add_argument("--image", default=None, help="component image (default: $BLUEPRINT_IMAGE or the release tag)")
     c.add_argument("--artifact-root", default="s3://blueprint/artifacts", help="default of the artifact_root parameter")
     c.set_defaults(func=cmd_compile)
@@ -271,8 +342,10 @@ def _main(argv: list[str] | None) -> int:
         print(f"blueprint {args.command}: error: {exc}", file=sys.stderr)
         return 2 if exc.user else 1
     except KeyboardInterrupt:
-        print(f"blueprint {args.command}: interrupted; committed outputs are intact, partial ones will be redone",
-              file=sys.stderr)
+        print(
+            f"blueprint {args.command}: interrupted; committed outputs are intact, partial ones will be redone",
+            file=sys.stderr,
+        )
         return 130
 
 

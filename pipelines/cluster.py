@@ -10,6 +10,7 @@ A stage with `nodes` above 1 runs as a Kubeflow Trainer TrainJob (blueprint.runt
 creates and watches the job, so it gets LAUNCHER_RESOURCES and no accelerator, and the stage's resources and GPUs
 go to each node, described in the task's environment (trainjob.ENV_NODE) by names only, like the secret here.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,7 +27,7 @@ from blueprint.stages import registry
 STAGES = tuple(registry.STAGES)
 GPU_STAGES = registry.accelerator_stages()  # shard and bootstrap (tiny base) are CPU work
 
-_CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")                       # the patterns kfp's set_cpu_* accept
+_CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")  # the patterns kfp's set_cpu_* accept
 _MEMORY = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")  # and set_memory_*
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
@@ -73,12 +74,14 @@ class Resources(Settings):
 
 
 def _resources(cpu_request: str, cpu_limit: str, memory_request: str, memory_limit: str) -> Resources:
-    return Resources(cpu_request=cpu_request, cpu_limit=cpu_limit, memory_request=memory_request,
-                     memory_limit=memory_limit)
+    return Resources(
+        cpu_request=cpu_request, cpu_limit=cpu_limit, memory_request=memory_request, memory_limit=memory_limit
+    )
 
 
-DEFAULT_RESOURCES: dict[str, Resources] = {name: _resources(*spec.resources)
-                                            for name, spec in registry.STAGES.items()}  # from the registry
+DEFAULT_RESOURCES: dict[str, Resources] = {
+    name: _resources(*spec.resources) for name, spec in registry.STAGES.items()
+}  # from the registry
 # The task of a multi-node stage creates its TrainJob, streams its log and finds the committed output afterwards.
 LAUNCHER_RESOURCES = _resources("500m", "2", "2Gi", "4Gi")
 SHM_VOLUME = "dshm"
@@ -90,8 +93,7 @@ class Toleration(Settings):
     key: str | None = setting(None, "taint key; empty matches every taint (operator Exists only)")
     operator: Literal["Equal", "Exists"] = setting("Equal", "Equal (key and value) or Exists (key only)")
     value: str | None = setting(None, "taint value (operator Equal)")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = setting(None, "taint effect to "
-                                                                                          "tolerate")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = setting(None, "taint effect to tolerate")
     toleration_seconds: int | None = setting(None, "NoExecute: how long the pod stays bound", ge=0)
 
     @model_validator(mode="after")
@@ -119,45 +121,66 @@ class ClusterSettings(Settings):
 
     unknown_label = "cluster setting(s)"
 
-    s3_secret: str | None = setting(None, "Kubernetes secret whose keys become AWS_ACCESS_KEY_ID / "
-                                          "AWS_SECRET_ACCESS_KEY in every pod (KFP's MinIO: mlpipeline-minio-"
-                                          "artifact). None: pods use the node's IAM role / IRSA")
-    s3_access_key_field: str = setting("AWS_ACCESS_KEY_ID", "the secret's key holding the access key id "
-                                                            "(MinIO: accesskey)", pattern=_SECRET_KEY.pattern)
-    s3_secret_key_field: str = setting("AWS_SECRET_ACCESS_KEY", "the secret's key holding the secret key "
-                                                                "(MinIO: secretkey)", pattern=_SECRET_KEY.pattern)
+    s3_secret: str | None = setting(
+        None,
+        "Kubernetes secret whose keys become AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY in every pod (KFP's MinIO: mlpipeline-minio-"
+        "artifact). None: pods use the node's IAM role / IRSA",
+    )
+    s3_access_key_field: str = setting(
+        "AWS_ACCESS_KEY_ID",
+        "the secret's key holding the access key id (MinIO: accesskey)",
+        pattern=_SECRET_KEY.pattern,
+    )
+    s3_secret_key_field: str = setting(
+        "AWS_SECRET_ACCESS_KEY",
+        "the secret's key holding the secret key (MinIO: secretkey)",
+        pattern=_SECRET_KEY.pattern,
+    )
     s3_endpoint: str | None = setting(None, "AWS_ENDPOINT_URL of every pod (an endpoint is not a secret)")
     s3_region: str | None = setting(None, "AWS_DEFAULT_REGION of every pod", pattern=r"^[a-z0-9-]+$")
     gpu: StrictBool = setting(False, "request gpu_count x accelerator for gpu_stages")
     accelerator: str = setting("nvidia.com/gpu", "the accelerator's resource name", pattern=r"^\S+$")
     gpu_count: int = setting(1, "accelerators per GPU stage pod", ge=1)
     gpu_stages: tuple[str, ...] = setting(GPU_STAGES, "stages that get the accelerator")
-    resources: dict[str, Resources] = setting({}, "per-stage overrides merged field by field onto "
-                                                  "DEFAULT_RESOURCES")
+    resources: dict[str, Resources] = setting({}, "per-stage overrides merged field by field onto DEFAULT_RESOURCES")
     node_selector: dict[str, str] = setting({}, "node labels every pod must match")
     tolerations: tuple[Toleration, ...] = setting((), "taints every pod tolerates")
-    caching: dict[str, StrictBool] = setting({}, "per-stage KFP cache switch (unset: KFP's default, on; shard, "
-                                                 "gate and promote are always off, see the pipeline)")
+    caching: dict[str, StrictBool] = setting(
+        {},
+        "per-stage KFP cache switch (unset: KFP's default, on; shard, "
+        "gate and promote are always off, see the pipeline)",
+    )
     retries: int = setting(0, "pod-level retries of every stage, with exponential backoff", ge=0, le=20)
-    shard_parallelism: int = setting(0, "shard-part pods running at once (0: one per partition, all at once; the "
-                                        "partitions are shard_settings.partitions)", ge=0)
+    shard_parallelism: int = setting(
+        0,
+        "shard-part pods running at once (0: one per partition, all at once; the "
+        "partitions are shard_settings.partitions)",
+        ge=0,
+    )
     retry_backoff: str = setting("30s", "first backoff, a duration like 30s, 5m or 1h")
     retry_backoff_factor: float = setting(2.0, "backoff growth per retry", ge=1)
     retry_backoff_max: str = setting("1h", "longest backoff")
     image_pull_secrets: tuple[str, ...] = setting((), "secrets the pods pull the image with")
     service_account: str | None = setting(None, "service account of the pods (e.g. one bound to an IAM role)")
     nodes: dict[str, Annotated[int, Field(ge=1)]] = setting(
-        {}, "per-stage node count, e.g. {ppo-round: 2}: above 1 the stage runs as a Kubeflow Trainer TrainJob "
-            "(torch-distributed runtime) of that many nodes, each with the stage's resources (limits requested "
-            "as well) and gpu_count accelerators; the stage's own task then only waits, on LAUNCHER_RESOURCES")
-    trainjob_timeout: str = setting("24h", "how long a multi-node stage waits for its TrainJob (also the job's "
-                                           "activeDeadlineSeconds), a duration like 90m or 24h")
+        {},
+        "per-stage node count, e.g. {ppo-round: 2}: above 1 the stage runs as a Kubeflow Trainer TrainJob "
+        "(torch-distributed runtime) of that many nodes, each with the stage's resources (limits requested "
+        "as well) and gpu_count accelerators; the stage's own task then only waits, on LAUNCHER_RESOURCES",
+    )
+    trainjob_timeout: str = setting(
+        "24h",
+        "how long a multi-node stage waits for its TrainJob (also the job's "
+        "activeDeadlineSeconds), a duration like 90m or 24h",
+    )
 
     @field_validator("s3_secret", "service_account")
     @classmethod
     def _names(cls, value: str | None, info) -> str | None:
-        return _kubernetes_name(value, "Kubernetes secret name" if info.field_name == "s3_secret" else
-                                "Kubernetes name")
+        return _kubernetes_name(
+            value, "Kubernetes secret name" if info.field_name == "s3_secret" else "Kubernetes name"
+        )
 
     @field_validator("image_pull_secrets")
     @classmethod
@@ -168,8 +191,9 @@ class ClusterSettings(Settings):
     @classmethod
     def _endpoint(cls, url: str | None) -> str | None:
         if url is not None and not re.match(r"^https?://([^/@?#\s]+)(/[^?#\s]*)?$", url):
-            raise ValueError("must be http(s)://host[:port] with no user:password@ (credentials belong in the "
-                             "secret) and no query")
+            raise ValueError(
+                "must be http(s)://host[:port] with no user:password@ (credentials belong in the secret) and no query"
+            )
         return url
 
     @field_validator("gpu_stages", mode="before")
@@ -263,18 +287,39 @@ def node_settings(settings: ClusterSettings, stage: str) -> trainjob.NodeSetting
     from kfp.dsl.structures import convert_duration_to_seconds
 
     res = settings.resources_for(stage)
-    per_node = {kind: value for kind, value in (("cpu", res.cpu_limit or res.cpu_request),
-                                                 ("memory", res.memory_limit or res.memory_request)) if value}
+    per_node = {
+        kind: value
+        for kind, value in (
+            ("cpu", res.cpu_limit or res.cpu_request),
+            ("memory", res.memory_limit or res.memory_request),
+        )
+        if value
+    }
     if settings.gpu_for(stage):
         per_node[settings.accelerator] = str(settings.gpu_count)
-    secret_env = {} if not settings.s3_secret else {
-        "AWS_ACCESS_KEY_ID": {"secret": settings.s3_secret, "key": settings.s3_access_key_field},
-        "AWS_SECRET_ACCESS_KEY": {"secret": settings.s3_secret, "key": settings.s3_secret_key_field}}
-    tolerations = [{"tolerationSeconds" if k == "toleration_seconds" else k: v
-                    for k, v in tol.model_dump(exclude_none=True).items()} for tol in settings.tolerations]
-    return trainjob.NodeSettings(resources=per_node, secret_env=secret_env, node_selector=settings.node_selector,
-                                 tolerations=tolerations, image_pull_secrets=settings.image_pull_secrets,
-                                 timeout_s=float(convert_duration_to_seconds(settings.trainjob_timeout)))
+    secret_env = (
+        {}
+        if not settings.s3_secret
+        else {
+            "AWS_ACCESS_KEY_ID": {"secret": settings.s3_secret, "key": settings.s3_access_key_field},
+            "AWS_SECRET_ACCESS_KEY": {"secret": settings.s3_secret, "key": settings.s3_secret_key_field},
+        }
+    )
+    tolerations = [
+        {
+            "tolerationSeconds" if k == "toleration_seconds" else k: v
+            for k, v in tol.model_dump(exclude_none=True).items()
+        }
+        for tol in settings.tolerations
+    ]
+    return trainjob.NodeSettings(
+        resources=per_node,
+        secret_env=secret_env,
+        node_selector=settings.node_selector,
+        tolerations=tolerations,
+        image_pull_secrets=settings.image_pull_secrets,
+        timeout_s=float(convert_duration_to_seconds(settings.trainjob_timeout)),
+    )
 
 
 def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
@@ -296,9 +341,12 @@ def configure_task(settings: ClusterSettings) -> Callable[[str, Any], Any]:
         if stage in settings.caching:
             task.set_caching_options(settings.caching[stage])
         if settings.retries:
-            task.set_retry(settings.retries, backoff_duration=settings.retry_backoff,
-                           backoff_factor=float(settings.retry_backoff_factor),
-                           backoff_max_duration=settings.retry_backoff_max)
+            task.set_retry(
+                settings.retries,
+                backoff_duration=settings.retry_backoff,
+                backoff_factor=float(settings.retry_backoff_factor),
+                backoff_max_duration=settings.retry_backoff_max,
+            )
         return task
 
     return apply
@@ -309,9 +357,14 @@ def _s3_access(task: Any, settings: ClusterSettings) -> None:
     from kfp import kubernetes
 
     if settings.s3_secret:
-        kubernetes.use_secret_as_env(task, secret_name=settings.s3_secret, secret_key_to_env={
-            settings.s3_access_key_field: "AWS_ACCESS_KEY_ID",
-            settings.s3_secret_key_field: "AWS_SECRET_ACCESS_KEY"})
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=settings.s3_secret,
+            secret_key_to_env={
+                settings.s3_access_key_field: "AWS_ACCESS_KEY_ID",
+                settings.s3_secret_key_field: "AWS_SECRET_ACCESS_KEY",
+            },
+        )
     if settings.s3_endpoint:
         task.set_env_variable("AWS_ENDPOINT_URL", settings.s3_endpoint)
     if settings.s3_region:
@@ -363,7 +416,9 @@ def s3_credentials_warning(artifact_root: str, s3_secret: str | None) -> str | N
     """
     if s3_secret or not str(artifact_root).startswith("s3://"):
         return None
-    return (f"WARNING: artifact root {artifact_root} is on S3 but no --s3-secret is set: pods get no S3 "
-            "credentials from a Kubernetes secret and rely on the node's IAM role / IRSA (service account). "
-            "On KFP's MinIO: --s3-secret mlpipeline-minio-artifact --s3-secret-keys accesskey,secretkey "
-            "--s3-endpoint http://minio-service.kubeflow:9000")
+    return (
+        f"WARNING: artifact root {artifact_root} is on S3 but no --s3-secret is set: pods get no S3 "
+        "credentials from a Kubernetes secret and rely on the node's IAM role / IRSA (service account). "
+        "On KFP's MinIO: --s3-secret mlpipeline-minio-artifact --s3-secret-keys accesskey,secretkey "
+        "--s3-endpoint http://minio-service.kubeflow:9000"
+    )

@@ -4,6 +4,7 @@ KFP's ScheduledWorkflow controller parses with robfig/cron v1: six fields, secon
 write standard five-field cron, which that parser would read shifted by one field, so `kfp_cron` converts and
 validates before anything reaches the server.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,10 +16,18 @@ class CronError(ConfigError):
     """An expression the scheduler would reject or misread; the message names it."""
 
 
-_CRON_FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12),
-                ("day-of-week", 0, 6))
-_CRON_NAMES = {"month": {m: i + 1 for i, m in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split())},
-               "day-of-week": {d: i for i, d in enumerate("SUN MON TUE WED THU FRI SAT".split())}}
+_CRON_FIELDS = (
+    ("second", 0, 59),
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day-of-month", 1, 31),
+    ("month", 1, 12),
+    ("day-of-week", 0, 6),
+)
+_CRON_NAMES = {
+    "month": {m: i + 1 for i, m in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split())},
+    "day-of-week": {d: i for i, d in enumerate("SUN MON TUE WED THU FRI SAT".split())},
+}
 _SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 
@@ -28,8 +37,10 @@ def _cron_value(expr: str, field: str, token: str, lo: int, hi: int) -> int:
     if token.upper() in names:
         return names[token.upper()]
     if not token.isdigit():
-        raise CronError(f"invalid cron expression {expr!r}: {field} {token!r} is not a number"
-                        + (f" or one of {', '.join(names)}" if names else ""))
+        raise CronError(
+            f"invalid cron expression {expr!r}: {field} {token!r} is not a number"
+            + (f" or one of {', '.join(names)}" if names else "")
+        )
     value = int(token)
     if not lo <= value <= hi:
         raise CronError(f"invalid cron expression {expr!r}: {field} {value} is outside {lo}-{hi}")
@@ -53,8 +64,10 @@ def kfp_cron(expr: str) -> str:
     if len(fields) == 5:
         fields = ["0", *fields]
     if len(fields) != 6:
-        raise CronError(f"invalid cron expression {expr!r}: expected 5 fields (minute hour day-of-month "
-                        f"month day-of-week) or 6 (seconds first), got {len(fields)}")
+        raise CronError(
+            f"invalid cron expression {expr!r}: expected 5 fields (minute hour day-of-month "
+            f"month day-of-week) or 6 (seconds first), got {len(fields)}"
+        )
     for (field, lo, hi), value in zip(_CRON_FIELDS, fields, strict=True):
         for item in value.split(","):
             _check_item(expr, field, item, lo, hi)
@@ -65,7 +78,7 @@ def _every(expr: str, text: str) -> str:
     """An `@every DURATION` expression, checked: Go's duration syntax, at least a minute."""
     if not re.fullmatch(r"@every (\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", text):
         raise CronError(f"invalid cron expression {expr!r}: @every needs a duration like 6h or 90m")
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text[len("@every "):])
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text[len("@every ") :])
     if sum(float(n) * _SECONDS[unit] for n, unit in parts) < 60:  # the controller would start a run each second
         raise CronError(f"invalid cron expression {expr!r}: @every needs at least 1m between runs")
     return text

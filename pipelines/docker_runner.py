@@ -9,6 +9,7 @@ What a container needs that kfp.local does not give it, set here:
   never on a command line, in a log, or in the image);
 - a bind mount of a file:// artifact root at the same path, so file URIs mean the same inside and outside.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,24 @@ from blueprint.config import ConfigError
 from blueprint.store import storage
 
 DEFAULT_LOCAL_IMAGE = f"blueprint:{__version__}"  # what `make image-cpu` tags
-PASSED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CA_BUNDLE", "AWS_EC2_METADATA_DISABLED",
-              "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN")
-PODMAN_HINT = ("start Docker, or Podman's API socket: `podman system service --time=0 "
-               "unix:///run/podman/podman.sock &` and `export DOCKER_HOST=unix:///run/podman/podman.sock`")
+PASSED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CA_BUNDLE",
+    "AWS_EC2_METADATA_DISABLED",
+    "HF_HUB_OFFLINE",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+)
+PODMAN_HINT = (
+    "start Docker, or Podman's API socket: `podman system service --time=0 "
+    "unix:///run/podman/podman.sock &` and `export DOCKER_HOST=unix:///run/podman/podman.sock`"
+)
 
 
 def engine_client():
@@ -31,14 +45,17 @@ def engine_client():
     try:
         import docker
     except ImportError:
-        raise ConfigError("--runner docker needs the docker Python client: pip install 'blueprint-rt[docker]'") from None
+        raise ConfigError(
+            "--runner docker needs the docker Python client: pip install 'blueprint-rt[docker]'"
+        ) from None
     where = os.environ.get("DOCKER_HOST") or "the default Docker socket (unix:///var/run/docker.sock)"
     try:
         client = docker.from_env(timeout=30)
         client.ping()
     except Exception as exc:  # noqa: BLE001 - docker raises several types for "nothing there"
-        raise ConfigError(f"--runner docker: no container engine answers at {where} ({type(exc).__name__}); "
-                          f"{PODMAN_HINT}") from None
+        raise ConfigError(
+            f"--runner docker: no container engine answers at {where} ({type(exc).__name__}); {PODMAN_HINT}"
+        ) from None
     return client
 
 
@@ -50,8 +67,10 @@ def resolve_image(client, image: str) -> str:
     try:
         found = client.images.get(image)
     except docker.errors.ImageNotFound:
-        raise ConfigError(f"--image {image}: the container engine has no such image; build it with "
-                          "`make image-cpu` (README, Images) or pull it") from None
+        raise ConfigError(
+            f"--image {image}: the container engine has no such image; build it with "
+            "`make image-cpu` (README, Images) or pull it"
+        ) from None
     return next((tag for tag in found.tags if tag == image or tag.endswith("/" + image)), image)
 
 
@@ -86,6 +105,7 @@ def podman_gone_is_not_found() -> None:
         if response is not None and response.status_code == 500 and "no such container" in (response.text or ""):
             raise docker.errors.NotFound(e, response=response, explanation=response.text.strip()) from e
         return original(e)
+
     create.podman_aware = True
     docker.api.client.create_api_error_from_http_exception = create
 

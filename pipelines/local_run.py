@@ -3,6 +3,7 @@
 Everything a run needs is checked before the first stage starts (settings of every stage, epochs, the source,
 a writable artifact root), so a typo fails in a second, naming the parameter, not after an hour of training.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,10 +35,16 @@ class RunPlan:
     arguments: dict[str, Any]
 
 
-def plan(profile: str = profiles.DEFAULT_PROFILE, epochs: int = profiles.EPOCHS,
-         artifact_root: str = profiles.ARTIFACT_ROOT, source: str | None = None,
-         base: str = profiles.DEFAULT_BASE, overrides: dict[str, dict[str, Any]] | None = None, force: bool = False,
-         coder_base: str = "") -> RunPlan:
+def plan(
+    profile: str = profiles.DEFAULT_PROFILE,
+    epochs: int = profiles.EPOCHS,
+    artifact_root: str = profiles.ARTIFACT_ROOT,
+    source: str | None = None,
+    base: str = profiles.DEFAULT_BASE,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    force: bool = False,
+    coder_base: str = "",
+) -> RunPlan:
     """Merge profile defaults with `overrides` ({stage: {key: value}}) and validate every stage's settings."""
     if epochs < 1:
         raise ConfigError(f"parameter 'epochs' must be at least 1, got {epochs}")
@@ -60,9 +67,15 @@ def plan(profile: str = profiles.DEFAULT_PROFILE, epochs: int = profiles.EPOCHS,
     storage.check_writable(artifact_root)
     # the seed's knobs and the source are also flat pipeline parameters; the components let those win
     ppo = configs[registry.PPO_ROUND]
-    args = {"artifact_root": artifact_root, "source": source_spec, "base": base, "coder_base": coder_base,
-            "ppo_steps": ppo.ppo_steps,
-            "supervised_steps": ppo.supervised_steps, "force": force}
+    args = {
+        "artifact_root": artifact_root,
+        "source": source_spec,
+        "base": base,
+        "coder_base": coder_base,
+        "ppo_steps": ppo.ppo_steps,
+        "supervised_steps": ppo.supervised_steps,
+        "force": force,
+    }
     args.update({PARAM_OF_STAGE[s]: settings[s] for s in PIPELINE_STAGES})
     return RunPlan(profile, epochs, args)
 
@@ -79,8 +92,9 @@ def condensed_output(verbose: bool, labels: dict[str, str], log_path: Path):
             # Per task, kfp warns that the image is not a python:* image (ours is a Python image,
             # docker/Dockerfile) and that display names do nothing locally (the filter shows them instead).
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
-            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner",
-                                    category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*have no effect in the current local runner", category=UserWarning
+            )
         try:
             yield log
         except RuntimeError:
@@ -96,8 +110,14 @@ def display_names(pipeline: Any) -> dict[str, str]:
     return {name: task.task_info.name for name, task in tasks.items() if task.task_info.name}
 
 
-def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
-        local_root: str | Path | None = None, verbose: bool = False) -> dict[str, Any]:
+def run(
+    plan_: RunPlan,
+    *,
+    runner: str = "subprocess",
+    image: str | None = None,
+    local_root: str | Path | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
     """Execute the pipeline through kfp.local; returns its outputs and wall time."""
     from kfp import local
 
@@ -125,7 +145,7 @@ def run(plan_: RunPlan, *, runner: str = "subprocess", image: str | None = None,
         log_path = storage.local_path(storage.join(storage.normalize(root), runs.RUNS_DIR, name))
         log_path.parent.mkdir(parents=True, exist_ok=True)
     before = os.environ.get(RUN_ENV)
-    os.environ[RUN_ENV] = name[:-len(".log")]  # the stages tag their MLflow runs with it
+    os.environ[RUN_ENV] = name[: -len(".log")]  # the stages tag their MLflow runs with it
     try:
         # the subprocess runner runs this very code: a cache hit is answered here, without starting a process
         hits = answering_hits() if runner == "subprocess" else contextlib.nullcontext()
@@ -156,8 +176,10 @@ def keep_log(log_path: Path, artifact_root: str) -> str:
     try:
         storage.write_bytes(uri, log_path.read_bytes())
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands; say where the log stayed instead
-        print(f"blueprint run: could not copy the log to {uri} ({type(exc).__name__}); it is at {log_path}",
-              file=sys.stderr)
+        print(
+            f"blueprint run: could not copy the log to {uri} ({type(exc).__name__}); it is at {log_path}",
+            file=sys.stderr,
+        )
         return str(log_path)
     return uri
 
@@ -173,10 +195,13 @@ def summary(plan_: RunPlan, result: dict[str, Any]) -> str:
     record = runs.latest_record(root, evaluation=evaluation)
     if record and record["outputs"].get(registry.GATE):
         gate = storage.read_json(storage.join(record["outputs"][registry.GATE], "gate.json"))
-    paths = {"merged models": f"{storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}",
-             "report": storage.join(evaluation, "report.html"),
-             "plots": f"{storage.join(evaluation, 'metrics.png')}, curves.png beside it",
-             "curves": f"blueprint tensorboard {plan_.arguments['artifact_root']}",
-             "log": result.get("log", ""), "wall time": f"{result['seconds']} s"}
+    paths = {
+        "merged models": f"{storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}",
+        "report": storage.join(evaluation, "report.html"),
+        "plots": f"{storage.join(evaluation, 'metrics.png')}, curves.png beside it",
+        "curves": f"blueprint tensorboard {plan_.arguments['artifact_root']}",
+        "log": result.get("log", ""),
+        "wall time": f"{result['seconds']} s",
+    }
     metrics = storage.read_json(storage.join(evaluation, "metrics.json"))
     return run_summary(history, gate, paths, floor_verdict(metrics, plan_.arguments["gate_settings"]))

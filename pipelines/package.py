@@ -3,6 +3,7 @@
 `blueprint submit` and `blueprint schedule` read the package they send, so a parameter that does not exist or a
 stage setting that would fail in the pod is refused here, naming the parameter, before any request is made.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,9 @@ def _typed(name: str, text: str, kind: str) -> Any:
         return text
     except ValueError:
         example = {"STRUCT": '{"steps": 40}', "LIST": "[1, 2]", "BOOLEAN": "true"}.get(kind, "")
-        raise ConfigError(f"--param {name}: {text!r} is not a {kind.lower()}"
-                          + (f" (e.g. {example})" if example else "")) from None
+        raise ConfigError(
+            f"--param {name}: {text!r} is not a {kind.lower()}" + (f" (e.g. {example})" if example else "")
+        ) from None
 
 
 def parse_params(items: list[str] | None, spec: dict[str, Any]) -> dict[str, Any]:
@@ -102,8 +104,9 @@ def _check_stage_settings(arguments: dict[str, Any], spec: dict[str, Any]) -> No
     params, param_of = pipeline_parameters(spec), registry.param_of_stage()
     settings = {stage: dict(arguments[param]) for stage, param in param_of.items() if param in arguments}
     if registry.SHARD in settings:
-        settings[registry.SHARD].setdefault("source", arguments.get("source",
-                                                                    params.get("source", {}).get("defaultValue")))
+        settings[registry.SHARD].setdefault(
+            "source", arguments.get("source", params.get("source", {}).get("defaultValue"))
+        )
     registry.stage_configs(settings, lambda stage: f"--param {param_of[stage]}")
 
 
@@ -116,11 +119,14 @@ def warmup_cached(spec: dict[str, Any]) -> bool:
 def s3_secret_names(platform: dict[str, Any]) -> set[str]:
     """Names of the secrets a compiled pipeline maps into its pods' environment."""
     names = set()
-    for cfg in platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}) \
-            .get("executors", {}).values():
+    for cfg in (
+        platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {}).values()
+    ):
         for entry in cfg.get("secretAsEnv", []):
-            names.add(entry.get("secretName") or
-                      entry.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant", ""))
+            names.add(
+                entry.get("secretName")
+                or entry.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant", "")
+            )
     return names - {""}
 
 

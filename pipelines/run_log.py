@@ -6,6 +6,7 @@ for stdout during a run and keeps, per task, a `started` line, the stage's own l
 error), and a `finished in 12.3s` line with the stage's key figures (or `cache hit`). A bug's traceback goes
 to the run's log file only, which keeps every byte kfp printed; `verbose` shows everything as it comes.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,15 @@ def figures_text(stage: str, metrics: dict[str, Any]) -> str:
 class TaskLogFilter(io.TextIOBase):
     """A write-only text stream that condenses kfp.local's output into `out` (see the module docstring)."""
 
-    def __init__(self, out: TextIO, labels: dict[str, str] | None = None, *, verbose: bool = False,
-                 log_path: Path | None = None, clock=time.monotonic):
+    def __init__(
+        self,
+        out: TextIO,
+        labels: dict[str, str] | None = None,
+        *,
+        verbose: bool = False,
+        log_path: Path | None = None,
+        clock=time.monotonic,
+    ):
         self.out, self.labels, self.verbose, self.clock = out, labels or {}, verbose, clock
         self.log_path = log_path
         self.log = open(log_path, "w", encoding="utf-8") if log_path else None
@@ -133,7 +141,7 @@ class TaskLogFilter(io.TextIOBase):
             except json.JSONDecodeError:
                 pass
         if line.startswith(TASK_ERROR_PREFIX):
-            stage_and_message = line[len(TASK_ERROR_PREFIX):]
+            stage_and_message = line[len(TASK_ERROR_PREFIX) :]
             self.cause[self.task or "?"] = (stage_and_message.partition(": ")[2] or stage_and_message, True)
             self._emit(f"{self.task}: error: {self.cause[self.task or '?'][0]}")
             return

@@ -10,6 +10,7 @@ What a schedule runs is what the user chose: a pipeline version already on the s
 `--pipeline-version-id`), a new version of a named pipeline (`--pipeline NAME`: the package is uploaded, the
 pipeline created when missing), or, without either, the package itself, inline in the recurring run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ class ReplaceIncomplete(KubeflowError):
 class Target(NamedTuple):
     """The connected client, the checked run arguments, and what the recurring run starts: `package` sent inline,
     or the pinned (`pipeline_id`, `version_id`)."""
+
     client: Any
     arguments: dict[str, Any]
     package: str | None
@@ -51,26 +53,36 @@ class Target(NamedTuple):
     version_id: str | None = None
 
     def describe(self) -> str:
-        return f"pipeline version {self.version_id} (pipeline {self.pipeline_id})" if self.version_id \
+        return (
+            f"pipeline version {self.version_id} (pipeline {self.pipeline_id})"
+            if self.version_id
             else "the package inline"
+        )
 
 
 # ------------------------------------------------------------------------------------------------- look-ups
+
 
 def _name_filter(name: str) -> str:
     """A KFP filter (filter.proto as JSON) on display_name, the v2beta1 key of a recurring run's and pipeline's name."""
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
 
 
-def recurring_runs(client, *, experiment_id: str | None = None, namespace: str | None = None,
-                   name: str | None = None) -> list:
+def recurring_runs(
+    client, *, experiment_id: str | None = None, namespace: str | None = None, name: str | None = None
+) -> list:
     """Every recurring run of the experiment (else of the namespace, else all), oldest first, every page read;
     with `name`, only those of that display name."""
     found, token = [], ""
     while True:
-        page = client.list_recurring_runs(page_token=token, page_size=PAGE_SIZE, sort_by="created_at",
-                                          experiment_id=experiment_id, namespace=namespace,
-                                          filter=_name_filter(name) if name else None)
+        page = client.list_recurring_runs(
+            page_token=token,
+            page_size=PAGE_SIZE,
+            sort_by="created_at",
+            experiment_id=experiment_id,
+            namespace=namespace,
+            filter=_name_filter(name) if name else None,
+        )
         found += page.recurring_runs or []
         token = page.next_page_token
         if not token:
@@ -116,16 +128,22 @@ def version_of(run) -> str:
 
 # --------------------------------------------------------------------------------------- what gets scheduled
 
+
 def _check_pipeline_flags(args: argparse.Namespace) -> None:
     """--pipeline-id and --pipeline-version-id go together, and a pinned version takes no package to send."""
     if bool(args.pipeline_id) != bool(args.pipeline_version_id):
         raise ConfigError("--pipeline-id and --pipeline-version-id go together: KFP pins a version by both")
     if args.pipeline_version_id:
-        given = kubeflow.compile_flags_given(args) + (["--package"] if args.package else []) \
+        given = (
+            kubeflow.compile_flags_given(args)
+            + (["--package"] if args.package else [])
             + (["--pipeline"] if args.pipeline else [])
+        )
         if given:
-            raise ConfigError(f"--pipeline-version-id pins a version already on the server; {', '.join(given)} "
-                              "would be ignored: drop them, or drop --pipeline-id/--pipeline-version-id")
+            raise ConfigError(
+                f"--pipeline-version-id pins a version already on the server; {', '.join(given)} "
+                "would be ignored: drop them, or drop --pipeline-id/--pipeline-version-id"
+            )
     if args.pipeline is not None and not args.pipeline.strip():
         raise ConfigError("--pipeline: give the pipeline's name")
 
@@ -135,11 +153,15 @@ def _warm_start(args: argparse.Namespace, spec: dict[str, Any], source: str) -> 
     if not args.warm_start:
         return {}
     if "warm_start" not in pipeline_parameters(spec):
-        raise ConfigError("--warm-start: this pipeline has no warm_start parameter (wire "
-                          "blueprint.runtime.warm_start.warmup_task into the warmup component)")
+        raise ConfigError(
+            "--warm-start: this pipeline has no warm_start parameter (wire "
+            "blueprint.runtime.warm_start.warmup_task into the warmup component)"
+        )
     if warmup_cached(spec):
-        raise ConfigError(f"--warm-start: {source} KFP-caches its warmup task, so every run would get the first "
-                          "run's warmup back; let schedule compile it (drop the pinned version)")
+        raise ConfigError(
+            f"--warm-start: {source} KFP-caches its warmup task, so every run would get the first "
+            "run's warmup back; let schedule compile it (drop the pinned version)"
+        )
     return {"warm_start": True}
 
 
@@ -162,22 +184,27 @@ def _upload_version(client, args: argparse.Namespace, package: str) -> tuple[str
     found = client.list_pipelines(filter=_name_filter(args.pipeline), namespace=args.namespace, page_size=2)
     pipelines = [p for p in found.pipelines or [] if p.display_name == args.pipeline]
     if len(pipelines) > 1:
-        raise ConfigError(f"--pipeline {args.pipeline!r}: several pipelines have that name; pin one with "
-                          "--pipeline-id and --pipeline-version-id")
+        raise ConfigError(
+            f"--pipeline {args.pipeline!r}: several pipelines have that name; pin one with "
+            "--pipeline-id and --pipeline-version-id"
+        )
     digest = hashlib.sha256(Path(package).read_bytes()).hexdigest()[:12]
     described = f"uploaded by `blueprint schedule --name {args.name}`, package sha256 {digest}"
     if not pipelines:
-        pipeline = client.upload_pipeline(package, pipeline_name=args.pipeline, description=described,
-                                          namespace=args.namespace)
-        versions = client.list_pipeline_versions(pipeline.pipeline_id, page_size=1,
-                                                 sort_by="created_at desc").pipeline_versions
+        pipeline = client.upload_pipeline(
+            package, pipeline_name=args.pipeline, description=described, namespace=args.namespace
+        )
+        versions = client.list_pipeline_versions(
+            pipeline.pipeline_id, page_size=1, sort_by="created_at desc"
+        ).pipeline_versions
         if not versions:
             raise KubeflowError(f"pipeline {args.pipeline!r} ({pipeline.pipeline_id}) was created without a version")
         version = versions[0]
     else:  # version names are unique within a pipeline: the time and the content make this one's
         name = f"{args.name} {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} {digest}"
-        version = client.upload_pipeline_version(package, name, pipeline_id=pipelines[0].pipeline_id,
-                                                 description=described)
+        version = client.upload_pipeline_version(
+            package, name, pipeline_id=pipelines[0].pipeline_id, description=described
+        )
     return version.pipeline_id, version.pipeline_version_id
 
 
@@ -207,6 +234,7 @@ def _target(args: argparse.Namespace, host: str) -> Iterator[Target]:
 
 # ---------------------------------------------------------------------------------------------- the replace
 
+
 def _listing(runs: list) -> str:
     return ", ".join(f"{run.recurring_run_id} ({run.display_name!r})" for run in runs)
 
@@ -227,26 +255,32 @@ def create_replacing(host: str, old: list, create: Callable[[], Any], uploaded: 
             raise
         kept = f"recurring run {_listing(old)} is" if len(old) == 1 else f"recurring runs {_listing(old)} are"
         extra = f" (pipeline version {uploaded}, uploaded for it, stays unused)" if uploaded else ""
-        raise KubeflowError(f"creating the new recurring run failed, so nothing was changed: {kept} still "
-                            f"scheduled as before{extra}. The cause: {exc}") from None
+        raise KubeflowError(
+            f"creating the new recurring run failed, so nothing was changed: {kept} still "
+            f"scheduled as before{extra}. The cause: {exc}"
+        ) from None
 
 
 def newest(runs: list):
     """The run every caller keeps: the latest created, ties broken by id, so concurrent callers pick the same one."""
+
     def created(run) -> dt.datetime:  # a time without a zone is UTC, as the API means it
         when = run.created_at or dt.datetime.min
         return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
     return max(runs, key=lambda run: (created(run), run.recurring_run_id))
 
 
-def converge(host: str, list_named: Callable[[], list], delete: Callable[[str], Any]
-             ) -> tuple[Any, list, list[tuple[str, str]]]:
+def converge(
+    host: str, list_named: Callable[[], list], delete: Callable[[str], Any]
+) -> tuple[Any, list, list[tuple[str, str]]]:
     """Leave one recurring run of the name: (kept, deleted, [(id, why) a delete failed for]).
 
     Listed again after the create, as other `schedule` calls may have created theirs meanwhile: each caller keeps
     the newest and deletes the rest, so all converge to one. One already gone (another caller's delete) is deleted.
     """
     import kfp_server_api
+
     with talking_to(host):
         keep = newest(runs := list_named())
     deleted, failed = [], []
@@ -265,8 +299,9 @@ def converge(host: str, list_named: Callable[[], list], delete: Callable[[str], 
 
 
 def _unschedule_command(run_id: str, host: str, namespace: str | None) -> str:
-    return shlex.join(["blueprint", "unschedule", "--id", run_id, "--host", host]
-                      + (["--namespace", namespace] if namespace else []))
+    return shlex.join(
+        ["blueprint", "unschedule", "--id", run_id, "--host", host] + (["--namespace", namespace] if namespace else [])
+    )
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -281,50 +316,77 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             experiment = client.create_experiment(name=args.experiment, namespace=args.namespace)
             old = recurring_runs(client, experiment_id=experiment.experiment_id, name=args.name)
         create = functools.partial(
-            client.create_recurring_run, experiment_id=experiment.experiment_id, job_name=args.name,
+            client.create_recurring_run,
+            experiment_id=experiment.experiment_id,
+            job_name=args.name,
             description=f"BluePrint retraining, cron {cron!r}" + (", warm start" if args.warm_start else ""),
-            cron_expression=cron, max_concurrency=args.max_concurrency, no_catchup=args.no_catchup,
-            params=target.arguments, pipeline_package_path=target.package, pipeline_id=target.pipeline_id,
-            version_id=target.version_id, enabled=not args.paused, service_account=account)
+            cron_expression=cron,
+            max_concurrency=args.max_concurrency,
+            no_catchup=args.no_catchup,
+            params=target.arguments,
+            pipeline_package_path=target.package,
+            pipeline_id=target.pipeline_id,
+            version_id=target.version_id,
+            enabled=not args.paused,
+            service_account=account,
+        )
         job = create_replacing(host, old, create, uploaded=target.version_id if args.pipeline else None)
         named = functools.partial(recurring_runs, client, experiment_id=experiment.experiment_id, name=args.name)
         keep, deleted, failed = converge(host, named, client.delete_recurring_run)
         with talking_to(host):
             remaining = [run.recurring_run_id for run in named()]
     replaced = [run for run in deleted if run.recurring_run_id != job.recurring_run_id]
-    print(f"scheduled recurring run {job.recurring_run_id} ({args.name!r}, {'paused' if args.paused else 'enabled'}) "
-          f"on {host}: cron {cron!r}, "
-          f"max concurrency {args.max_concurrency}, catchup {'off' if args.no_catchup else 'on'}"
-          + (", warm start" if args.warm_start else "") + f", runs {target.describe()}"
-          + (f"; replaced {_listing(replaced)}" if replaced else ""))
+    print(
+        f"scheduled recurring run {job.recurring_run_id} ({args.name!r}, {'paused' if args.paused else 'enabled'}) "
+        f"on {host}: cron {cron!r}, "
+        f"max concurrency {args.max_concurrency}, catchup {'off' if args.no_catchup else 'on'}"
+        + (", warm start" if args.warm_start else "")
+        + f", runs {target.describe()}"
+        + (f"; replaced {_listing(replaced)}" if replaced else "")
+    )
     if keep.recurring_run_id != job.recurring_run_id:
         print(f"recurring run {keep.recurring_run_id}, made by a concurrent schedule call, is newer and replaces it")
     print(f"recurring runs named {args.name!r} now: {', '.join(remaining) or 'none'}")
     stale = [(run_id, why) for run_id, why in failed if run_id in remaining]  # another caller may have got it
     if stale:
-        raise ReplaceIncomplete("; ".join(
-            f"recurring run {keep.recurring_run_id} replaces {run_id} ({args.name!r}), "
-            f"but deleting {run_id} failed, so both are scheduled now: remove the stale one with "
-            f"`{_unschedule_command(run_id, host, args.namespace)}` (the cause: {why})" for run_id, why in stale))
+        raise ReplaceIncomplete(
+            "; ".join(
+                f"recurring run {keep.recurring_run_id} replaces {run_id} ({args.name!r}), "
+                f"but deleting {run_id} failed, so both are scheduled now: remove the stale one with "
+                f"`{_unschedule_command(run_id, host, args.namespace)}` (the cause: {why})"
+                for run_id, why in stale
+            )
+        )
     return 0
 
 
 # ---------------------------------------------------------------------------------------- list and delete
 
+
 def cmd_schedules(args: argparse.Namespace) -> int:
     host = kubeflow.host_of(args)
     client = kubeflow.connect(host, args.namespace)
     with talking_to(host):
-        experiment_id = existing_experiment_id(client, host, args.experiment, args.namespace) \
-            if args.experiment else None
+        experiment_id = (
+            existing_experiment_id(client, host, args.experiment, args.namespace) if args.experiment else None
+        )
         runs = recurring_runs(client, experiment_id=experiment_id, namespace=args.namespace)
     where = f"experiment {args.experiment!r}" if args.experiment else "any experiment"
     if not runs:
         print(f"no recurring runs in {where} on {host}")
         return 0
     rows = [("name", "id", "schedule (UTC)", "state", "pipeline version", "experiment")]
-    rows += [(run.display_name or "", run.recurring_run_id, trigger_of(run), state_of(run), version_of(run),
-              run.experiment_id or "") for run in runs]
+    rows += [
+        (
+            run.display_name or "",
+            run.recurring_run_id,
+            trigger_of(run),
+            state_of(run),
+            version_of(run),
+            run.experiment_id or "",
+        )
+        for run in runs
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -339,8 +401,9 @@ def _by_id(client, host: str, run_id: str):
     except kfp_server_api.ApiException as exc:
         if exc.status != 404:
             raise
-        raise ScheduleNotFound(f"no recurring run with id {run_id!r} on {host} "
-                               f"(`blueprint schedules --host {host}` lists them)") from None
+        raise ScheduleNotFound(
+            f"no recurring run with id {run_id!r} on {host} (`blueprint schedules --host {host}` lists them)"
+        ) from None
 
 
 def cmd_unschedule(args: argparse.Namespace) -> int:
@@ -353,11 +416,14 @@ def cmd_unschedule(args: argparse.Namespace) -> int:
             runs = [_by_id(client, host, args.id)]
         else:
             experiment = args.experiment or kubeflow.DEFAULT_EXPERIMENT
-            runs = recurring_runs(client, name=args.name, experiment_id=existing_experiment_id(
-                client, host, experiment, args.namespace))
+            runs = recurring_runs(
+                client, name=args.name, experiment_id=existing_experiment_id(client, host, experiment, args.namespace)
+            )
             if not runs:
-                raise ScheduleNotFound(f"no recurring run named {args.name!r} in experiment {experiment!r} on "
-                                       f"{host} (`blueprint schedules --host {host}` lists them)")
+                raise ScheduleNotFound(
+                    f"no recurring run named {args.name!r} in experiment {experiment!r} on "
+                    f"{host} (`blueprint schedules --host {host}` lists them)"
+                )
         for run in runs:
             client.delete_recurring_run(run.recurring_run_id)
             print(f"deleted recurring run {run.recurring_run_id} ({run.display_name!r}) on {host}")
@@ -366,21 +432,33 @@ def cmd_unschedule(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `schedule`, `schedules` and `unschedule` on the CLI."""
-    r = sub.add_parser("schedule", help="create a recurring (cron) retraining run on Kubeflow Pipelines, or replace "
-                                        "the one(s) of the same --name in the experiment")
+    r = sub.add_parser(
+        "schedule",
+        help="create a recurring (cron) retraining run on Kubeflow Pipelines, or replace "
+        "the one(s) of the same --name in the experiment",
+    )
     kubeflow.add_run_flags(r)
-    r.add_argument("--cron", required=True, help='"MIN HOUR DOM MON DOW" (seconds 0 added) or 6 fields, '
-                                                 'e.g. "0 3 * * 1" = Mondays 03:00')
-    r.add_argument("--name", default="blueprint-retrain", help="recurring run name; one of this name in the "
-                                                               "experiment is replaced")
+    r.add_argument(
+        "--cron",
+        required=True,
+        help='"MIN HOUR DOM MON DOW" (seconds 0 added) or 6 fields, e.g. "0 3 * * 1" = Mondays 03:00',
+    )
+    r.add_argument(
+        "--name", default="blueprint-retrain", help="recurring run name; one of this name in the experiment is replaced"
+    )
     r.add_argument("--max-concurrency", type=int, default=1, help="runs allowed at once (1-10)")
     r.add_argument("--no-catchup", action="store_true", help="after a pause, run once instead of backfilling")
     r.add_argument("--paused", action="store_true", help="create the schedule disabled")
-    r.add_argument("--warm-start", action="store_true",
-                   help="continue from the promoted model's adapters under the artifact root")
+    r.add_argument(
+        "--warm-start", action="store_true", help="continue from the promoted model's adapters under the artifact root"
+    )
     g = r.add_argument_group("what the schedule runs (default: the package, inline in the recurring run)")
-    g.add_argument("--pipeline", default=None, metavar="NAME",
-                   help="upload the package as a new version of this pipeline (created when missing), pin it")
+    g.add_argument(
+        "--pipeline",
+        default=None,
+        metavar="NAME",
+        help="upload the package as a new version of this pipeline (created when missing), pin it",
+    )
     g.add_argument("--pipeline-id", default=None, metavar="ID", help="with --pipeline-version-id: pin this version")
     g.add_argument("--pipeline-version-id", default=None, metavar="ID", help="a pipeline version on the server")
     r.set_defaults(func=cmd_schedule)
@@ -395,6 +473,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     which = un.add_mutually_exclusive_group(required=True)
     which.add_argument("--name", default=None, help="delete every recurring run of this name in the experiment")
     which.add_argument("--id", default=None, help="delete this one recurring run")
-    un.add_argument("--experiment", default=None,
-                    help=f"with --name (default {kubeflow.DEFAULT_EXPERIMENT!r}, as schedule's)")
+    un.add_argument(
+        "--experiment", default=None, help=f"with --name (default {kubeflow.DEFAULT_EXPERIMENT!r}, as schedule's)"
+    )
     un.set_defaults(func=cmd_unschedule)

@@ -4,6 +4,7 @@ freeing what nothing uses, and a run's training curves.
 Both read and write the artifact root only (no cluster): a gc can run from a laptop, a second KFP schedule or a
 Kubernetes CronJob with the image and the S3 credentials.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def human_bytes(n: float) -> str:
 def cmd_promoted(args: argparse.Namespace) -> int:
     pointer, _ = promotion.read_pointer(args.artifact_root, args.name)
     if pointer is None:
-        raise ConfigError(f"nothing is promoted as {args.name!r} under {args.artifact_root} "
-                          f"({promotion.pointer_uri(args.artifact_root, args.name)} does not exist)")
+        raise ConfigError(
+            f"nothing is promoted as {args.name!r} under {args.artifact_root} "
+            f"({promotion.pointer_uri(args.artifact_root, args.name)} does not exist)"
+        )
     chain = promotion.history(pointer)
     if args.json:
         print(json.dumps(chain, indent=2))
@@ -48,9 +51,11 @@ def cmd_promoted(args: argparse.Namespace) -> int:
     print(f"  evaluation {pointer['evaluation']}")
     for n, entry in enumerate(chain):
         metrics = entry.get("metrics", {})
-        print(f"{'now' if n == 0 else f'-{n}':>4}  {entry['promoted_at']}  run {entry.get('run') or '-':<12} "
-              f"reward_gen_mean {metrics.get('reward_gen_mean', float('nan')):.4f}  "
-              f"pairwise_accuracy {metrics.get('pairwise_accuracy', float('nan')):.3f}  {entry.get('why', '')}")
+        print(
+            f"{'now' if n == 0 else f'-{n}':>4}  {entry['promoted_at']}  run {entry.get('run') or '-':<12} "
+            f"reward_gen_mean {metrics.get('reward_gen_mean', float('nan')):.4f}  "
+            f"pairwise_accuracy {metrics.get('pairwise_accuracy', float('nan')):.3f}  {entry.get('why', '')}"
+        )
     return 0
 
 
@@ -63,14 +68,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for output in found.doomed:
         print(f"{verb} {output['stage']}/{output['key']} ({human_bytes(output['bytes'])}, created {output['created']})")
     for prefix in found.partial:
-        print(f"{verb} partial {prefix['stage']}/{prefix['key']} ({human_bytes(prefix['bytes'])}, no manifest, "
-              f"last written {prefix['changed']:%Y-%m-%dT%H:%M:%S%z})")
+        print(
+            f"{verb} partial {prefix['stage']}/{prefix['key']} ({human_bytes(prefix['bytes'])}, no manifest, "
+            f"last written {prefix['changed']:%Y-%m-%dT%H:%M:%S%z})"
+        )
     if args.yes:
         retention.collect(found)
-    summary = (f"{'freed' if args.yes else 'would free'} {human_bytes(found.bytes)} in {len(found.doomed)} outputs, "
-               f"{len(found.partial)} partial outputs and {len(found.records)} run records; kept {found.kept} outputs "
-               f"reachable from the promoted models and the last {args.keep_runs} runs, and {found.young} used within "
-               f"{args.older_than} (or read by one that was)")
+    summary = (
+        f"{'freed' if args.yes else 'would free'} {human_bytes(found.bytes)} in {len(found.doomed)} outputs, "
+        f"{len(found.partial)} partial outputs and {len(found.records)} run records; kept {found.kept} outputs "
+        f"reachable from the promoted models and the last {args.keep_runs} runs, and {found.young} used within "
+        f"{args.older_than} (or read by one that was)"
+    )
     print(summary + ("" if args.yes else " (dry run: pass --yes to delete)"))
     return 0
 
@@ -84,9 +93,15 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     from blueprint import tracking
 
     root = storage.normalize(args.artifact_root)
-    into = Path(args.logdir) if args.logdir else (
-        Path(storage.local_path(root)) / ".tensorboard" if not storage.is_s3(root) else
-        Path.home() / ".cache" / "blueprint" / "tensorboard")
+    into = (
+        Path(args.logdir)
+        if args.logdir
+        else (
+            Path(storage.local_path(root)) / ".tensorboard"
+            if not storage.is_s3(root)
+            else Path.home() / ".cache" / "blueprint" / "tensorboard"
+        )
+    )
     found = tracking.gather_logdir(root, into, args.run)
     for name, source in found.items():
         print(f"{name}: {source}")
@@ -113,11 +128,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_promoted)
 
-    g = sub.add_parser("gc", help="delete stage outputs no promoted model and none of the last K runs reach "
-                                  "(a dry run unless --yes)")
+    g = sub.add_parser(
+        "gc", help="delete stage outputs no promoted model and none of the last K runs reach (a dry run unless --yes)"
+    )
     g.add_argument("artifact_root")
     g.add_argument("--keep-runs", type=int, required=True, help="keep everything the last K runs used")
-    g.add_argument("--older-than", default="1d", help="grace period: never delete outputs younger than this "
-                                                      "(they may belong to a running pipeline), e.g. 7d")
+    g.add_argument(
+        "--older-than",
+        default="1d",
+        help="grace period: never delete outputs younger than this (they may belong to a running pipeline), e.g. 7d",
+    )
     g.add_argument("--yes", action="store_true", help="delete (default: only list what would go)")
     g.set_defaults(func=cmd_gc)

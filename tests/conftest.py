@@ -1,4 +1,5 @@
 """Shared fixtures: a micro tokenizer and Llama (tens of thousands of parameters) and a loopback S3 server."""
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,19 @@ def stdlib_texts(limit: int = 40) -> list[str]:
 def micro_qwen2_base(path, tokenizer, seed: int = 0) -> str:
     """A random-init micro Qwen2 with `tokenizer`, saved where `load_base` reads it."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model("qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                  vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(
+        "qwen2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -113,8 +123,10 @@ def smoke_chain(tmp_path_factory):
 
     root = f"file://{tmp_path_factory.mktemp('chain')}"
     shards = shard.run(parse(shard.ShardConfig, SMOKE_SHARD), artifact_root=root, progress=False).uri
-    base = bootstrap.run(parse(bootstrap.BootstrapConfig, SMOKE_BOOTSTRAP), shards=shards, artifact_root=root,
-                         progress=False).uri
-    adapters = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=shards, base=base, artifact_root=root,
-                          progress=False).uri
+    base = bootstrap.run(
+        parse(bootstrap.BootstrapConfig, SMOKE_BOOTSTRAP), shards=shards, artifact_root=root, progress=False
+    ).uri
+    adapters = warmup.run(
+        parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=shards, base=base, artifact_root=root, progress=False
+    ).uri
     return {"root": root, "shards": shards, "base": base, "adapters": adapters}

@@ -1,4 +1,5 @@
 """The original Python API: the usage snippet as written (model names replaced by a local tiny base folder)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,12 @@ from blueprint import BluePrint
 from blueprint.models.tiny import train_bpe_tokenizer
 from blueprint.store import artifacts, storage
 
-SMOKE = {"shard": {k: v for k, v in SMOKE_SHARD.items() if k != "source"}, "warmup": SMOKE_WARMUP,
-         "ppo-round": {k: v for k, v in SMOKE_PPO.items() if k not in ("ppo_steps", "supervised_steps")},
-         "evaluate": {"max_examples": 8, "max_new_tokens": 16, "max_code_tokens": 128}}
+SMOKE = {
+    "shard": {k: v for k, v in SMOKE_SHARD.items() if k != "source"},
+    "warmup": SMOKE_WARMUP,
+    "ppo-round": {k: v for k, v in SMOKE_PPO.items() if k not in ("ppo_steps", "supervised_steps")},
+    "evaluate": {"max_examples": 8, "max_new_tokens": 16, "max_code_tokens": 128},
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,9 @@ def test_seed_usage_trains_evaluates_each_epoch_and_saves_two_loadable_models(tr
     for path in (a, b):
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
-        out = model.generate(**tok("### Summary:\nReturn x.\n### Code:\n", return_tensors="pt"), max_new_tokens=4,
-                             do_sample=False)
+        out = model.generate(
+            **tok("### Summary:\nReturn x.\n### Code:\n", return_tensors="pt"), max_new_tokens=4, do_sample=False
+        )
         assert out.shape[1] > 0
 
 
@@ -62,8 +67,10 @@ def test_two_different_models_train_and_save_each_on_its_own_base(smoke_chain, t
     bp.save_models(str(tmp_path / "a"), str(tmp_path / "b"))
     a, b = AutoModelForCausalLM.from_pretrained(tmp_path / "a"), AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     assert (a.config.model_type, b.config.model_type) == ("llama", "qwen2")
-    assert (len(AutoTokenizer.from_pretrained(tmp_path / "a")), len(AutoTokenizer.from_pretrained(tmp_path / "b"))) \
-        == (512, 384)
+    assert (len(AutoTokenizer.from_pretrained(tmp_path / "a")), len(AutoTokenizer.from_pretrained(tmp_path / "b"))) == (
+        512,
+        384,
+    )
 
 
 def test_bad_settings_fail_at_construction_naming_them(tmp_path):

@@ -5,6 +5,7 @@ kfp.local.DockerRunner with every stage in a container.
 The tests that need an engine are marked `containers`: `make test-containers` builds the image and runs them (`make
 test` leaves them out). With no container engine they skip, saying why; the last test, in `make test`, checks that.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ from kfp_launch import launcher_command
 from blueprint.store import artifacts, storage
 
 REPO = Path(__file__).resolve().parent.parent
-NO_ENGINE = ("no container engine: neither `podman info` nor `docker info` answers; install Podman or Docker "
-             "(README.md, Images) to run the container tests")
+NO_ENGINE = (
+    "no container engine: neither `podman info` nor `docker info` answers; install Podman or Docker "
+    "(README.md, Images) to run the container tests"
+)
 CREDENTIAL_WORDS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL")
 
 
@@ -54,8 +57,9 @@ def image(engine) -> str:
     return tag
 
 
-def run_in_image(engine: str, image: str, argv: list[str], env: dict[str, str], mounts: list[Path],
-                 timeout: int = 600) -> subprocess.CompletedProcess:
+def run_in_image(
+    engine: str, image: str, argv: list[str], env: dict[str, str], mounts: list[Path], timeout: int = 600
+) -> subprocess.CompletedProcess:
     """`argv` in a fresh container on the host network (loopback S3), as the image's own user, `mounts` bound at
     the same paths. Environment values go in through the engine's environment (`--env NAME`), not the command line."""
     cmd = [engine, "run", "--rm", "--network", "host"]
@@ -63,8 +67,9 @@ def run_in_image(engine: str, image: str, argv: list[str], env: dict[str, str], 
         cmd += ["-v", f"{path}:{path}"]
     for name in env:
         cmd += ["--env", name]
-    return subprocess.run(cmd + [image] + argv, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd + [image] + argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def shard_task(tmp_path: Path, image: str, root: str) -> tuple[list[str], dict, Path]:
@@ -72,20 +77,33 @@ def shard_task(tmp_path: Path, image: str, root: str) -> tuple[list[str], dict, 
     task_root.mkdir()
     task_root.chmod(0o777)  # the image runs as uid 1000
     argv, container = launcher_command(  # a fan-out part of one partition: the stage's parsing task
-        "shard-part", {"artifact_root": root, "source": "stdlib", "force": False, "partition": {"index": 0, "of": 1},
-                       "settings": {"num_shards": 1, "eval_fraction": 0.2, "max_pairs": 40, "workers": 1}},
-        task_root, image=image)
+        "shard-part",
+        {
+            "artifact_root": root,
+            "source": "stdlib",
+            "force": False,
+            "partition": {"index": 0, "of": 1},
+            "settings": {"num_shards": 1, "eval_fraction": 0.2, "max_pairs": 40, "workers": 1},
+        },
+        task_root,
+        image=image,
+    )
     return argv, container, task_root
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
 
 @pytest.mark.containers
-def test_stage_command_from_compiled_yaml_runs_inside_the_image_against_loopback_s3(engine, image, s3_bucket,
-                                                                                    s3_server, tmp_path):
+def test_stage_command_from_compiled_yaml_runs_inside_the_image_against_loopback_s3(
+    engine, image, s3_bucket, s3_server, tmp_path
+):
     root = f"{s3_bucket}/in-container"
     argv, container, task_root = shard_task(tmp_path, image, root)
     assert container["image"] == image
@@ -117,19 +135,25 @@ def test_stage_inside_the_image_names_an_unreachable_s3_endpoint(engine, image, 
 
 @pytest.mark.containers
 def test_image_config_history_and_layers_hold_no_credentials(engine, image, tmp_path):
-    inspect = json.loads(subprocess.run([engine, "image", "inspect", image], capture_output=True, text=True,
-                                        check=True).stdout)[0]
+    inspect = json.loads(
+        subprocess.run([engine, "image", "inspect", image], capture_output=True, text=True, check=True).stdout
+    )[0]
     config = inspect.get("Config") or inspect.get("config") or {}
     names = [e.partition("=")[0] for e in config.get("Env") or []]
     assert not [n for n in names if any(w in n.upper() for w in CREDENTIAL_WORDS)], names
     assert str(config.get("User")) == "1000:1000"
-    history = subprocess.run([engine, "history", "--no-trunc", "--format", "{{.CreatedBy}}", image],
-                             capture_output=True, text=True, check=True).stdout
+    history = subprocess.run(
+        [engine, "history", "--no-trunc", "--format", "{{.CreatedBy}}", image],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for word in ("AWS_SECRET_ACCESS_KEY=", "AWS_ACCESS_KEY_ID=", "AWS_SESSION_TOKEN=", "PASSWORD=", "TOKEN="):
         assert word not in history.upper(), f"a build argument or RUN line sets {word}: it is in the image history"
     archive = tmp_path / "image.tar"
-    subprocess.run([engine, "save", "--format", "docker-archive", "-o", str(archive), image], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [engine, "save", "--format", "docker-archive", "-o", str(archive), image], check=True, capture_output=True
+    )
     ca_bundle = Path(os.environ["PIP_CERT"]).read_bytes() if os.environ.get("PIP_CERT") else None
     leaked, seen = [], set()
     with tarfile.open(archive) as outer:
@@ -140,15 +164,23 @@ def test_image_config_history_and_layers_hold_no_credentials(engine, image, tmp_
                 for entry in layer:
                     path = "/" + entry.name.lstrip("./")
                     seen.add(path)
-                    if path.startswith("/run/secrets/") and entry.isfile() \
-                            or not entry.isdir() and Path(path).name in (".netrc", ".pypirc", "credentials",
-                                                                          ".git-credentials") \
-                            or "/.aws/" in path or "/wheelhouse/" in path:
+                    if (
+                        path.startswith("/run/secrets/")
+                        and entry.isfile()
+                        or not entry.isdir()
+                        and Path(path).name in (".netrc", ".pypirc", "credentials", ".git-credentials")
+                        or "/.aws/" in path
+                        or "/wheelhouse/" in path
+                    ):
                         leaked.append(path)
                     # the build's CA bundle is a build secret: its bytes must not sit in a layer
-                    elif ca_bundle and entry.isfile() and entry.size == len(ca_bundle) \
-                            and not path.startswith("/etc/ssl/") \
-                            and layer.extractfile(entry).read() == ca_bundle:
+                    elif (
+                        ca_bundle
+                        and entry.isfile()
+                        and entry.size == len(ca_bundle)
+                        and not path.startswith("/etc/ssl/")
+                        and layer.extractfile(entry).read() == ca_bundle
+                    ):
                         leaked.append(path)
     assert "/opt/venv/bin/blueprint" in seen and len(seen) > 10_000  # every layer was read
     assert not leaked, f"credential or build-input files in the image layers: {leaked[:10]}"
@@ -161,8 +193,11 @@ def docker_api(engine, tmp_path):
         yield os.environ.get("DOCKER_HOST", "")
         return
     sock = tmp_path / "podman.sock"
-    service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{sock}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             if sock.exists():
@@ -176,13 +211,29 @@ def docker_api(engine, tmp_path):
 
 @pytest.mark.containers
 @pytest.mark.parametrize("store", ["s3", "file"])
-def test_smoke_pipeline_runs_every_stage_in_the_image_through_the_docker_runner(store, image, docker_api, s3_bucket,
-                                                                                 s3_server, tmp_path):
+def test_smoke_pipeline_runs_every_stage_in_the_image_through_the_docker_runner(
+    store, image, docker_api, s3_bucket, s3_server, tmp_path
+):
     # s3: a loopback endpoint reached over the host network; file: a local root bind-mounted at the same path
     root = f"{s3_bucket}/docker-runner" if store == "s3" else f"file://{tmp_path}/artifacts"
     env = {**os.environ, **s3_environment(s3_server), "DOCKER_HOST": docker_api}
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke", "--epochs", "1", "--runner",
-           "docker", "--image", image, "--artifact-root", root, "--verbose"]  # kfp's own lines: "Found image"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "run",
+        "--profile",
+        "smoke",
+        "--epochs",
+        "1",
+        "--runner",
+        "docker",
+        "--image",
+        image,
+        "--artifact-root",
+        root,
+        "--verbose",
+    ]  # kfp's own lines: "Found image"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
@@ -193,18 +244,34 @@ def test_smoke_pipeline_runs_every_stage_in_the_image_through_the_docker_runner(
     assert "final model: " in done.stdout and ("clears every floor" in done.stdout or not promoted)
     assert log.count("Found image '") == (11 if promoted else 10)  # shard-plan, shard-part, shard, bootstrap,
     # warmup, evaluate 0 and 1, ppo-round, merge, gate, and promote when the gate promotes
-    merged = artifacts.read_manifest(next(line.split()[2] for line in done.stdout.splitlines()
-                                          if line.startswith("merged models:")).rsplit("/", 1)[0])
+    merged = artifacts.read_manifest(
+        next(line.split()[2] for line in done.stdout.splitlines() if line.startswith("merged models:")).rsplit("/", 1)[
+            0
+        ]
+    )
     assert merged["stage"] == "merge"
     for model in ("summarizer", "coder"):
         assert any(f.startswith(f"{model}/") and f.endswith(".safetensors") for f in merged["files"])
-    metrics = storage.read_json(storage.join(next(line.split()[1] for line in done.stdout.splitlines()
-                                                   if line.startswith("report:")).rsplit("/", 1)[0], "metrics.json"))
+    metrics = storage.read_json(
+        storage.join(
+            next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("report:")).rsplit("/", 1)[0],
+            "metrics.json",
+        )
+    )
     assert metrics["epoch"] == 1 and metrics["pairwise_accuracy"] is not None
     stages = {line.split("/")[0] for line in storage.list_files(root)}
     local = {".kfp-local"} if store == "file" else set()  # kfp.local's own files sit beside a local root's outputs
-    assert stages == {"shard", "shard-part", "bootstrap", "warmup", "ppo-round", "evaluate", "merge", "gate",
-                      "runs"} | local | ({"promoted"} if promoted else set())
+    assert stages == {
+        "shard",
+        "shard-part",
+        "bootstrap",
+        "warmup",
+        "ppo-round",
+        "evaluate",
+        "merge",
+        "gate",
+        "runs",
+    } | local | ({"promoted"} if promoted else set())
 
 
 def test_container_tests_skip_with_a_reason_when_no_engine_is_installed(tmp_path):
@@ -213,9 +280,25 @@ def test_container_tests_skip_with_a_reason_when_no_engine_is_installed(tmp_path
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
     env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "BLUEPRINT_TEST_IMAGE": "blueprint:test"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "containers",
-                           str(Path(__file__))], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "containers",
+            str(Path(__file__)),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "Traceback" not in done.stdout + done.stderr
     assert NO_ENGINE in done.stdout and " passed" not in done.stdout
@@ -224,9 +307,26 @@ def test_container_tests_skip_with_a_reason_when_no_engine_is_installed(tmp_path
 @pytest.mark.containers
 def test_docker_runner_refuses_an_image_the_engine_does_not_have(engine, docker_api, tmp_path):
     env = {**os.environ, "DOCKER_HOST": docker_api}
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke", "--runner", "docker",
-                           "--image", "blueprint:no-such-tag", "--artifact-root", str(tmp_path / "art")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "run",
+            "--profile",
+            "smoke",
+            "--runner",
+            "docker",
+            "--image",
+            "blueprint:no-such-tag",
+            "--artifact-root",
+            str(tmp_path / "art"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--image blueprint:no-such-tag: the container engine has no such image" in done.stderr
     assert "make image-cpu" in done.stderr
@@ -235,11 +335,16 @@ def test_docker_runner_refuses_an_image_the_engine_does_not_have(engine, docker_
 @pytest.mark.containers
 def test_image_build_fails_naming_a_declared_dependency_the_image_lacks(engine, image, tmp_path):
     """The image's last build step (`python -m blueprint.envcheck`, in both Dockerfiles) on an image without boto3."""
-    (tmp_path / "Dockerfile").write_text(f"FROM {image}\nUSER 0\n"
-                                         "RUN pip uninstall -y -q boto3 && python -m blueprint.envcheck\n")
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {image}\nUSER 0\nRUN pip uninstall -y -q boto3 && python -m blueprint.envcheck\n"
+    )
     no_cache = ["--layers=false"] if engine == "podman" else []  # leave no intermediate image behind
-    done = subprocess.run([engine, "build", "-q", *no_cache, "-t", "blueprint-broken:test", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [engine, "build", "-q", *no_cache, "-t", "blueprint-broken:test", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     subprocess.run([engine, "rmi", "-f", "blueprint-broken:test"], capture_output=True)
     assert done.returncode != 0
     assert "boto3: declared by blueprint-rt (boto3>=1.36) but not installed" in done.stdout + done.stderr

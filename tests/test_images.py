@@ -1,6 +1,7 @@
 """Component images: the pinned lock matches what the package declares and what the tests run on; a compiled
 component's command line runs with nothing importable beyond the declared dependencies; `make images` says
 clearly when there is no container engine; the Dockerfiles keep the properties the deployment relies on."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -37,13 +38,17 @@ def _pins(path: Path) -> dict[str, str]:
 
 def _locked() -> tuple[dict[str, str], dict[str, str]]:
     """(runtime pins incl. torch, test-only pins) as docker/requirements*.txt state them."""
-    return ({**_pins(DOCKER / "requirements.txt"), **_pins(DOCKER / "requirements-torch.txt")},
-            _pins(DOCKER / "requirements-test.txt"))
+    return (
+        {**_pins(DOCKER / "requirements.txt"), **_pins(DOCKER / "requirements-torch.txt")},
+        _pins(DOCKER / "requirements-test.txt"),
+    )
 
 
 def test_lock_pins_every_declared_dependency_within_its_range():
     runtime, test = _locked()
-    for req, pins in [(r, runtime) for r in LOCK["declared"]()] + [(r, test | runtime) for r in LOCK["declared_test"]()]:
+    for req, pins in [(r, runtime) for r in LOCK["declared"]()] + [
+        (r, test | runtime) for r in LOCK["declared_test"]()
+    ]:
         name = canonicalize_name(req.name)
         assert name in pins, f"declared dependency {req} is not in docker/requirements*.txt: run `make lock`"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
@@ -64,8 +69,9 @@ def test_lock_is_a_consistent_closure_of_what_pyproject_declares():
 
 def test_the_venv_holds_exactly_the_lock():
     """`make install` installs the lock, not whatever the index serves today (torch's build tag aside)."""
-    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True, check=True
+    ).stdout
     frozen = {}
     for line in out.splitlines():
         name, _, version = line.partition("==")
@@ -120,21 +126,29 @@ def _fresh_env(tmp_path: Path) -> dict[str, str]:
         (deps / package).symlink_to(REPO / package)
     venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp_path / "venv")
     (next((tmp_path / "venv" / "lib").glob("python*/site-packages")) / "locked.pth").write_text(f"{deps}\n")
-    return {"PATH": f"{tmp_path / 'venv' / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-            "PYTHONNOUSERSITE": "1"}
+    return {
+        "PATH": f"{tmp_path / 'venv' / 'bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "PYTHONNOUSERSITE": "1",
+    }
 
 
 def test_shard_component_runs_with_only_the_declared_dependencies(tmp_path):
     env = _fresh_env(tmp_path)
     probe = "import importlib.util as u; print([m for m in ('pytest', 'moto', 'flask') if u.find_spec(m)])"
-    assert subprocess.run(["python3", "-c", probe], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run(["python3", "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.strip()
+        == "[]"
+    )
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "mod.py").write_text('def add(a, b):\n    """Return the sum of two numbers, a and b."""\n'
-                                   '    total = a + b\n    return total\n\n\n'
-                                   'def greet(name):\n    """Build a friendly greeting for the given name."""\n'
-                                   '    message = "hello " + name\n    return message.upper()\n')
+    (corpus / "mod.py").write_text(
+        'def add(a, b):\n    """Return the sum of two numbers, a and b."""\n'
+        "    total = a + b\n    return total\n\n\n"
+        'def greet(name):\n    """Build a friendly greeting for the given name."""\n'
+        '    message = "hello " + name\n    return message.upper()\n'
+    )
     root = f"file://{tmp_path}/art"
     settings = {"num_shards": 1, "eval_fraction": 0.5, "workers": 1}
     outputs = {}
@@ -143,8 +157,11 @@ def test_shard_component_runs_with_only_the_declared_dependencies(tmp_path):
         task_root.mkdir()
         if component == "shard":  # the dataset over the one part, as dsl.Collected hands it over
             extra = {"parts": [outputs["shard-part"]["parameterValues"]["uri"]]}
-        command, _ = launcher_command(component, {"artifact_root": root, "source": f"dir:{corpus}", "force": False,
-                                                  "settings": settings, **extra}, task_root)
+        command, _ = launcher_command(
+            component,
+            {"artifact_root": root, "source": f"dir:{corpus}", "force": False, "settings": settings, **extra},
+            task_root,
+        )
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         outputs[component] = json.loads((task_root / "executor_output.json").read_text())
@@ -162,14 +179,21 @@ def test_make_images_without_a_container_engine_fails_clearly(tmp_path):
     for tool in ("sh", "sed", "git"):
         if shutil.which(tool):
             (bin_dir / tool).symlink_to(shutil.which(tool))
-    done = subprocess.run([shutil.which("make"), "-C", str(REPO), "images"], capture_output=True, text=True,
-                          env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, timeout=60)
+    done = subprocess.run(
+        [shutil.which("make"), "-C", str(REPO), "images"],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        timeout=60,
+    )
     assert done.returncode != 0
     assert "no container engine" in done.stderr and "docker" in done.stderr and "podman" in done.stderr
 
 
-TORCH_FIRST = {"Dockerfile": "-r /tmp/lock/requirements-torch.txt",
-               "Dockerfile.cuda": "-c /tmp/lock/requirements-engine-cuda.txt torch"}  # vLLM's torch on CUDA
+TORCH_FIRST = {
+    "Dockerfile": "-r /tmp/lock/requirements-torch.txt",
+    "Dockerfile.cuda": "-c /tmp/lock/requirements-engine-cuda.txt torch",
+}  # vLLM's torch on CUDA
 
 
 def test_the_cuda_engine_lock_pins_vllm_and_its_torch_and_repins_nothing_of_the_main_lock():
@@ -187,8 +211,11 @@ def test_the_cuda_lock_check_names_a_double_pin_a_repin_of_the_main_lock_and_a_w
     shared = next(iter(runtime))
     bad = f"torch==2.14.0\nvllm==0.32.0\nSome_Pkg==1\nsome-pkg==2\n{shared}==0.0.1\nnumpy>=1\n"
     assert LOCK["cuda_problems"](bad, runtime) == [
-        "some-pkg is pinned twice", f"{shared} is pinned here and in requirements.txt", "'numpy>=1' is not an exact pin",
-        "vllm 0.32.0 does not satisfy vllm==0.33.0"]
+        "some-pkg is pinned twice",
+        f"{shared} is pinned here and in requirements.txt",
+        "'numpy>=1' is not an exact pin",
+        "vllm 0.32.0 does not satisfy vllm==0.33.0",
+    ]
     assert LOCK["cuda_problems"]("vllm==0.33.0\n", {}) == ["torch is not pinned"]
 
 
@@ -198,34 +225,39 @@ def test_dockerfiles_keep_layer_order_non_root_labels_and_no_baked_secrets(docke
     assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M)
     torch, deps = text.index(TORCH_FIRST[dockerfile]), text.index("-r /tmp/lock/requirements.txt")
     assert torch < deps < text.index("COPY blueprint"), "torch, then the lock, then the code (layer caching)"
-    engine = {"Dockerfile": "-r /tmp/lock/requirements-engine-cpu.txt",
-              "Dockerfile.cuda": "-r /tmp/lock/requirements-engine-cuda.txt"}[dockerfile]
+    engine = {
+        "Dockerfile": "-r /tmp/lock/requirements-engine-cpu.txt",
+        "Dockerfile.cuda": "-r /tmp/lock/requirements-engine-cuda.txt",
+    }[dockerfile]
     assert deps < text.index(engine) < text.index("COPY blueprint"), "the engine's pins are part of the image"
     assert "--mount=type=secret,id=ca" in text and "PIP_CERT=/run/secrets/ca" in text
     assert re.search(r"^USER 1000:1000$", text, re.M)
-    assert text.index("python -m blueprint.envcheck") > text.index("COPY blueprint"), \
+    assert text.index("python -m blueprint.envcheck") > text.index("COPY blueprint"), (
         "the last build step checks every declared dependency of the installed package"
+    )
     for label in ("version", "source", "revision"):
         assert f"org.opencontainers.image.{label}=" in text
     assert not re.search(r"(AWS_SECRET|AWS_ACCESS|PASSWORD|TOKEN)\w*\s*=", text), "no credentials in an image"
     ignore = (DOCKER / f"{dockerfile}.dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:].count("!docker/requirements.txt") == 1
+    assert ignore[ignore.index("*") + 1 :].count("!docker/requirements.txt") == 1
     assert "!.venv" not in ignore and "!tests" not in ignore
 
 
-def test_envcheck_names_a_declared_dependency_that_is_missing_and_a_module_that_fails_to_import(tmp_path,
-                                                                                                monkeypatch):
+def test_envcheck_names_a_declared_dependency_that_is_missing_and_a_module_that_fails_to_import(tmp_path, monkeypatch):
     from blueprint import envcheck
 
     assert envcheck.problems() == []  # this test environment has everything
     dist = tmp_path / "fake_component-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-component\nVersion: 1.0\n"
-                                   "Requires-Dist: no-such-package-xyz>=1\nRequires-Dist: pyyaml>=999\n"
-                                   "Requires-Dist: pytest; extra == \"test\"\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: fake-component\nVersion: 1.0\n"
+        "Requires-Dist: no-such-package-xyz>=1\nRequires-Dist: pyyaml>=999\n"
+        'Requires-Dist: pytest; extra == "test"\n'
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     found = envcheck.problems("fake-component")
     assert found[0] == "no-such-package-xyz: declared by fake-component (no-such-package-xyz>=1) but not installed"
     assert found[1].startswith("pyyaml: ") and "needs pyyaml>=999" in found[1] and len(found) == 2
     assert envcheck.problems(modules=("no_such_module_xyz",)) == [
-        "no_such_module_xyz: import failed: ModuleNotFoundError: No module named 'no_such_module_xyz'"]
+        "no_such_module_xyz: import failed: ModuleNotFoundError: No module named 'no_such_module_xyz'"
+    ]

@@ -1,6 +1,7 @@
 """The import graph of the whole package, read with `ast` (imports inside functions included, since hiding an
 import in a function hides a cycle, it does not break it): no cycles, and imports point one way, library <-
 components <- pipelines, with the stages below the runtime that runs them."""
+
 from __future__ import annotations
 
 import ast
@@ -54,7 +55,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -77,12 +78,20 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_imports_point_one_way_library_components_pipelines():
-    upward = [f"{name} imports {other}" for name, others in import_graph().items() for other in sorted(others)
-              if LAYERS[other.split(".")[0]] > LAYERS[name.split(".")[0]]]
+    upward = [
+        f"{name} imports {other}"
+        for name, others in import_graph().items()
+        for other in sorted(others)
+        if LAYERS[other.split(".")[0]] > LAYERS[name.split(".")[0]]
+    ]
     assert upward == []
 
 
 def test_the_stages_never_import_the_runtime_that_runs_them():
-    found = [f"{name} imports {other}" for name, others in import_graph().items() for other in sorted(others)
-             if name.startswith("blueprint.stages") and other.startswith("blueprint.runtime")]
+    found = [
+        f"{name} imports {other}"
+        for name, others in import_graph().items()
+        for other in sorted(others)
+        if name.startswith("blueprint.stages") and other.startswith("blueprint.runtime")
+    ]
     assert found == []

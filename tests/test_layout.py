@@ -1,5 +1,6 @@
 """The house rules a reader relies on: the stage list is written once, in the registry; modules stay small; every
 setting has help. (The import graph's rules are in test_imports.py.)"""
+
 from __future__ import annotations
 
 import re
@@ -35,8 +36,9 @@ def statements(tree) -> int:
 def test_no_module_exceeds_300_statements():
     """One idea per module. Functions are held by ruff (PLR0915: 50 statements, C901: complexity 12,
     PLR0913: 8 arguments), which has no rule for a module's size."""
-    large = [f"{path.relative_to(REPO)}: {n} statements" for path, tree in _definitions()
-             if (n := statements(tree)) > 300]
+    large = [
+        f"{path.relative_to(REPO)}: {n} statements" for path, tree in _definitions() if (n := statements(tree)) > 300
+    ]
     assert large == []
 
 
@@ -49,8 +51,12 @@ def test_stages_never_import_one_another():
         text = (REPO / (spec.module.replace(".", "/") + ".py")).read_text()
         for other in stage_modules - {spec.module}:
             pkg, name = other.rsplit(".", 1)
-            if re.search(rf"^\s*(from {re.escape(other)} import|import {re.escape(other)}\b|from {re.escape(pkg)} "
-                         rf"import .*\b{name}\b)", text, re.MULTILINE):
+            if re.search(
+                rf"^\s*(from {re.escape(other)} import|import {re.escape(other)}\b|from {re.escape(pkg)} "
+                rf"import .*\b{name}\b)",
+                text,
+                re.MULTILINE,
+            ):
                 found.append(f"{spec.module} imports {other}")
     assert found == []
 

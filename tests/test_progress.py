@@ -1,5 +1,6 @@
 """Progress you can watch: plain `<task>: step i/N ... eta` lines at a bounded rate outside a terminal, and
 `blueprint run` condensed to a line per task with the stages' own progress and one-line errors."""
+
 from __future__ import annotations
 
 import io
@@ -75,8 +76,9 @@ def test_a_resumed_loop_counts_from_where_it_resumed_and_off_means_silent():
 
 
 def _blueprint(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -86,8 +88,17 @@ def test_run_with_a_relative_root_prints_a_line_per_task_and_each_rounds_progres
     lines = done.stdout.splitlines()
     assert len(lines) <= 90, done.stdout  # about 60 task and progress lines, then the end-of-run summary (~22)
     assert (tmp_path / "rel" / "merge").is_dir()
-    for task in ("shard", "bootstrap", "warmup", "evaluate-0", "ppo-round-1", "evaluate-1", "ppo-round-2",
-                 "evaluate-2", "merge"):
+    for task in (
+        "shard",
+        "bootstrap",
+        "warmup",
+        "evaluate-0",
+        "ppo-round-1",
+        "evaluate-1",
+        "ppo-round-2",
+        "evaluate-2",
+        "merge",
+    ):
         assert f"{task}: started" in lines
         assert any(line.startswith(f"{task}: finished in ") for line in lines), task
     for round_index in (1, 2):
@@ -104,8 +115,18 @@ def test_run_with_a_relative_root_prints_a_line_per_task_and_each_rounds_progres
 @pytest.mark.slow
 def test_a_task_failing_on_bad_input_exits_2_with_its_own_one_line_error_and_the_log_path(tmp_path):
     (tmp_path / "empty").mkdir()
-    failed = _blueprint("run", "--profile", "smoke", "--epochs", "1", "--artifact-root", "./art", "--source",
-                        "dir:./empty", cwd=tmp_path)
+    failed = _blueprint(
+        "run",
+        "--profile",
+        "smoke",
+        "--epochs",
+        "1",
+        "--artifact-root",
+        "./art",
+        "--source",
+        "dir:./empty",
+        cwd=tmp_path,
+    )
     assert failed.returncode == 2, failed.stdout + failed.stderr
     error = failed.stderr.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("blueprint run: error: task shard-plan failed: source dir:")

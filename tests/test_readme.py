@@ -1,6 +1,7 @@
 """README is a door: short, its links lead somewhere, and every command it shows runs as written (the cheap ones
 are run; the expensive ones name make targets, subcommands and flags that exist). Behind it, the docs' settings
 reference is generated from the stage configs."""
+
 from __future__ import annotations
 
 import ast
@@ -49,8 +50,9 @@ def blueprint(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     module, function = scripts["blueprint"].split(":")
     code = f"import sys; sys.argv[0] = 'blueprint'; from {module} import {function}; sys.exit({function}())"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(cwd), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_readme_is_at_most_200_lines():

@@ -1,5 +1,6 @@
 """Per-step tracking: TensorBoard event files read back with tensorboard's own reader, a real MLflow tracking
 server on loopback (sqlite backend), and a server that is down or dies mid-run."""
+
 from __future__ import annotations
 
 import os
@@ -38,10 +39,25 @@ def mlflow_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
-                             "--default-artifact-root", f"{home}/artifacts", "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=home)
+    proc = subprocess.Popen(
+        [
+            str(mlflow),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{home}/mlflow.db",
+            "--default-artifact-root",
+            f"{home}/artifacts",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=home,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -68,8 +84,9 @@ def test_only_numbers_are_tracked_and_nested_settings_flatten_for_mlflow():
     assert tracking.flat_params({"a": 1, "b": {"c": "d"}}) == {"a": "1", "b.c": "d"}
 
 
-def test_warmup_and_a_ppo_round_leave_one_point_per_step_in_tensorboard_and_mlflow(smoke_chain, tmp_path,
-                                                                                     mlflow_server, monkeypatch):
+def test_warmup_and_a_ppo_round_leave_one_point_per_step_in_tensorboard_and_mlflow(
+    smoke_chain, tmp_path, mlflow_server, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     tracking_uri, _ = mlflow_server
@@ -78,16 +95,27 @@ def test_warmup_and_a_ppo_round_leave_one_point_per_step_in_tensorboard_and_mlfl
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     root = f"file://{tmp_path}"
     settings = {**SMOKE_WARMUP, "steps": 3, "coder_steps": 2}
-    adapters = warmup.run(parse(warmup.WarmupConfig, settings), shards=smoke_chain["shards"],
-                          base=smoke_chain["base"], artifact_root=root, progress=False).uri
+    adapters = warmup.run(
+        parse(warmup.WarmupConfig, settings),
+        shards=smoke_chain["shards"],
+        base=smoke_chain["base"],
+        artifact_root=root,
+        progress=False,
+    ).uri
     out = storage.local_path(adapters) / "tensorboard"
     assert [s for s, _ in scalar_points(out / "summarizer")["loss"]] == [1, 2, 3]
     assert [s for s, _ in scalar_points(out / "coder")["loss"]] == [1, 2]
     assert "learning_rate" in scalar_points(out / "coder")
 
     cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "round_index": 2})
-    uri = ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=adapters,
-                        artifact_root=root, progress=False).uri
+    uri = ppo_round.run(
+        cfg,
+        shards=smoke_chain["shards"],
+        base=smoke_chain["base"],
+        adapters=adapters,
+        artifact_root=root,
+        progress=False,
+    ).uri
     points = scalar_points(storage.local_path(uri) / "tensorboard" / "summarizer")
     first = cfg.ppo_steps + 1  # round 2 continues round 1's steps
     assert [s for s, _ in points["score/mean"]] == list(range(first, first + cfg.ppo_steps))
@@ -106,8 +134,9 @@ def test_warmup_and_a_ppo_round_leave_one_point_per_step_in_tensorboard_and_mlfl
     assert runs["ppo-round-2"].data.tags["blueprint.output_key"] == uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def test_a_stage_logs_its_settings_and_step_histories_to_mlflow_nested_under_the_task_run(mlflow_server, tmp_path,
-                                                                                         monkeypatch, capsys):
+def test_a_stage_logs_its_settings_and_step_histories_to_mlflow_nested_under_the_task_run(
+    mlflow_server, tmp_path, monkeypatch, capsys
+):
     from mlflow.tracking import MlflowClient
 
     uri, _ = mlflow_server
@@ -117,8 +146,13 @@ def test_a_stage_logs_its_settings_and_step_histories_to_mlflow_nested_under_the
     parent = client.create_run(experiment, run_name="task").info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", parent)
     monkeypatch.setenv("BLUEPRINT_PIPELINE_RUN", "run-42")
-    with tracking.Tracker("ppo-round-1", tmp_path, settings={"lr": 0.001, "nested": {"a": 1}},
-                          tags={"blueprint.output_key": "abc"}, mlflow_uri=with_secret) as tracker:
+    with tracking.Tracker(
+        "ppo-round-1",
+        tmp_path,
+        settings={"lr": 0.001, "nested": {"a": 1}},
+        tags={"blueprint.output_key": "abc"},
+        mlflow_uri=with_secret,
+    ) as tracker:
         for step in range(1, 6):
             tracker.log("summarizer", step, {"kl": 0.1 * step, "skipped": 0.0})
     child = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
@@ -128,8 +162,9 @@ def test_a_stage_logs_its_settings_and_step_histories_to_mlflow_nested_under_the
     assert run.data.params == {"lr": "0.001", "nested.a": "1"}
     assert run.data.tags["blueprint.stage"] == "ppo-round-1" and run.data.tags["blueprint.output_key"] == "abc"
     history = client.get_metric_history(run.info.run_id, "summarizer/kl")
-    assert [(m.step, round(m.value, 6)) for m in sorted(history, key=lambda m: m.step)] == \
-        [(s, round(0.1 * s, 6)) for s in range(1, 6)]
+    assert [(m.step, round(m.value, 6)) for m in sorted(history, key=lambda m: m.step)] == [
+        (s, round(0.1 * s, 6)) for s in range(1, 6)
+    ]
     printed = capsys.readouterr()
     assert "s3cret" not in printed.out + printed.err and f"MLflow run {run.info.run_id}" in printed.out
     assert not any("s3cret" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
@@ -153,10 +188,26 @@ def test_a_server_stopped_mid_run_leaves_the_stage_running_and_warns_once(tmp_pa
     home = tmp_path / "mlflow"
     home.mkdir()
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{home}/db.sqlite",
-                             "--default-artifact-root", f"{home}/a", "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=home, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{home}/db.sqlite",
+            "--default-artifact-root",
+            f"{home}/a",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=home,
+        start_new_session=True,
+    )
     try:
         for _ in range(180):
             try:
@@ -191,8 +242,9 @@ def test_curves_are_copied_to_the_output_while_it_trains_and_never_into_a_commit
     out = tmp_path / "out"
     live = f"file://{tmp_path}/root/ppo-round/k/tensorboard"
     manifest = tmp_path / "root" / "ppo-round" / "k" / "_MANIFEST.json"
-    with tracking.Tracker("ppo-round-1", out, live_uri=live, sync_seconds=0.0,
-                          committed_uri=manifest.as_uri()) as tracker:
+    with tracking.Tracker(
+        "ppo-round-1", out, live_uri=live, sync_seconds=0.0, committed_uri=manifest.as_uri()
+    ) as tracker:
         tracker.log("summarizer", 1, {"kl": 0.1})
         copied = storage.local_path(live) / "summarizer"
         assert [p for p in copied.iterdir() if p.name.startswith("events.out.tfevents")]

@@ -11,6 +11,7 @@ Rules (they decide what the models learn, so they are tested):
   methods) is dropped as `stub`: its code would be a bare signature with nothing to summarise;
 - the resulting code must still parse, else `strip_failed`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,7 +33,8 @@ from blueprint.data.file_reading import content_identity, read_settled
 HEAD_BYTES = 1024
 _GENERATED = re.compile(
     r"(?im)^[ \t]*#[^\n]*\b(?:auto-?generated|@generated|do not edit|"
-    r"(?:this|the) (?:file|module|code) (?:is|was) (?:auto-?)?generated)\b|^[ \t]*#\s*generated (?:by|from)\b")
+    r"(?:this|the) (?:file|module|code) (?:is|was) (?:auto-?)?generated)\b|^[ \t]*#\s*generated (?:by|from)\b"
+)
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 UNREAD = "unread"  # the identity's content part for a file too large to read: its result depends on its size only
 NOT_REGULAR = "not_regular_file"  # the drop reason of a device, FIFO or socket in a tree: never opened or read
@@ -128,7 +130,7 @@ def _dedent(lines: list[str]) -> str:
         if not line.strip():
             out.append("")
         elif line.startswith(margin):
-            out.append(line[len(margin):])
+            out.append(line[len(margin) :])
         else:  # a continuation line of a string literal: leave it alone
             out.append(line)
     return "\n".join(out)
@@ -144,7 +146,7 @@ def function_source(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef
     start = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
     end = fn.end_lineno or fn.lineno
     if doc is None:
-        return _dedent(lines[start - 1:end])
+        return _dedent(lines[start - 1 : end])
     if _is_stub(fn):
         return None
     d0, d1 = doc.lineno, doc.end_lineno or doc.lineno
@@ -157,7 +159,7 @@ def function_source(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef
         keep.append(before + after if after.strip() else before.rstrip())
     elif after.strip():
         keep.append(before + after)
-    out = lines[start - 1:d0 - 1] + keep + lines[d1:end]
+    out = lines[start - 1 : d0 - 1] + keep + lines[d1:end]
     return _dedent(out)
 
 
@@ -209,8 +211,9 @@ def _parses(code: str) -> bool:
         return False
 
 
-def extract_pairs(text: str, path: str, limits: Limits, license: str | None = None, result: Result | None = None
-                  ) -> Result:
+def extract_pairs(
+    text: str, path: str, limits: Limits, license: str | None = None, result: Result | None = None
+) -> Result:
     """All kept pairs of one module's source text, with drop counts by reason."""
     result = result or Result(path=path, n_bytes=len(text.encode("utf-8", errors="replace")))
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -347,8 +350,13 @@ def _file_unit(abs_path: str, path: str, license: str | None, limits: Limits) ->
         if not stat.S_ISREG(st.st_mode):  # a device reads forever, a FIFO blocks: neither is source code
             return Result(path=path, file_drop=NOT_REGULAR)
         if st.st_size > limits.max_file_bytes:  # never read: a 50 MB generated blob costs one stat
-            return Result(path=path, n_bytes=st.st_size, file_drop="too_large", identity=f"{st.st_size}:{UNREAD}",
-                          mtime_ns=st.st_mtime_ns)
+            return Result(
+                path=path,
+                n_bytes=st.st_size,
+                file_drop="too_large",
+                identity=f"{st.st_size}:{UNREAD}",
+                mtime_ns=st.st_mtime_ns,
+            )
         read = read_settled(abs_path, limits.max_file_bytes)
     except OSError:
         return Result(path=path, file_drop="unreadable")
@@ -357,8 +365,9 @@ def _file_unit(abs_path: str, path: str, license: str | None, limits: Limits) ->
     raw, mtime_ns = read
     if len(raw) > limits.max_file_bytes:  # it grew past the limit after the stat: only limit + 1 bytes were read
         return Result(path=path, n_bytes=len(raw), file_drop="too_large", mtime_ns=mtime_ns)
-    return dataclasses.replace(file_pairs(raw, path, limits, license), identity=content_identity(raw),
-                               mtime_ns=mtime_ns)
+    return dataclasses.replace(
+        file_pairs(raw, path, limits, license), identity=content_identity(raw), mtime_ns=mtime_ns
+    )
 
 
 def file_pairs(raw: bytes, path: str, limits: Limits, license: str | None) -> Result:

@@ -3,6 +3,7 @@ than the size limit plus one byte, and read again while a writer is at work on i
 
 Pure standard library: the parsing workers import it (through blueprint.data.extract) and must start fast.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,5 +54,6 @@ def read_settled(abs_path: str, limit: int) -> tuple[bytes, int] | None:
             return None if raw is None else (raw, before[1])
         if _stamp(abs_path) == before == (len(raw), before[1]):
             return raw, before[1]
-    raise InputChanged(f"source file {abs_path} changed during each of {READ_ATTEMPTS} reads: run again once "
-                       "nothing writes to it")
+    raise InputChanged(
+        f"source file {abs_path} changed during each of {READ_ATTEMPTS} reads: run again once nothing writes to it"
+    )

@@ -9,6 +9,7 @@ always, so the result equals a full re-shard, byte for byte. Both previous files
 the current inputs (a merge on the sorted paths): memory is one batch. A reused input's pairs are copied into the
 new index as the Arrow slices they were read as, never rebuilt from Python objects.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,14 +28,31 @@ from blueprint.store import artifacts, storage
 
 INDEX_VERSION = "blueprint-shard-index/4"  # 3: pairs by count per input, the local mtime_ns; 4: tests column
 INPUTS_FILE, PAIRS_FILE = "index/inputs.parquet", "index/pairs.parquet"
-INPUT_SCHEMA = pa.schema([("path", pa.string()), ("identity", pa.string()), ("mtime_ns", pa.int64()),
-                          ("n_bytes", pa.int64()), ("file_drop", pa.string()), ("functions", pa.int64()),
-                          ("dropped", pa.string()), ("pairs", pa.int64())],
-                         metadata={"blueprint.schema": INDEX_VERSION})
-PAIR_SCHEMA = pa.schema([("digest", pa.binary()), ("name", pa.string()), ("code", pa.string()),
-                         ("summary", pa.string()), ("path", pa.string()), ("license", pa.string()),
-                         ("tests", pa.string())],
-                        metadata={"blueprint.schema": INDEX_VERSION})
+INPUT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("identity", pa.string()),
+        ("mtime_ns", pa.int64()),
+        ("n_bytes", pa.int64()),
+        ("file_drop", pa.string()),
+        ("functions", pa.int64()),
+        ("dropped", pa.string()),
+        ("pairs", pa.int64()),
+    ],
+    metadata={"blueprint.schema": INDEX_VERSION},
+)
+PAIR_SCHEMA = pa.schema(
+    [
+        ("digest", pa.binary()),
+        ("name", pa.string()),
+        ("code", pa.string()),
+        ("summary", pa.string()),
+        ("path", pa.string()),
+        ("license", pa.string()),
+        ("tests", pa.string()),
+    ],
+    metadata={"blueprint.schema": INDEX_VERSION},
+)
 BATCH = 4096
 
 
@@ -53,8 +71,16 @@ class IndexWriter:
         self.count = 0
 
     def add(self, result: Result) -> None:
-        row = (result.path, result.identity, result.mtime_ns, result.n_bytes, result.file_drop, result.functions,
-               json.dumps(dict(result.dropped)), len(result.pairs))
+        row = (
+            result.path,
+            result.identity,
+            result.mtime_ns,
+            result.n_bytes,
+            result.file_drop,
+            result.functions,
+            json.dumps(dict(result.dropped)),
+            len(result.pairs),
+        )
         for column, value in zip(self._input_columns.values(), row, strict=True):
             column.append(value)
         if result.arrow_pairs is None:
@@ -62,8 +88,9 @@ class IndexWriter:
         elif result.arrow_pairs:
             self._seal_parsed()
             for piece in result.arrow_pairs:
-                self._pieces.append(_joined(self._pieces.pop(), piece) if self._pieces and
-                                    _adjacent(self._pieces[-1], piece) else piece)
+                self._pieces.append(
+                    _joined(self._pieces.pop(), piece) if self._pieces and _adjacent(self._pieces[-1], piece) else piece
+                )
         self._waiting += len(result.pairs)
         self.count += 1
         if self._waiting >= BATCH or len(self._input_columns["path"]) >= BATCH:
@@ -71,7 +98,10 @@ class IndexWriter:
 
     def _seal_parsed(self) -> None:
         if self._parsed:
-            columns = [pa.array(col, type=field.type) for col, field in zip(zip(*self._parsed, strict=True), PAIR_SCHEMA, strict=True)]
+            columns = [
+                pa.array(col, type=field.type)
+                for col, field in zip(zip(*self._parsed, strict=True), PAIR_SCHEMA, strict=True)
+            ]
             batch = pa.RecordBatch.from_arrays(columns, schema=PAIR_SCHEMA)
             self._pieces.append((batch, 0, batch.num_rows))
             self._parsed = []
@@ -82,8 +112,10 @@ class IndexWriter:
             self._input_columns = {name: [] for name in INPUT_SCHEMA.names}
         self._seal_parsed()
         if self._pieces:  # one contiguous table: the same bytes however the rows were pieced together
-            batches = [pa.RecordBatch.from_arrays(batch.slice(at, n).columns, schema=PAIR_SCHEMA)
-                       for batch, at, n in self._pieces]
+            batches = [
+                pa.RecordBatch.from_arrays(batch.slice(at, n).columns, schema=PAIR_SCHEMA)
+                for batch, at, n in self._pieces
+            ]
             self._pairs.write_table(pa.Table.from_batches(batches, schema=PAIR_SCHEMA).combine_chunks())
         self._pieces, self._waiting = [], 0
 
@@ -114,16 +146,30 @@ def new_rows(uri: str, split: str) -> list[int] | None:
 def extraction_key(config: dict[str, Any]) -> dict[str, Any]:
     """The settings that decide what an input gives (not how pairs are split or sharded): two shard runs whose keys
     agree may share inputs' results."""
-    ignored = {"num_shards", "eval_fraction", "split_salt", "max_pairs", "row_group_rows", "workers",
-               "source_fingerprint", "incremental", "partitions", "partition"}
+    ignored = {
+        "num_shards",
+        "eval_fraction",
+        "split_salt",
+        "max_pairs",
+        "row_group_rows",
+        "workers",
+        "source_fingerprint",
+        "incremental",
+        "partitions",
+        "partition",
+    }
     return {"index": INDEX_VERSION, **{k: v for k, v in config.items() if k not in ignored}}
 
 
 def find_previous(root: str, key: dict[str, Any], exclude: str | None = None) -> str | None:
     """The newest committed shard output under `root` with an index and the same extraction key, or None. A whole
     dataset (every input) comes before a fan-out part (one partition's inputs)."""
-    rows = [r for r in artifacts.cached_outputs(root) if r["stage"] in (registry.SHARD, registry.SHARD_PART)
-            and (exclude is None or storage.normalize(r["uri"]) != storage.normalize(exclude))]  # not itself (force)
+    rows = [
+        r
+        for r in artifacts.cached_outputs(root)
+        if r["stage"] in (registry.SHARD, registry.SHARD_PART)
+        and (exclude is None or storage.normalize(r["uri"]) != storage.normalize(exclude))
+    ]  # not itself (force)
     for row in sorted(rows, key=lambda r: (r["stage"] == registry.SHARD, r["created"]), reverse=True):
         manifest = storage.read_json(artifacts.manifest_uri(row["uri"]))
         if INPUTS_FILE in manifest.get("files", {}) and extraction_key(manifest.get("config", {})) == key:
@@ -153,7 +199,7 @@ class _PairCursor:
             if keep:
                 if self._rows is None:  # column by column: far cheaper than a dict per row
                     self._rows = list(zip(*(column.to_pylist() for column in self._batch.columns), strict=True))
-                rows += self._rows[self._at:self._at + k]
+                rows += self._rows[self._at : self._at + k]
                 pieces.append((self._batch, self._at, k))
             self._at, n = self._at + k, n - k
         return rows, pieces
@@ -188,8 +234,11 @@ class PreviousIndex:
 
     def recorded(self) -> dict[str, tuple[str, int | None]]:
         """{path: (identity, mtime_ns)} of every input that may be reused (not one that could not be read)."""
-        return {path: (identity, mtime) for path, identity, mtime, drop in
-                self._rows(["path", "identity", "mtime_ns", "file_drop"]) if identity and drop != "unreadable"}
+        return {
+            path: (identity, mtime)
+            for path, identity, mtime, drop in self._rows(["path", "identity", "mtime_ns", "file_drop"])
+            if identity and drop != "unreadable"
+        }
 
     def inputs(self) -> Iterator[tuple[str, str]]:
         """Every recorded input's (path, identity), in order."""
@@ -203,9 +252,18 @@ class PreviousIndex:
             keep = paths is None or path in paths
             taken, pieces = pairs.take(n, keep)
             if keep:
-                yield Result(path=path, n_bytes=n_bytes, file_drop=drop, functions=functions, pairs=taken,
-                             dropped=collections.Counter(json.loads(dropped)), reused=True, identity=identity,
-                             mtime_ns=mtime, arrow_pairs=pieces)
+                yield Result(
+                    path=path,
+                    n_bytes=n_bytes,
+                    file_drop=drop,
+                    functions=functions,
+                    pairs=taken,
+                    dropped=collections.Counter(json.loads(dropped)),
+                    reused=True,
+                    identity=identity,
+                    mtime_ns=mtime,
+                    arrow_pairs=pieces,
+                )
 
 
 def current_identity(f: Any, on_s3: bool, recorded: tuple[str, int | None] | None) -> str | None:
@@ -231,13 +289,20 @@ def current_identity(f: Any, on_s3: bool, recorded: tuple[str, int | None] | Non
 def reusable(source: Any, previous: PreviousIndex) -> dict[str, int | None]:
     """{path: mtime_ns now} of the source's files whose identity is the one `previous` recorded."""
     recorded = previous.recorded()
-    return {f.rel_path: getattr(f, "mtime_ns", None) for f in source.files()
-            if (now := current_identity(f, source.on_s3, recorded.get(f.rel_path))) is not None
-            and now == recorded[f.rel_path][0]}
+    return {
+        f.rel_path: getattr(f, "mtime_ns", None)
+        for f in source.files()
+        if (now := current_identity(f, source.on_s3, recorded.get(f.rel_path))) is not None
+        and now == recorded[f.rel_path][0]
+    }
 
 
-def merged_results(source: Any, previous: PreviousIndex | None, parse: Callable[[list[tuple]], Iterator[Result]],
-                   counts: collections.Counter) -> Iterator[Result]:
+def merged_results(
+    source: Any,
+    previous: PreviousIndex | None,
+    parse: Callable[[list[tuple]], Iterator[Result]],
+    counts: collections.Counter,
+) -> Iterator[Result]:
     """The Result of every unit of the tree `source` in order: unchanged inputs from `previous`, the rest from
     `parse` (which gets only those, in order). `counts` tallies inputs_parsed and inputs_reused."""
     units = list(source.units())

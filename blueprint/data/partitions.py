@@ -7,6 +7,7 @@ half-open name ranges whose ends are open, so every file falls in exactly one pa
 source's own order, so the fan-in sees every input in the order a single task would, and the dataset it commits is
 the same.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,7 +41,9 @@ def plan(source: Source, count: int) -> list[dict[str, Any]]:
     kind = source.spec.kind
     if kind in ("stdlib", "dir"):
         names, sizes = [f.rel_path for f in source.files()], [f.size for f in source.files()]
-    elif kind in FILE_KINDS + (TASKS,) and source.max_source_mb is None:  # a byte budget is one reader's: no fan-out then
+    elif (
+        kind in FILE_KINDS + (TASKS,) and source.max_source_mb is None
+    ):  # a byte budget is one reader's: no fan-out then
         if source.on_s3:
             names, sizes = [o.uri for o in source.objects()], [o.size for o in source.objects()]
         else:
@@ -55,5 +58,12 @@ def plan(source: Source, count: int) -> list[dict[str, Any]]:
     ranges = balanced(sizes, count)
     # Half-open name ranges with open ends (a missing key: KFP parameters hold no None): a file that appears after
     # planning still falls in exactly one part.
-    return [{"index": i, "of": len(ranges), **({"from": names[a]} if i else {}),
-             **({"until": names[b]} if b < len(names) else {})} for i, (a, b) in enumerate(ranges)]
+    return [
+        {
+            "index": i,
+            "of": len(ranges),
+            **({"from": names[a]} if i else {}),
+            **({"until": names[b]} if b < len(names) else {}),
+        }
+        for i, (a, b) in enumerate(ranges)
+    ]

@@ -25,6 +25,7 @@ group, never by the corpus):
 - `sample_pairs`: the rows at drawn indices of a split, read by row group, without materialising the split. A PPO
   round draws its codes this way, so its memory does not grow with the corpus.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -62,8 +63,9 @@ def open_shard(uri: str, rel: str, manifest: dict[str, Any], verify: bool = True
         yield shard
 
 
-def read_pairs(uri: str, split: str = "train", limit: int | None = None,
-               columns: list[str] | None = None) -> list[dict[str, Any]]:
+def read_pairs(
+    uri: str, split: str = "train", limit: int | None = None, columns: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Up to `limit` rows of `split` as dicts, in shard then row order (the same list on every call)."""
     manifest = artifacts.read_manifest(uri, verify="sizes")
     rows: list[dict[str, Any]] = []
@@ -76,8 +78,9 @@ def read_pairs(uri: str, split: str = "train", limit: int | None = None,
     return rows
 
 
-def sample_pairs(uri: str, split: str, pick: Callable[[Sequence[int]], list[int]],
-                 columns: list[str] | None = None) -> list[dict[str, Any]]:
+def sample_pairs(
+    uri: str, split: str, pick: Callable[[Sequence[int]], list[int]], columns: list[str] | None = None
+) -> list[dict[str, Any]]:
     """The rows of `split` at the indices `pick(range(n_rows))` returns (in that order, repeats allowed), where
     row i is the i-th row `read_pairs` would list. `pick(range(n))` draws exactly what `pick(list_of_n_rows)`
     would, for random.sample/choice, so a sample equals one taken from the materialised split.

@@ -10,6 +10,7 @@ its listed ETag (If-Match): one replaced since the listing is listed again and r
 records the ETag of the bytes read. Failures are raised as storage.StorageError with storage's own
 diagnosis (missing bucket, denied, no credentials, no answer); the source adds its name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,10 +37,10 @@ READ_BUFFER = 1 << 20  # bytes per request when streaming JSON lines and CSV
 
 @dataclasses.dataclass(frozen=True)
 class RemoteObject:
-    uri: str        # s3://bucket/key
-    rel_path: str   # key below the listed prefix ("" for the object the prefix names itself)
+    uri: str  # s3://bucket/key
+    rel_path: str  # key below the listed prefix ("" for the object the prefix names itself)
     size: int
-    etag: str       # changes when the content does (an MD5 for single-part uploads)
+    etag: str  # changes when the content does (an MD5 for single-part uploads)
 
 
 def _page_through(bucket: str, prefix: str) -> list[dict[str, Any]]:
@@ -60,9 +61,13 @@ def list_below(uri: str) -> list[RemoteObject]:
     folder = key.rstrip("/") + "/" if key.strip("/") else ""
     prefix = folder if key.endswith("/") or not folder else key  # a name without '/' may be one object
     found = storage._call(uri, "list", lambda: _page_through(bucket, prefix))
-    objects = [RemoteObject(f"s3://{bucket}/{o['Key']}", o["Key"][len(folder):], int(o["Size"]),
-                            str(o.get("ETag", "")).strip('"'))
-               for o in found if o["Key"] == key or o["Key"].startswith(folder)]
+    objects = [
+        RemoteObject(
+            f"s3://{bucket}/{o['Key']}", o["Key"][len(folder) :], int(o["Size"]), str(o.get("ETag", "")).strip('"')
+        )
+        for o in found
+        if o["Key"] == key or o["Key"].startswith(folder)
+    ]
     return sorted((o for o in objects if not o.uri.endswith("/")), key=lambda o: o.uri)  # "folder/" markers
 
 
@@ -71,9 +76,9 @@ def list_data_files(uri: str, kind: str) -> list[RemoteObject]:
     crosses '/'), or every `.kind` file below a prefix, or the one object a key names; sorted by key."""
     bucket, key = storage.split_s3(uri)
     if glob.has_magic(key):
-        fixed = key[:min(key.find(c) for c in "*?[" if c in key)]
-        base = f"s3://{bucket}/{fixed[:fixed.rfind('/') + 1]}"
-        return [o for o in list_below(base) if fnmatch.fnmatchcase(o.uri[len(f"s3://{bucket}/"):], key)]
+        fixed = key[: min(key.find(c) for c in "*?[" if c in key)]
+        base = f"s3://{bucket}/{fixed[: fixed.rfind('/') + 1]}"
+        return [o for o in list_below(base) if fnmatch.fnmatchcase(o.uri[len(f"s3://{bucket}/") :], key)]
     return [o for o in list_below(uri) if o.rel_path == "" or o.rel_path.endswith(EXTENSIONS[kind])]
 
 
@@ -118,8 +123,9 @@ def _csv_rows(obj: RemoteObject, columns: list[str]) -> Iterator[dict[str, Any]]
 
     convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in columns}, strings_can_be_null=True)
     with _open(obj, random_access=False) as stream:
-        reader = pcsv.open_csv(stream, parse_options=pcsv.ParseOptions(newlines_in_values=True),
-                               convert_options=convert)
+        reader = pcsv.open_csv(
+            stream, parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=convert
+        )
         for batch in reader:
             yield from batch.to_pylist()
 
@@ -167,6 +173,7 @@ def _get_if_match(uri: str, etag: str, limit: int | None = None) -> bytes | None
             raise OSError(str(exc)) from exc  # as OSError, so storage diagnoses it (missing, denied, no answer)
         except BotoCoreError as exc:
             raise OSError(str(exc)) from exc
+
     return storage._call(uri, "read", get)
 
 
@@ -189,8 +196,10 @@ def read_object(uri: str, etag: str, limit: int | None = None) -> tuple[bytes, s
         data = _get_if_match(uri, etag, limit)
         if data is not None:
             return data, etag
-    raise storage.StorageError(f"cannot read {uri}: it was replaced before each of {READ_ATTEMPTS} read(s) could "
-                               "finish; run again once nothing writes to it")
+    raise storage.StorageError(
+        f"cannot read {uri}: it was replaced before each of {READ_ATTEMPTS} read(s) could "
+        "finish; run again once nothing writes to it"
+    )
 
 
 HUB_SPECIAL_REFS = re.compile(r"^refs/(convert/\w+|pr/\d+)$")  # the hub's own refs, kept unquoted

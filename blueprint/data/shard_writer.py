@@ -2,6 +2,7 @@
 
 The columns are described in blueprint.data.readers, where the readers live.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -74,8 +75,9 @@ class ShardWriter:
             self._writers[name] = pq.ParquetWriter(path, SCHEMA, compression=COMPRESSION)
         if rows:
             columns = list(zip(*rows, strict=True))
-            table = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA, strict=True)],
-                                         schema=SCHEMA)
+            table = pa.Table.from_arrays(
+                [pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA
+            )
             self._writers[name].write_table(table, row_group_size=len(rows))
 
     def new_rows(self) -> dict[str, list[int]]:

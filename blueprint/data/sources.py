@@ -19,6 +19,7 @@ stdlib = Python version + path; dir = hash of sorted (relpath, size, mtime_ns); 
 mtime_ns); on S3 the ETag takes mtime's place (it changes with the content, not with a re-upload of the same
 bytes); hf = id + config + revision (pin `hf_revision` for a reproducible cache, `main` moves).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +55,7 @@ class SourceError(UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
     kind: str
-    target: str = ""        # path, glob or dataset id
+    target: str = ""  # path, glob or dataset id
     config: str | None = None  # hf dataset config name
 
     def __str__(self) -> str:
@@ -75,8 +76,10 @@ def parse_source(spec: str) -> SourceSpec:
     storage.refuse_credentials(spec, setting="source")
     storage.refuse_credentials(rest, setting="source")
     if not sep or kind not in KINDS or not rest:
-        raise SourceError(f"unknown source {spec!r}: use stdlib, dir:PATH, hf:DATASET_ID[:CONFIG], jsonl:PATH, "
-                         "parquet:PATH, csv:PATH or tasks:PATH")
+        raise SourceError(
+            f"unknown source {spec!r}: use stdlib, dir:PATH, hf:DATASET_ID[:CONFIG], jsonl:PATH, "
+            "parquet:PATH, csv:PATH or tasks:PATH"
+        )
     if kind == TASKS and "://" in rest:
         raise SourceError(f"source {spec!r}: a task file is read from a local path (copy it here first)")
     if kind == "hf":
@@ -136,7 +139,7 @@ def list_python_files(root: Path, skip_tests: bool = True) -> list[SourceFile]:
                 st = os.stat(path)
             except OSError:  # a dangling symlink: not part of the corpus
                 continue
-            found.append(SourceFile(path, path[len(prefix):].replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
+            found.append(SourceFile(path, path[len(prefix) :].replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
     return sorted(found, key=lambda f: f.rel_path)
 
 
@@ -158,11 +161,21 @@ class Source:
     """
 
     def __init__(  # noqa: PLR0913 - ShardConfig's source settings, keyword-only with defaults
-            self, spec: str, *, skip_tests: bool = True, max_file_bytes: int = 1_000_000,
-            max_source_mb: float | None = None, code_column: str = "code", summary_column: str | None = "summary",
-            language_column: str = "language", languages: tuple[str, ...] = ("python",),
-            path_column: str = "path", license_column: str = "license", hf_revision: str | None = None,
-            hf_data_files: str | None = None) -> None:
+        self,
+        spec: str,
+        *,
+        skip_tests: bool = True,
+        max_file_bytes: int = 1_000_000,
+        max_source_mb: float | None = None,
+        code_column: str = "code",
+        summary_column: str | None = "summary",
+        language_column: str = "language",
+        languages: tuple[str, ...] = ("python",),
+        path_column: str = "path",
+        license_column: str = "license",
+        hf_revision: str | None = None,
+        hf_data_files: str | None = None,
+    ) -> None:
         self.spec = parse_source(spec)
         self.name = str(self.spec)
         self.skip_tests, self.max_file_bytes, self.max_source_mb = skip_tests, max_file_bytes, max_source_mb
@@ -184,7 +197,9 @@ class Source:
 
     def _in_partition(self, name: str) -> bool:
         part = self.partition or {}
-        return (part.get("from") is None or name >= part["from"]) and (part.get("until") is None or name < part["until"])
+        return (part.get("from") is None or name >= part["from"]) and (
+            part.get("until") is None or name < part["until"]
+        )
 
     def _named(self, fn):
         """`fn()`, with a storage failure (bucket, credentials, endpoint, a broken file) told as this source's."""
@@ -210,8 +225,10 @@ class Source:
             else:
                 files = list_python_files(self.root(), self.skip_tests)
             if not files:
-                raise SourceError(f"source {self.name} has no Python files (hidden, site-packages"
-                                  f"{' and test' if self.skip_tests else ''} directories skipped)")
+                raise SourceError(
+                    f"source {self.name} has no Python files (hidden, site-packages"
+                    f"{' and test' if self.skip_tests else ''} directories skipped)"
+                )
             if self.max_source_mb is not None:
                 budget, kept = self.max_source_mb * 1e6, []
                 for f in files:
@@ -223,8 +240,10 @@ class Source:
                 files = kept or files[:1]
             self._files = [f for f in files if self._in_partition(f.rel_path)]
             if not self._files:
-                raise SourceError(f"source {self.name}: no file of this partition is left (the source changed after "
-                                  "it was planned: run again)")
+                raise SourceError(
+                    f"source {self.name}: no file of this partition is left (the source changed after "
+                    "it was planned: run again)"
+                )
         return self._files
 
     def data_files(self) -> list[str]:
@@ -241,8 +260,11 @@ class Source:
         if self._objects is None:
             found = self._named(lambda: remote.list_data_files(self.spec.target, self.spec.kind))
             if not found:
-                what = f"{self.spec.kind} file matches" if glob.has_magic(self.spec.target) else \
-                    f"{remote.EXTENSIONS[self.spec.kind]} file is at or below"
+                what = (
+                    f"{self.spec.kind} file matches"
+                    if glob.has_magic(self.spec.target)
+                    else f"{remote.EXTENSIONS[self.spec.kind]} file is at or below"
+                )
                 raise SourceError(f"source {self.name}: no {what} {self.spec.target}")
             self._objects = [o for o in found if self._in_partition(o.uri)]
         return self._objects
@@ -256,8 +278,12 @@ class Source:
         """Cheap, offline identity of the source's content (part of the cache key)."""
         kind = self.spec.kind
         if kind == "stdlib":
-            return {"kind": kind, "python": platform.python_version(), "path": str(stdlib_root()),
-                    "files": len(self.files())}
+            return {
+                "kind": kind,
+                "python": platform.python_version(),
+                "path": str(stdlib_root()),
+                "files": len(self.files()),
+            }
         if kind == "dir":
             digest = hashlib.sha256()
             for f in self.files():
@@ -269,8 +295,13 @@ class Source:
             return {"kind": kind, "files": [[o.uri, o.size, o.etag] for o in self.objects()]}
         if kind in FILE_KINDS + (TASKS,):
             return {"kind": kind, "files": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.data_files()]}
-        return {"kind": kind, "id": self.spec.target, "config": self.spec.config,
-                "revision": self.hf_revision or "main", "data_files": self.hf_data_files}
+        return {
+            "kind": kind,
+            "id": self.spec.target,
+            "config": self.spec.config,
+            "revision": self.hf_revision or "main",
+            "data_files": self.hf_data_files,
+        }
 
     @property
     def is_tree(self) -> bool:
@@ -283,8 +314,11 @@ class Source:
         if self.spec.kind in ("stdlib", "dir"):
             license = STDLIB_LICENSE if self.spec.kind == "stdlib" else None
             for f in self.files():
-                yield ("object", f.uri, f.rel_path, license, f.size, f.etag) if self.on_s3 else \
-                    ("file", f.abs_path, f.rel_path, license)
+                yield (
+                    ("object", f.uri, f.rel_path, license, f.size, f.etag)
+                    if self.on_s3
+                    else ("file", f.abs_path, f.rel_path, license)
+                )
             return
         if self.spec.kind == TASKS:
             yield from tasks.units(self.data_files())
@@ -292,8 +326,10 @@ class Source:
         budget = self.max_source_mb * 1e6 if self.max_source_mb is not None else None
         for row in self._rows():
             if self.code_column not in row:
-                raise SourceError(f"source {self.name}: no column {self.code_column!r} "
-                                  f"(columns: {', '.join(sorted(row))}); set code_column")
+                raise SourceError(
+                    f"source {self.name}: no column {self.code_column!r} "
+                    f"(columns: {', '.join(sorted(row))}); set code_column"
+                )
             code = row[self.code_column]
             path = str(row.get(self.path_column) or f"{self.spec.target}#{_row_tag(code)}")
             if not isinstance(code, str) or not code.strip():
@@ -318,8 +354,17 @@ class Source:
         """Rows of a data-file or hub source, streamed (never the whole table in memory): S3 files through pyarrow,
         local files and the hub through `datasets`."""
         if self.on_s3:
-            columns = [c for c in (self.code_column, self.summary_column, self.language_column, self.path_column,
-                                   self.license_column) if c]
+            columns = [
+                c
+                for c in (
+                    self.code_column,
+                    self.summary_column,
+                    self.language_column,
+                    self.path_column,
+                    self.license_column,
+                )
+                if c
+            ]
             try:
                 yield from remote.rows(self.objects(), self.spec.kind, columns, self.code_column)
             except storage.StorageError as exc:  # raised while streaming: _named cannot wrap a generator
@@ -338,8 +383,9 @@ class Source:
                         yield from datasets.load_dataset(builder, data_files=[path], streaming=True, split="train")
                     except (ValueError, OSError) as exc:  # pandas' ParserError, pyarrow's ArrowInvalid, bad JSON
                         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                        raise SourceError(f"source {self.name}: cannot read {path} as {self.spec.kind}: "
-                                          f"{reason}") from None
+                        raise SourceError(
+                            f"source {self.name}: cannot read {path} as {self.spec.kind}: {reason}"
+                        ) from None
             finally:
                 readers.setLevel(level)
             return
@@ -352,8 +398,9 @@ class Source:
                 ds = self._hf_files(datasets, self.hf_data_files)
             else:
                 try:
-                    ds = datasets.load_dataset(dataset_id, self.spec.config, revision=revision, streaming=True,
-                                               split="train")
+                    ds = datasets.load_dataset(
+                        dataset_id, self.spec.config, revision=revision, streaming=True, split="train"
+                    )
                 except RuntimeError as exc:
                     if "scripts are no longer supported" not in str(exc):
                         raise
@@ -363,19 +410,25 @@ class Source:
         except (ConnectionError, OSError) as exc:
             offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
             hint = " (HF_HUB_OFFLINE is set)" if offline else ""
-            raise SourceError(f"source {self.name}: cannot stream Hugging Face dataset {dataset_id!r}{hint}: {exc}. "
-                              "Check the network, or use a local copy via jsonl:/parquet:/csv:PATH") from None
+            raise SourceError(
+                f"source {self.name}: cannot stream Hugging Face dataset {dataset_id!r}{hint}: {exc}. "
+                "Check the network, or use a local copy via jsonl:/parquet:/csv:PATH"
+            ) from None
         except Exception as exc:
             if type(exc).__name__ in ("DatasetNotFoundError", "FileNotFoundError", "DataFilesNotFoundError"):
-                raise SourceError(f"source {self.name}: Hugging Face dataset {dataset_id!r} was not found "
-                                  f"or is not accessible: {exc}") from None
+                raise SourceError(
+                    f"source {self.name}: Hugging Face dataset {dataset_id!r} was not found or is not accessible: {exc}"
+                ) from None
             raise
 
     def _hf_files(self, datasets, pattern: str):
         url = hub_files_url(self.spec.target, pattern, self.hf_revision)
         if self.partition and self.partition.get("of", 1) > 1:  # this partition's files of the repo, by name
-            url = [hub_files_url(self.spec.target, f, self.hf_revision) for f, _ in self.hub_files()
-                   if self._in_partition(f)]
+            url = [
+                hub_files_url(self.spec.target, f, self.hf_revision)
+                for f, _ in self.hub_files()
+                if self._in_partition(f)
+            ]
         builder = "json" if pattern.endswith((".jsonl", ".json")) else "csv" if pattern.endswith(".csv") else "parquet"
         return datasets.load_dataset(builder, data_files=url, streaming=True, split="train")
 
@@ -384,13 +437,15 @@ class Source:
         what the fan-out partitions (a network listing; offline it fails as one line naming the source)."""
         from huggingface_hub import HfFileSystem
 
-        root = hub_files_url(self.spec.target, "", self.hf_revision)[len("hf://"):]
+        root = hub_files_url(self.spec.target, "", self.hf_revision)[len("hf://") :]
         try:
             found = HfFileSystem().glob(root + self.hf_data_files, detail=True)
         except Exception as exc:  # noqa: BLE001 - offline, unknown repo, revision or auth: all one user error
-            raise SourceError(f"source {self.name}: cannot list {self.hf_data_files!r} at revision "
-                              f"{self.hf_revision or 'main'} on the hub: {exc}") from None
-        files = sorted((path[len(root):], int(info.get("size") or 0)) for path, info in found.items())
+            raise SourceError(
+                f"source {self.name}: cannot list {self.hf_data_files!r} at revision "
+                f"{self.hf_revision or 'main'} on the hub: {exc}"
+            ) from None
+        files = sorted((path[len(root) :], int(info.get("size") or 0)) for path, info in found.items())
         if not files:
             raise SourceError(f"source {self.name}: no hub file matches {self.hf_data_files!r}")
         return files

@@ -18,6 +18,7 @@ summary = the first paragraph of its docstring, or `text` where the function has
 with the pair (the shards' `tests` column), so evaluation can run the tests on code a model writes: `program`
 builds that test program, `reference_program` the one of the canonical solution.
 """
+
 from __future__ import annotations
 
 import ast
@@ -68,8 +69,10 @@ def units(paths: list[str]) -> Iterator[tuple]:
             where = f"task file {path}, line {number}"
             task = normalize(record, where)
             if entry_function(task) is None:
-                raise TaskFileError(f"{where} (task {task['task_id']}): prompt + canonical_solution does not parse "
-                                    f"or does not define its entry_point {task['entry_point']!r}")
+                raise TaskFileError(
+                    f"{where} (task {task['task_id']}): prompt + canonical_solution does not parse "
+                    f"or does not define its entry_point {task['entry_point']!r}"
+                )
             if task["task_id"] in seen:
                 raise TaskFileError(f"{where}: task_id {task['task_id']!r} repeats {seen[task['task_id']]}")
             seen[task["task_id"]] = where
@@ -79,8 +82,9 @@ def units(paths: list[str]) -> Iterator[tuple]:
 def _text(record: dict[str, Any], field: str, where: str) -> str:
     value = record.get(field)
     if field not in record or value is None:
-        raise TaskFileError(f"{where}: missing field {field!r} (a task needs {', '.join(FIELDS)}, or MBPP's "
-                            f"{', '.join(MBPP_FIELDS)})")
+        raise TaskFileError(
+            f"{where}: missing field {field!r} (a task needs {', '.join(FIELDS)}, or MBPP's {', '.join(MBPP_FIELDS)})"
+        )
     if field == "task_id" and isinstance(value, int):
         return str(value)
     if not isinstance(value, str):
@@ -111,8 +115,14 @@ def _from_mbpp(record: dict[str, Any], where: str) -> dict[str, str]:
     entry = called.group(1) if called and called.group(1) in defined else (defined[-1] if defined else "")
     if not entry:
         raise TaskFileError(f"{where}: field 'code' defines no function the tests call")
-    return {"task_id": task_id, "prompt": "", "canonical_solution": code,
-            "test": "\n".join([setup, *asserts]).strip() + "\n", "entry_point": entry, "description": text}
+    return {
+        "task_id": task_id,
+        "prompt": "",
+        "canonical_solution": code,
+        "test": "\n".join([setup, *asserts]).strip() + "\n",
+        "entry_point": entry,
+        "description": text,
+    }
 
 
 def _defined_functions(code: str) -> list[str]:
@@ -136,8 +146,9 @@ def entry_function(task: dict[str, str]) -> tuple[list[str], ast.FunctionDef | a
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return None
-    found = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-             and n.name == task["entry_point"]]
+    found = [
+        n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == task["entry_point"]
+    ]
     return (source.split("\n"), found[-1]) if found else None
 
 
@@ -148,8 +159,11 @@ def preamble(task: dict[str, str]) -> str:
         tree = ast.parse(task["prompt"])
     except (SyntaxError, ValueError):
         return ""
-    keep = [ast.get_source_segment(task["prompt"], n) or "" for n in tree.body
-            if not (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == task["entry_point"])]
+    keep = [
+        ast.get_source_segment(task["prompt"], n) or ""
+        for n in tree.body
+        if not (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == task["entry_point"])
+    ]
     return "\n".join(part for part in keep if part) + ("\n\n" if keep else "")
 
 

@@ -16,6 +16,7 @@ functools.partial of one) in an importable module, as with "spawn".
 Frames, parent -> worker: setup (parent's sys.path, pickled fn), then one task per frame; EOF = stop.
 Worker -> parent: one (ok, value, traceback text) frame per task, in the order the tasks came.
 """
+
 from __future__ import annotations
 
 import collections
@@ -64,8 +65,9 @@ class _Worker:
     writing a big result (full pipe) stops reading its tasks, and the caller must stay free to read that result."""
 
     def __init__(self, setup: bytes, index: int):
-        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, _PACKAGE_ROOT], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, close_fds=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, _PACKAGE_ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+        )
         self._inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._inbox.put(setup)
         self._feeder = threading.Thread(target=self._feed, name=f"blueprint-worker-feed-{index}", daemon=True)
@@ -181,6 +183,7 @@ class WorkerPool:
 
 
 # ----- worker side -----
+
 
 def _claim_pipes() -> tuple[BinaryIO, BinaryIO]:
     """The protocol's own handles on fds 0 and 1; stray reads then see /dev/null and stray prints go to stderr,

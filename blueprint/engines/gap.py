@@ -1,5 +1,6 @@
 """Proof that the engine samples the policy being trained: the per-token gap between its log-probs of the sampled
 tokens and the trainer's own, and the error that stops a round when the gap says the engine runs another policy."""
+
 from __future__ import annotations
 
 import torch
@@ -26,4 +27,5 @@ def check_gap(mean: float, worst: float, bound: float, engine: str, step: int) -
         raise EngineGapError(
             f"engine {engine}: at PPO step {step} its log-probs of its own samples differ from the trainer's by "
             f"{mean:.4f} nats/token on average (max {worst:.4f}), above engine_max_gap={bound}: the engine is not "
-            "sampling the policy being trained (weights not synced?); nothing of this round is committed")
+            "sampling the policy being trained (weights not synced?); nothing of this round is committed"
+        )

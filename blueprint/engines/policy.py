@@ -1,5 +1,6 @@
 """The PPO side of an engine: rollouts of the policy adapter sampled by vLLM, the policy's new weights sent after
 every update, and the gap check on the trainer's log-probs of the samples."""
+
 from __future__ import annotations
 
 import random
@@ -23,8 +24,9 @@ class PolicySampler:
         self.engine, self.adapter, self.max_gap = engine, adapter, max_gap
         self.sync_s = engine.load(model, adapter)
 
-    def sample(self, query_ids: list[list[int]], k: int, seeds: Sequence[int] | None, cfg: Any, eos: int,
-               pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, query_ids: list[list[int]], k: int, seeds: Sequence[int] | None, cfg: Any, eos: int, pad: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(responses [B, L] padded with `pad`, the engine's log-probs of them [B, L]) for the rows `query_ids`
         (each query k times in a row). `seeds` (one per query): each of its k samples from its own seed derived
         from it; else the row seeds come from torch's generator (the rank's stream, as `generate()` draws)."""
@@ -38,12 +40,13 @@ class PolicySampler:
         tokens = torch.full((len(samples), width), pad, dtype=torch.long)
         logp = torch.zeros((len(samples), width))
         for i, s in enumerate(samples):
-            tokens[i, :len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
-            logp[i, :len(s.tokens)] = torch.tensor(s.logprobs)
+            tokens[i, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
+            logp[i, : len(s.tokens)] = torch.tensor(s.logprobs)
         return tokens, logp
 
-    def check(self, trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
-              step: int) -> dict[str, float]:
+    def check(
+        self, trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, step: int
+    ) -> dict[str, float]:
         """The gap figures of this step's rollout; raises EngineGapError above `max_gap`."""
         mean, worst = logprob_gap(trainer_logp, engine_logp, mask)
         check_gap(mean, worst, self.max_gap, self.name, step)

@@ -1,5 +1,6 @@
 """The engine settings every generating stage shares, and the choice of engine on this machine (torch-free, so a
 config is validated and a cached stage answered without importing torch or vLLM)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,15 +23,24 @@ class EngineSettings(Settings):
     """Which back end generates, and the vLLM engine's budget and proof check."""
 
     engine: Literal["hf", "vllm", "auto"] = setting(
-        "auto", "what generates: hf (transformers generate()), vllm (a vLLM engine in this process, weights synced "
-                "from the trainer) or auto (vllm on CUDA when it is installed, else hf)")
+        "auto",
+        "what generates: hf (transformers generate()), vllm (a vLLM engine in this process, weights synced "
+        "from the trainer) or auto (vllm on CUDA when it is installed, else hf)",
+    )
     engine_memory: float | None = setting(
-        None, "share of the GPU's memory vLLM reserves for its weights and KV cache (on CPU: the share of host RAM "
-              "its KV cache takes); None = 0.35 on a GPU (room for the update beside it), 0.05 on CPU", gt=0, lt=1)
+        None,
+        "share of the GPU's memory vLLM reserves for its weights and KV cache (on CPU: the share of host RAM "
+        "its KV cache takes); None = 0.35 on a GPU (room for the update beside it), 0.05 on CPU",
+        gt=0,
+        lt=1,
+    )
     engine_max_gap: float | None = setting(
-        None, "PPO round: mean |engine - trainer| log-prob of the sampled tokens (nats/token) above which the round "
-              "stops (the engine would be sampling another policy); None = by dtype: 0.01 float32, 0.1 bfloat16, "
-              "0.05 float16", gt=0)
+        None,
+        "PPO round: mean |engine - trainer| log-prob of the sampled tokens (nats/token) above which the round "
+        "stops (the engine would be sampling another policy); None = by dtype: 0.01 float32, 0.1 bfloat16, "
+        "0.05 float16",
+        gt=0,
+    )
 
     @model_validator(mode="after")
     def _one_engine_per_process(self) -> EngineSettings:
@@ -47,8 +57,10 @@ class EngineSettings(Settings):
 
 
 def refusal(where: str) -> str:
-    return (f"engine='vllm' runs one colocated engine in one process; {where} would start one per rank, which this "
-            "version does not do: set nproc=1 (and nodes=1), or engine=hf or auto for data-parallel rounds")
+    return (
+        f"engine='vllm' runs one colocated engine in one process; {where} would start one per rank, which this "
+        "version does not do: set nproc=1 (and nodes=1), or engine=hf or auto for data-parallel rounds"
+    )
 
 
 def vllm_installed() -> bool:
@@ -61,8 +73,10 @@ def vllm_installed() -> bool:
 def require(cfg: EngineSettings) -> None:
     """Fail now, naming the setting and the package, when `engine=vllm` cannot run here."""
     if cfg.engine == "vllm" and not vllm_installed():
-        raise ConfigError(f"engine='vllm': the {PACKAGE} package is not installed in this environment; install it "
-                          "(make install does on CPU) or set engine=hf or auto")
+        raise ConfigError(
+            f"engine='vllm': the {PACKAGE} package is not installed in this environment; install it "
+            "(make install does on CPU) or set engine=hf or auto"
+        )
 
 
 def resolve(cfg: EngineSettings, device: Any, world: int = 1) -> str:

@@ -16,6 +16,7 @@ trl 1.16's `trl.generation.vllm_generation.VLLMGeneration` is not used: it needs
 backend (a torch.distributed group), syncs peft models with `merge_adapter`/`unmerge_adapter` on the base that the
 reference and the coder share, and its `load_weights` fails on vLLM's CPU backend (see `load_into`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,16 +91,25 @@ def load_into(model: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
     metadata is never recorded). On a GPU nothing is packed and this is `load_weights` plus a no-op pass."""
     from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase, UnquantizedLinearMethod
 
-    packed = [layer for layer in model.modules() if isinstance(layer, LinearBase)
-              and isinstance(layer.quant_method, UnquantizedLinearMethod) and layer.weight.numel() == 0]
+    packed = [
+        layer
+        for layer in model.modules()
+        if isinstance(layer, LinearBase)
+        and isinstance(layer.quant_method, UnquantizedLinearMethod)
+        and layer.weight.numel() == 0
+    ]
     for layer in packed:
         del layer.weight
         v2 = type(layer.quant_method).__name__ in WEIGHT_LOADER_V2_SUPPORTED
         layer.quant_method.create_weights(
-            layer=layer, input_size_per_partition=layer.input_size_per_partition,
-            output_partition_sizes=layer.output_partition_sizes, input_size=layer.input_size,
-            output_size=layer.output_size, params_dtype=layer.params_dtype,
-            weight_loader=layer.weight_loader_v2 if v2 else layer.weight_loader)
+            layer=layer,
+            input_size_per_partition=layer.input_size_per_partition,
+            output_partition_sizes=layer.output_partition_sizes,
+            input_size=layer.input_size,
+            output_size=layer.output_size,
+            params_dtype=layer.params_dtype,
+            weight_loader=layer.weight_loader_v2 if v2 else layer.weight_loader,
+        )
     model.load_weights(weights)
     for layer in model.modules():  # the LM head keeps its weight but computes with a packed copy of it
         method = getattr(layer, "quant_method", None)
@@ -118,6 +128,7 @@ def local_proxies_hidden() -> Iterator[None]:
     def holds_proxy(module: Any) -> bool:  # type() never goes through the proxy
         namespace = getattr(module, "__dict__", None) or {}
         return any(type(v).__module__ == "werkzeug.local" for v in list(namespace.values()))
+
     hidden = {name: module for name, module in list(sys.modules.items()) if holds_proxy(module)}
     for name in hidden:
         del sys.modules[name]
@@ -131,8 +142,18 @@ class VLLMEngine:
     """One vLLM `LLM` for one base, colocated: `load(model, adapter)` then `generate(...)`; `sleep`/`wake` on a
     GPU around the trainer's update."""
 
-    def __init__(self, model: Any, *, device: Any, dtype: Any, memory: float | None, max_model_len: int,
-                 seed: int = 0, base: str = "the base", setting: str = "engine"):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: Any,
+        dtype: Any,
+        memory: float | None,
+        max_model_len: int,
+        seed: int = 0,
+        base: str = "the base",
+        setting: str = "engine",
+    ):
         from vllm import LLM
 
         self.device, self.setting, self.base = device, setting, base
@@ -151,25 +172,41 @@ class VLLMEngine:
                 # it: the KV cache is sized directly instead
                 # Also on CPU: no chunked prefill. A seeded request whose prefill is cut into chunks makes vLLM
                 # 0.32 rewind its generator's offset, which a CPU generator refuses (RuntimeError mid-rollout).
-                budget = dict(gpu_memory_utilization=memory) if self.gpu else dict(
-                    kv_cache_memory_bytes=int(memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
-                    enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
+                budget = (
+                    dict(gpu_memory_utilization=memory)
+                    if self.gpu
+                    else dict(
+                        kv_cache_memory_bytes=int(memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                        enable_chunked_prefill=False,
+                        max_num_batched_tokens=max(max_model_len, 8192),
+                    )
+                )
                 with local_proxies_hidden():
-                    self.llm = LLM(model=tmp, skip_tokenizer_init=True, load_format="dummy",
-                                   dtype=str(dtype).removeprefix("torch."), seed=seed, enforce_eager=not self.gpu,
-                                   max_model_len=max_model_len, **budget,
-                                   logprobs_mode="processed_logprobs", enable_sleep_mode=self.gpu,
-                                   enable_prefix_caching=False)
+                    self.llm = LLM(
+                        model=tmp,
+                        skip_tokenizer_init=True,
+                        load_format="dummy",
+                        dtype=str(dtype).removeprefix("torch."),
+                        seed=seed,
+                        enforce_eager=not self.gpu,
+                        max_model_len=max_model_len,
+                        **budget,
+                        logprobs_mode="processed_logprobs",
+                        enable_sleep_mode=self.gpu,
+                        enable_prefix_caching=False,
+                    )
                 from vllm import SamplingParams  # one token: a shape its kernels refuse fails here, not mid-round
 
-                self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, detokenize=False),
-                                  use_tqdm=False)
+                self.llm.generate(
+                    [{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False
+                )
             except Exception as exc:  # noqa: BLE001 - any start failure is the user's base or budget
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise EngineStartError(
                     f"engine vllm could not start on base {base} ({type(exc).__name__}: {first}): set {setting}=hf, "
                     f"or change {setting}_memory (now {memory}, the share of "
-                    f"{'GPU memory' if self.gpu else 'host RAM'} it reserves)") from None
+                    f"{'GPU memory' if self.gpu else 'host RAM'} it reserves)"
+                ) from None
             finally:
                 torch.set_num_threads = set_threads
         self.startup_s = time.perf_counter() - t0
@@ -187,20 +224,34 @@ class VLLMEngine:
         self.loaded = adapter
         return time.perf_counter() - t0
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None = None,
-                 logprobs: bool = False) -> list[Sample]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        seeds: Sequence[int] | None = None,
+        logprobs: bool = False,
+    ) -> list[Sample]:
         """One completion per prompt: greedy (temperature 0) or sampled, each prompt under its own seed when given;
         stopped at the first EOS (kept) or after `max_new_tokens`."""
         from vllm import SamplingParams
 
         self.wake()
         s = sampling
-        params = [SamplingParams(
-            max_tokens=s.max_new_tokens, min_tokens=s.min_new_tokens, temperature=s.temperature,
-            top_k=s.top_k if s.top_k > 0 else -1, top_p=s.top_p,
-            seed=None if seeds is None else int(seeds[i]) % (2**63 - 1), stop_token_ids=[s.eos_token_id],
-            logprobs=0 if logprobs else None, detokenize=False, skip_special_tokens=False)
-            for i in range(len(prompts))]
+        params = [
+            SamplingParams(
+                max_tokens=s.max_new_tokens,
+                min_tokens=s.min_new_tokens,
+                temperature=s.temperature,
+                top_k=s.top_k if s.top_k > 0 else -1,
+                top_p=s.top_p,
+                seed=None if seeds is None else int(seeds[i]) % (2**63 - 1),
+                stop_token_ids=[s.eos_token_id],
+                logprobs=0 if logprobs else None,
+                detokenize=False,
+                skip_special_tokens=False,
+            )
+            for i in range(len(prompts))
+        ]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         samples = []
         for out in outs:
@@ -233,8 +284,9 @@ class VLLMEngine:
             self.asleep = False
 
 
-def open_engine(model: Any, cfg: Any, stage: str, base: str, need_tokens: int, progress: bool = True,
-                seed: int = 0) -> VLLMEngine | None:
+def open_engine(
+    model: Any, cfg: Any, stage: str, base: str, need_tokens: int, progress: bool = True, seed: int = 0
+) -> VLLMEngine | None:
     """The stage's vLLM engine for `model` when `cfg.engine` resolves to vllm here, else None (generate() then).
     `need_tokens`: the longest prompt plus its new tokens. `auto` falls back to hf when the engine cannot start,
     and says so; an explicit `vllm` fails with one line naming the base and the setting."""
@@ -249,13 +301,24 @@ def open_engine(model: Any, cfg: Any, stage: str, base: str, need_tokens: int, p
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     longest = getattr(config.get_text_config(), "max_position_embeddings", None) or need_tokens
     try:
-        engine = VLLMEngine(model, device=where.device, dtype=where.dtype, memory=cfg.engine_memory,
-                            max_model_len=min(longest, need_tokens), seed=seed, base=base, setting=f"{stage}.engine")
+        engine = VLLMEngine(
+            model,
+            device=where.device,
+            dtype=where.dtype,
+            memory=cfg.engine_memory,
+            max_model_len=min(longest, need_tokens),
+            seed=seed,
+            base=base,
+            setting=f"{stage}.engine",
+        )
     except EngineStartError as exc:
         if cfg.engine == "vllm":
             raise
         note(stage, f"engine=auto: vLLM did not start ({exc}); generating with hf", progress)
         return None
-    note(stage, f"engine vllm started in {engine.startup_s:.1f} s (memory share {cfg.engine_memory or 'default'})",
-         progress)
+    note(
+        stage,
+        f"engine vllm started in {engine.startup_s:.1f} s (memory share {cfg.engine_memory or 'default'})",
+        progress,
+    )
     return engine

@@ -1,6 +1,7 @@
 """The evaluate stage's execution phase: on eval rows that carry tests (a `tasks:` source), the coder writes code
 from each generated summary (round trip) and, when asked, samples codes; everything then runs against the tests
 in the sandbox (blueprint.eval.execution, blueprint.eval.sandbox)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,8 +16,9 @@ from blueprint.models.sft import clip_tokens
 from blueprint.progress import note
 
 
-def sample_texts(model, tokenizer, adapter: str, prompts: list[str], n: int, max_new_tokens: int, batch_size: int,
-                 temperature: float) -> list[list[str]]:
+def sample_texts(
+    model, tokenizer, adapter: str, prompts: list[str], n: int, max_new_tokens: int, batch_size: int, temperature: float
+) -> list[list[str]]:
     """`n` sampled completions (decoded, without EOS) of each prompt with `adapter` active; batches of
     `batch_size` prompts, each generating its n samples at once (ranks split the batches as in `generate`)."""
     import torch
@@ -28,26 +30,42 @@ def sample_texts(model, tokenizer, adapter: str, prompts: list[str], n: int, max
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     done: dict[int, list[str]] = {}
     with lora.use_adapter(model, adapter), torch.no_grad():
         for _, batch in distributed.mine(batches):
             input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                 num_return_sequences=n, eos_token_id=eos, pad_token_id=pad)
+            gen = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=n,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
             for row, i in enumerate(batch):
                 texts = []
-                for tokens in gen[row * n:(row + 1) * n, input_ids.shape[1]:].tolist():
-                    texts.append(tokens[:tokens.index(eos)] if eos in tokens else tokens)
+                for tokens in gen[row * n : (row + 1) * n, input_ids.shape[1] :].tolist():
+                    texts.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
                 done[i] = tokenizer.batch_decode(texts, skip_special_tokens=True)
     merged = {i: texts for part in distributed.all_objects(done) for i, texts in part.items()}
     return [merged[i] for i in range(len(ids))]
 
 
-def tested_figures(roles: RoleModels, pairs: list[dict], summaries: list[str], rebuilt: list[str], cfg: Any,
-                   prompts: PromptConfig, greedy_codes: Callable[[list[str]], list[str]],
-                   report_phase: Callable[..., None]) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+def tested_figures(
+    roles: RoleModels,
+    pairs: list[dict],
+    summaries: list[str],
+    rebuilt: list[str],
+    cfg: Any,
+    prompts: PromptConfig,
+    greedy_codes: Callable[[list[str]], list[str]],
+    report_phase: Callable[..., None],
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """Execution metrics of the rows of `pairs` that carry tests, and {row index: {"execution": its results}} for
     the sample rows ({} when no row has tests). The coder writes code from each generated summary (round trip, by
     `greedy_codes`, the stage's greedy generation), and samples when `cfg.code_samples` > 1 (`cfg`: the
@@ -70,12 +88,22 @@ def tested_figures(roles: RoleModels, pairs: list[dict], summaries: list[str], r
 
         torch.manual_seed(cfg.seed)
         for source, shown in (("docstring", truths), ("roundtrip", generated)):
-            sampled[source] = sample_texts(coder, tokenizer, "coder", [code_prompt(s, prompts) for s in shown],
-                                           cfg.code_samples, cfg.max_code_tokens, cfg.batch_size,
-                                           cfg.sample_temperature)
-    values, rows = execution.execute(sandbox, tasks, {"docstring": [rebuilt[i] for i in tested],
-                                                      "roundtrip": roundtrip}, sampled, cfg.pass_k)
+            sampled[source] = sample_texts(
+                coder,
+                tokenizer,
+                "coder",
+                [code_prompt(s, prompts) for s in shown],
+                cfg.code_samples,
+                cfg.max_code_tokens,
+                cfg.batch_size,
+                cfg.sample_temperature,
+            )
+    values, rows = execution.execute(
+        sandbox, tasks, {"docstring": [rebuilt[i] for i in tested], "roundtrip": roundtrip}, sampled, cfg.pass_k
+    )
     if (message := execution.reference_note(values, rows)) is not None:
         note(f"evaluate-{cfg.epoch}", message, True)
     report_phase(4, phase="code run against the tests")
-    return values, {i: {"execution": {**row, "roundtrip_code": code}} for i, row, code in zip(tested, rows, roundtrip, strict=True)}
+    return values, {
+        i: {"execution": {**row, "roundtrip_code": code}} for i, row, code in zip(tested, rows, roundtrip, strict=True)
+    }

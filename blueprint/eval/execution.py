@@ -9,6 +9,7 @@
 
 Every program of an evaluation goes to the sandbox in one batch, so all its workers stay busy.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,9 +30,13 @@ def _brief(outcome: Outcome) -> dict[str, Any]:
     return {"status": outcome.status, "reason": outcome.reason}
 
 
-def execute(sandbox: Sandbox, tasks: Sequence[dict[str, str]], greedy: dict[str, Sequence[str]],
-            sampled: dict[str, Sequence[Sequence[str]]] | None = None,
-            ks: Sequence[int] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def execute(
+    sandbox: Sandbox,
+    tasks: Sequence[dict[str, str]],
+    greedy: dict[str, Sequence[str]],
+    sampled: dict[str, Sequence[Sequence[str]]] | None = None,
+    ks: Sequence[int] = (),
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(metrics, one result row per task) of the reference solutions, the greedy codes per source and the sampled
     codes per source (each task's list of samples), all run in `sandbox`."""
     sampled = sampled or {}
@@ -44,22 +49,30 @@ def execute(sandbox: Sandbox, tasks: Sequence[dict[str, str]], greedy: dict[str,
     n = len(tasks)
     reference = [next(outcomes) for _ in range(n)]
     by_source = {source: [next(outcomes) for _ in range(n)] for source in SOURCES}
-    by_sample = {source: [[next(outcomes) for _ in codes] for codes in per_task]
-                 for source, per_task in sampled.items()}
+    by_sample = {
+        source: [[next(outcomes) for _ in codes] for codes in per_task] for source, per_task in sampled.items()
+    }
     failures = [t["task_id"] for t, o in zip(tasks, reference, strict=True) if not o.passed]
     values: dict[str, Any] = {
-        "tested_examples": n, "sandbox": sandbox.mode,
-        "reference_pass_rate": _share(reference), "reference_failures": failures,
+        "tested_examples": n,
+        "sandbox": sandbox.mode,
+        "reference_pass_rate": _share(reference),
+        "reference_failures": failures,
         **{f"pass_at_1_{source}": _share(by_source[source]) for source in SOURCES},
     }
     for source, per_task in by_sample.items():
         for k in ks:
             if per_task and all(len(s) >= k for s in per_task):
                 values[f"sampled_pass_at_{k}_{source}"] = mean_pass_at_k([[o.passed for o in s] for s in per_task], k)
-    rows = [{"task_id": t["task_id"], "reference": _brief(reference[i]),
-             **{source: _brief(by_source[source][i]) for source in SOURCES},
-             **{f"{source}_samples_passed": sum(o.passed for o in by_sample[source][i]) for source in by_sample}}
-            for i, t in enumerate(tasks)]
+    rows = [
+        {
+            "task_id": t["task_id"],
+            "reference": _brief(reference[i]),
+            **{source: _brief(by_source[source][i]) for source in SOURCES},
+            **{f"{source}_samples_passed": sum(o.passed for o in by_sample[source][i]) for source in by_sample},
+        }
+        for i, t in enumerate(tasks)
+    ]
     return values, rows
 
 
@@ -68,8 +81,11 @@ def reference_note(values: dict[str, Any], rows: Sequence[dict[str, Any]]) -> st
     failed = [r for r in rows if r["reference"]["status"] != "pass"]
     if not failed:
         return None
-    named = "; ".join(f"{r['task_id']} ({r['reference']['status']}: {r['reference']['reason'][:80]})"
-                      for r in failed[:5])
+    named = "; ".join(
+        f"{r['task_id']} ({r['reference']['status']}: {r['reference']['reason'][:80]})" for r in failed[:5]
+    )
     more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
-    return (f"reference_pass_rate {values['reference_pass_rate']:.3f}: the canonical solution fails its own tests "
-            f"in {named}{more}: check the task file and that its imports exist in the sandbox's interpreter")
+    return (
+        f"reference_pass_rate {values['reference_pass_rate']:.3f}: the canonical solution fails its own tests "
+        f"in {named}{more}: check the task file and that its imports exist in the sandbox's interpreter"
+    )

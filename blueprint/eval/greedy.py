@@ -1,13 +1,15 @@
 """Greedy generation for the evaluation: transformers' generate() in batches sorted by length and spread over the
 data-parallel ranks (the same batches, so the same tokens, as one process), or a vLLM engine in one call."""
+
 from __future__ import annotations
 
 from blueprint import distributed
 from blueprint.models.prompts import encode_prompts
 
 
-def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
-             batch_size: int, engine=None) -> list[list[int]]:
+def generate(
+    model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int, batch_size: int, engine=None
+) -> list[list[int]]:
     """Greedy completion ids of each prompt with `adapter` active, cut after the first EOS (kept when emitted).
 
     `engine` (a VLLMEngine): it generates instead, with `adapter`'s merged weights, in one call.
@@ -31,22 +33,29 @@ def generate(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens:
         return [s.tokens for s in engine.generate(ids, Sampling(max_new_tokens, eos))]
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     done: dict[int, list[int]] = {}
     with lora.use_adapter(model, adapter), torch.no_grad():
         for _, batch in distributed.mine(batches):
             input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
-            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            gen = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
             for row, i in enumerate(batch):
-                tokens = gen[row, input_ids.shape[1]:].tolist()
-                done[i] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+                tokens = gen[row, input_ids.shape[1] :].tolist()
+                done[i] = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
     merged = {i: tokens for part in distributed.all_objects(done) for i, tokens in part.items()}
     return [merged[i] for i in range(len(ids))]
 
 
-def generate_texts(model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int,
-                   batch_size: int, engine=None) -> tuple[list[list[int]], list[str], list[bool]]:
+def generate_texts(
+    model, tokenizer, adapter: str, prompts: list[str], max_new_tokens: int, batch_size: int, engine=None
+) -> tuple[list[list[int]], list[str], list[bool]]:
     """(token ids without the final EOS, decoded texts, whether each ended with EOS) of `adapter`'s greedy
     completions."""
     eos = tokenizer.eos_token_id

@@ -4,6 +4,7 @@ Hand-written BLEU variants disagree in tokenization, smoothing and brevity penal
 with anything published; sacrebleu's corpus BLEU (13a tokenization) and Google's rouge_score are the references.
 Scores are on a 0-100 scale (BLEU, ROUGE-L) or shares in [0, 1] (parse rate, exact match).
 """
+
 from __future__ import annotations
 
 import ast
@@ -68,7 +69,9 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     _check(hypotheses, references)
     if not hypotheses:
         return 0.0
-    return sum(strip_trivia(h) == strip_trivia(r) for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)
+    return sum(strip_trivia(h) == strip_trivia(r) for h, r in zip(hypotheses, references, strict=True)) / len(
+        hypotheses
+    )
 
 
 def mean(values: Sequence[float]) -> float:

@@ -5,6 +5,7 @@ of which c passed (Chen et al. 2021, "Evaluating Large Language Models Trained o
 
 computed as the product 1 - prod_{i = n-c+1}^{n} (1 - k / i), which never forms the huge binomials.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -6,6 +6,7 @@ model whose summaries are empty or never end, or whose code (almost) never parse
 A pure function of two sets of evaluate metrics, shared by the gate (which judges) and the promote stage (which
 judges again when another run promoted in between).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,11 @@ SANITY_FLOORS: dict[str, tuple[float, str]] = {
 class PromotionRule(Settings):
     """Beat the champion on `metric` by more than `margin`, and reach `floor` on `floor_metric`."""
 
-    metric: str = setting("reward_gen_mean", "evaluate metric the challenger must beat the champion on (higher "
-                                             "is better): the held-out reward of generated summaries")
+    metric: str = setting(
+        "reward_gen_mean",
+        "evaluate metric the challenger must beat the champion on (higher "
+        "is better): the held-out reward of generated summaries",
+    )
     margin: float = setting(0.0, "the challenger must beat the champion by more than this", ge=0)
     floor_metric: str = setting("pairwise_accuracy", "evaluate metric every promoted model must reach")
     floor: float = setting(0.5, "the floor: at 0.5 pairwise accuracy the coder cannot rank summaries at all")
@@ -40,8 +44,10 @@ class PromotionRule(Settings):
     @classmethod
     def _known_metric(cls, name: str) -> str:
         if (name not in DESCRIPTIONS and not SAMPLED.match(name)) or name in NOT_SCORES:
-            raise ConfigError(f"{name!r} is not an evaluate metric; choose one of "
-                              f"{', '.join(k for k in DESCRIPTIONS if k not in NOT_SCORES)}")
+            raise ConfigError(
+                f"{name!r} is not an evaluate metric; choose one of "
+                f"{', '.join(k for k in DESCRIPTIONS if k not in NOT_SCORES)}"
+            )
         return name
 
     def rule(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Kept apart from the stage so the numbers (blueprint.stages.evaluate) and their p
 The plot uses matplotlib's object API with the Agg canvas: no pyplot global state, no display needed, and the
 backend of a host program (a notebook importing blueprint) is left alone.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ DESCRIPTIONS: dict[str, str] = {
     "reference_pass_rate": "share of canonical solutions passing their own tests (1.0 on a sound task file)",
     "pass_at_1_docstring": "share of code rebuilt (greedy) from the true docstring that passes the tests",
     "pass_at_1_roundtrip": "share of code rebuilt (greedy) from the generated summary that passes the tests "
-                           "(round-trip correctness)",
+    "(round-trip correctness)",
     "sandbox": "how the tests ran: namespace (bubblewrap) or limits (resource limits only)",
     "summary_tokens_mean": "generated summary length, tokens",
     "summary_true_tokens_mean": "docstring length, tokens",
@@ -52,8 +53,10 @@ SAMPLED = re.compile(r"^sampled_pass_at_(\d+)_(docstring|roundtrip)$")
 # (panel title, metrics plotted in it)
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("round-trip reward (nats/token)", ("reward_gen_mean", "reward_true_mean", "gain_gen_mean")),
-    ("shares", ("pairwise_accuracy", "code_parse_rate", "eos_rate", "copy_rate", "pass_at_1_docstring",
-                "pass_at_1_roundtrip")),
+    (
+        "shares",
+        ("pairwise_accuracy", "code_parse_rate", "eos_rate", "copy_rate", "pass_at_1_docstring", "pass_at_1_roundtrip"),
+    ),
     ("text similarity (0-100)", ("bleu_summary", "rougeL_summary", "code_bleu")),
     ("lengths (tokens)", ("summary_tokens_mean", "summary_true_tokens_mean")),
 )
@@ -72,8 +75,10 @@ def fmt(value: Any) -> str:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
+
     def cell(v: Any) -> str:
         return fmt(v).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
@@ -89,18 +94,32 @@ def fenced(text: str, lang: str = "") -> str:
     return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
 
 
-def markdown_report(headline: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
-                    examples: Sequence[Mapping[str, str]], context: Mapping[str, str],
-                    plots: Sequence[tuple[str, str]] = ()) -> str:
+def markdown_report(
+    headline: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    examples: Sequence[Mapping[str, str]],
+    context: Mapping[str, str],
+    plots: Sequence[tuple[str, str]] = (),
+) -> str:
     """report.md: what was evaluated, the headline table, the plots ((caption, file) beside the report), the
     history across epochs, and example rows."""
     parts = [f"# BluePrint evaluation, epoch {headline.get('epoch', '?')}", ""]
     parts += [f"- {k}: `{v}`" for k, v in context.items()]
-    parts += ["", "Greedy decoding on the held-out (eval) split. Summaries come from the summarizer; code is rebuilt "
-              "by the coder from the true docstring (and, where rows carry tests, from the generated summary too, "
-              "then run against the tests).", "", "## Metrics", ""]
-    parts.append(table(["metric", "value", "meaning"],
-                       [(k, headline[k], DESCRIPTIONS.get(k, "")) for k in DESCRIPTIONS if k in headline]))
+    parts += [
+        "",
+        "Greedy decoding on the held-out (eval) split. Summaries come from the summarizer; code is rebuilt "
+        "by the coder from the true docstring (and, where rows carry tests, from the generated summary too, "
+        "then run against the tests).",
+        "",
+        "## Metrics",
+        "",
+    ]
+    parts.append(
+        table(
+            ["metric", "value", "meaning"],
+            [(k, headline[k], DESCRIPTIONS.get(k, "")) for k in DESCRIPTIONS if k in headline],
+        )
+    )
     if plots:
         parts += ["", "## Plots"]
         parts += [line for caption, name in plots for line in ("", f"![{caption}]({name})")]
@@ -110,10 +129,21 @@ def markdown_report(headline: Mapping[str, Any], history: Sequence[Mapping[str, 
     if examples:
         parts += ["", "## Examples"]
     for i, ex in enumerate(examples, 1):
-        parts += ["", f"### {i}. {ex.get('name') or ex.get('id', '')}", "",
-                  f"- reference summary: {ex['summary']!r}", f"- generated summary: {ex['generated_summary']!r}",
-                  "", "Code:", "", fenced(ex["code"], "python"), "",
-                  "Code rebuilt by the coder from the reference summary:", "", fenced(ex["rebuilt_code"], "python")]
+        parts += [
+            "",
+            f"### {i}. {ex.get('name') or ex.get('id', '')}",
+            "",
+            f"- reference summary: {ex['summary']!r}",
+            f"- generated summary: {ex['generated_summary']!r}",
+            "",
+            "Code:",
+            "",
+            fenced(ex["code"], "python"),
+            "",
+            "Code rebuilt by the coder from the reference summary:",
+            "",
+            fenced(ex["rebuilt_code"], "python"),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -181,10 +211,12 @@ def plot_steps(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Non
     fig.savefig(path, format="png")
 
 
-PAGE_STYLE = ("body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
-              "table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.25rem .5rem;"
-              "text-align:left;vertical-align:top}pre{background:#f6f8fa;padding:.75rem;overflow-x:auto}"
-              "img{max-width:100%}")
+PAGE_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.25rem .5rem;"
+    "text-align:left;vertical-align:top}pre{background:#f6f8fa;padding:.75rem;overflow-x:auto}"
+    "img{max-width:100%}"
+)
 
 
 def html_page(markdown_text: str, title: str, images: Mapping[str, Path] | None = None) -> str:
@@ -214,5 +246,7 @@ def html_page(markdown_text: str, title: str, images: Mapping[str, Path] | None 
         return f'src="data:image/png;base64,{data}"'
 
     body = re.sub(r'src="([^"]*)"', embed, body)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{PAGE_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{PAGE_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )

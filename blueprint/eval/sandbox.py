@@ -20,6 +20,7 @@ It does not stop a determined attacker: a program may read what its user id may 
 world-readable files), use its CPU and memory up to the limits, leave its session in the limits mode, or exploit
 the kernel. Run untrusted models in a pod you would give to untrusted code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,11 +44,11 @@ from blueprint.config import Settings, setting
 from blueprint.errors import UserError
 
 STATUSES = ("pass", "fail", "error", "timeout")
-OUTPUT_BYTES = 2048      # of a program's output, kept with its outcome
-REASON_CHARS = 300       # of an outcome's reason
-SLOT_UID_BASE = 60000    # as root, slot k runs as uid/gid 60000 + k (Debian leaves 60000-64999 unassigned)
-STOP_SECONDS = 5.0       # past its wall time, a program's driver has this long to clean up before it is killed
-SIGNAL_EXIT = 128        # the driver exits 128 + N when the program died of signal N
+OUTPUT_BYTES = 2048  # of a program's output, kept with its outcome
+REASON_CHARS = 300  # of an outcome's reason
+SLOT_UID_BASE = 60000  # as root, slot k runs as uid/gid 60000 + k (Debian leaves 60000-64999 unassigned)
+STOP_SECONDS = 5.0  # past its wall time, a program's driver has this long to clean up before it is killed
+SIGNAL_EXIT = 128  # the driver exits 128 + N when the program died of signal N
 SandboxMode = Literal["auto", "namespace", "limits"]
 MODES = typing.get_args(SandboxMode)
 
@@ -59,8 +60,11 @@ class SandboxError(UserError, RuntimeError):
 class SandboxSettings(Settings):
     """How model-written code runs: isolation and limits per program (one program = one candidate's tests)."""
 
-    sandbox: SandboxMode = setting("auto", "auto (namespace where bubblewrap can create namespaces, else limits) | "
-                                           "namespace (bubblewrap, required) | limits (resource limits only)")
+    sandbox: SandboxMode = setting(
+        "auto",
+        "auto (namespace where bubblewrap can create namespaces, else limits) | "
+        "namespace (bubblewrap, required) | limits (resource limits only)",
+    )
     sandbox_timeout_s: float = setting(10.0, "wall-clock limit of one program, seconds (CPU time: the same)", gt=0)
     sandbox_memory_mb: int = setting(1024, "address-space limit of one program, MB", ge=64)
     sandbox_file_mb: int = setting(16, "largest file (and output) one program may write, MB", ge=1)
@@ -185,13 +189,13 @@ os._exit(code if code >= 0 else 128 - code)
 class Sandbox:
     """A probed way to run programs here: the mode that runs, why, the interpreter and the user ids per slot."""
 
-    mode: str                 # namespace | limits: what actually runs
-    why: str                  # one line for the stage's log
-    python: str               # the interpreter programs run in
+    mode: str  # namespace | limits: what actually runs
+    why: str  # one line for the stage's log
+    python: str  # the interpreter programs run in
     bwrap: str | None = None
     setpriv: str | None = None  # as root: slot k runs as uid SLOT_UID_BASE + k, switched to by setpriv
     settings: SandboxSettings = dataclasses.field(default_factory=SandboxSettings)
-    process_base: int = 0     # threads the user already runs (not root): the process limit counts them too
+    process_base: int = 0  # threads the user already runs (not root): the process limit counts them too
 
     def workers(self) -> int:
         return self.settings.sandbox_workers or cores()
@@ -201,13 +205,45 @@ class Sandbox:
         s = self.settings
         nproc = s.sandbox_processes + (0 if uid is not None else self.process_base)
         cpu = max(1, math.ceil(s.sandbox_timeout_s))
-        command = [self.python, "-I", "-S", "-B", "-c", DRIVER, f"{s.sandbox_timeout_s:g}", str(cpu),
-                   str(s.sandbox_memory_mb << 20), str(s.sandbox_file_mb << 20), str(nproc), str(outcome_fd),
-                   str(program), self.mode]
+        command = [
+            self.python,
+            "-I",
+            "-S",
+            "-B",
+            "-c",
+            DRIVER,
+            f"{s.sandbox_timeout_s:g}",
+            str(cpu),
+            str(s.sandbox_memory_mb << 20),
+            str(s.sandbox_file_mb << 20),
+            str(nproc),
+            str(outcome_fd),
+            str(program),
+            self.mode,
+        ]
         if self.mode == "namespace":
-            command = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/dev/shm",
-                       "--bind", str(workdir), str(workdir), "--chdir", str(workdir), "--unshare-all",
-                       "--as-pid-1", "--die-with-parent", "--", *command]
+            command = [
+                self.bwrap,
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "--tmpfs",
+                "/dev/shm",
+                "--bind",
+                str(workdir),
+                str(workdir),
+                "--chdir",
+                str(workdir),
+                "--unshare-all",
+                "--as-pid-1",
+                "--die-with-parent",
+                "--",
+                *command,
+            ]
         if uid is not None:  # setpriv switches users, so the stage spawns with vfork (Popen(user=) would fork it)
             command = [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
         return command
@@ -225,17 +261,28 @@ class Sandbox:
             if uid is not None:
                 os.chown(workdir, uid, uid)
                 os.chmod(top, 0o755)
-            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
-                   "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+            env = {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": str(workdir),
+                "TMPDIR": str(workdir),
+                "LANG": "C.UTF-8",
+                "OMP_NUM_THREADS": "1",
+            }
             read_end, write_end = os.pipe()
             start = time.monotonic()
             try:
                 with open(top / "output", "wb+") as output:
                     try:
-                        proc = subprocess.Popen(self.command(workdir, program_file, write_end, uid), cwd=workdir,
-                                                env=env, stdin=subprocess.DEVNULL, stdout=output,
-                                                stderr=subprocess.STDOUT, pass_fds=(write_end,),
-                                                start_new_session=True)
+                        proc = subprocess.Popen(
+                            self.command(workdir, program_file, write_end, uid),
+                            cwd=workdir,
+                            env=env,
+                            stdin=subprocess.DEVNULL,
+                            stdout=output,
+                            stderr=subprocess.STDOUT,
+                            pass_fds=(write_end,),
+                            start_new_session=True,
+                        )
                     finally:
                         os.close(write_end)
                     timed_out = _wait(proc, s.sandbox_timeout_s)
@@ -260,6 +307,7 @@ class Sandbox:
                 return self.run(program, slot)
             finally:
                 slots.put(slot)
+
         if workers == 1:
             return [one(p) for p in programs]
         with ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool:
@@ -278,6 +326,7 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
     timer = threading.Timer(timeout + STOP_SECONDS, kill)
     timer.start()
     try:
@@ -301,13 +350,15 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode("utf-8", errors="replace")
 
 
-def classify(reported: str, returncode: int, timed_out: bool, seconds: float, settings: SandboxSettings,
-             output: str = "") -> Outcome:
+def classify(
+    reported: str, returncode: int, timed_out: bool, seconds: float, settings: SandboxSettings, output: str = ""
+) -> Outcome:
     """The Outcome from what the driver reported on its pipe, its exit code, and whether the wall limit hit."""
     kind, _, reason = reported.strip().partition("\n")[0].partition(" ")
     if timed_out:
-        return Outcome("timeout", f"wall time over {settings.sandbox_timeout_s:g}s (the sandbox did not stop it)",
-                       seconds, output)
+        return Outcome(
+            "timeout", f"wall time over {settings.sandbox_timeout_s:g}s (the sandbox did not stop it)", seconds, output
+        )
     if kind in STATUSES and returncode in (0, SIGNAL_EXIT + signal.SIGKILL):
         return Outcome(kind, reason[:REASON_CHARS], seconds, output)
     if returncode > SIGNAL_EXIT or returncode < 0:  # the program (> 128) or the driver itself (< 0) was killed
@@ -370,8 +421,10 @@ def open_sandbox(settings: SandboxSettings | None = None) -> Sandbox:
     setpriv, bwrap = shutil.which("setpriv") if root else None, shutil.which("bwrap")
     base = 0 if root else user_threads(os.getuid())
     modes = {"auto": ("namespace", "limits"), "namespace": ("namespace",), "limits": ("limits",)}[settings.sandbox]
-    problems: dict[str, list[str]] = {"namespace": [] if bwrap else ["bwrap is not installed (apt-get install "
-                                                                     "bubblewrap)"], "limits": []}
+    problems: dict[str, list[str]] = {
+        "namespace": [] if bwrap else ["bwrap is not installed (apt-get install bubblewrap)"],
+        "limits": [],
+    }
     for mode in modes:
         for switch in dict.fromkeys((setpriv, None)):
             for python in interpreters():
@@ -381,13 +434,23 @@ def open_sandbox(settings: SandboxSettings | None = None) -> Sandbox:
                 if (why := _usable(sandbox)) is not None:
                     problems[mode].append(f"{python}{' as another user' if switch else ''}: {why[:200]}")
                     continue
-                users = ", a user id per slot" if switch else ", as root: no process limit (setpriv is missing or " \
-                                                              "other users cannot run the interpreter)" if root else ""
+                users = (
+                    ", a user id per slot"
+                    if switch
+                    else ", as root: no process limit (setpriv is missing or other users cannot run the interpreter)"
+                    if root
+                    else ""
+                )
                 where = f", in {python}" if python != sys.executable else ""
-                fallback = "" if mode == settings.sandbox or mode == "namespace" else \
-                    f" (no namespace: {problems['namespace'][-1]})"
+                fallback = (
+                    ""
+                    if mode == settings.sandbox or mode == "namespace"
+                    else f" (no namespace: {problems['namespace'][-1]})"
+                )
                 return dataclasses.replace(sandbox, why=f"{mode} mode{fallback}{users}{where}")
         if mode == "namespace" and settings.sandbox == "namespace":
-            raise SandboxError(f"sandbox=namespace cannot run here: {'; '.join(problems['namespace'])}; use "
-                               "sandbox=auto or sandbox=limits")
+            raise SandboxError(
+                f"sandbox=namespace cannot run here: {'; '.join(problems['namespace'])}; use "
+                "sandbox=auto or sandbox=limits"
+            )
     raise SandboxError("sandbox: no interpreter can run a program here: " + "; ".join(problems["limits"]))

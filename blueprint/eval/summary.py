@@ -4,6 +4,7 @@ docstrings earn; the gate's decision and why; what looks wrong; and where the re
 Pure functions of the evaluation's history and the gate's record, so `blueprint run` and `BluePrint.train()` print
 the same summary.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,10 @@ def epoch_table(history: Sequence[Mapping[str, Any]]) -> list[str]:
         share = f"{gen / true:.0%}" if isinstance(gen, float) and isinstance(true, float) and true > 0 else "-"
         rows.append([cell(row.get(k)) for _, k in columns] + [share])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            for r in [header] + rows]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header] + rows
+    ]
 
 
 def warnings(last: Mapping[str, Any]) -> list[str]:
@@ -54,8 +57,9 @@ def warnings(last: Mapping[str, Any]) -> list[str]:
     if last.get("summary_tokens_mean") == 0:
         out.append("the summaries are empty (summary_tokens_mean 0): the summarizer says nothing about the code")
     elif isinstance(last.get("eos_rate"), float) and last["eos_rate"] < 0.5:
-        out.append(f"most summaries never finished (eos_rate {last['eos_rate']:.2f}): raise max_new_tokens or train "
-                   "longer")
+        out.append(
+            f"most summaries never finished (eos_rate {last['eos_rate']:.2f}): raise max_new_tokens or train longer"
+        )
     if last.get("code_parse_rate") == 0:
         out.append("no code the coder rebuilt parses (code_parse_rate 0)")
     reward, ceiling = last.get("reward_gen_mean"), last.get("reward_true_mean")
@@ -63,8 +67,10 @@ def warnings(last: Mapping[str, Any]) -> list[str]:
         out.append(f"the summaries help the coder less than no summary at all (reward {reward:.3f})")
     examples = last.get("examples")
     if isinstance(examples, int) and examples < MIN_EXAMPLES:
-        out.append(f"the evaluation ran on {examples} held-out functions (fewer than {MIN_EXAMPLES}): differences "
-                   "between epochs are mostly chance; raise evaluate.max_examples")
+        out.append(
+            f"the evaluation ran on {examples} held-out functions (fewer than {MIN_EXAMPLES}): differences "
+            "between epochs are mostly chance; raise evaluate.max_examples"
+        )
     return out
 
 
@@ -81,12 +87,20 @@ def floor_verdict(metrics: Mapping[str, Any], gate_settings: Mapping[str, Any]) 
     return "THE FINAL MODEL FAILED A FLOOR, do not use it: " + "; ".join(missed)
 
 
-def run_summary(history: Sequence[Mapping[str, Any]], gate: Mapping[str, Any] | None,
-                paths: Mapping[str, str], verdict: str | None = None) -> str:
+def run_summary(
+    history: Sequence[Mapping[str, Any]],
+    gate: Mapping[str, Any] | None,
+    paths: Mapping[str, str],
+    verdict: str | None = None,
+) -> str:
     """The end-of-run text: the epoch table, the gate's decision and the floor verdict, warnings, then the paths
     (name: where)."""
-    lines = ["", "How good the models are (held-out functions, greedy decoding; the ceiling is the reward the true "
-                 "docstrings earn):", ""]
+    lines = [
+        "",
+        "How good the models are (held-out functions, greedy decoding; the ceiling is the reward the true "
+        "docstrings earn):",
+        "",
+    ]
     lines += epoch_table(history)
     if gate:
         from blueprint.eval.promotion_rule import PROMOTE

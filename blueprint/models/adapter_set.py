@@ -6,6 +6,7 @@ itself unless the user names another model (the original API's
 Each distinct base is held in memory once: with one base, every role is an adapter of ONE PeftModel, as always;
 with two, the summaries pass between them as text, so their tokenizers may differ.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,33 +67,44 @@ def open_roles(bases: Bases, cfg: Any = None, progress: bool = True, task: str =
     return RoleModels(model, tokenizer, coder, coder_tokenizer)
 
 
-def load_roles(roles: RoleModels, adapter_dir: Path, names: Sequence[str] | None = None,
-               frozen: Sequence[str] = ("reference",)) -> RoleModels:
+def load_roles(
+    roles: RoleModels, adapter_dir: Path, names: Sequence[str] | None = None, frozen: Sequence[str] = ("reference",)
+) -> RoleModels:
     """The adapters saved under `adapter_dir` (`names`, default all of them) loaded onto the bases they belong to."""
     from blueprint.models import lora
 
     found = sorted(p.parent.name for p in Path(adapter_dir).glob("*/adapter_config.json"))
-    names = list(names) if names is not None else sorted(
-        found, key=lambda n: (lora.ROLES.index(n) if n in lora.ROLES else len(lora.ROLES), n))
+    names = (
+        list(names)
+        if names is not None
+        else sorted(found, key=lambda n: (lora.ROLES.index(n) if n in lora.ROLES else len(lora.ROLES), n))
+    )
     return roles.wrapped(lambda model, side: lora.load_adapters(model, adapter_dir, side, frozen), names)
 
 
-def save_adapter_set(roles: RoleModels, out_dir: Path, bases: Bases, names: Sequence[str],
-                     extra: dict | None = None) -> None:
+def save_adapter_set(
+    roles: RoleModels, out_dir: Path, bases: Bases, names: Sequence[str], extra: dict | None = None
+) -> None:
     """Adapters (peft safetensors, each recording its own base), the tokenizer of each base, and the bases'
     identities, under `out_dir`."""
     from blueprint.models import lora
 
-    named = {role: artifacts.portable_name(b) if is_artifact(b) else b  # no artifact root inside the files
-             for role, b in (("summarizer", bases.summarizer), (CODER, bases.coder))}
+    named = {
+        role: artifacts.portable_name(b) if is_artifact(b) else b  # no artifact root inside the files
+        for role, b in (("summarizer", bases.summarizer), (CODER, bases.coder))
+    }
     sides = [("summarizer", [n for n in names if n != CODER or roles.shared])]
     if not roles.shared and CODER in names:
         sides.append((CODER, [CODER]))
     for role, side in sides:
         lora.save_adapters(roles.model(role), out_dir / ADAPTERS_DIR, side, base_name=named[role])
         roles.tokenizer(role).save_pretrained(out_dir / TOKENIZER_DIRS[role])
-    meta = {"base": named["summarizer"], "base_identity": base_identity(bases.summarizer), "adapters": list(names),
-            **(extra or {})}
+    meta = {
+        "base": named["summarizer"],
+        "base_identity": base_identity(bases.summarizer),
+        "adapters": list(names),
+        **(extra or {}),
+    }
     if not bases.shared:
         meta.update(coder_base=named[CODER], coder_base_identity=base_identity(bases.coder))
     (out_dir / BASE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -107,14 +119,18 @@ def fetch_adapter_set(uri: str, bases: Bases, local_dir: Path) -> tuple[Path, di
     """Download a committed adapter set, refusing one whose roles were trained on other bases."""
     local, manifest = artifacts.download_artifact(uri, local_dir)
     if not (local / BASE_FILE).exists():
-        raise artifacts.ArtifactError(f"adapters {uri} is a {manifest.get('stage')!r} output, not an adapter set "
-                                      "(a warmup or ppo-round output)")
+        raise artifacts.ArtifactError(
+            f"adapters {uri} is a {manifest.get('stage')!r} output, not an adapter set (a warmup or ppo-round output)"
+        )
     meta = json.loads((local / BASE_FILE).read_text())
-    for role, recorded, base in zip(("summarizer", CODER), trained_on(meta), (bases.summarizer, bases.coder), strict=True):
+    for role, recorded, base in zip(
+        ("summarizer", CODER), trained_on(meta), (bases.summarizer, bases.coder), strict=True
+    ):
         if recorded != base_identity(base):
             trained = meta["base"] if role == "summarizer" else meta.get("coder_base", meta["base"])
             setting = "base" if role == "summarizer" else "coder_base"
             raise artifacts.ArtifactError(
                 f"adapters {uri}: the {role} was trained on base {trained!r} ({recorded}), not on {base!r} "
-                f"({base_identity(base)}): pass the {setting} it was trained on")
+                f"({base_identity(base)}): pass the {setting} it was trained on"
+            )
     return local / ADAPTERS_DIR, meta

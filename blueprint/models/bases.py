@@ -9,6 +9,7 @@ A base that is a committed artifact (the bootstrap output, or any folder committ
 An adapter set (`blueprint.models.adapter_set`) records the identity of its bases, so adapters are never silently
 applied to another.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,8 +86,9 @@ def resolve_input(name: str, uri: str) -> str:
 
 
 def is_artifact(uri: str) -> bool:
-    return (storage.is_s3(uri) or uri.startswith("file://") or "/" in uri) and \
-        storage.exists(artifacts.manifest_uri(uri))
+    return (storage.is_s3(uri) or uri.startswith("file://") or "/" in uri) and storage.exists(
+        artifacts.manifest_uri(uri)
+    )
 
 
 def base_identity(base: str) -> str:
@@ -111,8 +113,10 @@ class Bases:
         """`coder_base` empty or None means the summarizer's own base."""
         coder_base = coder_base or base
         if coder_base == "tiny" and base != "tiny":
-            raise InputError("coder_base 'tiny': the tiny base is built from the corpus for both roles; name a model "
-                             "for coder_base, or leave it empty to share the summarizer's base")
+            raise InputError(
+                "coder_base 'tiny': the tiny base is built from the corpus for both roles; name a model "
+                "for coder_base, or leave it empty to share the summarizer's base"
+            )
         return cls(base, coder_base)
 
     @property
@@ -148,10 +152,15 @@ def open_base(base: str, cfg: Any = None, progress: bool = True, task: str = "")
     if is_artifact(base) and not storage.is_s3(base):
         artifacts.read_manifest(base, verify="full")
         base = str(storage.local_path(base))
-    model, tokenizer = loading.load_base(base, dtype=where.dtype, attn_implementation=where.attn_implementation,
-                                         device=where.device)
+    model, tokenizer = loading.load_base(
+        base, dtype=where.dtype, attn_implementation=where.attn_implementation, device=where.device
+    )
     runtime.put(model, where)
     dtype, attention = str(where.dtype).removeprefix("torch."), model.config._attn_implementation
-    note(task or "base", f"on {where.device} in {dtype} ({attention} attention"
-                         f"{', gradient checkpointing' if where.gradient_checkpointing else ''})", progress)
+    note(
+        task or "base",
+        f"on {where.device} in {dtype} ({attention} attention"
+        f"{', gradient checkpointing' if where.gradient_checkpointing else ''})",
+        progress,
+    )
     return model, tokenizer

@@ -1,4 +1,5 @@
 """Ragged token lists as one padded batch: the one padding helper for generation, scoring and the merge check."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,8 +7,9 @@ from collections.abc import Sequence
 import torch
 
 
-def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, side: str = "left",
-              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    ids: Sequence[Sequence[int]], pad_id: int, side: str = "left", device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of ragged token lists, padded to the longest on `side`.
 
     Left padding for generation (every continuation starts at the same column), right padding for scoring.

@@ -1,5 +1,6 @@
 """Opening a base model: a hub id, a local directory or an `s3://` directory, checked before a stage
 spends time on it, with a tokenizer that can pad."""
+
 from __future__ import annotations
 
 import fcntl
@@ -34,8 +35,10 @@ def ensure_pad_token(tokenizer: Any, model: PreTrainedModel | None = None) -> An
     """
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ModelLoadError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has neither a pad nor an "
-                                 "EOS token; cannot pad batches")
+            raise ModelLoadError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has neither a pad nor an "
+                "EOS token; cannot pad batches"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     if model is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -44,8 +47,10 @@ def ensure_pad_token(tokenizer: Any, model: PreTrainedModel | None = None) -> An
 
 def _offline() -> bool:
     """Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _hub_reachable() -> tuple[bool, str]:
@@ -68,8 +73,9 @@ def _check_local_dir(path: Path, name: str) -> None:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"base model {name!r}: directory {path} has no config.json (not a saved model)")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
-        raise ModelLoadError(f"base model {name!r}: directory {path} has no weights "
-                             f"(looked for {', '.join(WEIGHT_PATTERNS)})")
+        raise ModelLoadError(
+            f"base model {name!r}: directory {path} has no weights (looked for {', '.join(WEIGHT_PATTERNS)})"
+        )
 
 
 def default_cache_dir() -> Path:
@@ -90,8 +96,9 @@ def fetch_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     try:
         raw = storage.read_bytes(storage.join(root, MANIFEST_NAME))
     except storage.StorageError as exc:
-        raise ModelLoadError(f"base model {uri!r}: cannot read its {MANIFEST_NAME} (missing = uncommitted or "
-                             f"partial output): {exc}") from exc
+        raise ModelLoadError(
+            f"base model {uri!r}: cannot read its {MANIFEST_NAME} (missing = uncommitted or partial output): {exc}"
+        ) from exc
     digest = hashlib.sha256(raw).hexdigest()
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = target / digest[:32]
@@ -129,9 +136,14 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(name)
 
 
-def load_base(name: str, *, dtype: torch.dtype | str = torch.float32, cache_dir: str | Path | None = None,
-              attn_implementation: str | None = None, device: torch.device | str | None = None
-              ) -> tuple[PreTrainedModel, Any]:
+def load_base(
+    name: str,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    cache_dir: str | Path | None = None,
+    attn_implementation: str | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[PreTrainedModel, Any]:
     """(causal LM in eval mode, tokenizer) from a hub id, a local directory, or a committed `s3://` directory.
 
     Fails fast and names `name` on: a missing directory, a directory without config or weights, an unknown or
@@ -160,8 +172,9 @@ def load_base(name: str, *, dtype: torch.dtype | str = torch.float32, cache_dir:
         published = str(config.dtype or "float32").removeprefix("torch.")  # loading in `dtype` overwrites it
         attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
         placement = {"device_map": {"": torch.device(device)}} if device is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **attention, **placement,
-                                                     **source)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, **attention, **placement, **source
+        )
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:
@@ -172,8 +185,10 @@ def load_base(name: str, *, dtype: torch.dtype | str = torch.float32, cache_dir:
     except RuntimeError as exc:
         if "mismatched_sizes" not in str(exc):
             raise
-        raise ModelLoadError(f"base model {name!r}: its weights do not fit its config.json (tensor shapes differ "
-                             "from the sizes it gives: a config from another model?)") from None
+        raise ModelLoadError(
+            f"base model {name!r}: its weights do not fit its config.json (tensor shapes differ "
+            "from the sizes it gives: a config from another model?)"
+        ) from None
     model.published_dtype = published  # what merge saves in by default
     ensure_pad_token(tokenizer, model)
     check_vocabulary(name, model, tokenizer)
@@ -190,9 +205,11 @@ def check_sizes(name: str, path: Path, config: Any) -> None:
     if not isinstance(vocab, int) or not isinstance(hidden, int) or not stored:
         return
     if vocab <= 0 or hidden <= 0 or vocab * hidden > 2 * stored:
-        raise ModelLoadError(f"base model {name!r}: its weights do not fit its config.json (vocab_size {vocab} x "
-                             f"hidden_size {hidden} = {vocab * hidden:.3g} embedding parameters, but the weights "
-                             f"hold {stored} bytes)")
+        raise ModelLoadError(
+            f"base model {name!r}: its weights do not fit its config.json (vocab_size {vocab} x "
+            f"hidden_size {hidden} = {vocab * hidden:.3g} embedding parameters, but the weights "
+            f"hold {stored} bytes)"
+        )
 
 
 def _broken_safetensors(path: Path) -> str:
@@ -213,8 +230,10 @@ def check_vocabulary(name: str, model: PreTrainedModel, tokenizer: Any) -> None:
     a GPU): refuse the pair now, naming the base. Fewer tokens than rows is fine (padded vocabularies)."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise ModelLoadError(f"base model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model's "
-                             f"embedding has {rows} rows: they are not one model's pair")
+        raise ModelLoadError(
+            f"base model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model's "
+            f"embedding has {rows} rows: they are not one model's pair"
+        )
 
 
 def check_base(name: str) -> None:
@@ -236,31 +255,37 @@ def _hub_source(name: str) -> dict[str, Any]:
     """from_pretrained kwargs for hub id `name`: the local HF cache when offline or when the hub is unreachable."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    hint = " (the embedded `tiny` base is built by the bootstrap stage: pass its output directory)" \
-        if name == "tiny" else ""
+    hint = (
+        " (the embedded `tiny` base is built by the bootstrap stage: pass its output directory)"
+        if name == "tiny"
+        else ""
+    )
     try:
         validate_repo_id(name)
     except HFValidationError as exc:
-        raise ModelLoadError(f"base model {name!r} is neither an existing directory nor a valid hub id: {exc}") \
-            from None
+        raise ModelLoadError(
+            f"base model {name!r} is neither an existing directory nor a valid hub id: {exc}"
+        ) from None
     cached = _in_hf_cache(name)
     if _offline():
         if not cached:
-            raise ModelLoadError(f"base model {name!r} is not a local directory and not in the local Hugging Face "
-                                 f"cache, and HF_HUB_OFFLINE is set{hint}")
+            raise ModelLoadError(
+                f"base model {name!r} is not a local directory and not in the local Hugging Face "
+                f"cache, and HF_HUB_OFFLINE is set{hint}"
+            )
         return dict(local_files_only=True)
     reachable, where = _hub_reachable()
     if reachable:
         return {}
     if cached:
         return dict(local_files_only=True)
-    raise ModelLoadError(f"base model {name!r} is not a local directory, not in the local Hugging Face cache, "
-                         f"and the hub ({where}) is unreachable{hint}")
+    raise ModelLoadError(
+        f"base model {name!r} is not a local directory, not in the local Hugging Face cache, "
+        f"and the hub ({where}) is unreachable{hint}"
+    )
 
 
 def _in_hf_cache(name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
-
-

@@ -4,6 +4,7 @@ Roles: `summarizer` (the PPO policy), `coder` (summary -> code) and, after warmu
 the summarizer, the KL anchor). They are adapters of ONE `peft.PeftModel`; switching a role is `set_adapter`, so the
 base weights are never copied (the base itself is opened by `blueprint.models.loading`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,9 @@ class LoraSettings(Settings):
     r: int = setting(16, "rank", gt=0)
     alpha: float = setting(32.0, "scale numerator (the update is scaled by alpha / r)", gt=0)
     dropout: float = setting(0.05, "dropout on the LoRA input", ge=0, lt=1)
-    target_modules: tuple[str, ...] | None = setting(None, "module names to adapt; None = the model's attention "
-                                                           "projections")
+    target_modules: tuple[str, ...] | None = setting(
+        None, "module names to adapt; None = the model's attention projections"
+    )
     all_attention: bool = setting(False, "also adapt the k and o projections")
 
     @field_validator("target_modules", mode="before")
@@ -52,8 +54,14 @@ class LoraSettings(Settings):
         return discover_targets(model, self.all_attention, getattr(model, "name_or_path", "") or "the base")
 
     def peft_config(self, model: PreTrainedModel) -> LoraConfig:
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
-                          target_modules=self.targets_for(model), task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            bias="none",
+            target_modules=self.targets_for(model),
+            task_type="CAUSAL_LM",
+        )
 
 
 def _check_names(names: Sequence[str]) -> None:
@@ -72,8 +80,7 @@ def _require_adapter(model: PeftModel, name: str) -> None:
         raise ValueError(f"adapter {name!r} not found; the model has {sorted(model.peft_config)}")
 
 
-def attach_adapters(base: PreTrainedModel, names: Sequence[str] = ROLES,
-                    lora: LoraSettings | None = None) -> PeftModel:
+def attach_adapters(base: PreTrainedModel, names: Sequence[str] = ROLES, lora: LoraSettings | None = None) -> PeftModel:
     """Wrap `base` in ONE PeftModel holding a fresh LoRA adapter per name; the first one is active.
 
     Base weights are frozen and shared by every adapter. Only the active adapter's weights require grad at first
@@ -110,8 +117,10 @@ def add_reference_adapter(model: PeftModel, source: str = "summarizer", name: st
     result = set_peft_model_state_dict(model, state, adapter_name=name)
     missing = [k for k in result.missing_keys if f".{name}." in k]
     if result.unexpected_keys or missing:
-        raise RuntimeError(f"copying adapter {source!r} into {name!r} failed: missing {missing[:3]}, "
-                           f"unexpected {result.unexpected_keys[:3]}")
+        raise RuntimeError(
+            f"copying adapter {source!r} into {name!r} failed: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
     model.set_requires_grad(name, requires_grad=False)
 
 
@@ -158,8 +167,9 @@ def use_adapter(model: PeftModel, name: str) -> Iterator[PeftModel]:
             p.requires_grad_(flag)
 
 
-def save_adapters(model: PeftModel, out_dir: str | Path, names: Sequence[str] | None = None,
-                  base_name: str | None = None) -> list[str]:
+def save_adapters(
+    model: PeftModel, out_dir: str | Path, names: Sequence[str] | None = None, base_name: str | None = None
+) -> list[str]:
     """Save adapters as `out_dir/<name>/{adapter_config.json, adapter_model.safetensors}`; returns the names.
 
     Each subdirectory loads with plain `peft.PeftModel.from_pretrained(base, out_dir/<name>)`. `base_name` is what
@@ -180,8 +190,12 @@ def save_adapters(model: PeftModel, out_dir: str | Path, names: Sequence[str] | 
     return names
 
 
-def load_adapters(base: PreTrainedModel, adapters_dir: str | Path, names: Sequence[str] | None = None,
-                  frozen: Sequence[str] = (REFERENCE,)) -> PeftModel:
+def load_adapters(
+    base: PreTrainedModel,
+    adapters_dir: str | Path,
+    names: Sequence[str] | None = None,
+    frozen: Sequence[str] = (REFERENCE,),
+) -> PeftModel:
     """Load the adapters saved by `save_adapters` onto `base`: one PeftModel, first name active.
 
     `names` default: every subdirectory with an adapter_config.json (roles first, in ROLES order). Adapters in
@@ -198,8 +212,9 @@ def load_adapters(base: PreTrainedModel, adapters_dir: str | Path, names: Sequen
     if missing:
         raise ModelLoadError(f"adapters {missing} not found in {str(adapters_dir)!r} (it has {found})")
     try:
-        model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0],
-                                          is_trainable=names[0] not in frozen)
+        model = PeftModel.from_pretrained(
+            base, str(root / names[0]), adapter_name=names[0], is_trainable=names[0] not in frozen
+        )
         for n in names[1:]:
             model.load_adapter(str(root / n), adapter_name=n, is_trainable=n not in frozen)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -7,6 +7,7 @@ template change cannot make training and scoring disagree. Two styles:
 - `structured`: the original prototype's format; the summary is asked for under four headings (`SECTIONS`), which
   gives an instruction-tuned hub model something concrete to fill in.
 """
+
 from __future__ import annotations
 
 import string
@@ -61,8 +62,10 @@ class PromptConfig(Settings):
             except ValueError as exc:
                 raise ConfigError(f"PromptConfig.{attr}={template!r} is not a valid template: {exc}") from None
             if names != [field]:
-                raise ConfigError(f"PromptConfig.{attr}={template!r} must contain the placeholder {{{field}}} exactly "
-                                  f"once and no other fields (found {names})")
+                raise ConfigError(
+                    f"PromptConfig.{attr}={template!r} must contain the placeholder {{{field}}} exactly "
+                    f"once and no other fields (found {names})"
+                )
         return self
 
 
@@ -92,8 +95,9 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
 
 
-def encode_targets(tokenizer: Any, targets: Sequence[str], *, max_tokens: int | None = None,
-                   add_eos: bool = True) -> tuple[list[list[int]], list[bool]]:
+def encode_targets(
+    tokenizer: Any, targets: Sequence[str], *, max_tokens: int | None = None, add_eos: bool = True
+) -> tuple[list[list[int]], list[bool]]:
     """Token ids of each target (completion) and whether it was cut to `max_tokens`.
 
     Targets are tokenized apart from their prompt and appended to it, so a target's tokens never depend on the
@@ -101,8 +105,10 @@ def encode_targets(tokenizer: Any, targets: Sequence[str], *, max_tokens: int | 
     when it was not cut: a truncated target must not teach "the code ends here".
     """
     if add_eos and tokenizer.eos_token_id is None:
-        raise InputError(f"tokenizer {type(tokenizer).__name__} has no EOS token; cannot end the targets: "
-                         "use a base whose tokenizer defines one")
+        raise InputError(
+            f"tokenizer {type(tokenizer).__name__} has no EOS token; cannot end the targets: "
+            "use a base whose tokenizer defines one"
+        )
     out, cut = [], []
     for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]:
         truncated = max_tokens is not None and len(ids) > max_tokens

@@ -5,6 +5,7 @@ Each model stage's config inherits `RuntimeSettings`, so `device`, `dtype`, `att
 `BluePrint(settings=...)` and in the pipeline's settings parameters. `place` resolves them on the machine that
 runs the stage: `device=cuda` where there is no CUDA fails there at once, naming the setting.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,13 +30,20 @@ class RuntimeSettings(Settings):
     """Where and in what precision a model stage runs (fields shared by every model stage's config)."""
 
     device: str = setting("auto", "auto (CUDA when visible, else CPU) | cpu | cuda | cuda:N")
-    dtype: str = setting("auto", "weights' dtype: auto (bf16 on a GPU that has it, else fp16 on a GPU, fp32 on "
-                                 "CPU) | float32 | bfloat16 | float16. LoRA weights and optimizer state stay fp32")
-    attn_implementation: str = setting("auto", "auto (flash_attention_2 on CUDA in bf16/fp16 when installed, else what "
-                                               "transformers picks: sdpa where the architecture has it) | sdpa | "
-                                               "eager | flash_attention_2")
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory for "
-                                                  "long code, about a third more time")
+    dtype: str = setting(
+        "auto",
+        "weights' dtype: auto (bf16 on a GPU that has it, else fp16 on a GPU, fp32 on "
+        "CPU) | float32 | bfloat16 | float16. LoRA weights and optimizer state stay fp32",
+    )
+    attn_implementation: str = setting(
+        "auto",
+        "auto (flash_attention_2 on CUDA in bf16/fp16 when installed, else what "
+        "transformers picks: sdpa where the architecture has it) | sdpa | "
+        "eager | flash_attention_2",
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass: less memory for long code, about a third more time"
+    )
     threads: int = setting(0, "torch threads; 0 = all cores", ge=0)
 
     @field_validator("device")
@@ -72,8 +80,10 @@ def resolve_device(device: str) -> Any:
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r}: this machine has no CUDA device (torch {torch.__version__}, "
-                              f"CUDA build {torch.version.cuda or 'none'}); set device=cpu or device=auto")
+            raise ConfigError(
+                f"device={device!r}: this machine has no CUDA device (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda or 'none'}); set device=cpu or device=auto"
+            )
         index = int(device.partition(":")[2] or local_rank)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
@@ -102,9 +112,11 @@ def resolve_attention(attn: str, device: Any, dtype: Any, flash_installed: bool 
     if attn == "auto":
         return "flash_attention_2" if device.type == "cuda" and flash_installed and sixteen_bit else None
     if attn == "flash_attention_2" and (not flash_installed or device.type != "cuda" or not sixteen_bit):
-        raise ConfigError(f"attn_implementation='flash_attention_2': needs CUDA, the flash-attn package and "
-                          f"dtype bfloat16 or float16 (here {str(dtype).removeprefix('torch.')} on {device.type}); "
-                          "use sdpa")
+        raise ConfigError(
+            f"attn_implementation='flash_attention_2': needs CUDA, the flash-attn package and "
+            f"dtype bfloat16 or float16 (here {str(dtype).removeprefix('torch.')} on {device.type}); "
+            "use sdpa"
+        )
     return attn
 
 
@@ -117,8 +129,9 @@ def place(settings: RuntimeSettings) -> Placement:
 
         torch.cuda.set_device(device)
     dtype = resolve_dtype(settings.dtype, device)
-    return Placement(device, dtype, resolve_attention(settings.attn_implementation, device, dtype),
-                     settings.gradient_checkpointing)
+    return Placement(
+        device, dtype, resolve_attention(settings.attn_implementation, device, dtype), settings.gradient_checkpointing
+    )
 
 
 def put(model: Any, where: Placement) -> Any:
@@ -161,8 +174,10 @@ def named_out_of_memory(stage: str, budgets: Sequence[str]) -> Iterator[None]:
         if torch is None or not isinstance(exc, torch.OutOfMemoryError):
             raise
         hint = ", ".join(f"{stage}.{b}" for b in budgets)
-        raise OutOfMemory(f"{stage}: out of memory ({str(exc).splitlines()[0][:160]}): lower {hint}, or set "
-                          f"{stage}.dtype=bfloat16 or {stage}.gradient_checkpointing=true") from None
+        raise OutOfMemory(
+            f"{stage}: out of memory ({str(exc).splitlines()[0][:160]}): lower {hint}, or set "
+            f"{stage}.dtype=bfloat16 or {stage}.gradient_checkpointing=true"
+        ) from None
 
 
 def release_memory() -> None:

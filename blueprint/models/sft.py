@@ -3,6 +3,7 @@
 Data are prompt-completion pairs, so the loss falls on the completion only; texts are clipped to the same token
 limits the reward uses, so what a role learns on is what it is later judged on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,9 @@ def clip_tokens(tokenizer: Any, texts: list[str], max_tokens: int) -> list[str]:
     return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids, strict=True)]
 
 
-def sft_datasets(pairs: list[dict], tokenizer: Any, prompt_style: str, max_code_tokens: int,
-                 max_summary_tokens: int) -> dict[str, Any]:
+def sft_datasets(
+    pairs: list[dict], tokenizer: Any, prompt_style: str, max_code_tokens: int, max_summary_tokens: int
+) -> dict[str, Any]:
     """Prompt-completion datasets for both roles (clipped consistently with the reward's limits)."""
     from datasets import Dataset
 
@@ -70,8 +72,11 @@ def step_logger(track: Callable[[int, dict[str, float]], None], step_offset: int
             logs = logs or {}
             if "loss" not in logs:  # evaluation and end-of-training summaries are not steps
                 return
-            row = {k: v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm",
-                                                           "mean_token_accuracy", "entropy")}
+            row = {
+                k: v
+                for k, v in logs.items()
+                if k in ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy")
+            }
             now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
             if self.last is not None and now > self.last[0]:
                 row["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
@@ -126,21 +131,39 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, run: SFTRun, tra
         # bf16 autocast only for a bf16 base: trl's own default (bf16=True, on CPU too) trained an fp32 model in
         # bf16, 7x slower on CPU, and rounded each rank's gradient before the all-reduce (N ranks != 1 process)
         args = SFTConfig(
-            output_dir=tmp, max_steps=max(steps, 1), per_device_train_batch_size=batch_size // ranks,
-            per_device_eval_batch_size=batch_size, learning_rate=run.lr, lr_scheduler_type="cosine",
-            warmup_steps=min(10, max(steps // 10, 0)), logging_steps=1, save_strategy="no",  # a point per step
-            report_to="none", use_cpu=next(model.parameters()).device.type == "cpu", seed=run.seed, data_seed=run.seed,
-            disable_tqdm=not bar, eval_on_start=steps > 0, ddp_find_unused_parameters=False,
+            output_dir=tmp,
+            max_steps=max(steps, 1),
+            per_device_train_batch_size=batch_size // ranks,
+            per_device_eval_batch_size=batch_size,
+            learning_rate=run.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=min(10, max(steps // 10, 0)),
+            logging_steps=1,
+            save_strategy="no",  # a point per step
+            report_to="none",
+            use_cpu=next(model.parameters()).device.type == "cpu",
+            seed=run.seed,
+            data_seed=run.seed,
+            disable_tqdm=not bar,
+            eval_on_start=steps > 0,
+            ddp_find_unused_parameters=False,
             bf16=getattr(model, "dtype", None) == torch.bfloat16,
-            max_length=run.max_length, dataloader_num_workers=0,
-            completion_only_loss=True, gradient_checkpointing=run.gradient_checkpointing,
+            max_length=run.max_length,
+            dataloader_num_workers=0,
+            completion_only_loss=True,
+            gradient_checkpointing=run.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if run.gradient_checkpointing else None,
         )
         probe = train.select(range(min(len(train), len(evals))))
         start = start_losses()
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train,
-                             eval_dataset={"eval": evals, "train": probe}, processing_class=tokenizer,
-                             callbacks=[start] + ([track] if track is not None else []))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset={"eval": evals, "train": probe},
+            processing_class=tokenizer,
+            callbacks=[start] + ([track] if track is not None else []),
+        )
         if not bar:  # lines instead of a bar (kfp.local, pod logs), or nothing at all
             trainer.remove_callback(PrinterCallback)
             if progress:
@@ -148,12 +171,16 @@ def train_adapter(model, tokenizer, adapter: str, train, evals, run: SFTRun, tra
         if steps > 0:
             trainer.train()
             if ranks > 1 and trainer.model_wrapped is trainer.model:
-                raise RuntimeError(f"{task} ({adapter}): the Trainer trained without DDP on {ranks} processes; "
-                                   "an evaluation before training left the model marked as prepared")
+                raise RuntimeError(
+                    f"{task} ({adapter}): the Trainer trained without DDP on {ranks} processes; "
+                    "an evaluation before training left the model marked as prepared"
+                )
         after = trainer.evaluate()
         before = start.metrics if steps > 0 else after
     before, after = ({"eval_loss": m["eval_eval_loss"], "train_loss": m["eval_train_loss"]} for m in (before, after))
     model.eval()
     for name, value in after.items():
         check_finite_loss(value, f"{task} ({adapter} {name})", run.lr_setting, run.lr)
-    return {f"{adapter}_{k}_before": v for k, v in before.items()} | {f"{adapter}_{k}_after": v for k, v in after.items()}
+    return {f"{adapter}_{k}_before": v for k, v in before.items()} | {
+        f"{adapter}_{k}_after": v for k, v in after.items()
+    }

@@ -6,6 +6,7 @@ Causal LMs name their attention projections in a handful of ways: separate `q_pr
 else inside a module called attention. The default adapts the query and value projections (the LoRA paper's
 choice), or the fused projection that holds them; `all_attention` adds the key and output projections.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -63,5 +64,7 @@ def discover_targets(model: Any, all_attention: bool = False, name: str = "the b
     if leaves:
         return _unambiguous(model, leaves)
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_projection(m)})
-    raise NoLoraTargets(f"{name}: found no linear projection inside an attention block to adapt with LoRA "
-                        f"(linear modules: {', '.join(linear[:12]) or 'none'}); set target_modules to choose them")
+    raise NoLoraTargets(
+        f"{name}: found no linear projection inside an attention block to adapt with LoRA "
+        f"(linear modules: {', '.join(linear[:12]) or 'none'}); set target_modules to choose them"
+    )

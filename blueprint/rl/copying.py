@@ -5,6 +5,7 @@ paste the code into the "summary". `copy_rate` measures that on token n-grams an
 `copy_penalty * copy_rate` from the score. Token n-grams (not characters) keep it tokenizer-consistent with what
 the policy actually emits and cheap enough to run on every rollout.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ def _as_list(ids: TokenIds) -> list[int]:
 def ngrams(ids: TokenIds, n: int) -> list[tuple[int, ...]]:
     """All contiguous token n-grams of `ids`, in order, with repeats."""
     ids = _as_list(ids)
-    return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
 
 
 def copy_rate(summary_ids: TokenIds, code_ids: TokenIds, n: int = 4) -> float:

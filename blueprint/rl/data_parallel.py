@@ -10,6 +10,7 @@ Mini-batches are drawn from one permutation of the global batch (rank 0's, broad
 the rows it owns, weighted by their share of the mini-batch's valid tokens across all ranks: the summed gradient is
 the one a single process computes over the whole batch, up to the order of float additions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,7 @@ def sync_gradients(params: list[torch.Tensor]) -> None:
     flat = distributed.all_sum(torch.cat([g.reshape(-1) for g in grads]))
     start = 0
     for p, g in zip(params, grads, strict=True):
-        p.grad = flat[start:start + g.numel()].view_as(g).to(g.dtype)
+        p.grad = flat[start : start + g.numel()].view_as(g).to(g.dtype)
         start += g.numel()
 
 
@@ -69,7 +70,7 @@ def in_step_order(items: list, per_step: int) -> list:
     """Every rank's `items` (`per_step` of them a step on each) in the order one process makes them: step by step,
     rank by rank within a step."""
     parts = distributed.all_objects(items)
-    return [x for step in range(0, len(items), per_step) for part in parts for x in part[step:step + per_step]]
+    return [x for step in range(0, len(items), per_step) for part in parts for x in part[step : step + per_step]]
 
 
 def rng_states() -> dict:

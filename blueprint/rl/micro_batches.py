@@ -9,6 +9,7 @@ Why trimming: queries are left-padded to the longest in the batch and responses 
 code of mixed length much of every pass is padding. Each micro-batch keeps only the columns some row of it uses,
 and when a mini-batch is split, its rows are grouped by length first so that the parts are short together.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ class MicroBatch:
 def row_lengths(attention_mask: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(query tokens, valid response tokens) of each row of a rollout (query left-padded, response right-padded)."""
     n_response = mask.shape[1]
-    return attention_mask[:, :attention_mask.shape[1] - n_response].sum(1), mask.sum(1).long()
+    return attention_mask[:, : attention_mask.shape[1] - n_response].sum(1), mask.sum(1).long()
 
 
 def trim(rows: torch.Tensor, query_len: torch.Tensor, response_len: torch.Tensor, query_width: int) -> MicroBatch:
@@ -50,8 +51,14 @@ def trim(rows: torch.Tensor, query_len: torch.Tensor, response_len: torch.Tensor
     return MicroBatch(rows, query_width - longest_query, query_width + width, width)
 
 
-def pack(rows: torch.Tensor, query_len: torch.Tensor, response_len: torch.Tensor, query_width: int,
-         budget: int | None, max_rows: int) -> list[MicroBatch]:
+def pack(
+    rows: torch.Tensor,
+    query_len: torch.Tensor,
+    response_len: torch.Tensor,
+    query_width: int,
+    budget: int | None,
+    max_rows: int,
+) -> list[MicroBatch]:
     """`rows` (local row numbers) as micro-batches of at most `max_rows` rows whose trimmed size (rows x columns)
     stays within `budget` tokens (a row alone may exceed it). When `rows` fit in one pass they stay in their order
     (one pass: nothing to gain); otherwise they are grouped by length, longest first, so short rows share a pass."""
@@ -85,8 +92,9 @@ def grouped_by_length(permutation: torch.Tensor, query_len: torch.Tensor, size: 
     return torch.cat(runs)
 
 
-def epoch_layout(permutation: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, cfg: Any
-                 ) -> list[tuple[torch.Tensor, list[MicroBatch]]]:
+def epoch_layout(
+    permutation: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, cfg: Any
+) -> list[tuple[torch.Tensor, list[MicroBatch]]]:
     """One epoch of a rank's rollout (`attention_mask`, response `mask`): the mini-batches of the global
     `permutation` (grouped by length when `cfg.group_by_length`), each with this rank's micro-batches of it."""
     n_local = mask.shape[0]
@@ -95,8 +103,20 @@ def epoch_layout(permutation: torch.Tensor, attention_mask: torch.Tensor, mask: 
     max_rows = min(cfg.mini_batch_size, cfg.forward_batch_size or cfg.mini_batch_size)
     if cfg.group_by_length:
         permutation = grouped_by_length(permutation, distributed.all_cat(query_len), cfg.mini_batch_size)
-    return [(idx, pack(data_parallel.owned_rows(idx, offset, n_local), query_len, response_len, query_width,
-                       cfg.update_batch_tokens, max_rows)) for idx in permutation.split(cfg.mini_batch_size)]
+    return [
+        (
+            idx,
+            pack(
+                data_parallel.owned_rows(idx, offset, n_local),
+                query_len,
+                response_len,
+                query_width,
+                cfg.update_batch_tokens,
+                max_rows,
+            ),
+        )
+        for idx in permutation.split(cfg.mini_batch_size)
+    ]
 
 
 def padding_share(parts: Sequence[MicroBatch], query_len: torch.Tensor, response_len: torch.Tensor) -> tuple[int, int]:

@@ -21,6 +21,7 @@ Failure contract: a batch whose score is NaN/inf is skipped (`stats["skipped"] =
 `KLExplodedError` *after* the trainer has rolled the policy adapter, value head and optimizer back to their state
 before the previous update (the last state whose KL passed the check), so the caller can catch it, save, and stop.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,17 +72,27 @@ class PPOTrainer:
             raise ValueError(f"no parameters belong to adapter {config.policy_adapter!r}")
         self.params = self.policy_params + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.kl_ctl = (ppo_math.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
-                       if config.adaptive_kl else ppo_math.FixedKLController(config.init_kl_coef))
-        self.generation_config = GenerationConfig(
-            do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-            max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
-            repetition_penalty=1.0, no_repeat_ngram_size=0,  # override any hub defaults that would distort π
+        self.kl_ctl = (
+            ppo_math.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
+            if config.adaptive_kl
+            else ppo_math.FixedKLController(config.init_kl_coef)
         )
-        self.engine = None       # a rollout engine (blueprint.engines.policy.PolicySampler) instead of generate()
-        self.step = 0            # completed updates
-        self.bad_batches = 0     # consecutive skipped batches
+        self.generation_config = GenerationConfig(
+            do_sample=True,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,  # override any hub defaults that would distort π
+        )
+        self.engine = None  # a rollout engine (blueprint.engines.policy.PolicySampler) instead of generate()
+        self.step = 0  # completed updates
+        self.bad_batches = 0  # consecutive skipped batches
         self.skipped_total = 0
         self._last_good: dict | None = None
         self._bad_loss: str | None = None  # what made this rank's last micro-batch loss non-finite
@@ -92,17 +103,22 @@ class PPOTrainer:
         if adapter is not None:  # requires_grad only on the policy adapter, never on the anchor
             self.model.set_adapter(adapter, inference_mode=adapter != self.config.policy_adapter)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
-                 with_values: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int, with_values: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (and values) at the positions that predict the response tokens, for the active adapter.
 
         Runs the decoder once and applies the LM head only to the response positions: on long code prompts most of
         the LM head's cost (and memory) would otherwise go to query positions nobody needs.
         """
         with self._autocast():
-            out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                               position_ids=ppo_math.position_ids(attention_mask), use_cache=False)
-            hidden = out.last_hidden_state[:, -n_response - 1:-1]
+            out = self.causal_lm.get_decoder()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=ppo_math.position_ids(attention_mask),
+                use_cache=False,
+            )
+            hidden = out.last_hidden_state[:, -n_response - 1 : -1]
             logits = self.causal_lm.get_output_embeddings()(hidden).float()
         cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
         if cap:
@@ -113,12 +129,17 @@ class PPOTrainer:
         dtype = self.config.autocast_dtype
         return torch.autocast(self.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None)
 
-    def _forward_part(self, r: Rollout, part: MicroBatch, with_values: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_part(
+        self, r: Rollout, part: MicroBatch, with_values: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`_forward` of the rows and columns of one micro-batch (see `micro_batches`)."""
         rows = part.rows.to(self.device)
-        return self._forward(r.input_ids[rows, part.start:part.stop], r.attention_mask[rows, part.start:part.stop],
-                             part.width, with_values)
+        return self._forward(
+            r.input_ids[rows, part.start : part.stop],
+            r.attention_mask[rows, part.start : part.stop],
+            part.width,
+            with_values,
+        )
 
     @torch.inference_mode()
     def _score_forwards(self, r: Rollout) -> None:
@@ -129,7 +150,7 @@ class PPOTrainer:
         layout = epoch_layout(r.permutation, r.attention_mask, r.mask, self.config)
         parts = [part for _, mini in layout for part in mini]
         for part in parts:
-            rows, resp = part.rows.to(self.device), r.response[part.rows.to(self.device), :part.width]
+            rows, resp = part.rows.to(self.device), r.response[part.rows.to(self.device), : part.width]
             self._activate(self.config.policy_adapter)
             logits, values = self._forward_part(r, part, with_values=True)
             logp, entropy = ppo_math.logprobs_and_entropy(logits, resp, T)
@@ -142,7 +163,7 @@ class PPOTrainer:
                 ref_logits, _ = self._forward_part(r, part, with_values=False)
             ref_logp, _ = ppo_math.logprobs_and_entropy(ref_logits, resp, T, with_entropy=False)
             for k, v in zip(("logp", "ref_logp", "values", "entropy"), (logp, ref_logp, values, entropy), strict=True):
-                out[k][rows, :part.width] = v.float()
+                out[k][rows, : part.width] = v.float()
         self._activate(self.config.policy_adapter)
         for k, v in out.items():  # clone out of inference mode: these become constants inside the PPO loss
             setattr(r, k, v.clone())
@@ -158,13 +179,21 @@ class PPOTrainer:
             ids = torch.tensor([q] * k, device=self.device)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                out.append(self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               generation_config=self.generation_config)[:, ids.shape[1]:])
+                out.append(
+                    self.model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self.generation_config
+                    )[:, ids.shape[1] :]
+                )
         return out
 
-    def make_rollout(self, queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor, score_fn: ScoreFn,
-                     code_ids: Sequence[Sequence[int]] | None = None, timings: dict | None = None,
-                     seeds: Sequence[int] | None = None) -> Rollout:
+    def make_rollout(
+        self,
+        queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor,
+        score_fn: ScoreFn,
+        code_ids: Sequence[Sequence[int]] | None = None,
+        timings: dict | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> Rollout:
         """Generate, EOS-cut, score (and penalise); then the no-grad forwards unless a score is NaN/inf.
         `seeds` (one per query): sample each query under its own seed instead of from the batch's RNG stream."""
         timings = {} if timings is None else timings
@@ -185,16 +214,25 @@ class PPOTrainer:
             chunks = [chunk.to(self.device)]
         else:
             with torch.inference_mode(), self._autocast():
-                chunks = self._sample_per_query(query_ids[::k], seeds) if seeds is not None else [
-                    self.model.generate(input_ids=input_ids[s:s + rows], attention_mask=attention_mask[s:s + rows],
-                                        generation_config=self.generation_config)[:, Q:] for s in range(0, B, rows)]
+                chunks = (
+                    self._sample_per_query(query_ids[::k], seeds)
+                    if seeds is not None
+                    else [
+                        self.model.generate(
+                            input_ids=input_ids[s : s + rows],
+                            attention_mask=attention_mask[s : s + rows],
+                            generation_config=self.generation_config,
+                        )[:, Q:]
+                        for s in range(0, B, rows)
+                    ]
+                )
         width = max(c.shape[1] for c in chunks)
         response = torch.cat([F.pad(c, (0, width - c.shape[1]), value=self.pad_token_id) for c in chunks]).clone()
         mask, lengths, has_eos = ppo_math.eos_cut(response, self.eos_token_id)
         R = int(mask.sum(1).max())  # drop columns that are padding in every row
         response, mask = response[:, :R], mask[:, :R]
         response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_token_id))
-        response_ids = [response[i, :lengths[i]].tolist() for i in range(B)]
+        response_ids = [response[i, : lengths[i]].tolist() for i in range(B)]
         timings["generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -203,16 +241,27 @@ class PPOTrainer:
         raw = torch.as_tensor(raw, dtype=torch.float32).detach().flatten().cpu()
         if raw.numel() != B:
             raise ValueError(f"score_fn returned {raw.numel()} scores for {B} responses")
-        components = {k: torch.as_tensor(v, dtype=torch.float32).detach().flatten().cpu()
-                      for k, v in components.items()}
+        components = {
+            k: torch.as_tensor(v, dtype=torch.float32).detach().flatten().cpu() for k, v in components.items()
+        }
         codes = query_ids if code_ids is None else [list(c) for c in code_ids for _ in range(k)]
         rate = copy_rates(response_ids, codes, cfg.copy_ngram)
         scores = raw - cfg.copy_penalty * rate - cfg.missing_eos_penalty * (~has_eos.cpu()).float()
         timings["score"] = time.perf_counter() - t0
 
-        r = Rollout(query_ids, response_ids, torch.cat([input_ids, response], 1),
-                    torch.cat([attention_mask, torch.ones_like(response)], 1), response, mask, has_eos.cpu(),
-                    raw, rate, scores, components)
+        r = Rollout(
+            query_ids,
+            response_ids,
+            torch.cat([input_ids, response], 1),
+            torch.cat([attention_mask, torch.ones_like(response)], 1),
+            response,
+            mask,
+            has_eos.cpu(),
+            raw,
+            rate,
+            scores,
+            components,
+        )
         if data_parallel.all_finite(r.finite):  # a skipped batch draws nothing (and on no rank)
             t0 = time.perf_counter()
             r.permutation = data_parallel.global_permutation(B * distributed.world_size())  # the first epoch's
@@ -225,9 +274,13 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- step
 
-    def ppo_step(self, queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor, score_fn: ScoreFn,
-                 code_ids: Sequence[Sequence[int]] | None = None, seeds: Sequence[int] | None = None
-                 ) -> dict[str, float]:
+    def ppo_step(
+        self,
+        queries: Sequence[torch.Tensor | Sequence[int]] | torch.Tensor,
+        score_fn: ScoreFn,
+        code_ids: Sequence[Sequence[int]] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> dict[str, float]:
         """One PPO iteration of `batch_size` rollouts; returns flat float stats (see module doc for failures).
 
         `code_ids` are the code tokens the copy guard compares against (default: the query tokens themselves).
@@ -251,10 +304,17 @@ class PPOTrainer:
         self.bad_batches += 1
         self.skipped_total += 1
         if self.bad_batches > self.config.max_bad_batches:
-            raise PPOError(f"{self.bad_batches} consecutive batches with non-finite scores "
-                           f"(max_bad_batches={self.config.max_bad_batches})")
-        return {"skipped": 1.0, "bad_batches": float(self.bad_batches), "skipped_total": float(self.skipped_total),
-                "step": float(self.step), "kl_coef": self.kl_ctl.value}
+            raise PPOError(
+                f"{self.bad_batches} consecutive batches with non-finite scores "
+                f"(max_bad_batches={self.config.max_bad_batches})"
+            )
+        return {
+            "skipped": 1.0,
+            "bad_batches": float(self.bad_batches),
+            "skipped_total": float(self.skipped_total),
+            "step": float(self.step),
+            "kl_coef": self.kl_ctl.value,
+        }
 
     def learn(self, r: Rollout, timings: dict[str, float] | None = None) -> dict[str, float]:
         """The PPO update from a rollout (`make_rollout` + `learn` = `ppo_step`); skips batches with bad scores."""
@@ -276,10 +336,16 @@ class PPOTrainer:
 
         lengths = every(torch.tensor([float(len(x)) for x in r.response_ids]))
         stats: dict[str, float] = {
-            "skipped": 0.0, "score/mean": all_scores.mean().item(), "score/std": ppo_math.scalar_std(all_scores),
-            "score/raw_mean": all_raw.mean().item(), "score/raw_std": ppo_math.scalar_std(all_raw),
-            "copy_rate": every(r.copy_rate).mean().item(), "no_eos_rate": (~every(r.has_eos)).float().mean().item(),
-            "kl": kl_seq.mean().item(), "kl_coef": beta, "non_score_reward": (-beta * kl_seq).mean().item(),
+            "skipped": 0.0,
+            "score/mean": all_scores.mean().item(),
+            "score/std": ppo_math.scalar_std(all_scores),
+            "score/raw_mean": all_raw.mean().item(),
+            "score/raw_std": ppo_math.scalar_std(all_raw),
+            "copy_rate": every(r.copy_rate).mean().item(),
+            "no_eos_rate": (~every(r.has_eos)).float().mean().item(),
+            "kl": kl_seq.mean().item(),
+            "kl_coef": beta,
+            "non_score_reward": (-beta * kl_seq).mean().item(),
             "entropy": ppo_math.masked_mean(r.entropy, r.mask, reduce=reduce).item(),
             "response_length": float(lengths.sum()) / len(lengths),
             "values/mean": ppo_math.masked_mean(r.values, r.mask, reduce=reduce).item(),
@@ -319,8 +385,9 @@ class PPOTrainer:
             permutation = first if first is not None else data_parallel.global_permutation(B * ranks)
             for idx, parts in epoch_layout(permutation, r.attention_mask, r.mask, cfg):
                 self.optimizer.zero_grad(set_to_none=True)
-                st = self._accumulate(r, parts, targets, valid_per_row[idx].sum().clamp(min=1),
-                                      whole=ranks == 1 and len(parts) == 1)
+                st = self._accumulate(
+                    r, parts, targets, valid_per_row[idx].sum().clamp(min=1), whole=ranks == 1 and len(parts) == 1
+                )
                 bad, self._bad_loss = self._bad_loss, None
                 if not data_parallel.all_finite(bad is None):
                     self._rollback()  # minibatches already applied this step are undone too
@@ -335,8 +402,9 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {k: v / n for k, v in totals.items()}
 
-    def _accumulate(self, r: Rollout, parts: list[MicroBatch], targets: ppo_math.Targets, valid: torch.Tensor,
-                    whole: bool) -> dict[str, torch.Tensor]:
+    def _accumulate(
+        self, r: Rollout, parts: list[MicroBatch], targets: ppo_math.Targets, valid: torch.Tensor, whole: bool
+    ) -> dict[str, torch.Tensor]:
         """Gradients of this rank's micro-batches `parts` of one mini-batch's PPO loss; each micro-batch's token mean
         is weighted by its share of the mini-batch's `valid` tokens (on all ranks), so the sum over micro-batches and
         ranks is the mini-batch's loss. `whole`: `parts` is the whole mini-batch in one pass."""
@@ -363,8 +431,10 @@ class PPOTrainer:
     # ---------------------------------------------------------------- state
 
     def _snapshot(self) -> dict:
-        return {"params": [p.detach().clone() for p in self.params],
-                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+        return {
+            "params": [p.detach().clone() for p in self.params],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        }
 
     def _rollback(self) -> bool:
         """Restore policy LoRA, value head and optimizer to just before the last update (False if none yet)."""
@@ -379,9 +449,13 @@ class PPOTrainer:
     def state_dict(self) -> dict:
         """Everything besides the adapter weights needed to resume a round (save those with peft)."""
         return {
-            "step": self.step, "bad_batches": self.bad_batches, "skipped_total": self.skipped_total,
-            "kl_ctl": self.kl_ctl.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "value_head": self.value_head.state_dict(), "config": self.config.to_dict(),
+            "step": self.step,
+            "bad_batches": self.bad_batches,
+            "skipped_total": self.skipped_total,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "value_head": self.value_head.state_dict(),
+            "config": self.config.to_dict(),
             "rng": data_parallel.rng_states(),
         }
 

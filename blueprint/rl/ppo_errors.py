@@ -1,4 +1,5 @@
 """What the PPO trainer raises: the user's to fix (one line, exit 2), never a bug's traceback."""
+
 from __future__ import annotations
 
 from blueprint.errors import UserError

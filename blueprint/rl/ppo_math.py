@@ -4,6 +4,7 @@ Kept apart from `ppo.py` (which owns models, generation and the loop) so each fo
 tiny tensors. Conventions: tensors are [B, T] over response tokens; `mask` is 1.0 on valid response tokens (up to
 and including the first EOS) and 0.0 after it. Valid tokens always form a prefix of each row.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, reduce: Reduce | None = None
-                ) -> torch.Tensor:
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, reduce: Reduce | None = None
+) -> torch.Tensor:
     """Mean of `x` over positions where `mask` is 1 (all of them when `dim` is None); with `reduce`, over the
     valid positions of every rank."""
     if dim is None:
@@ -29,8 +31,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, red
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce: Reduce | None = None
-               ) -> torch.Tensor:
+def masked_var(
+    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce: Reduce | None = None
+) -> torch.Tensor:
     """Variance of `x` over valid positions (Bessel-corrected by default, like torch.var)."""
     mean = masked_mean(x, mask, reduce=reduce)
     var = masked_mean((x - mean) ** 2, mask, reduce=reduce)
@@ -40,8 +43,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduc
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  reduce: Reduce | None = None) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Reduce | None = None
+) -> torch.Tensor:
     """Standardise `x` over valid positions; invalid positions come back as 0 so they cannot leak into sums.
 
     `shift_mean=False` only rescales (keeps the sign of rewards meaningful).
@@ -78,8 +82,9 @@ def group_baseline(scores: torch.Tensor, group_size: int, scale: bool = True, ep
     return centred / (centred.std() + eps) if scale else centred
 
 
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                         with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(token) and the entropy of π, with π = softmax(logits / temperature), in one log_softmax.
 
     The temperature must be the sampling temperature: the rollout was drawn from softmax(logits/T), so that is the
@@ -111,8 +116,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def per_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                      kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_rewards(
+    scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [B, T]: −β·(log π − log π_ref) (the k1 KL estimator) on every valid token, score on the last one.
 
     Returns (rewards, kl) with kl = (log π − log π_ref)·mask per token.
@@ -125,8 +131,9 @@ def per_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
     return rewards, kl
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over [B, T]; the episode ends after the last valid token (bootstrap 0).
 
     Because valid tokens form a prefix, zeroing rewards and values past it makes the recursion terminate there.
@@ -161,8 +168,9 @@ class Targets:
         return Targets(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
-def ppo_losses(logp: torch.Tensor, values: torch.Tensor, old: Targets, cliprange: float,
-               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_losses(
+    logp: torch.Tensor, values: torch.Tensor, old: Targets, cliprange: float, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate policy loss and clipped value loss of the current `logp` and `values`, token-averaged over
     the valid tokens of `old`.
 
@@ -183,7 +191,7 @@ def ppo_losses(logp: torch.Tensor, values: torch.Tensor, old: Targets, cliprange
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg2 > pg1).float(), mask),
-            "approxkl": 0.5 * masked_mean(logratio ** 2, mask),
+            "approxkl": 0.5 * masked_mean(logratio**2, mask),
             "vf_clipfrac": masked_mean((vf2 > vf1).float(), mask),
             "ratio": masked_mean(ratio, mask),
         }

@@ -4,6 +4,7 @@ after the coder's step, from a fixed seed so the figures are paired and training
 `cfg` is the round's config (PPORoundConfig): prompt_style, temperature, top_k, top_p, max_new_tokens, seed,
 round_index, probe_samples.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,13 +26,22 @@ def probe_reward(model, tokenizer, reward, codes: list[str], cfg: Any, samples: 
     ids = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in codes])
     batch, mask = pad_batch(ids, tokenizer.pad_token_id, "left", next(model.parameters()).device)
     width = batch.shape[1]
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) if samples else \
-        dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        if samples
+        else dict(do_sample=False)
+    )
     cuda = [batch.device] if batch.device.type == "cuda" else []  # manual_seed seeds CUDA too: restore it after
     with lora.use_adapter(model, "summarizer"), torch.no_grad(), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed * 100_003 + cfg.round_index)
-        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, **sampling,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=batch,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            **sampling,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     summaries = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return float(reward(codes, summaries).reward.mean())
 

@@ -1,4 +1,5 @@
 """One batch of PPO experience, and the token budgets that split it into passes."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,15 +15,15 @@ class Rollout:
     """One batch of experience. Tensors over response tokens are [B, R]; `input_ids` is [B, Q+R] (query left-padded)."""
 
     query_ids: list[list[int]]
-    response_ids: list[list[int]]    # EOS-cut (what score_fn saw)
+    response_ids: list[list[int]]  # EOS-cut (what score_fn saw)
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    response: torch.Tensor           # sampled tokens, trimmed to the longest valid response
-    mask: torch.Tensor               # 1.0 up to and including the first EOS
-    has_eos: torch.Tensor            # bool [B]
-    raw_scores: torch.Tensor         # what score_fn returned
+    response: torch.Tensor  # sampled tokens, trimmed to the longest valid response
+    mask: torch.Tensor  # 1.0 up to and including the first EOS
+    has_eos: torch.Tensor  # bool [B]
+    raw_scores: torch.Tensor  # what score_fn returned
     copy_rate: torch.Tensor
-    scores: torch.Tensor             # raw − copy_penalty·copy_rate − missing_eos_penalty·(no EOS)
+    scores: torch.Tensor  # raw − copy_penalty·copy_rate − missing_eos_penalty·(no EOS)
     components: dict[str, torch.Tensor] = field(default_factory=dict)
     logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
@@ -30,7 +31,7 @@ class Rollout:
     entropy: torch.Tensor | None = None
     engine_gap: dict[str, float] = field(default_factory=dict)  # engine_logprob_gap_mean/max when an engine sampled
     permutation: torch.Tensor | None = None  # the update's first epoch, drawn before the no-grad forwards use it
-    padding: tuple[int, int] = (0, 0)         # (padding, all) token positions of the no-grad forwards
+    padding: tuple[int, int] = (0, 0)  # (padding, all) token positions of the no-grad forwards
 
     @property
     def finite(self) -> bool:

@@ -1,5 +1,6 @@
 """A PPO round's per-step statistics: each step's figures as tracked (TensorBoard, MLflow), and the round's
 summary of them in its metrics."""
+
 from __future__ import annotations
 
 
@@ -33,8 +34,11 @@ def step_summary(stats_rows: list[dict]) -> dict[str, float]:
             name = key.replace("/", "_")
             out[f"{name}_first"], out[f"{name}_last"] = values[0], values[-1]
             out[f"{name}_mean"] = sum(values) / len(values)
-    gaps = [(r["engine_logprob_gap_mean"], r["engine_logprob_gap_max"]) for r in stats_rows
-            if "engine_logprob_gap_mean" in r]
+    gaps = [
+        (r["engine_logprob_gap_mean"], r["engine_logprob_gap_max"])
+        for r in stats_rows
+        if "engine_logprob_gap_mean" in r
+    ]
     if gaps:  # the proof that the engine sampled the trained policy, over the whole round
         out["engine_logprob_gap_mean"] = sum(g for g, _ in gaps) / len(gaps)
         out["engine_logprob_gap_max"] = max(g for _, g in gaps)

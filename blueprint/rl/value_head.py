@@ -1,4 +1,5 @@
 """The PPO value head: a zero-initialised linear read-out of the policy's last hidden state, saved as safetensors."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """The gate and promote components' bodies: the decision between the run record that names what a run ended
 with (so retention keeps it, and the promote task finds the gate output it acts on) and the pointer it moves."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -10,8 +11,16 @@ from blueprint.stages import gate, promote
 from blueprint.store import runs, storage
 
 
-def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, artifact_root: str, force: bool = False,
-              metrics: Any = None, report_path: str | None = None, page_path: str | None = None) -> str:
+def gate_task(
+    settings: dict[str, Any],
+    inputs: dict[str, str],
+    run_id: str,
+    artifact_root: str,
+    force: bool = False,
+    metrics: Any = None,
+    report_path: str | None = None,
+    page_path: str | None = None,
+) -> str:
     """The gate component's body: write the run record (what the run ended with, for retention), then judge.
     Returns the decision; the record names the gate's output, for the promote task."""
     with user_errors_exit(gate.STAGE):
@@ -21,17 +30,28 @@ def gate_task(settings: dict[str, Any], inputs: dict[str, str], run_id: str, art
         record = storage.read_json(storage.join(uri, gate.GATE_FILE))
         if run_id:  # the champion's re-evaluation too, so gc keeps what this judgement read
             judged = (record.get("champion") or {}).get("evaluation")
-            runs.write_record(artifact_root, run_id, {**inputs, "gate": uri, "champion_evaluation": judged or ""},
-                              {"decision": record["decision"]})
+            runs.write_record(
+                artifact_root,
+                run_id,
+                {**inputs, "gate": uri, "champion_evaluation": judged or ""},
+                {"decision": record["decision"]},
+            )
     return record["decision"]
 
 
-def promote_task(settings: dict[str, Any], run_id: str, artifact_root: str, force: bool = False,
-                 metrics: Any = None, report_path: str | None = None) -> tuple[str, str]:
+def promote_task(
+    settings: dict[str, Any],
+    run_id: str,
+    artifact_root: str,
+    force: bool = False,
+    metrics: Any = None,
+    report_path: str | None = None,
+) -> tuple[str, str]:
     """The promote component's body: the gate output of run `run_id` is the one its run record names."""
     with user_errors_exit(promote.STAGE):
         gate_uri = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get("gate")
         if not gate_uri:
             raise InputError(f"run record {runs.record_uri(artifact_root, run_id)} names no gate output")
-    return run_stage_task(promote.STAGE, {**settings, "run": run_id}, {"gate": gate_uri}, artifact_root, force, metrics,
-                          report_path)
+    return run_stage_task(
+        promote.STAGE, {**settings, "run": run_id}, {"gate": gate_uri}, artifact_root, force, metrics, report_path
+    )

@@ -7,6 +7,7 @@ on leaving, once the work is gone, the signal is delivered again to the handler 
 process then ends as that signal would have ended it (143 for SIGTERM, KeyboardInterrupt for SIGINT). A
 `Stopped` raised by `stop` goes on up when that handler returns.
 """
+
 from __future__ import annotations
 
 import contextlib

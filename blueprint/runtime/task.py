@@ -3,6 +3,7 @@
 Components stay thin wrappers (their source is shipped inside the compiled YAML); everything they do lives here,
 in the package installed in the image, so it is tested without KFP.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,12 @@ def numeric_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(numeric_metrics(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and value == value
+            and abs(value) != float("inf")
+        ):
             flat[name] = float(value)
     return flat
 
@@ -37,9 +43,16 @@ def markdown_report(stage: str, out: artifacts.StageOutput) -> str:
     return f"# {stage}\n\nOutput: `{out.uri}` ({status})\n\n| metric | value |\n|---|---|\n{rows}\n"
 
 
-def run_stage_task(stage: str, settings: dict[str, Any], inputs: dict[str, str], artifact_root: str,
-                   force: bool = False, metrics_path: Any = None, report_path: str | None = None,
-                   page_path: str | None = None) -> tuple[str, str]:
+def run_stage_task(
+    stage: str,
+    settings: dict[str, Any],
+    inputs: dict[str, str],
+    artifact_root: str,
+    force: bool = False,
+    metrics_path: Any = None,
+    report_path: str | None = None,
+    page_path: str | None = None,
+) -> tuple[str, str]:
     """Run `stage` with `settings` on `inputs` under `artifact_root`; return (output URI, content key).
 
     `metrics_path` is a KFP `Metrics` artifact (anything with log_metric), `report_path` the path of a
@@ -62,8 +75,13 @@ def html_report(stage: str, out: artifacts.StageOutput) -> str:
     return html_page(markdown_report(stage, out), stage)
 
 
-def report_task(stage: str, out: artifacts.StageOutput, metrics_path: Any = None,
-                report_path: str | None = None, page_path: str | None = None) -> tuple[str, str]:
+def report_task(
+    stage: str,
+    out: artifacts.StageOutput,
+    metrics_path: Any = None,
+    report_path: str | None = None,
+    page_path: str | None = None,
+) -> tuple[str, str]:
     """A finished task's JSON line, its KFP Metrics, Markdown report and HTML page; (output URI, content key)."""
     print(json.dumps({"stage": stage, "uri": out.uri, "cached": out.cached, "metrics": out.metrics}, default=str))
     if metrics_path is not None:
@@ -84,8 +102,16 @@ def model_inputs(base: str, coder_base: str, **uris: str) -> dict[str, str]:
     return {"base": base, **{name: uri for name, uri in {"coder_base": coder_base, **uris}.items() if uri}}
 
 
-def bootstrap_task(base: str, coder_base: str, shards: str, settings: dict[str, Any], artifact_root: str,
-                   force: bool = False, metrics: Any = None, report_path: str | None = None) -> tuple[str, str, str]:
+def bootstrap_task(
+    base: str,
+    coder_base: str,
+    shards: str,
+    settings: dict[str, Any],
+    artifact_root: str,
+    force: bool = False,
+    metrics: Any = None,
+    report_path: str | None = None,
+) -> tuple[str, str, str]:
     """The bootstrap component's body: (base URI, key, coder base). The `tiny` base is built; any other base passes
     through. The coder base comes back "" when the coder shares the summarizer's base."""
     with user_errors_exit(registry.BOOTSTRAP):
@@ -96,6 +122,7 @@ def bootstrap_task(base: str, coder_base: str, shards: str, settings: dict[str, 
             with open(report_path, "w", encoding="utf-8") as f:
                 f.write(f"# bootstrap\n\nBase `{base}` is used as given; nothing to build.\n")
         return base, "", coder
-    uri, key = run_stage_task(registry.BOOTSTRAP, settings, {"shards": shards}, artifact_root, force, metrics,
-                              report_path)
+    uri, key = run_stage_task(
+        registry.BOOTSTRAP, settings, {"shards": shards}, artifact_root, force, metrics, report_path
+    )
     return uri, key, coder

@@ -9,6 +9,7 @@ by itself (the image, per-node resources, the S3 secret's NAME, scheduling) the 
 (ENV_IMAGE, ENV_NODE); credentials reach the nodes as secret references, never as values. The SDK is imported
 inside the functions only, so importing a stage stays fast.
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,23 +27,25 @@ from blueprint.errors import TASK_ERROR_PREFIX, UserError
 from blueprint.runtime import stopping
 from blueprint.runtime.worker import worker_module_args
 
-RUNTIME = "torch-distributed"                  # the ClusterTrainingRuntime the Trainer operator installs
-ENV_IMAGE = "BLUEPRINT_IMAGE"                  # the component's image: the nodes run the same one
-ENV_NODE = "BLUEPRINT_TRAINJOB_NODE"           # NodeSettings as JSON, written by the compile
-ENV_NAMESPACE = "BLUEPRINT_NAMESPACE"          # the pod's namespace (downward API)
+RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime the Trainer operator installs
+ENV_IMAGE = "BLUEPRINT_IMAGE"  # the component's image: the nodes run the same one
+ENV_NODE = "BLUEPRINT_TRAINJOB_NODE"  # NodeSettings as JSON, written by the compile
+ENV_NAMESPACE = "BLUEPRINT_NAMESPACE"  # the pod's namespace (downward API)
 ENV_SERVICE_ACCOUNT = "BLUEPRINT_SERVICE_ACCOUNT"  # the pod's service account (downward API)
-ENV_POD_NAME = "BLUEPRINT_POD_NAME"            # the pod's name and uid (downward API): the TrainJob's owner
+ENV_POD_NAME = "BLUEPRINT_POD_NAME"  # the pod's name and uid (downward API): the TrainJob's owner
 ENV_POD_UID = "BLUEPRINT_POD_UID"
 PASSED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")  # plain values the nodes get as the task has them
 TAIL_LINES = 20
 POLL_S = 5.0
-LOG_JOIN_S = 30.0                              # how long the last log lines may take to arrive after the job ends
+LOG_JOIN_S = 30.0  # how long the last log lines may take to arrive after the job ends
 SHM = "dshm"
-NO_TOKEN = "no-api-token"                      # an empty volume where Kubernetes would mount the API token
+NO_TOKEN = "no-api-token"  # an empty volume where Kubernetes would mount the API token
 TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 RBAC_HINT = "see README.md, section Multi-node stages, for the Role to bind"
-_FORBIDDEN = re.compile(r'User "(?P<user>[^"]+)" cannot (?P<verb>\w+) resource "(?P<resource>[^"]+)"'
-                        r'(?: in API group "(?P<group>[^"]*)")?')
+_FORBIDDEN = re.compile(
+    r'User "(?P<user>[^"]+)" cannot (?P<verb>\w+) resource "(?P<resource>[^"]+)"'
+    r'(?: in API group "(?P<group>[^"]*)")?'
+)
 
 
 class TrainJobError(UserError):
@@ -59,14 +62,14 @@ class SecretRef(Settings):
 class NodeSettings(Settings):
     """What every TrainJob node gets beside the image, decided at compile time (the cluster settings)."""
 
-    resources: dict[str, str] = setting({}, "per-node resources, requested and limited alike, e.g. {cpu: '8', "
-                                            "memory: 16Gi, nvidia.com/gpu: '4'}")
+    resources: dict[str, str] = setting(
+        {}, "per-node resources, requested and limited alike, e.g. {cpu: '8', memory: 16Gi, nvidia.com/gpu: '4'}"
+    )
     secret_env: dict[str, SecretRef] = setting({}, "environment variable -> secret key (the S3 keys)")
     node_selector: dict[str, str] = setting({}, "node labels every node must match")
     tolerations: tuple[dict[str, Any], ...] = setting((), "taints the nodes tolerate (Kubernetes' field names)")
     image_pull_secrets: tuple[str, ...] = setting((), "secrets the nodes pull the image with")
-    timeout_s: float = setting(86_400.0, "how long the task waits for the job; also its activeDeadlineSeconds",
-                               gt=0)
+    timeout_s: float = setting(86_400.0, "how long the task waits for the job; also its activeDeadlineSeconds", gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,16 +107,37 @@ class JobPlan:
         from kubeflow.trainer import CustomTrainerContainer
         from kubeflow.trainer import options as o
 
-        trainer = CustomTrainerContainer(image=self.image, num_nodes=self.nodes,
-                                         resources_per_node=dict(self.node.resources) or None,
-                                         env=dict(self.env) or None)
+        trainer = CustomTrainerContainer(
+            image=self.image,
+            num_nodes=self.nodes,
+            resources_per_node=dict(self.node.resources) or None,
+            env=dict(self.env) or None,
+        )
         labels = {"app.kubernetes.io/part-of": "blueprint", "blueprint-rt/stage": self.stage}
-        opts = [o.Name(self.name), o.Labels(labels), o.TrainerCommand(self.command()),
-                o.ActiveDeadlineSeconds(max(1, int(self.node.timeout_s)))]
-        opts.append(o.RuntimePatch(training_runtime_spec=o.TrainingRuntimeSpecPatch(
-            template=o.JobSetTemplatePatch(spec=o.JobSetSpecPatch(replicated_jobs=[o.ReplicatedJobPatch(
-                name="node", template=o.JobTemplatePatch(spec=o.JobSpecPatch(
-                    template=o.PodTemplatePatch(spec=self._pod_patch(o)))))])))))
+        opts = [
+            o.Name(self.name),
+            o.Labels(labels),
+            o.TrainerCommand(self.command()),
+            o.ActiveDeadlineSeconds(max(1, int(self.node.timeout_s))),
+        ]
+        opts.append(
+            o.RuntimePatch(
+                training_runtime_spec=o.TrainingRuntimeSpecPatch(
+                    template=o.JobSetTemplatePatch(
+                        spec=o.JobSetSpecPatch(
+                            replicated_jobs=[
+                                o.ReplicatedJobPatch(
+                                    name="node",
+                                    template=o.JobTemplatePatch(
+                                        spec=o.JobSpecPatch(template=o.PodTemplatePatch(spec=self._pod_patch(o)))
+                                    ),
+                                )
+                            ]
+                        )
+                    )
+                )
+            )
+        )
         return trainer, opts
 
     def _pod_patch(self, o: Any) -> Any:
@@ -122,8 +146,10 @@ class JobPlan:
         runtime patch has no automountServiceAccountToken (API 2.3), so an empty read-only volume takes the
         token's path, and the service-account admission mounts no token into a container with a mount there."""
         node = self.node
-        env = [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
-               for name, ref in sorted(node.secret_env.items())]
+        env = [
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+            for name, ref in sorted(node.secret_env.items())
+        ]
         shm = self.nproc_per_node > 1  # NCCL between the processes of one node needs more than 64Mi of /dev/shm
         mounts = [{"name": NO_TOKEN, "mountPath": TOKEN_PATH, "readOnly": True}]
         volumes = [{"name": NO_TOKEN, "emptyDir": {}}]
@@ -131,10 +157,13 @@ class JobPlan:
             mounts.append({"name": SHM, "mountPath": "/dev/shm"})
             volumes.append({"name": SHM, "emptyDir": {"medium": "Memory"}})
         return o.PodSpecPatch(
-            service_account_name=self.service_account, node_selector=dict(node.node_selector) or None,
+            service_account_name=self.service_account,
+            node_selector=dict(node.node_selector) or None,
             tolerations=[dict(t) for t in node.tolerations] or None,
             image_pull_secrets=[{"name": s} for s in node.image_pull_secrets] or None,
-            volumes=volumes, containers=[o.ContainerPatch(name="node", env=env or None, volume_mounts=mounts)])
+            volumes=volumes,
+            containers=[o.ContainerPatch(name="node", env=env or None, volume_mounts=mounts)],
+        )
 
 
 class _Capture:
@@ -142,8 +171,9 @@ class _Capture:
 
     body: dict | None = None
 
-    def create_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str,
-                                        body: dict) -> dict:
+    def create_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, body: dict
+    ) -> dict:
         self.body = body
         return body
 
@@ -155,8 +185,9 @@ class _Owned:
     def __init__(self, api: Any, plan: JobPlan):
         self._api, self._plan = api, plan
 
-    def create_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, body: dict,
-                                        **kwargs: Any) -> Any:
+    def create_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, body: dict, **kwargs: Any
+    ) -> Any:
         owners = self._plan.owner_references()
         if owners:
             body = {**body, "metadata": {**body.get("metadata", {}), "ownerReferences": owners}}
@@ -175,32 +206,53 @@ def trainjob_spec(plan: JobPlan) -> dict[str, Any]:
     backend = object.__new__(KubernetesBackend)  # no kubeconfig and no cluster: nothing is sent
     capture = _Capture()
     backend.namespace, backend.custom_api = plan.namespace, _Owned(capture, plan)
-    runtime = types.Runtime(name=RUNTIME, kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
-                            trainer=types.RuntimeTrainer(trainer_type=types.TrainerType.CUSTOM_TRAINER,
-                                                         framework="torch", image=plan.image))
+    runtime = types.Runtime(
+        name=RUNTIME,
+        kind=types.RuntimeKind.CLUSTER_TRAINING_RUNTIME,
+        trainer=types.RuntimeTrainer(
+            trainer_type=types.TrainerType.CUSTOM_TRAINER, framework="torch", image=plan.image
+        ),
+    )
     trainer, options = plan.sdk_arguments()
     backend.train(runtime=runtime, trainer=trainer, options=options)
     return capture.body
 
 
-def plan_from_env(stage: str, request: dict[str, Any], *, nodes: int, nproc_per_node: int,
-                  timeout_s: float | None = None, environ: Mapping[str, str] = os.environ,
-                  name: str | None = None) -> JobPlan:
+def plan_from_env(
+    stage: str,
+    request: dict[str, Any],
+    *,
+    nodes: int,
+    nproc_per_node: int,
+    timeout_s: float | None = None,
+    environ: Mapping[str, str] = os.environ,
+    name: str | None = None,
+) -> JobPlan:
     """The plan for this task's pod, from what the compile put in its environment."""
     if not environ.get(ENV_IMAGE) or not environ.get(ENV_NODE):
-        raise TrainJobError(f"nodes={nodes} runs {stage} as a Kubeflow Trainer TrainJob, which needs the pipeline "
-                            f"compiled with `nodes: {{{stage}: {nodes}}}` in its cluster settings ({ENV_IMAGE} and "
-                            f"{ENV_NODE} are not set here)")
+        raise TrainJobError(
+            f"nodes={nodes} runs {stage} as a Kubeflow Trainer TrainJob, which needs the pipeline "
+            f"compiled with `nodes: {{{stage}: {nodes}}}` in its cluster settings ({ENV_IMAGE} and "
+            f"{ENV_NODE} are not set here)"
+        )
     node = NodeSettings(**json.loads(environ[ENV_NODE]))
     if timeout_s is not None:
         node = node.model_copy(update={"timeout_s": float(timeout_s)})
-    return JobPlan(stage=stage, request=request, nodes=nodes, nproc_per_node=nproc_per_node,
-                   image=environ[ENV_IMAGE], node=node, namespace=environ.get(ENV_NAMESPACE, ""),
-                   name=name or f"blueprint-{stage}-{secrets.token_hex(4)}",  # per attempt: a retry starts afresh
-                   service_account=environ.get(ENV_SERVICE_ACCOUNT) or None,
-                   env=_node_env(request, node, nproc_per_node, environ),
-                   owner=(environ.get(ENV_NAMESPACE, ""), environ[ENV_POD_NAME], environ[ENV_POD_UID])
-                   if environ.get(ENV_POD_NAME) and environ.get(ENV_POD_UID) else None)
+    return JobPlan(
+        stage=stage,
+        request=request,
+        nodes=nodes,
+        nproc_per_node=nproc_per_node,
+        image=environ[ENV_IMAGE],
+        node=node,
+        namespace=environ.get(ENV_NAMESPACE, ""),
+        name=name or f"blueprint-{stage}-{secrets.token_hex(4)}",  # per attempt: a retry starts afresh
+        service_account=environ.get(ENV_SERVICE_ACCOUNT) or None,
+        env=_node_env(request, node, nproc_per_node, environ),
+        owner=(environ.get(ENV_NAMESPACE, ""), environ[ENV_POD_NAME], environ[ENV_POD_UID])
+        if environ.get(ENV_POD_NAME) and environ.get(ENV_POD_UID)
+        else None,
+    )
 
 
 def _node_env(request: dict[str, Any], node: NodeSettings, nproc: int, environ: Mapping[str, str]) -> dict[str, str]:
@@ -225,19 +277,29 @@ def node_processes(nproc: str, environ: Mapping[str, str] = os.environ) -> int:
     return max([int(v) for k, v in resources.items() if "gpu" in k.lower() and v.isdigit()] or [1])
 
 
-def run_trainjob(stage: str, request: dict[str, Any], *, nodes: int, nproc_per_node: int,
-                 timeout_s: float | None = None, log: Callable[[str], Any] = print, poll_s: float = POLL_S,
-                 environ: Mapping[str, str] = os.environ) -> str:
+def run_trainjob(
+    stage: str,
+    request: dict[str, Any],
+    *,
+    nodes: int,
+    nproc_per_node: int,
+    timeout_s: float | None = None,
+    log: Callable[[str], Any] = print,
+    poll_s: float = POLL_S,
+    environ: Mapping[str, str] = os.environ,
+) -> str:
     """Create the TrainJob of `stage` on `nodes` nodes x `nproc_per_node` processes, stream node 0's log into
     `log` and return the job's name once it completed; a failure or timeout raises TrainJobError."""
     from kubeflow.common.types import KubernetesBackendConfig
     from kubeflow.trainer import TrainerClient
 
-    plan = plan_from_env(stage, request, nodes=nodes, nproc_per_node=nproc_per_node, timeout_s=timeout_s,
-                         environ=environ)
+    plan = plan_from_env(
+        stage, request, nodes=nodes, nproc_per_node=nproc_per_node, timeout_s=timeout_s, environ=environ
+    )
     try:  # KUBECONFIG: a kubeconfig outside a cluster; in a pod, its service account
-        client = TrainerClient(KubernetesBackendConfig(namespace=plan.namespace or None,
-                                                       config_file=environ.get("KUBECONFIG") or None))
+        client = TrainerClient(
+            KubernetesBackendConfig(namespace=plan.namespace or None, config_file=environ.get("KUBECONFIG") or None)
+        )
         plan = dataclasses.replace(plan, namespace=client.backend.namespace.strip())
         client.backend.custom_api = _Owned(client.backend.custom_api, plan)
         trainer, options = plan.sdk_arguments()
@@ -258,8 +320,9 @@ def _wait(client: Any, plan: JobPlan, log: Callable[[str], Any], poll_s: float) 
     follower.start()
     timeout = plan.node.timeout_s
     try:
-        job = client.wait_for_job_status(plan.name, status={"Complete", "Failed"}, timeout=timeout,
-                                         polling_interval=min(poll_s, timeout / 2))
+        job = client.wait_for_job_status(
+            plan.name, status={"Complete", "Failed"}, timeout=timeout, polling_interval=min(poll_s, timeout / 2)
+        )
     except stopping.Stopped as exc:
         done.set()
         log(f"{plan.stage}: {exc}: deleting TrainJob {plan.namespace}/{plan.name}")
@@ -283,8 +346,9 @@ def _wait(client: Any, plan: JobPlan, log: Callable[[str], Any], poll_s: float) 
         raise TrainJobError(_failure(plan, "failed", tail))
 
 
-def _follow(client: Any, name: str, tail: collections.deque, log: Callable[[str], Any], done: threading.Event,
-            poll_s: float) -> None:
+def _follow(
+    client: Any, name: str, tail: collections.deque, log: Callable[[str], Any], done: threading.Event, poll_s: float
+) -> None:
     """Stream node 0's log once its pod runs (retrying while it is pending), keeping the last lines in `tail`."""
     while True:
         lines = 0
@@ -325,8 +389,10 @@ def _failure(plan: JobPlan, what: str, tail: Iterable[str]) -> str:
     errors = [line.split(TASK_ERROR_PREFIX, 1)[1] for line in lines if TASK_ERROR_PREFIX in line]
     what = f"{what}: {errors[0]}" if errors else what
     shown = "\n".join(f"  | {line}" for line in lines) if lines else "  (no log lines)"
-    return (f"TrainJob {plan.namespace}/{plan.name} {what}; last {len(lines)} log line(s) of node-0 "
-            f"(all nodes: kubectl logs -n {plan.namespace} -l jobset.sigs.k8s.io/jobset-name={plan.name}):\n{shown}")
+    return (
+        f"TrainJob {plan.namespace}/{plan.name} {what}; last {len(lines)} log line(s) of node-0 "
+        f"(all nodes: kubectl logs -n {plan.namespace} -l jobset.sigs.k8s.io/jobset-name={plan.name}):\n{shown}"
+    )
 
 
 def _api_cause(exc: BaseException) -> Any:
@@ -363,12 +429,16 @@ def _api_error(exc: BaseException, plan: JobPlan, verb: str) -> TrainJobError:
     where = f"namespace {plan.namespace or '(default)'}"
     if forbidden:
         user, denied, resource = forbidden
-        account = user.removeprefix("system:serviceaccount:").replace(":", "/", 1) if user else \
-            (plan.service_account or "of this pod")
+        account = (
+            user.removeprefix("system:serviceaccount:").replace(":", "/", 1)
+            if user
+            else (plan.service_account or "of this pod")
+        )
         if not denied:
             denied, resource = verb, "trainjobs.trainer.kubeflow.org"
-        return TrainJobError(f"service account {account} may not {denied} {resource} in {where} (TrainJob of "
-                             f"{plan.stage}): {RBAC_HINT}")
+        return TrainJobError(
+            f"service account {account} may not {denied} {resource} in {where} (TrainJob of {plan.stage}): {RBAC_HINT}"
+        )
     api = _api_cause(exc)
     detail = f"{exc}" + (f": HTTP {api.status} {api.reason}" if api is not None else "")
     if api is not None and api.status == 404:

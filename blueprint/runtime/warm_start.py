@@ -5,6 +5,7 @@ it. It reads the promoted pointer, not "the newest ppo-round": a run that lost i
 point of the next one. Only adapters trained on the very same bases count, so a corpus change that rebuilt the
 tiny base starts over.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,17 +31,26 @@ def promoted_adapters(artifact_root: str, name: str, base: str, coder_base: str 
 
 
 def warmup_task(  # noqa: PLR0913 - the warmup component's parameters, passed on
-        settings: dict[str, Any], shards: str, base: str, artifact_root: str, force: bool,
-        warm_start: bool, metrics: Any = None, report_path: str | None = None,
-        coder_base: str = "", promotion_name: str = "blueprint") -> tuple[str, str]:
+    settings: dict[str, Any],
+    shards: str,
+    base: str,
+    artifact_root: str,
+    force: bool,
+    warm_start: bool,
+    metrics: Any = None,
+    report_path: str | None = None,
+    coder_base: str = "",
+    promotion_name: str = "blueprint",
+) -> tuple[str, str]:
     """The warmup component's body: on `warm_start`, hand on the promoted model's adapters.
 
     Otherwise (or when nothing compatible is promoted) the warmup stage runs as always. Returns (uri, key) like
     `task.run_stage_task`.
     """
     with user_errors_exit(registry.WARMUP):  # a corrupted pointer: one line naming it
-        previous = promoted_adapters(artifact_root, promotion_name, base, coder_base) if warm_start and not force \
-            else None
+        previous = (
+            promoted_adapters(artifact_root, promotion_name, base, coder_base) if warm_start and not force else None
+        )
     if previous is None:
         inputs = {"shards": shards, "base": base, **({"coder_base": coder_base} if coder_base else {})}
         return run_stage_task(registry.WARMUP, settings, inputs, artifact_root, force, metrics, report_path)
@@ -52,7 +62,9 @@ def warmup_task(  # noqa: PLR0913 - the warmup component's parameters, passed on
         metrics.log_metric("cache_hit", 1.0)
     if report_path is not None:
         with open(report_path, "w", encoding="utf-8") as f:
-            f.write(f"# warmup (warm start)\n\nContinuing from `{previous}`: the adapters of the promoted model "
-                    f"`{promotion_name}` (created {manifest.get('created', '?')}), instead of training from "
-                    "scratch.\n")
+            f.write(
+                f"# warmup (warm start)\n\nContinuing from `{previous}`: the adapters of the promoted model "
+                f"`{promotion_name}` (created {manifest.get('created', '?')}), instead of training from "
+                "scratch.\n"
+            )
     return previous, manifest.get("key") or ""

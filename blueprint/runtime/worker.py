@@ -4,6 +4,7 @@ alone commits to the artifact store and prints progress.
 
     torchrun --standalone --nproc_per_node N -m blueprint.runtime.worker '<request JSON>'
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,14 @@ def run_worker(req: dict[str, Any]) -> None:
         distributed.init_from_env(cfg.collective_timeout, getattr(cfg, "device", "auto"))
         cfg.check_world(distributed.world_size())
         try:
-            spec.load().run(cfg, **req["inputs"], artifact_root=req["artifact_root"], out_uri=req.get("out_uri"),
-                            force=req["force"], progress=req.get("progress", True) and distributed.is_main())
+            spec.load().run(
+                cfg,
+                **req["inputs"],
+                artifact_root=req["artifact_root"],
+                out_uri=req.get("out_uri"),
+                force=req["force"],
+                progress=req.get("progress", True) and distributed.is_main(),
+            )
         finally:
             distributed.shutdown()
 

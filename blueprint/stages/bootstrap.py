@@ -5,6 +5,7 @@ model is pre-trained as a causal LM for a bounded token budget on the shards' co
 (summary -> code, code -> summary). A random base with LoRA on top learns almost nothing, and a base pre-trained on
 code alone leaves the summary -> code prompt blind to the summary (pairwise reward accuracy at chance).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,18 +37,21 @@ class BootstrapConfig(RuntimeSettings, ParallelSettings):
 
     preset: str = setting("tiny", "model size preset (blueprint.models.tiny.PRESETS)")
     vocab_size: int = setting(4096, "byte-level BPE vocabulary (256 bytes + specials + merges)", ge=300)
-    seq_len: int = setting(384, ">= the summary + code lengths the coder is trained and scored at (64 + 256)",
-                           ge=16)
+    seq_len: int = setting(384, ">= the summary + code lengths the coder is trained and scored at (64 + 256)", ge=16)
     batch_size: int = setting(4, "sequences per optimizer step", ge=1)
     lr: float = setting(3e-3, "peak learning rate (cosine schedule with warmup)", gt=0)
     warmup_steps: int = setting(30, "learning-rate warmup steps (at most a tenth of the run's steps)", ge=0)
     max_tokens: int = setting(3_145_728, "pre-training budget: fixed tokens, so reruns are reproducible")
     max_pairs: int = setting(20_000, "pairs read from the train shards", ge=1)
-    prompt_format_share: float = setting(0.8, "share of documents in the two prompt formats (the rest: plain "
-                                              "code)", ge=0, le=1)
+    prompt_format_share: float = setting(
+        0.8, "share of documents in the two prompt formats (the rest: plain code)", ge=0, le=1
+    )
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
-    dtype: str = setting("auto", "pre-training precision (autocast; the weights stay fp32): auto = bf16 on a GPU "
-                                 "that has it, else fp16 on a GPU, fp32 on CPU | float32 | bfloat16 | float16")
+    dtype: str = setting(
+        "auto",
+        "pre-training precision (autocast; the weights stay fp32): auto = bf16 on a GPU "
+        "that has it, else fp16 on a GPU, fp32 on CPU | float32 | bfloat16 | float16",
+    )
     seed: int = setting(0, "seeds the weights and the data order")
 
     @model_validator(mode="after")
@@ -101,7 +105,7 @@ def _packed_blocks(docs: list[str], tokenizer, seq_len: int):
         rows.append(current)
     blocks = torch.full((len(rows), seq_len + 1), tokenizer.pad_token_id, dtype=torch.long)
     for i, row in enumerate(rows):
-        blocks[i, :len(row)] = torch.tensor(row)
+        blocks[i, : len(row)] = torch.tensor(row)
     return blocks
 
 
@@ -134,7 +138,7 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: 
     losses: list[float] = []
     bar = Progress(registry.BOOTSTRAP, steps, progress)
     for step in range(steps):
-        idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)][share.start:share.stop]
+        idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)][share.start : share.stop]
         batch = blocks[idx].to(where.device)
         labels = batch[:, :-1].clone()
         labels[labels == pad_id] = -100  # padding is never a target
@@ -151,9 +155,13 @@ def pretrain(model, blocks, cfg: BootstrapConfig, pad_id: int, where, progress: 
         bar.update(step + 1, loss=value)
     bar.close()
     model.eval()
-    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len,
-            "loss_start": sum(head) / len(head), "loss_end": sum(tail) / len(tail)}
+    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": steps,
+        "tokens": steps * cfg.batch_size * cfg.seq_len,
+        "loss_start": sum(head) / len(head),
+        "loss_end": sum(tail) / len(tail),
+    }
 
 
 def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = True) -> dict[str, Any]:
@@ -187,23 +195,44 @@ def compute(cfg: BootstrapConfig, shards: str, out_dir: Path, progress: bool = T
     blocks = _packed_blocks(docs, tokenizer, cfg.seq_len)
     if len(blocks) == 0:
         raise InputError(f"shards {shards} hold too little text for one block of {cfg.seq_len} tokens")
-    note(STAGE, f"pre-training {sum(p.numel() for p in model.parameters()):,} parameters on {len(blocks)} blocks",
-         progress)
+    note(
+        STAGE,
+        f"pre-training {sum(p.numel() for p in model.parameters()):,} parameters on {len(blocks)} blocks",
+        progress,
+    )
     metrics = pretrain(model, blocks, cfg, tokenizer.pad_token_id, where, progress=progress)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    metrics.update(pairs=len(pairs), corpus_tokens=int((blocks != tokenizer.pad_token_id).sum()),
-                   vocab_size=len(tokenizer), parameters=sum(p.numel() for p in model.parameters()),
-                   # what else decides the weights, beyond the locked versions (README, "Reproducibility")
-                   cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
-                   seconds=round(time.time() - start, 1))
+    metrics.update(
+        pairs=len(pairs),
+        corpus_tokens=int((blocks != tokenizer.pad_token_id).sum()),
+        vocab_size=len(tokenizer),
+        parameters=sum(p.numel() for p in model.parameters()),
+        # what else decides the weights, beyond the locked versions (README, "Reproducibility")
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        threads=torch.get_num_threads(),
+        seconds=round(time.time() - start, 1),
+    )
     return metrics
 
 
-def run(config: BootstrapConfig, *, shards: str, artifact_root: str | None = None, out_uri: str | None = None,
-        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+def run(
+    config: BootstrapConfig,
+    *,
+    shards: str,
+    artifact_root: str | None = None,
+    out_uri: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> artifacts.StageOutput:
     """Committed, content-addressed `tiny` base model folder (loadable with `from_pretrained`)."""
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.reuse_or_commit(STAGE, config, {"shards": shards},
-                                         lambda d: compute(config, shards, d, progress),
-                                         artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(
+            STAGE,
+            config,
+            {"shards": shards},
+            lambda d: compute(config, shards, d, progress),
+            artifact_root=artifact_root,
+            out_uri=out_uri,
+            force=force,
+        )

@@ -18,6 +18,7 @@ appended to the `previous` evaluation's history), metrics.png (key metrics acros
 curves.png (the evaluated round's PPO steps, when the adapters come from a round) and report.html (the report with
 its plots embedded: what the KFP UI shows).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,26 +61,34 @@ COMPONENTS = ("reward", "ce", "ce_empty", "gain", "length_term")
 class EvaluateConfig(RuntimeSettings, EngineSettings, ParallelSettings, SandboxSettings):
     """What the evaluation generates and scores on the held-out split."""
 
-    max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)",
-                                ge=1)
-    pairwise_examples: int = setting(256, "held-out functions scored for pairwise accuracy (forward passes only; "
-                                          "at least max_examples): 64 pairs leave it +-0.06 noisy, 256 +-0.03",
-                                     ge=0)
+    max_examples: int = setting(64, "held-out functions whose summary and code are generated (the first ones)", ge=1)
+    pairwise_examples: int = setting(
+        256,
+        "held-out functions scored for pairwise accuracy (forward passes only; "
+        "at least max_examples): 64 pairs leave it +-0.06 noisy, 256 +-0.03",
+        ge=0,
+    )
     max_new_tokens: int = setting(48, "summary generation budget; code generation gets max_code_tokens", ge=1)
     max_code_tokens: int = setting(256, "code is cut to this many tokens (as in training)", ge=8)
     max_summary_tokens: int = setting(64, "summaries are cut to this many tokens", ge=4)
     batch_size: int = setting(8, "prompts per generate() call", ge=1)
-    score_batch_tokens: int | None = setting(None, "token budget of one reward-scoring forward (None = 1024 on "
-                                                   "CPU, 16384 on a GPU)", gt=0)
+    score_batch_tokens: int | None = setting(
+        None, "token budget of one reward-scoring forward (None = 1024 on CPU, 16384 on a GPU)", gt=0
+    )
     length_coef: float = setting(0.01, "weight of len(summary) / len(code) in the reward", ge=0)
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     report_examples: int = setting(3, "example rows shown in report.md", ge=0)
     epoch: int = setting(0, "PPO rounds done (0 = after warmup): the x axis of the history", ge=0)
     seed: int = setting(0, "fixes the docstring pairing of pairwise accuracy and the code samples")
-    code_samples: int = setting(1, "eval rows with tests: codes sampled per row from its docstring and from its "
-                                   "generated summary, for pass@k (1 = the greedy code only)", ge=1)
-    pass_k: tuple[int, ...] = setting((1, 5), "k values of the sampled pass@k (those <= code_samples are "
-                                              "reported; comma-separated)")
+    code_samples: int = setting(
+        1,
+        "eval rows with tests: codes sampled per row from its docstring and from its "
+        "generated summary, for pass@k (1 = the greedy code only)",
+        ge=1,
+    )
+    pass_k: tuple[int, ...] = setting(
+        (1, 5), "k values of the sampled pass@k (those <= code_samples are reported; comma-separated)"
+    )
     sample_temperature: float = setting(0.8, "temperature of the code samples", gt=0)
 
     @field_validator("pass_k")
@@ -90,11 +99,16 @@ class EvaluateConfig(RuntimeSettings, EngineSettings, ParallelSettings, SandboxS
         return ks
 
 
-
 def greedy_codes(roles: RoleModels, prompts: PromptConfig, cfg: EvaluateConfig, summaries: list[str]) -> list[str]:
     """The coder's greedy code from each of `summaries`."""
-    return generate_texts(roles.coder, roles.coder_tokenizer, "coder", [code_prompt(s, prompts) for s in summaries],
-                          cfg.max_code_tokens, cfg.batch_size)[1]
+    return generate_texts(
+        roles.coder,
+        roles.coder_tokenizer,
+        "coder",
+        [code_prompt(s, prompts) for s in summaries],
+        cfg.max_code_tokens,
+        cfg.batch_size,
+    )[1]
 
 
 def partners(n: int, seed: int) -> list[int]:
@@ -142,8 +156,15 @@ def scored_pairwise(reward, scored: list[dict], own_ce_first: torch.Tensor, othe
     return pairwise_accuracy(own, reward(codes, [truths[j] for j in other]).ce)
 
 
-def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list[str], summary_ids: list[list[int]],
-                 rebuilt: list[str], shown_codes: list[str]) -> dict[str, float]:
+def text_figures(
+    tokenizer,
+    codes: list[str],
+    truths: list[str],
+    summaries: list[str],
+    summary_ids: list[list[int]],
+    rebuilt: list[str],
+    shown_codes: list[str],
+) -> dict[str, float]:
     """Text overlap and length figures of the generated summaries and the rebuilt codes."""
     code_tokens = [len(ids) for ids in tokenizer(codes, add_special_tokens=False)["input_ids"]]
     truth_tokens = [len(ids) for ids in tokenizer(truths, add_special_tokens=False)["input_ids"]]
@@ -157,7 +178,9 @@ def text_figures(tokenizer, codes: list[str], truths: list[str], summaries: list
         "summary_nonempty_rate": text_metrics.mean([bool(s) for s in stripped]),
         "summary_true_tokens_mean": text_metrics.mean(truth_tokens),
         "code_tokens_mean": text_metrics.mean(code_tokens),
-        "length_ratio_mean": text_metrics.mean([len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens, strict=True)]),
+        "length_ratio_mean": text_metrics.mean(
+            [len(s) / max(c, 1) for s, c in zip(summary_ids, code_tokens, strict=True)]
+        ),
     }
 
 
@@ -167,25 +190,40 @@ def generate_both(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: list[
     second engine."""
     engine = evaluation_engine(roles, cfg, summary_prompts, code_prompts)
     try:
-        summaries = generate_texts(roles.summarizer, roles.summarizer_tokenizer, "summarizer", summary_prompts,
-                                   cfg.max_new_tokens, cfg.batch_size, engine)
-        codes = generate_texts(roles.coder, roles.coder_tokenizer, "coder", code_prompts, cfg.max_code_tokens,
-                               cfg.batch_size, engine if roles.shared else None)
+        summaries = generate_texts(
+            roles.summarizer,
+            roles.summarizer_tokenizer,
+            "summarizer",
+            summary_prompts,
+            cfg.max_new_tokens,
+            cfg.batch_size,
+            engine,
+        )
+        codes = generate_texts(
+            roles.coder,
+            roles.coder_tokenizer,
+            "coder",
+            code_prompts,
+            cfg.max_code_tokens,
+            cfg.batch_size,
+            engine if roles.shared else None,
+        )
     finally:
         if engine is not None:
             engine.close()
     return summaries, codes
 
 
-def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
-                   progress: Any = None) -> tuple[dict[str, Any], list[dict]]:
+def evaluate_pairs(
+    roles: RoleModels, scored: list[dict], cfg: EvaluateConfig, progress: Any = None
+) -> tuple[dict[str, Any], list[dict]]:
     """All metrics of the summarizer and the coder: generation on the first `max_examples` of `scored`, pairwise
     accuracy on all of them; one sample row per generated pair. Lengths and copies count the summarizer's tokens;
     the coder reads the summaries as text."""
     from blueprint.rl.copying import copy_rate
     from blueprint.rl.reward import RewardConfig, RewardModel
 
-    pairs = scored[:cfg.max_examples]
+    pairs = scored[: cfg.max_examples]
     prompts, tokenizer = PromptConfig(style=cfg.prompt_style), roles.summarizer_tokenizer
     codes, truths = [p["code"] for p in pairs], [p["summary"] for p in pairs]
     shown_codes = clip_tokens(tokenizer, codes, cfg.max_code_tokens)  # what the models see (as in training)
@@ -193,14 +231,25 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
     coder_codes = shown_codes if roles.shared else clip_tokens(roles.coder_tokenizer, codes, cfg.max_code_tokens)
 
     (summary_ids, summaries, ended), (rebuilt_ids, rebuilt, rebuilt_ended) = generate_both(
-        roles, cfg, [summary_prompt(c, prompts) for c in shown_codes], [code_prompt(s, prompts) for s in shown_truths])
+        roles, cfg, [summary_prompt(c, prompts) for c in shown_codes], [code_prompt(s, prompts) for s in shown_truths]
+    )
     report_phase = progress.update if progress is not None else (lambda done, **figures: None)
     report_phase(1, phase="summaries written, codes rebuilt")
 
     # The coder scores summaries (the reward PPO optimises, copy penalty off: copy rate is reported on its own).
-    reward = RewardModel(roles.coder, roles.coder_tokenizer, prompts, RewardConfig(
-        length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
-        max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens), spread=True)
+    reward = RewardModel(
+        roles.coder,
+        roles.coder_tokenizer,
+        prompts,
+        RewardConfig(
+            length_coef=cfg.length_coef,
+            copy_coef=0.0,
+            max_code_tokens=cfg.max_code_tokens,
+            max_summary_tokens=cfg.max_summary_tokens,
+            max_batch_tokens=cfg.score_batch_tokens,
+        ),
+        spread=True,
+    )
     gen_out, true_out = reward(codes, summaries), reward(codes, truths)
     other = partners(len(scored), cfg.seed)
     pairwise = scored_pairwise(reward, scored, true_out.ce, other)
@@ -208,20 +257,34 @@ def evaluate_pairs(roles: RoleModels, scored: list[dict], cfg: EvaluateConfig,
 
     # Code with tests: run in the sandbox (the round-trip code from the summaries generated with hf: the engine
     # has served its two generations and is closed).
-    tested, executed = code_tests.tested_figures(roles, pairs, summaries, rebuilt, cfg, prompts, functools.partial(
-        greedy_codes, roles, prompts, cfg), lambda _, **figures: report_phase(3, **figures))
+    tested, executed = code_tests.tested_figures(
+        roles,
+        pairs,
+        summaries,
+        rebuilt,
+        cfg,
+        prompts,
+        functools.partial(greedy_codes, roles, prompts, cfg),
+        lambda _, **figures: report_phase(3, **figures),
+    )
     shown_code_ids = tokenizer(shown_codes, add_special_tokens=False)["input_ids"]
     copies = [copy_rate(s, c, n=4) for s, c in zip(summary_ids, shown_code_ids, strict=True)]
     parsed = [text_metrics.parses(c) for c in rebuilt]
     values: dict[str, Any] = {
-        "epoch": cfg.epoch, "examples": len(pairs),
-        **reward_stats(gen_out, "gen"), **reward_stats(true_out, "true"),
-        "pairwise_accuracy": pairwise, "pairwise_examples": len(scored),
+        "epoch": cfg.epoch,
+        "examples": len(pairs),
+        **reward_stats(gen_out, "gen"),
+        **reward_stats(true_out, "true"),
+        "pairwise_accuracy": pairwise,
+        "pairwise_examples": len(scored),
         **text_figures(tokenizer, codes, truths, summaries, summary_ids, rebuilt, coder_codes),
         "rebuilt_tokens_mean": text_metrics.mean([len(i) + e for i, e in zip(rebuilt_ids, rebuilt_ended, strict=True)]),
-        "copy_rate": text_metrics.mean(copies), "code_parse_rate": text_metrics.mean(parsed),
-        "eos_rate": text_metrics.mean(ended), "code_truncated": int(gen_out.code_truncated.sum()),
-        "summary_true_truncated": int(true_out.summary_truncated.sum()), **tested,
+        "copy_rate": text_metrics.mean(copies),
+        "code_parse_rate": text_metrics.mean(parsed),
+        "eos_rate": text_metrics.mean(ended),
+        "code_truncated": int(gen_out.code_truncated.sum()),
+        "summary_true_truncated": int(true_out.summary_truncated.sum()),
+        **tested,
     }
     values["ce_empty_mean"] = values["ce_empty_gen_mean"]
     report_phase(4 if executed else 3, phase="figures computed")
@@ -244,17 +307,37 @@ class SampleColumns:
     parsed: list[bool]
 
 
-def sample_rows(pairs: list[dict], scored: list[dict], other: list[int], rows: SampleColumns, gen_out, true_out,
-                executed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+def sample_rows(
+    pairs: list[dict],
+    scored: list[dict],
+    other: list[int],
+    rows: SampleColumns,
+    gen_out,
+    true_out,
+    executed: dict[int, dict[str, Any]],
+) -> list[dict[str, Any]]:
     """One samples.jsonl row per generated pair: its texts, rewards, flags and (with tests) execution results."""
-    return [{
-        "id": p.get("id"), "name": p.get("name"), "path": p.get("path"), "code": rows.codes[i],
-        "summary": rows.truths[i], "generated_summary": rows.summaries[i], "rebuilt_code": rows.rebuilt[i],
-        "reward_gen": float(gen_out.reward[i]), "reward_true": float(true_out.reward[i]),
-        "gain_gen": float(gen_out.gain[i]), "gain_true": float(true_out.gain[i]), "eos": rows.ended[i],
-        "copy_rate": rows.copies[i], "rebuilt_parses": rows.parsed[i], "pair_with": scored[other[i]].get("id"),
-        **executed.get(i, {}),
-    } for i, p in enumerate(pairs)]
+    return [
+        {
+            "id": p.get("id"),
+            "name": p.get("name"),
+            "path": p.get("path"),
+            "code": rows.codes[i],
+            "summary": rows.truths[i],
+            "generated_summary": rows.summaries[i],
+            "rebuilt_code": rows.rebuilt[i],
+            "reward_gen": float(gen_out.reward[i]),
+            "reward_true": float(true_out.reward[i]),
+            "gain_gen": float(gen_out.gain[i]),
+            "gain_true": float(true_out.gain[i]),
+            "eos": rows.ended[i],
+            "copy_rate": rows.copies[i],
+            "rebuilt_parses": rows.parsed[i],
+            "pair_with": scored[other[i]].get("id"),
+            **executed.get(i, {}),
+        }
+        for i, p in enumerate(pairs)
+    ]
 
 
 def evaluation_engine(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: list[str], code_prompts: list[str]):
@@ -263,6 +346,7 @@ def evaluation_engine(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: l
 
     def longest(tokenizer, texts: list[str]) -> int:
         return max((len(ids) for ids in encode_prompts(tokenizer, texts)), default=0)
+
     need = longest(roles.summarizer_tokenizer, summary_prompts) + cfg.max_new_tokens
     if roles.shared:
         need = max(need, longest(roles.coder_tokenizer, code_prompts) + cfg.max_code_tokens)
@@ -273,7 +357,8 @@ def evaluation_engine(roles: RoleModels, cfg: EvaluateConfig, summary_prompts: l
 def headline(values: dict[str, Any]) -> dict[str, Any]:
     """The numbers that go into the manifest (and so into KFP metrics, `blueprint ls` and `compare`)."""
     return {k: values[k] for k in report.DESCRIPTIONS if k in values} | {
-        k: values[k] for k in sorted(values) if report.SAMPLED.match(k)}
+        k: values[k] for k in sorted(values) if report.SAMPLED.match(k)
+    }
 
 
 def previous_history(previous: str | None) -> list[dict[str, Any]]:
@@ -282,13 +367,21 @@ def previous_history(previous: str | None) -> list[dict[str, Any]]:
         return []
     manifest = artifacts.read_manifest(previous, verify="sizes")
     if manifest.get("stage") != STAGE or "history.json" not in manifest.get("files", {}):
-        raise artifacts.ArtifactError(f"previous {previous} is a {manifest.get('stage')!r} output, not an "
-                                      f"{STAGE} output with a history.json")
+        raise artifacts.ArtifactError(
+            f"previous {previous} is a {manifest.get('stage')!r} output, not an {STAGE} output with a history.json"
+        )
     return list(json.loads(artifacts.read_verified(previous, "history.json", manifest)))
 
 
-def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previous: str | None, out_dir: Path,
-          progress: bool = True) -> dict[str, Any]:
+def compute(
+    cfg: EvaluateConfig,
+    shards: str,
+    bases: Bases,
+    adapters: str,
+    previous: str | None,
+    out_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
     import torch
 
     from blueprint.data.readers import read_pairs
@@ -306,7 +399,7 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
         adapter_dir, meta = fetch_adapter_set(adapters, bases, Path(tmp) / "adapters")
         roles = load_roles(roles, adapter_dir, names=lora.ROLES, frozen=lora.ROLES)
     roles.summarizer.eval(), roles.coder.eval()
-    tests = any(p.get("tests") for p in pairs[:cfg.max_examples])
+    tests = any(p.get("tests") for p in pairs[: cfg.max_examples])
     phases = Progress(f"{STAGE}-{cfg.epoch}", 4 if tests else 3, progress)
     values, samples = evaluate_pairs(roles, pairs, cfg, phases)
     phases.close()
@@ -316,9 +409,13 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
     portable = artifacts.portable_name
     history = [h for h in history if h.get("epoch") != cfg.epoch] + [{**top, "adapters": portable(adapters)}]
     history.sort(key=lambda h: h.get("epoch", 0))
-    context = {"adapters": portable(adapters), "adapter round": str(meta.get("round", "?")),
-               "base": _named(bases.summarizer), "shards": portable(shards),
-               "previous": portable(previous) if previous else "-"}
+    context = {
+        "adapters": portable(adapters),
+        "adapter round": str(meta.get("round", "?")),
+        "base": _named(bases.summarizer),
+        "shards": portable(shards),
+        "previous": portable(previous) if previous else "-",
+    }
     if not bases.shared:
         context["coder base"] = _named(bases.coder)
     if values.get("reference_failures"):  # a broken task file or environment, named where the reader looks first
@@ -334,10 +431,11 @@ def compute(cfg: EvaluateConfig, shards: str, bases: Bases, adapters: str, previ
     if steps:
         report.plot_steps(steps, out_dir / "curves.png", f"PPO steps of the round evaluated ({portable(adapters)})")
         plots.append(("the evaluated round's PPO steps", "curves.png"))
-    text = report.markdown_report(top, history, samples[:cfg.report_examples], context, plots)
+    text = report.markdown_report(top, history, samples[: cfg.report_examples], context, plots)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
-    page = report.html_page(text, f"BluePrint evaluation, epoch {cfg.epoch}",
-                            {name: out_dir / name for _, name in plots})
+    page = report.html_page(
+        text, f"BluePrint evaluation, epoch {cfg.epoch}", {name: out_dir / name for _, name in plots}
+    )
     (out_dir / "report.html").write_text(page, encoding="utf-8")
     return {**top, "seconds": round(time.time() - start, 1)}
 
@@ -356,9 +454,18 @@ def _named(base: str) -> str:
 
 
 def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
-        config: EvaluateConfig, *, shards: str, base: str, adapters: str, previous: str | None = None,
-        coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
-        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+    config: EvaluateConfig,
+    *,
+    shards: str,
+    base: str,
+    adapters: str,
+    previous: str | None = None,
+    coder_base: str | None = None,
+    artifact_root: str | None = None,
+    out_uri: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> artifacts.StageOutput:
     """Committed evaluation of the adapter set `adapters` on the eval split of `shards`.
 
     `previous` (an earlier evaluate output) carries the history: this epoch's row is appended to its history.json.
@@ -369,9 +476,15 @@ def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the 
     if previous:
         inputs["previous"] = previous
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.reuse_or_commit(STAGE, key_settings(config, bases), inputs,
-                                         lambda d: compute(config, shards, bases, adapters, previous, d, progress),
-                                         artifact_root=artifact_root, out_uri=out_uri, force=force)
+        return artifacts.reuse_or_commit(
+            STAGE,
+            key_settings(config, bases),
+            inputs,
+            lambda d: compute(config, shards, bases, adapters, previous, d, progress),
+            artifact_root=artifact_root,
+            out_uri=out_uri,
+            force=force,
+        )
 
 
 def compare(uris: list[str]) -> str:

@@ -12,6 +12,7 @@ tolerance of a few rounding steps of the dtype (fp32 is exact up to float sums, 
 bf16 merge on a GPU passes and a merge that changed the function does not. Above it the stage raises, and since
 reuse_or_commit commits only when compute returns, nothing is committed.
 """
+
 from __future__ import annotations
 
 import gc
@@ -47,8 +48,12 @@ CHECK_CODES = (
     "        self.items.append(x)\n",
     "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
 )
-CHECK_SUMMARIES = ("Return the sum of two numbers.", "Read a file and return its lines without trailing whitespace.",
-                   "A last-in first-out stack.", "Return the n-th Fibonacci number.")
+CHECK_SUMMARIES = (
+    "Return the sum of two numbers.",
+    "Read a file and return its lines without trailing whitespace.",
+    "A last-in first-out stack.",
+    "Return the n-th Fibonacci number.",
+)
 
 
 class MergeCheckError(UserError, RuntimeError):
@@ -60,16 +65,26 @@ class MergeConfig(RuntimeSettings):
 
     keep_adapters: bool = setting(True, "also commit the adapter-only folders under adapters/")
     check_tolerance: float | None = setting(
-        None, "max |logit(merged) - logit(base + adapter)| / max |logit| accepted; None = by dtype "
-              "(1e-4 float32; 2e-2 bfloat16, 3e-3 float16: about 5 rounding steps of the largest logit)", ge=0)
+        None,
+        "max |logit(merged) - logit(base + adapter)| / max |logit| accepted; None = by dtype "
+        "(1e-4 float32; 2e-2 bfloat16, 3e-3 float16: about 5 rounding steps of the largest logit)",
+        ge=0,
+    )
     cast_tolerance: float | None = setting(
-        None, "the same bound on the cast to save_dtype (cast_logit_diff); None = by save_dtype", ge=0)
+        None, "the same bound on the cast to save_dtype (cast_logit_diff); None = by save_dtype", ge=0
+    )
     check_batch: int = setting(4, "prompts in the check batch", ge=1)
-    save_dtype: str = setting("base", 'dtype of the saved weights: "base" (the base\'s own, e.g. bf16 for most hub '
-                                      "models, fp32 for tiny) or float32 / bfloat16 / float16. Merged in fp32.")
-    dtype: str = setting("float32", "dtype the base is loaded, merged and checked in: float32 (the check is then "
-                                    "exact up to float sums) or bfloat16 / float16 / auto (checked at that dtype's "
-                                    "tolerance); the saved dtype is save_dtype")
+    save_dtype: str = setting(
+        "base",
+        'dtype of the saved weights: "base" (the base\'s own, e.g. bf16 for most hub '
+        "models, fp32 for tiny) or float32 / bfloat16 / float16. Merged in fp32.",
+    )
+    dtype: str = setting(
+        "float32",
+        "dtype the base is loaded, merged and checked in: float32 (the check is then "
+        "exact up to float sums) or bfloat16 / float16 / auto (checked at that dtype's "
+        "tolerance); the saved dtype is save_dtype",
+    )
     seed: int = setting(0, "seeds the check batch")
 
     @model_validator(mode="after")
@@ -101,8 +116,12 @@ def check_batch(tokenizer, role: str, size: int):
     from blueprint.models.batching import pad_batch
 
     prompts = PromptConfig()
-    texts = [summary_prompt(CHECK_CODES[i % len(CHECK_CODES)], prompts) if role == "summarizer"
-             else code_prompt(CHECK_SUMMARIES[i % len(CHECK_SUMMARIES)], prompts) for i in range(size)]
+    texts = [
+        summary_prompt(CHECK_CODES[i % len(CHECK_CODES)], prompts)
+        if role == "summarizer"
+        else code_prompt(CHECK_SUMMARIES[i % len(CHECK_SUMMARIES)], prompts)
+        for i in range(size)
+    ]
     ids = encode_prompts(tokenizer, texts)
     return pad_batch(ids, tokenizer.pad_token_id, "right")  # on the CPU: `logits` moves it to the model
 
@@ -143,13 +162,16 @@ def checked(role: str, what: str, a, b, tolerance: float) -> float:
     """`scaled_diff(a, b)`, raising MergeCheckError above `tolerance`."""
     diff = scaled_diff(a, b)
     if not diff <= tolerance:
-        raise MergeCheckError(f"{role}: {what} differ by {max_diff(a, b):.3g} ({diff:.3g} of the largest logit, "
-                              f"> {tolerance:g}); nothing was committed")
+        raise MergeCheckError(
+            f"{role}: {what} differ by {max_diff(a, b):.3g} ({diff:.3g} of the largest logit, "
+            f"> {tolerance:g}); nothing was committed"
+        )
     return diff
 
 
-def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: MergeConfig,
-               progress: bool = True) -> dict[str, Any]:
+def merge_role(
+    role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: MergeConfig, progress: bool = True
+) -> dict[str, Any]:
     """Merge `role` into a fresh base, save it to `out_dir`, and verify it; returns the role's metrics."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -173,8 +195,13 @@ def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: Merg
         for p in merged.parameters():
             p.copy_(p.to(dtype))
     saved = logits(merged, batch)
-    checked(role, f"logits before and after the cast to {str(dtype).removeprefix('torch.')}", saved, in_memory,
-            cast_tolerance)
+    checked(
+        role,
+        f"logits before and after the cast to {str(dtype).removeprefix('torch.')}",
+        saved,
+        in_memory,
+        cast_tolerance,
+    )
     merged = merged.to(dtype)
     merged.config.dtype = dtype
     merged.save_pretrained(out_dir)
@@ -183,15 +210,20 @@ def merge_role(role: str, base: str, adapter_dir: Path, out_dir: Path, cfg: Merg
     del model, merged
     gc.collect()
     # What is committed is the folder, so check the folder: a save that drops or unties weights shows up here.
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=compute, device_map=device,
-                                                    local_files_only=True).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=compute, device_map=device, local_files_only=True
+    ).eval()
     on_disk = logits(reloaded, batch)
     del reloaded
     checked(role, "the saved merged model's logits and the merged model's", on_disk, saved, tolerance)
-    return {f"max_abs_logit_diff_{role}": max(max_diff(in_memory, expected), max_diff(on_disk, saved)),
-            f"logit_diff_scaled_{role}": scaled, f"greedy_agreement_{role}": greedy_agreement(in_memory, expected),
-            f"parameters_{role}": parameters, f"cast_logit_diff_{role}": max_diff(saved, expected),
-            "saved_dtype": str(dtype).removeprefix("torch.")}
+    return {
+        f"max_abs_logit_diff_{role}": max(max_diff(in_memory, expected), max_diff(on_disk, saved)),
+        f"logit_diff_scaled_{role}": scaled,
+        f"greedy_agreement_{role}": greedy_agreement(in_memory, expected),
+        f"parameters_{role}": parameters,
+        f"cast_logit_diff_{role}": max_diff(saved, expected),
+        "saved_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
@@ -200,12 +232,15 @@ def evaluation_metrics(evaluation: str | None, adapters: str) -> dict[str, Any]:
         return {}
     manifest = artifacts.read_manifest(evaluation, verify="sizes")
     if manifest.get("stage") != registry.EVALUATE:
-        raise artifacts.ArtifactError(f"evaluation {evaluation} is a {manifest.get('stage')!r} output, "
-                                      "not an evaluate output")
+        raise artifacts.ArtifactError(
+            f"evaluation {evaluation} is a {manifest.get('stage')!r} output, not an evaluate output"
+        )
     evaluated = manifest.get("input_manifests", {}).get("adapters")
     if evaluated != artifacts.manifest_digest(adapters):
-        raise InputError(f"evaluation {evaluation} evaluated adapters {manifest['inputs'].get('adapters')}, not "
-                         f"{adapters}: its metrics would describe another model")
+        raise InputError(
+            f"evaluation {evaluation} evaluated adapters {manifest['inputs'].get('adapters')}, not "
+            f"{adapters}: its metrics would describe another model"
+        )
     return dict(manifest.get("metrics", {}))
 
 
@@ -237,8 +272,11 @@ def base_license(base: str) -> str:
         return BUILT_BASE_LICENSE
     if storage.is_s3(base):
         return "other"
-    card = Path(storage.local_path(storage.normalize(base))) / "README.md" if loading._is_local(base) else \
-        try_to_load_from_cache(base, "README.md")
+    card = (
+        Path(storage.local_path(storage.normalize(base))) / "README.md"
+        if loading._is_local(base)
+        else try_to_load_from_cache(base, "README.md")
+    )
     if isinstance(card, (str, Path)) and Path(card).is_file():
         return ModelCard.load(card).data.license or "other"
     return "other"
@@ -250,36 +288,73 @@ def card_metadata(base: str) -> str:
     from huggingface_hub import ModelCardData
 
     built = is_artifact(base)
-    data = ModelCardData(library_name="transformers", tags=["blueprint", "code", "lora-merged"],
-                         base_model=None if built else base_name(base), license=base_license(base),
-                         pipeline_tag=PIPELINE_TAG)
+    data = ModelCardData(
+        library_name="transformers",
+        tags=["blueprint", "code", "lora-merged"],
+        base_model=None if built else base_name(base),
+        license=base_license(base),
+        pipeline_tag=PIPELINE_TAG,
+    )
     return f"---\n{data.to_yaml()}\n---"
 
 
-def model_card(role: str, base: str, adapters: str, adapter_run: dict[str, Any], evaluation: str | None,
-               scores: dict[str, Any], check: float) -> str:
+def model_card(
+    role: str,
+    base: str,
+    adapters: str,
+    adapter_run: dict[str, Any],
+    evaluation: str | None,
+    scores: dict[str, Any],
+    check: float,
+) -> str:
     """README.md of a merged folder: what it is, where it came from, how it scored, how to load it."""
-    task = {"summarizer": "writes a one-paragraph summary (docstring) of a Python function",
-            "coder": "writes a Python function from its summary (docstring)"}[role]
+    task = {
+        "summarizer": "writes a one-paragraph summary (docstring) of a Python function",
+        "coder": "writes a Python function from its summary (docstring)",
+    }[role]
     prompt = PromptConfig()
     template = prompt.code_to_summary if role == "summarizer" else prompt.summary_to_code
     front = [card_metadata(base)]
     base = base_name(base)  # the card is content: no root, no time, no local path
     adapters, evaluation = artifacts.portable_name(adapters), evaluation and artifacts.portable_name(evaluation)
-    lines = front + ["", f"# BluePrint {role}", "",
-                     f"A causal LM that {task}: the `{role}` LoRA adapter of a BluePrint run merged into its base.",
-                     "", f"- base model: `{base}`",
-                     f"- adapters: `{adapters}` (stage `{adapter_run.get('stage')}`, key `{adapter_run.get('key')}`, "
-                     f"round {adapter_run.get('round', '?')})",
-                     f"- merge check: max |logit difference| vs base + adapter = {check:.3g}",
-                     "", "Prompt format (the completion follows it):", "", "```", template, "```", ""]
+    lines = front + [
+        "",
+        f"# BluePrint {role}",
+        "",
+        f"A causal LM that {task}: the `{role}` LoRA adapter of a BluePrint run merged into its base.",
+        "",
+        f"- base model: `{base}`",
+        f"- adapters: `{adapters}` (stage `{adapter_run.get('stage')}`, key `{adapter_run.get('key')}`, "
+        f"round {adapter_run.get('round', '?')})",
+        f"- merge check: max |logit difference| vs base + adapter = {check:.3g}",
+        "",
+        "Prompt format (the completion follows it):",
+        "",
+        "```",
+        template,
+        "```",
+        "",
+    ]
     if scores:
-        lines += [f"## Evaluation (`{evaluation}`)", "",
-                  table(["metric", "value", "meaning"],
-                        [(k, scores[k], DESCRIPTIONS.get(k, "")) for k in DESCRIPTIONS if k in scores]), ""]
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)",
-              "```", ""]
+        lines += [
+            f"## Evaluation (`{evaluation}`)",
+            "",
+            table(
+                ["metric", "value", "meaning"],
+                [(k, scores[k], DESCRIPTIONS.get(k, "")) for k in DESCRIPTIONS if k in scores],
+            ),
+            "",
+        ]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -287,8 +362,9 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def compute(cfg: MergeConfig, bases: Bases, adapters: str, evaluation: str | None, out_dir: Path,
-          progress: bool = True) -> dict[str, Any]:
+def compute(
+    cfg: MergeConfig, bases: Bases, adapters: str, evaluation: str | None, out_dir: Path, progress: bool = True
+) -> dict[str, Any]:
     import torch
 
     from blueprint.models import lora
@@ -308,8 +384,11 @@ def compute(cfg: MergeConfig, bases: Bases, adapters: str, evaluation: str | Non
             role_metrics = merge_role(role, base, adapter_dir, out_dir / role, cfg, progress)
             roles.update(done, merged=role)
             metrics.update(role_metrics)
-            (out_dir / role / "README.md").write_text(model_card(
-                role, base, adapters, run_info, evaluation, scores, role_metrics[f"max_abs_logit_diff_{role}"]))
+            (out_dir / role / "README.md").write_text(
+                model_card(
+                    role, base, adapters, run_info, evaluation, scores, role_metrics[f"max_abs_logit_diff_{role}"]
+                )
+            )
             metrics[f"bytes_{role}"] = folder_bytes(out_dir / role)
         if cfg.keep_adapters:
             for role in lora.ROLES:
@@ -321,9 +400,17 @@ def compute(cfg: MergeConfig, bases: Bases, adapters: str, evaluation: str | Non
 
 
 def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
-        config: MergeConfig, *, base: str, adapters: str, evaluation: str | None = None,
-        coder_base: str | None = None, artifact_root: str | None = None, out_uri: str | None = None,
-        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+    config: MergeConfig,
+    *,
+    base: str,
+    adapters: str,
+    evaluation: str | None = None,
+    coder_base: str | None = None,
+    artifact_root: str | None = None,
+    out_uri: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> artifacts.StageOutput:
     """Committed `summarizer/` (on `base`) and `coder/` (on `coder_base`, empty: `base`) standalone model folders,
     plus `adapters/` when kept."""
     evaluation = evaluation or None  # pipelines pass "" for "none"
@@ -332,7 +419,12 @@ def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the 
     if evaluation:
         inputs["evaluation"] = evaluation
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.reuse_or_commit(STAGE, key_settings(config, bases), inputs,
-                                         lambda d: compute(config, bases, adapters, evaluation, d, progress),
-                                         artifact_root=artifact_root, out_uri=out_uri, force=force)
-
+        return artifacts.reuse_or_commit(
+            STAGE,
+            key_settings(config, bases),
+            inputs,
+            lambda d: compute(config, bases, adapters, evaluation, d, progress),
+            artifact_root=artifact_root,
+            out_uri=out_uri,
+            force=force,
+        )

@@ -5,6 +5,7 @@ rebuild the code (information gain, minus length and copy penalties). Then the c
 from the summaries the summarizer actually wrote (back-translation), mixed with ground-truth docstrings so it
 does not drift. A killed round resumes from its last checkpoint (every `checkpoint_every` PPO steps).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,13 @@ if TYPE_CHECKING:  # torch
 
 STAGE = registry.PPO_ROUND
 # the settings an out-of-memory error names
-MEMORY_BUDGETS = ("generate_batch_tokens", "update_batch_tokens", "score_batch_tokens", "forward_batch_size",
-                  "coder_batch_size")
+MEMORY_BUDGETS = (
+    "generate_batch_tokens",
+    "update_batch_tokens",
+    "score_batch_tokens",
+    "forward_batch_size",
+    "coder_batch_size",
+)
 CHECKPOINT = "_checkpoint"
 VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_NAME = "trainer_state"  # .safetensors (optimizer moments, RNG) + .json (the rest): never a pickle
@@ -62,60 +68,86 @@ class PPORoundConfig(PPOConfig, RuntimeSettings, EngineSettings, ParallelSetting
 
     # the round builds these adapters itself: which one PPO trains and which is its anchor are not choices
     policy_adapter: Literal["summarizer"] = setting("summarizer", "the adapter PPO trains (always the summarizer)")
-    reference_adapter: Literal["reference"] = setting("reference", "the KL reference adapter the round builds "
-                                                                   "(from kl_anchor)")
+    reference_adapter: Literal["reference"] = setting(
+        "reference", "the KL reference adapter the round builds (from kl_anchor)"
+    )
     round_index: int = setting(1, "which round this is (1 = the first after warmup): seeds the round's draw", ge=1)
     ppo_steps: int = setting(10, "PPO steps on the summarizer (the original API's ppo_steps)", ge=0)
-    supervised_steps: int = setting(10, "optimizer steps of the coder on this round's summaries (the original "
-                                        "API's supervised_steps)", ge=0)
+    supervised_steps: int = setting(
+        10, "optimizer steps of the coder on this round's summaries (the original API's supervised_steps)", ge=0
+    )
     samples_per_query: int = setting(
-        4, "summaries sampled per code: each is judged against its siblings, so the advantage says 'better "
-           "summary', not 'easier code'", gt=0)
+        4,
+        "summaries sampled per code: each is judged against its siblings, so the advantage says 'better "
+        "summary', not 'easier code'",
+        gt=0,
+    )
     lr: float = setting(1e-3, "learning rate of the summarizer's LoRA and the value head", gt=0)
-    temperature: float = setting(0.5, "sampling and log-prob temperature: nearer greedy than 0.7, so what PPO "
-                                      "learns from shows in greedy summaries", gt=0)
+    temperature: float = setting(
+        0.5,
+        "sampling and log-prob temperature: nearer greedy than 0.7, so what PPO learns from shows in greedy summaries",
+        gt=0,
+    )
     max_new_tokens: int = setting(32, "longest summary sampled", gt=0)
     whiten_rewards: bool = setting(
-        True, "scale the (per-code centred) scores by the batch std: the gain (~0.03 nats/token) is otherwise "
-              "small next to the KL penalty (~0.2 nats/summary)")
-    missing_eos_penalty: float = setting(0.1, "on the gain's scale (~0.05 nats/token): at 1.0 one unfinished "
-                                              "summary in 32 dominated the whitened batch", ge=0)
+        True,
+        "scale the (per-code centred) scores by the batch std: the gain (~0.03 nats/token) is otherwise "
+        "small next to the KL penalty (~0.2 nats/summary)",
+    )
+    missing_eos_penalty: float = setting(
+        0.1,
+        "on the gain's scale (~0.05 nats/token): at 1.0 one unfinished summary in 32 dominated the whitened batch",
+        ge=0,
+    )
     length_coef: float = setting(0.01, "weight of len(summary) / len(code) in the reward", ge=0)
-    reward: Literal["gain", "neg_ce"] = setting("gain", '"gain" (information gain, low variance) or "neg_ce" '
-                                                        "(the original prototype's -CE)")
+    reward: Literal["gain", "neg_ce"] = setting(
+        "gain", '"gain" (information gain, low variance) or "neg_ce" (the original prototype\'s -CE)'
+    )
     coder_lr: float = setting(1e-3, "learning rate of the coder's supervised step", gt=0)
     coder_batch_size: int = setting(8, "pairs per coder optimizer step", ge=1)
-    ground_truth_fraction: float = setting(0.5, "share of the coder's pairs that use the true docstring", ge=0,
-                                           le=1)
-    max_code_tokens: int = setting(256, "code is cut to this many tokens (what the reward and the coder see)",
-                                   ge=8)
+    ground_truth_fraction: float = setting(0.5, "share of the coder's pairs that use the true docstring", ge=0, le=1)
+    max_code_tokens: int = setting(256, "code is cut to this many tokens (what the reward and the coder see)", ge=8)
     max_summary_tokens: int = setting(64, "summaries are cut to this many tokens", ge=4)
-    score_batch_tokens: int | None = setting(None, "token budget of one reward-scoring forward (None = 1024 on "
-                                                   "CPU, 16384 on a GPU)", gt=0)
-    probe_size: int = setting(128, "codes of the round's batch whose greedy-summary reward is measured before "
-                                   "and after (paired, so small changes show)", ge=1)
-    probe_samples: int = setting(0, ">0: also the expected reward, this many sampled summaries per probe code",
-                                 ge=0)
+    score_batch_tokens: int | None = setting(
+        None, "token budget of one reward-scoring forward (None = 1024 on CPU, 16384 on a GPU)", gt=0
+    )
+    probe_size: int = setting(
+        128,
+        "codes of the round's batch whose greedy-summary reward is measured before "
+        "and after (paired, so small changes show)",
+        ge=1,
+    )
+    probe_samples: int = setting(0, ">0: also the expected reward, this many sampled summaries per probe code", ge=0)
     kl_anchor: Literal["round", "warmup"] = setting(
-        "round", 'where the KL reference adapter is taken from: "round" (the summarizer as this round starts: a '
-                 'per-round trust region, so a recurring retraining never drifts into max_kl) or "warmup" (the '
-                 'summarizer after warmup)')
+        "round",
+        'where the KL reference adapter is taken from: "round" (the summarizer as this round starts: a '
+        'per-round trust region, so a recurring retraining never drifts into max_kl) or "warmup" (the '
+        "summarizer after warmup)",
+    )
     checkpoint_every: int = setting(5, "PPO steps between resumable checkpoints", ge=1)
     prompt_style: PromptStyle = setting("plain", "prompt templates: plain | structured")
     seed: int = setting(0, "seeds the round's draw of codes, the probe and sampling")
     rollout_seeds: Literal["rank", "query"] = setting(
-        "rank", 'how rollouts are sampled: "rank" (each process\'s batch from its own stream, seeded by seed, round '
-                'and rank: fastest) or "query" (each query from its own seed, one generate call per query: the same '
-                'summaries whatever nproc is)')
+        "rank",
+        'how rollouts are sampled: "rank" (each process\'s batch from its own stream, seeded by seed, round '
+        'and rank: fastest) or "query" (each query from its own seed, one generate call per query: the same '
+        "summaries whatever nproc is)",
+    )
     new_data_fraction: float = setting(
-        0.0, "share of the round's codes drawn from the rows that are new since the dataset this one grew from "
-             "(incremental sharding), so a scheduled retrain learns from what changed; 0 = a uniform draw", ge=0, le=1)
+        0.0,
+        "share of the round's codes drawn from the rows that are new since the dataset this one grew from "
+        "(incremental sharding), so a scheduled retrain learns from what changed; 0 = a uniform draw",
+        ge=0,
+        le=1,
+    )
 
     scaled_batches = ("batch_size", "mini_batch_size", "coder_batch_size")
 
     def split_over_ranks(self) -> dict[str, int]:
-        return {"batch_size/samples_per_query": self.batch_size // self.samples_per_query,
-                "coder_batch_size": self.coder_batch_size}
+        return {
+            "batch_size/samples_per_query": self.batch_size // self.samples_per_query,
+            "coder_batch_size": self.coder_batch_size,
+        }
 
 
 def queries_per_step(cfg: PPORoundConfig) -> int:
@@ -148,11 +180,13 @@ def round_batch(shards: str, cfg: PPORoundConfig) -> list[dict]:
     def draw(rows):
         if first:  # the new rows first, then the rest of the batch from the whole split, shuffled together
             rest = need - first
-            picked = rng.sample(fresh, first) + (rng.sample(rows, rest) if rest <= len(rows) else
-                                                 [rng.choice(rows) for _ in range(rest)])
+            picked = rng.sample(fresh, first) + (
+                rng.sample(rows, rest) if rest <= len(rows) else [rng.choice(rows) for _ in range(rest)]
+            )
             rng.shuffle(picked)
             return picked
         return rng.sample(rows, need) if need <= len(rows) else [rng.choice(rows) for _ in range(need)]
+
     return sample_pairs(shards, "train", draw)
 
 
@@ -173,8 +207,9 @@ def _load_trainer_state(trainer, directory: Path, source: str) -> None:
     """Resume the trainer from `directory` when it holds a state; a pickled one is refused, never loaded."""
     pickles = sorted(p.name for pattern in ("*.pt", "*.pth", "*.pkl", "*.bin") for p in directory.glob(pattern))
     if pickles:
-        raise artifacts.ArtifactError(f"{source} holds pickled files ({', '.join(pickles)}): BluePrint never loads "
-                                      "a pickle from the store")
+        raise artifacts.ArtifactError(
+            f"{source} holds pickled files ({', '.join(pickles)}): BluePrint never loads a pickle from the store"
+        )
     if not (directory / f"{STATE_NAME}.safetensors").exists():
         return
     try:
@@ -208,8 +243,9 @@ def _open_round(cfg: PPORoundConfig, bases: Bases, adapters: str, ckpt_uri: str,
     return roles, trainer, (meta if resumed else {}), resumed
 
 
-def round_engine(cfg: PPORoundConfig, trainer, tokenizer, codes: list[str], base: str,
-                 progress: bool) -> dict[str, Any]:
+def round_engine(
+    cfg: PPORoundConfig, trainer, tokenizer, codes: list[str], base: str, progress: bool
+) -> dict[str, Any]:
     """Give the trainer a vLLM engine serving the summarizer when `cfg.engine` resolves to vllm; the figures that
     say which engine sampled."""
     from blueprint.engines import settings as engine_settings
@@ -256,27 +292,49 @@ def _ppo_steps(rnd: Round, codes: list[str], done: int, progress: bool) -> str |
     share = distributed.my_share(q)  # this rank's queries of each step (all of them in one process)
     try:
         for step in range(done, cfg.ppo_steps):
-            chunk = codes[step * q:(step + 1) * q][share.start:share.stop]
+            chunk = codes[step * q : (step + 1) * q][share.start : share.stop]
             scorer.codes = [c for c in chunk for _ in range(cfg.samples_per_query)]  # the trainer's rollout order
             queries = encode_prompts(tokenizer, [summary_prompt(c, prompts) for c in chunk])
             code_ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
             try:
-                stats = trainer.ppo_step(queries, scorer, code_ids=code_ids,
-                                         seeds=query_seeds(cfg, step, range(step * q + share.start,
-                                                                            step * q + share.stop)))
+                stats = trainer.ppo_step(
+                    queries,
+                    scorer,
+                    code_ids=code_ids,
+                    seeds=query_seeds(cfg, step, range(step * q + share.start, step * q + share.stop)),
+                )
             except KLExplodedError as exc:
                 return f"kl_exploded at step {step}: {exc}"
             stats_rows.append({"step": step, **stats})
-            rnd.tracker.log("summarizer", round_stats.global_step(cfg.round_index, step + 1, cfg.ppo_steps),
-                            round_stats.step_figures(stats, cfg.batch_size))
+            rnd.tracker.log(
+                "summarizer",
+                round_stats.global_step(cfg.round_index, step + 1, cfg.ppo_steps),
+                round_stats.step_figures(stats, cfg.batch_size),
+            )
             bar.update(step + 1, reward=stats.get("score/mean", float("nan")), kl=stats.get("kl", 0.0))
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.ppo_steps:
                 with tempfile.TemporaryDirectory() as ck:
-                    _save(rnd.roles, trainer, Path(ck), rnd.bases, {
-                        "ppo_steps_done": step + 1, "stats": stats_rows, **written_state(scorer.written), **rnd.before})
+                    _save(
+                        rnd.roles,
+                        trainer,
+                        Path(ck),
+                        rnd.bases,
+                        {
+                            "ppo_steps_done": step + 1,
+                            "stats": stats_rows,
+                            **written_state(scorer.written),
+                            **rnd.before,
+                        },
+                    )
                     if distributed.is_main():  # every rank saved (collectives); one commits
-                        artifacts.commit(Path(ck), rnd.ckpt_uri, stage=f"{STAGE}-checkpoint", config={}, inputs={},
-                                         metrics={"ppo_steps_done": step + 1})
+                        artifacts.commit(
+                            Path(ck),
+                            rnd.ckpt_uri,
+                            stage=f"{STAGE}-checkpoint",
+                            config={},
+                            inputs={},
+                            metrics={"ppo_steps_done": step + 1},
+                        )
     finally:
         bar.close()
     return None
@@ -294,19 +352,30 @@ def resumed_written(meta: dict[str, Any], source: str) -> list[tuple[str, str]]:
     must have written (each rank resumes its own share, RNG and summaries)."""
     ranks, world = meta.get("written_ranks"), distributed.world_size()
     if meta and int(meta.get("world_size", 1)) != world:
-        raise artifacts.ArtifactError(f"{source} was written by {meta.get('world_size', 1)} process(es), this round "
-                                      f"runs on {world}: rerun it with nproc as it was, or with --force")
+        raise artifacts.ArtifactError(
+            f"{source} was written by {meta.get('world_size', 1)} process(es), this round "
+            f"runs on {world}: rerun it with nproc as it was, or with --force"
+        )
     return [tuple(w) for w in (ranks[distributed.rank()] if ranks else meta.get("written", []))]
 
 
-def compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_dir: Path, out_uri: str,
-            progress: bool = True) -> dict[str, Any]:
+def compute(
+    cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_dir: Path, out_uri: str, progress: bool = True
+) -> dict[str, Any]:
     with tracking.stage_tracker(task_name(cfg), out_dir, artifacts.config_dict(cfg), out_uri) as tracker:
         return _compute(cfg, shards, bases, adapters, out_dir, out_uri, progress, tracker)
 
 
-def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_dir: Path, out_uri: str,
-             progress: bool, tracker: tracking.Tracker) -> dict[str, Any]:
+def _compute(
+    cfg: PPORoundConfig,
+    shards: str,
+    bases: Bases,
+    adapters: str,
+    out_dir: Path,
+    out_uri: str,
+    progress: bool,
+    tracker: tracking.Tracker,
+) -> dict[str, Any]:
     import torch
 
     from blueprint.rl.reward import RewardConfig, RewardModel, SummaryScorer
@@ -322,13 +391,25 @@ def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_
 
     batch = round_batch(shards, cfg)
     codes = clip_tokens(tokenizer, [p["code"] for p in batch], cfg.max_code_tokens)
-    reward = RewardModel(roles.coder, roles.coder_tokenizer, PromptConfig(style=cfg.prompt_style), RewardConfig(
-        length_coef=cfg.length_coef, copy_coef=0.0, max_code_tokens=cfg.max_code_tokens,
-        max_summary_tokens=cfg.max_summary_tokens, max_batch_tokens=cfg.score_batch_tokens))
+    reward = RewardModel(
+        roles.coder,
+        roles.coder_tokenizer,
+        PromptConfig(style=cfg.prompt_style),
+        RewardConfig(
+            length_coef=cfg.length_coef,
+            copy_coef=0.0,
+            max_code_tokens=cfg.max_code_tokens,
+            max_summary_tokens=cfg.max_summary_tokens,
+            max_batch_tokens=cfg.score_batch_tokens,
+        ),
+    )
     metrics_engine = round_engine(cfg, trainer, tokenizer, codes, bases.summarizer, progress)
     probe = codes[: cfg.probe_size]
-    before = {k: v for k, v in meta.items() if k.startswith("probe_")} if resumed else \
-        probe_metrics(model, tokenizer, reward, probe, cfg, "before")
+    before = (
+        {k: v for k, v in meta.items() if k.startswith("probe_")}
+        if resumed
+        else probe_metrics(model, tokenizer, reward, probe, cfg, "before")
+    )
     metrics: dict[str, Any] = {"round_index": cfg.round_index, "resumed_at_step": done, **metrics_engine, **before}
     scorer = SummaryScorer(reward, tokenizer, use_gain=cfg.reward == "gain")
     scorer.written = resumed_written(meta, ckpt_uri)
@@ -351,39 +432,76 @@ def _compute(cfg: PPORoundConfig, shards: str, bases: Bases, adapters: str, out_
         for row in stats_rows:
             f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("time/")}, default=float) + "\n")
     metrics.update(round_stats.step_summary(stats_rows))
-    metrics.update(ppo_steps_done=len(stats_rows), skipped_batches=trainer.skipped_total, stopped=stopped or "",
-                   seconds=round(time.time() - start, 1))
+    metrics.update(
+        ppo_steps_done=len(stats_rows),
+        skipped_batches=trainer.skipped_total,
+        stopped=stopped or "",
+        seconds=round(time.time() - start, 1),
+    )
     return metrics
 
 
-def train_coder(roles: RoleModels, batch: list[dict], written: list[tuple[str, str]], cfg: PPORoundConfig,
-                progress: bool, tracker: tracking.Tracker | None = None) -> dict[str, float]:
+def train_coder(
+    roles: RoleModels,
+    batch: list[dict],
+    written: list[tuple[str, str]],
+    cfg: PPORoundConfig,
+    progress: bool,
+    tracker: tracking.Tracker | None = None,
+) -> dict[str, float]:
     """Back-translation: the coder learns (written summary -> code), mixed with (docstring -> code)."""
     model, tokenizer = roles.coder, roles.coder_tokenizer
     rng = random.Random(cfg.seed * 7919 + cfg.round_index)
     n = max(cfg.supervised_steps * cfg.coder_batch_size, 2)
     n_true = round(n * cfg.ground_truth_fraction) if written else n
     generated = [{"summary": s, "code": c} for s, c in written if s.strip()]
-    pairs = [rng.choice(batch) for _ in range(n_true)] + \
-            ([rng.choice(generated) for _ in range(n - n_true)] if generated else [])
+    pairs = [rng.choice(batch) for _ in range(n_true)] + (
+        [rng.choice(generated) for _ in range(n - n_true)] if generated else []
+    )
     rng.shuffle(pairs)
     held_out = generated[-16:] or batch[:16]
     limits = (cfg.prompt_style, cfg.max_code_tokens, cfg.max_summary_tokens)
     train, evals = sft_datasets(pairs, tokenizer, *limits)["coder"], sft_datasets(held_out, tokenizer, *limits)["coder"]
-    run = SFTRun(steps=cfg.supervised_steps, batch_size=cfg.coder_batch_size, lr=cfg.coder_lr, seed=cfg.seed,
-                 max_length=sft_length(cfg.max_code_tokens, cfg.max_summary_tokens), task=task_name(cfg),
-                 lr_setting="coder_lr", progress=progress, gradient_checkpointing=cfg.gradient_checkpointing)
-    out = train_adapter(model, tokenizer, "coder", train, evals, run,
-                        track=tracker and step_logger(lambda step, row: tracker.log("coder", step, row),
-                                                      round_stats.global_step(cfg.round_index, 0, cfg.supervised_steps)))
+    run = SFTRun(
+        steps=cfg.supervised_steps,
+        batch_size=cfg.coder_batch_size,
+        lr=cfg.coder_lr,
+        seed=cfg.seed,
+        max_length=sft_length(cfg.max_code_tokens, cfg.max_summary_tokens),
+        task=task_name(cfg),
+        lr_setting="coder_lr",
+        progress=progress,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    out = train_adapter(
+        model,
+        tokenizer,
+        "coder",
+        train,
+        evals,
+        run,
+        track=tracker
+        and step_logger(
+            lambda step, row: tracker.log("coder", step, row),
+            round_stats.global_step(cfg.round_index, 0, cfg.supervised_steps),
+        ),
+    )
     roles.summarizer.set_adapter("summarizer")  # train_adapter made the coder active; the policy acts next
     return out
 
 
 def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the launcher's keywords
-        config: PPORoundConfig, *, shards: str, base: str, adapters: str, coder_base: str | None = None,
-        artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
-        progress: bool = True) -> artifacts.StageOutput:
+    config: PPORoundConfig,
+    *,
+    shards: str,
+    base: str,
+    adapters: str,
+    coder_base: str | None = None,
+    artifact_root: str | None = None,
+    out_uri: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> artifacts.StageOutput:
     """Committed adapter set after one round (summarizer, coder, reference, value head, optimizer state)."""
     bases = Bases.of(base, coder_base)
     inputs = {"shards": shards, "adapters": adapters, **bases.key_parts()[0]}
@@ -396,6 +514,12 @@ def run(  # noqa: PLR0913 - a stage's inputs by name, and where it commits: the 
         storage.delete_prefix(storage.join(out_uri, CHECKPOINT))
     distributed.barrier()
     with named_out_of_memory(STAGE, MEMORY_BUDGETS):
-        return artifacts.reuse_or_commit(STAGE, settings, inputs,
-                                         lambda d: compute(config, shards, bases, adapters, d, out_uri, progress),
-                                         out_uri=out_uri, force=force, owned=owned)
+        return artifacts.reuse_or_commit(
+            STAGE,
+            settings,
+            inputs,
+            lambda d: compute(config, shards, bases, adapters, d, out_uri, progress),
+            out_uri=out_uri,
+            force=force,
+            owned=owned,
+        )

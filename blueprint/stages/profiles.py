@@ -4,6 +4,7 @@ learning on 2 CPU cores), and the run defaults every entry point shares (API, `b
 The values live with each stage in the registry (`StageSpec.profiles`); pipeline parameters, `--set` flags and
 config files override them, merged in one place (`merged_settings`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,10 +13,10 @@ from blueprint.config import ConfigError
 from blueprint.stages.registry import PROFILE_NAMES, STAGES, check_stage_names
 
 DEFAULT_PROFILE = "default"
-EPOCHS = 2                      # PPO rounds of a run
-ARTIFACT_ROOT = "./artifacts"   # where a local run commits its outputs
-PROMOTION_NAME = "blueprint"    # the name a run's gate compares against and promote points
-DEFAULT_BASE = "tiny"           # the base model: the tiny one bootstrap builds
+EPOCHS = 2  # PPO rounds of a run
+ARTIFACT_ROOT = "./artifacts"  # where a local run commits its outputs
+PROMOTION_NAME = "blueprint"  # the name a run's gate compares against and promote points
+DEFAULT_BASE = "tiny"  # the base model: the tiny one bootstrap builds
 
 
 def stage_settings(profile: str, stage: str) -> dict[str, Any]:

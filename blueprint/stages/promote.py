@@ -5,6 +5,7 @@ conditional write, naming the version the gate judged against. When another run 
 is the new champion: the decision is taken again against it (on the same eval split its metrics compare directly),
 so neither run's decision is lost and the worse model never replaces the better one.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,9 @@ class PromoteConfig(Settings):
 
     attempts: int = setting(5, "compare-and-swap attempts when other runs promote at the same time", ge=1)
     run: str = setting("", "the pipeline run that promotes (its id), recorded in the pointer")
-    history: int = setting(20, "replaced pointers the pointer keeps, newest first; gc may delete what only older "
-                               "ones named", ge=0)
+    history: int = setting(
+        20, "replaced pointers the pointer keeps, newest first; gc may delete what only older ones named", ge=0
+    )
 
 
 def gate_record(gate: str) -> dict[str, Any]:
@@ -36,16 +38,28 @@ def gate_record(gate: str) -> dict[str, Any]:
     return dict(storage.read_json(storage.join(gate, "gate.json")))
 
 
-def new_pointer(record: dict[str, Any], previous: dict[str, Any] | None, run: str, gate: str,
-                keep: int) -> dict[str, Any]:
+def new_pointer(
+    record: dict[str, Any], previous: dict[str, Any] | None, run: str, gate: str, keep: int
+) -> dict[str, Any]:
     """The pointer naming the gate's challenger; the one it replaces heads its history, cut to `keep` entries."""
     ours = record["challenger"]
-    return {"name": record["name"], "models": ours["models"], "summarizer": storage.join(ours["models"], "summarizer"),
-            "coder": storage.join(ours["models"], "coder"), "evaluation": ours["evaluation"],
-            "adapters": ours["adapters"], "base": ours["base"], "coder_base": ours.get("coder_base", ""),
-            "shards": ours["shards"], "metrics": ours["metrics"], "why": record["why"], registry.GATE: gate, "run": run,
-            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "history": promotion.history(previous)[:keep]}
+    return {
+        "name": record["name"],
+        "models": ours["models"],
+        "summarizer": storage.join(ours["models"], "summarizer"),
+        "coder": storage.join(ours["models"], "coder"),
+        "evaluation": ours["evaluation"],
+        "adapters": ours["adapters"],
+        "base": ours["base"],
+        "coder_base": ours.get("coder_base", ""),
+        "shards": ours["shards"],
+        "metrics": ours["metrics"],
+        "why": record["why"],
+        registry.GATE: gate,
+        "run": run,
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "history": promotion.history(previous)[:keep],
+    }
 
 
 def rejudge(record: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str]:
@@ -53,13 +67,15 @@ def rejudge(record: dict[str, Any], champion: dict[str, Any]) -> tuple[bool, str
     evaluated on the same split with the same evaluation settings."""
     ours = artifacts.read_manifest(record["challenger"]["evaluation"], verify="none")
     theirs = artifacts.read_manifest(champion["evaluation"], verify="none")
-    same = ours.get("input_manifests", {}).get("shards") == theirs.get("input_manifests", {}).get("shards") \
-        and comparable_config(ours) == comparable_config(theirs)
+    same = ours.get("input_manifests", {}).get("shards") == theirs.get("input_manifests", {}).get(
+        "shards"
+    ) and comparable_config(ours) == comparable_config(theirs)
     if not same:
-        return False, (f"run {champion.get('run')!r} promoted a model evaluated on other data or settings while "
-                       "this run was gated; rerun the gate to compare them")
-    return decide(record["challenger"]["metrics"], champion.get("metrics"),
-                  PromotionRule(**record["rule"]))
+        return False, (
+            f"run {champion.get('run')!r} promoted a model evaluated on other data or settings while "
+            "this run was gated; rerun the gate to compare them"
+        )
+    return decide(record["challenger"]["metrics"], champion.get("metrics"), PromotionRule(**record["rule"]))
 
 
 def promote(config: PromoteConfig, gate: str, artifact_root: str, progress: bool = True) -> dict[str, Any]:
@@ -89,12 +105,20 @@ def promote(config: PromoteConfig, gate: str, artifact_root: str, progress: bool
     raise promotion.PointerConflict(f"promoted/{name}.json kept changing: {config.attempts} attempts failed")
 
 
-def run(config: PromoteConfig, *, gate: str, artifact_root: str | None = None, out_uri: str | None = None,
-        force: bool = False, progress: bool = True) -> artifacts.StageOutput:
+def run(
+    config: PromoteConfig,
+    *,
+    gate: str,
+    artifact_root: str | None = None,
+    out_uri: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> artifacts.StageOutput:
     """The promoted pointer of the gate's name, as a StageOutput (its URI, and `promoted` = 1 or 0)."""
     if artifact_root is None:
         raise InputError("promotion writes the pointer under the artifact root: give artifact_root")
     metrics = promote(config, gate, artifact_root, progress)
     name = gate_record(gate)["name"]
-    return artifacts.StageOutput(promotion.pointer_uri(artifact_root, name), {"metrics": metrics, "key": ""},
-                                 cached=False)
+    return artifacts.StageOutput(
+        promotion.pointer_uri(artifact_root, name), {"metrics": metrics, "key": ""}, cached=False
+    )

@@ -8,6 +8,7 @@ A new stage is one new module, one component body plus one entry here. Code outs
 (pipelines/blueprint_pipeline.py) names a stage through the constants below, never as a string literal
 (tests/stages/test_registry.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,16 +47,16 @@ class StageSpec:
     name: str
     module: str
     config_class: str
-    inputs: tuple[str, ...]                     # the input URIs it needs
-    param: str                                  # the pipeline parameter holding its settings (a dict)
-    resources: PodResources                     # its pod's default resources on a cluster (cluster settings add)
-    summary: str                                # what it does, in a few words (the parameter's description)
-    optional_inputs: tuple[str, ...] = ()       # input URIs it can take besides those
-    outputs: tuple[str, ...] = STAGE_RESULT     # its component's named results
-    accelerator: bool = False                   # gets the accelerator when the cluster settings ask for GPUs
-    figures: tuple[str, ...] = ()               # metrics a one-line summary of a finished task shows
+    inputs: tuple[str, ...]  # the input URIs it needs
+    param: str  # the pipeline parameter holding its settings (a dict)
+    resources: PodResources  # its pod's default resources on a cluster (cluster settings add)
+    summary: str  # what it does, in a few words (the parameter's description)
+    optional_inputs: tuple[str, ...] = ()  # input URIs it can take besides those
+    outputs: tuple[str, ...] = STAGE_RESULT  # its component's named results
+    accelerator: bool = False  # gets the accelerator when the cluster settings ask for GPUs
+    figures: tuple[str, ...] = ()  # metrics a one-line summary of a finished task shows
     profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # overrides per profile name
-    tasks: tuple[str, ...] = ()                 # the stage's fan-out tasks beside its own: "plan" -> "shard-plan"
+    tasks: tuple[str, ...] = ()  # the stage's fan-out tasks beside its own: "plan" -> "shard-plan"
 
     @property
     def body(self) -> str:
@@ -78,54 +79,143 @@ PROFILE_NAMES = ("smoke", "default")  # smoke: seconds, for tests; default: show
 # Pod resources are sized for the default profile (a tiny base) on a modest cluster; a real base needs more
 # (cluster settings override them per stage). Memory limits guard the node against a runaway pod; CPU limits are
 # generous because throttling only slows.
-STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec(SHARD, "blueprint.stages.shard", "ShardConfig", (), "shard_settings",
-              PodResources("1", "4", "2Gi", "8Gi"), "extracts (code, summary) pairs into Parquet shards",
-              figures=("pairs", "inputs_parsed", "inputs_reused"), tasks=("plan", "part"), profiles={
-                  "smoke": {"num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600},
-                  "default": {"partitions": 2}}),
-    StageSpec(BOOTSTRAP, "blueprint.stages.bootstrap", "BootstrapConfig", ("shards",), "bootstrap_settings",
-              PodResources("2", "4", "4Gi", "8Gi"), "builds the tiny base model when base is tiny",
-              outputs=(*STAGE_RESULT, "coder_base"), figures=("parameters", "loss_start", "loss_end"), profiles={
-                  "smoke": {"preset": "micro", "vocab_size": 512, "seq_len": 128, "batch_size": 8,
-                            "max_tokens": 16_384, "max_pairs": 600}}),
-    StageSpec(WARMUP, "blueprint.stages.warmup", "WarmupConfig", ("shards", "base"), "warmup_settings",
-              PodResources("2", "8", "8Gi", "16Gi"), "supervised warmup of both LoRA adapters",
-              optional_inputs=("coder_base",), accelerator=True,
-              figures=("summarizer_eval_loss_after", "coder_eval_loss_after"), profiles={
-                  "smoke": {"steps": 4, "batch_size": 4, "max_code_tokens": 128, "max_summary_tokens": 32},
-                  "default": {"steps": 30, "coder_steps": 120, "lr": 5e-3}}),
-    StageSpec(PPO_ROUND, "blueprint.stages.ppo_round", "PPORoundConfig", ("shards", "base", "adapters"),
-              "ppo_settings", PodResources("2", "8", "8Gi", "16Gi"),
-              "one round-trip PPO round on the summarizer and supervised steps on the coder",
-              optional_inputs=("coder_base",), accelerator=True,
-              figures=("probe_reward_before", "probe_reward_after", "kl_mean"), profiles={
-                  "smoke": {"ppo_steps": 2, "supervised_steps": 2, "batch_size": 4, "mini_batch_size": 2,
-                            "ppo_epochs": 1, "samples_per_query": 2, "max_new_tokens": 16, "max_code_tokens": 128,
-                            "probe_size": 4},
-                  "default": {"ppo_steps": 16, "supervised_steps": 20, "batch_size": 32, "mini_batch_size": 8,
-                              "init_kl_coef": 0.1, "probe_samples": 4}}),
-    StageSpec(EVALUATE, "blueprint.stages.evaluate", "EvaluateConfig", ("shards", "base", "adapters"),
-              "evaluate_settings", PodResources("2", "8", "8Gi", "16Gi"),
-              "scores both adapters on the held-out split, after warmup and after each round",
-              optional_inputs=("previous", "coder_base"), accelerator=True,
-              figures=("reward_gen_mean", "gain_gen_mean", "pairwise_accuracy"),
-              profiles={"smoke": {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128}}),
-    StageSpec(MERGE, "blueprint.stages.merge", "MergeConfig", ("base", "adapters"), "merge_settings",
-              PodResources("1", "4", "8Gi", "16Gi"), "merges each adapter into its base as a standalone model",
-              optional_inputs=("evaluation", "coder_base"), accelerator=True,
-              figures=("saved_dtype", "max_abs_logit_diff_summarizer")),
-    # the gate may evaluate the champion again, as evaluate does
-    StageSpec(GATE, "blueprint.stages.gate", "GateConfig", ("shards", "base", "adapters", "evaluation", "models"),
-              "gate_settings", PodResources("2", "8", "8Gi", "16Gi"),
-              "judges the run's models against the promoted ones: promote or keep",
-              optional_inputs=("coder_base",), outputs=("Output",), accelerator=True,
-              figures=("promote", "challenger_reward_gen_mean", "champion_reward_gen_mean"),
-              profiles={"smoke": {"floor": 0.0}}),  # smoke models rank summaries near chance
-    StageSpec(PROMOTE, "blueprint.stages.promote", "PromoteConfig", ("gate",), "promote_settings",
-              PodResources("250m", "1", "512Mi", "1Gi"), "points the promotion name at the gate's winner",
-              figures=("promoted",)),
-]}
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in [
+        StageSpec(
+            SHARD,
+            "blueprint.stages.shard",
+            "ShardConfig",
+            (),
+            "shard_settings",
+            PodResources("1", "4", "2Gi", "8Gi"),
+            "extracts (code, summary) pairs into Parquet shards",
+            figures=("pairs", "inputs_parsed", "inputs_reused"),
+            tasks=("plan", "part"),
+            profiles={"smoke": {"num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600}, "default": {"partitions": 2}},
+        ),
+        StageSpec(
+            BOOTSTRAP,
+            "blueprint.stages.bootstrap",
+            "BootstrapConfig",
+            ("shards",),
+            "bootstrap_settings",
+            PodResources("2", "4", "4Gi", "8Gi"),
+            "builds the tiny base model when base is tiny",
+            outputs=(*STAGE_RESULT, "coder_base"),
+            figures=("parameters", "loss_start", "loss_end"),
+            profiles={
+                "smoke": {
+                    "preset": "micro",
+                    "vocab_size": 512,
+                    "seq_len": 128,
+                    "batch_size": 8,
+                    "max_tokens": 16_384,
+                    "max_pairs": 600,
+                }
+            },
+        ),
+        StageSpec(
+            WARMUP,
+            "blueprint.stages.warmup",
+            "WarmupConfig",
+            ("shards", "base"),
+            "warmup_settings",
+            PodResources("2", "8", "8Gi", "16Gi"),
+            "supervised warmup of both LoRA adapters",
+            optional_inputs=("coder_base",),
+            accelerator=True,
+            figures=("summarizer_eval_loss_after", "coder_eval_loss_after"),
+            profiles={
+                "smoke": {"steps": 4, "batch_size": 4, "max_code_tokens": 128, "max_summary_tokens": 32},
+                "default": {"steps": 30, "coder_steps": 120, "lr": 5e-3},
+            },
+        ),
+        StageSpec(
+            PPO_ROUND,
+            "blueprint.stages.ppo_round",
+            "PPORoundConfig",
+            ("shards", "base", "adapters"),
+            "ppo_settings",
+            PodResources("2", "8", "8Gi", "16Gi"),
+            "one round-trip PPO round on the summarizer and supervised steps on the coder",
+            optional_inputs=("coder_base",),
+            accelerator=True,
+            figures=("probe_reward_before", "probe_reward_after", "kl_mean"),
+            profiles={
+                "smoke": {
+                    "ppo_steps": 2,
+                    "supervised_steps": 2,
+                    "batch_size": 4,
+                    "mini_batch_size": 2,
+                    "ppo_epochs": 1,
+                    "samples_per_query": 2,
+                    "max_new_tokens": 16,
+                    "max_code_tokens": 128,
+                    "probe_size": 4,
+                },
+                "default": {
+                    "ppo_steps": 16,
+                    "supervised_steps": 20,
+                    "batch_size": 32,
+                    "mini_batch_size": 8,
+                    "init_kl_coef": 0.1,
+                    "probe_samples": 4,
+                },
+            },
+        ),
+        StageSpec(
+            EVALUATE,
+            "blueprint.stages.evaluate",
+            "EvaluateConfig",
+            ("shards", "base", "adapters"),
+            "evaluate_settings",
+            PodResources("2", "8", "8Gi", "16Gi"),
+            "scores both adapters on the held-out split, after warmup and after each round",
+            optional_inputs=("previous", "coder_base"),
+            accelerator=True,
+            figures=("reward_gen_mean", "gain_gen_mean", "pairwise_accuracy"),
+            profiles={"smoke": {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128}},
+        ),
+        StageSpec(
+            MERGE,
+            "blueprint.stages.merge",
+            "MergeConfig",
+            ("base", "adapters"),
+            "merge_settings",
+            PodResources("1", "4", "8Gi", "16Gi"),
+            "merges each adapter into its base as a standalone model",
+            optional_inputs=("evaluation", "coder_base"),
+            accelerator=True,
+            figures=("saved_dtype", "max_abs_logit_diff_summarizer"),
+        ),
+        # the gate may evaluate the champion again, as evaluate does
+        StageSpec(
+            GATE,
+            "blueprint.stages.gate",
+            "GateConfig",
+            ("shards", "base", "adapters", "evaluation", "models"),
+            "gate_settings",
+            PodResources("2", "8", "8Gi", "16Gi"),
+            "judges the run's models against the promoted ones: promote or keep",
+            optional_inputs=("coder_base",),
+            outputs=("Output",),
+            accelerator=True,
+            figures=("promote", "challenger_reward_gen_mean", "champion_reward_gen_mean"),
+            profiles={"smoke": {"floor": 0.0}},
+        ),  # smoke models rank summaries near chance
+        StageSpec(
+            PROMOTE,
+            "blueprint.stages.promote",
+            "PromoteConfig",
+            ("gate",),
+            "promote_settings",
+            PodResources("250m", "1", "512Mi", "1Gi"),
+            "points the promotion name at the gate's winner",
+            figures=("promoted",),
+        ),
+    ]
+}
 
 
 def get(name: str) -> StageSpec:
@@ -139,12 +229,15 @@ def check_stage_names(names: Iterable[str]) -> None:
     """Refuse stage names the registry does not know (in a settings mapping, a config file, `--set`)."""
     unknown = sorted(set(names) - set(STAGES))
     if unknown:
-        raise ConfigError(f"unknown stage(s) in settings: {', '.join(unknown)}{did_you_mean(unknown, STAGES)}; "
-                          f"stages: {', '.join(STAGES)}")
+        raise ConfigError(
+            f"unknown stage(s) in settings: {', '.join(unknown)}{did_you_mean(unknown, STAGES)}; "
+            f"stages: {', '.join(STAGES)}"
+        )
 
 
-def stage_configs(settings: Mapping[str, Mapping[str, Any]], label: Callable[[str], str] = lambda stage: stage,
-                  here: bool = False) -> dict[str, Any]:
+def stage_configs(
+    settings: Mapping[str, Mapping[str, Any]], label: Callable[[str], str] = lambda stage: stage, here: bool = False
+) -> dict[str, Any]:
     """Each stage's config from `settings` ({stage: {key: value}}): the one place a run's settings are validated
     (by the API, `blueprint run` and `blueprint submit`), before any stage runs. An error names `label(stage)`.
     `here`: the stages will run on this machine, so a `device=cuda` or `engine=vllm` it cannot honour fails now too."""

@@ -7,6 +7,7 @@ path changes the key (KFP's own cache only sees parameter values). A commit that
 upload) removes what it wrote. Each cache hit and each stage input is stamped in use (`_USED.json`, beside the
 manifest and not listed in it), so gc's grace period counts from an output's last use, not its creation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -166,8 +167,7 @@ def manifest_digest(uri: str) -> str:
     manifest = storage.read_json(manifest_uri(uri))
     identity = {k: manifest.get(k) for k in IDENTITY_FIELDS}
     if isinstance(identity.get("files"), dict):  # per-step curves carry wall times: a view of the run, not content
-        identity["files"] = {rel: meta for rel, meta in identity["files"].items()
-                             if not rel.startswith(VIEW_PREFIXES)}
+        identity["files"] = {rel: meta for rel, meta in identity["files"].items() if not rel.startswith(VIEW_PREFIXES)}
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 
@@ -196,19 +196,38 @@ def download_artifact(uri: str, local_dir: Path) -> tuple[Path, dict[str, Any]]:
     return local_dir, manifest
 
 
-def commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str],
-           metrics: Mapping[str, Any], key: str | None = None, replace: bool = True) -> dict[str, Any]:
+def commit(
+    local_dir: Path,
+    out_uri: str,
+    *,
+    stage: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    metrics: Mapping[str, Any],
+    key: str | None = None,
+    replace: bool = True,
+) -> dict[str, Any]:
     """Upload `local_dir` to `out_uri`, then write the manifest last; the manifest that holds when this returns.
 
     One writer at a time (commit_lock). With `replace` False, an output another writer committed meanwhile is
     kept and its manifest returned: the work done here is dropped, the caller becomes a cache hit.
     """
-    return _commit(local_dir, out_uri, stage=stage, config=config, inputs=inputs, metrics=metrics, key=key,
-                   replace=replace)[0]
+    return _commit(
+        local_dir, out_uri, stage=stage, config=config, inputs=inputs, metrics=metrics, key=key, replace=replace
+    )[0]
 
 
-def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str],
-            metrics: Mapping[str, Any], key: str | None, replace: bool) -> tuple[dict[str, Any], bool]:
+def _commit(
+    local_dir: Path,
+    out_uri: str,
+    *,
+    stage: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    metrics: Mapping[str, Any],
+    key: str | None,
+    replace: bool,
+) -> tuple[dict[str, Any], bool]:
     """`commit`, and whether this call wrote the output (False: another writer's is kept)."""
     from blueprint.store import commit_lock
 
@@ -223,8 +242,10 @@ def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, A
         if refresh is None or (not replace and committed()):
             theirs = read_manifest(out_uri, verify="sizes")
             if theirs.get("key") != key:  # an explicit location another run filled meanwhile, from other settings
-                raise ArtifactError(f"{out_uri} was committed meanwhile by a {theirs.get('stage')} run from other "
-                                    "settings or inputs; pass --force to replace it, or choose another location")
+                raise ArtifactError(
+                    f"{out_uri} was committed meanwhile by a {theirs.get('stage')} run from other "
+                    "settings or inputs; pass --force to replace it, or choose another location"
+                )
             mark_used(out_uri)
             return theirs, False
         refresh()
@@ -234,8 +255,9 @@ def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, A
             storage.upload_dir(local_dir, out_uri)
             refresh()
             manifest = _manifest(files, stage=stage, config=config, inputs=inputs, metrics=metrics, key=key)
-            storage.write_text(manifest_uri(out_uri), json.dumps(manifest, indent=2, sort_keys=True, default=str)
-                               + "\n")
+            storage.write_text(
+                manifest_uri(out_uri), json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
+            )
         except commit_lock.LockLost:
             raise  # the prefix is another writer's now: not ours to clear
         except BaseException:  # disk full, a failed upload, interrupted: free what this commit wrote
@@ -246,8 +268,15 @@ def _commit(local_dir: Path, out_uri: str, *, stage: str, config: Mapping[str, A
     return manifest, True
 
 
-def _manifest(files: dict[str, Path], *, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str],
-              metrics: Mapping[str, Any], key: str | None) -> dict[str, Any]:
+def _manifest(
+    files: dict[str, Path],
+    *,
+    stage: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    metrics: Mapping[str, Any],
+    key: str | None,
+) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
         "stage": stage,
@@ -274,11 +303,15 @@ def check_target(uri: str, stage: str, key: str, owned: bool, force: bool) -> di
     if MANIFEST_NAME in files:
         manifest = read_manifest(uri, verify="sizes")
         if manifest.get("stage") != stage:
-            raise ArtifactError(f"{uri} holds a {manifest.get('stage')!r} output: a {stage} output never replaces "
-                                "it; choose another output location")
+            raise ArtifactError(
+                f"{uri} holds a {manifest.get('stage')!r} output: a {stage} output never replaces "
+                "it; choose another output location"
+            )
         if not owned and not force and manifest.get("key") != key:
-            raise ArtifactError(f"{uri} holds a {stage} output made from other settings or inputs; pass --force "
-                                "to replace it, or choose another output location")
+            raise ArtifactError(
+                f"{uri} holds a {stage} output made from other settings or inputs; pass --force "
+                "to replace it, or choose another output location"
+            )
         return manifest
     if owned:
         return None
@@ -286,8 +319,10 @@ def check_target(uri: str, stage: str, key: str, owned: bool, force: bool) -> di
     if WRITING_NAME in files and storage.read_json(marker).get("stage") == stage:
         return None  # this stage's own unfinished output: cleared and rewritten
     shown = ", ".join(list(files)[:3]) + (", ..." if len(files) > 3 else "")
-    raise ArtifactError(f"{uri} already holds {len(files)} file(s) that are not a {stage} output ({shown}): "
-                        "refusing to replace them; choose an empty or new output location")
+    raise ArtifactError(
+        f"{uri} already holds {len(files)} file(s) that are not a {stage} output ({shown}): "
+        "refusing to replace them; choose an empty or new output location"
+    )
 
 
 def mark_writing(uri: str, stage: str, key: str) -> None:
@@ -303,9 +338,17 @@ def mark_used(uri: str) -> None:
         storage.write_json(storage.join(uri, USED_NAME), {"used": dt.datetime.now(dt.UTC).isoformat()})
 
 
-def reuse_or_commit(stage: str, config: Any, inputs: Mapping[str, str], compute: Callable[[Path], Mapping[str, Any]], *,
-                    artifact_root: str | None = None, out_uri: str | None = None, force: bool = False,
-                    owned: bool | None = None) -> StageOutput:
+def reuse_or_commit(
+    stage: str,
+    config: Any,
+    inputs: Mapping[str, str],
+    compute: Callable[[Path], Mapping[str, Any]],
+    *,
+    artifact_root: str | None = None,
+    out_uri: str | None = None,
+    force: bool = False,
+    owned: bool | None = None,
+) -> StageOutput:
     """A stage's output under the commit protocol: the committed one of this key, reused, or computed and committed
     (not `launch.run_stage`, which runs a stage's function, on several processes when asked).
 
@@ -366,8 +409,16 @@ def _follow_main(stage: str, uri: str, compute: Callable[[Path], Mapping[str, An
     return StageOutput(uri, {}, cached=False)
 
 
-def _compute_and_commit(stage: str, uri: str, compute: Callable[[Path], Mapping[str, Any]], cfg: dict[str, Any],
-                        inputs: Mapping[str, str], key: str, owned: bool, force: bool) -> StageOutput:
+def _compute_and_commit(
+    stage: str,
+    uri: str,
+    compute: Callable[[Path], Mapping[str, Any]],
+    cfg: dict[str, Any],
+    inputs: Mapping[str, str],
+    key: str,
+    owned: bool,
+    force: bool,
+) -> StageOutput:
     with tempfile.TemporaryDirectory(prefix=f"blueprint-{stage}-") as tmp:
         try:
             metrics = compute(Path(tmp))
@@ -375,8 +426,9 @@ def _compute_and_commit(stage: str, uri: str, compute: Callable[[Path], Mapping[
             if not owned and set(storage.list_files(uri)) == {WRITING_NAME}:
                 storage.delete_prefix(uri)  # failed before writing anything there: leave no trace
             raise
-        manifest, wrote = _commit(Path(tmp), uri, stage=stage, config=cfg, inputs=inputs, metrics=metrics or {},
-                                  key=key, replace=force)
+        manifest, wrote = _commit(
+            Path(tmp), uri, stage=stage, config=cfg, inputs=inputs, metrics=metrics or {}, key=key, replace=force
+        )
     return StageOutput(uri, manifest, cached=not wrote)
 
 
@@ -392,7 +444,15 @@ def cached_outputs(root: str, files: dict[str, tuple] | None = None) -> list[dic
             manifest = storage.read_json(manifest_uri(uri))
             size = sum(f["size"] for f in manifest.get("files", {}).values())
             used = files.get(f"{parts[0]}/{parts[1]}/{USED_NAME}", (0, None))[1]
-            rows.append({"stage": parts[0], "key": parts[1], "created": str(manifest.get("created", "?")),
-                         "used": used.isoformat() if used else None, "bytes": size,
-                         "metrics": manifest.get("metrics", {}), "uri": uri})
+            rows.append(
+                {
+                    "stage": parts[0],
+                    "key": parts[1],
+                    "created": str(manifest.get("created", "?")),
+                    "used": used.isoformat() if used else None,
+                    "bytes": size,
+                    "metrics": manifest.get("metrics", {}),
+                    "uri": uri,
+                }
+            )
     return sorted(rows, key=lambda r: (r["created"], r["stage"]))

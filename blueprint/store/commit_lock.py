@@ -7,6 +7,7 @@ A writer that finds the lock held waits for the holder's manifest and becomes a 
 died (same host and its pid is gone, or no refresh for `STALE_SECONDS`) is broken, so a SIGKILLed run's rerun
 goes on. The promoted pointer's lock and gc's hold on a partial prefix take their locks the same way (`acquire`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,13 @@ def _pid_namespace() -> str:
 
 
 def writer_identity() -> dict[str, object]:
-    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
-            "writer": uuid.uuid4().hex[:12], "time": time.time()}
+    return {
+        "host": socket.gethostname(),
+        "pidns": _pid_namespace(),
+        "pid": os.getpid(),
+        "writer": uuid.uuid4().hex[:12],
+        "time": time.time(),
+    }
 
 
 def _storage_call(uri: str, what: str, fn: Callable[[], T]) -> T:
@@ -68,10 +74,14 @@ def create_only(uri: str, data: bytes) -> bool:
                 storage._boto_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
                 return True
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
-                                                                 "ConditionalRequestConflict"):
+                if exc.response.get("Error", {}).get("Code") in (
+                    "PreconditionFailed",
+                    "412",
+                    "ConditionalRequestConflict",
+                ):
                     return False
                 raise
+
         return _storage_call(uri, "lock", put)
 
     def create() -> bool:
@@ -86,6 +96,7 @@ def create_only(uri: str, data: bytes) -> bool:
             return False
         finally:
             tmp.unlink(missing_ok=True)
+
     return _storage_call(uri, "lock", create)
 
 
@@ -129,8 +140,14 @@ class LockLost(storage.StorageError):
     """Another writer took our lock (it judged us dead): stop before touching the prefix again."""
 
 
-def acquire(uri: str, me: dict, *, wait_seconds: float, stale_seconds: float = STALE_SECONDS,
-            done: Callable[[], bool] = lambda: False) -> bool:
+def acquire(
+    uri: str,
+    me: dict,
+    *,
+    wait_seconds: float,
+    stale_seconds: float = STALE_SECONDS,
+    done: Callable[[], bool] = lambda: False,
+) -> bool:
     """Take the lock `uri` as writer `me`, breaking a dead holder's; False as soon as `done()` says it is no longer
     needed. LockTimeout when a live holder keeps it for `wait_seconds` (0: one try)."""
     deadline = time.monotonic() + wait_seconds

@@ -3,6 +3,7 @@
 `blueprint run` answers each task's cache hit this way in its own process (pipelines/cache_hits.py) instead of
 starting an interpreter per task only to find a manifest; a task that has work to do then runs as before.
 """
+
 from __future__ import annotations
 
 import contextlib

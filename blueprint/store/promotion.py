@@ -11,6 +11,7 @@ Two runs racing to promote must not lose a decision, so every write is condition
 S3 `If-None-Match: *` for the first pointer and `If-Match: <ETag>` for a replacement (AWS S3 and MinIO honour
 both); on a filesystem, a create-only lock file around read, compare and replace, broken when its holder died.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,10 @@ def _loads(uri: str, data: bytes) -> Any:
             finally:
                 sys.setrecursionlimit(limit)
     except (ValueError, RecursionError) as exc:
-        raise PointerError(f"promoted pointer {uri} is corrupted (not JSON: {exc}); restore it from its history "
-                           "or delete it to start over") from None
+        raise PointerError(
+            f"promoted pointer {uri} is corrupted (not JSON: {exc}); restore it from its history "
+            "or delete it to start over"
+        ) from None
 
 
 def _entries(uri: str, pointer: Any) -> list[dict[str, Any]]:
@@ -93,15 +96,20 @@ def _entries(uri: str, pointer: Any) -> list[dict[str, Any]]:
         if not isinstance(entry["metrics"], dict):
             wrong.insert(0, "metrics")
         if wrong:
-            raise PointerError(f"promoted pointer {uri} is corrupted: {where or 'its '}{', '.join(wrong)} "
-                               f"{'is' if len(wrong) == 1 else 'are'} of the wrong type")
+            raise PointerError(
+                f"promoted pointer {uri} is corrupted: {where or 'its '}{', '.join(wrong)} "
+                f"{'is' if len(wrong) == 1 else 'are'} of the wrong type"
+            )
     return entries
 
 
 def _entry(entry: dict[str, Any], convert) -> dict[str, Any]:
     """One entry without its history, its locations passed through `convert(field, value)`."""
-    return {k: convert(k, v) if k in LOCATIONS or k in MODELS else v for k, v in entry.items()
-            if k not in ("history", "previous", "format")}
+    return {
+        k: convert(k, v) if k in LOCATIONS or k in MODELS else v
+        for k, v in entry.items()
+        if k not in ("history", "previous", "format")
+    }
 
 
 def relative(root: str, uri: str) -> str:
@@ -110,7 +118,7 @@ def relative(root: str, uri: str) -> str:
         return uri
     for candidate in (uri, "file://" + uri if uri.startswith("/") else None):
         if candidate and candidate.startswith(root + "/"):
-            return candidate[len(root) + 1:]
+            return candidate[len(root) + 1 :]
     return uri
 
 
@@ -128,6 +136,7 @@ def _resolver(root: str):
                 outputs[value] = storage.exists(artifacts.manifest_uri(uri))
             return uri if outputs[value] else value
         return uri
+
     return absolute
 
 
@@ -187,8 +196,9 @@ def _write_s3(uri: str, data: bytes, expected: str | None) -> None:
     bucket, key = storage.split_s3(uri)
     condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
     try:
-        storage._boto_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/json",
-                                          **condition)
+        storage._boto_client().put_object(
+            Bucket=bucket, Key=key, Body=data, ContentType="application/json", **condition
+        )
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code")
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey"):
@@ -203,8 +213,9 @@ def _write_local(uri: str, data: bytes, expected: str | None) -> None:
     try:
         commit_lock.acquire(lock, me, wait_seconds=LOCK_WAIT_SECONDS, stale_seconds=LOCK_STALE_SECONDS)
     except commit_lock.LockTimeout:
-        raise storage.StorageError(f"{lock} was held for {LOCK_WAIT_SECONDS:.0f} s by a live promotion that hangs; "
-                                   "retry when it ends") from None
+        raise storage.StorageError(
+            f"{lock} was held for {LOCK_WAIT_SECONDS:.0f} s by a live promotion that hangs; retry when it ends"
+        ) from None
     try:
         path = storage.local_path(uri)
         current = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None

@@ -12,6 +12,7 @@ naming missing files: an output that looks committed and fails as damaged.) Part
 go too, each under its commit lock, so no writer starts on one meanwhile and a live writer's is never touched.
 Outputs are matched by `stage/key`, so a copied root keeps what its pointers and records reach.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,12 @@ POINTER_FIELDS = ("models", "evaluation", "adapters", "base", "coder_base", "sha
 class Collection:
     """What a gc would delete (or deleted), and why the rest stays."""
 
-    doomed: list[dict[str, Any]]        # committed outputs: stage, key, uri, bytes, created
-    records: list[str]                  # run records beyond the last K
-    kept: int                           # outputs reachable from a root
-    young: int                          # unreachable, but used inside the grace period (or what such an output reads)
+    doomed: list[dict[str, Any]]  # committed outputs: stage, key, uri, bytes, created
+    records: list[str]  # run records beyond the last K
+    kept: int  # outputs reachable from a root
+    young: int  # unreachable, but used inside the grace period (or what such an output reads)
     partial: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # prefixes without a manifest, no lock
-    since: dt.datetime | None = None    # an output used after this is spared, even when a run took it after the plan
+    since: dt.datetime | None = None  # an output used after this is spared, even when a run took it after the plan
 
     @property
     def bytes(self) -> int:
@@ -53,7 +54,7 @@ def promoted_roots(root: str) -> list[str]:
     uris = []
     for rel in storage.list_files(storage.join(root, promotion.POINTER_DIR)):
         if rel.endswith(".json") and "/" not in rel:
-            pointer, _ = promotion.read_pointer(root, rel[:-len(".json")])
+            pointer, _ = promotion.read_pointer(root, rel[: -len(".json")])
             for entry in promotion.history(pointer):
                 uris += [entry[f] for f in POINTER_FIELDS if entry.get(f)]
     return uris
@@ -108,8 +109,10 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     root = storage.normalize(root)
     records = runs.list_records(root)
     if not records:
-        raise InputError(f"{storage.join(root, runs.RUNS_DIR)} holds no run records: gc cannot tell what a run still "
-                         "uses, so it deletes nothing (every pipeline run writes one at its gate)")
+        raise InputError(
+            f"{storage.join(root, runs.RUNS_DIR)} holds no run records: gc cannot tell what a run still "
+            "uses, so it deletes nothing (every pipeline run writes one at its gate)"
+        )
     now = now or dt.datetime.now(dt.UTC)
     kept_records = records[-keep_runs:] if keep_runs > 0 else []
     roots = [u for r in kept_records for u in r["outputs"].values()] + promoted_roots(root)
@@ -120,12 +123,24 @@ def plan(root: str, keep_runs: int, grace_seconds: float, now: dt.datetime | Non
     recent = [o["uri"] for o in outputs.values() if _age_seconds(now, o["created"], o["used"]) <= grace_seconds]
     live = reachable(recent, outputs) - keep
     doomed = [o for k, o in outputs.items() if k not in keep and k not in live]
-    stale = [r["uri"] for r in records[:len(records) - len(kept_records)]
-             if _age_seconds(now, r.get("created", "")) > grace_seconds]
-    partial = [p for p in partial_outputs(root, files)
-               if _ours(p) and _age_seconds(now, p["changed"]) > grace_seconds and _unlocked(p["uri"])]
-    return Collection(doomed=sorted(doomed, key=lambda o: o["uri"]), records=stale, kept=len(keep),
-                      young=len(live), partial=partial, since=now - dt.timedelta(seconds=grace_seconds))
+    stale = [
+        r["uri"]
+        for r in records[: len(records) - len(kept_records)]
+        if _age_seconds(now, r.get("created", "")) > grace_seconds
+    ]
+    partial = [
+        p
+        for p in partial_outputs(root, files)
+        if _ours(p) and _age_seconds(now, p["changed"]) > grace_seconds and _unlocked(p["uri"])
+    ]
+    return Collection(
+        doomed=sorted(doomed, key=lambda o: o["uri"]),
+        records=stale,
+        kept=len(keep),
+        young=len(live),
+        partial=partial,
+        since=now - dt.timedelta(seconds=grace_seconds),
+    )
 
 
 def used_since(uri: str, since: dt.datetime) -> bool:
@@ -197,10 +212,19 @@ def partial_outputs(root: str, files: dict[str, tuple] | None = None) -> list[di
     stages = {stage for (stage, _), listed in prefixes.items() if any(n == artifacts.MANIFEST_NAME for n, *_ in listed)}
     rows = []
     for (stage, key), listed in sorted(prefixes.items()):
-        committed = any(n.split("/")[-1] == artifacts.MANIFEST_NAME for n, *_ in listed)  # here, or an output nested in it
+        committed = any(
+            n.split("/")[-1] == artifacts.MANIFEST_NAME for n, *_ in listed
+        )  # here, or an output nested in it
         if committed or not (stage in stages or CONTENT_KEY.match(key)):
             continue
         changed = max((t for _, _, t in listed if t is not None), default=None)
-        rows.append({"stage": stage, "key": key, "uri": storage.join(root, stage, key),
-                     "bytes": sum(size for _, size, _ in listed), "changed": changed})
+        rows.append(
+            {
+                "stage": stage,
+                "key": key,
+                "uri": storage.join(root, stage, key),
+                "bytes": sum(size for _, size, _ in listed),
+                "changed": changed,
+            }
+        )
     return rows

@@ -4,6 +4,7 @@ Stage outputs are content-addressed and shared between runs, so nothing in the s
 an output. A record names a run's final outputs; their manifests name their inputs, so everything the run used is
 reachable from it (`blueprint.store.retention`).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,15 @@ def record_uri(root: str, run: str) -> str:
 def write_record(root: str, run: str, outputs: dict[str, str], extra: dict[str, Any] | None = None) -> str:
     """Record run `run`'s final outputs ({name: URI}); returns the record's URI."""
     uri = record_uri(root, run)
-    storage.write_json(uri, {"run": run, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                             "outputs": {k: v for k, v in outputs.items() if v}, **(extra or {})})
+    storage.write_json(
+        uri,
+        {
+            "run": run,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "outputs": {k: v for k, v in outputs.items() if v},
+            **(extra or {}),
+        },
+    )
     return uri
 
 
@@ -47,6 +55,9 @@ def list_records(root: str) -> list[dict[str, Any]]:
 def latest_record(root: str, **outputs: str) -> dict[str, Any] | None:
     """The newest run record whose outputs include `outputs` ({name: URI}), or None."""
     want = {k: storage.normalize(v) for k, v in outputs.items()}
-    found = [r for r in list_records(root)
-             if all(storage.normalize(str(r["outputs"].get(k, ""))) == v for k, v in want.items())]
+    found = [
+        r
+        for r in list_records(root)
+        if all(storage.normalize(str(r["outputs"].get(k, ""))) == v for k, v in want.items())
+    ]
     return found[-1] if found else None

@@ -5,6 +5,7 @@ an opaque failure into one clear message). The endpoint comes from `AWS_ENDPOINT
 store); credentials come from the standard AWS environment/profile chain and are never taken as arguments, so
 they cannot end up in logs, manifests or compiled pipelines.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -34,8 +35,18 @@ CLIENT_ATTEMPTS = 2  # tries per request inside pyarrow and boto3, the only laye
 ANSWER_LIMIT = CLIENT_ATTEMPTS * READ_TIMEOUT
 CALL_DEADLINE = 30  # s after which _call starts no new attempt
 RETRIES = 3  # _call attempts for transient S3 errors (never timeouts), within CALL_DEADLINE
-_PERMANENT_MARKERS = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
-                      "NoSuchKey", "Path does not exist", "not found", "403", "404")
+_PERMANENT_MARKERS = (
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "Forbidden",
+    "NoSuchKey",
+    "Path does not exist",
+    "not found",
+    "403",
+    "404",
+)
 
 
 class StorageError(UserError, RuntimeError):
@@ -43,8 +54,9 @@ class StorageError(UserError, RuntimeError):
 
 
 _AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)")
-CREDENTIALS_REFUSED = ("credentials in a URI are refused; use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                       "or a Kubernetes secret")
+CREDENTIALS_REFUSED = (
+    "credentials in a URI are refused; use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a Kubernetes secret"
+)
 
 
 def _redacted(uri: str, start: int) -> str:
@@ -87,7 +99,7 @@ def local_path(uri: str) -> Path:
     """The filesystem path of a plain path or `file://` URI."""
     uri = refuse_credentials(uri)
     if uri.startswith("file://"):
-        return Path(uri[len("file://"):])  # file:///abs and file://./rel both work
+        return Path(uri[len("file://") :])  # file:///abs and file://./rel both work
     if "://" in uri:
         raise StorageError(f"unsupported URI scheme in {uri!r}: use a path, file:// or s3://")
     return Path(uri)
@@ -123,8 +135,12 @@ def _region() -> str:
 @functools.lru_cache(maxsize=8)
 def _s3fs(endpoint: str | None, region: str, pid: int) -> pafs.S3FileSystem:
     """One pyarrow S3 client per endpoint and process (DataLoader workers fork; clients must not be shared)."""
-    kwargs: dict[str, Any] = dict(region=region, connect_timeout=CONNECT_TIMEOUT, request_timeout=READ_TIMEOUT,
-                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=CLIENT_ATTEMPTS))
+    kwargs: dict[str, Any] = dict(
+        region=region,
+        connect_timeout=CONNECT_TIMEOUT,
+        request_timeout=READ_TIMEOUT,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=CLIENT_ATTEMPTS),
+    )
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
@@ -143,8 +159,11 @@ def _boto_client():
     import boto3
     from botocore.config import Config
 
-    cfg = Config(retries={"total_max_attempts": CLIENT_ATTEMPTS, "mode": "standard"},
-                 connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT)
+    cfg = Config(
+        retries={"total_max_attempts": CLIENT_ATTEMPTS, "mode": "standard"},
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+    )
     return boto3.client("s3", endpoint_url=endpoint_url(), region_name=_region(), config=cfg)
 
 
@@ -188,8 +207,10 @@ def _diagnose_bucket(bucket: str, endpoint: str | None) -> str | None:
 
 def _no_answer(endpoint: str | None) -> str:
     """The reason for a timeout, naming the endpoint and the limits it ran into."""
-    return (f"S3 endpoint {endpoint or 'AWS S3'} did not answer within {ANSWER_LIMIT} s "
-            f"({CLIENT_ATTEMPTS} tries, {READ_TIMEOUT} s each)")
+    return (
+        f"S3 endpoint {endpoint or 'AWS S3'} did not answer within {ANSWER_LIMIT} s "
+        f"({CLIENT_ATTEMPTS} tries, {READ_TIMEOUT} s each)"
+    )
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -242,6 +263,7 @@ def read_bytes(uri: str) -> bytes:
     def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
     return _call(uri, "read", read)
 
 
@@ -253,6 +275,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         def put() -> None:
             with fs.open_output_stream(path) as f:
                 f.write(data)
+
         _call(uri, "write", put)
         return
     target = local_path(uri)
@@ -270,6 +293,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
     _call(uri, "write", write_local)
 
 
@@ -312,7 +336,8 @@ def list_file_times(uri: str) -> dict[str, tuple[int, dt.datetime | None]]:
         if fs.get_file_info(root).type == pafs.FileType.NotFound:
             return {}
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        return {i.path[len(root):].lstrip("/"): (i.size, i.mtime) for i in infos if i.type == pafs.FileType.File}
+        return {i.path[len(root) :].lstrip("/"): (i.size, i.mtime) for i in infos if i.type == pafs.FileType.File}
+
     return dict(sorted(_call(uri, "list", listing).items()))
 
 
@@ -343,9 +368,17 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         target = join(uri, rel)
         if is_s3(uri):
             fs, dest = filesystem(target)
-            _call(target, "upload to", functools.partial(pafs.copy_files, str(path), dest,
-                                                        source_filesystem=pafs.LocalFileSystem(),
-                                                        destination_filesystem=fs))
+            _call(
+                target,
+                "upload to",
+                functools.partial(
+                    pafs.copy_files,
+                    str(path),
+                    dest,
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs,
+                ),
+            )
         else:
             dest_path = local_path(target)
             dest_path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,8 +397,13 @@ def download_dir(uri: str, local_dir: str | Path, files: list[str] | None = None
         source = join(uri, rel)
         if is_s3(uri):
             fs, src = filesystem(source)
-            _call(source, "download", functools.partial(pafs.copy_files, src, str(dest), source_filesystem=fs,
-                                                        destination_filesystem=pafs.LocalFileSystem()))
+            _call(
+                source,
+                "download",
+                functools.partial(
+                    pafs.copy_files, src, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+                ),
+            )
         else:
             _call(source, "read", functools.partial(shutil.copyfile, local_path(source), dest))
     return local_dir
@@ -380,4 +418,3 @@ def check_writable(uri: str) -> None:
         _call(probe, "delete", lambda: fs.delete_file(path))
     else:
         local_path(probe).unlink(missing_ok=True)
-

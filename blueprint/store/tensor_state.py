@@ -4,6 +4,7 @@
 who can write to the bucket run code in the pod. Here the tensors go to a safetensors file (a JSON header and raw
 bytes, nothing executable) and the structure around them to JSON; loading reads data only.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Extraction rules, sources, and the shard readers (read_pairs)."""
+
 from __future__ import annotations
 
 import ast
@@ -93,7 +94,9 @@ def test_docstring_removed_code_parses_decorators_kept():
 
 
 def test_multiline_string_at_column_zero_still_dedents():
-    text = 'class A:\n    def page(self, t):\n        """Render a page."""\n        return """\n<html>%s</html>\n""" % t\n'
+    text = (
+        'class A:\n    def page(self, t):\n        """Render a page."""\n        return """\n<html>%s</html>\n""" % t\n'
+    )
     pairs, _ = _pairs(text)
     code = pairs["A.page"][2]
     assert code.startswith("def page(self, t):") and "Render" not in code
@@ -113,7 +116,7 @@ def test_pair_limits_and_file_rules():
 def test_pair_from_summary_column_strips_docstring_from_code():
     code = 'def add(a, b):\n    """Add them."""\n    return a + b\n'
     result = extract.pair_from_columns(code, "Add two numbers together.", "x.py", extract.Limits(min_code_chars=5))
-    (_, name, out, summary, _, _, tests), = result.pairs
+    ((_, name, out, summary, _, _, tests),) = result.pairs
     assert (name, out, summary) == ("add", "def add(a, b):\n    return a + b", "Add two numbers together.")
     assert tests is None  # only a task file's rows carry tests
     bad = extract.pair_from_columns("def (", "A summary that is long.", "x.py", extract.Limits())
@@ -135,8 +138,10 @@ def test_parse_source_specs():
 def _tree(root, n_files: int = 12, per_file: int = 6):
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n_files):
-        funcs = [f'def f_{i}_{j}(x):\n    """Return x plus {i} and {j} for file {i}."""\n    return x + {i} + {j}\n'
-                 for j in range(per_file)]
+        funcs = [
+            f'def f_{i}_{j}(x):\n    """Return x plus {i} and {j} for file {i}."""\n    return x + {i} + {j}\n'
+            for j in range(per_file)
+        ]
         (root / f"mod_{i:03d}.py").write_text("\n\n".join(funcs))
     return root
 
@@ -144,8 +149,9 @@ def _tree(root, n_files: int = 12, per_file: int = 6):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    cfg = shard.ShardConfig(source=f"dir:{_tree(root / 'src')}", num_shards=3, eval_fraction=0.2, workers=1,
-                            row_group_rows=5)
+    cfg = shard.ShardConfig(
+        source=f"dir:{_tree(root / 'src')}", num_shards=3, eval_fraction=0.2, workers=1, row_group_rows=5
+    )
     return shard.run(cfg, out_uri=str(root / "out"), progress=False)
 
 
@@ -156,11 +162,14 @@ def test_read_pairs_is_deterministic_and_limited(shards):
     assert len(read_pairs(shards.uri, "eval")) == shards.metrics["rows"]["eval"] > 0
 
 
-@pytest.mark.parametrize("draw", [
-    lambda rows: random.Random(0).sample(rows, 7),
-    lambda rows: random.Random(1).sample(rows, len(rows)),  # every row, shuffled
-    lambda rows: [r for rng in [random.Random(2)] for r in (rng.choice(rows) for _ in range(3 * len(rows)))],
-])
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda rows: random.Random(0).sample(rows, 7),
+        lambda rows: random.Random(1).sample(rows, len(rows)),  # every row, shuffled
+        lambda rows: [r for rng in [random.Random(2)] for r in (rng.choice(rows) for _ in range(3 * len(rows)))],
+    ],
+)
 def test_a_sample_read_by_row_group_equals_the_same_draw_from_the_whole_split(shards, draw):
     """Row groups of 5 rows in 3 files: the picked rows are found by row group, in the draw's order."""
     assert sample_pairs(shards.uri, "train", draw) == draw(read_pairs(shards.uri, "train"))
@@ -171,8 +180,9 @@ def test_a_sample_reads_only_the_row_groups_it_needs(shards, monkeypatch):
 
     read: list[int] = []
     real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
-                        lambda self, i, **kw: (read.append(i), real(self, i, **kw))[1])
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **kw: (read.append(i), real(self, i, **kw))[1]
+    )
     (row,) = sample_pairs(shards.uri, "train", lambda rows: [rows[6]])  # the second group of the first file
     assert row == read_pairs(shards.uri, "train")[6] and read == [1]
 
@@ -187,8 +197,13 @@ def test_read_pairs_rejects_partial_output(tmp_path):
 # ------------------------------------------------------------------------------------------------ dataset sources
 def test_jsonl_source_with_summary_column(tmp_path):
     rows = [
-        {"code": 'def add(a, b):\n    """Add."""\n    return a + b\n', "summary": "Add two numbers together.",
-         "path": "a.py", "license": "mit", "language": "Python"},
+        {
+            "code": 'def add(a, b):\n    """Add."""\n    return a + b\n',
+            "summary": "Add two numbers together.",
+            "path": "a.py",
+            "license": "mit",
+            "language": "Python",
+        },
         {"code": "function f() { return 1; }", "summary": "A JavaScript function here.", "language": "JavaScript"},
         {"code": "def mul(a, b):\n    return a * b\n", "summary": "Multiply two numbers.", "path": "b.py"},
     ]
@@ -199,15 +214,17 @@ def test_jsonl_source_with_summary_column(tmp_path):
     got = read_pairs(out.uri, "train")
     assert [(r["name"], r["code"], r["summary"], r["license"]) for r in got] == [
         ("add", "def add(a, b):\n    return a + b", "Add two numbers together.", "mit"),
-        ("mul", "def mul(a, b):\n    return a * b", "Multiply two numbers.", None)]
+        ("mul", "def mul(a, b):\n    return a * b", "Multiply two numbers.", None),
+    ]
     assert out.metrics["files_dropped"] == {"other_language": 1}
 
 
 def test_jsonl_source_without_summary_column_extracts_functions(tmp_path):
     path = tmp_path / "files.jsonl"
     path.write_text(json.dumps({"content": MODULE, "path": "m.py"}) + "\n")
-    cfg = shard.ShardConfig(source=f"jsonl:{path}", code_column="content", num_shards=1, workers=1,
-                            min_code_chars=10, min_code_lines=1)
+    cfg = shard.ShardConfig(
+        source=f"jsonl:{path}", code_column="content", num_shards=1, workers=1, min_code_chars=10, min_code_lines=1
+    )
     out = shard.run(cfg, out_uri=str(tmp_path / "out"), progress=False)
     assert out.metrics["pairs"] == 6
 
@@ -215,8 +232,11 @@ def test_jsonl_source_without_summary_column_extracts_functions(tmp_path):
 def test_parquet_source_reshards_our_own_output(shards, tmp_path):
     files = sorted(str(p) for p in (storage.local_path(shards.uri) / "train").glob("*.parquet"))
     spec = f"parquet:{storage.local_path(shards.uri)}/train/*.parquet"
-    out = shard.run(shard.ShardConfig(source=spec, num_shards=1, eval_fraction=0.0, workers=1),
-                    out_uri=str(tmp_path / "again"), progress=False)
+    out = shard.run(
+        shard.ShardConfig(source=spec, num_shards=1, eval_fraction=0.0, workers=1),
+        out_uri=str(tmp_path / "again"),
+        progress=False,
+    )
     assert len(files) == 3 and out.metrics["pairs"] == shards.metrics["rows"]["train"]
     key = operator.itemgetter("id")
     again = sorted(read_pairs(out.uri, "train"), key=key)
@@ -250,5 +270,6 @@ def test_shard_workers_put_this_checkout_first_on_their_path():
     """The worker boots with sys.path[0] = the folder holding this `blueprint` package, whatever its cwd holds."""
     from blueprint.data import workers
 
-    assert (Path(workers._PACKAGE_ROOT) / "blueprint" / "data" / "workers.py").resolve() == \
-        Path(workers.__file__).resolve()
+    assert (Path(workers._PACKAGE_ROOT) / "blueprint" / "data" / "workers.py").resolve() == Path(
+        workers.__file__
+    ).resolve()

@@ -1,5 +1,6 @@
 """Sources read where they are on S3 (the loopback moto server, real boto3/pyarrow clients): the same rows as the
 same files read locally, fingerprints that follow the content, and errors that name the source."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,16 @@ from blueprint.stages import shard
 from blueprint.store import storage
 
 # The GitHub Code dataset's columns (codeparrot/github-code), in its order.
-GITHUB_CODE = pa.schema([("code", pa.string()), ("repo_name", pa.string()), ("path", pa.string()),
-                         ("language", pa.string()), ("license", pa.string()), ("size", pa.int32())])
+GITHUB_CODE = pa.schema(
+    [
+        ("code", pa.string()),
+        ("repo_name", pa.string()),
+        ("path", pa.string()),
+        ("language", pa.string()),
+        ("license", pa.string()),
+        ("size", pa.int32()),
+    ]
+)
 
 
 def stdlib_files(n: int = 18) -> list[Path]:
@@ -33,11 +42,28 @@ def github_code_parquet(folder: Path, n_files: int = 3) -> Path:
     """Stdlib modules as GitHub Code rows in `n_files` Parquet files (several row groups each), plus rows in other
     languages whose code is Python with docstrings: they would give pairs if the language filter let them in."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"code": p.read_text(encoding="utf-8"), "repo_name": "python/cpython", "path": f"Lib/{p.name}",
-             "language": "Python", "license": "psf-2.0", "size": p.stat().st_size} for p in stdlib_files()]
-    rows += [{"code": f'def other_{i}(x):\n    """Return x doubled, in a file labelled {lang}."""\n    return 2 * x\n',
-              "repo_name": "someone/else", "path": f"src/other_{i}.txt", "language": lang, "license": "mit",
-              "size": 80} for i, lang in enumerate(["JavaScript", "Ruby", "C"])]
+    rows = [
+        {
+            "code": p.read_text(encoding="utf-8"),
+            "repo_name": "python/cpython",
+            "path": f"Lib/{p.name}",
+            "language": "Python",
+            "license": "psf-2.0",
+            "size": p.stat().st_size,
+        }
+        for p in stdlib_files()
+    ]
+    rows += [
+        {
+            "code": f'def other_{i}(x):\n    """Return x doubled, in a file labelled {lang}."""\n    return 2 * x\n',
+            "repo_name": "someone/else",
+            "path": f"src/other_{i}.txt",
+            "language": lang,
+            "license": "mit",
+            "size": 80,
+        }
+        for i, lang in enumerate(["JavaScript", "Ruby", "C"])
+    ]
     for i in range(n_files):
         table = pa.Table.from_pylist(rows[i::n_files], schema=GITHUB_CODE)
         pq.write_table(table, folder / f"train-{i:05d}-of-{n_files:05d}.parquet", row_group_size=2)
@@ -59,8 +85,10 @@ def python_tree(root: Path) -> Path:
 
 
 def sharded(tmp_path: Path, source: str, name: str, **settings) -> shard.artifacts.StageOutput:
-    config = parse(shard.ShardConfig, {"source": source, "num_shards": 2, "eval_fraction": 0.2, "workers": 1,
-                                       "min_code_lines": 1, **settings})
+    config = parse(
+        shard.ShardConfig,
+        {"source": source, "num_shards": 2, "eval_fraction": 0.2, "workers": 1, "min_code_lines": 1, **settings},
+    )
     return shard.run(config, artifact_root=str(tmp_path / name), progress=False)
 
 
@@ -170,10 +198,23 @@ def test_s3_parquet_without_the_code_column_names_the_columns(tmp_path, s3_bucke
 def test_jsonl_and_csv_on_s3_give_the_rows_the_local_files_give(tmp_path, s3_bucket):
     import csv
 
-    rows = [{"code": p.read_text(encoding="utf-8"), "path": f"Lib/{p.name}", "language": "Python",
-             "license": "" if i % 2 else "psf-2.0"} for i, p in enumerate(stdlib_files(8))]
-    rows.append({"code": "def js(x):\n    \"\"\"Labelled as another language.\"\"\"\n    return x\n", "path": "a.js",
-                 "language": "JavaScript", "license": "mit"})
+    rows = [
+        {
+            "code": p.read_text(encoding="utf-8"),
+            "path": f"Lib/{p.name}",
+            "language": "Python",
+            "license": "" if i % 2 else "psf-2.0",
+        }
+        for i, p in enumerate(stdlib_files(8))
+    ]
+    rows.append(
+        {
+            "code": 'def js(x):\n    """Labelled as another language."""\n    return x\n',
+            "path": "a.js",
+            "language": "JavaScript",
+            "license": "mit",
+        }
+    )
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with open(tmp_path / "d" / "rows.csv", "w", newline="") as f:
@@ -197,7 +238,10 @@ def test_hub_files_url_pins_the_revision_as_the_hub_parses_it():
         url = sources.hub_files_url("codeparrot/github-code", "data/train-*.parquet", revision)
         parsed = parse_hf_uri(url)
         assert (parsed.id, parsed.revision, parsed.path_in_repo) == (
-            "codeparrot/github-code", revision, "data/train-*.parquet")
+            "codeparrot/github-code",
+            revision,
+            "data/train-*.parquet",
+        )
     assert sources.hub_files_url("a/b", "data/*.parquet", None) == "hf://datasets/a/b/data/*.parquet"
 
 
@@ -206,17 +250,35 @@ def test_hub_data_files_stream_at_the_pinned_revision_and_other_languages_are_sk
 
     calls = []
     code = 'def {0}(x):\n    """Return x, from a row labelled {1}."""\n    return x\n'
-    hub_rows = [{"code": code.format("py_row", "Python"), "path": "a.py", "language": "Python", "license": "mit"},
-                {"code": code.format("java_row", "Java"), "path": "A.java", "language": "Java", "license": "mit"}]
+    hub_rows = [
+        {"code": code.format("py_row", "Python"), "path": "a.py", "language": "Python", "license": "mit"},
+        {"code": code.format("java_row", "Java"), "path": "A.java", "language": "Java", "license": "mit"},
+    ]
 
     def load_dataset(builder, **kwargs):
         calls.append((builder, kwargs))
         return iter(hub_rows)
+
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    out = sharded(tmp_path, "hf:codeparrot/github-code", "out", hf_data_files="data/train-*.parquet",
-                  hf_revision="0123abcd", eval_fraction=0.0, min_code_chars=10)
-    assert calls == [("parquet", {"data_files": "hf://datasets/codeparrot/github-code@0123abcd/data/train-*.parquet",
-                                  "streaming": True, "split": "train"})]
+    out = sharded(
+        tmp_path,
+        "hf:codeparrot/github-code",
+        "out",
+        hf_data_files="data/train-*.parquet",
+        hf_revision="0123abcd",
+        eval_fraction=0.0,
+        min_code_chars=10,
+    )
+    assert calls == [
+        (
+            "parquet",
+            {
+                "data_files": "hf://datasets/codeparrot/github-code@0123abcd/data/train-*.parquet",
+                "streaming": True,
+                "split": "train",
+            },
+        )
+    ]
     assert [r["name"] for r in read_pairs(out.uri, "train")] == ["py_row"]
     assert out.metrics["files_dropped"] == {"other_language": 1}
     assert out.metrics["source_fingerprint"]["revision"] == "0123abcd"
@@ -225,13 +287,15 @@ def test_hub_data_files_stream_at_the_pinned_revision_and_other_languages_are_sk
 def _listed_then_replaced(tmp_path: Path, bucket: str) -> tuple[shard.ShardConfig, Source, str, bytes]:
     """A dir source on S3 whose listing is taken, then one of its objects replaced (a new function appended)."""
     storage.upload_dir(python_tree(tmp_path / "tree"), f"{bucket}/src")
-    config = parse(shard.ShardConfig, {"source": f"dir:{bucket}/src", "num_shards": 2, "workers": 1,
-                                       "eval_fraction": 0.0})
+    config = parse(
+        shard.ShardConfig, {"source": f"dir:{bucket}/src", "num_shards": 2, "workers": 1, "eval_fraction": 0.0}
+    )
     source = config.make_source()
     source.fingerprint()  # the listing: each object's size and ETag
     uri = f"{bucket}/src/pkg/{stdlib_files(12)[0].name}"
-    new = storage.read_bytes(uri) + (b'\n\ndef replaced_after_listing(x):\n    """Return x, added after the '
-                                     b'listing."""\n    return x + 0\n')
+    new = storage.read_bytes(uri) + (
+        b'\n\ndef replaced_after_listing(x):\n    """Return x, added after the listing."""\n    return x + 0\n'
+    )
     storage.write_bytes(uri, new)
     return config, source, uri, new
 
@@ -242,8 +306,9 @@ def test_an_object_replaced_after_the_listing_is_read_as_it_is_now_and_indexed_b
     config, source, uri, new = _listed_then_replaced(tmp_path, s3_bucket)
     out = tmp_path / "out"
     shard.compute(config, out, source=source, progress=False)
-    names = {n for f in (out / "train").glob("*.parquet")
-             for n in pq.read_table(f, columns=["name"])["name"].to_pylist()}
+    names = {
+        n for f in (out / "train").glob("*.parquet") for n in pq.read_table(f, columns=["name"])["name"].to_pylist()
+    }
     assert "replaced_after_listing" in names
     bucket, key = storage.split_s3(uri)
     etag = boto3.client("s3").head_object(Bucket=bucket, Key=key)["ETag"].strip('"')

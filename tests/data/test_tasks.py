@@ -1,5 +1,6 @@
 """Task files with tests (tasks:PATH): HumanEval/MBPP records, errors that name the line, tests kept through
 sharding, and test programs that run in the sandbox."""
+
 from __future__ import annotations
 
 import gzip
@@ -16,11 +17,15 @@ from blueprint.eval.sandbox import SandboxSettings, open_sandbox
 from blueprint.stages import shard
 
 EXAMPLE_TASKS = Path(__file__).resolve().parents[2] / "examples" / "tasks.jsonl"
-MBPP = {"task_id": 7, "text": "Write a function to find the shared elements of two lists.",
-        "code": "def helper(x):\n    return set(x)\n\ndef similar_elements(a, b):\n    return tuple(sorted(helper(a) & "
-                "helper(b)))\n",
-        "test_list": ["assert similar_elements([3, 4, 5], [5, 7, 4]) == (4, 5)",
-                      "assert similar_elements([1], [2]) == ()"], "test_setup_code": "", "challenge_test_list": []}
+MBPP = {
+    "task_id": 7,
+    "text": "Write a function to find the shared elements of two lists.",
+    "code": "def helper(x):\n    return set(x)\n\ndef similar_elements(a, b):\n    return tuple(sorted(helper(a) & "
+    "helper(b)))\n",
+    "test_list": ["assert similar_elements([3, 4, 5], [5, 7, 4]) == (4, 5)", "assert similar_elements([1], [2]) == ()"],
+    "test_setup_code": "",
+    "challenge_test_list": [],
+}
 
 
 def records() -> list[dict]:
@@ -73,8 +78,16 @@ def test_mbpp_records_and_renamed_functions_are_tested_as_the_task_says():
     vowels = tasks.normalize(records()[0], "line 1")
     renamed = "def vowels_in(s):\n    return sum(ch in 'aeiouAEIOU' for ch in s)\n"  # the summary gives no name
     count_words = tasks.normalize(records()[14], "line 15")  # its prompt imports re: the code written gets it too
-    words = ("def count(text):\n    out = {}\n    for w in re.findall('[a-z]+', text.lower()):\n"
-             "        out[w] = out.get(w, 0) + 1\n    return out\n")
-    outcomes = box.run_many([tasks.reference_program(mbpp), tasks.program(vowels, renamed),
-                             tasks.program(count_words, words), tasks.program(vowels, "def f(x):\n    return 0\n")])
+    words = (
+        "def count(text):\n    out = {}\n    for w in re.findall('[a-z]+', text.lower()):\n"
+        "        out[w] = out.get(w, 0) + 1\n    return out\n"
+    )
+    outcomes = box.run_many(
+        [
+            tasks.reference_program(mbpp),
+            tasks.program(vowels, renamed),
+            tasks.program(count_words, words),
+            tasks.program(vowels, "def f(x):\n    return 0\n"),
+        ]
+    )
     assert [o.status for o in outcomes] == ["pass", "pass", "pass", "fail"], outcomes

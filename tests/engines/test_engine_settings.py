@@ -1,4 +1,5 @@
 """The engine setting and the gap check without an engine: what runs on every machine, vLLM installed or not."""
+
 from __future__ import annotations
 
 import subprocess
@@ -59,9 +60,11 @@ def test_vllm_on_several_processes_is_refused_before_launch_with_one_line():
 
 def test_engine_vllm_without_vllm_fails_before_the_first_stage_naming_the_setting_and_package(tmp_path):
     """A real `blueprint run` in a process where the vllm package cannot be imported."""
-    code = ("import sys; sys.modules['vllm'] = None; from pipelines.cli import main; "
-            f"sys.exit(main(['run', '--profile', 'smoke', '--artifact-root', {str(tmp_path / 'a')!r}, "
-            "'--set', 'ppo-round.engine=vllm']))")
+    code = (
+        "import sys; sys.modules['vllm'] = None; from pipelines.cli import main; "
+        f"sys.exit(main(['run', '--profile', 'smoke', '--artifact-root', {str(tmp_path / 'a')!r}, "
+        "'--set', 'ppo-round.engine=vllm']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "ppo-round.engine" in done.stderr or "ppo_settings" in done.stderr

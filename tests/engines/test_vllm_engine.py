@@ -3,6 +3,7 @@ check passing after PPO steps and stopping a round whose sync is withheld, and t
 
 One engine serves the module's trainer-level tests; each stage run starts its own (as a stage does). The stage chain
 is the smoke one cut to what the engine needs: a base vLLM can serve, trained a few steps, and real adapters."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ from blueprint.rl.ppo import PPOConfig, PPOTrainer
 from blueprint.stages import evaluate, ppo_round, registry
 from blueprint.store import storage
 
-ENGINE_PRESET = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=2, max_position_embeddings=512)
+ENGINE_PRESET = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +57,22 @@ def engine(policy):
 
 
 def prompts(tokenizer, n: int = 6) -> list[list[int]]:
-    return [tokenizer(t[:200], add_special_tokens=False)["input_ids"][:24 + 3 * i]
-            for i, t in enumerate(stdlib_texts(n))]
+    return [
+        tokenizer(t[:200], add_special_tokens=False)["input_ids"][: 24 + 3 * i] for i, t in enumerate(stdlib_texts(n))
+    ]
 
 
 def hf_greedy(model, ids: list[int], eos: int, pad: int, new: int) -> list[int]:
     x = torch.tensor([ids])
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
-                         eos_token_id=eos, pad_token_id=pad)[0, len(ids):].tolist()
-    return out[:out.index(eos) + 1] if eos in out else out
+    out = model.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=new,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )[0, len(ids) :].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out
 
 
 def test_greedy_tokens_from_vllm_equal_hf_with_and_without_an_adapter(policy, engine, micro_tokenizer):
@@ -67,14 +81,22 @@ def test_greedy_tokens_from_vllm_equal_hf_with_and_without_an_adapter(policy, en
     for adapter in ("summarizer", None):
         engine.load(policy, adapter)
         got = [s.tokens for s in engine.generate(batch, Sampling(16, eos))]
-        with torch.no_grad(), (lora.use_adapter(policy, adapter) if adapter else policy.disable_adapter()):
+        with torch.no_grad(), lora.use_adapter(policy, adapter) if adapter else policy.disable_adapter():
             want = [hf_greedy(policy, ids, eos, pad, 16) for ids in batch]
         assert got == want, adapter
 
 
 def _trainer(policy, tokenizer, engine) -> PPOTrainer:
-    cfg = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, samples_per_query=2, max_new_tokens=12,
-                    temperature=0.7, lr=3e-2, missing_eos_penalty=0.0)
+    cfg = PPOConfig(
+        batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=2,
+        samples_per_query=2,
+        max_new_tokens=12,
+        temperature=0.7,
+        lr=3e-2,
+        missing_eos_penalty=0.0,
+    )
     trainer = PPOTrainer(policy, tokenizer, cfg)
     trainer.engine = PolicySampler(engine, policy, "summarizer", max_gap=0.01)
     return trainer
@@ -86,7 +108,8 @@ def low_id_score(queries, responses):
 
 
 def test_engine_logprobs_match_the_trainer_after_each_step_and_a_withheld_sync_stops_the_round(
-        policy, engine, micro_tokenizer, monkeypatch):
+    policy, engine, micro_tokenizer, monkeypatch
+):
     trainer = _trainer(policy, micro_tokenizer, engine)
     batch = prompts(micro_tokenizer, 2)
     stats = trainer.ppo_step(batch, low_id_score)  # the weights loaded at start, then an update and its sync
@@ -113,10 +136,19 @@ def engine_chain(tmp_path_factory):
     root = f"file://{tmp_path_factory.mktemp('engine_chain')}"
     shards = shard.run(parse(shard.ShardConfig, SMOKE_SHARD), artifact_root=root, progress=False).uri
     few = {"max_tokens": 2048, "max_pairs": 200}  # 2 pre-training steps: the engine needs weights, not skill
-    base = bootstrap.run(parse(bootstrap.BootstrapConfig, {**SMOKE_BOOTSTRAP, "preset": "tiny", **few}),
-                         shards=shards, artifact_root=root, progress=False).uri
-    adapters = warmup.run(parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 1, "eval_pairs": 4, "max_pairs": 64}),
-                          shards=shards, base=base, artifact_root=root, progress=False).uri
+    base = bootstrap.run(
+        parse(bootstrap.BootstrapConfig, {**SMOKE_BOOTSTRAP, "preset": "tiny", **few}),
+        shards=shards,
+        artifact_root=root,
+        progress=False,
+    ).uri
+    adapters = warmup.run(
+        parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 1, "eval_pairs": 4, "max_pairs": 64}),
+        shards=shards,
+        base=base,
+        artifact_root=root,
+        progress=False,
+    ).uri
     return {"root": root, "shards": shards, "base": base, "adapters": adapters}
 
 
@@ -126,21 +158,31 @@ def _inputs(chain, adapters=None):
 
 def test_smoke_round_and_evaluation_with_vllm_complete_and_agree_with_hf(engine_chain, tmp_path):
     cfg = {**SMOKE_PPO, "engine": "vllm", "probe_size": 1, "supervised_steps": 1}  # the coder's step needs no engine
-    out = ppo_round.run(parse(ppo_round.PPORoundConfig, cfg), **_inputs(engine_chain),
-                        artifact_root=engine_chain["root"], progress=False)
+    out = ppo_round.run(
+        parse(ppo_round.PPORoundConfig, cfg),
+        **_inputs(engine_chain),
+        artifact_root=engine_chain["root"],
+        progress=False,
+    )
     assert out.metrics["engine"] == "vllm" and out.metrics["ppo_steps_done"] == 2
     assert out.metrics["engine_logprob_gap_mean"] <= 0.01
     steps = [json.loads(line) for line in storage.read_text(storage.join(out.uri, "steps.jsonl")).splitlines()]
     assert all(row["engine_logprob_gap_mean"] <= 0.01 and "engine_logprob_gap_max" in row for row in steps)
 
     smaller = {"max_examples": 4, "pairwise_examples": 4, "max_code_tokens": 48}  # test time: ~30 s each
-    evals = {engine: evaluate.run(parse(evaluate.EvaluateConfig, {**registry.get("evaluate").defaults("smoke"),
-                                                                    **smaller, "engine": engine}),
-                                  **_inputs(engine_chain, out.uri), out_uri=f"file://{tmp_path}/{engine}",
-                                  progress=False)
-             for engine in ("hf", "vllm")}
-    rows = {engine: [json.loads(line) for line in (tmp_path / engine / "samples.jsonl").read_text().splitlines()]
-            for engine in evals}
+    evals = {
+        engine: evaluate.run(
+            parse(evaluate.EvaluateConfig, {**registry.get("evaluate").defaults("smoke"), **smaller, "engine": engine}),
+            **_inputs(engine_chain, out.uri),
+            out_uri=f"file://{tmp_path}/{engine}",
+            progress=False,
+        )
+        for engine in ("hf", "vllm")
+    }
+    rows = {
+        engine: [json.loads(line) for line in (tmp_path / engine / "samples.jsonl").read_text().splitlines()]
+        for engine in evals
+    }
     assert [r["generated_summary"] for r in rows["vllm"]] == [r["generated_summary"] for r in rows["hf"]]
     # the smoke-sized models repeat a token or two; the code side holds more than whitespace, so the agreement is
     # over real tokens (non-trivial greedy agreement with an adapter far from zero: the first test)
@@ -151,16 +193,28 @@ def test_smoke_round_and_evaluation_with_vllm_complete_and_agree_with_hf(engine_
 def test_a_base_the_engine_cannot_serve_fails_with_one_line_naming_base_engine_and_setting(micro_model):
     from blueprint.engines.vllm_engine import EngineStartError
 
-    with pytest.raises(EngineStartError, match=r"engine vllm could not start on base micro .*head_dim=16.*: set "
-                                               r"ppo-round.engine=hf, or change ppo-round.engine_memory"):
-        VLLMEngine(micro_model, device=torch.device("cpu"), dtype=torch.float32, memory=0.05, max_model_len=128,
-                   base="micro", setting="ppo-round.engine")
+    with pytest.raises(
+        EngineStartError,
+        match=r"engine vllm could not start on base micro .*head_dim=16.*: set "
+        r"ppo-round.engine=hf, or change ppo-round.engine_memory",
+    ):
+        VLLMEngine(
+            micro_model,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            memory=0.05,
+            max_model_len=128,
+            base="micro",
+            setting="ppo-round.engine",
+        )
 
 
 def test_a_round_whose_engine_is_not_synced_stops_and_commits_nothing(engine_chain, tmp_path, monkeypatch):
     monkeypatch.setattr(PolicySampler, "sync", lambda self, model: 0.0)
-    cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "engine": "vllm", "ppo_steps": 3, "lr": 0.05,
-                                                  "supervised_steps": 0, "probe_size": 1})
+    cfg = parse(
+        ppo_round.PPORoundConfig,
+        {**SMOKE_PPO, "engine": "vllm", "ppo_steps": 3, "lr": 0.05, "supervised_steps": 0, "probe_size": 1},
+    )
     out_uri = f"file://{tmp_path}/round"
     with pytest.raises(EngineGapError, match="engine vllm: at PPO step"):
         ppo_round.run(cfg, **_inputs(engine_chain), out_uri=out_uri, progress=False)

@@ -1,5 +1,6 @@
 """The sandbox for model-written code: real programs, real subprocesses, both modes (namespace where bwrap can
 create namespaces here), and nothing of them left behind, even when the stage that ran them is killed."""
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,7 @@ def test_canonical_solutions_pass_and_a_wrong_one_fails_naming_its_assert(sandbo
     assert [o.status for o in outcomes] == ["pass"] * len(found), [o for o in outcomes if not o.passed]
     wrong = tasks.program(found[0], "def count_vowels(text):\n    return len(text)\n")
     outcome = sandbox.run(wrong)
-    assert outcome.status == "fail" and "assert candidate(\"Banana\") == 3" in outcome.reason
+    assert outcome.status == "fail" and 'assert candidate("Banana") == 3' in outcome.reason
 
 
 def test_a_solution_that_raises_is_an_error_with_its_exception(sandbox):
@@ -191,8 +192,9 @@ def fallback_is_said(fake: Path, monkeypatch) -> None:
 def test_a_task_whose_canonical_solution_fails_is_named_by_its_task_id(sandbox):
     sound, broken = example_tasks()[:2]
     broken = {**broken, "task_id": "mine/broken", "canonical_solution": "    return numbers[::-1]\n"}
-    values, rows = execution.execute(sandbox, [sound, broken], {"docstring": ["x = 1\n"] * 2,
-                                                                  "roundtrip": ["def f(: pass\n"] * 2})
+    values, rows = execution.execute(
+        sandbox, [sound, broken], {"docstring": ["x = 1\n"] * 2, "roundtrip": ["def f(: pass\n"] * 2}
+    )
     assert values["reference_pass_rate"] == 0.5 and values["reference_failures"] == ["mine/broken"]
     assert values["pass_at_1_docstring"] == values["pass_at_1_roundtrip"] == 0.0
     assert values["sandbox"] == sandbox.mode and rows[1]["roundtrip"]["status"] == "error"

@@ -1,4 +1,5 @@
 """The end-of-run summary says each thing once."""
+
 from __future__ import annotations
 
 from blueprint.eval.summary import floor_verdict, run_summary

@@ -1,5 +1,6 @@
 """The original API's two models: the summarizer on one base and the coder on another, each base held once,
 tokenizers apart."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,15 @@ def two_bases(smoke_chain, coder_tokenizer, tmp_path_factory):
     shards = smoke_chain["shards"]
     warm = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=shards, **kw)
     rnd = ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=shards, adapters=warm.uri, **kw)
-    ev = evaluate.run(parse(evaluate.EvaluateConfig, {"max_examples": 4, "pairwise_examples": 4, "max_new_tokens": 8,
-                                                      "max_code_tokens": 64}), shards=shards, adapters=rnd.uri, **kw)
+    ev = evaluate.run(
+        parse(
+            evaluate.EvaluateConfig,
+            {"max_examples": 4, "pairwise_examples": 4, "max_new_tokens": 8, "max_code_tokens": 64},
+        ),
+        shards=shards,
+        adapters=rnd.uri,
+        **kw,
+    )
     merged = merge.run(parse(merge.MergeConfig, {}), adapters=rnd.uri, evaluation=ev.uri, **kw)
     return dict(tmp=tmp, summarizer=summarizer, coder=coder, warm=warm, rnd=rnd, ev=ev, merged=merged, kw=kw)
 
@@ -56,8 +64,9 @@ def test_each_role_is_trained_saved_and_merged_on_its_own_base(two_bases):
     coder = AutoModelForCausalLM.from_pretrained(merged / "coder").eval()
     assert (summarizer.config.model_type, coder.config.model_type) == ("llama", "qwen2")
     assert len(AutoTokenizer.from_pretrained(merged / "coder")) == CODER_VOCAB
-    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(two_bases["coder"]),
-                                        rnd / "adapters" / "coder").eval()
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(two_bases["coder"]), rnd / "adapters" / "coder"
+    ).eval()
     ids = torch.tensor([AutoTokenizer.from_pretrained(merged / "coder")("Return x.\n")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(coder(ids).logits, adapter(ids).logits, atol=1e-4)
@@ -67,8 +76,10 @@ def test_the_round_learns_across_the_two_tokenizers(two_bases):
     """The reward reads the summaries as text: finite, and the coder's step ran on the coder's own base."""
     m = two_bases["rnd"].metrics
     assert m["ppo_steps_done"] == SMOKE_PPO["ppo_steps"]
-    assert all(torch.isfinite(torch.tensor(m[k])) for k in ("probe_reward_before", "probe_reward_after",
-                                                             "coder_eval_loss_after"))
+    assert all(
+        torch.isfinite(torch.tensor(m[k]))
+        for k in ("probe_reward_before", "probe_reward_after", "coder_eval_loss_after")
+    )
     assert two_bases["ev"].metrics["examples"] == 4 and 0 <= two_bases["ev"].metrics["pairwise_accuracy"] <= 1
 
 
@@ -86,8 +97,12 @@ def test_adapters_of_another_coder_base_are_refused_naming_it(two_bases, coder_t
     other = micro_qwen2_base(two_bases["tmp"] / "other-coder", coder_tokenizer, seed=1)
     kw = {**two_bases["kw"], "coder_base": other}
     with pytest.raises(artifacts.ArtifactError, match="the coder was trained on base .* pass the coder_base"):
-        evaluate.run(parse(evaluate.EvaluateConfig, {"max_examples": 4}), shards=smoke_chain["shards"],
-                     adapters=two_bases["rnd"].uri, **kw)
+        evaluate.run(
+            parse(evaluate.EvaluateConfig, {"max_examples": 4}),
+            shards=smoke_chain["shards"],
+            adapters=two_bases["rnd"].uri,
+            **kw,
+        )
 
 
 def test_a_coder_base_whose_tokenizer_outgrows_its_embeddings_is_refused_naming_it(smoke_chain, tmp_path):
@@ -95,8 +110,14 @@ def test_a_coder_base_whose_tokenizer_outgrows_its_embeddings_is_refused_naming_
     path = micro_qwen2_base(tmp_path / "mismatched", train_bpe_tokenizer(stdlib_texts(30), vocab_size=CODER_VOCAB))
     big.save_pretrained(path)
     with pytest.raises(ModelLoadError, match=r"mismatched'?: its tokenizer has \d+ tokens but .* 384 rows"):
-        warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=smoke_chain["shards"],
-                   base=smoke_chain["base"], coder_base=path, artifact_root=f"file://{tmp_path}/art", progress=False)
+        warmup.run(
+            parse(warmup.WarmupConfig, SMOKE_WARMUP),
+            shards=smoke_chain["shards"],
+            base=smoke_chain["base"],
+            coder_base=path,
+            artifact_root=f"file://{tmp_path}/art",
+            progress=False,
+        )
 
 
 def test_one_base_is_opened_once_and_two_bases_once_each(two_bases):

@@ -1,5 +1,6 @@
 """Any causal LM that transformers loads: a micro random-init base per architecture goes through warmup ->
 ppo-round -> evaluate -> merge, and the merged model reloads to the adapter model's logits."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,26 +13,50 @@ from blueprint.config import parse
 from blueprint.models.targets import NoLoraTargets, discover_targets
 from blueprint.store import storage
 
-SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=512)
+SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 ARCHITECTURES = {  # model_type -> what its config needs beyond SHAPE (or instead of it)
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 8}, "gemma2": {"head_dim": 8}, "phi3": {},
-    "starcoder2": {}, "granite": {}, "olmo2": {},
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "gemma2": {"head_dim": 8},
+    "phi3": {},
+    "starcoder2": {},
+    "granite": {},
+    "olmo2": {},
     "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 512},
-    "gpt_neox": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "max_position_embeddings": 512},
+    "gpt_neox": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+    },
 }
 TARGETS = {"phi3": ["qkv_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"]}
-WIDE = {"phi3": ["qkv_proj", "o_proj"], "gpt2": ["c_attn", "attn.c_proj"],  # not the MLP's c_proj
-        "gpt_neox": ["query_key_value", "dense"]}
+WIDE = {
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["c_attn", "attn.c_proj"],  # not the MLP's c_proj
+    "gpt_neox": ["query_key_value", "dense"],
+}
 
 
 def micro_base(model_type: str, tokenizer, path) -> str:
     """A random-init base of `model_type` with the smoke chain's tokenizer, saved where `load_base` reads it."""
-    shape = ARCHITECTURES[model_type] if model_type in ("gpt2", "gpt_neox") else {**SHAPE,
-                                                                                 **ARCHITECTURES[model_type]}
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    shape = ARCHITECTURES[model_type] if model_type in ("gpt2", "gpt_neox") else {**SHAPE, **ARCHITECTURES[model_type]}
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shape, **ids))
     model.save_pretrained(path)
@@ -51,20 +76,32 @@ def test_architecture_trains_evaluates_and_merges(model_type, smoke_chain, chain
     base = micro_base(model_type, chain_tokenizer, tmp_path / "base")
     root, shards = f"file://{tmp_path}/art", smoke_chain["shards"]
     kw = dict(artifact_root=root, progress=False)
-    adapters = warmup.run(parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 2}), shards=shards, base=base,
-                          **kw).uri
-    rnd = ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 1, "supervised_steps": 1}),
-                        shards=shards, base=base, adapters=adapters, **kw)
+    adapters = warmup.run(parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 2}), shards=shards, base=base, **kw).uri
+    rnd = ppo_round.run(
+        parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 1, "supervised_steps": 1}),
+        shards=shards,
+        base=base,
+        adapters=adapters,
+        **kw,
+    )
     assert rnd.metrics["ppo_steps_done"] == 1
-    ev = evaluate.run(parse(evaluate.EvaluateConfig, {"max_examples": 4, "pairwise_examples": 4,
-                                                      "max_new_tokens": 8, "max_code_tokens": 64}),
-                      shards=shards, base=base, adapters=rnd.uri, **kw)
+    ev = evaluate.run(
+        parse(
+            evaluate.EvaluateConfig,
+            {"max_examples": 4, "pairwise_examples": 4, "max_new_tokens": 8, "max_code_tokens": 64},
+        ),
+        shards=shards,
+        base=base,
+        adapters=rnd.uri,
+        **kw,
+    )
     assert ev.metrics["examples"] == 4
     out = merge.run(parse(merge.MergeConfig, {}), base=base, adapters=rnd.uri, evaluation=ev.uri, **kw)
     assert out.metrics["max_abs_logit_diff_summarizer"] <= 1e-4
     merged = AutoModelForCausalLM.from_pretrained(storage.local_path(out.uri) / "summarizer").eval()
-    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
-                                        storage.local_path(rnd.uri) / "adapters" / "summarizer").eval()
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), storage.local_path(rnd.uri) / "adapters" / "summarizer"
+    ).eval()
     ids = torch.tensor([chain_tokenizer("def add(a, b):\n    return a + b\n")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-4)

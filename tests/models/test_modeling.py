@@ -1,4 +1,5 @@
 """Base loading and the LoRA roles on the micro Llama: one base copy, clean switching, exact trainability."""
+
 from __future__ import annotations
 
 import time
@@ -173,6 +174,7 @@ def test_attach_rejects_bad_names(micro_model):
 
 # ---------------------------------------------------------------------------------------------- load_base
 
+
 def _save_base(model, tokenizer, path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -205,10 +207,16 @@ def test_load_base_errors_name_the_input(micro_model, micro_tokenizer, tmp_path,
         load_base("not a//hub id")
 
 
-@pytest.mark.parametrize("sizes", [{"vocab_size": 2_000_000_000, "hidden_size": 1_000_000},  # refused unbuilt
-                                   {"intermediate_size": 128}])  # plausible, but not these weights' shapes
-def test_a_config_whose_sizes_do_not_fit_the_weights_is_one_line_naming_the_base(sizes, micro_model, micro_tokenizer,
-                                                                                 tmp_path):
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        {"vocab_size": 2_000_000_000, "hidden_size": 1_000_000},  # refused unbuilt
+        {"intermediate_size": 128},
+    ],
+)  # plausible, but not these weights' shapes
+def test_a_config_whose_sizes_do_not_fit_the_weights_is_one_line_naming_the_base(
+    sizes, micro_model, micro_tokenizer, tmp_path
+):
     import json
 
     base = _save_base(micro_model, micro_tokenizer, tmp_path / "absurd")
@@ -221,8 +229,7 @@ def test_a_config_whose_sizes_do_not_fit_the_weights_is_one_line_naming_the_base
     assert "\n" not in message
 
 
-def test_a_truncated_safetensors_file_is_one_line_naming_the_base_and_the_file(micro_model, micro_tokenizer,
-                                                                               tmp_path):
+def test_a_truncated_safetensors_file_is_one_line_naming_the_base_and_the_file(micro_model, micro_tokenizer, tmp_path):
     base = _save_base(micro_model, micro_tokenizer, tmp_path / "cut")
     (weights,) = base.glob("*.safetensors")
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy that stopped half-way
@@ -292,14 +299,18 @@ def test_ranks_of_one_machine_download_an_s3_base_once(micro_model, micro_tokeni
     storage.upload_dir(local, uri)
     files = {p.name: {"size": p.stat().st_size} for p in local.iterdir()}
     storage.write_json(f"{uri}/_MANIFEST.json", {"files": files})
-    code = ("import sys; from blueprint.models.loading import fetch_s3_dir; "
-            "print('->', fetch_s3_dir(sys.argv[1], sys.argv[2]))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(tmp_path / "cache")], stdout=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    code = (
+        "import sys; from blueprint.models.loading import fetch_s3_dir; "
+        "print('->', fetch_s3_dir(sys.argv[1], sys.argv[2]))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, uri, str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4
     assert sum("downloading" in out for out in outputs) == 1, outputs
     assert len({out.split("-> ")[-1] for out in outputs}) == 1
-    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".lock-")] == \
-        [outputs[0].split("-> ")[-1].strip().rsplit("/", 1)[-1]]
-
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".lock-")] == [
+        outputs[0].split("-> ")[-1].strip().rsplit("/", 1)[-1]
+    ]

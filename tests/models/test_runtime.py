@@ -1,4 +1,5 @@
 """One device and precision policy: resolved where a base is opened, named when it cannot be honoured."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,14 +15,23 @@ needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the
 
 def test_auto_means_cpu_and_float32_without_a_gpu():
     where = runtime.place(runtime.RuntimeSettings())
-    expected = (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16) if torch.cuda.is_available() \
+    expected = (
+        (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+        if torch.cuda.is_available()
         else (torch.device("cpu"), torch.float32)
+    )
     assert (where.device, where.dtype) == expected
     assert runtime.resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
 
 
-@pytest.mark.parametrize("values, name", [({"device": "gpu"}, "device"), ({"dtype": "fp8"}, "dtype"),
-                                          ({"attn_implementation": "flash"}, "attn_implementation")])
+@pytest.mark.parametrize(
+    "values, name",
+    [
+        ({"device": "gpu"}, "device"),
+        ({"dtype": "fp8"}, "dtype"),
+        ({"attn_implementation": "flash"}, "attn_implementation"),
+    ],
+)
 def test_bad_runtime_settings_are_named(values, name):
     with pytest.raises(ConfigError, match=f"^{name}: "):
         runtime.RuntimeSettings(**values)
@@ -50,8 +60,14 @@ def test_device_cuda_without_cuda_fails_in_the_stage_too(smoke_chain, tmp_path):
 
     cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "device": "cuda"})
     with pytest.raises(ConfigError, match="device='cuda'"):
-        ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
-                      out_uri=f"file://{tmp_path}/r", progress=False)
+        ppo_round.run(
+            cfg,
+            shards=smoke_chain["shards"],
+            base=smoke_chain["base"],
+            adapters=smoke_chain["adapters"],
+            out_uri=f"file://{tmp_path}/r",
+            progress=False,
+        )
     assert not (tmp_path / "r").exists()
 
 
@@ -70,15 +86,24 @@ def test_a_round_runs_in_bfloat16_and_with_gradient_checkpointing(extra, smoke_c
     from blueprint.stages import ppo_round
 
     cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, **extra})
-    out = ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
-                        out_uri=f"file://{tmp_path}/r", progress=False)
+    out = ppo_round.run(
+        cfg,
+        shards=smoke_chain["shards"],
+        base=smoke_chain["base"],
+        adapters=smoke_chain["adapters"],
+        out_uri=f"file://{tmp_path}/r",
+        progress=False,
+    )
     assert out.metrics["ppo_steps_done"] == SMOKE_PPO["ppo_steps"]
     assert all(torch.isfinite(torch.tensor(out.metrics[k])) for k in ("probe_reward_before", "probe_reward_after"))
 
 
 def test_out_of_memory_names_the_settings_to_lower():
-    with pytest.raises(runtime.OutOfMemory, match=r"ppo-round\.batch_size, ppo-round\.mini_batch_size, or set "
-                                                  r"ppo-round\.dtype=bfloat16"):
+    with pytest.raises(
+        runtime.OutOfMemory,
+        match=r"ppo-round\.batch_size, ppo-round\.mini_batch_size, or set "
+        r"ppo-round\.dtype=bfloat16",
+    ):
         with runtime.named_out_of_memory("ppo-round", ("batch_size", "mini_batch_size")):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(KeyError):  # anything else passes through untouched
@@ -95,9 +120,16 @@ def test_gpu_compile_sets_device_cuda_for_the_gpu_stages_only(tmp_path):
     assert cli.main(["compile", "--out", str(out), "--gpu"]) == 0
     params = yaml.safe_load(out.read_text())["root"]["inputDefinitions"]["parameters"]
     devices = {name: params[name]["defaultValue"].get("device") for name in params if name.endswith("_settings")}
-    assert devices == {"shard_settings": None, "bootstrap_settings": None, "warmup_settings": "cuda",
-                       "ppo_settings": "cuda", "evaluate_settings": "cuda", "merge_settings": "cuda",
-                       "gate_settings": "cuda", "promote_settings": None}  # the gate may evaluate the champion
+    assert devices == {
+        "shard_settings": None,
+        "bootstrap_settings": None,
+        "warmup_settings": "cuda",
+        "ppo_settings": "cuda",
+        "evaluate_settings": "cuda",
+        "merge_settings": "cuda",
+        "gate_settings": "cuda",
+        "promote_settings": None,
+    }  # the gate may evaluate the champion
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_the_base(smoke_chain, tmp_path):
@@ -115,8 +147,10 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_naming_the_base(smoke_
         load_base(str(tmp_path / "cut"))
 
 
-@pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, "flash_attention_2"), (torch.float16,
-                                             "flash_attention_2"), (torch.float32, None)])
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [(torch.bfloat16, "flash_attention_2"), (torch.float16, "flash_attention_2"), (torch.float32, None)],
+)
 def test_auto_attention_picks_flash_attention_only_for_16_bit_weights(dtype, expected):
     """flash-attention 2 rejects fp32: `auto` must not pick it for an fp32 stage (merge's default) on a GPU."""
     cuda = torch.device("cuda", 0)  # resolve_attention only reads the device's type: no GPU is touched

@@ -4,6 +4,7 @@ Both runs see the same rows per optimizer step (accelerate's seedable sampler, `
 ranks train one DDP model, and evaluation runs the same whole batches on each side: losses and adapters agree to
 float32 rounding (the all-reduce sums the two halves' gradients in another order).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,9 +21,17 @@ LOSSES = [f"{role}_{split}_loss" for role in ("summarizer", "coder") for split i
 def test_warmup_on_two_ranks_matches_one_process_losses_and_adapters_to_float_rounding(smoke_chain, tmp_path):
     inputs = {"shards": smoke_chain["shards"], "base": smoke_chain["base"]}
     settings = {**SMOKE_WARMUP, "batch_scope": "global"}  # the same global batch on 1 and 2 processes
-    outs = {n: launch.run_stage("warmup", parse(warmup.WarmupConfig, {**settings, "nproc": n}), inputs,
-                                artifact_root=None, out_uri=f"file://{tmp_path}/n{n}", progress=False)
-            for n in (1, 2)}
+    outs = {
+        n: launch.run_stage(
+            "warmup",
+            parse(warmup.WarmupConfig, {**settings, "nproc": n}),
+            inputs,
+            artifact_root=None,
+            out_uri=f"file://{tmp_path}/n{n}",
+            progress=False,
+        )
+        for n in (1, 2)
+    }
     one, two = outs[1].metrics, outs[2].metrics
     for key in LOSSES:  # before training: the very same batches and weights, whatever the rank count
         assert two[f"{key}_before"] == pytest.approx(one[f"{key}_before"], abs=1e-9), key

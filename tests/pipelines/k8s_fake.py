@@ -6,6 +6,7 @@ checks what a cluster would see (paths, the TrainJob body, label selectors, the 
 of a 403 or a Failed condition. It keeps the TrainJobs it was sent; each job ends as `outcome` says ("Complete",
 "Failed", or None: it runs forever) after `polls` reads of it, and node 0's pod logs `log_lines`.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -32,24 +33,56 @@ def _now() -> str:
 def status(code: int, message: str) -> dict:
     """A Kubernetes Status object, as the API server answers an error."""
     reason = {403: "Forbidden", 404: "NotFound", 409: "AlreadyExists"}.get(code, "Invalid")
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def forbidden(user: str, verb: str, resource: str, namespace: str) -> dict:
-    return status(403, f'{resource}.trainer.kubeflow.org is forbidden: User "{user}" cannot {verb} resource '
-                       f'"{resource}" in API group "trainer.kubeflow.org" in the namespace "{namespace}"')
+    return status(
+        403,
+        f'{resource}.trainer.kubeflow.org is forbidden: User "{user}" cannot {verb} resource '
+        f'"{resource}" in API group "trainer.kubeflow.org" in the namespace "{namespace}"',
+    )
 
 
 def cluster_runtime() -> dict:
     """The torch-distributed ClusterTrainingRuntime as the Trainer's manifests install it (the fields read)."""
-    return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
-            "metadata": {"name": "torch-distributed", "labels": {"trainer.kubeflow.org/framework": "torch"}},
-            "spec": {"mlPolicy": {"numNodes": 1, "torch": {}}, "template": {"spec": {"replicatedJobs": [{
-                "name": "node", "template": {
-                    "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
-                    "spec": {"template": {"spec": {"containers": [
-                        {"name": "node", "image": RUNTIME_IMAGE, "command": ["/bin/bash", "-c"]}]}}}}}]}}}}
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "ClusterTrainingRuntime",
+        "metadata": {"name": "torch-distributed", "labels": {"trainer.kubeflow.org/framework": "torch"}},
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {}},
+            "template": {
+                "spec": {
+                    "replicatedJobs": [
+                        {
+                            "name": "node",
+                            "template": {
+                                "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                                "spec": {
+                                    "template": {
+                                        "spec": {
+                                            "containers": [
+                                                {"name": "node", "image": RUNTIME_IMAGE, "command": ["/bin/bash", "-c"]}
+                                            ]
+                                        }
+                                    }
+                                },
+                            },
+                        }
+                    ]
+                }
+            },
+        },
+    }
 
 
 class FakeKube(ThreadingHTTPServer):
@@ -74,12 +107,20 @@ class FakeKube(ThreadingHTTPServer):
 
     def kubeconfig(self, directory: Path) -> Path:
         path = directory / "kubeconfig"
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": "not-a-real-token"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake",
-                                                      "namespace": self.namespace}}]}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": "not-a-real-token"}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespace}}
+                    ],
+                }
+            )
+        )
         return path
 
     def phase(self, name: str) -> str:
@@ -92,19 +133,34 @@ class FakeKube(ThreadingHTTPServer):
             self.reads[name] = self.reads.get(name, 0) + 1
             body = json.loads(json.dumps(self.jobs[name]))
         if self.outcome and self.reads[name] > self.polls:
-            body["status"] = {"conditions": [{"type": self.outcome, "status": "True", "reason": self.outcome,
-                                              "message": f"TrainJob is {self.outcome.lower()}",
-                                              "lastTransitionTime": _now()}]}
+            body["status"] = {
+                "conditions": [
+                    {
+                        "type": self.outcome,
+                        "status": "True",
+                        "reason": self.outcome,
+                        "message": f"TrainJob is {self.outcome.lower()}",
+                        "lastTransitionTime": _now(),
+                    }
+                ]
+            }
         return body
 
     def pods(self, name: str) -> dict:
-        pod = {"metadata": {"name": f"{name}-node-0-0-x7k2p", "namespace": self.namespace,
-                            "creationTimestamp": _now(),
-                            "labels": {"jobset.sigs.k8s.io/jobset-name": name,
-                                       "jobset.sigs.k8s.io/replicatedjob-name": "node",
-                                       "batch.kubernetes.io/job-completion-index": "0"}},
-               "spec": {"containers": [{"name": "node", "image": RUNTIME_IMAGE}]},
-               "status": {"phase": self.phase(name)}}
+        pod = {
+            "metadata": {
+                "name": f"{name}-node-0-0-x7k2p",
+                "namespace": self.namespace,
+                "creationTimestamp": _now(),
+                "labels": {
+                    "jobset.sigs.k8s.io/jobset-name": name,
+                    "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                    "batch.kubernetes.io/job-completion-index": "0",
+                },
+            },
+            "spec": {"containers": [{"name": "node", "image": RUNTIME_IMAGE}]},
+            "status": {"phase": self.phase(name)},
+        }
         return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod] if name in self.jobs else []}
 
 
@@ -136,8 +192,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict | str]:
         s = self.server
         if path == "/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public":
-            return 200, {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "kubeflow-trainer-public"},
-                         "data": {"kubeflow_trainer_version": "2.1.0"}}
+            return 200, {
+                "kind": "ConfigMap",
+                "apiVersion": "v1",
+                "metadata": {"name": "kubeflow-trainer-public"},
+                "data": {"kubeflow_trainer_version": "2.1.0"},
+            }
         if path == f"{TRAINER}/clustertrainingruntimes/torch-distributed":
             return 200, cluster_runtime()
         if path.startswith(f"{TRAINER}/namespaces/") and "/trainingruntimes/" in path:

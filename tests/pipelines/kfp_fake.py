@@ -7,6 +7,7 @@ status ENABLED/DISABLED, pipeline_version_reference, recurringRuns, next_page_to
 (de)serialisation runs. It keeps experiments, recurring runs, pipelines and pipeline versions in memory, so a test
 can schedule, list and delete and then look at what remains. Nothing is ever run.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -86,7 +87,7 @@ def _page(records: list[dict], query: dict, field: str) -> dict:
         return {}
     start = int(query.get("page_token", ["0"])[0] or 0)
     size = int(query.get("page_size", ["10"])[0] or 10)
-    reply = {field: records[start:start + size], "total_size": len(records)}
+    reply = {field: records[start : start + size], "total_size": len(records)}
     if start + size < len(records):
         reply["next_page_token"] = str(start + size)
     return reply
@@ -112,15 +113,29 @@ class _Handler(BaseHTTPRequestHandler):
         kind = self.headers.get("Content-Type") or ""
         if kind.startswith("multipart/form-data"):
             message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {kind}\r\n\r\n".encode() + raw)
-            return {"files": {part.get_param("name", header="content-disposition"):
-                              (part.get_filename(), part.get_payload(decode=True)) for part in message.iter_parts()}}
+            return {
+                "files": {
+                    part.get_param("name", header="content-disposition"): (
+                        part.get_filename(),
+                        part.get_payload(decode=True),
+                    )
+                    for part in message.iter_parts()
+                }
+            }
         return json.loads(raw) if raw else None
 
     def _answer(self, method: str) -> None:
         url = urlparse(self.path)
         query, body = parse_qs(url.query), self._body()
-        self.server.requests.append({"method": method, "path": url.path, "query": query, "body": body,
-                                     "auth": self.headers.get("Authorization")})
+        self.server.requests.append(
+            {
+                "method": method,
+                "path": url.path,
+                "query": query,
+                "body": body,
+                "auth": self.headers.get("Authorization"),
+            }
+        )
         gate = self.server.gates.get(f"{method} {url.path}")
         if gate is not None:
             gate.wait(timeout=30)
@@ -146,8 +161,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith(f"{API}/pipelines"):
             return self._pipelines(method, path, query, body)
         if (method, path) == ("POST", f"{API}/runs"):
-            return 200, {"run_id": "run-1", "display_name": body["display_name"],
-                         "experiment_id": body["experiment_id"]}
+            return 200, {
+                "run_id": "run-1",
+                "display_name": body["display_name"],
+                "experiment_id": body["experiment_id"],
+            }
         return 404, {"error": f"no route {method} {path}", "code": 5, "message": f"no route {method} {path}"}
 
     def _experiments(self, method: str, query: dict, body) -> tuple[int, dict]:
@@ -155,8 +173,13 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET":
             found = [e for e in s.experiments.values() if _matches(e, query.get("filter", [None])[0])]
             return 200, _page(found, query, "experiments")
-        experiment = {"experiment_id": s.new_id("exp"), "display_name": body["display_name"],
-                      "namespace": body.get("namespace") or "", "created_at": _now(), "storage_state": "AVAILABLE"}
+        experiment = {
+            "experiment_id": s.new_id("exp"),
+            "display_name": body["display_name"],
+            "namespace": body.get("namespace") or "",
+            "created_at": _now(),
+            "storage_state": "AVAILABLE",
+        }
         s.experiments[experiment["experiment_id"]] = experiment
         return 200, experiment
 
@@ -166,23 +189,35 @@ class _Handler(BaseHTTPRequestHandler):
         if one:
             run_id = one.group(1)
             if run_id not in s.recurring_runs:
-                return 404, {"error": f"recurring run {run_id} not found", "code": 5,
-                             "message": f"recurring run {run_id} not found"}
+                return 404, {
+                    "error": f"recurring run {run_id} not found",
+                    "code": 5,
+                    "message": f"recurring run {run_id} not found",
+                }
             if method == "DELETE":
                 del s.recurring_runs[run_id]
                 return 200, {}
             return 200, s.recurring_runs[run_id]
         if method == "GET":
             experiment = query.get("experiment_id", [None])[0]
-            found = [r for r in s.recurring_runs.values() if _matches(r, query.get("filter", [None])[0])
-                     and experiment in (None, r["experiment_id"])]
+            found = [
+                r
+                for r in s.recurring_runs.values()
+                if _matches(r, query.get("filter", [None])[0]) and experiment in (None, r["experiment_id"])
+            ]
             # the one camelCase field of the API: recurring_run.proto declares `repeated RecurringRun recurringRuns`
             return 200, _page(found, query, "recurringRuns")
         reference = body.get("pipeline_version_reference")
         if reference and reference.get("pipeline_version_id") not in s.versions:
             return 404, {"error": "pipeline version not found", "code": 5, "message": "pipeline version not found"}
-        run = {**body, "recurring_run_id": s.new_id("rr"), "created_at": _now(), "updated_at": _now(),
-               "status": "ENABLED" if body.get("mode") == "ENABLE" else "DISABLED", "namespace": ""}
+        run = {
+            **body,
+            "recurring_run_id": s.new_id("rr"),
+            "created_at": _now(),
+            "updated_at": _now(),
+            "status": "ENABLED" if body.get("mode") == "ENABLE" else "DISABLED",
+            "namespace": "",
+        }
         s.recurring_runs[run["recurring_run_id"]] = run
         return 200, run
 
@@ -193,8 +228,13 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, _page(found, query, "pipelines")
         if (method, path) == ("POST", f"{API}/pipelines/upload"):
             name = query["name"][0]
-            pipeline = {"pipeline_id": s.new_id("pl"), "display_name": name, "name": name, "created_at": _now(),
-                        "namespace": query.get("namespace", [""])[0]}
+            pipeline = {
+                "pipeline_id": s.new_id("pl"),
+                "display_name": name,
+                "name": name,
+                "created_at": _now(),
+                "namespace": query.get("namespace", [""])[0],
+            }
             s.pipelines[pipeline["pipeline_id"]] = pipeline
             self._add_version(pipeline["pipeline_id"], name, body)
             return 200, pipeline
@@ -213,9 +253,15 @@ class _Handler(BaseHTTPRequestHandler):
         return 404, {"error": f"no pipeline route {method} {path}", "code": 5, "message": "not found"}
 
     def _add_version(self, pipeline_id: str, name: str, body: dict) -> dict:
-        (_, package), = body["files"].values()
-        version = {"pipeline_id": pipeline_id, "pipeline_version_id": self.server.new_id("pv"), "display_name": name,
-                   "name": name, "created_at": _now(), "pipeline_spec": _stored_spec(package)}
+        ((_, package),) = body["files"].values()
+        version = {
+            "pipeline_id": pipeline_id,
+            "pipeline_version_id": self.server.new_id("pv"),
+            "display_name": name,
+            "name": name,
+            "created_at": _now(),
+            "pipeline_spec": _stored_spec(package),
+        }
         self.server.versions[version["pipeline_version_id"]] = version
         return version
 

@@ -1,6 +1,7 @@
 """kfp.local under `answering_hits`: a task whose output is committed is answered in this process, with the very
 outputs its own process gives; only a task with work to do starts a process (no `from __future__ import
 annotations` here: KFP reads the component's annotations as types)."""
+
 import re
 import shutil
 

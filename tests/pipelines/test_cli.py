@@ -1,4 +1,5 @@
 """The `blueprint` command: bad input gives one line naming it and exit 2; nothing complete-looking is left."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,8 +11,9 @@ from blueprint.store import artifacts, storage
 
 
 def blueprint(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_shard_of_an_empty_directory_names_it_and_exits_2(tmp_path):
@@ -27,10 +29,12 @@ def test_shard_to_a_nonexistent_bucket_names_it_and_exits_2(s3_env, tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    (src / "m.py").write_text('def add_one(value):\n    """Return the value plus one, always."""\n'
-                              '    result = value + 1\n    return result\n')
-    out = blueprint("shard", "--source", f"dir:{src}", "--out", "s3://no-such-bucket-cli/x", "--quiet",
-                    env=dict(os.environ))
+    (src / "m.py").write_text(
+        'def add_one(value):\n    """Return the value plus one, always."""\n    result = value + 1\n    return result\n'
+    )
+    out = blueprint(
+        "shard", "--source", f"dir:{src}", "--out", "s3://no-such-bucket-cli/x", "--quiet", env=dict(os.environ)
+    )
     assert out.returncode == 2
     assert "no-such-bucket-cli" in out.stderr and "does not exist" in out.stderr
 
@@ -42,15 +46,26 @@ def test_stage_with_a_missing_input_is_refused_before_any_work(tmp_path):
 
 def test_stage_reading_an_incomplete_input_names_it(tmp_path):
     storage.write_text(f"{tmp_path}/half/train/part.parquet", "x")
-    out = blueprint("stage", "bootstrap", "--input", f"shards=file://{tmp_path}/half", "--artifact-root",
-                    str(tmp_path / "a"))
+    out = blueprint(
+        "stage", "bootstrap", "--input", f"shards=file://{tmp_path}/half", "--artifact-root", str(tmp_path / "a")
+    )
     assert out.returncode == 2 and "half" in out.stderr and "partial" in out.stderr
 
 
 @pytest.mark.parametrize("setting, name", [("steps=-3", "steps"), ("nope=1", "nope"), ("lr=abc", "lr")])
 def test_bad_stage_settings_name_the_setting(setting, name, tmp_path):
-    out = blueprint("stage", "warmup", "--input", "shards=x", "--input", "base=y", "--artifact-root", str(tmp_path),
-                    "--set", setting)
+    out = blueprint(
+        "stage",
+        "warmup",
+        "--input",
+        "shards=x",
+        "--input",
+        "base=y",
+        "--artifact-root",
+        str(tmp_path),
+        "--set",
+        setting,
+    )
     assert out.returncode == 2 and name in out.stderr and "Traceback" not in out.stderr
 
 
@@ -65,8 +80,9 @@ def test_run_with_the_docker_runner_and_no_engine_says_how_to_start_one_without_
     import os
 
     env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
-    done = blueprint("run", "--profile", "smoke", "--runner", "docker", "--artifact-root", str(tmp_path / "art"),
-                     env=env)
+    done = blueprint(
+        "run", "--profile", "smoke", "--runner", "docker", "--artifact-root", str(tmp_path / "art"), env=env
+    )
     assert done.returncode == 2
     assert f"no container engine answers at unix://{tmp_path}/no-engine.sock" in done.stderr
     assert "podman system service" in done.stderr and "Traceback" not in done.stderr
@@ -89,19 +105,27 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
     assert main(["ls", str(tmp_path)]) == 2
 
 
-@pytest.mark.parametrize("kind, broken", [
-    ("csv", 'code,summary\n"def f():\n    return 1",ok\na,b,c,d\n'),  # a row with more fields than the header
-    ("jsonl", '{"code": "def f():\\n    return 1", "summary": "ok"}\n{"code": \n'),  # a line cut short
-])
+@pytest.mark.parametrize(
+    "kind, broken",
+    [
+        ("csv", 'code,summary\n"def f():\n    return 1",ok\na,b,c,d\n'),  # a row with more fields than the header
+        ("jsonl", '{"code": "def f():\\n    return 1", "summary": "ok"}\n{"code": \n'),  # a line cut short
+    ],
+)
 def test_a_malformed_data_file_is_one_line_naming_the_file_and_exit_2(tmp_path, kind, broken):
-    good = 'code,summary\n"def g():\n    return 2",fine\n' if kind == "csv" else \
-        '{"code": "def g():\\n    return 2", "summary": "fine"}\n'
+    good = (
+        'code,summary\n"def g():\n    return 2",fine\n'
+        if kind == "csv"
+        else '{"code": "def g():\\n    return 2", "summary": "fine"}\n'
+    )
     (tmp_path / f"a.{kind}").write_text(good)
     (tmp_path / f"b.{kind}").write_text(broken)
-    out = blueprint("shard", "--source", f"{kind}:{tmp_path}/*.{kind}", "--out", f"file://{tmp_path}/o", "--quiet",
-                    "--workers", "1")
+    out = blueprint(
+        "shard", "--source", f"{kind}:{tmp_path}/*.{kind}", "--out", f"file://{tmp_path}/o", "--quiet", "--workers", "1"
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
-    assert line.startswith(f"blueprint shard: error: source {kind}:{tmp_path}/*.{kind}: cannot read "
-                           f"{tmp_path}/b.{kind} as {kind}: ")
+    assert line.startswith(
+        f"blueprint shard: error: source {kind}:{tmp_path}/*.{kind}: cannot read {tmp_path}/b.{kind} as {kind}: "
+    )
     assert not storage.exists(f"file://{tmp_path}/o/{artifacts.MANIFEST_NAME}")

@@ -1,5 +1,6 @@
 """Command-line conventions: a reader that closes the pipe ends the command quietly; a mistyped setting or stage
 name is answered with the closest known one, in the one error line."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,13 @@ def test_output_into_a_closed_pipe_ends_quietly_without_a_traceback(tmp_path):
     read, write = os.pipe()
     os.close(read)  # the reader has already exited: every write is EPIPE
     try:
-        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "ls", "--json", str(tmp_path)],
-                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "ls", "--json", str(tmp_path)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(write)
     assert "BrokenPipeError" not in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -30,17 +36,25 @@ def test_output_into_a_pipe_the_reader_closes_after_one_line_ends_quietly(tmp_pa
     """`blueprint ... | head -1` through a real shell pipe: head's line arrives, nothing on stderr."""
     for n in range(400):  # more output than a pipe buffer holds, so the writer meets the closed pipe mid-way
         storage.write_json(f"file://{tmp_path}/warmup/k{n:04d}/_MANIFEST.json", {"stage": "warmup", "files": {}})
-    done = subprocess.run(f"{sys.executable} -m pipelines.cli ls --json {tmp_path} | head -1", shell=True,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        f"{sys.executable} -m pipelines.cli ls --json {tmp_path} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout == "[\n"
     assert done.stderr == "", done.stderr
 
 
-@pytest.mark.parametrize("flags, suggestion", [
-    (["--set", "ppo-round.lrr=1"], "unknown setting(s) lrr for PPORoundConfig (did you mean lr?); known: "),
-    (["--set", "ppo-rund.lr=1"], "unknown stage(s) in settings: ppo-rund (did you mean ppo-round?); stages: "),
-    (["--config", "{config}"], "unknown setting(s) stepz for WarmupConfig (did you mean steps?); known: "),
-])
+@pytest.mark.parametrize(
+    "flags, suggestion",
+    [
+        (["--set", "ppo-round.lrr=1"], "unknown setting(s) lrr for PPORoundConfig (did you mean lr?); known: "),
+        (["--set", "ppo-rund.lr=1"], "unknown stage(s) in settings: ppo-rund (did you mean ppo-round?); stages: "),
+        (["--config", "{config}"], "unknown setting(s) stepz for WarmupConfig (did you mean steps?); known: "),
+    ],
+)
 def test_a_mistyped_setting_or_stage_is_answered_with_the_closest_name(flags, suggestion, tmp_path, capsys):
     from pipelines.cli import main
 

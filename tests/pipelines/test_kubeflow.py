@@ -1,5 +1,6 @@
 """Kubeflow delivery: cluster settings in the compiled YAML, `submit` and `schedule` against the KFP REST API,
 clear errors before and at the wire, and the warm-start lookup of recurring retraining."""
+
 from __future__ import annotations
 
 import json
@@ -74,9 +75,12 @@ def compiled(tmp_path_factory):
     spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())
     platform = json_format.ParseDict(docs[1], pipeline_spec_pb2.PlatformSpec())
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
-    k8s = {name: json_format.ParseDict(cfg, k8s_pb.KubernetesExecutorConfig())
-           for name, cfg in json_format.MessageToDict(
-               platform.platforms["kubernetes"].deployment_spec)["executors"].items()}
+    k8s = {
+        name: json_format.ParseDict(cfg, k8s_pb.KubernetesExecutorConfig())
+        for name, cfg in json_format.MessageToDict(platform.platforms["kubernetes"].deployment_spec)[
+            "executors"
+        ].items()
+    }
     return {"text": path.read_text(), "spec": spec, "executors": executors, "k8s": k8s}
 
 
@@ -108,7 +112,9 @@ def test_platform_spec_maps_the_secret_by_name_and_schedules_on_the_pool(compile
         (secret,) = cfg.secret_as_env
         assert secret.secret_name_parameter.runtime_value.constant.string_value == "mlpipeline-minio-artifact"
         assert {(m.secret_key, m.env_var) for m in secret.key_to_env} == {
-            ("accesskey", "AWS_ACCESS_KEY_ID"), ("secretkey", "AWS_SECRET_ACCESS_KEY")}
+            ("accesskey", "AWS_ACCESS_KEY_ID"),
+            ("secretkey", "AWS_SECRET_ACCESS_KEY"),
+        }
         assert dict(cfg.node_selector.labels) == {"pool": "training"}
         assert [(t.key, t.operator, t.effect) for t in cfg.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
 
@@ -126,14 +132,17 @@ def test_s3_artifact_root_without_a_secret_warns_about_irsa(tmp_path, capsys):
     assert "WARNING" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--image", "registry.example.com/ml/blueprint:"], "not a valid image reference"),
-    (["--image", ""], "not a valid image reference"),
-    (["--s3-secret", "Bad_Name"], "s3_secret"),
-    (["--s3-endpoint", "http://key:secret@minio:9000"], "s3_endpoint"),
-    (["--gpu-count", "0"], "gpu_count"),
-    (["--profile", "huge"], "unknown profile"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image", "registry.example.com/ml/blueprint:"], "not a valid image reference"),
+        (["--image", ""], "not a valid image reference"),
+        (["--s3-secret", "Bad_Name"], "s3_secret"),
+        (["--s3-endpoint", "http://key:secret@minio:9000"], "s3_endpoint"),
+        (["--gpu-count", "0"], "gpu_count"),
+        (["--profile", "huge"], "unknown profile"),
+    ],
+)
 def test_bad_compile_input_is_one_clear_line_and_exit_2(flags, message, tmp_path, capsys):
     out = tmp_path / "p.yaml"
     assert cli.main(["compile", "--out", str(out), *flags]) == 2
@@ -142,21 +151,27 @@ def test_bad_compile_input_is_one_clear_line_and_exit_2(flags, message, tmp_path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}, "tolerations[0].operator"),
-    ({"tolerations": [{"operator": "Equal", "value": "x"}]}, "needs operator Exists"),
-    ({"resources": {"warmup": {"memory_request": "32Gi", "memory_limit": "16Gi"}}}, "memory_request 32Gi exceeds"),
-    ({"resources": {"warmpu": {"cpu_request": "1"}}}, "unknown stage 'warmpu'"),
-    ({"resources": {"merge": {"cpu_request": "two"}}}, "resources.merge.cpu_request"),
-    ({"node_selector": {"pool": "not valid!"}}, "node_selector"),
-    ({"node_selector": {"nvidia.com/gpu.present": True}}, "node_selector.nvidia.com/gpu.present: True must be a string"),
-    ({"tolerations": [{"key": "dedicated", "value": True}]}, "tolerations[0].value: True must be a string"),
-    ({"s3_secret": 123}, "s3_secret: 123 must be a string"),
-    ({"accelerator": 5}, "accelerator: 5 must be a string"),
-    ({"caching": {"evaluate": "no"}}, "caching.evaluate"),
-    ({"retry_backoff": "soon"}, "retry_backoff"),
-    ({"gpus": True}, "unknown cluster setting(s) gpus"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}, "tolerations[0].operator"),
+        ({"tolerations": [{"operator": "Equal", "value": "x"}]}, "needs operator Exists"),
+        ({"resources": {"warmup": {"memory_request": "32Gi", "memory_limit": "16Gi"}}}, "memory_request 32Gi exceeds"),
+        ({"resources": {"warmpu": {"cpu_request": "1"}}}, "unknown stage 'warmpu'"),
+        ({"resources": {"merge": {"cpu_request": "two"}}}, "resources.merge.cpu_request"),
+        ({"node_selector": {"pool": "not valid!"}}, "node_selector"),
+        (
+            {"node_selector": {"nvidia.com/gpu.present": True}},
+            "node_selector.nvidia.com/gpu.present: True must be a string",
+        ),
+        ({"tolerations": [{"key": "dedicated", "value": True}]}, "tolerations[0].value: True must be a string"),
+        ({"s3_secret": 123}, "s3_secret: 123 must be a string"),
+        ({"accelerator": 5}, "accelerator: 5 must be a string"),
+        ({"caching": {"evaluate": "no"}}, "caching.evaluate"),
+        ({"retry_backoff": "soon"}, "retry_backoff"),
+        ({"gpus": True}, "unknown cluster setting(s) gpus"),
+    ],
+)
 def test_cluster_settings_are_validated_naming_the_setting(values, message):
     with pytest.raises(ConfigError) as info:
         cluster.from_mapping(values)
@@ -174,14 +189,43 @@ def _params(spec_body: dict) -> dict:
 
 def test_submit_creates_a_run_with_the_compiled_spec_and_typed_parameters(kfp_server, capsys):
     server = kfp_server()
-    rc = cli.main(["submit", "--host", server.url, "--experiment", "nightly", "--run-name", "r1", "--epochs", "1",
-                   "--image", IMAGE, "--s3-secret", "s3-creds", "--service-account", "pipeline-runner",
-                   "--param", "ppo_steps=20", "--param", "force=true", "--param", "warmup_settings.steps=40",
-                   "--param", 'evaluate_settings={"max_examples": 8}', "--param", "artifact_root=s3://b/art"])
+    rc = cli.main(
+        [
+            "submit",
+            "--host",
+            server.url,
+            "--experiment",
+            "nightly",
+            "--run-name",
+            "r1",
+            "--epochs",
+            "1",
+            "--image",
+            IMAGE,
+            "--s3-secret",
+            "s3-creds",
+            "--service-account",
+            "pipeline-runner",
+            "--param",
+            "ppo_steps=20",
+            "--param",
+            "force=true",
+            "--param",
+            "warmup_settings.steps=40",
+            "--param",
+            'evaluate_settings={"max_examples": 8}',
+            "--param",
+            "artifact_root=s3://b/art",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert [(r["method"], r["path"]) for r in server.requests] == [
-        ("GET", "/apis/v2beta1/healthz"), ("GET", "/apis/v2beta1/healthz"), ("GET", "/apis/v2beta1/experiments"),
-        ("POST", "/apis/v2beta1/experiments"), ("POST", "/apis/v2beta1/runs")]
+        ("GET", "/apis/v2beta1/healthz"),
+        ("GET", "/apis/v2beta1/healthz"),
+        ("GET", "/apis/v2beta1/experiments"),
+        ("POST", "/apis/v2beta1/experiments"),
+        ("POST", "/apis/v2beta1/runs"),
+    ]
     assert all(r["auth"] == "Bearer test-token" for r in server.requests)
     assert "nightly" in server.find("GET", "/apis/v2beta1/experiments")[0]["query"]["filter"][0]
     (run,) = server.find("POST", "/apis/v2beta1/runs")
@@ -205,10 +249,27 @@ def test_submit_creates_a_run_with_the_compiled_spec_and_typed_parameters(kfp_se
 def test_schedule_creates_a_recurring_run_with_a_six_field_cron(kfp_server, tmp_path, capsys):
     server = kfp_server()
     package = tmp_path / "pipeline.yaml"
-    assert cli.main(["compile", "--out", str(package), "--epochs", "1", "--image", IMAGE,
-                     "--s3-secret", "s3-creds"]) == 0
-    rc = cli.main(["schedule", "--host", server.url, "--cron", "0 3 * * 1", "--package", str(package),
-                   "--max-concurrency", "2", "--no-catchup", "--name", "weekly", "--param", "ppo_steps=5"])
+    assert (
+        cli.main(["compile", "--out", str(package), "--epochs", "1", "--image", IMAGE, "--s3-secret", "s3-creds"]) == 0
+    )
+    rc = cli.main(
+        [
+            "schedule",
+            "--host",
+            server.url,
+            "--cron",
+            "0 3 * * 1",
+            "--package",
+            str(package),
+            "--max-concurrency",
+            "2",
+            "--no-catchup",
+            "--name",
+            "weekly",
+            "--param",
+            "ppo_steps=5",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     (job,) = server.find("POST", "/apis/v2beta1/recurringruns")
     body = job["body"]
@@ -223,8 +284,24 @@ def test_schedule_creates_a_recurring_run_with_a_six_field_cron(kfp_server, tmp_
 
 def test_schedule_warm_start_turns_the_warmup_cache_off_and_sets_the_parameter(kfp_server, capsys):
     server = kfp_server()
-    rc = cli.main(["schedule", "--host", server.url, "--cron", "@daily", "--warm-start", "--epochs", "1",
-                   "--image", IMAGE, "--artifact-root", "s3://b/art", "--s3-secret", "s3-creds"])
+    rc = cli.main(
+        [
+            "schedule",
+            "--host",
+            server.url,
+            "--cron",
+            "@daily",
+            "--warm-start",
+            "--epochs",
+            "1",
+            "--image",
+            IMAGE,
+            "--artifact-root",
+            "s3://b/art",
+            "--s3-secret",
+            "s3-creds",
+        ]
+    )
     from pipelines import build_pipeline
 
     wired = "warm_start" in build_pipeline(epochs=1, image=IMAGE).pipeline_spec.root.input_definitions.parameters
@@ -238,9 +315,24 @@ def test_schedule_warm_start_turns_the_warmup_cache_off_and_sets_the_parameter(k
     assert not tasks["warmup"].get("cachingOptions", {}).get("enableCache", False)
 
 
-@pytest.mark.parametrize("cron", ["0 3 * *", "61 * * * *", "* 25 * * *", "0 3 * * 8", "0 3 * * MON-FOO",
-                                  "5-1 * * * *", "*/0 * * * *", "0 3 32 * *", "0 0 3 * * * *", "@sometimes", "",
-                                  "@every 500ms", "@every 59s"])
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "0 3 * *",
+        "61 * * * *",
+        "* 25 * * *",
+        "0 3 * * 8",
+        "0 3 * * MON-FOO",
+        "5-1 * * * *",
+        "*/0 * * * *",
+        "0 3 32 * *",
+        "0 0 3 * * * *",
+        "@sometimes",
+        "",
+        "@every 500ms",
+        "@every 59s",
+    ],
+)
 def test_invalid_cron_is_rejected_before_any_request(cron, kfp_server, capsys):
     server = kfp_server()
     assert cli.main(["schedule", "--host", server.url, "--cron", cron, "--image", IMAGE]) == 2
@@ -249,11 +341,19 @@ def test_invalid_cron_is_rejected_before_any_request(cron, kfp_server, capsys):
     assert server.requests == []
 
 
-@pytest.mark.parametrize("cron, kfp", [
-    ("0 3 * * 1", "0 0 3 * * 1"), ("*/15 9-17 * * MON-FRI", "0 */15 9-17 * * MON-FRI"),
-    ("0 0 9 ? * 2-6", "0 0 9 ? * 2-6"), ("30 0 3 1,15 JAN,jul *", "30 0 3 1,15 JAN,jul *"),
-    ("@weekly", "@weekly"), ("@every 6h", "@every 6h"), ("@every 1m", "@every 1m"), ("@every 30s30s", "@every 30s30s"),
-])
+@pytest.mark.parametrize(
+    "cron, kfp",
+    [
+        ("0 3 * * 1", "0 0 3 * * 1"),
+        ("*/15 9-17 * * MON-FRI", "0 */15 9-17 * * MON-FRI"),
+        ("0 0 9 ? * 2-6", "0 0 9 ? * 2-6"),
+        ("30 0 3 1,15 JAN,jul *", "30 0 3 1,15 JAN,jul *"),
+        ("@weekly", "@weekly"),
+        ("@every 6h", "@every 6h"),
+        ("@every 1m", "@every 1m"),
+        ("@every 30s30s", "@every 30s30s"),
+    ],
+)
 def test_cron_is_normalised_to_kfps_six_fields(cron, kfp):
     assert cron_module.kfp_cron(cron) == kfp
 
@@ -287,16 +387,25 @@ def test_refused_request_names_host_and_status(kfp_server, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("param, message", [
-    ("epochs=3", "no such parameter"), ("ppo_steps=many", "not a number_integer"),
-    ("warmup_settings.stepz=3", "--param warmup_settings: unknown setting(s) stepz"),
-    ("warmup_settings=[1]", "not a struct"), ("source", "expects NAME=VALUE"),
-    ("warm_start=true", "use `schedule --warm-start`"),
-])
+@pytest.mark.parametrize(
+    "param, message",
+    [
+        ("epochs=3", "no such parameter"),
+        ("ppo_steps=many", "not a number_integer"),
+        ("warmup_settings.stepz=3", "--param warmup_settings: unknown setting(s) stepz"),
+        ("warmup_settings=[1]", "not a struct"),
+        ("source", "expects NAME=VALUE"),
+        ("warm_start=true", "use `schedule --warm-start`"),
+    ],
+)
 def test_bad_parameters_fail_before_any_request(param, message, kfp_server, capsys):
     server = kfp_server()
-    assert cli.main(["submit", "--host", server.url, "--image", IMAGE, "--artifact-root", "file:///tmp/a",
-                     "--param", param]) == 2
+    assert (
+        cli.main(
+            ["submit", "--host", server.url, "--image", IMAGE, "--artifact-root", "file:///tmp/a", "--param", param]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err and server.requests == []
 
 
@@ -304,8 +413,12 @@ def test_submitting_a_package_without_a_secret_warns_from_the_yaml_itself(kfp_se
     server = kfp_server()
     package = _compile(tmp_path, "--artifact-root", str(tmp_path / "art"))
     assert "WARNING" not in capsys.readouterr().err
-    assert cli.main(["submit", "--host", server.url, "--package", str(package),
-                     "--param", "artifact_root=s3://elsewhere/art"]) == 0
+    assert (
+        cli.main(
+            ["submit", "--host", server.url, "--package", str(package), "--param", "artifact_root=s3://elsewhere/art"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "WARNING: artifact root s3://elsewhere/art" in err and "IRSA" in err
     assert server.find("POST", "/apis/v2beta1/runs")
@@ -332,12 +445,17 @@ def test_a_package_that_is_not_compiled_yaml_is_refused_naming_it(tmp_path, kfp_
 
 def test_epochs_zero_is_refused_by_submit_not_turned_into_the_default(kfp_server, capsys):
     server = kfp_server()
-    assert cli.main(["submit", "--host", server.url, "--image", IMAGE, "--artifact-root", "file:///tmp/a",
-                     "--epochs", "0"]) == 2
+    assert (
+        cli.main(
+            ["submit", "--host", server.url, "--image", IMAGE, "--artifact-root", "file:///tmp/a", "--epochs", "0"]
+        )
+        == 2
+    )
     assert "epochs" in capsys.readouterr().err and server.requests == []
 
 
 # ------------------------------------------------------------------------------------------------ warm start
+
 
 def _commit(root: str, stage: str, files: dict[str, str], created: str, inputs: dict | None = None) -> str:
     """A committed stage output with a chosen `created` stamp (the manifest is the commit record)."""
@@ -350,7 +468,7 @@ def _commit(root: str, stage: str, files: dict[str, str], created: str, inputs: 
         key = "".join(c for c in created[:19] if c.isdigit())
         uri = f"{root}/{stage}/{key}"
         artifacts.commit(Path(tmp), uri, stage=stage, config={}, inputs=inputs or {}, metrics={}, key=key)
-    manifest = Path(uri[len("file://"):]) / artifacts.MANIFEST_NAME
+    manifest = Path(uri[len("file://") :]) / artifacts.MANIFEST_NAME
     data = json.loads(manifest.read_text())
     data["created"] = created
     manifest.write_text(json.dumps(data))
@@ -361,7 +479,11 @@ def _promote(root: str, adapters: str, base: str) -> None:
     from blueprint.store import promotion
 
     pointer = {k: f"{root}/elsewhere" for k in promotion.REQUIRED} | {
-        "name": "blueprint", "adapters": adapters, "base": base, "metrics": {}}
+        "name": "blueprint",
+        "adapters": adapters,
+        "base": base,
+        "metrics": {},
+    }
     promotion.write_pointer(root, "blueprint", pointer, promotion.read_pointer(root, "blueprint")[1])
 
 
@@ -406,7 +528,6 @@ def test_warmup_task_hands_on_the_promoted_adapters_and_reports_it(tmp_path):
     assert metrics.logged["warm_start"] == 1.0 and previous in report.read_text()
 
 
-
 def test_warm_start_in_a_copied_root_continues_from_the_copy_once_the_original_is_gone(tmp_path):
     import shutil
 
@@ -424,13 +545,16 @@ def test_warm_start_in_a_copied_root_continues_from_the_copy_once_the_original_i
 
 
 def test_empty_sections_of_a_cluster_file_mean_none():
-    settings = cluster.from_mapping({"resources": None, "node_selector": None, "caching": None, "tolerations": None,
-                                     "image_pull_secrets": None})
+    settings = cluster.from_mapping(
+        {"resources": None, "node_selector": None, "caching": None, "tolerations": None, "image_pull_secrets": None}
+    )
     assert (settings.resources, settings.node_selector, settings.caching, settings.tolerations) == ({}, {}, {}, ())
 
 
-@pytest.mark.parametrize("values", [{"retries": "s3://AKIAEXAMPLE:hunter2@bucket"},
-                                    {"s3_endpoint": ["http://AKIAEXAMPLE:hunter2@minio:9000"]}])
+@pytest.mark.parametrize(
+    "values",
+    [{"retries": "s3://AKIAEXAMPLE:hunter2@bucket"}, {"s3_endpoint": ["http://AKIAEXAMPLE:hunter2@minio:9000"]}],
+)
 def test_a_setting_error_never_echoes_credentials(values):
     with pytest.raises(ConfigError) as info:
         cluster.from_mapping(values)

@@ -1,5 +1,6 @@
 """The KFP pipeline: golden compiled YAML, the unrolled DAG, validation before any stage, and end-to-end runs
 through kfp.local (the very same definition Kubeflow runs) to file:// and to a loopback S3 endpoint."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ def test_compiled_pipeline_matches_golden_snapshot(name, tmp_path):
     # Compared as parsed documents: the SDK's header comments list dict defaults in hash order.
     fresh = yaml.safe_load(golden.compile_case(name, tmp_path).read_text())
     expected = yaml.safe_load((golden.GOLDEN_DIR / name).read_text())
-    assert fresh == expected, f"compiled pipeline differs from tests/golden/{name}: review the diff, then " \
-                              "regenerate with `python -m pipelines.golden`"
+    assert fresh == expected, (
+        f"compiled pipeline differs from tests/golden/{name}: review the diff, then "
+        "regenerate with `python -m pipelines.golden`"
+    )
 
 
 def _dag(name: str) -> dict[str, list[str]]:
@@ -41,9 +44,13 @@ def _dag(name: str) -> dict[str, list[str]]:
 
 def test_dag_for_one_epoch():
     assert _dag("pipeline_epochs1.yaml") == {
-        "shard-plan": [], "for-loop-1": ["shard-plan"],  # ParallelFor over the partitions: the shard-part tasks
-        "shard": ["for-loop-1"], "bootstrap": ["shard"], "warmup": ["bootstrap", "shard"],
-        "evaluate": ["bootstrap", "shard", "warmup"], "ppo-round": ["bootstrap", "shard", "warmup"],
+        "shard-plan": [],
+        "for-loop-1": ["shard-plan"],  # ParallelFor over the partitions: the shard-part tasks
+        "shard": ["for-loop-1"],
+        "bootstrap": ["shard"],
+        "warmup": ["bootstrap", "shard"],
+        "evaluate": ["bootstrap", "shard", "warmup"],
+        "ppo-round": ["bootstrap", "shard", "warmup"],
         "evaluate-2": ["bootstrap", "evaluate", "ppo-round", "shard"],
         "merge": ["bootstrap", "evaluate-2", "ppo-round"],
         "gate": ["bootstrap", "evaluate-2", "merge", "ppo-round", "shard"],
@@ -53,22 +60,41 @@ def test_dag_for_one_epoch():
 
 def test_dag_for_three_epochs_chains_rounds_and_runs_each_evaluation_beside_the_next_round():
     dag = _dag("pipeline_epochs3.yaml")
-    assert sorted(dag) == sorted(["shard-plan", "for-loop-1", "shard", "bootstrap", "warmup", "evaluate",
-                                  "evaluate-2", "evaluate-3", "evaluate-4", "ppo-round", "ppo-round-2",
-                                  "ppo-round-3", "merge", "gate", "condition-2"])
+    assert sorted(dag) == sorted(
+        [
+            "shard-plan",
+            "for-loop-1",
+            "shard",
+            "bootstrap",
+            "warmup",
+            "evaluate",
+            "evaluate-2",
+            "evaluate-3",
+            "evaluate-4",
+            "ppo-round",
+            "ppo-round-2",
+            "ppo-round-3",
+            "merge",
+            "gate",
+            "condition-2",
+        ]
+    )
     assert "ppo-round" in dag["ppo-round-2"] and "ppo-round-2" in dag["ppo-round-3"]
     assert "ppo-round-2" in dag["evaluate-3"] and "evaluate-3" not in dag["ppo-round-3"]
     assert dag["merge"] == ["bootstrap", "evaluate-4", "ppo-round-3"]
 
 
-@pytest.mark.parametrize("kwargs, parameter", [
-    ({"epochs": 0}, "epochs"),
-    ({"overrides": {"ppo-round": {"ppo_steps": -1}}}, "ppo_settings"),
-    ({"overrides": {"warmup": {"stepz": 3}}}, "warmup_settings"),
-    ({"source": "svn:nowhere"}, "source"),
-    ({"source": "dir:/no/such/dir"}, "source"),
-    ({"coder_base": "/no/such/model"}, "parameter coder_base"),
-])
+@pytest.mark.parametrize(
+    "kwargs, parameter",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"overrides": {"ppo-round": {"ppo_steps": -1}}}, "ppo_settings"),
+        ({"overrides": {"warmup": {"stepz": 3}}}, "warmup_settings"),
+        ({"source": "svn:nowhere"}, "source"),
+        ({"source": "dir:/no/such/dir"}, "source"),
+        ({"coder_base": "/no/such/model"}, "parameter coder_base"),
+    ],
+)
 def test_invalid_parameters_are_rejected_before_any_stage_runs(kwargs, parameter, tmp_path):
     with pytest.raises(ConfigError, match=parameter):
         local_run.plan(profile="smoke", artifact_root=str(tmp_path / "a"), **kwargs)
@@ -81,14 +107,18 @@ def test_unwritable_artifact_root_fails_at_start(unwritable_dir):
 
 
 def _manifests(root: str) -> dict[str, bytes]:
-    return {rel: storage.read_bytes(storage.join(root, rel)) for rel in storage.list_files(root)
-            if rel.endswith(artifacts.MANIFEST_NAME)}
+    return {
+        rel: storage.read_bytes(storage.join(root, rel))
+        for rel in storage.list_files(root)
+        if rel.endswith(artifacts.MANIFEST_NAME)
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["file", "s3"])
-def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache_hit(store, tmp_path, request,
-                                                                                      monkeypatch):
+def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache_hit(
+    store, tmp_path, request, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     root = f"file://{tmp_path}/art" if store == "file" else request.getfixturevalue("s3_bucket") + "/art"
     plan = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
@@ -101,8 +131,16 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
     metrics = storage.read_json(storage.join(result["outputs"]["evaluation"], "metrics.json"))
     assert {"pairwise_accuracy", "reward_gen_mean", "code_parse_rate"} <= set(metrics)
     before = _manifests(root)
-    assert sorted({rel.split("/")[0] for rel in before}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round",
-                                                              "shard", "shard-part", "warmup"]
+    assert sorted({rel.split("/")[0] for rel in before}) == [
+        "bootstrap",
+        "evaluate",
+        "gate",
+        "merge",
+        "ppo-round",
+        "shard",
+        "shard-part",
+        "warmup",
+    ]
     # Issue 27 left the smoke profile untuned: its micro model's summaries never end (eos_rate 0), and the sanity
     # floors every profile keeps refuse it even with no champion (once tuned, this is "promote" and the pointer
     # names `models`).
@@ -140,25 +178,61 @@ def test_a_coder_base_reaches_every_model_stage_through_kfp_local(tmp_path, monk
     coder = micro_qwen2_base(tmp_path / "coder-base", train_bpe_tokenizer(stdlib_texts(30), vocab_size=384))
     plan = local_run.plan(profile="smoke", epochs=1, artifact_root=f"file://{tmp_path}/art", coder_base=coder)
     models = local_run.run(plan, local_root=tmp_path / "kfp")["outputs"]["models"]
-    types = {role: AutoModelForCausalLM.from_pretrained(storage.download_dir(storage.join(models, role),
-                                                                             tmp_path / role)).config.model_type
-             for role in ("summarizer", "coder")}
+    types = {
+        role: AutoModelForCausalLM.from_pretrained(
+            storage.download_dir(storage.join(models, role), tmp_path / role)
+        ).config.model_type
+        for role in ("summarizer", "coder")
+    }
     assert types == {"summarizer": "llama", "coder": "qwen2"}
 
 
 def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke_chain, tmp_path):
-    blueprint = [sys.executable, "-m", "pipelines.cli", "stage", "ppo-round", "--quiet",
-                 "--input", f"shards={smoke_chain['shards']}", "--input", f"base={smoke_chain['base']}",
-                 "--input", f"adapters={smoke_chain['adapters']}"]
-    settings = ["--set", "ppo_steps=4", "--set", "checkpoint_every=1", "--set", "supervised_steps=1",
-                "--set", "batch_size=4", "--set", "mini_batch_size=2", "--set", "ppo_epochs=1",
-                "--set", "max_new_tokens=16", "--set", "max_code_tokens=128", "--set", "probe_size=4"]
-    straight = subprocess.run(blueprint + settings + ["--out", f"file://{tmp_path}/straight"], capture_output=True,
-                              text=True, timeout=600)
+    blueprint = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "stage",
+        "ppo-round",
+        "--quiet",
+        "--input",
+        f"shards={smoke_chain['shards']}",
+        "--input",
+        f"base={smoke_chain['base']}",
+        "--input",
+        f"adapters={smoke_chain['adapters']}",
+    ]
+    settings = [
+        "--set",
+        "ppo_steps=4",
+        "--set",
+        "checkpoint_every=1",
+        "--set",
+        "supervised_steps=1",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "mini_batch_size=2",
+        "--set",
+        "ppo_epochs=1",
+        "--set",
+        "max_new_tokens=16",
+        "--set",
+        "max_code_tokens=128",
+        "--set",
+        "probe_size=4",
+    ]
+    straight = subprocess.run(
+        blueprint + settings + ["--out", f"file://{tmp_path}/straight"], capture_output=True, text=True, timeout=600
+    )
     assert straight.returncode == 0, straight.stderr[-2000:]
     victim_uri = f"file://{tmp_path}/victim"
-    proc = subprocess.Popen(blueprint + settings + ["--out", victim_uri], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        blueprint + settings + ["--out", victim_uri],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoint = Path(storage.local_path(victim_uri)) / "_checkpoint" / artifacts.MANIFEST_NAME
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
@@ -182,8 +256,13 @@ def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
     from blueprint.stages import evaluate
 
     cfg = parse(evaluate.EvaluateConfig, {"max_examples": 4, "max_new_tokens": 8, "max_code_tokens": 64})
-    args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
-                artifact_root=smoke_chain["root"], progress=False)
+    args = dict(
+        shards=smoke_chain["shards"],
+        base=smoke_chain["base"],
+        adapters=smoke_chain["adapters"],
+        artifact_root=smoke_chain["root"],
+        progress=False,
+    )
     first = evaluate.run(cfg, **args)
     second = evaluate.run(parse(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=first.uri, **args)
     storage.delete_prefix(first.uri)
@@ -193,9 +272,12 @@ def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
     assert again.cached and again.uri == second.uri
 
 
-@pytest.mark.xfail(strict=True, reason="issue 27, left open: the smoke model's summaries never end, so the gate's "
-                   "sanity floors (kept by every profile) refuse it; the smoke profile is still to be tuned so its "
-                   "model clears them (strict: this fails loudly, to be removed, once it does)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 27, left open: the smoke model's summaries never end, so the gate's "
+    "sanity floors (kept by every profile) refuse it; the smoke profile is still to be tuned so its "
+    "model clears them (strict: this fails loudly, to be removed, once it does)",
+)
 @pytest.mark.slow
 def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(tmp_path, monkeypatch, capsys):
     """A promoted run, then a run with worse settings (no PPO learning: lr 1e-9) that loses its gate; gc keeping
@@ -208,8 +290,9 @@ def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(
     root = f"file://{tmp_path}/art"
     first = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
     promoted = local_run.run(first, local_root=tmp_path / "kfp")["outputs"]
-    worse = local_run.plan(profile="smoke", epochs=1, artifact_root=root,
-                           overrides={"ppo-round": {"lr": 1e-9, "coder_lr": 1e-9}})
+    worse = local_run.plan(
+        profile="smoke", epochs=1, artifact_root=root, overrides={"ppo-round": {"lr": 1e-9, "coder_lr": 1e-9}}
+    )
     assert local_run.run(worse, local_root=tmp_path / "kfp")["outputs"]["decision"] == "keep"
     kept = _manifests(root)
     assert cli.main(["gc", root, "--keep-runs", "0", "--older-than", "0s"]) == 0
@@ -222,8 +305,13 @@ def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(
     assert set(_manifests(root)) < set(kept)
     remaining = _manifests(root)
     local_run.run(first, local_root=tmp_path / "kfp")
-    assert {k: v for k, v in _manifests(root).items() if not k.startswith("gate/")} == \
-        {k: v for k, v in remaining.items() if not k.startswith("gate/")}, "the promoted run was not all cache hits"
+    assert {k: v for k, v in _manifests(root).items() if not k.startswith("gate/")} == {
+        k: v for k, v in remaining.items() if not k.startswith("gate/")
+    }, "the promoted run was not all cache hits"
     for role in ("summarizer", "coder"):
-        assert AutoModelForCausalLM.from_pretrained(storage.download_dir(
-            storage.join(promoted["models"], role), tmp_path / role)) is not None
+        assert (
+            AutoModelForCausalLM.from_pretrained(
+                storage.download_dir(storage.join(promoted["models"], role), tmp_path / role)
+            )
+            is not None
+        )

@@ -1,6 +1,7 @@
 """Schedules by name against the KFP REST contract: `schedule` replaces the recurring run of its name (create the
 new one, then delete the old), `schedules` lists them, `unschedule` deletes them, and every half-way failure says
 what is scheduled now."""
+
 import shlex
 
 import pytest
@@ -26,8 +27,11 @@ def package(tmp_path_factory) -> str:
 
     @dsl.pipeline(name="blueprint")
     def retrain(ppo_steps: int = 16, artifact_root: str = "file:///tmp/art"):
-        kubernetes.use_secret_as_env(train(ppo_steps=ppo_steps), secret_name="s3-creds",
-                                     secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID"})
+        kubernetes.use_secret_as_env(
+            train(ppo_steps=ppo_steps),
+            secret_name="s3-creds",
+            secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID"},
+        )
 
     path = tmp_path_factory.mktemp("package") / "pipeline.yaml"
     compiler.Compiler().compile(retrain, str(path))
@@ -58,8 +62,9 @@ def test_scheduling_the_same_name_twice_leaves_one_recurring_run_the_new_one(kfp
     assert _cron(weekly[0]) == "0 0 4 * * 2" and weekly[0]["runtime_config"]["parameters"] == {"ppo_steps": 7}
     assert "rr-2" in server.recurring_runs  # another name is left alone
     methods = [(r["method"], r["path"]) for r in server.requests]
-    assert methods.index(("POST", RECURRING), methods.index(("POST", RECURRING)) + 1) \
-        < methods.index(("DELETE", f"{RECURRING}/rr-1"))  # the new one is created before the old is deleted
+    assert methods.index(("POST", RECURRING), methods.index(("POST", RECURRING)) + 1) < methods.index(
+        ("DELETE", f"{RECURRING}/rr-1")
+    )  # the new one is created before the old is deleted
     listed = server.find("GET", RECURRING)[-1]["query"]
     assert "weekly" in listed["filter"][0] and listed["experiment_id"] == ["exp-1"]
 
@@ -72,8 +77,7 @@ def test_the_same_name_in_another_experiment_is_not_replaced(kfp_server, package
     assert not server.find("DELETE", f"{RECURRING}/rr-1")
 
 
-def test_a_replace_whose_create_fails_leaves_the_old_schedule_and_says_nothing_was_changed(kfp_server, package,
-                                                                                          capsys):
+def test_a_replace_whose_create_fails_leaves_the_old_schedule_and_says_nothing_was_changed(kfp_server, package, capsys):
     server = kfp_server()
     assert _schedule(server, package, "--name", "weekly", "--cron", "0 3 * * 1") == 0
     capsys.readouterr()
@@ -81,8 +85,10 @@ def test_a_replace_whose_create_fails_leaves_the_old_schedule_and_says_nothing_w
     assert _schedule(server, package, "--name", "weekly", "--cron", "0 4 * * 2") == 2
     captured = capsys.readouterr()
     assert "scheduled" not in captured.out and len(captured.err.strip().splitlines()) == 1
-    assert captured.err.startswith("blueprint schedule: error: creating the new recurring run failed, so nothing "
-                                   "was changed: recurring run rr-1 ('weekly') is still scheduled as before")
+    assert captured.err.startswith(
+        "blueprint schedule: error: creating the new recurring run failed, so nothing "
+        "was changed: recurring run rr-1 ('weekly') is still scheduled as before"
+    )
     assert "answered 500" in captured.err and "Traceback" not in captured.err
     assert [(r["recurring_run_id"], _cron(r)) for r in _runs(server)] == [("rr-1", "0 0 3 * * 1")]
     assert not [r for r in server.requests if r["method"] == "DELETE"]
@@ -92,7 +98,8 @@ def test_a_replace_whose_create_fails_leaves_the_old_schedule_and_says_nothing_w
 
 
 def test_a_delete_that_fails_after_the_create_names_both_ids_and_the_command_that_removes_the_stale_one(
-        kfp_server, package, capsys):
+    kfp_server, package, capsys
+):
     server = kfp_server()
     assert _schedule(server, package, "--name", "weekly", "--cron", "0 3 * * 1") == 0
     server.fail[f"DELETE {RECURRING}/rr-1"] = 503
@@ -109,16 +116,21 @@ def test_a_delete_that_fails_after_the_create_names_both_ids_and_the_command_tha
     assert sorted(server.recurring_runs) == ["rr-2"]
 
 
-def test_concurrent_schedules_of_one_name_converge_to_one_recurring_run_and_print_what_remains(kfp_server, package,
-                                                                                              capsys):
+def test_concurrent_schedules_of_one_name_converge_to_one_recurring_run_and_print_what_remains(
+    kfp_server, package, capsys
+):
     import threading
 
     server = kfp_server()
     assert _schedule(server, package, "--name", "weekly", "--cron", "@daily") == 0
     server.gates[f"POST {RECURRING}"] = threading.Barrier(2)  # both listed rr-1 alone; now both create at once
     codes = []
-    callers = [threading.Thread(target=lambda cron=cron: codes.append(
-        _schedule(server, package, "--name", "weekly", "--cron", cron))) for cron in ("0 3 * * 1", "0 4 * * 2")]
+    callers = [
+        threading.Thread(
+            target=lambda cron=cron: codes.append(_schedule(server, package, "--name", "weekly", "--cron", cron))
+        )
+        for cron in ("0 3 * * 1", "0 4 * * 2")
+    ]
     for caller in callers:
         caller.start()
     for caller in callers:
@@ -134,15 +146,20 @@ def test_concurrent_schedules_of_one_name_converge_to_one_recurring_run_and_prin
 def test_schedules_lists_name_id_cron_state_and_pipeline_version(kfp_server, package, capsys):
     server = kfp_server()
     assert _schedule(server, package, "--name", "weekly", "--cron", "0 3 * * 1") == 0
-    assert _schedule(server, package, "--name", "nightly", "--cron", "@daily", "--paused",
-                     "--pipeline", "blueprint-retrain") == 0
+    assert (
+        _schedule(
+            server, package, "--name", "nightly", "--cron", "@daily", "--paused", "--pipeline", "blueprint-retrain"
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli.main(["schedules", "--host", server.url]) == 0
     header, *rows = capsys.readouterr().out.splitlines()
     assert header.split() == ["name", "id", "schedule", "(UTC)", "state", "pipeline", "version", "experiment"]
-    assert [row.split() for row in rows] == [["weekly", "rr-1", "cron", "0", "0", "3", "*", "*", "1", "enabled",
-                                              "inline", "exp-1"],
-                                             ["nightly", "rr-2", "cron", "@daily", "paused", "pv-1", "exp-1"]]
+    assert [row.split() for row in rows] == [
+        ["weekly", "rr-1", "cron", "0", "0", "3", "*", "*", "1", "enabled", "inline", "exp-1"],
+        ["nightly", "rr-2", "cron", "@daily", "paused", "pv-1", "exp-1"],
+    ]
 
 
 def test_schedules_of_one_experiment_and_of_an_unknown_one(kfp_server, package, capsys):
@@ -185,11 +202,14 @@ def test_unschedule_deletes_every_recurring_run_of_the_name(kfp_server, package,
     assert sorted(server.recurring_runs) == ["rr-2"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--name", "weekly"], "no recurring run named 'weekly' in experiment 'blueprint' on {url}"),
-    (["--name", "daily", "--experiment", "nope"], "no experiment 'nope' on {url}"),
-    (["--id", "rr-404"], "no recurring run with id 'rr-404' on {url}"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--name", "weekly"], "no recurring run named 'weekly' in experiment 'blueprint' on {url}"),
+        (["--name", "daily", "--experiment", "nope"], "no experiment 'nope' on {url}"),
+        (["--id", "rr-404"], "no recurring run with id 'rr-404' on {url}"),
+    ],
+)
 def test_unschedule_of_an_unknown_name_is_one_line_and_exit_2(flags, message, kfp_server, package, capsys):
     server = kfp_server()
     assert _schedule(server, package, "--name", "daily", "--cron", "@daily") == 0
@@ -224,23 +244,56 @@ def test_schedule_pins_a_given_pipeline_version_and_checks_parameters_against_it
     server = kfp_server()
     assert _schedule(server, package, "--name", "weekly", "--cron", "@weekly", "--pipeline", "blueprint-retrain") == 0
     pinned = ["--pipeline-id", "pl-1", "--pipeline-version-id", "pv-1"]
-    assert cli.main(["schedule", "--host", server.url, "--name", "weekly", "--cron", "@daily", *pinned,
-                     "--param", "ppo_steps=3"]) == 0
+    assert (
+        cli.main(
+            [
+                "schedule",
+                "--host",
+                server.url,
+                "--name",
+                "weekly",
+                "--cron",
+                "@daily",
+                *pinned,
+                "--param",
+                "ppo_steps=3",
+            ]
+        )
+        == 0
+    )
     (run,) = _runs(server)
     assert run["pipeline_version_reference"] == {"pipeline_id": "pl-1", "pipeline_version_id": "pv-1"}
     assert run["runtime_config"]["parameters"] == {"ppo_steps": 3} and run["recurring_run_id"] == "rr-2"
     capsys.readouterr()
-    assert cli.main(["schedule", "--host", server.url, "--name", "weekly", "--cron", "@daily", *pinned,
-                     "--param", "ppo_steps=many"]) == 2
+    assert (
+        cli.main(
+            [
+                "schedule",
+                "--host",
+                server.url,
+                "--name",
+                "weekly",
+                "--cron",
+                "@daily",
+                *pinned,
+                "--param",
+                "ppo_steps=many",
+            ]
+        )
+        == 2
+    )
     assert "--param ppo_steps: 'many' is not a number_integer" in capsys.readouterr().err
     assert [r["recurring_run_id"] for r in _runs(server)] == ["rr-2"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--pipeline-id", "pl-1"], "--pipeline-id and --pipeline-version-id go together"),
-    (["--pipeline-id", "pl-1", "--pipeline-version-id", "pv-1", "--gpu"], "--gpu would be ignored"),
-    (["--pipeline-id", "pl-1", "--pipeline-version-id", "pv-1", "--pipeline", "p"], "--pipeline would be ignored"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--pipeline-id", "pl-1"], "--pipeline-id and --pipeline-version-id go together"),
+        (["--pipeline-id", "pl-1", "--pipeline-version-id", "pv-1", "--gpu"], "--gpu would be ignored"),
+        (["--pipeline-id", "pl-1", "--pipeline-version-id", "pv-1", "--pipeline", "p"], "--pipeline would be ignored"),
+    ],
+)
 def test_inconsistent_pipeline_flags_fail_before_any_request(flags, message, kfp_server, capsys):
     server = kfp_server()
     assert cli.main(["schedule", "--host", server.url, "--cron", "@daily", *flags]) == 2

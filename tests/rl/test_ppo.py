@@ -1,5 +1,6 @@
 """PPO on the micro Llama: the maths by hand, the rollout's masking and penalties, the safety rails, and two short
 learning runs (a toy token reward and the copy guard). Everything is seeded and runs on CPU in seconds."""
+
 from __future__ import annotations
 
 import collections
@@ -34,16 +35,19 @@ from blueprint.rl.ppo_math import (
 ALL_LINEAR = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def peft_roles(base: nn.Module, targets: list[str] = ("q_proj", "v_proj"), r: int = 4,
-               random_init: bool = True) -> nn.Module:
+def peft_roles(
+    base: nn.Module, targets: list[str] = ("q_proj", "v_proj"), r: int = 4, random_init: bool = True
+) -> nn.Module:
     """summarizer + reference (an exact copy of it) + coder on one base, like modeling.py builds them.
 
     `random_init` gives the LoRA B matrices random values, so the policy differs from the bare base and a
     bit-identical reference is a real test rather than two zero adapters.
     """
+
     def cfg() -> LoraConfig:
-        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
-                          init_lora_weights=not random_init)
+        return LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0, init_lora_weights=not random_init
+        )
 
     model = get_peft_model(base, cfg(), adapter_name="summarizer")
     model.add_adapter("reference", cfg())
@@ -61,7 +65,7 @@ def code_queries(tokenizer, n: int, length: int = 16) -> list[list[int]]:
     """`n` windows of real stdlib code around a docstring word, `length` tokens each."""
     hits = [(t, t.find(" the ", k * 1500)) for t in stdlib_texts() for k in range(8)]
     hits = [(t, m) for t, m in hits if m > 40][:n]
-    return [tokenizer(t[m - 40:m + 60])["input_ids"][:length] for t, m in hits]
+    return [tokenizer(t[m - 40 : m + 60])["input_ids"][:length] for t, m in hits]
 
 
 def ragged_queries(tokenizer, n: int) -> list[list[int]]:
@@ -188,8 +192,13 @@ def test_clipped_loss_engages_only_when_the_ratio_leaves_the_range():
     pg, _, st = ppo_losses(logp, zeros, old(logp - 0.1, torch.ones(2, 3)), cliprange=0.2, cliprange_value=0.2)
     assert st["clipfrac"].item() == 0.0 and pg.item() == pytest.approx(-math.exp(0.1))
     # the value loss is clipped around the old values
-    _, vf, st = ppo_losses(logp, torch.full((2, 3), 1.0), old(logp, zeros, returns=torch.full((2, 3), 2.0)),
-                           cliprange=0.2, cliprange_value=0.2)
+    _, vf, st = ppo_losses(
+        logp,
+        torch.full((2, 3), 1.0),
+        old(logp, zeros, returns=torch.full((2, 3), 2.0)),
+        cliprange=0.2,
+        cliprange_value=0.2,
+    )
     assert vf.item() == pytest.approx(0.5 * (2.0 - 0.2) ** 2) and st["vf_clipfrac"].item() == 1.0
 
 
@@ -229,10 +238,19 @@ def test_eos_cut_masks_after_the_first_eos_and_keeps_the_eos_as_an_action():
 
 
 def test_config_is_validated():
-    for bad in [dict(lr=0), dict(batch_size=6, mini_batch_size=4), dict(lam=1.5), dict(top_p=0.0),
-                dict(copy_penalty=-1.0), dict(missing_eos_penalty=-0.5), dict(temperature=0),
-                dict(reference_adapter="summarizer"), dict(autocast_dtype="int8"),
-                dict(min_new_tokens=9, max_new_tokens=8), dict(batch_size=8, samples_per_query=3)]:
+    for bad in [
+        dict(lr=0),
+        dict(batch_size=6, mini_batch_size=4),
+        dict(lam=1.5),
+        dict(top_p=0.0),
+        dict(copy_penalty=-1.0),
+        dict(missing_eos_penalty=-0.5),
+        dict(temperature=0),
+        dict(reference_adapter="summarizer"),
+        dict(autocast_dtype="int8"),
+        dict(min_new_tokens=9, max_new_tokens=8),
+        dict(batch_size=8, samples_per_query=3),
+    ]:
         with pytest.raises(ValueError):
             PPOConfig(**bad)
 
@@ -253,8 +271,9 @@ def test_value_head_round_trips_through_safetensors(tmp_path):
 
 def test_rollout_logprobs_are_those_generate_sampled_from_at_the_temperature(micro_model, micro_tokenizer):
     model = peft_roles(sharpen(micro_model))
-    trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=6,
-                                                           temperature=0.7))
+    trainer = PPOTrainer(
+        model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=6, temperature=0.7)
+    )
     queries = ragged_queries(micro_tokenizer, 4)  # left padding must not shift positions
     torch.manual_seed(3)
     r = trainer.make_rollout(queries, zero_score)
@@ -262,12 +281,21 @@ def test_rollout_logprobs_are_those_generate_sampled_from_at_the_temperature(mic
     Q = max(map(len, queries))
     ids = torch.tensor([[micro_tokenizer.pad_token_id] * (Q - len(q)) + q for q in queries])
     am = torch.tensor([[0] * (Q - len(q)) + [1] * len(q) for q in queries])
-    out = model.generate(input_ids=ids, attention_mask=am, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
-                         max_new_tokens=6, eos_token_id=micro_tokenizer.eos_token_id,
-                         pad_token_id=micro_tokenizer.pad_token_id, output_logits=True,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=am,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=6,
+        eos_token_id=micro_tokenizer.eos_token_id,
+        pad_token_id=micro_tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     R = r.response.shape[1]
-    assert torch.equal(out.sequences[:, Q:Q + R][r.mask.bool()], r.response[r.mask.bool()])
+    assert torch.equal(out.sequences[:, Q : Q + R][r.mask.bool()], r.response[r.mask.bool()])
     sampled = torch.stack(out.logits, 1)[:, :R].div(0.7).log_softmax(-1)
     sampled = sampled.gather(-1, r.response.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(sampled * r.mask, r.logp * r.mask, atol=1e-5, rtol=1e-5)
@@ -304,8 +332,7 @@ def test_tokens_after_eos_are_masked_and_a_response_without_eos_pays_the_penalty
 
 def test_eos_as_first_token_gives_an_empty_response_that_still_trains(micro_model, micro_tokenizer):
     model = peft_roles(eos_biased(micro_model, micro_tokenizer.eos_token_id, bias=60.0))
-    trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=8,
-                                                           lr=1e-2))
+    trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=8, lr=1e-2))
     seen = []
 
     def score(queries, responses):
@@ -349,11 +376,13 @@ def test_bare_base_can_be_the_reference(micro_model, micro_tokenizer):
 
 def test_base_reference_and_coder_stay_bit_identical(micro_model, micro_tokenizer):
     model = peft_roles(micro_model, targets=ALL_LINEAR)
-    frozen = {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())
-              if ".summarizer." not in n}
+    frozen = {
+        n: t.detach().clone()
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if ".summarizer." not in n
+    }
     policy = {n: p.detach().clone() for n, p in model.named_parameters() if ".summarizer." in n}
-    trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
-                                                           lr=5e-2))
+    trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6, lr=5e-2))
     head = [p.detach().clone() for p in trainer.value_head.parameters()]
     score = random_score
     for _ in range(3):
@@ -413,15 +442,21 @@ def test_samples_per_query_samples_each_query_k_times_and_ignores_query_difficul
         seen.extend(q)
         return torch.tensor([100.0 * queries.index(x) for x in q]), {}
 
-    grouped = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
-                                                           samples_per_query=4, whiten_rewards=True))
+    grouped = PPOTrainer(
+        model,
+        micro_tokenizer,
+        PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6, samples_per_query=4, whiten_rewards=True),
+    )
     before = [p.detach().clone() for p in grouped.policy_params]
     stats = grouped.ppo_step(queries, by_query)
     assert seen == [queries[0]] * 4 + [queries[1]] * 4
     assert stats["score/raw_std"] > 40  # the batch's scores differ a lot ...
-    assert all(torch.equal(a, b) for a, b in zip(before, grouped.policy_params, strict=True))  # ... but no sample beat its query
-    batchwide = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
-                                                             whiten_rewards=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, grouped.policy_params, strict=True)
+    )  # ... but no sample beat its query
+    batchwide = PPOTrainer(
+        model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6, whiten_rewards=True)
+    )
     batchwide.ppo_step(queries * 4, by_query)  # the same scores against a batch-wide baseline do move the policy
     assert any(not torch.equal(a, b) for a, b in zip(before, batchwide.policy_params, strict=True))
     with pytest.raises(ValueError, match="batch_size/samples_per_query/ranks = 2"):
@@ -433,8 +468,15 @@ def _copy_run(micro_model, micro_tokenizer, penalty: float) -> tuple[float, floa
     list of tokens the micro policy already emits now and then, so that copying is learnable in a few steps."""
     model = peft_roles(sharpen(micro_model), targets=ALL_LINEAR, r=8, random_init=False)
     torch.manual_seed(1)
-    cfg = PPOConfig(batch_size=32, mini_batch_size=16, max_new_tokens=8, lr=3e-3, missing_eos_penalty=0.0,
-                    copy_ngram=1, copy_penalty=penalty)
+    cfg = PPOConfig(
+        batch_size=32,
+        mini_batch_size=16,
+        max_new_tokens=8,
+        lr=3e-3,
+        missing_eos_penalty=0.0,
+        copy_ngram=1,
+        copy_penalty=penalty,
+    )
     trainer = PPOTrainer(model, micro_tokenizer, cfg)
     queries = code_queries(micro_tokenizer, 32)
     first = trainer.make_rollout(queries, zero_score)
@@ -462,8 +504,9 @@ def test_copy_penalty_stops_the_policy_from_learning_to_copy(micro_model, micro_
 
 def test_nan_scores_skip_the_batch_and_abort_past_the_threshold(micro_model, micro_tokenizer):
     model = peft_roles(micro_model)
-    trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=4,
-                                                           max_bad_batches=2))
+    trainer = PPOTrainer(
+        model, micro_tokenizer, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=4, max_bad_batches=2)
+    )
     queries = code_queries(micro_tokenizer, 4)
 
     def nan(q, r):
@@ -488,8 +531,9 @@ def test_nan_scores_skip_the_batch_and_abort_past_the_threshold(micro_model, mic
 
 def test_kl_explosion_rolls_back_to_the_last_good_adapter_and_raises(micro_model, micro_tokenizer):
     model = peft_roles(sharpen(micro_model), targets=ALL_LINEAR)  # peaked: a big step gives a clearly positive KL
-    trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=2, max_new_tokens=6,
-                                                           lr=5e-2, max_kl=0.5))
+    trainer = PPOTrainer(
+        model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=2, max_new_tokens=6, lr=5e-2, max_kl=0.5)
+    )
     queries = code_queries(micro_tokenizer, 8)
     score = random_score
     good = [p.detach().clone() for p in trainer.params]
@@ -520,8 +564,9 @@ def test_state_dict_resumes_a_round_exactly(micro_model, micro_tokenizer):
     resumed.load_state_dict(torch.load(buffer, weights_only=False))
     assert resumed.step == 2 and resumed.kl_ctl.value == beta != cfg.init_kl_coef
     again = resumed.ppo_step(queries, score)
-    assert {k: v for k, v in straight.items() if not k.startswith("time/")} == \
-           {k: v for k, v in again.items() if not k.startswith("time/")}
+    assert {k: v for k, v in straight.items() if not k.startswith("time/")} == {
+        k: v for k, v in again.items() if not k.startswith("time/")
+    }
     assert all(torch.equal(a, b) for a, b in zip(trainer.params, resumed.params, strict=True))
 
 
@@ -537,8 +582,9 @@ def test_micro_batched_update_equals_the_whole_mini_batch(micro_model, micro_tok
     for budget in (None, 1):  # 1 token: one sequence per micro-batch
         torch.manual_seed(0)
         model = peft_roles(sharpen(copy.deepcopy(micro_model)))  # sharpen works in place
-        cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=6, lr=1e-2,
-                        update_batch_tokens=budget)
+        cfg = PPOConfig(
+            batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=6, lr=1e-2, update_batch_tokens=budget
+        )
         trainer = PPOTrainer(model, micro_tokenizer, cfg)
         before = [p.detach().clone() for p in trainer.params]
         torch.manual_seed(5)
@@ -562,15 +608,18 @@ def test_generation_in_token_budget_chunks_gives_whole_rollouts(micro_model, mic
     Q = max(map(len, queries))
     rollouts = []
     for budget in (None, 10_000, 2 * (Q + 6)):  # one call; a budget that fits all; two sequences a call
-        trainer = PPOTrainer(model, micro_tokenizer, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6,
-                                                               generate_batch_tokens=budget))
+        trainer = PPOTrainer(
+            model,
+            micro_tokenizer,
+            PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=6, generate_batch_tokens=budget),
+        )
         torch.manual_seed(11)
         rollouts.append(trainer.make_rollout(queries, zero_score))
     one, fits, chunked = rollouts
     assert torch.equal(one.response, fits.response)  # a budget the batch fits in changes nothing
     assert chunked.response.shape[0] == 8 and all(len(r) <= 6 for r in chunked.response_ids)
     for i, ids in enumerate(chunked.response_ids):  # each row is its own sample, aligned after the chunks' padding
-        assert chunked.response[i, :len(ids)].tolist() == ids
+        assert chunked.response[i, : len(ids)].tolist() == ids
     assert torch.isfinite(chunked.logp[chunked.mask.bool()]).all()
 
 
@@ -590,9 +639,11 @@ def test_gradient_checkpointing_is_live_in_the_update_while_dropout_stays_off(mi
     assert len(layers) == micro_model.config.num_hidden_layers
     checkpointed, dropout_in_training = set(), []
     for layer in layers:  # count the checkpoint calls, each passed on to transformers' own function
+
         def counted(fn, *args, _real=layer._gradient_checkpointing_func, _layer=layer, **kwargs):
             checkpointed.add(id(_layer))
             return _real(fn, *args, **kwargs)
+
         layer._gradient_checkpointing_func = counted
     for m in model.modules():
         if isinstance(m, nn.Dropout) or m.__class__.__name__.endswith("Attention"):
@@ -631,8 +682,10 @@ def test_micro_batches_drop_padding_columns_and_group_rows_by_length():
     assert [(p.start, p.stop) for p in split] == [(0, 13), (1, 14), (7, 14)]
     assert padding_share(whole, query_len, response_len) == (84 - 49, 84)  # 49 = 35 query + 14 response tokens
     assert padding_share(split, query_len, response_len) == (66 - 49, 66)
-    assert [p.rows.tolist() for p in pack(rows, query_len, response_len, 10, None, max_rows=4)] == [[5, 1, 3, 0],
-                                                                                                    [4, 2]]
+    assert [p.rows.tolist() for p in pack(rows, query_len, response_len, 10, None, max_rows=4)] == [
+        [5, 1, 3, 0],
+        [4, 2],
+    ]
 
 
 def test_mini_batches_group_queries_of_similar_length_and_keep_equal_lengths_in_random_order():

@@ -1,4 +1,5 @@
 """The round-trip reward on the micro Llama: exact against a hand-computed CE, invariant to batching and padding."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,7 @@ def _hand_ce(model, tok, summary: str, code: str, max_code: int | None = None) -
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
-    return F.cross_entropy(logits[len(prompt) - 1:-1], ids[0, len(prompt):]).item()
+    return F.cross_entropy(logits[len(prompt) - 1 : -1], ids[0, len(prompt) :]).item()
 
 
 def test_reward_equals_hand_computed_cross_entropy(coder_model, micro_tokenizer):
@@ -97,8 +98,9 @@ def test_empty_summary_scores_the_baseline(coder_model, micro_tokenizer):
 def test_each_distinct_sequence_goes_through_the_model_once(coder_model, micro_tokenizer):
     rm = RewardModel(coder_model, micro_tokenizer, config=RewardConfig(batch_size=2))
     rows = []
-    hook = rm._decoder.register_forward_hook(lambda mod, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
-                                             with_kwargs=True)
+    hook = rm._decoder.register_forward_hook(
+        lambda mod, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
         rm([CODE, CODE, CODE, LONG_CODE], ["Adds.", "Adds.", "", "Helpers."])
     finally:
@@ -165,8 +167,9 @@ def test_prompt_templates():
 def test_batches_respect_row_and_token_budgets(coder_model, micro_tokenizer):
     rm = RewardModel(coder_model, micro_tokenizer, config=RewardConfig(batch_size=3, max_batch_tokens=100))
     shapes = []
-    hook = rm._decoder.register_forward_hook(lambda mod, args, kwargs, out: shapes.append(kwargs["input_ids"].shape),
-                                             with_kwargs=True)
+    hook = rm._decoder.register_forward_hook(
+        lambda mod, args, kwargs, out: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     try:
         codes = [LONG_CODE] + [f"x{i} = {i}\n" for i in range(7)]
         rm(codes, [f"Set x{i}." for i in range(8)])

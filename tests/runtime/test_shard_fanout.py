@@ -1,4 +1,5 @@
 """The shard stage fanned out: any number of partitions gives the dataset one task gives, byte for byte."""
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,9 @@ def test_any_number_of_partitions_gives_the_dataset_of_one_task(tree, tmp_path, 
 
 def test_a_smoke_cut_and_a_regrown_tree_fan_out_the_same_and_reuse_unchanged_files(tree, tmp_path):
     settings = {"source": f"dir:{tree}", "max_pairs": 50, "workers": 1, "partitions": 3}
-    single = shard.run(parse(shard.ShardConfig, {**settings, "partitions": 1}), artifact_root=f"file://{tmp_path}/a",
-                       progress=False)
+    single = shard.run(
+        parse(shard.ShardConfig, {**settings, "partitions": 1}), artifact_root=f"file://{tmp_path}/a", progress=False
+    )
     assert shards_of(fanned_out(parse(shard.ShardConfig, settings), f"file://{tmp_path}/b")) == shards_of(single)
     grown = tmp_path / "grown"
     shutil.copytree(tree, grown)
@@ -74,8 +76,13 @@ def test_a_smoke_cut_and_a_regrown_tree_fan_out_the_same_and_reuse_unchanged_fil
 
 def test_parquet_files_fan_out_by_file(tmp_path):
     for i, chunk in enumerate((FILES[:10], FILES[10:14], FILES[14:30])):
-        table = pa.table({"code": [f.read_text() for f in chunk], "path": [f.name for f in chunk],
-                          "language": ["Python"] * len(chunk)})
+        table = pa.table(
+            {
+                "code": [f.read_text() for f in chunk],
+                "path": [f.name for f in chunk],
+                "language": ["Python"] * len(chunk),
+            }
+        )
         pq.write_table(table, tmp_path / f"train-{i:05d}-of-00003.parquet")
     settings = {"source": f"parquet:{tmp_path}/*.parquet", "workers": 1, "num_shards": 2}
     single = shard.run(parse(shard.ShardConfig, settings), artifact_root=f"file://{tmp_path}/one", progress=False)
@@ -116,9 +123,19 @@ def test_planning_hub_files_offline_is_one_line_naming_the_source(monkeypatch):
     from blueprint.data.sources import SourceError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = parse(shard.ShardConfig, {"source": "hf:codeparrot/github-code", "hf_data_files": "data/*.parquet",
-                                    "hf_revision": "main", "partitions": 4})
-    with pytest.raises(SourceError, match=r"source hf:codeparrot/github-code: cannot list 'data/\*.parquet' at "
-                                          r"revision main on the hub"):
+    cfg = parse(
+        shard.ShardConfig,
+        {
+            "source": "hf:codeparrot/github-code",
+            "hf_data_files": "data/*.parquet",
+            "hf_revision": "main",
+            "partitions": 4,
+        },
+    )
+    with pytest.raises(
+        SourceError,
+        match=r"source hf:codeparrot/github-code: cannot list 'data/\*.parquet' at "
+        r"revision main on the hub",
+    ):
         shard_fanout.plan(cfg)
     assert shard_fanout.plan(cfg.model_copy(update={"hf_data_files": None})) == [{"index": 0, "of": 1}]

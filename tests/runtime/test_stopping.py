@@ -1,5 +1,6 @@
 """A stopped stage stops what it started: SIGTERM/SIGINT to `blueprint stage` with nproc > 1 reach torchrun and its
 ranks, and the launcher exits only once they are gone (real torchrun, real processes, ranks that just sleep)."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,12 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_launcher_stops_torchrun_and_its_ranks_and_is_waited_for(tmp_path, sig):
     (tmp_path / "rank.py").write_text(RANK)
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "rank.py"), str(tmp_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tmp_path / "rank.py"), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while len(list(tmp_path.glob("rank-*"))) < 2:

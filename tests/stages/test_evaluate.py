@@ -1,4 +1,5 @@
 """Evaluate stage on the micro Llama: metrics that mean what they say, report/plot/history, clear failures."""
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,15 @@ from blueprint.store import artifacts, storage
 
 PAIRS = [
     ("def add(a, b):\n    return a + b\n", "Return the sum of two numbers."),
-    ("def read_lines(path):\n    with open(path) as f:\n        return f.read().splitlines()\n",
-     "Read a text file and return its lines."),
+    (
+        "def read_lines(path):\n    with open(path) as f:\n        return f.read().splitlines()\n",
+        "Read a text file and return its lines.",
+    ),
     ("def is_even(n):\n    return n % 2 == 0\n", "Tell whether an integer is even."),
-    ("def first(items, default=None):\n    for item in items:\n        return item\n    return default\n",
-     "Return the first item of an iterable, or a default when it is empty."),
+    (
+        "def first(items, default=None):\n    for item in items:\n        return item\n    return default\n",
+        "Return the first item of an iterable, or a default when it is empty.",
+    ),
     ("def clamp(x, lo, hi):\n    return max(lo, min(x, hi))\n", "Limit a value to a closed interval."),
     ("def squares(n):\n    return [i * i for i in range(n)]\n", "List the squares of the first n integers."),
     ("def join_words(words):\n    return ' '.join(words)\n", "Join words with single spaces."),
@@ -33,10 +38,20 @@ PAIRS = [
     ("def invert(d):\n    return {v: k for k, v in d.items()}\n", "Swap the keys and values of a dictionary."),
     ("def mean(xs):\n    return sum(xs) / len(xs)\n", "Compute the arithmetic mean of a sequence of numbers."),
 ]
-LORA = lora.LoraSettings(r=8, alpha=16.0, dropout=0.0, target_modules=(
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-CFG = dict(max_examples=len(PAIRS), max_new_tokens=12, max_code_tokens=48, max_summary_tokens=24, batch_size=4,
-           report_examples=2)
+LORA = lora.LoraSettings(
+    r=8,
+    alpha=16.0,
+    dropout=0.0,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+CFG = dict(
+    max_examples=len(PAIRS),
+    max_new_tokens=12,
+    max_code_tokens=48,
+    max_summary_tokens=24,
+    batch_size=4,
+    report_examples=2,
+)
 
 
 # ---------------------------------------------------------------------------------------------- artifact helpers
@@ -50,10 +65,16 @@ def make_shards(root: Path, train: list[tuple[str, str]], held_out: list[tuple[s
     local = root / "shards-src"
     for split, pairs in (("train", train), ("eval", held_out)):
         (local / split).mkdir(parents=True)
-        cols = {"id": [f"{split}{i:04d}" for i in range(len(pairs))], "code": [c for c, _ in pairs],
-                "summary": [s for _, s in pairs], "name": [c.split("(")[0][4:] for c, _ in pairs],
-                "language": ["python"] * len(pairs), "source": ["test"] * len(pairs),
-                "path": ["tests/pairs.py"] * len(pairs), "license": [None] * len(pairs)}
+        cols = {
+            "id": [f"{split}{i:04d}" for i in range(len(pairs))],
+            "code": [c for c, _ in pairs],
+            "summary": [s for _, s in pairs],
+            "name": [c.split("(")[0][4:] for c, _ in pairs],
+            "language": ["python"] * len(pairs),
+            "source": ["test"] * len(pairs),
+            "path": ["tests/pairs.py"] * len(pairs),
+            "license": [None] * len(pairs),
+        }
         schema = pa.schema([(k, pa.string()) for k in cols])
         pq.write_table(pa.table(cols, schema=schema), local / split / "part-00000-of-00001.parquet")
     return commit(local, str(root / "shards"), "shard")
@@ -76,13 +97,14 @@ def train_coder(model, tokenizer, pairs: list[tuple[str, str]], steps: int) -> N
     ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
     labels = torch.full((len(pairs), width), -100)
     for r, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-        ids[r, :len(p) + len(t)] = torch.tensor(p + t)
-        labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
+        ids[r, : len(p) + len(t)] = torch.tensor(p + t)
+        labels[r, len(p) : len(p) + len(t)] = torch.tensor(t)
     opt = torch.optim.AdamW(lora.trainable_only(model, "coder"), lr=2e-2)
     with lora.use_adapter(model, "coder"):
         for _ in range(steps):
-            model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
-                  labels=labels).loss.backward()
+            model(
+                input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels
+            ).loss.backward()
             opt.step()
             opt.zero_grad()
     model.eval()
@@ -97,20 +119,27 @@ def train_summarizer(model, tokenizer, pairs: list[tuple[str, str]], steps: int)
     ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
     labels = torch.full((len(pairs), width), -100)
     for r, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-        ids[r, :len(p) + len(t)] = torch.tensor(p + t)
-        labels[r, len(p):len(p) + len(t)] = torch.tensor(t)
+        ids[r, : len(p) + len(t)] = torch.tensor(p + t)
+        labels[r, len(p) : len(p) + len(t)] = torch.tensor(t)
     opt = torch.optim.AdamW(lora.trainable_only(model, "summarizer"), lr=2e-2)
     with lora.use_adapter(model, "summarizer"):
         for _ in range(steps):
-            model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id),
-                  labels=labels).loss.backward()
+            model(
+                input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels
+            ).loss.backward()
             opt.step()
             opt.zero_grad()
     model.eval()
 
 
-def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0, summarizer_steps: int = 0,
-                  summarizer_pairs: list[tuple[str, str]] = PAIRS) -> str:
+def make_adapters(
+    root: Path,
+    base: str,
+    name: str,
+    coder_steps: int = 0,
+    summarizer_steps: int = 0,
+    summarizer_pairs: list[tuple[str, str]] = PAIRS,
+) -> str:
     """A committed adapter set (summarizer + coder) on `base`; the coder trained for `coder_steps` steps, the
     summarizer for `summarizer_steps` on `summarizer_pairs`."""
     model, tokenizer = open_base(base)
@@ -121,8 +150,9 @@ def make_adapters(root: Path, base: str, name: str, coder_steps: int = 0, summar
     if summarizer_steps:
         train_summarizer(model, tokenizer, summarizer_pairs, summarizer_steps)
     local = root / f"{name}-src"
-    save_adapter_set(RoleModels(model, tokenizer, model, tokenizer), local, Bases.of(base), list(lora.ROLES),
-                     {"round": coder_steps})
+    save_adapter_set(
+        RoleModels(model, tokenizer, model, tokenizer), local, Bases.of(base), list(lora.ROLES), {"round": coder_steps}
+    )
     return commit(local, str(root / name), "warmup")
 
 
@@ -138,14 +168,28 @@ def world(tmp_path_factory, micro_tokenizer):
         untrained = make_adapters(root, base, "untrained")
         trained = make_adapters(root, base, "trained", coder_steps=60)
         art = str(root / "artifacts")
-        first = evaluate.run(evaluate.EvaluateConfig(**CFG, epoch=0), shards=shards, base=base,
-                             adapters=untrained, artifact_root=art, progress=False)
-        second = evaluate.run(evaluate.EvaluateConfig(**CFG, epoch=1), shards=shards, base=base, adapters=trained,
-                              previous=first.uri, artifact_root=art, progress=False)
+        first = evaluate.run(
+            evaluate.EvaluateConfig(**CFG, epoch=0),
+            shards=shards,
+            base=base,
+            adapters=untrained,
+            artifact_root=art,
+            progress=False,
+        )
+        second = evaluate.run(
+            evaluate.EvaluateConfig(**CFG, epoch=1),
+            shards=shards,
+            base=base,
+            adapters=trained,
+            previous=first.uri,
+            artifact_root=art,
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
-    return dict(root=root, shards=shards, base=base, untrained=untrained, trained=trained, art=art, first=first,
-                second=second)
+    return dict(
+        root=root, shards=shards, base=base, untrained=untrained, trained=trained, art=art, first=first, second=second
+    )
 
 
 def local(uri: str, *parts: str) -> Path:
@@ -193,9 +237,22 @@ def test_pairwise_accuracy_rises_when_the_coder_learns(world):
 def test_metrics_land_in_manifest_and_files(world):
     out = world["second"]
     m = out.metrics
-    for key in ("reward_gen_mean", "reward_true_mean", "gain_gen_mean", "pairwise_accuracy", "bleu_summary",
-                "rougeL_summary", "code_parse_rate", "code_bleu", "code_exact_match", "copy_rate", "eos_rate",
-                "summary_tokens_mean", "length_ratio_mean", "epoch"):
+    for key in (
+        "reward_gen_mean",
+        "reward_true_mean",
+        "gain_gen_mean",
+        "pairwise_accuracy",
+        "bleu_summary",
+        "rougeL_summary",
+        "code_parse_rate",
+        "code_bleu",
+        "code_exact_match",
+        "copy_rate",
+        "eos_rate",
+        "summary_tokens_mean",
+        "length_ratio_mean",
+        "epoch",
+    ):
         assert isinstance(m[key], (int, float)), key
     assert m["epoch"] == 1 and m["examples"] == len(PAIRS)
     assert 0 <= m["eos_rate"] <= 1 and 0 <= m["copy_rate"] <= 1 and m["summary_tokens_mean"] <= CFG["max_new_tokens"]
@@ -209,15 +266,26 @@ def test_metrics_land_in_manifest_and_files(world):
     assert [s["summary"] for s in samples] == [s for _, s in PAIRS]
     assert all(isinstance(s["generated_summary"], str) and isinstance(s["rebuilt_code"], str) for s in samples)
     # deterministic: the same inputs are a cache hit, a forced rerun reproduces the numbers (greedy decoding)
-    again = evaluate.run(evaluate.EvaluateConfig(**CFG, epoch=1), shards=world["shards"], base=world["base"],
-                         adapters=world["trained"], previous=world["first"].uri, artifact_root=world["art"],
-                         progress=False)
+    again = evaluate.run(
+        evaluate.EvaluateConfig(**CFG, epoch=1),
+        shards=world["shards"],
+        base=world["base"],
+        adapters=world["trained"],
+        previous=world["first"].uri,
+        artifact_root=world["art"],
+        progress=False,
+    )
     assert again.cached and again.uri == out.uri
-    forced = evaluate.run(evaluate.EvaluateConfig(**CFG, epoch=1), shards=world["shards"], base=world["base"],
-                          adapters=world["trained"], previous=world["first"].uri, out_uri=str(world["root"] / "re"),
-                          progress=False)
-    assert {k: v for k, v in forced.metrics.items() if k != "seconds"} == \
-        {k: v for k, v in m.items() if k != "seconds"}
+    forced = evaluate.run(
+        evaluate.EvaluateConfig(**CFG, epoch=1),
+        shards=world["shards"],
+        base=world["base"],
+        adapters=world["trained"],
+        previous=world["first"].uri,
+        out_uri=str(world["root"] / "re"),
+        progress=False,
+    )
+    assert {k: v for k, v in forced.metrics.items() if k != "seconds"} == {k: v for k, v in m.items() if k != "seconds"}
 
 
 def test_report_plot_and_history_across_two_runs(world):
@@ -226,8 +294,10 @@ def test_report_plot_and_history_across_two_runs(world):
     history = json.loads(local(second.uri, "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
     # references, not URIs: the files stay the same when the root is copied elsewhere
-    assert [h["adapters"] for h in history] == [artifacts.portable_name(world["untrained"]),
-                                                artifacts.portable_name(world["trained"])]
+    assert [h["adapters"] for h in history] == [
+        artifacts.portable_name(world["untrained"]),
+        artifacts.portable_name(world["trained"]),
+    ]
     assert history[0]["pairwise_accuracy"] == first.metrics["pairwise_accuracy"]
     png = local(second.uri, "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -247,24 +317,42 @@ def test_empty_eval_shards_fail_clearly_and_commit_nothing(world, tmp_path):
     shards = make_shards(tmp_path, PAIRS, [])
     art = tmp_path / "artifacts"
     with pytest.raises(ValueError, match=f"shards {shards} hold no eval pairs"):
-        evaluate.run(evaluate.EvaluateConfig(**CFG), shards=shards, base=world["base"], adapters=world["trained"],
-                     artifact_root=str(art), progress=False)
+        evaluate.run(
+            evaluate.EvaluateConfig(**CFG),
+            shards=shards,
+            base=world["base"],
+            adapters=world["trained"],
+            artifact_root=str(art),
+            progress=False,
+        )
     assert not list(art.rglob(artifacts.MANIFEST_NAME))
 
 
 def test_adapters_from_another_base_are_refused(world, micro_tokenizer, tmp_path):
     other = make_base(tmp_path, micro_tokenizer, seed=5, name="other-base")
     with pytest.raises(artifacts.ArtifactError, match="the summarizer was trained on base"):
-        evaluate.run(evaluate.EvaluateConfig(**CFG), shards=world["shards"], base=other, adapters=world["trained"],
-                     artifact_root=str(tmp_path / "artifacts"), progress=False)
+        evaluate.run(
+            evaluate.EvaluateConfig(**CFG),
+            shards=world["shards"],
+            base=other,
+            adapters=world["trained"],
+            artifact_root=str(tmp_path / "artifacts"),
+            progress=False,
+        )
     assert not list((tmp_path / "artifacts").rglob(artifacts.MANIFEST_NAME))
 
 
 def test_previous_must_be_an_evaluate_output(world, tmp_path):
     with pytest.raises(artifacts.ArtifactError, match="not an evaluate output"):
-        evaluate.run(evaluate.EvaluateConfig(**CFG), shards=world["shards"], base=world["base"],
-                     adapters=world["trained"], previous=world["untrained"], artifact_root=str(tmp_path),
-                     progress=False)
+        evaluate.run(
+            evaluate.EvaluateConfig(**CFG),
+            shards=world["shards"],
+            base=world["base"],
+            adapters=world["trained"],
+            previous=world["untrained"],
+            artifact_root=str(tmp_path),
+            progress=False,
+        )
 
 
 def test_config_validation():
@@ -276,8 +364,14 @@ def test_config_validation():
 
 def test_merge_card_carries_the_evaluation(world, tmp_path):
     """The model card quotes the evaluation of the very adapters merged; another run's evaluation is refused."""
-    out = merge.run(merge.MergeConfig(keep_adapters=False), base=world["base"], adapters=world["trained"],
-                    evaluation=world["second"].uri, artifact_root=str(tmp_path), progress=False)
+    out = merge.run(
+        merge.MergeConfig(keep_adapters=False),
+        base=world["base"],
+        adapters=world["trained"],
+        evaluation=world["second"].uri,
+        artifact_root=str(tmp_path),
+        progress=False,
+    )
     card = local(out.uri, "coder", "README.md").read_text()
     ref = artifacts.portable_name
     assert ref(world["second"].uri) in card and "| pairwise_accuracy |" in card and ref(world["trained"]) in card
@@ -285,8 +379,14 @@ def test_merge_card_carries_the_evaluation(world, tmp_path):
     assert out.metrics["eval_pairwise_accuracy"] == world["second"].metrics["pairwise_accuracy"]
     assert not any(rel.startswith("adapters/") for rel in out.manifest["files"])
     with pytest.raises(ValueError, match="its metrics would describe another model"):
-        merge.run(merge.MergeConfig(), base=world["base"], adapters=world["untrained"],
-                  evaluation=world["second"].uri, artifact_root=str(tmp_path), progress=False)
+        merge.run(
+            merge.MergeConfig(),
+            base=world["base"],
+            adapters=world["untrained"],
+            evaluation=world["second"].uri,
+            artifact_root=str(tmp_path),
+            progress=False,
+        )
 
 
 EXAMPLE_TASKS = Path(__file__).resolve().parents[2] / "examples" / "tasks.jsonl"
@@ -299,25 +399,47 @@ def test_rows_with_tests_report_execution_metrics_and_per_task_results(world, tm
     from blueprint.data.readers import read_pairs
     from blueprint.stages import shard
 
-    shards = shard.run(parse(shard.ShardConfig, {"source": f"tasks:{EXAMPLE_TASKS}", "eval_fraction": 0.2,
-                                                 "num_shards": 1, "workers": 1}),
-                       artifact_root=str(tmp_path / "art"), progress=False).uri
+    shards = shard.run(
+        parse(
+            shard.ShardConfig, {"source": f"tasks:{EXAMPLE_TASKS}", "eval_fraction": 0.2, "num_shards": 1, "workers": 1}
+        ),
+        artifact_root=str(tmp_path / "art"),
+        progress=False,
+    ).uri
     held_out = read_pairs(shards, "eval")
-    cfg = evaluate.EvaluateConfig(**{**CFG, "max_examples": len(held_out)}, code_samples=2, pass_k=(1, 2),
-                                  sandbox_timeout_s=5)
-    out = evaluate.run(cfg, shards=shards, base=world["base"], adapters=world["trained"],
-                       artifact_root=str(tmp_path / "art"), progress=False)
+    cfg = evaluate.EvaluateConfig(
+        **{**CFG, "max_examples": len(held_out)}, code_samples=2, pass_k=(1, 2), sandbox_timeout_s=5
+    )
+    out = evaluate.run(
+        cfg,
+        shards=shards,
+        base=world["base"],
+        adapters=world["trained"],
+        artifact_root=str(tmp_path / "art"),
+        progress=False,
+    )
     m = out.metrics
     assert m["tested_examples"] == m["examples"] == len(held_out) > 0
     assert m["reference_pass_rate"] == 1.0 and m["sandbox"] in ("namespace", "limits")
-    for key in ("pass_at_1_docstring", "pass_at_1_roundtrip", "sampled_pass_at_1_docstring",
-                "sampled_pass_at_2_docstring", "sampled_pass_at_1_roundtrip", "sampled_pass_at_2_roundtrip"):
+    for key in (
+        "pass_at_1_docstring",
+        "pass_at_1_roundtrip",
+        "sampled_pass_at_1_docstring",
+        "sampled_pass_at_2_docstring",
+        "sampled_pass_at_1_roundtrip",
+        "sampled_pass_at_2_roundtrip",
+    ):
         assert 0.0 <= m[key] <= 1.0, key
     assert m["sampled_pass_at_2_roundtrip"] >= m["sampled_pass_at_1_roundtrip"]
     assert json.loads(local(out.uri, "metrics.json").read_text())["reference_failures"] == []
     samples = [json.loads(line) for line in local(out.uri, "samples.jsonl").read_text().splitlines()]
     ran = [s["execution"] for s in samples]
     assert [r["task_id"] for r in ran] == [json.loads(p["tests"])["task_id"] for p in held_out]
-    assert all(r["reference"]["status"] == "pass" and r["docstring"]["status"] in ("pass", "fail", "error", "timeout")
-               and isinstance(r["roundtrip_code"], str) and 0 <= r["roundtrip_samples_passed"] <= 2 for r in ran)
+    assert all(
+        r["reference"]["status"] == "pass"
+        and r["docstring"]["status"] in ("pass", "fail", "error", "timeout")
+        and isinstance(r["roundtrip_code"], str)
+        and 0 <= r["roundtrip_samples_passed"] <= 2
+        for r in ran
+    )
     assert "| pass_at_1_roundtrip |" in local(out.uri, "report.md").read_text()

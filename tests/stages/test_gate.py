@@ -1,4 +1,5 @@
 """The quality gate and the promoted pointer: only a challenger that wins is promoted, races lose no decision."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,12 +38,20 @@ def world(tmp_path_factory, micro_tokenizer):
         runs = {}
         levels = [(name, steps, PAIRS) for name, steps in LEVELS] + [("silent", 150, [(c, "") for c, _ in PAIRS])]
         for name, steps, summaries in levels:
-            adapters = make_adapters(root, base, name, coder_steps=steps, summarizer_steps=SUMMARIZER_STEPS,
-                                     summarizer_pairs=summaries)
-            ev = evaluate.run(evaluate.EvaluateConfig(**CFG), shards=shards, base=base, adapters=adapters,
-                              artifact_root=art, progress=False)
-            models = merge.run(merge.MergeConfig(), base=base, adapters=adapters, evaluation=ev.uri,
-                               artifact_root=art, progress=False).uri
+            adapters = make_adapters(
+                root, base, name, coder_steps=steps, summarizer_steps=SUMMARIZER_STEPS, summarizer_pairs=summaries
+            )
+            ev = evaluate.run(
+                evaluate.EvaluateConfig(**CFG),
+                shards=shards,
+                base=base,
+                adapters=adapters,
+                artifact_root=art,
+                progress=False,
+            )
+            models = merge.run(
+                merge.MergeConfig(), base=base, adapters=adapters, evaluation=ev.uri, artifact_root=art, progress=False
+            ).uri
             runs[name] = dict(shards=shards, base=base, adapters=adapters, evaluation=ev.uri, models=models)
     finally:
         torch.set_num_threads(threads)
@@ -60,14 +69,23 @@ def promote_gated(record: dict, root: str, run: str) -> dict:
 
 def test_the_rule_promotes_only_a_winner_that_clears_the_floor():
     rule = PromotionRule(metric="gain_gen_mean", margin=0.1, floor_metric="pairwise_accuracy", floor=0.5)
-    ours = {"gain_gen_mean": 1.0, "pairwise_accuracy": 0.6, "summary_nonempty_rate": 1.0, "eos_rate": 0.9,
-            "code_parse_rate": 0.5}
+    ours = {
+        "gain_gen_mean": 1.0,
+        "pairwise_accuracy": 0.6,
+        "summary_nonempty_rate": 1.0,
+        "eos_rate": 0.9,
+        "code_parse_rate": 0.5,
+    }
     assert decide(ours, None, rule)[0]
     assert decide(ours, {"gain_gen_mean": 0.85}, rule) == (
-        True, "gain_gen_mean 1.0000 beats the champion's 0.8500 by more than 0.1")
+        True,
+        "gain_gen_mean 1.0000 beats the champion's 0.8500 by more than 0.1",
+    )
     assert not decide(ours, {"gain_gen_mean": 0.95}, rule)[0]  # better, but not by the margin
     assert decide({**ours, "pairwise_accuracy": 0.4}, None, rule) == (
-        False, "floor pairwise_accuracy >= 0.5 missed (pairwise_accuracy 0.4)")
+        False,
+        "floor pairwise_accuracy >= 0.5 missed (pairwise_accuracy 0.4)",
+    )
     assert not decide({**ours, "gain_gen_mean": float("nan")}, None, rule)[0]
     assert decide(ours, {}, rule)[0]  # a champion without the metric cannot defend
 
@@ -104,9 +122,14 @@ def test_the_champion_is_evaluated_again_on_a_new_eval_split(world, tmp_path):
     promote_gated(judge(runs["weak"], root), root, "old")
     new_split = make_shards(tmp_path, PAIRS, PAIRS[:6])  # the data changed: six held-out functions, not ten
     challenger = dict(runs["trained"], shards=new_split)
-    challenger["evaluation"] = evaluate.run(evaluate.EvaluateConfig(**CFG), shards=new_split, base=runs["trained"]["base"],
-                                            adapters=runs["trained"]["adapters"], artifact_root=root,
-                                            progress=False).uri
+    challenger["evaluation"] = evaluate.run(
+        evaluate.EvaluateConfig(**CFG),
+        shards=new_split,
+        base=runs["trained"]["base"],
+        adapters=runs["trained"]["adapters"],
+        artifact_root=root,
+        progress=False,
+    ).uri
     record = judge(challenger, root)
     assert record["champion"]["evaluation"] != runs["weak"]["evaluation"]
     assert record["champion"]["metrics"]["examples"] == 6 == record["challenger"]["metrics"]["examples"]
@@ -180,8 +203,13 @@ def test_a_copied_root_is_gated_against_its_own_champion_once_the_original_is_go
     promote_gated(judge(moved(world["runs"]["some"], original), f"file://{original}"), f"file://{original}", "first")
     shutil.copytree(original, copy)
     shutil.rmtree(original)
-    out = gate.run(parse(gate.GateConfig, RULE), **moved(world["runs"]["trained"], copy),
-                   artifact_root=f"file://{copy}", force=True, progress=False)
+    out = gate.run(
+        parse(gate.GateConfig, RULE),
+        **moved(world["runs"]["trained"], copy),
+        artifact_root=f"file://{copy}",
+        force=True,
+        progress=False,
+    )
     record = storage.read_json(storage.join(out.uri, gate.GATE_FILE))
     assert record["decision"] == "promote" and record["champion"]["run"] == "first"
     assert record["champion"]["evaluation"] == moved(world["runs"]["some"], copy)["evaluation"]
@@ -191,8 +219,9 @@ def test_a_copied_root_is_gated_against_its_own_champion_once_the_original_is_go
 def test_the_smoke_gate_refuses_a_useless_challenger_and_says_which_floor_it_missed(world, tmp_path, run, missed):
     """The smoke profile's own floor is 0: the sanity floors still hold there (no champion to beat, either)."""
     settings = {**stage_settings("smoke", "gate"), "metric": RULE["metric"]}
-    out = gate.run(parse(gate.GateConfig, settings), **world["runs"][run], artifact_root=f"file://{tmp_path}/art",
-                   progress=False)
+    out = gate.run(
+        parse(gate.GateConfig, settings), **world["runs"][run], artifact_root=f"file://{tmp_path}/art", progress=False
+    )
     record = storage.read_json(storage.join(out.uri, gate.GATE_FILE))
     assert record["decision"] == "keep" and record["champion"] is None
     assert f"sanity floor {missed} >= " in record["why"], record["why"]

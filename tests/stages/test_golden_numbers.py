@@ -3,6 +3,7 @@
 They are exact on one machine; another CPU instruction-set level or thread count moves the last digits (README,
 "Reproducibility"), hence the relative tolerance, far tighter than any real change of the losses or rewards.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,9 +30,14 @@ def test_smoke_chain_losses_are_the_golden_ones(smoke_chain):
 
 
 def test_a_smoke_ppo_round_gives_the_golden_rewards_and_kl(smoke_chain, tmp_path):
-    out = ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=smoke_chain["shards"],
-                        base=smoke_chain["base"], adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/r",
-                        progress=False)
+    out = ppo_round.run(
+        parse(ppo_round.PPORoundConfig, SMOKE_PPO),
+        shards=smoke_chain["shards"],
+        base=smoke_chain["base"],
+        adapters=smoke_chain["adapters"],
+        out_uri=f"file://{tmp_path}/r",
+        progress=False,
+    )
     _pinned(out.metrics, GOLDEN_PPO)
 
 
@@ -40,8 +46,17 @@ def test_a_smoke_ppo_round_gives_the_golden_rewards_and_kl(smoke_chain, tmp_path
 # All moved again when bootstrap's warmup was capped at a tenth of the run: 30 warmup steps in a 16-step run had
 # kept the rate under a sixth of its peak (loss_end 6.1432, near the uniform 6.2383, before; the rest followed).
 GOLDEN_BOOTSTRAP = {"loss_start": 6.240787029266357, "loss_end": 5.73931884765625}
-GOLDEN_WARMUP = {"summarizer_eval_loss_after": 5.815969944000244, "coder_eval_loss_after": 5.712512016296387,
-                 "summarizer_train_loss_after": 5.788508415222168, "coder_train_loss_after": 5.761684417724609}
-GOLDEN_PPO = {"score_mean_first": -0.10127659887075424, "score_mean_last": -0.07876744866371155,
-              "score_gain_mean": 0.0028563737869262695, "kl_last": -0.005889534950256348,
-              "coder_eval_loss_after": 5.729467391967773, "entropy_mean": 5.870168447494507}
+GOLDEN_WARMUP = {
+    "summarizer_eval_loss_after": 5.815969944000244,
+    "coder_eval_loss_after": 5.712512016296387,
+    "summarizer_train_loss_after": 5.788508415222168,
+    "coder_train_loss_after": 5.761684417724609,
+}
+GOLDEN_PPO = {
+    "score_mean_first": -0.10127659887075424,
+    "score_mean_last": -0.07876744866371155,
+    "score_gain_mean": 0.0028563737869262695,
+    "kl_last": -0.005889534950256348,
+    "coder_eval_loss_after": 5.729467391967773,
+    "entropy_mean": 5.870168447494507,
+}

@@ -1,5 +1,6 @@
 """Incremental sharding: a re-shard of a grown or changed tree parses only new and changed files, and equals a full
 re-shard byte for byte."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ def test_a_grown_and_changed_tree_parses_only_what_changed_and_equals_a_full_res
     first = run(src, tmp_path / "art")
     assert first.metrics["inputs_parsed"] == 24 and first.metrics["inputs_reused"] == 0
     tree(src, FILES[24:26])  # two new files
-    (src / FILES[3].name).write_text(FILES[3].read_text() + "\n\ndef added(x):\n    \"\"\"Return x doubled.\"\"\"\n"
-                                     "    return x * 2\n")
+    (src / FILES[3].name).write_text(
+        FILES[3].read_text() + '\n\ndef added(x):\n    """Return x doubled."""\n    return x * 2\n'
+    )
     (src / FILES[5].name).unlink()  # one deleted: its rows must go
     again = run(src, tmp_path / "art")
     assert again.metrics["inputs_parsed"] == 3 and again.metrics["inputs_reused"] == 22
@@ -52,7 +54,7 @@ def test_a_grown_and_changed_tree_parses_only_what_changed_and_equals_a_full_res
 
 def test_deleting_the_file_with_the_first_copy_of_a_function_brings_its_later_copy_back(tmp_path):
     src = tree(tmp_path / "src", FILES[:6])
-    dup = "def shared(a, b):\n    \"\"\"Return the larger of two numbers.\"\"\"\n    return a if a > b else b\n"
+    dup = 'def shared(a, b):\n    """Return the larger of two numbers."""\n    return a if a > b else b\n'
     (src / "aaa_first.py").write_text(dup)
     (src / "zzz_later.py").write_text("# another module\n" + dup)
     first = run(src, tmp_path / "art")
@@ -69,8 +71,9 @@ def test_other_extraction_settings_reuse_nothing_and_other_split_settings_reuse_
     assert run(src, tmp_path / "art", min_code_chars=40).metrics["inputs_reused"] == 0
     resplit = run(src, tmp_path / "art", eval_fraction=0.3, split_salt="other", num_shards=3)
     assert resplit.metrics["inputs_reused"] == 8  # the pairs a file gives do not depend on how they are split
-    assert content(resplit) == content(run(src, tmp_path / "fresh", eval_fraction=0.3, split_salt="other",
-                                           num_shards=3, incremental=False))
+    assert content(resplit) == content(
+        run(src, tmp_path / "fresh", eval_fraction=0.3, split_salt="other", num_shards=3, incremental=False)
+    )
 
 
 @pytest.mark.parametrize("damage", ["index", "manifest-version"])
@@ -79,7 +82,7 @@ def test_a_previous_index_that_cannot_be_used_means_a_full_reshard(tmp_path, dam
     first = run(src, tmp_path / "art")
     inputs = artifacts.manifest_uri(first.uri)
     if damage == "index":  # a bit flip in the index: refused by its sha256, like any input file
-        path = Path(first.uri[len("file://"):]) / "index" / "inputs.parquet"
+        path = Path(first.uri[len("file://") :]) / "index" / "inputs.parquet"
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 1
         path.write_bytes(bytes(data))
@@ -89,9 +92,9 @@ def test_a_previous_index_that_cannot_be_used_means_a_full_reshard(tmp_path, dam
     else:  # an index of another version is not found as a previous run
         import json
 
-        manifest = json.loads(Path(inputs[len("file://"):]).read_text())
+        manifest = json.loads(Path(inputs[len("file://") :]).read_text())
         manifest["config"]["min_code_chars"] = manifest["config"]["min_code_chars"] + 1
-        Path(inputs[len("file://"):]).write_text(json.dumps(manifest))
+        Path(inputs[len("file://") :]).write_text(json.dumps(manifest))
         (src / FILES[0].name).write_text(FILES[0].read_text() + "\n# changed\n")
         assert run(src, tmp_path / "art").metrics["inputs_reused"] == 0
 
@@ -106,12 +109,15 @@ def test_a_file_changed_after_the_listing_is_indexed_by_the_bytes_read_and_then_
     source = config.make_source()
     source.fingerprint()  # the listing: sizes and mtimes as they were
     changed = src / FILES[1].name
-    changed.write_text(changed.read_text() + '\n\ndef added_after_listing(x):\n    """Return x, written after the '
-                       'listing."""\n    return x + 0\n')
+    changed.write_text(
+        changed.read_text() + '\n\ndef added_after_listing(x):\n    """Return x, written after the '
+        'listing."""\n    return x + 0\n'
+    )
     out = tmp_path / "out"
     shard.compute(config, out, source=source, progress=False)
-    names = {n for f in (out / "train").glob("*.parquet")
-             for n in pq.read_table(f, columns=["name"])["name"].to_pylist()}
+    names = {
+        n for f in (out / "train").glob("*.parquet") for n in pq.read_table(f, columns=["name"])["name"].to_pylist()
+    }
     row = next(r for r in pq.read_table(out / "index" / "inputs.parquet").to_pylist() if r["path"] == changed.name)
     assert "added_after_listing" in names
     assert (row["identity"], row["mtime_ns"]) == (content_identity(changed.read_bytes()), changed.stat().st_mtime_ns)
@@ -123,7 +129,7 @@ def test_a_touched_but_unchanged_file_is_hashed_and_reused_and_a_changed_one_of_
     touched, edited = src / FILES[1].name, src / FILES[2].name
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     data = bytearray(edited.read_bytes())
-    data[data.index(b"def ") + 4:data.index(b"def ") + 5] = b"Q"  # one byte: the same size, another function name
+    data[data.index(b"def ") + 4 : data.index(b"def ") + 5] = b"Q"  # one byte: the same size, another function name
     edited.write_bytes(bytes(data))
     tree(src, FILES[6:7])
     again = run(src, tmp_path / "art")
@@ -144,8 +150,10 @@ def test_the_rows_of_new_and_changed_files_are_marked_and_a_retrain_can_draw_the
     added = {f.name for f in FILES[12:14]}
     assert marked and {rows[i]["path"] for i in marked} == added
     assert [i for i, r in enumerate(rows) if r["path"] in added] == marked
-    cfg = parse(ppo_round.PPORoundConfig, {"ppo_steps": 1, "batch_size": 4, "samples_per_query": 1,
-                                           "probe_size": 8, "new_data_fraction": 0.5})
+    cfg = parse(
+        ppo_round.PPORoundConfig,
+        {"ppo_steps": 1, "batch_size": 4, "samples_per_query": 1, "probe_size": 8, "new_data_fraction": 0.5},
+    )
     batch = ppo_round.round_batch(grown.uri, cfg)
     assert len(batch) == 8 and sum(r["path"] in added for r in batch) >= 4
     uniform = ppo_round.round_batch(grown.uri, cfg.model_copy(update={"new_data_fraction": 0.0}))

@@ -1,5 +1,6 @@
 """Merge stage on the micro Llama: merged logits equal base + adapter, folders load with plain transformers, a
 merge that fails its check commits nothing."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,13 @@ def build_trained(root: Path, tokenizer, dtype: torch.dtype = torch.float32) -> 
         for role in lora.ROLES:
             for p in lora.adapter_parameters(model, role).values():
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    save_adapter_set(RoleModels(model, tokenizer, model, tokenizer), root / "adapters-src", Bases.of(base),
-                     list(lora.ROLES), {"round": 2})
+    save_adapter_set(
+        RoleModels(model, tokenizer, model, tokenizer),
+        root / "adapters-src",
+        Bases.of(base),
+        list(lora.ROLES),
+        {"round": 2},
+    )
     adapters = commit(root / "adapters-src", str(root / "adapters"), "ppo-round")
     return dict(root=root, base=base, adapters=adapters, model=model, tokenizer=tokenizer)
 
@@ -49,8 +55,13 @@ def trained(tmp_path_factory, micro_tokenizer):
 
 
 def test_merged_models_match_adapters_and_load_with_plain_transformers(trained, tmp_path):
-    out = merge.run(merge.MergeConfig(), base=trained["base"], adapters=trained["adapters"],
-                    artifact_root=str(tmp_path), progress=False)
+    out = merge.run(
+        merge.MergeConfig(),
+        base=trained["base"],
+        adapters=trained["adapters"],
+        artifact_root=str(tmp_path),
+        progress=False,
+    )
     files = out.manifest["files"]
     model, tok = trained["model"], trained["tokenizer"]
     ids = torch.tensor([tok("def add(a, b):\n    return a + b\n")["input_ids"]])
@@ -71,8 +82,12 @@ def test_merged_models_match_adapters_and_load_with_plain_transformers(trained, 
             expected = model(input_ids=ids).logits
         with torch.no_grad():
             assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
-        generated = merged.generate(**merged_tok("def f(x):", return_tensors="pt"), max_new_tokens=5,
-                                    do_sample=False, pad_token_id=merged_tok.pad_token_id)
+        generated = merged.generate(
+            **merged_tok("def f(x):", return_tensors="pt"),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=merged_tok.pad_token_id,
+        )
         assert generated.shape[1] > len(merged_tok("def f(x):")["input_ids"])
         weights[role] = merged.model.layers[0].self_attn.q_proj.weight.detach().clone()
         card = (folder / "README.md").read_text()
@@ -97,8 +112,13 @@ def test_failed_logit_check_commits_nothing(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(LoraModel, "merge_and_unload", corrupted_merge)
     with pytest.raises(merge.MergeCheckError, match="nothing was committed"):
-        merge.run(merge.MergeConfig(), base=trained["base"], adapters=trained["adapters"],
-                  artifact_root=str(tmp_path), progress=False)
+        merge.run(
+            merge.MergeConfig(),
+            base=trained["base"],
+            adapters=trained["adapters"],
+            artifact_root=str(tmp_path),
+            progress=False,
+        )
     assert not list(tmp_path.rglob(artifacts.MANIFEST_NAME))
 
 
@@ -108,8 +128,13 @@ def test_adapters_from_another_base_are_refused(trained, micro_tokenizer, tmp_pa
     micro_tokenizer.save_pretrained(tmp_path / "other-src")
     other = commit(tmp_path / "other-src", str(tmp_path / "other"), "bootstrap")
     with pytest.raises(artifacts.ArtifactError, match="the summarizer was trained on base"):
-        merge.run(merge.MergeConfig(), base=other, adapters=trained["adapters"], artifact_root=str(tmp_path / "a"),
-                  progress=False)
+        merge.run(
+            merge.MergeConfig(),
+            base=other,
+            adapters=trained["adapters"],
+            artifact_root=str(tmp_path / "a"),
+            progress=False,
+        )
     assert not list((tmp_path / "a").rglob(artifacts.MANIFEST_NAME))
 
 
@@ -121,13 +146,19 @@ def test_config_validation():
 
 
 @pytest.mark.parametrize("save_dtype, expected", [("base", torch.bfloat16), ("float32", torch.float32)])
-def test_merge_saves_in_the_base_models_published_dtype_unless_told_otherwise(save_dtype, expected, tmp_path,
-                                                                              micro_tokenizer):
+def test_merge_saves_in_the_base_models_published_dtype_unless_told_otherwise(
+    save_dtype, expected, tmp_path, micro_tokenizer
+):
     from safetensors import safe_open
 
     bf16 = build_trained(tmp_path / "bf16", micro_tokenizer, dtype=torch.bfloat16)
-    out = merge.run(merge.MergeConfig(save_dtype=save_dtype), base=bf16["base"], adapters=bf16["adapters"],
-                    artifact_root=str(tmp_path / "art"), progress=False)
+    out = merge.run(
+        merge.MergeConfig(save_dtype=save_dtype),
+        base=bf16["base"],
+        adapters=bf16["adapters"],
+        artifact_root=str(tmp_path / "art"),
+        progress=False,
+    )
     folder = storage.local_path(storage.join(out.uri, "coder"))
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {expected}
@@ -142,8 +173,13 @@ def test_merge_saves_in_the_base_models_published_dtype_unless_told_otherwise(sa
 def test_a_bfloat16_merge_passes_its_check_and_a_corrupted_one_still_fails(trained, tmp_path, monkeypatch):
     """bf16 is what dtype=auto picks on a GPU: the check's tolerance scales with the logits and the dtype, so an
     honest bf16 merge (rounding only) ships and a merge that changed the function does not."""
-    out = merge.run(merge.MergeConfig(dtype="bfloat16"), base=trained["base"], adapters=trained["adapters"],
-                    artifact_root=str(tmp_path / "ok"), progress=False)
+    out = merge.run(
+        merge.MergeConfig(dtype="bfloat16"),
+        base=trained["base"],
+        adapters=trained["adapters"],
+        artifact_root=str(tmp_path / "ok"),
+        progress=False,
+    )
     for role in lora.ROLES:
         assert 0 < out.metrics[f"max_abs_logit_diff_{role}"]  # bf16 rounding shows ...
         assert out.metrics[f"logit_diff_scaled_{role}"] <= merge.default_tolerance(torch.bfloat16)  # ... within it
@@ -158,18 +194,33 @@ def test_a_bfloat16_merge_passes_its_check_and_a_corrupted_one_still_fails(train
 
     monkeypatch.setattr(LoraModel, "merge_and_unload", corrupted_merge)
     with pytest.raises(merge.MergeCheckError, match="nothing was committed"):
-        merge.run(merge.MergeConfig(dtype="bfloat16"), base=trained["base"], adapters=trained["adapters"],
-                  artifact_root=str(tmp_path / "bad"), progress=False)
+        merge.run(
+            merge.MergeConfig(dtype="bfloat16"),
+            base=trained["base"],
+            adapters=trained["adapters"],
+            artifact_root=str(tmp_path / "bad"),
+            progress=False,
+        )
 
 
 def test_a_cast_that_changes_the_model_beyond_its_dtypes_rounding_is_refused(trained, tmp_path):
     """cast_logit_diff (the saved dtype's rounding) is checked, not only reported: fp16 at a tolerance meant for
     fp32 must fail, at its own tolerance pass."""
     with pytest.raises(merge.MergeCheckError, match="cast to float16"):
-        merge.run(merge.MergeConfig(save_dtype="float16", cast_tolerance=1e-6), base=trained["base"],
-                  adapters=trained["adapters"], artifact_root=str(tmp_path / "a"), progress=False)
-    out = merge.run(merge.MergeConfig(save_dtype="float16"), base=trained["base"], adapters=trained["adapters"],
-                    artifact_root=str(tmp_path / "b"), progress=False)
+        merge.run(
+            merge.MergeConfig(save_dtype="float16", cast_tolerance=1e-6),
+            base=trained["base"],
+            adapters=trained["adapters"],
+            artifact_root=str(tmp_path / "a"),
+            progress=False,
+        )
+    out = merge.run(
+        merge.MergeConfig(save_dtype="float16"),
+        base=trained["base"],
+        adapters=trained["adapters"],
+        artifact_root=str(tmp_path / "b"),
+        progress=False,
+    )
     assert 0 < out.metrics["cast_logit_diff_coder"]
 
 
@@ -183,12 +234,15 @@ def test_model_card_names_the_base_as_given_never_by_a_local_path_with_license_a
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# a base\n")
     built = commit(folder, str(tmp_path / "bootstrap" / "k1"), "bootstrap")
     adapters = "file:///root/ppo-round/abc"
-    for base, base_model, license_ in [(str(folder), "Qwen2.5-Coder-0.5B", "mit"),
-                                       (f"file://{folder}", "Qwen2.5-Coder-0.5B", "mit"),
-                                       ("no-such-org/no-such-model", "no-such-org/no-such-model", "other"),
-                                       (built, None, "apache-2.0")]:
-        text = merge.model_card("coder", base, adapters, {"stage": "ppo-round", "key": "abc", "round": 1}, None,
-                                {}, 0.0)
+    for base, base_model, license_ in [
+        (str(folder), "Qwen2.5-Coder-0.5B", "mit"),
+        (f"file://{folder}", "Qwen2.5-Coder-0.5B", "mit"),
+        ("no-such-org/no-such-model", "no-such-org/no-such-model", "other"),
+        (built, None, "apache-2.0"),
+    ]:
+        text = merge.model_card(
+            "coder", base, adapters, {"stage": "ppo-round", "key": "abc", "round": 1}, None, {}, 0.0
+        )
         data = ModelCard(text).data
         assert (data.base_model, data.license, data.pipeline_tag) == (base_model, license_, "text-generation"), base
         assert str(tmp_path) not in text

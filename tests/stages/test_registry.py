@@ -1,5 +1,6 @@
 """The registry is the one stage list: what the components, the pipeline's parameters, the cluster defaults, the
 CLI and the profiles hold about a stage comes from it, and no other code spells a stage's name."""
+
 from __future__ import annotations
 
 import ast
@@ -14,20 +15,27 @@ ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("blueprint", "components", "pipelines", "benchmarks")
 STAGE_LIST = ("blueprint/stages/registry.py", "pipelines/blueprint_pipeline.py")  # the registry and the DAG
 # the same word with another meaning
-OTHER_MEANINGS = {("blueprint/eval/promotion_rule.py", "promote"): "the gate's decision",
-                  ("blueprint/stages/ppo_round.py", "warmup"): "a value of the round's reference setting"}
+OTHER_MEANINGS = {
+    ("blueprint/eval/promotion_rule.py", "promote"): "the gate's decision",
+    ("blueprint/stages/ppo_round.py", "warmup"): "a value of the round's reference setting",
+}
 
 
 def stage_literals(source: str) -> list[tuple[int, str]]:
     """(line, name) of each string literal in `source` that is a stage or fan-out task name."""
     names = set(registry.task_names())
-    return [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+    ]
 
 
 def test_the_literal_scan_finds_a_stage_name_and_a_task_name():
-    assert stage_literals('run("ppo-round")\nx = {"shard-part": 1}\ny = "ppo round"') == [(1, "ppo-round"),
-                                                                                      (2, "shard-part")]
+    assert stage_literals('run("ppo-round")\nx = {"shard-part": 1}\ny = "ppo round"') == [
+        (1, "ppo-round"),
+        (2, "shard-part"),
+    ]
 
 
 def test_no_code_outside_the_registry_and_the_dag_spells_a_stage_name():
@@ -36,8 +44,11 @@ def test_no_code_outside_the_registry_and_the_dag_spells_a_stage_name():
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             if rel not in STAGE_LIST:
-                found += [f"{rel}:{line}: {name!r}" for line, name in stage_literals(path.read_text())
-                          if (rel, name) not in OTHER_MEANINGS]
+                found += [
+                    f"{rel}:{line}: {name!r}"
+                    for line, name in stage_literals(path.read_text())
+                    if (rel, name) not in OTHER_MEANINGS
+                ]
     assert not found, "use the registry's constants (registry.PPO_ROUND, ...):\n" + "\n".join(found)
 
 
@@ -59,8 +70,9 @@ def test_pipeline_parameters_are_the_registry_settings_with_their_descriptions(t
     for name, stage in registry.STAGES.items():
         assert params[stage.param]["defaultValue"] == profiles.stage_settings("smoke", name), stage.param
         assert stage.summary in params[stage.param]["description"], stage.param
-    assert all(p.get("description") for p in params.values()), [k for k, p in params.items()
-                                                               if not p.get("description")]
+    assert all(p.get("description") for p in params.values()), [
+        k for k, p in params.items() if not p.get("description")
+    ]
 
 
 def test_cluster_defaults_are_each_stages_registry_resources():
@@ -115,4 +127,3 @@ def test_stage_command_takes_the_optional_inputs_of_the_registry(tmp_path, capsy
     assert main(["stage", spec.name, *flags, "--artifact-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "missing none, unknown ['bogus']" in err
-

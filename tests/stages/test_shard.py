@@ -1,4 +1,5 @@
 """The shard stage: drops by reason, clear errors without a manifest, dedupe, split, byte identity, cache, S3."""
+
 from __future__ import annotations
 
 import hashlib
@@ -25,9 +26,11 @@ def write_tree(root: Path, n_files: int = 30, per_file: int = 4) -> Path:
     """A small corpus of distinct documented functions."""
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n_files):
-        funcs = [f'def fn_{i}_{j}(values, scale={j}):\n    """Scale the values of file {i} by {j} and sum them."""\n'
-                 f'    total = 0\n    for v in values:\n        total += v * scale + {i}\n    return total\n'
-                 for j in range(per_file)]
+        funcs = [
+            f'def fn_{i}_{j}(values, scale={j}):\n    """Scale the values of file {i} by {j} and sum them."""\n'
+            f"    total = 0\n    for v in values:\n        total += v * scale + {i}\n    return total\n"
+            for j in range(per_file)
+        ]
         (root / f"pkg_{i % 3}").mkdir(exist_ok=True)
         (root / f"pkg_{i % 3}" / f"mod_{i:03d}.py").write_text("\n\n".join(funcs))
     return root
@@ -72,9 +75,24 @@ def test_a_fifo_and_a_socket_in_the_tree_are_dropped_as_not_regular_and_never_bl
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(src / "sock.py"))
     try:  # the issue's command, as a user types it: a hang fails on the timeout
-        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "shard", "--source", f"dir:{src}", "--out",
-                               f"file://{tmp_path}/o", "--workers", "1", "--quiet"],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "shard",
+                "--source",
+                f"dir:{src}",
+                "--out",
+                f"file://{tmp_path}/o",
+                "--workers",
+                "1",
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         listener.close()
     assert done.returncode == 0, done.stderr
@@ -94,8 +112,9 @@ print(result.file_drop, result.n_bytes)
 
 def test_a_link_to_a_device_is_dropped_as_not_regular_without_reading_it(tmp_path):
     (tmp_path / "zero.py").symlink_to("/dev/zero")  # stat says 0 bytes; reading it never ends
-    done = subprocess.run([sys.executable, "-c", _READ_A_DEVICE, str(tmp_path / "zero.py")], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_A_DEVICE, str(tmp_path / "zero.py")], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.split() == ["not_regular_file", "0"]
 
@@ -149,8 +168,11 @@ def test_split_is_deterministic_by_code_hash(tmp_path):
     src = write_tree(tmp_path / "src", n_files=40)
 
     def split_ids(salt: str, num_shards: int, name: str) -> set[str]:
-        out = shard.run(cfg(src, eval_fraction=0.25, split_salt=salt, num_shards=num_shards),
-                        out_uri=str(tmp_path / name), progress=False)
+        out = shard.run(
+            cfg(src, eval_fraction=0.25, split_salt=salt, num_shards=num_shards),
+            out_uri=str(tmp_path / name),
+            progress=False,
+        )
         return {r["id"] for r in read_pairs(out.uri, "eval")}
 
     a, b = split_ids("s1", 4, "a"), split_ids("s1", 1, "b")
@@ -162,12 +184,13 @@ def test_byte_identical_across_runs_and_worker_counts(tmp_path):
     src = write_tree(tmp_path / "src", n_files=60)
     one = shard.run(cfg(src, num_shards=3, row_group_rows=16), out_uri=str(tmp_path / "w1"), progress=False)
     again = shard.run(cfg(src, num_shards=3, row_group_rows=16), out_uri=str(tmp_path / "w1b"), progress=False)
-    two = shard.run(cfg(src, num_shards=3, row_group_rows=16, workers=2), out_uri=str(tmp_path / "w2"),
-                    progress=False)
+    two = shard.run(cfg(src, num_shards=3, row_group_rows=16, workers=2), out_uri=str(tmp_path / "w2"), progress=False)
     assert two.metrics["workers"] == 2
     assert digests(one.uri) == digests(again.uri) == digests(two.uri)
-    assert sorted(digests(one.uri)) == sorted([f"{s}/part-0000{i}-of-00003.parquet" for s in ("eval", "train")
-                                               for i in range(3)] + ["index/inputs.parquet", "index/pairs.parquet"])
+    assert sorted(digests(one.uri)) == sorted(
+        [f"{s}/part-0000{i}-of-00003.parquet" for s in ("eval", "train") for i in range(3)]
+        + ["index/inputs.parquet", "index/pairs.parquet"]
+    )
 
 
 def test_workers_not_in_key_and_cache_hit(tmp_path, monkeypatch):
@@ -177,8 +200,9 @@ def test_workers_not_in_key_and_cache_hit(tmp_path, monkeypatch):
     assert not first.cached
 
     def content() -> dict:
-        return {p: p.stat().st_mtime_ns for p in storage.local_path(first.uri).rglob("*")
-                if p.name != artifacts.USED_NAME}  # the last-use stamp a hit rewrites, for gc
+        return {
+            p: p.stat().st_mtime_ns for p in storage.local_path(first.uri).rglob("*") if p.name != artifacts.USED_NAME
+        }  # the last-use stamp a hit rewrites, for gc
 
     mtimes = content()
     monkeypatch.setattr(shard, "compute", lambda *a, **k: pytest.fail("cache hit must not rebuild"))
@@ -240,8 +264,9 @@ def test_s3_output_readable_with_pyarrow(tmp_path, s3_bucket):
 
 
 def test_stdlib_source_with_limits(tmp_path):
-    out = shard.run(shard.ShardConfig(max_source_mb=0.3, max_pairs=40, num_shards=2), out_uri=str(tmp_path / "o"),
-                    progress=False)
+    out = shard.run(
+        shard.ShardConfig(max_source_mb=0.3, max_pairs=40, num_shards=2), out_uri=str(tmp_path / "o"), progress=False
+    )
     m = out.metrics
     assert m["pairs"] == 40 and m["stopped_at_max_pairs"] and m["source_fingerprint"]["kind"] == "stdlib"
     rows = read_pairs(out.uri, "train") + read_pairs(out.uri, "eval")
@@ -250,9 +275,13 @@ def test_stdlib_source_with_limits(tmp_path):
 
 
 def test_config_validation_names_the_field():
-    for bad, field in [(dict(num_shards=0), "num_shards"), (dict(eval_fraction=1.0), "eval_fraction"),
-                       (dict(source="dir"), "source"), (dict(workers=-1), "workers"),
-                       (dict(min_code_lines=5, max_code_lines=2), "max_code_lines")]:
+    for bad, field in [
+        (dict(num_shards=0), "num_shards"),
+        (dict(eval_fraction=1.0), "eval_fraction"),
+        (dict(source="dir"), "source"),
+        (dict(workers=-1), "workers"),
+        (dict(min_code_lines=5, max_code_lines=2), "max_code_lines"),
+    ]:
         with pytest.raises(ValueError, match=f"^{field}: "):
             shard.ShardConfig(**bad)
     cfg_ = parse(shard.ShardConfig, {"num_shards": "8", "languages": "Python, Cython", "max_pairs": "none"})
@@ -269,7 +298,8 @@ def test_cpu_count_default(monkeypatch):
 def test_unguarded_script_shards_with_workers_and_runs_its_code_once(tmp_path):
     """The original API's usage: top-level code, no __main__ guard. Workers must not re-run the script (spawn would)."""
     script = tmp_path / "plain.py"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         import os
         from blueprint.stages import shard
         from blueprint.config import parse
@@ -279,7 +309,8 @@ def test_unguarded_script_shards_with_workers_and_runs_its_code_once(tmp_path):
         out = shard.run(cfg, artifact_root="file://{tmp_path}/x", progress=False)
         assert out.metrics["workers"] == 2, out.metrics["workers"]
         print(out.uri)
-        """))
+        """)
+    )
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -339,4 +370,5 @@ def test_dead_worker_raises_instead_of_hanging():
 def test_one_worker_runs_in_process():
     pid = os.getpid()
     assert list(shard.ordered_map(lambda chunk: [(x, os.getpid()) for x in chunk], range(5), workers=1)) == [
-        (x, pid) for x in range(5)]  # a lambda: nothing is pickled
+        (x, pid) for x in range(5)
+    ]  # a lambda: nothing is pickled

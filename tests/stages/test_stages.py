@@ -1,4 +1,5 @@
 """The model stages end to end on stdlib shards with a micro base: bootstrap, warmup, ppo-round."""
+
 from __future__ import annotations
 
 import json
@@ -38,18 +39,20 @@ def test_bootstrap_packing_keeps_every_document_whole_from_its_head(smoke_chain)
     from blueprint.stages.bootstrap import _packed_blocks
 
     _, tokenizer = open_base(smoke_chain["base"])
-    docs = [f"### Summary:\nAdd {k} numbers.\n### Code:\n" + f"def add{k}(a, b):\n    return a + b\n" * k
-            for k in (1, 3, 2, 9)]
+    docs = [
+        f"### Summary:\nAdd {k} numbers.\n### Code:\n" + f"def add{k}(a, b):\n    return a + b\n" * k
+        for k in (1, 3, 2, 9)
+    ]
     blocks = _packed_blocks(docs, tokenizer, seq_len=64)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [tokenizer(d, add_special_tokens=False)["input_ids"] + [eos] for d in docs]
     starts = []  # every block starts with a document's first token; documents come back in order
     for row in blocks.tolist():
-        row = row[:row.index(pad)] if pad in row else row
+        row = row[: row.index(pad)] if pad in row else row
         while row:
-            doc = next(e for e in encoded if row[:len(e)] == e[:len(row)])  # the docs differ early
+            doc = next(e for e in encoded if row[: len(e)] == e[: len(row)])  # the docs differ early
             starts.append(encoded.index(doc))
-            row = row[len(doc):]
+            row = row[len(doc) :]
     assert starts == [0, 1, 2, 3]
     assert blocks.shape[1] == 65 and (blocks[-1, :65] == torch.tensor(encoded[3][:65])).all()  # only a tail is cut
 
@@ -58,8 +61,13 @@ def test_warmup_gives_the_same_adapters_for_the_same_inputs(smoke_chain, tmp_pat
     hashes = []
     for root in ("a", "b"):
         torch.rand(1000)  # disturb the global RNG: the stage seeds what it draws
-        out = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=smoke_chain["shards"],
-                         base=smoke_chain["base"], artifact_root=f"file://{tmp_path}/{root}", progress=False)
+        out = warmup.run(
+            parse(warmup.WarmupConfig, SMOKE_WARMUP),
+            shards=smoke_chain["shards"],
+            base=smoke_chain["base"],
+            artifact_root=f"file://{tmp_path}/{root}",
+            progress=False,
+        )
         hashes.append({k: f["sha256"] for k, f in out.manifest["files"].items() if k.endswith(".safetensors")})
     assert hashes[0] == hashes[1] and len(hashes[0]) == 2
 
@@ -83,11 +91,20 @@ def test_warmup_trains_only_the_adapter_in_training(smoke_chain):
 
     cfg = parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 0.05})
     pairs = read_pairs(smoke_chain["shards"], "train", limit=16)
-    data = sft.sft_datasets(pairs, tokenizer, cfg.prompt_style, cfg.max_code_tokens,
-                            cfg.max_summary_tokens)["summarizer"]
+    data = sft.sft_datasets(pairs, tokenizer, cfg.prompt_style, cfg.max_code_tokens, cfg.max_summary_tokens)[
+        "summarizer"
+    ]
     before = {k: v.detach().clone() for k, v in peft_model.named_parameters() if ".summarizer." in k}
-    run = sft.SFTRun(steps=3, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, max_length=256, task="test",
-                     lr_setting="lr", progress=False)
+    run = sft.SFTRun(
+        steps=3,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        max_length=256,
+        task="test",
+        lr_setting="lr",
+        progress=False,
+    )
     sft.train_adapter(peft_model, tokenizer, "summarizer", data, data, run)
     after = dict(peft_model.named_parameters())
     assert all(torch.equal(v, after[k]) for k, v in frozen.items()), "base or coder moved"
@@ -99,28 +116,47 @@ def test_warmup_to_s3_round_trips(smoke_chain, s3_bucket):
 
     from blueprint.stages import shard
 
-    shards = shard.run(parse(shard.ShardConfig, {**SMOKE_SHARD, "max_pairs": 200}), artifact_root=s3_bucket,
-                       progress=False).uri
+    shards = shard.run(
+        parse(shard.ShardConfig, {**SMOKE_SHARD, "max_pairs": 200}), artifact_root=s3_bucket, progress=False
+    ).uri
     base_uri = storage.join(s3_bucket, "base")
     storage.upload_dir(storage.local_path(smoke_chain["base"]), base_uri)  # a committed copy on S3
-    storage.write_bytes(artifacts.manifest_uri(base_uri),
-                        storage.read_bytes(artifacts.manifest_uri(smoke_chain["base"])))
-    out = warmup.run(parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 1}), shards=shards, base=base_uri,
-                     artifact_root=s3_bucket, progress=False)
+    storage.write_bytes(
+        artifacts.manifest_uri(base_uri), storage.read_bytes(artifacts.manifest_uri(smoke_chain["base"]))
+    )
+    out = warmup.run(
+        parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "steps": 1}),
+        shards=shards,
+        base=base_uri,
+        artifact_root=s3_bucket,
+        progress=False,
+    )
     assert out.uri.startswith("s3://") and "adapters/coder/adapter_model.safetensors" in out.manifest["files"]
 
 
 def _round(chain, **extra):
     cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, **extra})
-    return ppo_round.run(cfg, shards=chain["shards"], base=chain["base"], adapters=chain["adapters"],
-                         artifact_root=chain["root"], progress=False)
+    return ppo_round.run(
+        cfg,
+        shards=chain["shards"],
+        base=chain["base"],
+        adapters=chain["adapters"],
+        artifact_root=chain["root"],
+        progress=False,
+    )
 
 
 def test_ppo_round_commits_adapters_value_head_state_and_steps(smoke_chain):
     out = _round(smoke_chain)
     files = out.manifest["files"]
-    for rel in ("adapters/summarizer/adapter_model.safetensors", "adapters/reference/adapter_model.safetensors",
-                "value_head.safetensors", "trainer_state.safetensors", "trainer_state.json", "steps.jsonl"):
+    for rel in (
+        "adapters/summarizer/adapter_model.safetensors",
+        "adapters/reference/adapter_model.safetensors",
+        "value_head.safetensors",
+        "trainer_state.safetensors",
+        "trainer_state.json",
+        "steps.jsonl",
+    ):
         assert rel in files
     assert out.metrics["ppo_steps_done"] == 2 and out.metrics["kl_first"] == 0.0
     assert "coder_eval_loss_after" in out.metrics
@@ -128,9 +164,17 @@ def test_ppo_round_commits_adapters_value_head_state_and_steps(smoke_chain):
 
 def test_ppo_round_is_deterministic_on_cpu(smoke_chain, tmp_path):
     cfg = parse(ppo_round.PPORoundConfig, SMOKE_PPO)
-    outs = [ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"],
-                          adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/r{i}", progress=False)
-            for i in range(2)]
+    outs = [
+        ppo_round.run(
+            cfg,
+            shards=smoke_chain["shards"],
+            base=smoke_chain["base"],
+            adapters=smoke_chain["adapters"],
+            out_uri=f"file://{tmp_path}/r{i}",
+            progress=False,
+        )
+        for i in range(2)
+    ]
     sha = [{k: v["sha256"] for k, v in o.manifest["files"].items() if k.endswith(".safetensors")} for o in outs]
     assert sha[0] == sha[1]
 
@@ -150,30 +194,42 @@ def test_the_old_reference_setting_is_refused_naming_kl_anchor():
 def test_second_round_keeps_the_warmup_reference_or_takes_its_own_start_as_reference(smoke_chain, tmp_path):
     first = _round(smoke_chain)
     args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=first.uri, progress=False)
-    kept, reset = (ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "round_index": 2, "kl_anchor": anchor}),
-                                 out_uri=f"file://{tmp_path}/{anchor}", **args) for anchor in ("warmup", "round"))
+    kept, reset = (
+        ppo_round.run(
+            parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "round_index": 2, "kl_anchor": anchor}),
+            out_uri=f"file://{tmp_path}/{anchor}",
+            **args,
+        )
+        for anchor in ("warmup", "round")
+    )
     assert _adapter_sha(kept, "reference") == _adapter_sha(first, "reference")
     assert _adapter_sha(reset, "reference") == _adapter_sha(first, "summarizer") != _adapter_sha(first, "reference")
     assert reset.metrics["kl_first"] == 0.0 != kept.metrics["kl_first"]
 
 
 def test_sampled_probe_is_paired_and_leaves_training_unchanged(smoke_chain, tmp_path):
-    args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
-                progress=False)
+    args = dict(
+        shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"], progress=False
+    )
     plain = ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), out_uri=f"file://{tmp_path}/a", **args)
-    probed = ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 0, "probe_samples": 3}),
-                           out_uri=f"file://{tmp_path}/b", **args)
+    probed = ppo_round.run(
+        parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 0, "probe_samples": 3}),
+        out_uri=f"file://{tmp_path}/b",
+        **args,
+    )
     # no PPO step: the same summarizer, the same seeded draws, so before == after exactly
     assert probed.metrics["probe_sampled_before"] == probed.metrics["probe_sampled_after_ppo"]
-    again = ppo_round.run(parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "probe_samples": 3}),
-                          out_uri=f"file://{tmp_path}/c", **args)
+    again = ppo_round.run(
+        parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "probe_samples": 3}), out_uri=f"file://{tmp_path}/c", **args
+    )
     assert _adapter_sha(again, "summarizer") == _adapter_sha(plain, "summarizer")
 
 
 def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_chain, tmp_path, monkeypatch):
     cfg = parse(ppo_round.PPORoundConfig, {**SMOKE_PPO, "ppo_steps": 3, "checkpoint_every": 1})
-    args = dict(shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
-                progress=False)
+    args = dict(
+        shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"], progress=False
+    )
     straight = ppo_round.run(cfg, out_uri=f"file://{tmp_path}/straight", **args)
 
     from blueprint.rl.ppo import PPOTrainer
@@ -186,6 +242,7 @@ def test_killed_round_resumes_from_its_checkpoint_with_the_same_result(smoke_cha
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
         return real_step(self, *a, **k)
+
     monkeypatch.setattr(PPOTrainer, "ppo_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         ppo_round.run(cfg, out_uri=f"file://{tmp_path}/resumed", **args)
@@ -204,9 +261,19 @@ def test_adapters_from_another_base_are_refused(smoke_chain, tmp_path):
     other = f"file://{tmp_path}/other-base"
     model, tokenizer = open_base(smoke_chain["base"])
     torch.nn.init.normal_(model.lm_head.weight)
-    out = artifacts.reuse_or_commit("bootstrap", {"other": 1}, {},
-                                    lambda d: model.save_pretrained(d) or tokenizer.save_pretrained(d) and {},
-                                    out_uri=other)
+    out = artifacts.reuse_or_commit(
+        "bootstrap",
+        {"other": 1},
+        {},
+        lambda d: model.save_pretrained(d) or tokenizer.save_pretrained(d) and {},
+        out_uri=other,
+    )
     with pytest.raises(ArtifactError, match="trained on base"):
-        ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=smoke_chain["shards"], base=out.uri,
-                      adapters=smoke_chain["adapters"], out_uri=f"file://{tmp_path}/x", progress=False)
+        ppo_round.run(
+            parse(ppo_round.PPORoundConfig, SMOKE_PPO),
+            shards=smoke_chain["shards"],
+            base=out.uri,
+            adapters=smoke_chain["adapters"],
+            out_uri=f"file://{tmp_path}/x",
+            progress=False,
+        )

@@ -1,4 +1,5 @@
 """The commit protocol: manifest last, partial prefixes never read, tampering detected, content-addressed keys."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +24,7 @@ def _writer(text: str, calls: list[int] | None = None):
         (local / "data").mkdir()
         (local / "data" / "x.txt").write_text(text)
         return {"rows": len(text)}
+
     return build
 
 
@@ -80,6 +82,7 @@ def test_failed_build_leaves_no_manifest(root):
     def broken(local: Path) -> dict:
         (local / "f").write_text("x")
         raise ValueError("boom")
+
     with pytest.raises(ValueError, match="boom"):
         artifacts.reuse_or_commit("demo", {}, {}, broken, out_uri=storage.join(root, "o"))
     assert not storage.exists(storage.join(root, "o", artifacts.MANIFEST_NAME))
@@ -113,8 +116,9 @@ def test_stage_refuses_an_incomplete_input_before_any_work(tmp_path):
     calls: list[int] = []
     storage.write_text(f"{tmp_path}/half/file.txt", "x")
     with pytest.raises(ArtifactError, match="half"):
-        artifacts.reuse_or_commit("down", {}, {"up": f"file://{tmp_path}/half"}, _writer("d", calls),
-                                  artifact_root=f"file://{tmp_path}")
+        artifacts.reuse_or_commit(
+            "down", {}, {"up": f"file://{tmp_path}/half"}, _writer("d", calls), artifact_root=f"file://{tmp_path}"
+        )
     assert calls == []
 
 
@@ -139,12 +143,19 @@ def test_a_commit_that_fails_on_a_full_disk_removes_what_it_wrote(tmp_path):
     (local / "a_small.txt").write_text("fits")
     (local / "b_big.bin").write_bytes(b"0" * (2 << 20))
     uri = f"file://{tmp_path}/art/warmup/0123456789abcdef"
-    script = ("import resource, signal, sys\nfrom pathlib import Path\nfrom blueprint.store import artifacts\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
-              "artifacts.commit(Path(sys.argv[1]), sys.argv[2], stage='warmup', config={}, inputs={}, metrics={},"
-              " key='0123456789abcdef')\n")
-    out = subprocess.run([sys.executable, "-c", script, str(local), uri], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ))
+    script = (
+        "import resource, signal, sys\nfrom pathlib import Path\nfrom blueprint.store import artifacts\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "artifacts.commit(Path(sys.argv[1]), sys.argv[2], stage='warmup', config={}, inputs={}, metrics={},"
+        " key='0123456789abcdef')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(local), uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert out.returncode != 0 and "File too large" in out.stderr, out.stderr[-2000:]
     assert storage.list_files(uri) == {} and not storage.exists(commit_lock.lock_uri(uri))

@@ -1,4 +1,5 @@
 """Hits-only mode: a committed output is returned as usual; a stage that would compute stops before any work."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,6 +12,7 @@ def write_one(calls: list):
         calls.append(out_dir)
         (out_dir / "x.txt").write_text("x")
         return {"n": 1}
+
     return compute
 
 

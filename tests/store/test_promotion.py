@@ -1,5 +1,6 @@
 """The promoted pointer: a flat, bounded history; references relative to the root; a dead writer's lock broken;
 a broken pointer refused in one line naming it; the format before still read."""
+
 from __future__ import annotations
 
 import json
@@ -17,19 +18,31 @@ from pipelines import cli
 
 def entry(root: str, n: int) -> dict:
     """The pointer entry of promotion `n`: every location an output under `root`."""
-    return {"name": "blueprint", "models": f"{root}/merge/m{n}", "summarizer": f"{root}/merge/m{n}/summarizer",
-            "coder": f"{root}/merge/m{n}/coder", "evaluation": f"{root}/evaluate/e{n}",
-            "adapters": f"{root}/ppo-round/a{n}", "base": "org/some-model", "coder_base": "",
-            "shards": f"{root}/shard/s", "gate": f"{root}/gate/g{n}", "run": f"run-{n}",
-            "metrics": {"reward_gen_mean": float(n)}, "why": "better", "promoted_at": f"2026-01-01T00:00:{n % 60:02d}Z"}
+    return {
+        "name": "blueprint",
+        "models": f"{root}/merge/m{n}",
+        "summarizer": f"{root}/merge/m{n}/summarizer",
+        "coder": f"{root}/merge/m{n}/coder",
+        "evaluation": f"{root}/evaluate/e{n}",
+        "adapters": f"{root}/ppo-round/a{n}",
+        "base": "org/some-model",
+        "coder_base": "",
+        "shards": f"{root}/shard/s",
+        "gate": f"{root}/gate/g{n}",
+        "run": f"run-{n}",
+        "metrics": {"reward_gen_mean": float(n)},
+        "why": "better",
+        "promoted_at": f"2026-01-01T00:00:{n % 60:02d}Z",
+    }
 
 
 def promote_once(root: str, n: int, keep: int = 20) -> None:
     """What the promote stage writes for promotion `n`: the new entry, the champion heading its history."""
     champion, version = promotion.read_pointer(root, "blueprint")
     gate = {"name": "blueprint", "why": "better", "challenger": entry(root, n)}
-    promotion.write_pointer(root, "blueprint", promote.new_pointer(gate, champion, f"run-{n}", f"{root}/gate/g{n}",
-                                                                   keep), version)
+    promotion.write_pointer(
+        root, "blueprint", promote.new_pointer(gate, champion, f"run-{n}", f"{root}/gate/g{n}", keep), version
+    )
 
 
 def old_nested_pointer(root: str, depth: int) -> str:
@@ -57,8 +70,14 @@ def test_many_promotions_keep_a_flat_history_capped_at_the_setting(root):
     assert [e["run"] for e in stored["history"]] == ["run-28", "run-27", "run-26", "run-25", "run-24"]
     assert all("history" not in e and "previous" not in e for e in stored["history"])
     pointer, _ = promotion.read_pointer(root, "blueprint")
-    assert [e["run"] for e in promotion.history(pointer)] == ["run-29", "run-28", "run-27", "run-26", "run-25",
-                                                               "run-24"]
+    assert [e["run"] for e in promotion.history(pointer)] == [
+        "run-29",
+        "run-28",
+        "run-27",
+        "run-26",
+        "run-25",
+        "run-24",
+    ]
 
 
 def test_a_pointer_stores_locations_relative_to_its_root_and_a_model_id_as_given(root):
@@ -172,4 +191,3 @@ def test_a_damaged_pointer_is_one_line_naming_it_in_promoted_and_gc(tmp_path, ca
         assert cli.main(command) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "promoted/blueprint.json is corrupted" in err, err
-

@@ -1,4 +1,5 @@
 """Retention: only what no promoted model and none of the last K runs reaches goes, files first, manifest last."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -108,6 +109,7 @@ def writes(text: str):
     def compute(local: Path) -> dict:
         (local / "data.txt").write_text(text)
         return {}
+
     return compute
 
 

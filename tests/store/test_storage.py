@@ -1,4 +1,5 @@
 """The URI layer: the same behaviour on file:// and on a real S3 endpoint (loopback), and clear failures."""
+
 from __future__ import annotations
 
 import time

@@ -1,5 +1,6 @@
 """A store you can trust: nothing in a bucket runs code, nothing that is not a stage's own output is replaced,
 inputs are verified as they are read, and settings that cannot be are refused (file:// and loopback S3)."""
+
 from __future__ import annotations
 
 import pickle
@@ -27,15 +28,27 @@ class Planted:
 def _plant_checkpoint(chain, tmp_path: Path, out_uri: str, name: str) -> Path:
     """Commit, as a bucket writer could, a ppo-round checkpoint whose trainer state is a code-running pickle."""
     cfg = parse(ppo_round.PPORoundConfig, SMOKE_PPO)
-    real = ppo_round.run(cfg, shards=chain["shards"], base=chain["base"], adapters=chain["adapters"],
-                         artifact_root=chain["root"], progress=False)
+    real = ppo_round.run(
+        cfg,
+        shards=chain["shards"],
+        base=chain["base"],
+        adapters=chain["adapters"],
+        artifact_root=chain["root"],
+        progress=False,
+    )
     local, _ = artifacts.download_artifact(real.uri, tmp_path / "copy")
     marker = tmp_path / "marker"
     for f in local.glob("trainer_state.*"):
         f.unlink()
     (local / name).write_bytes(pickle.dumps(Planted(marker)))
-    artifacts.commit(local, storage.join(out_uri, ppo_round.CHECKPOINT), stage="ppo-round-checkpoint", config={},
-                     inputs={}, metrics={})
+    artifacts.commit(
+        local,
+        storage.join(out_uri, ppo_round.CHECKPOINT),
+        stage="ppo-round-checkpoint",
+        config={},
+        inputs={},
+        metrics={},
+    )
     return marker
 
 
@@ -45,8 +58,14 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_not_executed(smoke_chain, t
     marker = _plant_checkpoint(smoke_chain, tmp_path, out_uri, name)
     cfg = parse(ppo_round.PPORoundConfig, SMOKE_PPO)
     with pytest.raises(artifacts.ArtifactError, match="pickle|not a valid training state"):
-        ppo_round.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], adapters=smoke_chain["adapters"],
-                      out_uri=out_uri, progress=False)
+        ppo_round.run(
+            cfg,
+            shards=smoke_chain["shards"],
+            base=smoke_chain["base"],
+            adapters=smoke_chain["adapters"],
+            out_uri=out_uri,
+            progress=False,
+        )
     assert not marker.exists(), "the planted pickle ran"
     assert not storage.exists(artifacts.manifest_uri(out_uri)), "a round from a planted state was committed"
 
@@ -65,8 +84,16 @@ def test_no_pickle_loading_and_no_remote_code_anywhere_in_the_package():
                 assert needle not in text, f"{path.relative_to(root)} uses {needle}"
 
 
-@pytest.mark.parametrize("setting, value", [("warmup.lr", "inf"), ("warmup.lr", "nan"), ("warmup.steps", "1e9999"),
-                                            ("ppo-round.seed", str(2**64)), ("shard.eval_fraction", "-inf")])
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("warmup.lr", "inf"),
+        ("warmup.lr", "nan"),
+        ("warmup.steps", "1e9999"),
+        ("ppo-round.seed", str(2**64)),
+        ("shard.eval_fraction", "-inf"),
+    ],
+)
 def test_numbers_that_cannot_be_are_refused_naming_the_setting(setting, value, tmp_path, capsys):
     from pipelines.cli import main
 
@@ -83,8 +110,13 @@ def test_a_diverging_warmup_fails_naming_lr_and_commits_nothing(smoke_chain, tmp
 
     cfg = parse(warmup.WarmupConfig, {**SMOKE_WARMUP, "lr": 1e38})
     with pytest.raises(NonFiniteLoss, match="lower 'lr'"):
-        warmup.run(cfg, shards=smoke_chain["shards"], base=smoke_chain["base"], artifact_root=f"file://{tmp_path}",
-                   progress=False)
+        warmup.run(
+            cfg,
+            shards=smoke_chain["shards"],
+            base=smoke_chain["base"],
+            artifact_root=f"file://{tmp_path}",
+            progress=False,
+        )
     assert artifacts.cached_outputs(f"file://{tmp_path}") == []
 
 
@@ -99,9 +131,27 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
     runs = []
     for i in range(2):
         (tmp_path / f"run{i}").mkdir()
-        runs.append(subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke", "--epochs",
-                                      "1", "--artifact-root", root], cwd=tmp_path / f"run{i}", env=dict(os.environ),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        runs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.cli",
+                    "run",
+                    "--profile",
+                    "smoke",
+                    "--epochs",
+                    "1",
+                    "--artifact-root",
+                    root,
+                ],
+                cwd=tmp_path / f"run{i}",
+                env=dict(os.environ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         time.sleep(0.5)
     outputs = [run.communicate(timeout=900) for run in runs]
     for run, (out, err) in zip(runs, outputs, strict=True):
@@ -109,8 +159,16 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
     models = [next(line for line in out.splitlines() if line.startswith("merged models:")) for out, _ in outputs]
     assert models[0] == models[1]
     rows = artifacts.cached_outputs(root)
-    assert sorted({r["stage"] for r in rows}) == ["bootstrap", "evaluate", "gate", "merge", "ppo-round", "shard",
-                                                  "shard-part", "warmup"]
+    assert sorted({r["stage"] for r in rows}) == [
+        "bootstrap",
+        "evaluate",
+        "gate",
+        "merge",
+        "ppo-round",
+        "shard",
+        "shard-part",
+        "warmup",
+    ]
     from blueprint.store import promotion
 
     pointer, _ = promotion.read_pointer(root, "blueprint")  # the untuned smoke model misses the sanity floors
@@ -129,8 +187,9 @@ def _copy_artifact(uri: str, target: str, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("store", ["file", "s3"])
 @pytest.mark.parametrize("where", ["middle", "footer"])
-def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_trains_on_it(smoke_chain, tmp_path,
-                                                                                         request, store, where):
+def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_trains_on_it(
+    smoke_chain, tmp_path, request, store, where
+):
     from conftest import SMOKE_WARMUP
 
     from blueprint.data.readers import read_pairs
@@ -151,11 +210,15 @@ def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_train
     assert [r["stage"] for r in artifacts.cached_outputs(root)] == ["shard"], "a stage committed from damaged input"
 
 
-@pytest.mark.parametrize("base, offline, says", [("/nonexistent/model", False, "no such directory"),
-                                                  ("./not-here", False, "no such directory"),
-                                                  ("org/not-cached-model", True, "HF_HUB_OFFLINE")])
-def test_a_base_that_cannot_load_is_refused_before_the_first_stage(base, offline, says, tmp_path, capsys,
-                                                                   monkeypatch):
+@pytest.mark.parametrize(
+    "base, offline, says",
+    [
+        ("/nonexistent/model", False, "no such directory"),
+        ("./not-here", False, "no such directory"),
+        ("org/not-cached-model", True, "HF_HUB_OFFLINE"),
+    ],
+)
+def test_a_base_that_cannot_load_is_refused_before_the_first_stage(base, offline, says, tmp_path, capsys, monkeypatch):
     from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -180,12 +243,19 @@ def _chain(root: str) -> dict[str, artifacts.StageOutput]:
     out["bootstrap"] = bootstrap.run(parse(bootstrap.BootstrapConfig, SMOKE_BOOTSTRAP), shards=s, **kw)
     b = out["bootstrap"].uri
     out["warmup"] = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=s, base=b, **kw)
-    out["ppo-round"] = ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=s, base=b,
-                                     adapters=out["warmup"].uri, **kw)
-    out["evaluate"] = evaluate.run(parse(evaluate.EvaluateConfig, {"max_examples": 8, "max_new_tokens": 8}),
-                                   shards=s, base=b, adapters=out["ppo-round"].uri, **kw)
-    out["merge"] = merge.run(parse(merge.MergeConfig, {}), base=b, adapters=out["ppo-round"].uri,
-                             evaluation=out["evaluate"].uri, **kw)
+    out["ppo-round"] = ppo_round.run(
+        parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=s, base=b, adapters=out["warmup"].uri, **kw
+    )
+    out["evaluate"] = evaluate.run(
+        parse(evaluate.EvaluateConfig, {"max_examples": 8, "max_new_tokens": 8}),
+        shards=s,
+        base=b,
+        adapters=out["ppo-round"].uri,
+        **kw,
+    )
+    out["merge"] = merge.run(
+        parse(merge.MergeConfig, {}), base=b, adapters=out["ppo-round"].uri, evaluation=out["evaluate"].uri, **kw
+    )
     return out
 
 
@@ -201,8 +271,14 @@ def test_a_copied_root_keeps_every_cache_hit_even_where_outputs_are_recomputed(t
     for stage in ("warmup", "ppo-round"):  # recomputed in the copy: same bytes, so what follows stays a hit
         shutil.rmtree(storage.local_path(first[stage].uri.replace(f"{tmp_path}/a", f"{tmp_path}/b")))
     again = _chain(f"file://{tmp_path}/b")
-    assert {s: o.cached for s, o in again.items()} == {"shard": True, "bootstrap": True, "warmup": False,
-                                                       "ppo-round": False, "evaluate": True, "merge": True}
+    assert {s: o.cached for s, o in again.items()} == {
+        "shard": True,
+        "bootstrap": True,
+        "warmup": False,
+        "ppo-round": False,
+        "evaluate": True,
+        "merge": True,
+    }
 
 
 def test_training_state_round_trips_without_name_clashes_and_refuses_a_foreign_json(tmp_path):
@@ -232,8 +308,10 @@ def test_a_lock_left_by_a_dead_writer_or_holding_garbage_is_broken_and_a_live_on
     root = f"file://{tmp_path}" if store == "file" else request.getfixturevalue("s3_bucket")
     prefix = storage.join(root, "stage", "key")
     lock = commit_lock.lock_uri(prefix)
-    for dead in ({**commit_lock.writer_identity(), "pid": 2**22 + 17},  # same host and pid namespace, pid gone
-                 "{half a lock"):
+    for dead in (
+        {**commit_lock.writer_identity(), "pid": 2**22 + 17},  # same host and pid namespace, pid gone
+        "{half a lock",
+    ):
         storage.write_text(lock, dead if isinstance(dead, str) else json.dumps(dead))
         with commit_lock.held(prefix, done=lambda: False, wait_seconds=5) as refresh:
             assert refresh is not None
