@@ -18,9 +18,9 @@ import sys
 import tempfile
 import time
 
-RUN = [sys.executable, "-m", "pipelines.cli", "run", "--profile", "smoke"]
+RUN = [sys.executable, "-m", "blueprint.pipelines.cli", "run", "--profile", "smoke"]
 IMPORTS = (
-    "import kfp.local, pipelines.cli, pipelines.local_run; from blueprint.stages import registry; "
+    "import kfp.local, blueprint.pipelines.cli, blueprint.pipelines.local_run; from blueprint.stages import registry; "
     "[spec.config_type() for spec in registry.STAGES.values()]"
 )  # what a run imports before its first task
 

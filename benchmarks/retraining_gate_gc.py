@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from blueprint.pipelines import cli, local_run
 from blueprint.stages import registry
 from blueprint.store import storage
-from pipelines import cli, local_run
 
 
 def main() -> None:

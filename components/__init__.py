@@ -1,5 +1,5 @@
 """KFP v2 components, one per stage: thin wrappers over `blueprint.runtime.task.run_stage_task`."""
 
-from components.stages import DEFAULT_IMAGE, build_components
+from blueprint.components.stages import DEFAULT_IMAGE, build_components
 
 __all__ = ["DEFAULT_IMAGE", "build_components"]

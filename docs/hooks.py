@@ -43,8 +43,8 @@ def fields_table(config: type) -> str:
 
 def settings_reference() -> str:
     """Every stage's settings in registry order, then the cluster settings."""
+    from blueprint.pipelines.cluster import ClusterSettings
     from blueprint.stages.registry import STAGES
-    from pipelines.cluster import ClusterSettings
 
     parts = []
     for spec in STAGES.values():

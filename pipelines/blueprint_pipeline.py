@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 
 from kfp import compiler, dsl
 
+from blueprint.components import DEFAULT_IMAGE, build_components
 from blueprint.config import ConfigError
 from blueprint.stages import profiles, registry
-from components import DEFAULT_IMAGE, build_components
 
 PIPELINE_NAME = "blueprint"
 DESCRIPTION = (

@@ -127,7 +127,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _stage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """`--set warmup.steps=20` and config-file mappings {stage: {key: value}} -> {stage: {key: value}}."""
-    from pipelines.local_run import PIPELINE_STAGES
+    from blueprint.pipelines.local_run import PIPELINE_STAGES
 
     nested: dict[str, dict[str, Any]] = {}
     if args.config:
@@ -148,7 +148,7 @@ def _stage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines import local_run
+    from blueprint.pipelines import local_run
 
     plan = local_run.plan(
         profile=args.profile,
@@ -169,8 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from components import DEFAULT_IMAGE
-    from pipelines import kubeflow
+    from blueprint.components import DEFAULT_IMAGE
+    from blueprint.pipelines import kubeflow
 
     args.image = DEFAULT_IMAGE if args.image is None else args.image
     # cluster flags / --cluster-config -> validated ClusterSettings -> the pipeline's configure_task hook
@@ -301,11 +301,12 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("uris", nargs="+")
     cmp.set_defaults(func=cmd_compare)
 
-    from pipelines import kubeflow, schedules  # submit, the cluster flags of compile, and the schedule commands
+    # submit, the cluster flags of compile, and the schedule commands
+    from blueprint.pipelines import kubeflow, schedules
 
     kubeflow.add_commands(sub, c)
     schedules.add_commands(sub)
-    from pipelines import store_commands  # promoted / gc: the artifact root only
+    from blueprint.pipelines import store_commands  # promoted / gc: the artifact root only
 
     store_commands.add_commands(sub)
 

@@ -1,5 +1,5 @@
-"""Regenerate the golden snapshots the tests compare against: `python -m pipelines.golden` (the compiled pipeline,
-and the TrainJob a multi-node stage creates).
+"""Regenerate the golden snapshots the tests compare against: `python -m blueprint.pipelines.golden` (the compiled
+pipeline, and the TrainJob a multi-node stage creates).
 
 Like the KFP SDK's own compiler tests, a change to the DAG, a component or a default shows up as a YAML diff
 that a reviewer reads; regenerate the snapshots on purpose, never to make a test pass blindly.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from blueprint.pipelines import cluster, compile_pipeline
 from blueprint.stages import registry
-from pipelines import cluster, compile_pipeline
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 GOLDEN_IMAGE = "ghcr.io/blueprint-rt/blueprint:golden"

@@ -5,8 +5,8 @@ Everything that can be checked without the cluster is checked before the first r
 parameter names and types, every stage's settings, cluster settings), so a typo costs a second, not a failed
 run. Network failures become one line naming the host (exit 2), never a traceback.
 
-Recurring retraining (`schedule`, `schedules`, `unschedule`, by name) lives in `pipelines.schedules`; cron
-normalisation in `pipelines.cron`; what a warm-started warmup pod does, in `blueprint.runtime.warm_start`.
+Recurring retraining (`schedule`, `schedules`, `unschedule`, by name) lives in `blueprint.pipelines.schedules`; cron
+normalisation in `blueprint.pipelines.cron`; what a warm-started warmup pod does, in `blueprint.runtime.warm_start`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 
 from blueprint.config import ConfigError
 from blueprint.errors import UserError
+from blueprint.pipelines import cluster
+from blueprint.pipelines.package import parse_params, pipeline_parameters, read_package, s3_secret_names
 from blueprint.stages import registry
 from blueprint.store import storage
-from pipelines import cluster
-from pipelines.package import parse_params, pipeline_parameters, read_package, s3_secret_names
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 HOST_ENV = "KF_PIPELINES_ENDPOINT"
@@ -108,8 +108,8 @@ def compile_package(
     path: str, *, epochs: int, profile: str, image: str, artifact_root: str, settings: cluster.ClusterSettings
 ) -> str:
     """Compile the pipeline with `settings` applied to every task; warn when S3 has no credentials secret."""
+    from blueprint.pipelines import compile_pipeline
     from blueprint.stages import profiles
-    from pipelines import compile_pipeline
 
     profiles.stage_settings(profile, registry.SHARD)  # unknown profile -> ValueError naming it
     storage.refuse_credentials(artifact_root, setting="--artifact-root")  # it becomes a YAML default
@@ -229,7 +229,7 @@ def pipeline_package(args: argparse.Namespace, warm_start: bool = False) -> Iter
             )
         yield args.package
         return
-    from components import DEFAULT_IMAGE
+    from blueprint.components import DEFAULT_IMAGE
 
     settings = cluster_settings(args)
     if warm_start:  # same parameters every run: a KFP cache hit would hand back last run's warmup forever
@@ -333,8 +333,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction, compile_parser: argparse.ArgumentParser) -> None:
-    """Register `submit` and the cluster flags on `compile` (the schedule commands, `pipelines.schedules`, build on
-    this module and register themselves)."""
+    """Register `submit` and the cluster flags on `compile` (the schedule commands, `blueprint.pipelines.schedules`,
+    build on this module; the command line registers them)."""
     add_cluster_flags(compile_parser)
 
     s = sub.add_parser("submit", help="compile and start one run on Kubeflow Pipelines")

@@ -84,7 +84,7 @@ def plan(
 def condensed_output(verbose: bool, labels: dict[str, str], log_path: Path):
     """kfp.local's output as one line per task plus the stages' own lines (all of it when `verbose`), all of it
     in `log_path`; a failed task raises TaskFailed with its own error line instead of kfp's RuntimeError."""
-    from pipelines.run_log import TaskLogFilter
+    from blueprint.pipelines.run_log import TaskLogFilter
 
     log = TaskLogFilter(sys.stdout, labels, verbose=verbose, log_path=log_path)
     with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.closing(log):
@@ -121,8 +121,8 @@ def run(
     """Execute the pipeline through kfp.local; returns its outputs and wall time."""
     from kfp import local
 
-    from pipelines import build_pipeline
-    from pipelines.cache_hits import answering_hits
+    from blueprint.pipelines import build_pipeline
+    from blueprint.pipelines.cache_hits import answering_hits
 
     root = plan_.arguments["artifact_root"]
     local_root = Path(local_root or default_local_root(root)).resolve()
@@ -130,7 +130,7 @@ def run(
     if runner == "subprocess":
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(local_root))
     elif runner == "docker":
-        from pipelines.docker_runner import docker_runner
+        from blueprint.pipelines.docker_runner import docker_runner
 
         docker, image = docker_runner(image, plan_.arguments["artifact_root"])
         local.init(runner=docker, pipeline_root=str(local_root))

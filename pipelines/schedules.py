@@ -26,10 +26,10 @@ from typing import Any, NamedTuple
 
 from blueprint.config import ConfigError
 from blueprint.errors import UserError
-from pipelines import kubeflow
-from pipelines.cron import kfp_cron
-from pipelines.kubeflow import KubeflowError, talking_to
-from pipelines.package import pipeline_parameters, read_package, warmup_cached
+from blueprint.pipelines import kubeflow
+from blueprint.pipelines.cron import kfp_cron
+from blueprint.pipelines.kubeflow import KubeflowError, talking_to
+from blueprint.pipelines.package import pipeline_parameters, read_package, warmup_cached
 
 PAGE_SIZE = 100
 

@@ -16,7 +16,7 @@ def launcher_command(
     the compiled container spec (image, env) they belong to."""
     from kfp.local import executor_input_utils, placeholder_utils
 
-    from pipelines import compile_pipeline
+    from blueprint.pipelines import compile_pipeline
 
     path = compile_pipeline(
         str(task_root.parent / "pipeline.yaml"), epochs=1, image=image, artifact_root="file:///unused"

@@ -220,7 +220,7 @@ def test_smoke_pipeline_runs_every_stage_in_the_image_through_the_docker_runner(
     cmd = [
         sys.executable,
         "-m",
-        "pipelines.cli",
+        "blueprint.pipelines.cli",
         "run",
         "--profile",
         "smoke",
@@ -311,7 +311,7 @@ def test_docker_runner_refuses_an_image_the_engine_does_not_have(engine, docker_
         [
             sys.executable,
             "-m",
-            "pipelines.cli",
+            "blueprint.pipelines.cli",
             "run",
             "--profile",
             "smoke",

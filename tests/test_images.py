@@ -11,7 +11,9 @@ import runpy
 import shutil
 import subprocess
 import sys
+import tomllib
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,18 @@ from blueprint.store import artifacts
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 LOCK = runpy.run_path(str(DOCKER / "lock.py"))
-PROJECT_PACKAGES = ("blueprint", "components", "pipelines")  # what the wheel ships (pyproject packages.find)
+SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+FOLDERS = SETUPTOOLS["package-dir"]  # {"blueprint.pipelines": "pipelines", ...}: folders installed under blueprint
+
+
+def _lay_out_package(deps: Path) -> None:
+    """The installed package as the wheel lays it out (blueprint/, with components/ and pipelines/ inside it),
+    made of links to the repository's files."""
+    (deps / "blueprint").mkdir()
+    for entry in (REPO / "blueprint").iterdir():
+        (deps / "blueprint" / entry.name).symlink_to(entry)
+    for package, folder in FOLDERS.items():
+        (deps / package.replace(".", "/")).symlink_to(REPO / folder)
 
 
 def _pins(path: Path) -> dict[str, str]:
@@ -122,8 +135,7 @@ def _fresh_env(tmp_path: Path) -> dict[str, str]:
                     target.symlink_to(site.joinpath(*prefix))
                     linked.add(prefix)
                     break
-    for package in PROJECT_PACKAGES:
-        (deps / package).symlink_to(REPO / package)
+    _lay_out_package(deps)
     venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp_path / "venv")
     (next((tmp_path / "venv" / "lib").glob("python*/site-packages")) / "locked.pth").write_text(f"{deps}\n")
     return {
@@ -261,3 +273,39 @@ def test_envcheck_names_a_declared_dependency_that_is_missing_and_a_module_that_
     assert envcheck.problems(modules=("no_such_module_xyz",)) == [
         "no_such_module_xyz: import failed: ModuleNotFoundError: No module named 'no_such_module_xyz'"
     ]
+
+
+def test_the_package_list_is_every_folder_of_the_package():
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "blueprint").rglob("__init__.py")}
+    on_disk |= {package for package, folder in FOLDERS.items() if (REPO / folder / "__init__.py").exists()}
+    assert sorted(SETUPTOOLS["packages"]) == sorted(on_disk)
+
+
+def test_the_wheel_installs_one_top_level_name_the_projects_own(tmp_path):
+    src = tmp_path / "src"  # a copy: setuptools builds in the source tree, and a stale build/ there would leak in
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("blueprint", *FOLDERS.values()):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"blueprint"}
+    assert "blueprint/pipelines/cli.py" in names and "blueprint/components/stages.py" in names

@@ -8,17 +8,23 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("blueprint", "components", "pipelines")
-LAYERS = {"blueprint": 0, "components": 1, "pipelines": 2}  # a module imports its own layer or the ones below
+# folder -> the package it installs as (pyproject's package-dir), and the layers: a module imports its own layer or
+# the ones below
+PACKAGES = {"blueprint": "blueprint", "components": "blueprint.components", "pipelines": "blueprint.pipelines"}
+LAYERS = {"blueprint.components": 1, "blueprint.pipelines": 2}  # the rest of blueprint: 0
+
+
+def layer(module: str) -> int:
+    return next((n for prefix, n in LAYERS.items() if module == prefix or module.startswith(prefix + ".")), 0)
 
 
 def module_files(root: Path = REPO) -> dict[str, Path]:
     """{dotted module name: file} of every module of the package (a package is its __init__)."""
     found = {}
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = path.relative_to(root).with_suffix("").parts
-            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for folder, package in PACKAGES.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            found[".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)])] = path
     return found
 
 
@@ -82,7 +88,7 @@ def test_imports_point_one_way_library_components_pipelines():
         f"{name} imports {other}"
         for name, others in import_graph().items()
         for other in sorted(others)
-        if LAYERS[other.split(".")[0]] > LAYERS[name.split(".")[0]]
+        if layer(other) > layer(name)
     ]
     assert upward == []
 

@@ -77,8 +77,8 @@ def test_every_stage_setting_has_help_and_an_unknown_key_is_named():
 def test_stage_help_lists_every_setting(capsys):
     import pytest
 
+    from blueprint.pipelines.cli import main
     from blueprint.stages import registry
-    from pipelines.cli import main
 
     with pytest.raises(SystemExit) as done:
         main(["stage", "ppo-round", "--help"])

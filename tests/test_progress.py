@@ -77,7 +77,7 @@ def test_a_resumed_loop_counts_from_where_it_resumed_and_off_means_silent():
 
 def _blueprint(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "blueprint.pipelines.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
     )
 
 

@@ -61,7 +61,7 @@ def test_vllm_on_several_processes_is_refused_before_launch_with_one_line():
 def test_engine_vllm_without_vllm_fails_before_the_first_stage_naming_the_setting_and_package(tmp_path):
     """A real `blueprint run` in a process where the vllm package cannot be imported."""
     code = (
-        "import sys; sys.modules['vllm'] = None; from pipelines.cli import main; "
+        "import sys; sys.modules['vllm'] = None; from blueprint.pipelines.cli import main; "
         f"sys.exit(main(['run', '--profile', 'smoke', '--artifact-root', {str(tmp_path / 'a')!r}, "
         "'--set', 'ppo-round.engine=vllm']))"
     )

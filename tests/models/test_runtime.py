@@ -45,7 +45,7 @@ def test_flash_attention_without_cuda_is_refused_naming_the_setting():
 
 @needs_no_cuda
 def test_device_cuda_without_cuda_fails_before_the_first_stage(tmp_path, capsys):
-    from pipelines.cli import main
+    from blueprint.pipelines.cli import main
 
     assert main(["run", "--profile", "smoke", "--artifact-root", str(tmp_path), "--set", "warmup.device=cuda"]) == 2
     err = capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_out_of_memory_names_the_settings_to_lower():
 def test_gpu_compile_sets_device_cuda_for_the_gpu_stages_only(tmp_path):
     import yaml
 
-    from pipelines import cli
+    from blueprint.pipelines import cli
 
     out = tmp_path / "p.yaml"
     assert cli.main(["compile", "--out", str(out), "--gpu"]) == 0

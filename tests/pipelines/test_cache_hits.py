@@ -7,8 +7,8 @@ import shutil
 
 from kfp import dsl, local
 
+from blueprint.pipelines.cache_hits import answering_hits
 from blueprint.store import storage
-from pipelines.cache_hits import answering_hits
 
 STARTED = "Looking for component"  # the first line of a task's own process (kfp's executor_main)
 

@@ -12,7 +12,7 @@ from blueprint.store import artifacts, storage
 
 def blueprint(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "blueprint.pipelines.cli", *args], capture_output=True, text=True, timeout=300, env=env
     )
 
 
@@ -92,8 +92,8 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch, tmp_path):
     """One error model: only UserError (settings, inputs, storage) is one line and exit 2; a bug keeps its
     traceback (here a plain ValueError raised inside `blueprint ls`)."""
     from blueprint.errors import UserError
+    from blueprint.pipelines.cli import main
     from blueprint.store import artifacts
-    from pipelines.cli import main
 
     def broken(root):
         raise ValueError("a bug, not the user's fault")

@@ -19,7 +19,7 @@ def test_output_into_a_closed_pipe_ends_quietly_without_a_traceback(tmp_path):
     os.close(read)  # the reader has already exited: every write is EPIPE
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", "ls", "--json", str(tmp_path)],
+            [sys.executable, "-m", "blueprint.pipelines.cli", "ls", "--json", str(tmp_path)],
             stdout=write,
             stderr=subprocess.PIPE,
             text=True,
@@ -37,7 +37,7 @@ def test_output_into_a_pipe_the_reader_closes_after_one_line_ends_quietly(tmp_pa
     for n in range(400):  # more output than a pipe buffer holds, so the writer meets the closed pipe mid-way
         storage.write_json(f"file://{tmp_path}/warmup/k{n:04d}/_MANIFEST.json", {"stage": "warmup", "files": {}})
     done = subprocess.run(
-        f"{sys.executable} -m pipelines.cli ls --json {tmp_path} | head -1",
+        f"{sys.executable} -m blueprint.pipelines.cli ls --json {tmp_path} | head -1",
         shell=True,
         capture_output=True,
         text=True,
@@ -56,7 +56,7 @@ def test_output_into_a_pipe_the_reader_closes_after_one_line_ends_quietly(tmp_pa
     ],
 )
 def test_a_mistyped_setting_or_stage_is_answered_with_the_closest_name(flags, suggestion, tmp_path, capsys):
-    from pipelines.cli import main
+    from blueprint.pipelines.cli import main
 
     (tmp_path / "run.yaml").write_text("warmup:\n  stepz: 3\n")
     flags = [f.format(config=tmp_path / "run.yaml") for f in flags]

@@ -14,11 +14,11 @@ from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from blueprint.config import ConfigError
+from blueprint.pipelines import cli, cluster
+from blueprint.pipelines import cron as cron_module
 from blueprint.runtime import warm_start
 from blueprint.stages import profiles
 from blueprint.store import artifacts
-from pipelines import cli, cluster
-from pipelines import cron as cron_module
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.pipelines import kfp_fake
 
@@ -302,7 +302,7 @@ def test_schedule_warm_start_turns_the_warmup_cache_off_and_sets_the_parameter(k
             "s3-creds",
         ]
     )
-    from pipelines import build_pipeline
+    from blueprint.pipelines import build_pipeline
 
     wired = "warm_start" in build_pipeline(epochs=1, image=IMAGE).pipeline_spec.root.input_definitions.parameters
     if not wired:  # until the warmup component takes warm_start: a clear refusal, and nothing sent

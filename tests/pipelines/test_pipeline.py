@@ -19,8 +19,8 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from blueprint.config import ConfigError
 from blueprint.eval.promotion_rule import missed_floors
+from blueprint.pipelines import golden, local_run
 from blueprint.store import artifacts, storage
-from pipelines import golden, local_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def test_compiled_pipeline_matches_golden_snapshot(name, tmp_path):
     expected = yaml.safe_load((golden.GOLDEN_DIR / name).read_text())
     assert fresh == expected, (
         f"compiled pipeline differs from tests/golden/{name}: review the diff, then "
-        "regenerate with `python -m pipelines.golden`"
+        "regenerate with `python -m blueprint.pipelines.golden`"
     )
 
 
@@ -191,7 +191,7 @@ def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke
     blueprint = [
         sys.executable,
         "-m",
-        "pipelines.cli",
+        "blueprint.pipelines.cli",
         "stage",
         "ppo-round",
         "--quiet",
@@ -284,7 +284,7 @@ def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(
     no recent run frees the loser's own outputs, and a rerun of the promoted run's settings is all cache hits."""
     from transformers import AutoModelForCausalLM
 
-    from pipelines import cli
+    from blueprint.pipelines import cli
 
     monkeypatch.chdir(tmp_path)
     root = f"file://{tmp_path}/art"

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from pipelines import cli, schedules
+from blueprint.pipelines import cli, schedules
 from tests.pipelines import kfp_fake
 
 kfp_server = kfp_fake.kfp_server  # the fake KFP REST server, as this module's fixture

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from blueprint.config import ConfigError
+from blueprint.pipelines import cli, cluster, golden
 from blueprint.runtime import trainjob
-from pipelines import cli, cluster, golden
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.pipelines import k8s_fake
 
@@ -148,7 +148,7 @@ def test_trainjob_matches_golden_snapshot():
     expected = yaml.safe_load((golden.GOLDEN_DIR / golden.TRAINJOB_CASE).read_text())
     assert golden.trainjob_case() == expected, (
         "the TrainJob differs from tests/golden/trainjob_ppo_round.yaml: "
-        "review the diff, then regenerate with `python -m pipelines.golden`"
+        "review the diff, then regenerate with `python -m blueprint.pipelines.golden`"
     )
 
 
@@ -365,6 +365,6 @@ def test_importing_the_module_leaves_the_sdk_unimported():
     import subprocess
     import sys
 
-    code = "import sys, blueprint.runtime.trainjob, pipelines.cluster; print('kubeflow' in sys.modules)"
+    code = "import sys, blueprint.runtime.trainjob, blueprint.pipelines.cluster; print('kubeflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from blueprint import distributed
 from blueprint.config import ConfigError, parse
+from blueprint.pipelines import cli
 from blueprint.runtime import launch
 from blueprint.stages import evaluate, ppo_round
 from blueprint.store import artifacts, storage
-from pipelines import cli
 
 SMOKE_EVALUATE = {"max_examples": 16, "max_new_tokens": 16, "max_code_tokens": 128}
 

@@ -53,7 +53,7 @@ def test_no_code_outside_the_registry_and_the_dag_spells_a_stage_name():
 
 
 def test_every_registry_stage_has_a_component_returning_its_outputs():
-    from components import build_components
+    from blueprint.components import build_components
 
     comps = build_components("example.com/blueprint:1")
     assert set(comps) == set(registry.task_names())
@@ -63,7 +63,7 @@ def test_every_registry_stage_has_a_component_returning_its_outputs():
 
 
 def test_pipeline_parameters_are_the_registry_settings_with_their_descriptions(tmp_path):
-    from pipelines.blueprint_pipeline import compile_pipeline
+    from blueprint.pipelines.blueprint_pipeline import compile_pipeline
 
     spec = yaml.safe_load(Path(compile_pipeline(str(tmp_path / "p.yaml"), epochs=1, profile="smoke")).read_text())
     params = spec["root"]["inputDefinitions"]["parameters"]
@@ -76,7 +76,7 @@ def test_pipeline_parameters_are_the_registry_settings_with_their_descriptions(t
 
 
 def test_cluster_defaults_are_each_stages_registry_resources():
-    from pipelines import cluster
+    from blueprint.pipelines import cluster
 
     settings = cluster.ClusterSettings()
     for name, spec in registry.STAGES.items():
@@ -85,7 +85,7 @@ def test_cluster_defaults_are_each_stages_registry_resources():
 
 
 def test_gpu_help_names_every_accelerator_stage(capsys):
-    from pipelines.cli import main
+    from blueprint.pipelines.cli import main
 
     with pytest.raises(SystemExit):
         main(["compile", "--help"])
@@ -102,7 +102,7 @@ def test_a_profile_sets_only_values_other_than_the_config_defaults():
 
 
 def test_stage_help_shows_what_the_profile_gives_beside_the_default(capsys):
-    from pipelines.cli import main
+    from blueprint.pipelines.cli import main
 
     with pytest.raises(SystemExit) as done:
         main(["stage", registry.PPO_ROUND, "--help", "--profile", "smoke"])
@@ -120,7 +120,7 @@ def test_merged_settings_put_overrides_over_the_profile_and_name_an_unknown_stag
 
 
 def test_stage_command_takes_the_optional_inputs_of_the_registry(tmp_path, capsys):
-    from pipelines.cli import main
+    from blueprint.pipelines.cli import main
 
     spec = registry.STAGES[registry.MERGE]
     flags = [f"--input={name}=file://{tmp_path}/x" for name in (*spec.inputs, *spec.optional_inputs, "bogus")]

@@ -79,7 +79,7 @@ def test_a_fifo_and_a_socket_in_the_tree_are_dropped_as_not_regular_and_never_bl
             [
                 sys.executable,
                 "-m",
-                "pipelines.cli",
+                "blueprint.pipelines.cli",
                 "shard",
                 "--source",
                 f"dir:{src}",

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from blueprint.pipelines import cli
 from blueprint.stages import promote
 from blueprint.store import commit_lock, promotion, retention, runs, storage
-from pipelines import cli
 
 
 def entry(root: str, n: int) -> dict:

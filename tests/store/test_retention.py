@@ -121,7 +121,7 @@ def root(request, tmp_path):
 
 
 def test_an_old_output_a_running_pipeline_took_as_a_cache_hit_is_not_collected_under_it(root):
-    from pipelines import cli
+    from blueprint.pipelines import cli
 
     shards = artifacts.reuse_or_commit("shard", {"rows": 1}, {}, writes("rows"), artifact_root=root).uri
     finished = artifacts.reuse_or_commit("shard", {"rows": 2}, {}, writes("other rows"), artifact_root=root).uri

@@ -92,7 +92,7 @@ def frozen_endpoint() -> Iterator[str]:
 def test_ls_against_a_frozen_endpoint_fails_within_a_minute_naming_it(frozen_endpoint):
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "ls", "s3://frozen/prefix"],
+        [sys.executable, "-m", "blueprint.pipelines.cli", "ls", "s3://frozen/prefix"],
         cwd=REPO,
         env=_s3_env(frozen_endpoint),
         capture_output=True,
@@ -148,7 +148,7 @@ def test_compile_refuses_an_artifact_root_with_credentials_and_writes_nothing(tm
         [
             sys.executable,
             "-m",
-            "pipelines.cli",
+            "blueprint.pipelines.cli",
             "compile",
             "--artifact-root",
             f"s3://AKIAX:{SECRET}@bkt/x",

@@ -95,7 +95,7 @@ def test_no_pickle_loading_and_no_remote_code_anywhere_in_the_package():
     ],
 )
 def test_numbers_that_cannot_be_are_refused_naming_the_setting(setting, value, tmp_path, capsys):
-    from pipelines.cli import main
+    from blueprint.pipelines.cli import main
 
     assert main(["run", "--profile", "smoke", "--artifact-root", str(tmp_path), "--set", f"{setting}={value}"]) == 2
     error = capsys.readouterr().err.strip()
@@ -136,7 +136,7 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
                 [
                     sys.executable,
                     "-m",
-                    "pipelines.cli",
+                    "blueprint.pipelines.cli",
                     "run",
                     "--profile",
                     "smoke",
@@ -219,7 +219,7 @@ def test_a_same_size_bit_flip_in_a_shard_fails_naming_the_file_and_nothing_train
     ],
 )
 def test_a_base_that_cannot_load_is_refused_before_the_first_stage(base, offline, says, tmp_path, capsys, monkeypatch):
-    from pipelines.cli import main
+    from blueprint.pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
     if offline:
@@ -343,7 +343,7 @@ def test_a_failed_forced_rebuild_leaves_the_committed_output_as_it_was(tmp_path)
 def test_a_bug_in_a_task_surfaces_its_traceback_and_counts_as_a_bug():
     import io
 
-    from pipelines.run_log import TaskLogFilter
+    from blueprint.pipelines.run_log import TaskLogFilter
 
     out = io.StringIO()
     log = TaskLogFilter(out)
