@@ -255,7 +255,7 @@ def base_name(base: str) -> str:
     from blueprint.models import loading
 
     if is_artifact(base):
-        return artifacts.reference(base)
+        return artifacts.portable_name(base)
     if storage.is_s3(base) or loading._is_local(base):
         return base.rstrip("/").rsplit("/", 1)[-1]
     return base

@@ -22,7 +22,7 @@ def commit_text(artifact_root: str, text: str) -> str:
         (out_dir / "text.txt").write_text(text)
         return {"chars": len(text)}
 
-    return artifacts.run_stage("demo", {"text": text}, {}, compute, artifact_root=artifact_root).uri
+    return artifacts.reuse_or_commit("demo", {"text": text}, {}, compute, artifact_root=artifact_root).uri
 
 
 @dsl.pipeline

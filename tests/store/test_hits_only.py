@@ -20,13 +20,13 @@ def test_a_committed_output_is_a_hit_and_a_missing_or_forced_one_stops_before_co
     calls: list = []
     root = f"file://{tmp_path}/art"
     with hits_only.on(), pytest.raises(hits_only.NotCached):
-        artifacts.run_stage("demo", {"a": 1}, {}, write_one(calls), artifact_root=root)
+        artifacts.reuse_or_commit("demo", {"a": 1}, {}, write_one(calls), artifact_root=root)
     assert calls == [] and not list((tmp_path / "art").rglob(artifacts.MANIFEST_NAME))
-    first = artifacts.run_stage("demo", {"a": 1}, {}, write_one(calls), artifact_root=root)
+    first = artifacts.reuse_or_commit("demo", {"a": 1}, {}, write_one(calls), artifact_root=root)
     assert len(calls) == 1 and not first.cached
     with hits_only.on():
-        hit = artifacts.run_stage("demo", {"a": 1}, {}, write_one(calls), artifact_root=root)
+        hit = artifacts.reuse_or_commit("demo", {"a": 1}, {}, write_one(calls), artifact_root=root)
         with pytest.raises(hits_only.NotCached):
-            artifacts.run_stage("demo", {"a": 1}, {}, write_one(calls), artifact_root=root, force=True)
+            artifacts.reuse_or_commit("demo", {"a": 1}, {}, write_one(calls), artifact_root=root, force=True)
     assert hit.cached and hit.uri == first.uri and hit.manifest == first.manifest and len(calls) == 1
     assert not hits_only.active()
