@@ -7,7 +7,7 @@ from typing import Any
 
 from blueprint.errors import InputError, user_errors_exit
 from blueprint.runtime.task import run_stage_task
-from blueprint.stages import gate, promote
+from blueprint.stages import gate, promote, registry
 from blueprint.store import runs, storage
 
 
@@ -33,7 +33,7 @@ def gate_task(
             runs.write_record(
                 artifact_root,
                 run_id,
-                {**inputs, "gate": uri, "champion_evaluation": judged or ""},
+                {**inputs, registry.GATE: uri, "champion_evaluation": judged or ""},
                 {"decision": record["decision"]},
             )
     return record["decision"]
@@ -49,9 +49,9 @@ def promote_task(
 ) -> tuple[str, str]:
     """The promote component's body: the gate output of run `run_id` is the one its run record names."""
     with user_errors_exit(promote.STAGE):
-        gate_uri = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get("gate")
+        gate_uri = storage.read_json(runs.record_uri(artifact_root, run_id))["outputs"].get(registry.GATE)
         if not gate_uri:
             raise InputError(f"run record {runs.record_uri(artifact_root, run_id)} names no gate output")
     return run_stage_task(
-        promote.STAGE, {**settings, "run": run_id}, {"gate": gate_uri}, artifact_root, force, metrics, report_path
+        promote.STAGE, {**settings, "run": run_id}, {registry.GATE: gate_uri}, artifact_root, force, metrics, report_path
     )
