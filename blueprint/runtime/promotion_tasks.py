@@ -53,5 +53,11 @@ def promote_task(
         if not gate_uri:
             raise InputError(f"run record {runs.record_uri(artifact_root, run_id)} names no gate output")
     return run_stage_task(
-        promote.STAGE, {**settings, "run": run_id}, {registry.GATE: gate_uri}, artifact_root, force, metrics, report_path
+        promote.STAGE,
+        {**settings, "run": run_id},
+        {registry.GATE: gate_uri},
+        artifact_root,
+        force,
+        metrics,
+        report_path,
     )
