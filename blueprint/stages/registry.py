@@ -76,6 +76,10 @@ class StageSpec:
 
 PROFILE_NAMES = ("smoke", "default")  # smoke: seconds, for tests; default: shows learning on 2 CPU cores (README)
 
+# The smoke profile's model must clear the gate's sanity floors (finished, non-empty summaries; code that parses) so
+# a smoke run checks promotion end to end: short functions (max_code_chars) a micro base can learn in half a million
+# pre-training tokens, and warmup summaries clipped (with their EOS) below the 16 tokens evaluate and PPO generate.
+
 # Pod resources are sized for the default profile (a tiny base) on a modest cluster; a real base needs more
 # (cluster settings override them per stage). Memory limits guard the node against a runaway pod; CPU limits are
 # generous because throttling only slows.
@@ -92,7 +96,10 @@ STAGES: dict[str, StageSpec] = {
             "extracts (code, summary) pairs into Parquet shards",
             figures=("pairs", "inputs_parsed", "inputs_reused"),
             tasks=("plan", "part"),
-            profiles={"smoke": {"num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600}, "default": {"partitions": 2}},
+            profiles={
+                "smoke": {"num_shards": 2, "eval_fraction": 0.1, "max_pairs": 600, "max_code_chars": 200},
+                "default": {"partitions": 2},
+            },
         ),
         StageSpec(
             BOOTSTRAP,
@@ -110,7 +117,8 @@ STAGES: dict[str, StageSpec] = {
                     "vocab_size": 512,
                     "seq_len": 128,
                     "batch_size": 8,
-                    "max_tokens": 16_384,
+                    "lr": 1e-2,
+                    "max_tokens": 524_288,
                     "max_pairs": 600,
                 }
             },
@@ -127,7 +135,7 @@ STAGES: dict[str, StageSpec] = {
             accelerator=True,
             figures=("summarizer_eval_loss_after", "coder_eval_loss_after"),
             profiles={
-                "smoke": {"steps": 4, "batch_size": 4, "max_code_tokens": 128, "max_summary_tokens": 32},
+                "smoke": {"steps": 40, "batch_size": 8, "lr": 1e-2, "max_code_tokens": 128, "max_summary_tokens": 12},
                 "default": {"steps": 30, "coder_steps": 120, "lr": 5e-3},
             },
         ),
@@ -203,7 +211,7 @@ STAGES: dict[str, StageSpec] = {
             accelerator=True,
             figures=("promote", "challenger_reward_gen_mean", "champion_reward_gen_mean"),
             profiles={"smoke": {"floor": 0.0}},
-        ),  # smoke models rank summaries near chance
+        ),  # smoke: sanity floors only (pairwise accuracy on 65 pairs is noise)
         StageSpec(
             PROMOTE,
             "blueprint.stages.promote",

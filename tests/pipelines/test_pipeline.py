@@ -141,30 +141,34 @@ def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache
         "shard-part",
         "warmup",
     ]
-    # Issue 27 left the smoke profile untuned: its micro model's summaries never end (eos_rate 0), and the sanity
-    # floors every profile keeps refuse it even with no champion (once tuned, this is "promote" and the pointer
-    # names `models`).
-    assert result["outputs"]["decision"] == "keep"
-    assert missed_floors(metrics) and not storage.exists(storage.join(root, "promoted", "blueprint.json"))
+    # The smoke profile is tuned so its model clears the sanity floors every profile keeps (issue 27): with no
+    # champion yet, the gate promotes it and the pointer names `models`.
+    assert result["outputs"]["decision"] == "promote" and not missed_floors(metrics)
+    from blueprint.store import promotion
+
+    assert promotion.read_pointer(root, "blueprint")[0]["models"] == models
     again = local_run.run(plan, local_root=tmp_path / "kfp2")
 
     def model_stages(manifests: dict) -> dict:
         return {k: v for k, v in manifests.items() if not k.startswith("gate/")}
 
     assert model_stages(_manifests(root)) == model_stages(before), "a rerun with nothing changed recomputed a stage"
-    assert again["outputs"] == result["outputs"]
-    assert_answered_without_a_task_process(again["log"])
+    # the rerun's gate meets its own model as the champion: it does not beat itself, so nothing is promoted again
+    assert again["outputs"] == {**result["outputs"], "decision": "keep"}
+    assert_answered_without_a_task_process(again["log"], judged=True)
 
 
-def assert_answered_without_a_task_process(log_uri: str) -> None:
+def assert_answered_without_a_task_process(log_uri: str, judged: bool = False) -> None:
     """A rerun's log: every task finished, each answered as a cache hit in `blueprint run`'s own process (a task's
-    process starts with kfp's executor looking for its component, and that line is nowhere)."""
+    process starts with kfp's executor looking for its component, and that line is nowhere). `judged`: the gate
+    alone runs again, as the champion it meets is the model the first run promoted."""
     log = storage.read_text(log_uri)
     tasks = log.count("Executing task")
     assert tasks == 10, log  # promote runs only on "promote"
     assert len(re.findall(r"Task .+ finished with status .*SUCCESS", log)) == tasks, log
-    assert "Looking for component" not in log, "a cached task started its own process"
-    assert log.count('"cached": true') == tasks - 1, log  # shard-plan has no output of its own
+    started = re.findall(r"Looking for component `([\w-]+)`", log)
+    assert started == (["gate"] if judged else []), f"a cached task started its own process: {started}"
+    assert log.count('"cached": true') == tasks - 1 - judged, log  # shard-plan has no output of its own
 
 
 @pytest.mark.slow
@@ -272,12 +276,6 @@ def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
     assert again.cached and again.uri == second.uri
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 27, left open: the smoke model's summaries never end, so the gate's "
-    "sanity floors (kept by every profile) refuse it; the smoke profile is still to be tuned so its "
-    "model clears them (strict: this fails loudly, to be removed, once it does)",
-)
 @pytest.mark.slow
 def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(tmp_path, monkeypatch, capsys):
     """A promoted run, then a run with worse settings (no PPO learning: lr 1e-9) that loses its gate; gc keeping

@@ -22,14 +22,14 @@ def test_bootstrap_base_loads_with_plain_from_pretrained(smoke_chain):
     path = storage.local_path(smoke_chain["base"])
     model = AutoModelForCausalLM.from_pretrained(path)
     manifest = artifacts.read_manifest(smoke_chain["base"])
-    assert manifest["metrics"]["tokens"] == 16_384
+    assert manifest["metrics"]["tokens"] == 524_288  # the smoke profile's pre-training budget
     assert model.config.model_type == "llama" and "model.safetensors" in manifest["files"]
 
 
 def test_a_bootstrap_warmup_longer_than_the_run_is_cut_so_the_rate_reaches_its_peak(smoke_chain):
     from blueprint.stages.bootstrap import lr_factor
 
-    assert max(lr_factor(s, 16, 30) for s in range(16)) == 1.0  # the smoke run: 16 steps, warmup 30 asked for
+    assert max(lr_factor(s, 16, 30) for s in range(16)) == 1.0  # a 16-step run, warmup 30 asked for
     assert lr_factor(14, 2048, 30) == pytest.approx(0.5, abs=1e-3)  # a long run keeps the warmup it asked for
     metrics = artifacts.read_manifest(smoke_chain["base"])["metrics"]
     assert metrics["loss_end"] < metrics["loss_start"] - 0.3  # it learns (a sixth of the peak rate left it at 0.1)

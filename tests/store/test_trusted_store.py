@@ -171,8 +171,8 @@ def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently
     ]
     from blueprint.store import promotion
 
-    pointer, _ = promotion.read_pointer(root, "blueprint")  # the untuned smoke model misses the sanity floors
-    assert pointer is None  # (issue 27): neither gate promotes it
+    pointer, _ = promotion.read_pointer(root, "blueprint")  # the smoke model clears the sanity floors (issue 27)
+    assert pointer is not None and pointer["models"] == models[0].split()[2].rsplit("/", 1)[0]
     for row in rows:
         artifacts.read_manifest(row["uri"], verify="full")  # nobody's files were replaced under a manifest
     assert not [rel for rel in storage.list_files(root) if rel.endswith(".lock")], "a lock was left behind"
