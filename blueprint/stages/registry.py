@@ -135,7 +135,7 @@ STAGES: dict[str, StageSpec] = {
             accelerator=True,
             figures=("summarizer_eval_loss_after", "coder_eval_loss_after"),
             profiles={
-                "smoke": {"steps": 40, "batch_size": 8, "lr": 1e-2, "max_code_tokens": 128, "max_summary_tokens": 12},
+                "smoke": {"steps": 40, "lr": 1e-2, "max_code_tokens": 128, "max_summary_tokens": 12},
                 "default": {"steps": 30, "coder_steps": 120, "lr": 5e-3},
             },
         ),
