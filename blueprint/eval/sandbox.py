@@ -13,8 +13,10 @@ What each program gets:
 `auto` takes the namespace mode when bwrap can create namespaces here (many pods forbid it), else the limits alone,
 and says which once (`Sandbox.why`). The program itself runs under a small driver (`DRIVER`): the driver sets the
 limits, forks the program, reports its outcome on a pipe and, should the stage die, kills the program's whole
-process group (the namespace mode kills its process tree with bwrap). After each program the stage kills what is
-left of its session.
+process tree. It learns of the stage's death twice over: the kernel's parent-death signal (bwrap's
+`--die-with-parent` in the namespace mode), which is racy and bound to a thread, and the end of a lifeline pipe whose
+only writer is the stage, which the kernel closes whatever way the stage ends. After each program the stage kills
+what is left of its session.
 
 It does not stop a determined attacker: a program may read what its user id may read (the installed packages,
 world-readable files), use its CPU and memory up to the limits, leave its session in the limits mode, or exploit
@@ -86,12 +88,13 @@ class Outcome:
         return self.status == "pass"
 
 
-# The driver: argv = cpu seconds, address-space bytes, file bytes, process limit, outcome fd, program path.
-# It runs in the sandbox's interpreter with -I -S -B; the program's code never runs in the driver's own process.
+# The driver: argv = wall seconds, cpu seconds, address-space bytes, file bytes, process limit, outcome fd, lifeline
+# fd, program path, mode. It runs in the sandbox's interpreter with -I -S -B; the program's code never runs in the
+# driver's own process.
 DRIVER = r"""
-import os, resource, signal, sys
-wall, cpu, mem, fsize, nproc, fd, path, mode = sys.argv[1:9]
-fd, worker, late = int(fd), 0, []
+import os, resource, signal, sys, threading
+wall, cpu, mem, fsize, nproc, fd, life, path, mode = sys.argv[1:10]
+fd, life, worker, late = int(fd), int(life), 0, []
 def stop(number, _):  # wall time is up (SIGALRM) or the stage died (SIGTERM, PR_SET_PDEATHSIG): end the program
     late.append(number)
     if worker:
@@ -148,6 +151,14 @@ try:
     os.setpgid(worker, worker)
 except OSError:
     pass
+def lifeline():  # the stage holds the only write end: end of file means the stage is gone, however it ended
+    try:
+        while os.read(life, 1):
+            pass
+    except OSError:
+        pass
+    stop(signal.SIGTERM, None)
+threading.Thread(target=lifeline, daemon=True).start()
 signal.setitimer(signal.ITIMER_REAL, float(wall))
 while True:
     try:
@@ -200,8 +211,9 @@ class Sandbox:
     def workers(self) -> int:
         return self.settings.sandbox_workers or cores()
 
-    def command(self, workdir: Path, program: Path, outcome_fd: int, uid: int | None) -> list[str]:
-        """The command line of one program: [setpriv to its user id] [bwrap ...] the driver."""
+    def command(self, workdir: Path, program: Path, fds: tuple[int, int], uid: int | None) -> list[str]:
+        """The command line of one program: [setpriv to its user id] [bwrap ...] the driver, which writes its
+        outcome to `fds[0]` and reads its lifeline from `fds[1]`."""
         s = self.settings
         nproc = s.sandbox_processes + (0 if uid is not None else self.process_base)
         cpu = max(1, math.ceil(s.sandbox_timeout_s))
@@ -217,7 +229,7 @@ class Sandbox:
             str(s.sandbox_memory_mb << 20),
             str(s.sandbox_file_mb << 20),
             str(nproc),
-            str(outcome_fd),
+            *map(str, fds),
             str(program),
             self.mode,
         ]
@@ -269,22 +281,24 @@ class Sandbox:
                 "OMP_NUM_THREADS": "1",
             }
             read_end, write_end = os.pipe()
+            life_read, life_write = os.pipe()  # the stage keeps the write end until the program is over
             start = time.monotonic()
             try:
                 with open(top / "output", "wb+") as output:
                     try:
                         proc = subprocess.Popen(
-                            self.command(workdir, program_file, write_end, uid),
+                            self.command(workdir, program_file, (write_end, life_read), uid),
                             cwd=workdir,
                             env=env,
                             stdin=subprocess.DEVNULL,
                             stdout=output,
                             stderr=subprocess.STDOUT,
-                            pass_fds=(write_end,),
+                            pass_fds=(write_end, life_read),
                             start_new_session=True,
                         )
                     finally:
                         os.close(write_end)
+                        os.close(life_read)
                     timed_out = _wait(proc, s.sandbox_timeout_s)
                     seconds = time.monotonic() - start
                     reported = _read_all(read_end)
@@ -292,6 +306,7 @@ class Sandbox:
                     text = output.read(OUTPUT_BYTES).decode("utf-8", errors="replace")
             finally:
                 os.close(read_end)
+                os.close(life_write)
         return classify(reported, proc.returncode, timed_out, seconds, s, text)
 
     def run_many(self, programs: Sequence[str]) -> list[Outcome]:

@@ -137,16 +137,32 @@ def check_writes_and_network(sandbox, tmp_path: Path, mine: Path) -> None:
     assert mine.read_text() == "the stage's" and not (tmp_path / "new.txt").exists()
 
 
-@pytest.mark.parametrize("mode", ["namespace", "limits"])
-def test_no_process_survives_the_stage_being_killed(mode, tmp_path):
-    marker = f"orphan-{uuid.uuid4().hex}"
-    program = textwrap.dedent(f"""
+def orphan_program(marker: str) -> str:
+    """A program that leaves a process behind outside its process group, its command line holding `marker`."""
+    return textwrap.dedent(f"""
         import os, sys, time
         if os.fork() == 0:
             os.setsid()  # leaves the program's process group: only the driver's reaping finds it
             os.execv(sys.executable, [sys.executable, "-S", "-c", "import time; time.sleep(60)", "{marker}"])
         time.sleep(60)
     """)
+
+
+def described(pids: list[int]) -> list[str]:
+    """What a failed reaping left: each survivor's state, parent and pid in each namespace."""
+    lines = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        lines.append(f"{pid}: " + " ".join(x for x in status if x.split(":")[0] in ("State", "PPid", "NSpid")))
+    return lines
+
+
+@pytest.mark.parametrize("mode", ["namespace", "limits"])
+def test_no_process_survives_the_stage_being_killed(mode, tmp_path):
+    marker = f"orphan-{uuid.uuid4().hex}"
     stage = textwrap.dedent(f"""
         import sys
         from blueprint.eval.sandbox import SandboxError, SandboxSettings, open_sandbox
@@ -156,7 +172,7 @@ def test_no_process_survives_the_stage_being_killed(mode, tmp_path):
             print("unavailable", flush=True)
             sys.exit(0)
         print("running", flush=True)
-        box.run({program!r})
+        box.run({orphan_program(marker)!r})
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-c", stage], stdout=subprocess.PIPE, text=True, env=env)
@@ -167,7 +183,37 @@ def test_no_process_survives_the_stage_being_killed(mode, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # the reaper acts within a second; the bound leaves room for a loaded machine (5 s failed once at load 12)
-    assert wait_until(lambda: not processes_with(marker), 20), processes_with(marker)
+    assert wait_until(lambda: not processes_with(marker), 20), described(processes_with(marker))
+
+
+@pytest.mark.parametrize("mode", ["namespace", "limits"])
+def test_the_lifeline_alone_ends_a_program_whose_stage_is_gone(mode, tmp_path):
+    """The stage's end reaches the driver through the lifeline pipe even where no parent-death signal fires (here
+    the process that started the driver lives on, and only the pipe's write end closes)."""
+    try:
+        box = open_sandbox(SandboxSettings(sandbox=mode, sandbox_timeout_s=60))
+    except SandboxError:
+        pytest.skip(f"no {mode} mode here")
+    marker = f"orphan-{uuid.uuid4().hex}"
+    (tmp_path / "work").mkdir()
+    (tmp_path / "program.py").write_text(orphan_program(marker))
+    outcome_read, outcome_write = os.pipe()
+    life_read, life_write = os.pipe()
+    fds = (outcome_write, life_read)
+    command = box.command(tmp_path / "work", tmp_path / "program.py", fds, uid=None)
+    proc = subprocess.Popen(command, cwd=tmp_path / "work", pass_fds=fds, start_new_session=True)
+    for fd in fds:
+        os.close(fd)
+    try:
+        assert wait_until(lambda: processes_with(marker), 10), "the program never started"
+        os.close(life_write)
+        assert wait_until(lambda: not processes_with(marker), 20), described(processes_with(marker))
+        assert proc.wait(timeout=20) != 0  # the driver ended too, the program's outcome unreported
+        assert os.read(outcome_read, 4096) == b""
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        os.close(outcome_read)
 
 
 def test_auto_falls_back_to_the_limits_and_says_why_where_bwrap_cannot_make_namespaces(monkeypatch):
