@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from blueprint import distributed
 from blueprint.eval import execution
+from blueprint.eval.greedy import generate_by_length
 from blueprint.eval.sandbox import open_sandbox
 from blueprint.models.adapter_set import RoleModels
 from blueprint.models.prompts import PromptConfig, code_prompt, encode_prompts
@@ -21,39 +21,24 @@ def sample_texts(
 ) -> list[list[str]]:
     """`n` sampled completions (decoded, without EOS) of each prompt with `adapter` active; batches of
     `batch_size` prompts, each generating its n samples at once (ranks split the batches as in `generate`)."""
-    import torch
-
-    from blueprint.models import lora
-    from blueprint.models.batching import pad_batch
-
-    ids = encode_prompts(tokenizer, prompts)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    done: dict[int, list[str]] = {}
-    with lora.use_adapter(model, adapter), torch.no_grad():
-        for _, batch in distributed.mine(batches):
-            input_ids, mask = pad_batch([ids[i] for i in batch], pad, "left", device)
-            gen = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=n,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-            for row, i in enumerate(batch):
-                texts = []
-                for tokens in gen[row * n : (row + 1) * n, input_ids.shape[1] :].tolist():
-                    texts.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
-                done[i] = tokenizer.batch_decode(texts, skip_special_tokens=True)
-    merged = {i: texts for part in distributed.all_objects(done) for i, texts in part.items()}
-    return [merged[i] for i in range(len(ids))]
+    eos = tokenizer.eos_token_id
+    rows = generate_by_length(
+        model,
+        tokenizer,
+        adapter,
+        encode_prompts(tokenizer, prompts),
+        batch_size,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=n,
+    )
+    return [
+        tokenizer.batch_decode([r[: r.index(eos)] if eos in r else r for r in samples], skip_special_tokens=True)
+        for samples in rows
+    ]
 
 
 def tested_figures(
