@@ -243,45 +243,14 @@ def test_schedule_with_pipeline_uploads_a_version_and_pins_it(kfp_server, packag
 def test_schedule_pins_a_given_pipeline_version_and_checks_parameters_against_it(kfp_server, package, capsys):
     server = kfp_server()
     assert _schedule(server, package, "--name", "weekly", "--cron", "@weekly", "--pipeline", "blueprint-retrain") == 0
-    pinned = ["--pipeline-id", "pl-1", "--pipeline-version-id", "pv-1"]
-    assert (
-        cli.main(
-            [
-                "schedule",
-                "--host",
-                server.url,
-                "--name",
-                "weekly",
-                "--cron",
-                "@daily",
-                *pinned,
-                "--param",
-                "ppo_steps=3",
-            ]
-        )
-        == 0
-    )
+    pinned = ["--host", server.url, "--name", "weekly", "--cron", "@daily"]
+    pinned += ["--pipeline-id", "pl-1", "--pipeline-version-id", "pv-1"]
+    assert cli.main(["schedule", *pinned, "--param", "ppo_steps=3"]) == 0
     (run,) = _runs(server)
     assert run["pipeline_version_reference"] == {"pipeline_id": "pl-1", "pipeline_version_id": "pv-1"}
     assert run["runtime_config"]["parameters"] == {"ppo_steps": 3} and run["recurring_run_id"] == "rr-2"
     capsys.readouterr()
-    assert (
-        cli.main(
-            [
-                "schedule",
-                "--host",
-                server.url,
-                "--name",
-                "weekly",
-                "--cron",
-                "@daily",
-                *pinned,
-                "--param",
-                "ppo_steps=many",
-            ]
-        )
-        == 2
-    )
+    assert cli.main(["schedule", *pinned, "--param", "ppo_steps=many"]) == 2
     assert "--param ppo_steps: 'many' is not a number_integer" in capsys.readouterr().err
     assert [r["recurring_run_id"] for r in _runs(server)] == ["rr-2"]
 
