@@ -14,17 +14,19 @@ import argparse
 import functools
 import json
 import os
-import socket
-import subprocess
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.loopback: the tests' own server
+
 from blueprint import tracking
 from blueprint.config import parse
 from blueprint.stages import bootstrap, ppo_round, registry, shard, warmup
 from blueprint.stages.profiles import stage_settings
+from tests.loopback import start_mlflow
 
 SPENT = {"seconds": 0.0}
 
@@ -39,37 +41,6 @@ def timed(fn):
             SPENT["seconds"] += time.perf_counter() - start
 
     return wrapper
-
-
-def start_mlflow(home: Path) -> tuple[str, subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{home}/db.sqlite",
-            "--default-artifact-root",
-            f"{home}/a",
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(240):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return f"http://127.0.0.1:{port}", proc
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("mlflow server did not start")
 
 
 def main() -> None:
@@ -103,7 +74,7 @@ def main() -> None:
             ).uri
         wall = time.perf_counter() - start
         if proc is not None:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers
             proc.wait(30)
     print(
         json.dumps(

@@ -4,9 +4,7 @@ server on loopback (sqlite backend), and a server that is down or dies mid-run."
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
+import signal
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from blueprint.config import parse
 from blueprint.stages import ppo_round, warmup
 from blueprint.store import storage
 from tests.conftest import SMOKE_PPO, SMOKE_WARMUP
+from tests.loopback import free_port, start_mlflow
 
 
 def scalar_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -27,50 +26,12 @@ def scalar_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` with a sqlite backend on loopback; yields (uri, process)."""
-    home = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{home}/mlflow.db",
-            "--default-artifact-root",
-            f"{home}/artifacts",
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=home,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
+    uri, proc = start_mlflow(tmp_path_factory.mktemp("mlflow"))
     yield uri, proc
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers
     proc.wait(30)
 
 
@@ -187,35 +148,9 @@ def test_an_unreachable_tracking_server_is_one_warning_line_and_training_goes_on
 def test_a_server_stopped_mid_run_leaves_the_stage_running_and_warns_once(tmp_path, capsys):
     home = tmp_path / "mlflow"
     home.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{home}/db.sqlite",
-            "--default-artifact-root",
-            f"{home}/a",
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=home,
-        start_new_session=True,
-    )
+    uri, proc = start_mlflow(home)
     try:
-        for _ in range(180):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        with tracking.Tracker("ppo-round-1", tmp_path, mlflow_uri=f"http://127.0.0.1:{port}") as tracker:
+        with tracking.Tracker("ppo-round-1", tmp_path, mlflow_uri=uri) as tracker:
             tracker.log("summarizer", 1, {"kl": 0.1})
             time.sleep(2)  # the run exists and the first point went through
             os.killpg(proc.pid, 9)
