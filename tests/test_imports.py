@@ -5,6 +5,8 @@ components <- pipelines, with the stages below the runtime that runs them."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,3 +103,19 @@ def test_the_stages_never_import_the_runtime_that_runs_them():
         if name.startswith("blueprint.stages") and other.startswith("blueprint.runtime")
     ]
     assert found == []
+
+
+def test_planning_a_run_and_reading_every_stage_config_leave_torch_unimported(tmp_path):
+    """`blueprint run`'s plan, `compile` and `--help` read the stages' configs: seconds of torch import each time,
+    and a pod without torch (the CLI alone) could not plan at all."""
+    program = (
+        "import sys\n"
+        "from blueprint.pipelines import local_run\n"
+        "from blueprint.stages import registry\n"
+        "for spec in registry.STAGES.values():\n"
+        "    spec.config_type()\n"
+        f"local_run.plan('smoke', artifact_root={str(tmp_path)!r})\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'vllm') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

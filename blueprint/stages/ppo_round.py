@@ -32,7 +32,7 @@ from blueprint.models.bases import Bases
 from blueprint.models.prompts import PromptConfig, PromptStyle, encode_prompts, summary_prompt
 from blueprint.models.runtime import RuntimeSettings, named_out_of_memory
 from blueprint.models.sft import SFTRun, clip_tokens, sft_datasets, sft_length, step_logger, train_adapter
-from blueprint.rl import data_parallel, round_stats
+from blueprint.rl import round_stats
 from blueprint.rl.ppo_config import PPOConfig
 from blueprint.rl.probe import probe_metrics, probe_reward
 from blueprint.stages import registry
@@ -424,6 +424,8 @@ def _compute(
     # (probe_reward_after_ppo), then the coder learns from them (probe_reward_after: the whole round).
     metrics.update(probe_metrics(model, tokenizer, reward, probe, cfg, "after_ppo"))
     if stopped is None and cfg.supervised_steps > 0:
+        from blueprint.rl import data_parallel
+
         written = data_parallel.in_step_order(scorer.written, cfg.batch_size // distributed.world_size())
         metrics.update(train_coder(roles, batch, written, cfg, progress, tracker))
     metrics["probe_reward_after"] = probe_reward(model, tokenizer, reward, probe, cfg)
