@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from blueprint.models.tiny import tiny_llama_config, train_bpe_tokenizer
 from blueprint.stages.profiles import stage_settings
+from tests.loopback import free_port
 
 TEST_ACCESS_KEY = "AKIATESTBLUEPRINT0001"
 TEST_SECRET_KEY = "blueprint-test-secret-do-not-log-0123456789"
@@ -66,18 +66,12 @@ def unwritable_dir(tmp_path):
     return locked / "target"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 HTTP endpoint on loopback (moto), talked to by the real boto3 and pyarrow clients."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ import pytest
 from blueprint.store import storage
 from blueprint.store.storage import StorageError
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.loopback import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "sekrit-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _s3_env(endpoint: str) -> dict[str, str]:
@@ -63,7 +57,7 @@ def frozen_endpoint() -> Iterator[str]:
     """A moto server in a separate process holding bucket `frozen` with one object, then SIGSTOPped."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
