@@ -68,6 +68,16 @@ class Result:
     mtime_ns: int | None = None  # a local file's mtime when it held those bytes
     arrow_pairs: list | None = None  # reused: (record batch, offset, length) slices of the index the pairs came from
 
+    def keep(self, code: str, name: str, summary: str, limits: Limits, license: str | None, tests: str | None) -> None:
+        """Keep the pair when it passes the filters and still parses once stripped, else count why it was dropped."""
+        reason = check_pair(code, summary, limits)
+        if reason is None and not _parses(code):
+            reason = "strip_failed"
+        if reason:
+            self.dropped[reason] += 1
+        else:
+            self.pairs.append((code_digest(code), name, code, summary, self.path, license, tests))
+
 
 # (digest, name, code, summary, path, license, tests): digest = sha256 of the normalised code (dedupe, id, split,
 # shard); tests = the task as JSON (blueprint.data.tasks) for a row of a task file, else None.
@@ -237,14 +247,7 @@ def extract_pairs(
         if code is None:
             result.dropped["stub"] += 1
             continue
-        code = code.rstrip()
-        reason = check_pair(code, summary, limits)
-        if reason is None and not _parses(code):
-            reason = "strip_failed"
-        if reason:
-            result.dropped[reason] += 1
-            continue
-        result.pairs.append((code_digest(code), qualname, code, summary, path, license, None))
+        result.keep(code.rstrip(), qualname, summary, limits, license, None)
     return result
 
 
@@ -266,13 +269,7 @@ def pair_from_columns(code: str, summary: str, path: str, limits: Limits, licens
             result.dropped["stub"] += 1
             return result
         code = stripped.rstrip()
-    reason = check_pair(code, summary, limits)
-    if reason is None and not _parses(code):
-        reason = "strip_failed"
-    if reason:
-        result.dropped[reason] += 1
-        return result
-    result.pairs.append((code_digest(code), name, code, summary, path, license, None))
+    result.keep(code, name, summary, limits, license, None)
     return result
 
 
@@ -290,14 +287,7 @@ def task_pair(task: dict[str, str], path: str, limits: Limits, license: str | No
     if code is None:
         result.dropped["stub"] += 1
         return result
-    code = code.rstrip()
-    reason = check_pair(code, summary, limits)
-    if reason is None and not _parses(code):
-        reason = "strip_failed"
-    if reason:
-        result.dropped[reason] += 1
-        return result
-    result.pairs.append((code_digest(code), fn.name, code, summary, path, license, tasks.to_json(task)))
+    result.keep(code.rstrip(), fn.name, summary, limits, license, tasks.to_json(task))
     return result
 
 
