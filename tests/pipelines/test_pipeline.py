@@ -115,12 +115,12 @@ def _manifests(root: str) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["file", "s3"])
-def test_smoke_pipeline_end_to_end_through_kfp_local_then_every_stage_is_a_cache_hit(
-    store, tmp_path, request, monkeypatch
+def test_smoke_pipeline_end_to_end_to_s3_through_kfp_local_then_every_stage_is_a_cache_hit(
+    s3_bucket, tmp_path, monkeypatch
 ):
+    """To a loopback S3 endpoint; the same run to a file:// root is the gc test's first run."""
     monkeypatch.chdir(tmp_path)
-    root = f"file://{tmp_path}/art" if store == "file" else request.getfixturevalue("s3_bucket") + "/art"
+    root = s3_bucket + "/art"
     plan = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
     result = local_run.run(plan, local_root=tmp_path / "kfp")
     models = result["outputs"]["models"]
@@ -180,7 +180,11 @@ def test_a_coder_base_reaches_every_model_stage_through_kfp_local(tmp_path, monk
 
     monkeypatch.chdir(tmp_path)
     coder = micro_qwen2_base(tmp_path / "coder-base", train_bpe_tokenizer(stdlib_texts(30), vocab_size=384))
-    plan = local_run.plan(profile="smoke", epochs=1, artifact_root=f"file://{tmp_path}/art", coder_base=coder)
+    # what this shows is the plumbing, not the models: a short pre-training and warmup keep it quick
+    quick = {"bootstrap": {"max_tokens": 16_384}, "warmup": {"steps": 4}, "evaluate": {"max_examples": 4}}
+    plan = local_run.plan(
+        profile="smoke", epochs=1, artifact_root=f"file://{tmp_path}/art", coder_base=coder, overrides=quick
+    )
     models = local_run.run(plan, local_root=tmp_path / "kfp")["outputs"]["models"]
     types = {
         role: AutoModelForCausalLM.from_pretrained(
@@ -278,8 +282,9 @@ def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
 
 @pytest.mark.slow
 def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(tmp_path, monkeypatch, capsys):
-    """A promoted run, then a run with worse settings (no PPO learning: lr 1e-9) that loses its gate; gc keeping
-    no recent run frees the loser's own outputs, and a rerun of the promoted run's settings is all cache hits."""
+    """The smoke pipeline end to end to a file:// root (promoted: the smoke model clears the sanity floors), then a
+    run with worse settings (no PPO learning: lr 1e-9) that loses its gate; gc keeping no recent run frees the
+    loser's own outputs, and a rerun of the promoted run's settings is answered by cache hits alone."""
     from transformers import AutoModelForCausalLM
 
     from blueprint.pipelines import cli
@@ -288,6 +293,8 @@ def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(
     root = f"file://{tmp_path}/art"
     first = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
     promoted = local_run.run(first, local_root=tmp_path / "kfp")["outputs"]
+    metrics = storage.read_json(storage.join(promoted["evaluation"], "metrics.json"))
+    assert promoted["decision"] == "promote" and not missed_floors(metrics)
     worse = local_run.plan(
         profile="smoke", epochs=1, artifact_root=root, overrides={"ppo-round": {"lr": 1e-9, "coder_lr": 1e-9}}
     )
@@ -302,10 +309,12 @@ def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(
     assert "freed" in freed and "in 4 outputs" in freed  # the loser's round, its evaluation, merge and gate
     assert set(_manifests(root)) < set(kept)
     remaining = _manifests(root)
-    local_run.run(first, local_root=tmp_path / "kfp")
+    again = local_run.run(first, local_root=tmp_path / "kfp2")
     assert {k: v for k, v in _manifests(root).items() if not k.startswith("gate/")} == {
         k: v for k, v in remaining.items() if not k.startswith("gate/")
     }, "the promoted run was not all cache hits"
+    assert again["outputs"] == {**promoted, "decision": "keep"}
+    assert_answered_without_a_task_process(again["log"], judged=True)
     for role in ("summarizer", "coder"):
         assert (
             AutoModelForCausalLM.from_pretrained(
