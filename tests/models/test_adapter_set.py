@@ -24,6 +24,9 @@ from blueprint.store import artifacts, storage
 CODER_VOCAB = 384  # not the summarizer's 512: the two tokenizers differ
 
 
+QUICK_WARMUP = {**SMOKE_WARMUP, "steps": 4}  # the roles on their own bases are what this shows, not skill
+
+
 @pytest.fixture(scope="module")
 def coder_tokenizer():
     return train_bpe_tokenizer(stdlib_texts(30)[::-1], vocab_size=CODER_VOCAB)
@@ -37,7 +40,7 @@ def two_bases(smoke_chain, coder_tokenizer, tmp_path_factory):
     coder = micro_qwen2_base(tmp / "coder-base", coder_tokenizer)
     kw = dict(artifact_root=f"file://{tmp}/art", progress=False, base=summarizer, coder_base=coder)
     shards = smoke_chain["shards"]
-    warm = warmup.run(parse(warmup.WarmupConfig, SMOKE_WARMUP), shards=shards, **kw)
+    warm = warmup.run(parse(warmup.WarmupConfig, QUICK_WARMUP), shards=shards, **kw)
     rnd = ppo_round.run(parse(ppo_round.PPORoundConfig, SMOKE_PPO), shards=shards, adapters=warm.uri, **kw)
     ev = evaluate.run(
         parse(
@@ -85,7 +88,7 @@ def test_the_round_learns_across_the_two_tokenizers(two_bases):
 
 def test_both_bases_are_in_the_cache_key_and_naming_one_base_twice_is_one_base(two_bases, smoke_chain):
     kw, shards = dict(two_bases["kw"]), smoke_chain["shards"]
-    cfg = parse(warmup.WarmupConfig, SMOKE_WARMUP)
+    cfg = parse(warmup.WarmupConfig, QUICK_WARMUP)
     assert two_bases["warm"].manifest["config"]["coder_base_name"] == two_bases["coder"]
     kw["coder_base"] = two_bases["summarizer"]
     same = warmup.run(cfg, shards=shards, **kw)
