@@ -120,7 +120,7 @@ def test_the_api_runs_a_stage_on_the_processes_its_nproc_asks_for(smoke_chain, t
     """The API goes through the same launcher as `blueprint stage` and the components: warmup with nproc=2
     starts two ranks under torchrun (gloo on this CPU) instead of silently running one process."""
     base_dir = str(storage.local_path(smoke_chain["base"]))
-    settings = {**SMOKE, "warmup": {**SMOKE_WARMUP, "nproc": 2}}
+    settings = {**SMOKE, "warmup": {**SMOKE_WARMUP, "nproc": 2, "steps": 4}}  # the ranks, not the training
     bp = BluePrint(base_dir, base_dir, artifact_root=str(tmp_path / "artifacts"), settings=settings)
     bp.prepare()
     assert "warmup: starting 2 processes" in capsys.readouterr().out

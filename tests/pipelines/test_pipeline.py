@@ -115,10 +115,13 @@ def _manifests(root: str) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_end_to_end_to_s3_through_kfp_local_then_every_stage_is_a_cache_hit(
-    s3_bucket, tmp_path, monkeypatch
+def test_smoke_pipeline_to_s3_promotes_reruns_from_cache_and_gc_frees_only_a_losing_runs_outputs(
+    s3_bucket, tmp_path, monkeypatch, capsys
 ):
-    """To a loopback S3 endpoint; the same run to a file:// root is the gc test's first run."""
+    """The smoke pipeline end to end through kfp.local to a loopback S3 endpoint: promoted (the smoke model clears
+    the sanity floors), then a rerun that is all cache hits; a run with worse settings (no PPO learning: lr 1e-9)
+    loses its gate, gc keeping no recent run frees the loser's own outputs, and the promoted run stays cached.
+    (`make run`'s file:// root end to end: tests/test_progress.py.)"""
     monkeypatch.chdir(tmp_path)
     root = s3_bucket + "/art"
     plan = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
@@ -155,6 +158,33 @@ def test_smoke_pipeline_end_to_end_to_s3_through_kfp_local_then_every_stage_is_a
     assert model_stages(_manifests(root)) == model_stages(before), "a rerun with nothing changed recomputed a stage"
     # the rerun's gate meets its own model as the champion: it does not beat itself, so nothing is promoted again
     assert again["outputs"] == {**result["outputs"], "decision": "keep"}
+    assert_answered_without_a_task_process(again["log"], judged=True)
+    gc_frees_only_the_losing_run(plan, root, tmp_path, capsys)
+
+
+def gc_frees_only_the_losing_run(promoted: local_run.RunPlan, root: str, tmp_path: Path, capsys) -> None:
+    from blueprint.pipelines import cli
+
+    worse = local_run.plan(
+        profile="smoke", epochs=1, artifact_root=root, overrides={"ppo-round": {"lr": 1e-9, "coder_lr": 1e-9}}
+    )
+    assert local_run.run(worse, local_root=tmp_path / "kfp3")["outputs"]["decision"] == "keep"
+    kept = _manifests(root)
+    capsys.readouterr()
+    assert cli.main(["gc", root, "--keep-runs", "0", "--older-than", "0s"]) == 0
+    listed = capsys.readouterr().out
+    assert "would delete ppo-round/" in listed and "would delete merge/" in listed and "dry run" in listed
+    assert _manifests(root) == kept  # a dry run deletes nothing
+    assert cli.main(["gc", root, "--keep-runs", "0", "--older-than", "0s", "--yes"]) == 0
+    freed = capsys.readouterr().out
+    # the loser's round, its evaluation, merge and gate, and the rerun's gate (the champion judged against itself)
+    assert "freed" in freed and "in 5 outputs" in freed, freed
+    remaining = _manifests(root)
+    assert set(remaining) < set(kept)
+    again = local_run.run(promoted, local_root=tmp_path / "kfp4")
+    assert {k: v for k, v in _manifests(root).items() if not k.startswith("gate/")} == {
+        k: v for k, v in remaining.items() if not k.startswith("gate/")
+    }, "the promoted run was not all cache hits"
     assert_answered_without_a_task_process(again["log"], judged=True)
 
 
@@ -278,47 +308,3 @@ def test_deleting_one_evaluation_recomputes_only_it(smoke_chain):
     assert not redone.cached and redone.uri == first.uri
     again = evaluate.run(parse(evaluate.EvaluateConfig, {**cfg.__dict__, "epoch": 1}), previous=redone.uri, **args)
     assert again.cached and again.uri == second.uri
-
-
-@pytest.mark.slow
-def test_gc_frees_what_only_a_losing_run_used_and_the_promoted_run_stays_cached(tmp_path, monkeypatch, capsys):
-    """The smoke pipeline end to end to a file:// root (promoted: the smoke model clears the sanity floors), then a
-    run with worse settings (no PPO learning: lr 1e-9) that loses its gate; gc keeping no recent run frees the
-    loser's own outputs, and a rerun of the promoted run's settings is answered by cache hits alone."""
-    from transformers import AutoModelForCausalLM
-
-    from blueprint.pipelines import cli
-
-    monkeypatch.chdir(tmp_path)
-    root = f"file://{tmp_path}/art"
-    first = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
-    promoted = local_run.run(first, local_root=tmp_path / "kfp")["outputs"]
-    metrics = storage.read_json(storage.join(promoted["evaluation"], "metrics.json"))
-    assert promoted["decision"] == "promote" and not missed_floors(metrics)
-    worse = local_run.plan(
-        profile="smoke", epochs=1, artifact_root=root, overrides={"ppo-round": {"lr": 1e-9, "coder_lr": 1e-9}}
-    )
-    assert local_run.run(worse, local_root=tmp_path / "kfp")["outputs"]["decision"] == "keep"
-    kept = _manifests(root)
-    assert cli.main(["gc", root, "--keep-runs", "0", "--older-than", "0s"]) == 0
-    listed = capsys.readouterr().out
-    assert "would delete ppo-round/" in listed and "would delete merge/" in listed and "dry run" in listed
-    assert _manifests(root) == kept  # a dry run deletes nothing
-    assert cli.main(["gc", root, "--keep-runs", "0", "--older-than", "0s", "--yes"]) == 0
-    freed = capsys.readouterr().out
-    assert "freed" in freed and "in 4 outputs" in freed  # the loser's round, its evaluation, merge and gate
-    assert set(_manifests(root)) < set(kept)
-    remaining = _manifests(root)
-    again = local_run.run(first, local_root=tmp_path / "kfp2")
-    assert {k: v for k, v in _manifests(root).items() if not k.startswith("gate/")} == {
-        k: v for k, v in remaining.items() if not k.startswith("gate/")
-    }, "the promoted run was not all cache hits"
-    assert again["outputs"] == {**promoted, "decision": "keep"}
-    assert_answered_without_a_task_process(again["log"], judged=True)
-    for role in ("summarizer", "coder"):
-        assert (
-            AutoModelForCausalLM.from_pretrained(
-                storage.download_dir(storage.join(promoted["models"], role), tmp_path / role)
-            )
-            is not None
-        )
