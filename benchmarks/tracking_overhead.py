@@ -14,7 +14,6 @@ import argparse
 import functools
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from blueprint import tracking
 from blueprint.config import parse
 from blueprint.stages import bootstrap, ppo_round, registry, shard, warmup
 from blueprint.stages.profiles import stage_settings
-from tests.loopback import start_mlflow
+from tests.loopback import start_mlflow, stop_server
 
 SPENT = {"seconds": 0.0}
 
@@ -74,8 +73,7 @@ def main() -> None:
             ).uri
         wall = time.perf_counter() - start
         if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers
-            proc.wait(30)
+            stop_server(proc)
     print(
         json.dumps(
             {

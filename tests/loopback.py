@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,5 +37,12 @@ def start_mlflow(home: Path, *, timeout_s: float = 90) -> tuple[str, subprocess.
                 return f"http://127.0.0.1:{port}", proc
         except OSError:
             time.sleep(0.5)
-    proc.kill()
+    stop_server(proc, signal.SIGKILL)
     raise RuntimeError(f"mlflow server did not start within {timeout_s:g} s")
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal a server started here and everything in its session (mlflow's workers too), then wait for it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    proc.wait(30)

@@ -20,7 +20,8 @@ def sample_texts(
     model, tokenizer, adapter: str, prompts: list[str], n: int, max_new_tokens: int, batch_size: int, temperature: float
 ) -> list[list[str]]:
     """`n` sampled completions (decoded, without EOS) of each prompt with `adapter` active; batches of
-    `batch_size` prompts, each generating its n samples at once (ranks split the batches as in `generate`)."""
+    `batch_size` prompts, each generating its n samples at once (`greedy.generate_by_length` splits them over the
+    ranks)."""
     eos = tokenizer.eos_token_id
     rows = generate_by_length(
         model,

@@ -45,6 +45,5 @@ def test_warmup_on_two_ranks_matches_one_process_losses_and_adapters_to_float_ro
         rel = f"adapters/{role}/adapter_model.safetensors"
         left, right = load_file(tmp_path / "n1" / rel), load_file(tmp_path / "n2" / rel)
         assert all(left[k].abs().max() > 0 for k in left if "lora_B" in k), role  # LoRA's B starts at zero: it moved
-        assert max((left[k] - right[k]).abs().max().item() for k in left) < 1e-5, (
-            role
-        )  # float rounding, grown by the smoke lr 1e-2
+        # float rounding, grown by the smoke lr 1e-2
+        assert max((left[k] - right[k]).abs().max().item() for k in left) < 1e-5, role
