@@ -98,7 +98,10 @@ fd, life, worker, late = int(fd), int(life), 0, []
 def stop(number, _):  # wall time is up (SIGALRM) or the stage died (SIGTERM, PR_SET_PDEATHSIG): end the program
     late.append(number)
     if worker:
-        os.killpg(worker, signal.SIGKILL)
+        try:
+            os.killpg(worker, signal.SIGKILL)
+        except OSError:  # the group is gone already: the worker was reaped just before this signal arrived
+            pass
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGALRM, stop)
 if mode == "limits":  # (in a namespace, bwrap --die-with-parent and --as-pid-1 do both)
