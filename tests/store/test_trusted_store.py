@@ -120,64 +120,6 @@ def test_a_diverging_warmup_fails_naming_lr_and_commits_nothing(smoke_chain, tmp
     assert artifacts.cached_outputs(f"file://{tmp_path}") == []
 
 
-@pytest.mark.slow
-def test_two_runs_into_one_s3_root_half_a_second_apart_both_succeed_consistently(s3_bucket, tmp_path):
-    import os
-    import subprocess
-    import sys
-    import time
-
-    root = f"{s3_bucket}/shared"
-    runs = []
-    for i in range(2):
-        (tmp_path / f"run{i}").mkdir()
-        runs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "blueprint.pipelines.cli",
-                    "run",
-                    "--profile",
-                    "smoke",
-                    "--epochs",
-                    "1",
-                    "--artifact-root",
-                    root,
-                ],
-                cwd=tmp_path / f"run{i}",
-                env=dict(os.environ),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-        time.sleep(0.5)
-    outputs = [run.communicate(timeout=900) for run in runs]
-    for run, (out, err) in zip(runs, outputs, strict=True):
-        assert run.returncode == 0, out[-3000:] + err[-3000:]
-    models = [next(line for line in out.splitlines() if line.startswith("merged models:")) for out, _ in outputs]
-    assert models[0] == models[1]
-    rows = artifacts.cached_outputs(root)
-    assert sorted({r["stage"] for r in rows}) == [
-        "bootstrap",
-        "evaluate",
-        "gate",
-        "merge",
-        "ppo-round",
-        "shard",
-        "shard-part",
-        "warmup",
-    ]
-    from blueprint.store import promotion
-
-    pointer, _ = promotion.read_pointer(root, "blueprint")  # the smoke model clears the sanity floors (issue 27)
-    assert pointer is not None and pointer["models"] == models[0].split()[2].rsplit("/", 1)[0]
-    for row in rows:
-        artifacts.read_manifest(row["uri"], verify="full")  # nobody's files were replaced under a manifest
-    assert not [rel for rel in storage.list_files(root) if rel.endswith(".lock")], "a lock was left behind"
-
-
 def _copy_artifact(uri: str, target: str, tmp_path: Path) -> str:
     local, _ = artifacts.download_artifact(uri, tmp_path / "dl")
     storage.upload_dir(local, target)
