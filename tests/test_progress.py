@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import micro_qwen2_base, stdlib_texts
 
 from blueprint.progress import Progress, progress_line
 
@@ -82,14 +83,23 @@ def _blueprint(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_run_with_a_relative_root_prints_a_line_per_task_and_each_rounds_progress(tmp_path):
-    # the lines are what this shows, not the models: a short pre-training and warmup keep it quick
-    quick = ("--set", "bootstrap.max_tokens=16384", "--set", "warmup.steps=4")
+def test_run_with_a_relative_root_and_a_coder_base_prints_a_line_per_task_and_each_rounds_progress(tmp_path):
+    """`make run`'s path through kfp.local: the lines it prints, and the pipeline's coder_base reaching every model
+    stage (the tiny base is built for the summarizer; the coder trains and is merged on a Qwen2 of its own)."""
+    from transformers import AutoConfig
+
+    from blueprint.models.tiny import train_bpe_tokenizer
+
+    coder = micro_qwen2_base(tmp_path / "coder-base", train_bpe_tokenizer(stdlib_texts(30), vocab_size=384))
+    # the lines and the plumbing are what this shows, not the models: a short pre-training and warmup keep it quick
+    quick = ("--coder-base", coder, "--set", "bootstrap.max_tokens=16384", "--set", "warmup.steps=4")
     done = _blueprint("run", "--profile", "smoke", "--artifact-root", "./rel", *quick, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) <= 90, done.stdout  # about 60 task and progress lines, then the end-of-run summary (~22)
-    assert (tmp_path / "rel" / "merge").is_dir()
+    (merged,) = (tmp_path / "rel" / "merge").iterdir()
+    types = {role: AutoConfig.from_pretrained(merged / role).model_type for role in ("summarizer", "coder")}
+    assert types == {"summarizer": "llama", "coder": "qwen2"}
     for task in (
         "shard",
         "bootstrap",

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import micro_qwen2_base, stdlib_texts
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
@@ -222,30 +221,6 @@ def assert_answered_without_a_task_process(log_uri: str, judged: bool = False) -
     started = re.findall(r"Looking for component `([\w-]+)`", log)
     assert started == (["gate"] if judged else []), f"a cached task started its own process: {started}"
     assert log.count('"cached": true') == tasks - 1 - judged, log  # shard-plan has no output of its own
-
-
-@pytest.mark.slow
-def test_a_coder_base_reaches_every_model_stage_through_kfp_local(tmp_path, monkeypatch):
-    """The pipeline's coder_base: the tiny base is built for the summarizer, the coder trains on a Qwen2 of its own."""
-    from transformers import AutoModelForCausalLM
-
-    from blueprint.models.tiny import train_bpe_tokenizer
-
-    monkeypatch.chdir(tmp_path)
-    coder = micro_qwen2_base(tmp_path / "coder-base", train_bpe_tokenizer(stdlib_texts(30), vocab_size=384))
-    # what this shows is the plumbing, not the models: a short pre-training and warmup keep it quick
-    quick = {"bootstrap": {"max_tokens": 16_384}, "warmup": {"steps": 4}, "evaluate": {"max_examples": 4}}
-    plan = local_run.plan(
-        profile="smoke", epochs=1, artifact_root=f"file://{tmp_path}/art", coder_base=coder, overrides=quick
-    )
-    models = local_run.run(plan, local_root=tmp_path / "kfp")["outputs"]["models"]
-    types = {
-        role: AutoModelForCausalLM.from_pretrained(
-            storage.download_dir(storage.join(models, role), tmp_path / role)
-        ).config.model_type
-        for role in ("summarizer", "coder")
-    }
-    assert types == {"summarizer": "llama", "coder": "qwen2"}
 
 
 def test_sigkilled_stage_reruns_to_the_same_output_as_an_uninterrupted_run(smoke_chain, tmp_path):
