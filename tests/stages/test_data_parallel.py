@@ -126,7 +126,7 @@ def _rank_pid(marker: str, local_rank: str) -> int | None:
 def test_a_killed_rank_fails_the_round_in_one_line_and_the_rerun_resumes_to_the_same_adapters(smoke_chain, tmp_path):
     settings = {
         **SMOKE_PPO,
-        "ppo_steps": 8,  # killed after its first checkpoint (step 2), with 6 steps to go
+        "ppo_steps": 4,  # killed after its first checkpoint (step 2), with 2 steps to go
         "checkpoint_every": 2,
         "supervised_steps": 0,
         "nproc": 2,
