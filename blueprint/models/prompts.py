@@ -101,8 +101,9 @@ def encode_targets(
     """Token ids of each target (completion) and whether it was cut to `max_tokens`.
 
     Targets are tokenized apart from their prompt and appended to it, so a target's tokens never depend on the
-    prompt and the scored positions are exact; SFT and the reward both go through here. EOS ends a target only
-    when it was not cut: a truncated target must not teach "the code ends here".
+    prompt and the scored positions are exact; the reward goes through here. EOS ends a target only when it was not
+    cut: a truncated target must not teach "the code ends here". (SFT does not yet: trl tokenizes prompt and
+    completion together and appends EOS to a cut completion too: docs/quality.md, gate floors.)
     """
     if add_eos and tokenizer.eos_token_id is None:
         raise InputError(
