@@ -133,11 +133,17 @@ def test_smoke_runs_racing_into_one_s3_root_agree_promote_rerun_from_cache_and_g
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its task processes with it, for the kill below
     )
-    time.sleep(0.5)
-    plan = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
-    result = local_run.run(plan, local_root=tmp_path / "kfp")
-    out, err = racer.communicate(timeout=900)
+    try:
+        time.sleep(0.5)
+        plan = local_run.plan(profile="smoke", epochs=1, artifact_root=root)
+        result = local_run.run(plan, local_root=tmp_path / "kfp")
+        out, err = racer.communicate(timeout=900)
+    finally:  # a failure here leaves no run writing into the bucket behind it
+        if racer.poll() is None:
+            os.killpg(racer.pid, signal.SIGKILL)
+            racer.wait(30)
     assert racer.returncode == 0, out[-3000:] + err[-3000:]
     models = result["outputs"]["models"]
     assert f"merged models: {storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}" in out
