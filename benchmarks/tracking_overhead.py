@@ -25,7 +25,7 @@ from blueprint import tracking
 from blueprint.config import parse
 from blueprint.stages import bootstrap, ppo_round, registry, shard, warmup
 from blueprint.stages.profiles import stage_settings
-from tests.loopback import start_mlflow, stop_server
+from tests.loopback import start_mlflow, stop_session
 
 SPENT = {"seconds": 0.0}
 
@@ -73,7 +73,7 @@ def main() -> None:
             ).uri
         wall = time.perf_counter() - start
         if proc is not None:
-            stop_server(proc)
+            stop_session(proc)
     print(
         json.dumps(
             {

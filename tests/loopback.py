@@ -37,12 +37,13 @@ def start_mlflow(home: Path, *, timeout_s: float = 90) -> tuple[str, subprocess.
                 return f"http://127.0.0.1:{port}", proc
         except OSError:
             time.sleep(0.5)
-    stop_server(proc, signal.SIGKILL)
+    stop_session(proc, signal.SIGKILL)
     raise RuntimeError(f"mlflow server did not start within {timeout_s:g} s")
 
 
-def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Signal a server started here and everything in its session (mlflow's workers too), then wait for it."""
+def stop_session(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal a process started here in a session of its own and everything in that session (a server and its
+    workers, a pipeline run and its task processes), then wait for it."""
     if proc.poll() is None:
         os.killpg(proc.pid, sig)
     proc.wait(30)

@@ -14,7 +14,7 @@ from blueprint.config import parse
 from blueprint.stages import ppo_round, warmup
 from blueprint.store import storage
 from tests.conftest import SMOKE_PPO, SMOKE_WARMUP
-from tests.loopback import free_port, start_mlflow, stop_server
+from tests.loopback import free_port, start_mlflow, stop_session
 
 
 def scalar_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -30,7 +30,7 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` with a sqlite backend on loopback; yields (uri, process)."""
     uri, proc = start_mlflow(tmp_path_factory.mktemp("mlflow"))
     yield uri, proc
-    stop_server(proc)
+    stop_session(proc)
 
 
 def test_a_tracking_uri_is_redacted_of_its_credentials():
@@ -151,12 +151,12 @@ def test_a_server_stopped_mid_run_leaves_the_stage_running_and_warns_once(tmp_pa
         with tracking.Tracker("ppo-round-1", tmp_path, mlflow_uri=uri) as tracker:
             tracker.log("summarizer", 1, {"kl": 0.1})
             time.sleep(2)  # the run exists and the first point went through
-            stop_server(proc, signal.SIGKILL)  # the server dies mid-run
+            stop_session(proc, signal.SIGKILL)  # the server dies mid-run
             for step in range(2, 40):
                 tracker.log("summarizer", step, {"kl": 0.1})
                 time.sleep(0.05)
     finally:
-        stop_server(proc, signal.SIGKILL)
+        stop_session(proc, signal.SIGKILL)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tracking:")]
     assert len(lines) == 1, lines
     assert len(scalar_points(tmp_path / "tensorboard" / "summarizer")["kl"]) == 39

@@ -20,6 +20,7 @@ from blueprint.config import ConfigError
 from blueprint.eval.promotion_rule import missed_floors
 from blueprint.pipelines import golden, local_run
 from blueprint.store import artifacts, storage
+from tests.loopback import stop_session
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,9 +142,7 @@ def test_smoke_runs_racing_into_one_s3_root_agree_promote_rerun_from_cache_and_g
         result = local_run.run(plan, local_root=tmp_path / "kfp")
         out, err = racer.communicate(timeout=900)
     finally:  # a failure here leaves no run writing into the bucket behind it
-        if racer.poll() is None:
-            os.killpg(racer.pid, signal.SIGKILL)
-            racer.wait(30)
+        stop_session(racer, signal.SIGKILL)
     assert racer.returncode == 0, out[-3000:] + err[-3000:]
     models = result["outputs"]["models"]
     assert f"merged models: {storage.join(models, 'summarizer')} and {storage.join(models, 'coder')}" in out
